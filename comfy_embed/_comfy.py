@@ -1,0 +1,414 @@
+"""The ComfyUI boundary: the only module that imports ComfyUI.
+
+It boots ComfyUI headless (no web server, no ``import main``), owns the one
+PromptExecutor and its persistent event loop, and answers questions about
+node definitions (seed ranges, image-upload inputs). Everything here that
+executes a graph must be called from the executor thread; ``validate`` and the
+node look-ups are read-only and may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import sys
+import threading
+import time
+import types
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import Settings
+from .errors import WorkflowInvalid
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Comfy", "Outcome", "Sink"]
+
+#: Receives every message ComfyUI sends for the running prompt: (type, data).
+Sink = Callable[[str, dict], None]
+#: The client id ComfyUI sees; with it set, the executor sends every message.
+_CLIENT_ID = "comfy-embed"
+
+
+@dataclass
+class Outcome:
+    """What one execution left behind."""
+
+    success: bool
+    interrupted: bool
+    #: ``{node_id: ui_output}`` as in ComfyUI's history.
+    outputs: dict[str, Any]
+    #: The ``execution_error`` message data, when the run failed.
+    error: dict[str, Any] | None = None
+    messages: list[tuple[str, dict]] = field(default_factory=list)
+
+
+class _Routes:
+    """Stands in for aiohttp's RouteTableDef: custom nodes decorate handlers
+    with it at import time; with no web server, the routes are recorded only."""
+
+    def __init__(self) -> None:
+        self.routes: list[tuple[str, str, Callable[..., Any]]] = []
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        def register(path: str, **_: Any) -> Callable[..., Any]:
+            def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+                self.routes.append((method.upper(), path, fn))
+                return fn
+            return deco
+        return register
+
+
+class _PromptServer:
+    """What nodes and the executor call on ComfyUI's PromptServer, routed to the
+    sink of the running prompt instead of websockets."""
+
+    instance: "_PromptServer"
+
+    def __init__(self) -> None:
+        self.client_id: str | None = None
+        self.last_node_id: str | None = None
+        self.last_prompt_id: str | None = None
+        self.sockets_metadata: dict[str, Any] = {}
+        self.sink: Sink | None = None
+        self.routes = _Routes()
+        self.supports = ["custom_nodes_from_web"]
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.number = 0
+        _PromptServer.instance = self
+
+    def send_sync(self, event: Any, data: Any, sid: str | None = None) -> None:
+        sink = self.sink
+        # Binary events (preview images, progress text) have integer types;
+        # they have no JSON form in the serverless contract.
+        if sink is not None and isinstance(event, str):
+            sink(event, data)
+
+    async def send(self, event: Any, data: Any, sid: str | None = None) -> None:
+        self.send_sync(event, data, sid)
+
+    async def send_json(self, event: Any, data: Any, sid: str | None = None) -> None:
+        self.send_sync(event, data, sid)
+
+    def send_progress_text(self, text: str, node_id: str, sid: str | None = None) -> None:
+        pass
+
+    def queue_updated(self) -> None:
+        pass
+
+    def add_on_prompt_handler(self, handler: Callable[..., Any]) -> None:
+        pass
+
+
+def _trim(value: Any, limit: int = 300) -> Any:
+    """Tensor reprs in ``current_inputs`` can be megabytes: cut them."""
+    if isinstance(value, dict):
+        return {k: _trim(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_trim(v, limit) for v in value[:16]]
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + "..."
+    return value
+
+
+class Comfy:
+    """ComfyUI booted in this process. Build with :meth:`boot` on the thread
+    that will execute graphs (its event loop stays with that thread)."""
+
+    _booted = False
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server = _PromptServer()
+        self.loop = asyncio.new_event_loop()
+        self._validate_lock = threading.Lock()
+        self._validate_loop: asyncio.AbstractEventLoop | None = None
+        self.boot_seconds: dict[str, float] = {}
+        self.device = "cpu"
+
+    # ------------------------------------------------------------------ boot
+    @classmethod
+    def boot(cls, settings: Settings) -> "Comfy":
+        """Import and configure ComfyUI once per process; ComfyUI's state is
+        process-global, so a second boot is refused."""
+        if cls._booted:
+            raise RuntimeError("ComfyUI is already booted in this process")
+        cls._booted = True
+        self = cls(settings)
+        self._boot()
+        return self
+
+    def _boot(self) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        root = str(Path(s.comfyui_dir).resolve())
+        if not os.path.isfile(os.path.join(root, "execution.py")):
+            raise RuntimeError(f"no ComfyUI at {root}: run `git submodule update --init`")
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        import torch
+
+        import comfy.options
+        comfy.options.enable_args_parsing(False)
+        from comfy.cli_args import args, LatentPreviewMethod
+
+        cuda = torch.cuda.is_available()
+        if s.device == "cuda" and not cuda:
+            raise RuntimeError("COMFY_EMBED_DEVICE=cuda but no CUDA device is available")
+        self.device = "cuda" if (s.device in ("auto", "cuda") and cuda) else "cpu"
+        args.cpu = self.device == "cpu"
+        args.disable_all_custom_nodes = not s.custom_nodes
+        args.disable_api_nodes = True
+        args.disable_metadata = not s.write_metadata
+        args.preview_method = (LatentPreviewMethod.Latent2RGB if s.preview == "latent2rgb"
+                               else LatentPreviewMethod.NoPreviews)
+        cache_kind, _, cache_n = s.cache.partition(":")
+        args.cache_classic = cache_kind == "classic"
+        args.cache_lru = int(cache_n or 0) if cache_kind == "lru" else 0
+        args.cache_none = cache_kind == "none"
+
+        # Nodes import PromptServer from a module named `server`; ComfyUI's own
+        # server.py pulls in aiohttp and the frontend: give them this stand-in.
+        shim = types.ModuleType("server")
+        shim.PromptServer = _PromptServer  # type: ignore[attr-defined]
+        sys.modules["server"] = shim
+        self.boot_seconds["torch"] = time.perf_counter() - t0
+
+        import folder_paths
+        for path in (s.input_path, s.output_path, s.temp_path, s.models_path):
+            path.mkdir(parents=True, exist_ok=True)
+        folder_paths.set_input_directory(str(s.input_path))
+        folder_paths.set_output_directory(str(s.output_path))
+        folder_paths.set_temp_directory(str(s.temp_path))
+        for name in list(folder_paths.folder_names_and_paths):
+            if name in ("custom_nodes",):
+                continue
+            folder_paths.add_model_folder_path(name, str(s.models_path / name), is_default=True)
+        if s.tiny_checkpoint:
+            folder_paths.add_model_folder_path("checkpoints", str(Path(s.cache_dir)))
+        # Must precede `import nodes`, which puts comfy/ first on sys.path and
+        # makes `utils` resolve to comfy/utils.py.
+        import utils.extra_config
+        for yaml_path in s.extra_model_paths:
+            utils.extra_config.load_extra_path_config(str(yaml_path))
+
+        t1 = time.perf_counter()
+        import comfy.model_management
+        import comfy.utils
+        import execution
+        import nodes
+        self.boot_seconds["import"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        self.loop.run_until_complete(
+            nodes.init_extra_nodes(init_custom_nodes=s.custom_nodes, init_api_nodes=False))
+        self.boot_seconds["nodes"] = time.perf_counter() - t2
+
+        self._execution, self._nodes, self._mm = execution, nodes, comfy.model_management
+        self._folder_paths = folder_paths
+        comfy.utils.set_progress_bar_global_hook(self._progress_hook)
+        from comfy_execution.utils import get_executing_context
+        from comfy_execution.progress import get_progress_state
+        self._get_executing_context = get_executing_context
+        self._get_progress_state = get_progress_state
+        if args.cache_lru > 0:
+            cache_type = execution.CacheType.LRU
+        elif args.cache_none:
+            cache_type = execution.CacheType.DEPENDENCY_AWARE
+        else:
+            cache_type = execution.CacheType.CLASSIC
+        self.executor = execution.PromptExecutor(self.server, cache_type=cache_type,
+                                                 cache_size=args.cache_lru)
+        self.server.loop = self.loop
+        self.boot_seconds["total"] = time.perf_counter() - t0
+        log.info("ComfyUI booted on %s in %.2fs (%s)", self.device,
+                 self.boot_seconds["total"], self.boot_seconds)
+
+    # ------------------------------------------------------------- folders
+    @property
+    def input_dir(self) -> Path:
+        return Path(self._folder_paths.get_input_directory())
+
+    def directory_of(self, kind: str) -> Path:
+        """Absolute folder of an output ``type`` ("output", "temp", "input")."""
+        d = self._folder_paths.get_directory_by_type(kind)
+        if d is None:
+            raise ValueError(f"unknown output type {kind!r}")
+        return Path(d)
+
+    # ------------------------------------------------------- node look-ups
+    def has_node(self, class_type: str) -> bool:
+        return class_type in self._nodes.NODE_CLASS_MAPPINGS
+
+    def input_specs(self, class_type: str) -> dict[str, tuple[Any, dict[str, Any]]]:
+        """``{input_name: (type, options)}`` from the node's INPUT_TYPES."""
+        cls = self._nodes.NODE_CLASS_MAPPINGS.get(class_type)
+        if cls is None:
+            return {}
+        out: dict[str, tuple[Any, dict[str, Any]]] = {}
+        try:
+            spec = cls.INPUT_TYPES()
+        except Exception:  # a broken custom node must not break request handling
+            log.exception("INPUT_TYPES of %s failed", class_type)
+            return {}
+        for section in ("required", "optional"):
+            for name, value in (spec.get(section) or {}).items():
+                if isinstance(value, (list, tuple)) and value:
+                    opts = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
+                    out[name] = (value[0], opts)
+        return out
+
+    # ---------------------------------------------------------- validation
+    def validate(self, prompt: dict[str, Any], prompt_id: str) -> tuple[dict[str, Any], list[str]]:
+        """Run ComfyUI's validate_prompt on a copy; return (that copy, outputs).
+
+        validate_prompt casts values in place, so the copy it validated is the
+        one to execute. Any node error, even with some outputs valid, is
+        raised: a partial run would silently drop outputs the user asked for.
+        """
+        checked = copy.deepcopy(prompt)
+        with self._validate_lock:
+            # Its own loop: the executor thread's loop is busy running graphs.
+            if self._validate_loop is None:
+                self._validate_loop = asyncio.new_event_loop()
+            ok, error, outputs, node_errors = self._validate_loop.run_until_complete(
+                self._execution.validate_prompt(prompt_id, checked, None))
+        if not ok or node_errors:
+            error = error or {"type": "prompt_outputs_failed_validation",
+                              "message": "Prompt outputs failed validation", "details": ""}
+            message = error["message"]
+            detail = _describe(node_errors) or error.get("details") or ""
+            if detail:
+                message = f"{message}: {detail}"
+            raise WorkflowInvalid(message, type=error.get("type"), node_errors=node_errors)
+        return checked, list(outputs)
+
+    # ----------------------------------------------------------- execution
+    def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str],
+                sink: Sink) -> Outcome:
+        """Execute a validated prompt on this (the executor) thread."""
+        srv = self.server
+        srv.sink = sink
+        srv.last_prompt_id = prompt_id
+        srv.sockets_metadata = {_CLIENT_ID: {"feature_flags": {"supports_preview_metadata": True}}}
+        ex = self.executor
+        try:
+            self.loop.run_until_complete(
+                ex.execute_async(prompt, prompt_id, {"client_id": _CLIENT_ID}, outputs))
+            last = ex.status_messages[-1][0] if ex.status_messages else None
+            error = None
+            for event, data in ex.status_messages:
+                if event in ("execution_error", "execution_interrupted"):
+                    error = _trim(dict(data))
+            return Outcome(success=last == "execution_success",
+                           interrupted=last == "execution_interrupted",
+                           outputs=dict(ex.history_result.get("outputs", {})),
+                           error=error, messages=list(ex.status_messages))
+        finally:
+            # Native ComfyUI's worker loop sends this after every prompt;
+            # clients wait for it as the "done" signal.
+            sink("executing", {"node": None, "prompt_id": prompt_id})
+            srv.sink = None
+
+    def interrupt(self) -> None:
+        """Ask the running prompt to stop at its next check (any thread)."""
+        self._nodes.interrupt_processing(True)
+
+    def _progress_hook(self, value: float, total: float, preview: Any,
+                       prompt_id: str | None = None, node_id: str | None = None) -> None:
+        # What main.py's hook does, minus the binary preview message. Raising
+        # here is how an interrupt stops a sampler mid-way.
+        ctx = self._get_executing_context()
+        if prompt_id is None and ctx is not None:
+            prompt_id = ctx.prompt_id
+        if node_id is None and ctx is not None:
+            node_id = ctx.node_id
+        self._mm.throw_exception_if_processing_interrupted()
+        prompt_id = prompt_id or self.server.last_prompt_id
+        node_id = node_id or self.server.last_node_id
+        self._get_progress_state().update_progress(node_id, value, total, preview)
+        self.server.send_sync("progress", {"value": value, "max": total,
+                                           "prompt_id": prompt_id, "node": node_id})
+
+    def preload(self, checkpoint: str) -> None:
+        """Load a checkpoint into the node cache, as a first prompt would."""
+        node = "preload"
+        prompt = {node: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}}
+        outcome = self.execute(prompt, "preload-" + uuid.uuid4().hex, [node], lambda e, d: None)
+        if not outcome.success:
+            raise RuntimeError(f"preloading {checkpoint} failed: {outcome.error}")
+
+    def clear_cache(self) -> None:
+        """Drop cached node outputs and unload models."""
+        self.executor.reset()
+        self._mm.unload_all_models()
+
+    # --------------------------------------------------- test checkpoint
+    def build_tiny_checkpoint(self, path: Path, seed: int = 0) -> Path:
+        """Write a random-weights SD1.5-architecture checkpoint (see README).
+
+        One-level UNet (detected as SD1.5), full CLIP-L (ComfyUI always builds
+        it from its fixed config), TAESD decoder as the VAE; fp16, ~320 MB.
+        """
+        import torch
+        import safetensors.torch
+        import comfy.ops
+        import comfy.sd1_clip
+        import comfy.taesd.taesd
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        gen = torch.Generator().manual_seed(seed)
+        unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320,
+                         num_res_blocks=[1], channel_mult=(1,),
+                         transformer_depth=[1], transformer_depth_output=[1, 1],
+                         transformer_depth_middle=-2, context_dim=768, num_heads=8, use_spatial_transformer=True,
+                         use_linear_in_transformer=False, operations=comfy.ops.manual_cast)
+        clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+        vae = comfy.taesd.taesd.TAESD()
+        sd: dict[str, torch.Tensor] = {}
+        for prefix, module in (("model.diffusion_model.", unet),
+                               ("cond_stage_model.", clip),
+                               ("first_stage_model.", vae)):
+            for name, tensor in module.state_dict().items():
+                if prefix == "first_stage_model." and not name.startswith("taesd_decoder."):
+                    continue
+                sd[prefix + name] = _random_like(name, tensor, gen)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        safetensors.torch.save_file(sd, str(tmp))
+        os.replace(tmp, path)
+        return path
+
+
+def _random_like(name: str, tensor: Any, gen: Any) -> Any:
+    """Small random weights: norms at 1, biases at 0, the rest N(0, 0.02)."""
+    import torch
+
+    if not tensor.is_floating_point():
+        return tensor.clone()
+    if name.endswith("position_ids"):
+        return tensor.clone()
+    if "norm" in name and name.endswith("weight"):
+        return torch.ones(tensor.shape, dtype=torch.float16)
+    if name.endswith("bias") or name.endswith("logit_scale"):
+        return torch.zeros(tensor.shape, dtype=torch.float16)
+    return (torch.randn(tensor.shape, generator=gen) * 0.02).to(torch.float16)
+
+
+def _describe(node_errors: dict[str, Any]) -> str:
+    """One line per failing input: 'node 3 (KSampler) input seed: message'."""
+    parts = []
+    for node_id, entry in node_errors.items():
+        for err in entry.get("errors", []):
+            name = (err.get("extra_info") or {}).get("input_name")
+            where = f"node {node_id} ({entry.get('class_type')})"
+            if name:
+                where += f" input '{name}'"
+            msg = err.get("message", "")
+            det = err.get("details", "")
+            parts.append(f"{where}: {msg}" + (f" ({det})" if det else ""))
+    return "; ".join(parts)

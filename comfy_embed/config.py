@@ -1,0 +1,160 @@
+"""Settings: one frozen object, built once from the environment and passed in.
+
+Nothing else in comfy-embed reads the environment (apart from storage
+credentials, which are asked for on each request so rotated STS tokens work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+__all__ = ["Settings", "PROJECT_ROOT"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_MB = 1024 * 1024
+
+
+def _bool(v: str) -> bool:
+    v = v.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+def _list(v: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in v.replace(";", ",").split(",") if x.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable; see README for the COMFY_EMBED_* names."""
+
+    # --- ComfyUI and its folders -------------------------------------------
+    comfyui_dir: Path = PROJECT_ROOT / "vendor" / "ComfyUI"
+    #: Root for models/input/output/temp unless each is set (default: ./data).
+    base_dir: Path = PROJECT_ROOT / "data"
+    models_dir: Path | None = None
+    input_dir: Path | None = None
+    output_dir: Path | None = None
+    temp_dir: Path | None = None
+    extra_model_paths: tuple[Path, ...] = ()
+    #: "auto" (cuda when available), "cuda" or "cpu".
+    device: str = "auto"
+    #: "classic", "lru:<N>" or "none".
+    cache: str = "classic"
+    custom_nodes: bool = False
+    #: Checkpoint names (in models/checkpoints) loaded at start-up.
+    preload: tuple[str, ...] = ()
+    #: PNG outputs embed the workflow as native ComfyUI does.
+    write_metadata: bool = True
+    #: "none" or "latent2rgb": per-step preview images in progress events.
+    preview: str = "none"
+    #: Build the tiny random-weights checkpoint when no checkpoint exists.
+    tiny_checkpoint: bool = False
+    cache_dir: Path = Path(os.path.expanduser("~/.cache/comfy-embed"))
+
+    # --- jobs ---------------------------------------------------------------
+    max_queue: int = 64
+    run_timeout: float | None = None
+    warmup_workflow: Path | None = None
+
+    # --- HTTP server ---------------------------------------------------------
+    host: str = "0.0.0.0"
+    port: int = 9000
+    max_body_bytes: int = 32 * _MB
+    #: Folder of per-task event logs (default <output>/serverless_api).
+    task_log_dir: Path | None = None
+    #: Run X-Fc-Invocation-Type: Async calls inline (platform queues them).
+    async_inline: bool = False
+    #: Seconds after which a task whose owner stopped renewing is orphaned.
+    lease_seconds: float = 30.0
+
+    # --- image inputs ---------------------------------------------------------
+    max_image_bytes: int = 50 * _MB
+    max_image_pixels: int = 64_000_000
+    fetch_timeout: float = 20.0
+    max_redirects: int = 5
+    #: Hosts / CIDRs that URL inputs may reach even if private or loopback.
+    url_allowlist: tuple[str, ...] = ()
+    #: OSS endpoints (hosts) that ``oss://`` inputs may name.
+    oss_endpoint_allowlist: tuple[str, ...] = ()
+
+    # --- object storage outputs ---------------------------------------------
+    oss_bucket: str | None = None
+    oss_region: str | None = None
+    oss_endpoint: str | None = None
+    oss_public_endpoint: str | None = None
+    oss_prefix: str = "serverless-api-output"
+    oss_link_expire: int | None = None
+    #: Use V4 signing (oss2.ProviderAuthV4); V1 when False.
+    oss_sign_v4: bool = True
+
+    # --- derived ------------------------------------------------------------
+    @property
+    def models_path(self) -> Path:
+        return (self.models_dir or self.base_dir / "models").resolve()
+
+    @property
+    def input_path(self) -> Path:
+        return (self.input_dir or self.base_dir / "input").resolve()
+
+    @property
+    def output_path(self) -> Path:
+        return (self.output_dir or self.base_dir / "output").resolve()
+
+    @property
+    def temp_path(self) -> Path:
+        return (self.temp_dir or self.base_dir / "temp").resolve()
+
+    @property
+    def task_log_path(self) -> Path:
+        return (self.task_log_dir or self.output_path / "serverless_api").resolve()
+
+    def replace(self, **changes: object) -> "Settings":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
+        """Read ``COMFY_EMBED_<FIELD>`` (upper-case field name) for every field.
+
+        ``FC_SERVER_PORT`` (Function Compute) sets the port when
+        ``COMFY_EMBED_PORT`` is absent. Keyword overrides win over both.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get("COMFY_EMBED_" + f.name.upper())
+            if raw is None and f.name == "port":
+                raw = env.get("FC_SERVER_PORT")
+            if raw is None:
+                continue
+            try:
+                values[f.name] = _parse(f, raw)
+            except ValueError as e:
+                raise ValueError(f"COMFY_EMBED_{f.name.upper()}: {e}") from None
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _parse(f: dataclasses.Field, raw: str) -> object:  # type: ignore[type-arg]
+    t = str(f.type)
+    if "tuple[Path" in t:
+        return tuple(Path(x) for x in _list(raw))
+    if "tuple[str" in t:
+        return _list(raw)
+    if "Path" in t:
+        return Path(raw) if raw else None
+    if t.startswith("bool"):
+        return _bool(raw)
+    if t.startswith("int"):
+        return int(raw) if raw else None
+    if t.startswith("float"):
+        return float(raw) if raw else None
+    return raw or (None if "None" in t else raw)

@@ -1,0 +1,141 @@
+"""One exception hierarchy for everything comfy-embed raises.
+
+Errors say what failed and where (node id, input name, URL); they carry no
+HTTP status: the API package maps them to statuses in exactly one table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ComfyEmbedError",
+    "WorkflowInvalid",
+    "ImageInputError",
+    "QueueFull",
+    "NotAccepting",
+    "ExecutionFailed",
+    "TaskCancelled",
+    "RunTimeout",
+    "StorageError",
+    "PayloadTooLarge",
+]
+
+
+class ComfyEmbedError(Exception):
+    """Base class: every error has a machine-readable ``type`` and a message."""
+
+    type = "comfy_embed_error"
+
+    def __init__(self, message: str, *, node_errors: dict[str, Any] | None = None,
+                 details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.node_errors: dict[str, Any] = node_errors or {}
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``data.error`` object of a failed ``serverless_api`` message."""
+        out: dict[str, Any] = {"type": self.type, "message": self.message,
+                               "node_errors": self.node_errors}
+        if self.details is not None:
+            out["details"] = self.details
+        return out
+
+
+class WorkflowInvalid(ComfyEmbedError):
+    """The request is not a runnable workflow (bad JSON, unknown node, bad link,
+    wrong type, value out of range, path escape...). ``node_errors`` has
+    ComfyUI's validation shape: ``{node_id: {"errors": [...], "class_type"}}``."""
+
+    type = "invalid_prompt"
+
+    def __init__(self, message: str, *, type: str | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        if type:
+            self.type = type
+
+
+def node_error(node_id: str, class_type: str, input_name: str, message: str,
+               value: Any = None, *, type: str = "invalid_input") -> dict[str, Any]:
+    """One node's entry in ComfyUI's ``node_errors`` shape."""
+    return {node_id: {"errors": [{
+        "type": type, "message": message,
+        "details": f"{input_name}: {message}",
+        "extra_info": {"input_name": input_name, "received_value": value}}],
+        "dependent_outputs": [], "class_type": class_type}}
+
+
+class ImageInputError(ComfyEmbedError):
+    """An image input could not be used: unreachable, refused, too large, not
+    an image, broken base64. Names the node and the input."""
+
+    type = "image_input_error"
+
+    def __init__(self, reason: str, *, node_id: str = "", class_type: str = "",
+                 input_name: str = "image", value: Any = None) -> None:
+        where = f"node {node_id} ({class_type}) input '{input_name}': " if node_id else ""
+        shown = value if not isinstance(value, str) or len(value) <= 200 else value[:200] + "..."
+        super().__init__(where + reason,
+                         node_errors=node_error(node_id, class_type, input_name, reason, shown,
+                                                type="image_input_error") if node_id else None)
+        self.reason = reason
+        self.node_id, self.class_type, self.input_name = node_id, class_type, input_name
+
+    def at(self, node_id: str, class_type: str, input_name: str, value: Any) -> "ImageInputError":
+        """The same error, located at a node input (raised by code that knew only the value)."""
+        err = type(self)(self.reason, node_id=node_id, class_type=class_type,
+                         input_name=input_name, value=value)
+        err.__cause__ = self.__cause__
+        return err
+
+
+class QueueFull(ComfyEmbedError):
+    """The local queue is at its bound; retry after ``retry_after`` seconds."""
+
+    type = "queue_full"
+
+    def __init__(self, message: str = "queue is full", retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotAccepting(ComfyEmbedError):
+    """The instance is draining (pre-stop) or not ready yet."""
+
+    type = "not_accepting"
+
+    def __init__(self, message: str = "instance is not accepting work", retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ExecutionFailed(ComfyEmbedError):
+    """A node raised while the workflow ran; ``details`` is ComfyUI's
+    ``execution_error`` message (traceback, node id, node type)."""
+
+    type = "execution_error"
+
+
+class TaskCancelled(ComfyEmbedError):
+    """The task was cancelled (queued or mid-run)."""
+
+    type = "execution_interrupted"
+
+
+class RunTimeout(ComfyEmbedError):
+    """The task ran past its time limit and was interrupted."""
+
+    type = "run_timeout"
+
+
+class StorageError(ComfyEmbedError):
+    """Object storage failed (upload, signing, reading an ``oss://`` input)."""
+
+    type = "storage_error"
+
+
+class PayloadTooLarge(ComfyEmbedError):
+    """The request body is over the configured limit."""
+
+    type = "payload_too_large"
