@@ -12,6 +12,7 @@ __all__ = [
     "ComfyEmbedError",
     "WorkflowInvalid",
     "ImageInputError",
+    "InputPathInvalid",
     "QueueFull",
     "NotAccepting",
     "ExecutionFailed",
@@ -88,6 +89,13 @@ class ImageInputError(ComfyEmbedError):
                          input_name=input_name, value=value)
         err.__cause__ = self.__cause__
         return err
+
+
+class InputPathInvalid(ImageInputError):
+    """A file-name input escapes the input folder (absolute path, ``..``, a
+    link pointing outside) or names no file: a bad request, not a bad image."""
+
+    type = "invalid_input_path"
 
 
 class QueueFull(ComfyEmbedError):
