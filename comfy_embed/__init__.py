@@ -1,0 +1,17 @@
+"""comfy-embed: ComfyUI workflows run headless, in-process, as a library or a
+serverless image API. Importing this package does not import ComfyUI."""
+
+from __future__ import annotations
+
+from .config import Settings
+from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, InputPathInvalid,
+                     NotAccepting, PayloadTooLarge, QueueFull, RunTimeout, StorageError,
+                     TaskCancelled, WorkflowInvalid)
+from .runtime import Engine, Task, run_workflow, shared_engine
+
+__all__ = [
+    "Settings", "Engine", "Task", "run_workflow", "shared_engine",
+    "ComfyEmbedError", "WorkflowInvalid", "ImageInputError", "InputPathInvalid",
+    "QueueFull", "NotAccepting", "ExecutionFailed", "TaskCancelled", "RunTimeout",
+    "StorageError", "PayloadTooLarge",
+]

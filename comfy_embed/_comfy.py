@@ -378,7 +378,7 @@ class Comfy:
                     continue
                 sd[prefix + name] = _random_like(name, tensor, gen)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         safetensors.torch.save_file(sd, str(tmp))
         os.replace(tmp, path)
         return path

@@ -1,0 +1,234 @@
+"""The one thread that owns ComfyUI: a FIFO queue of jobs, run one at a time.
+
+ComfyUI's state is process-global (model management, the progress hook, the
+interrupt flag, folder paths), so exactly one thread touches it. Jobs report
+through plain callbacks called on this thread; the runtime bridges them into
+the event loop. A job that fails in any way fails alone: the thread goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from ._comfy import Outcome, Sink
+from .errors import QueueFull
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Backend", "Executor", "Job"]
+
+
+class Backend(Protocol):
+    """What the executor needs of ComfyUI (a fake stands in for unit tests)."""
+
+    def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str],
+                sink: Sink) -> Outcome: ...
+
+    def interrupt(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Job:
+    """One validated prompt waiting for, or owning, the executor thread."""
+
+    prompt_id: str
+    prompt: dict[str, Any]
+    outputs: list[str]
+    #: Called on the executor thread with each ComfyUI message.
+    emit: Sink
+    #: Called on the executor thread once, with the outcome.
+    on_done: Callable[[Outcome], None]
+    #: Called on the executor thread when the job leaves the queue to run.
+    on_start: Callable[[], None] = lambda: None
+    task_id: str = ""
+    state: str = "queued"  # queued -> running -> done
+    cancel_reason: str | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+def _cancelled_outcome(job: Job) -> Outcome:
+    return Outcome(success=False, interrupted=True, outputs={},
+                   error={"prompt_id": job.prompt_id, "node_id": None,
+                          "node_type": None, "executed": [],
+                          "reason": job.cancel_reason or "cancelled"})
+
+
+class Executor:
+    """Owns the executor thread. ``boot`` runs first on that thread and
+    returns the backend (ComfyUI must be imported on the thread that uses
+    its event loop)."""
+
+    def __init__(self, boot: Callable[[], Backend], max_queue: int = 64) -> None:
+        self._boot = boot
+        self.max_queue = max_queue
+        self._queue: collections.deque[Job | Callable[[Backend | None], Any]] = collections.deque()
+        self._cond = threading.Condition()
+        self._current: Job | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="comfy-executor", daemon=True)
+        self.backend: Backend | None = None
+        self.ready = threading.Event()
+        self.boot_error: BaseException | None = None
+        #: Seconds spent executing jobs (for the busy fraction in benchmarks).
+        self.busy_seconds = 0.0
+        self.started_at = time.monotonic()
+
+    # -------------------------------------------------------------- control
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> Backend:
+        """Block until boot finished; re-raise a boot failure."""
+        if not self.ready.wait(timeout):
+            raise TimeoutError("ComfyUI did not boot in time")
+        if self.boot_error is not None:
+            raise RuntimeError(f"ComfyUI failed to boot: {self.boot_error}") from self.boot_error
+        assert self.backend is not None
+        return self.backend
+
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if wait and self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def queue_remaining(self) -> int:
+        """Queued plus running jobs, as ComfyUI's ``status`` message counts."""
+        with self._cond:
+            return sum(isinstance(j, Job) for j in self._queue) + (self._current is not None)
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and self._current is None
+
+    # ----------------------------------------------------------------- jobs
+    def submit(self, job: Job) -> int:
+        """Queue a job; return how many jobs are ahead of it (running included)."""
+        with self._cond:
+            if self._closing:
+                raise QueueFull("executor is shutting down")
+            waiting = sum(isinstance(j, Job) for j in self._queue)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"queue is full ({waiting} jobs waiting)")
+            self._queue.append(job)
+            self._cond.notify()
+            return waiting + (self._current is not None)
+
+    def call(self, fn: Callable[[Backend], Any]) -> "Future[Any]":
+        """Run ``fn(backend)`` on the executor thread, in queue order."""
+        fut: Future[Any] = Future()
+
+        def run(backend: Backend | None) -> None:
+            if fut.set_running_or_notify_cancel():
+                if backend is None:
+                    fut.set_exception(RuntimeError("ComfyUI failed to boot"))
+                    return
+                try:
+                    fut.set_result(fn(backend))
+                except BaseException as e:  # handed to the caller
+                    fut.set_exception(e)
+
+        with self._cond:
+            self._queue.append(run)
+            self._cond.notify()
+        return fut
+
+    def cancel(self, prompt_id: str, reason: str = "cancelled") -> bool:
+        """Cancel a queued job (removed at once) or the running one
+        (interrupted at its next check). False when the job is unknown or done."""
+        with self._cond:
+            for item in self._queue:
+                if isinstance(item, Job) and item.prompt_id == prompt_id:
+                    self._queue.remove(item)
+                    item.cancel_reason = reason
+                    item.state = "done"
+                    removed = item
+                    break
+            else:
+                current = self._current
+                if current is None or current.prompt_id != prompt_id:
+                    return False
+                current.cancel_reason = reason
+                # Under the lock, so the flag cannot land on the next job.
+                assert self.backend is not None
+                self.backend.interrupt()
+                return True
+        self._finish(removed, _cancelled_outcome(removed))
+        return True
+
+    # --------------------------------------------------------------- thread
+    def _run(self) -> None:
+        try:
+            self.backend = self._boot()
+        except BaseException as e:
+            log.exception("ComfyUI boot failed")
+            self.boot_error = e
+            self.ready.set()
+            self._fail_queued(e)
+            return
+        self.ready.set()
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                item = self._queue.popleft()
+                if isinstance(item, Job):
+                    item.state = "running"
+                    self._current = item
+            if isinstance(item, Job):
+                self._execute(item)
+            else:
+                item(self.backend)
+
+    def _execute(self, job: Job) -> None:
+        start = time.monotonic()
+        assert self.backend is not None
+        try:
+            job.on_start()
+            outcome = self.backend.execute(job.prompt, job.prompt_id, job.outputs, job.emit)
+        except BaseException as e:  # the job fails, the thread goes on
+            log.exception("job %s (task %s) crashed the executor call", job.prompt_id, job.task_id)
+            outcome = Outcome(success=False, interrupted=False, outputs={},
+                              error={"prompt_id": job.prompt_id, "node_id": None,
+                                     "node_type": None, "exception_type": type(e).__name__,
+                                     "exception_message": str(e), "traceback": [],
+                                     "executed": []})
+        finally:
+            with self._cond:
+                self._current = None
+            self.busy_seconds += time.monotonic() - start
+        if job.cancel_reason and not outcome.success:
+            outcome.interrupted = True
+            if outcome.error is not None:
+                outcome.error.setdefault("reason", job.cancel_reason)
+        self._finish(job, outcome)
+
+    def _finish(self, job: Job, outcome: Outcome) -> None:
+        job.state = "done"
+        try:
+            job.on_done(outcome)
+        except Exception:
+            log.exception("on_done of job %s failed", job.prompt_id)
+
+    def _fail_queued(self, error: BaseException) -> None:
+        with self._cond:
+            items, self._queue = list(self._queue), collections.deque()
+        for item in items:
+            if isinstance(item, Job):
+                out = _cancelled_outcome(item)
+                out.error = {"reason": f"ComfyUI failed to boot: {error}"}
+                self._finish(item, out)
+            else:
+                item(None)

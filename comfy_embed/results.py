@@ -1,0 +1,109 @@
+"""Turning ComfyUI's history outputs into the ``results`` list of the API.
+
+Every file of every output node, in node order then index order; base64 and
+object-storage copies are added after the run, off the executor thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Protocol
+
+import anyio
+
+from .errors import StorageError
+from .workflow import node_order
+
+__all__ = ["OutputFile", "collect_files", "render_results", "Uploader"]
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    node_id: str
+    index: int
+    filename: str
+    subfolder: str
+    type: str
+    dir: Path
+
+    @property
+    def path(self) -> Path:
+        return self.dir / self.subfolder / self.filename
+
+    @property
+    def media_type(self) -> str:
+        return mimetypes.guess_type(self.filename)[0] or "application/octet-stream"
+
+
+class Uploader(Protocol):
+    async def upload(self, path: Path, content_type: str | None = None,
+                     credentials: Any = None) -> dict[str, Any]: ...
+
+
+def collect_files(outputs: dict[str, Any], directory_of: Callable[[str], Path]) -> list[OutputFile]:
+    """Every file entry (``{filename, subfolder, type}``) in every list of
+    every node's UI output: images, batches, animations, video, audio."""
+    files: list[OutputFile] = []
+    for node_id in sorted(outputs, key=node_order):
+        index = 0
+        for value in (outputs[node_id] or {}).values():
+            if not isinstance(value, list):
+                continue
+            for item in value:
+                if isinstance(item, dict) and "filename" in item:
+                    kind = item.get("type", "output")
+                    files.append(OutputFile(node_id, index, item["filename"],
+                                            item.get("subfolder", ""), kind,
+                                            directory_of(kind)))
+                    index += 1
+    return files
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+async def render_results(files: list[OutputFile], *, output_base64: bool = False,
+                         store: Uploader | None = None, credentials: Any = None) -> list[dict[str, Any]]:
+    """The API's ``results`` entries; uploads run concurrently. Raises
+    StorageError if any upload fails: no result is reported half-uploaded."""
+    entries: list[dict[str, Any]] = []
+    for f in files:
+        out: dict[str, Any] = {"comfy": {"filename": f.filename, "type": f.type,
+                                         "subfolder": f.subfolder, "dir": str(f.dir)},
+                               "media_type": f.media_type}
+        entries.append({"node_id": f.node_id, "index": f.index, "output": out})
+
+    jobs: list[Callable[[], Awaitable[None]]] = []
+    for f, entry in zip(files, entries):
+        out = entry["output"]
+        if output_base64:
+            async def enc(f: OutputFile = f, out: dict[str, Any] = out) -> None:
+                out["base64"] = {"data": await anyio.to_thread.run_sync(_b64, f.path)}
+            jobs.append(enc)
+        if store is not None:
+            async def up(f: OutputFile = f, out: dict[str, Any] = out) -> None:
+                out["oss"] = await store.upload(f.path, f.media_type, credentials)
+            jobs.append(up)
+    failures: list[BaseException] = []
+
+    async def guarded(job: Callable[[], Awaitable[None]]) -> None:
+        # Collect rather than let the task group wrap errors in a group:
+        # callers get the first StorageError itself.
+        try:
+            await job()
+        except Exception as e:
+            failures.append(e)
+
+    async with anyio.create_task_group() as tg:
+        for job in jobs:
+            tg.start_soon(guarded, job)
+    if failures:
+        first = failures[0]
+        if isinstance(first, StorageError):
+            raise first
+        raise StorageError(f"could not prepare output files: {first}") from first
+    return entries

@@ -1,0 +1,389 @@
+"""The async facade over the executor thread: submit, stream, await, cancel.
+
+A :class:`Task` lives in the event loop that submitted it. The executor thread
+hands each ComfyUI message to that loop with ``call_soon_threadsafe``: it
+never waits for the loop, so a slow consumer cannot stall the GPU. Each task
+keeps its events in order; every consumer reads them with its own cursor
+(which is what lets a stream, a WebSocket and the task log follow one task),
+and a consumer that falls behind gets progress coalesced to the latest value,
+never a terminal event dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import anyio
+
+from ._comfy import Comfy, Outcome
+from .config import Settings
+from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccepting,
+                     RunTimeout, StorageError, TaskCancelled, WorkflowInvalid)
+from .events import FINAL, event, final_event, status_event
+from .executor import Executor, Job
+from .results import collect_files, render_results
+from .workflow import (image_inputs, isolate_outputs, parse_workflow, randomize_seeds,
+                       valid_task_id)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "Task", "run_workflow"]
+
+#: Finished tasks kept in memory for late readers (the task log keeps all).
+_KEEP_FINISHED = 256
+_COALESCE = frozenset({"progress", "progress_state"})
+
+
+class Task:
+    """One submitted workflow: its events so far and, at the end, its result."""
+
+    def __init__(self, engine: "Engine", task_id: str, prompt_id: str, seeds: dict[str, int],
+                 *, output_base64: bool, output_oss: bool, credentials: Any) -> None:
+        self.engine = engine
+        self.task_id = task_id
+        self.prompt_id = prompt_id
+        self.seeds = seeds
+        self.events: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None
+        #: The error behind a failed final event (None on success).
+        self.error: ComfyEmbedError | None = None
+        self.state = "queued"
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._options = (output_base64, output_oss, credentials)
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+
+    # ---------------------------------------------------------- consumers
+    @property
+    def done(self) -> bool:
+        return self.final is not None
+
+    async def stream(self, since: int = 0, coalesce: bool = True) -> AsyncIterator[dict[str, Any]]:
+        """Every event after the first ``since``, ending with the final one.
+
+        With ``coalesce``, a reader that is behind skips progress messages
+        that a later one of the same node supersedes.
+        """
+        pos = since
+        while True:
+            if pos < len(self.events):
+                pending = self.events[pos:]
+                pos = len(self.events)
+                for ev in (_coalesce(pending) if coalesce and len(pending) > 1 else pending):
+                    yield ev
+                    if ev["type"] == FINAL:
+                        return
+                continue
+            if self.final is not None:
+                return
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def wait(self) -> dict[str, Any]:
+        """The final ``serverless_api`` event, when the task has one."""
+        while self.final is None:
+            self._changed.clear()
+            await self._changed.wait()
+        return self.final
+
+    async def result(self) -> dict[str, Any]:
+        """The final event; raises the task's typed error if it failed."""
+        final = await self.wait()
+        if self.error is not None:
+            raise self.error
+        return final
+
+    def cancel(self, reason: str = "cancelled") -> bool:
+        return self.engine.cancel(self.task_id, reason)
+
+    # ---------------------------------------------------- loop-side updates
+    def _publish(self, ev: dict[str, Any]) -> None:
+        if self.final is not None:
+            return  # exactly one terminal event; nothing after it
+        self.events.append(ev)
+        if ev["type"] == FINAL:
+            self.final = ev
+            self.finished_at = time.monotonic()
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+        self._changed.set()
+
+    def _fail(self, error: ComfyEmbedError) -> None:
+        self.error = error
+        self.state = "error"
+        self._publish(final_event(self.task_id, self.prompt_id, self.seeds, error=error.to_dict()))
+
+    # ------------------------------------------- executor-thread callbacks
+    def _from_executor(self, kind: str, data: dict[str, Any]) -> None:
+        self._threadsafe(self._publish, event(kind, data))
+
+    def _on_start(self) -> None:
+        self._threadsafe(self._started)
+
+    def _on_done(self, outcome: Outcome) -> None:
+        self._threadsafe(self._spawn_finish, outcome)
+
+    def _threadsafe(self, fn: Any, *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the submitting loop is gone; nobody is listening
+            log.warning("task %s: event loop closed, dropping %s", self.task_id, fn)
+
+    def _started(self) -> None:
+        self.state = "running"
+        self.started_at = time.monotonic()
+        limit = self.engine.settings.run_timeout
+        if limit:
+            self._timeout_handle = self._loop.call_later(
+                limit, self.engine.cancel, self.task_id, "timeout")
+
+    def _spawn_finish(self, outcome: Outcome) -> None:
+        t = self._loop.create_task(self._finish(outcome))
+        self.engine._background.add(t)
+        t.add_done_callback(self.engine._background.discard)
+
+    async def _finish(self, outcome: Outcome) -> None:
+        try:
+            if outcome.success:
+                results = await self._render(outcome)
+                self.state = "success"
+                self._publish(final_event(self.task_id, self.prompt_id, self.seeds, results))
+            else:
+                self._fail(_outcome_error(outcome, self.engine.settings.run_timeout))
+        except ComfyEmbedError as e:
+            self._fail(e)
+        except Exception as e:  # a final event, whatever happened
+            log.exception("task %s: finishing failed", self.task_id)
+            self._fail(ExecutionFailed(f"could not assemble the result: {e}"))
+
+    async def _render(self, outcome: Outcome) -> list[dict[str, Any]]:
+        output_base64, output_oss, credentials = self._options
+        comfy = self.engine.comfy
+        files = collect_files(outcome.outputs, comfy.directory_of)
+        store = self.engine.store() if output_oss else None
+        return await render_results(files, output_base64=output_base64, store=store,
+                                    credentials=credentials)
+
+
+def _outcome_error(outcome: Outcome, timeout: float | None) -> ComfyEmbedError:
+    err = dict(outcome.error or {})
+    reason = err.pop("reason", None)
+    if outcome.interrupted:
+        if reason == "timeout":
+            return RunTimeout(f"the run exceeded its time limit of {timeout:g}s and was interrupted",
+                              details=err)
+        where = f" at node {err['node_id']} ({err.get('node_type')})" if err.get("node_id") else ""
+        return TaskCancelled(f"the task was cancelled{where}" if reason != "cancelled" or where
+                             else "the task was cancelled", details=err)
+    node_id, node_type = err.get("node_id"), err.get("node_type")
+    msg = err.get("exception_message") or err.get("reason") or "execution failed"
+    node_errors = {}
+    if node_id:
+        node_errors = {node_id: {"errors": [{"type": err.get("exception_type", "exception"),
+                                             "message": msg, "details": "",
+                                             "extra_info": {}}],
+                                 "dependent_outputs": [], "class_type": node_type}}
+    where = f"node {node_id} ({node_type}) failed: " if node_id else ""
+    details = {k: v for k, v in err.items() if k != "current_outputs"}
+    return ExecutionFailed(f"{where}{err.get('exception_type', 'Error')}: {msg}",
+                           node_errors=node_errors, details=details)
+
+
+def _coalesce(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop progress events superseded by a later one for the same node."""
+    latest: dict[tuple[str, Any], int] = {}
+    for i, ev in enumerate(events):
+        if ev["type"] in _COALESCE:
+            latest[(ev["type"], ev["data"].get("node"))] = i
+    return [ev for i, ev in enumerate(events)
+            if ev["type"] not in _COALESCE or latest[(ev["type"], ev["data"].get("node"))] == i]
+
+
+class Engine:
+    """ComfyUI in this process, behind one executor thread.
+
+    ``start()`` boots ComfyUI on the executor thread in the background;
+    ``await wait_ready()`` (or ``ready``) tells when it can run work.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.executor = Executor(self._boot, self.settings.max_queue)
+        self._comfy: Comfy | None = None
+        self._tasks: collections.OrderedDict[str, Task] = collections.OrderedDict()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._store: Any = None
+        self._fetcher: Any = None
+        self.accepting = True
+        self._started = False
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> "Engine":
+        with self._lock:
+            if not self._started:
+                self._started = True
+                self.executor.start()
+        return self
+
+    def _boot(self) -> Comfy:
+        s = self.settings
+        comfy = Comfy.boot(s)
+        if s.tiny_checkpoint:
+            from .models import ensure_tiny_checkpoint
+            ensure_tiny_checkpoint(comfy, s)
+        for name in s.preload:
+            comfy.preload(name)
+        self._comfy = comfy
+        return comfy
+
+    @property
+    def ready(self) -> bool:
+        return self.executor.ready.is_set() and self.executor.boot_error is None
+
+    async def wait_ready(self) -> None:
+        self.start()
+        await anyio.to_thread.run_sync(self.executor.wait_ready)
+
+    @property
+    def comfy(self) -> Comfy:
+        if self._comfy is None:
+            raise NotAccepting("ComfyUI is not booted yet")
+        return self._comfy
+
+    def close(self) -> None:
+        """Stop accepting work, finish what is queued, stop the thread."""
+        self.accepting = False
+        self.executor.close()
+
+    def store(self) -> Any:
+        """The object store for outputs and ``oss://`` inputs (built on first use)."""
+        if self._store is None:
+            from .storage import OssStore
+            self._store = OssStore(self.settings)
+        return self._store
+
+    def fetcher(self) -> Any:
+        if self._fetcher is None:
+            from .inputs import ImageFetcher
+            self._fetcher = ImageFetcher(self.settings, self.comfy.input_dir,
+                                         self.store() if self.settings.oss_bucket or
+                                         self.settings.oss_endpoint else None)
+        return self._fetcher
+
+    # ---------------------------------------------------------------- tasks
+    def get(self, task_id: str) -> Task | None:
+        return self._tasks.get(task_id)
+
+    async def submit(self, graph: Any, *, task_id: str | None = None,
+                     output_base64: bool = False, output_oss: bool = False,
+                     credentials: Any = None) -> Task:
+        """Check, rewrite and validate a workflow, then queue it.
+
+        Raises WorkflowInvalid / ImageInputError / QueueFull / NotAccepting
+        before anything is queued. A task id already running here returns
+        that task (retries are idempotent).
+        """
+        if not self.accepting:
+            raise NotAccepting("this instance is draining and accepts no new work")
+        await self.wait_ready()
+        task_id = task_id or uuid.uuid4().hex
+        if not valid_task_id(task_id):
+            raise WorkflowInvalid("task id must be 1-128 characters of A-Z a-z 0-9 . _ -",
+                                  type="invalid_task_id")
+        existing = self._tasks.get(task_id)
+        if existing is not None:
+            return existing
+        comfy = self.comfy
+        prompt = parse_workflow(copy.deepcopy(graph) if isinstance(graph, dict) else graph)
+        seeds = randomize_seeds(prompt, comfy.input_specs)
+        await self._materialise_images(prompt, credentials)
+        isolate_outputs(prompt, task_id)
+        prompt_id = str(uuid.uuid4())
+        checked, outputs = await anyio.to_thread.run_sync(comfy.validate, prompt, prompt_id)
+        if task_id in self._tasks:  # the same id raced us through validation
+            return self._tasks[task_id]
+        task = Task(self, task_id, prompt_id, seeds, output_base64=output_base64,
+                    output_oss=output_oss, credentials=credentials)
+        job = Job(prompt_id=prompt_id, prompt=checked, outputs=outputs, task_id=task_id,
+                  emit=task._from_executor, on_done=task._on_done, on_start=task._on_start)
+        ahead = self.executor.submit(job)  # QueueFull propagates: nothing queued
+        task._publish(status_event(ahead + 1))
+        self._remember(task)
+        log.info("task %s queued as prompt %s (%d ahead)", task_id, prompt_id, ahead)
+        return task
+
+    async def _materialise_images(self, prompt: dict[str, Any], credentials: Any) -> None:
+        refs = list(image_inputs(prompt, self.comfy.input_specs))
+        if not refs:
+            return
+        fetcher = self.fetcher()
+        errors: list[ImageInputError] = []
+
+        async def one(node_id: str, class_type: str, name: str, value: str) -> None:
+            try:
+                prompt[node_id]["inputs"][name] = await fetcher.materialise(value, credentials)
+            except ImageInputError as e:
+                errors.append(e.at(node_id, class_type, name, value))
+
+        async with anyio.create_task_group() as tg:
+            for ref in refs:
+                tg.start_soon(one, *ref)
+        if errors:
+            first = errors[0]
+            for other in errors[1:]:
+                first.node_errors.update(other.node_errors)
+            raise first
+
+    def _remember(self, task: Task) -> None:
+        self._tasks[task.task_id] = task
+        finished = [t for t, v in self._tasks.items() if v.done]
+        for t in finished[:max(0, len(finished) - _KEEP_FINISHED)]:
+            del self._tasks[t]
+
+    def cancel(self, task_id: str, reason: str = "cancelled") -> bool:
+        """Cancel a queued or running task of this instance."""
+        task = self._tasks.get(task_id)
+        if task is None or task.done:
+            return False
+        return self.executor.cancel(task.prompt_id, reason)
+
+    async def run(self, graph: Any, **options: Any) -> dict[str, Any]:
+        """Submit and wait; the final event, or the typed error raised."""
+        task = await self.submit(graph, **options)
+        return await task.result()
+
+
+_shared: Engine | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_engine(settings: Settings | None = None) -> Engine:
+    """The process's engine (ComfyUI boots once per process)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Engine(settings).start()
+        return _shared
+
+
+def run_workflow(graph: Any, *, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
+    """Run one workflow and return the ``serverless_api`` result message.
+
+    Blocking; boots ComfyUI on first use (``settings`` applies then only).
+    Options: ``task_id``, ``output_base64``, ``output_oss``. Raises the typed
+    error (WorkflowInvalid, ExecutionFailed, ...) when the run fails. Do not
+    call from inside a running event loop: use ``await Engine.run`` there.
+    """
+    engine = shared_engine(settings)
+    return anyio.run(lambda: engine.run(graph, **options))

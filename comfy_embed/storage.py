@@ -1,0 +1,269 @@
+"""Object storage for outputs and ``oss://`` inputs (Alibaba Cloud OSS via oss2).
+
+Credentials are looked up on every call, never cached: a Function Compute role
+hands out short-lived STS tokens that rotate under a running process. oss2 is
+blocking, so every oss2 call runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.to_thread
+import oss2
+import oss2.credentials
+import oss2.exceptions
+
+from .config import Settings
+from .errors import StorageError
+
+__all__ = ["Credentials", "credentials_from_headers", "OssStore", "MAX_V4_LINK_SECONDS"]
+
+logger = logging.getLogger(__name__)
+
+#: OSS refuses V4 signed URLs that live longer than seven days.
+MAX_V4_LINK_SECONDS = 7 * 24 * 3600
+_RETRIES = 3
+_BACKOFF = 0.5  # seconds, doubled on each retry
+_T = TypeVar("_T")
+
+# (id, secret, token) variable names, in lookup order.
+_ENV_CHAIN = (
+    ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN"),
+    ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+     "ALIBABA_CLOUD_SECURITY_TOKEN"),
+)
+_REGION_RE = re.compile(r"(?:^|\.)oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com$")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """An access key pair, with the STS token when the pair is temporary.
+
+    ``expiration`` (UTC), when known, caps the lifetime of signed links: a
+    link signed with an STS token stops working when the token expires.
+    """
+
+    access_key_id: str
+    access_key_secret: str
+    security_token: str | None = None
+    expiration: datetime | None = None
+
+    def __repr__(self) -> str:  # never print the secret or token
+        return f"Credentials(access_key_id={self.access_key_id!r}, ...)"
+
+
+def credentials_from_headers(headers: Mapping[str, str]) -> Credentials | None:
+    """Credentials from Function Compute's ``x-fc-access-key-*`` request headers.
+
+    Header names are matched case-insensitively; None unless both the id and
+    the secret are present.
+    """
+    lower = {k.lower(): v for k, v in headers.items()}
+    key_id = lower.get("x-fc-access-key-id", "").strip()
+    secret = lower.get("x-fc-access-key-secret", "").strip()
+    if not key_id or not secret:
+        return None
+    token = lower.get("x-fc-security-token", "").strip() or None
+    return Credentials(key_id, secret, token)
+
+
+def region_of(endpoint: str) -> str | None:
+    """The region id (``cn-hangzhou``) named by an endpoint such as
+    ``oss-cn-hangzhou(-internal).aliyuncs.com``; None for other hosts."""
+    host = urlsplit(endpoint if "://" in endpoint else "//" + endpoint).hostname or ""
+    m = _REGION_RE.search(host)
+    return m.group(1) if m else None
+
+
+def _url(endpoint: str) -> str:
+    return endpoint if "://" in endpoint else "https://" + endpoint
+
+
+class _ChainProvider(oss2.credentials.CredentialsProvider):  # type: ignore[misc]
+    """An oss2 provider that resolves the credential chain each time oss2 signs."""
+
+    def __init__(self, resolve: Callable[[], Credentials]) -> None:
+        self._resolve = resolve
+
+    def get_credentials(self) -> oss2.credentials.Credentials:
+        c = self._resolve()
+        return oss2.credentials.Credentials(c.access_key_id, c.access_key_secret,
+                                            c.security_token or "")
+
+
+class OssStore:
+    """Uploads outputs to, and reads ``oss://`` inputs from, Alibaba Cloud OSS.
+
+    ``env`` is where the credential variables are read (``os.environ`` by
+    default); it is read again on every call.
+    """
+
+    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self._env: Mapping[str, str] = os.environ if env is None else env
+        # One HTTP connection pool for all buckets; requests' Session is safe
+        # to share between the worker threads for this kind of use.
+        self._session = oss2.Session()
+
+    # --- configuration --------------------------------------------------------
+    def credentials(self, credentials: Credentials | None = None) -> Credentials:
+        """The first complete credentials of: ``OSS_*`` variables,
+        ``ALIBABA_CLOUD_*`` variables, then the per-request ``credentials``."""
+        for id_var, secret_var, token_var in _ENV_CHAIN:
+            key_id = self._env.get(id_var, "").strip()
+            secret = self._env.get(secret_var, "").strip()
+            if key_id and secret:
+                return Credentials(key_id, secret, self._env.get(token_var, "").strip() or None)
+        if credentials is not None:
+            return credentials
+        names = ", ".join(f"{i}/{s}" for i, s, _ in _ENV_CHAIN)
+        raise StorageError(f"no object storage credentials: set {names} "
+                           "(or call with the x-fc-access-key-* headers)")
+
+    def region(self, endpoint: str | None = None) -> str | None:
+        """The signing region: derived from ``endpoint`` when it names one,
+        else ``settings.oss_region``, else derived from the configured endpoint."""
+        derived = region_of(endpoint) if endpoint else None
+        region = derived or self.settings.oss_region or (
+            region_of(self.settings.oss_endpoint) if self.settings.oss_endpoint else None)
+        # Accept "oss-cn-hangzhou" as well as oss2's "cn-hangzhou".
+        return region[4:] if region and region.startswith("oss-") else region
+
+    def _endpoint(self) -> str:
+        if not self.settings.oss_endpoint:
+            raise StorageError("object storage endpoint is not configured: "
+                               "set COMFY_EMBED_OSS_ENDPOINT")
+        return self.settings.oss_endpoint
+
+    def _bucket(self, name: str, endpoint: str, credentials: Credentials | None,
+                timeout: float | None = None) -> oss2.Bucket:
+        provider = _ChainProvider(lambda: self.credentials(credentials))
+        region = self.region(endpoint)
+        if self.settings.oss_sign_v4:
+            if not region:
+                raise StorageError(f"V4 signing needs a region: set COMFY_EMBED_OSS_REGION "
+                                   f"(endpoint {endpoint} names none)")
+            auth: Any = oss2.ProviderAuthV4(provider)
+        else:
+            auth = oss2.ProviderAuth(provider)
+        kw: dict[str, Any] = {"session": self._session, "region": region}
+        if timeout is not None:
+            kw["connect_timeout"] = timeout
+        return oss2.Bucket(auth, _url(endpoint), name, **kw)
+
+    # --- operations -----------------------------------------------------------
+    async def upload(self, path: Path, content_type: str | None = None,
+                     credentials: Credentials | None = None) -> dict[str, Any]:
+        """Put a file at ``<prefix>/<uuid4 hex>.<ext>``.
+
+        Returns ``{"region", "bucket", "object"}``, plus a signed GET ``url``
+        and its ``expire`` time (ISO-8601 UTC) when a link lifetime is set.
+        """
+        s = self.settings
+        if not s.oss_bucket:
+            raise StorageError("object storage bucket is not configured: set COMFY_EMBED_OSS_BUCKET")
+        endpoint = self._endpoint()
+        creds = self.credentials(credentials)  # fail early, with the variable names
+        key = f"{s.oss_prefix.strip('/')}/{uuid.uuid4().hex}{path.suffix.lower()}".lstrip("/")
+        ctype = content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        bucket = self._bucket(s.oss_bucket, endpoint, credentials)
+        where = f"oss://{s.oss_bucket}/{key}"
+        await self._call(where, lambda: bucket.put_object_from_file(
+            key, str(path), headers={"Content-Type": ctype}))
+        logger.info("uploaded %s to %s", path.name, where)
+        region = self.region(endpoint)
+        out: dict[str, Any] = {"region": f"oss-{region}" if region else None,
+                               "bucket": s.oss_bucket, "object": key}
+        if s.oss_link_expire:
+            seconds = self._link_seconds(s.oss_link_expire, creds)
+            signer = self._bucket(s.oss_bucket, s.oss_public_endpoint or endpoint, credentials)
+            try:
+                url = await anyio.to_thread.run_sync(
+                    lambda: signer.sign_url("GET", key, seconds, slash_safe=True))
+            except (oss2.exceptions.OssError, ValueError) as e:
+                raise StorageError(f"{where}: signing the link failed: {e}") from e
+            expire = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+            out["url"] = url
+            out["expire"] = expire.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return out
+
+    def _link_seconds(self, wanted: int, creds: Credentials) -> int:
+        seconds = wanted
+        if self.settings.oss_sign_v4:
+            seconds = min(seconds, MAX_V4_LINK_SECONDS)
+        if creds.expiration is not None:
+            left = (creds.expiration - datetime.now(timezone.utc)).total_seconds()
+            seconds = min(seconds, int(left))
+        if seconds <= 0:
+            raise StorageError("cannot sign a link: the security token has expired")
+        return seconds
+
+    async def get_object(self, bucket: str, endpoint: str | None, key: str,
+                         credentials: Credentials | None = None,
+                         max_bytes: int | None = None) -> bytes:
+        """Read one object (``endpoint`` None: the configured one).
+
+        Refuses objects over ``max_bytes``, checking the declared length first
+        and the bytes read while streaming.
+        """
+        endpoint = endpoint or self._endpoint()
+        self.credentials(credentials)
+        b = self._bucket(bucket, endpoint, credentials, timeout=self.settings.fetch_timeout)
+        where = f"oss://{bucket}/{key}"
+
+        def read() -> bytes:
+            result = b.get_object(key)
+            try:
+                size = result.content_length
+                if max_bytes is not None and size is not None and size > max_bytes:
+                    raise StorageError(f"{where}: {size} bytes is over the {max_bytes} byte limit")
+                chunks, total = [], 0
+                while chunk := result.read(64 * 1024):
+                    total += len(chunk)
+                    if max_bytes is not None and total > max_bytes:
+                        raise StorageError(f"{where}: over the {max_bytes} byte limit")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+            finally:
+                result.resp.response.close()
+
+        return await self._call(where, read)
+
+    async def _call(self, where: str, fn: Callable[[], _T]) -> _T:
+        """Run a blocking oss2 call in a thread; retry transient failures."""
+        delay = _BACKOFF
+        for attempt in range(_RETRIES + 1):
+            try:
+                return await anyio.to_thread.run_sync(fn)
+            except oss2.exceptions.OssError as e:
+                # RequestError: connection refused/reset/timed out.
+                transient = isinstance(e, oss2.exceptions.RequestError) or e.status >= 500
+                if not transient or attempt == _RETRIES:
+                    raise StorageError(f"{where}: {_describe(e)}") from e
+                logger.warning("%s: %s; retrying in %.1fs", where, _describe(e), delay)
+            except OSError as e:
+                if attempt == _RETRIES:
+                    raise StorageError(f"{where}: {e}") from e
+                logger.warning("%s: %s; retrying in %.1fs", where, e, delay)
+            await anyio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _describe(e: oss2.exceptions.OssError) -> str:
+    if isinstance(e, oss2.exceptions.RequestError):
+        return f"cannot reach object storage ({e.exception})"
+    if isinstance(e, oss2.exceptions.ClientError):
+        return str(e.body)
+    return f"HTTP {e.status} {e.code or ''}: {e.message or ''}".strip()

@@ -1,0 +1,148 @@
+"""Pure graph handling: parsing, random seeds, image inputs, output isolation.
+
+Nothing here imports ComfyUI: node definitions come in as a look-up function
+``specs(class_type) -> {input_name: (type, options)}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from typing import Any, Callable, Iterator
+
+from .errors import WorkflowInvalid, node_error
+
+__all__ = ["parse_workflow", "randomize_seeds", "image_inputs", "isolate_outputs",
+           "node_order", "SpecLookup"]
+
+SpecLookup = Callable[[str], dict[str, tuple[Any, dict[str, Any]]]]
+
+SEED_INPUTS = ("seed", "noise_seed")
+_TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def parse_workflow(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    """Decode an API-format workflow and check its shape (not its semantics:
+    ComfyUI's validation does that). Raises WorkflowInvalid."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise WorkflowInvalid(f"request body is not UTF-8: {e}", type="invalid_json") from None
+    if isinstance(body, str):
+        if not body.strip():
+            raise WorkflowInvalid("request body is empty: send the workflow JSON "
+                                  "(ComfyUI's Export (API) format)", type="invalid_json")
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise WorkflowInvalid(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                                  type="invalid_json") from None
+    if not isinstance(body, dict):
+        raise WorkflowInvalid(f"the workflow must be a JSON object of nodes, got {type(body).__name__}",
+                              type="invalid_prompt")
+    # Native clients POST {"prompt": {...}, "client_id": ...} to /prompt.
+    if "prompt" in body and isinstance(body["prompt"], dict) and "class_type" not in body:
+        body = body["prompt"]
+    if "nodes" in body and "links" in body:
+        raise WorkflowInvalid("this is ComfyUI's UI workflow format; export the workflow "
+                              "with 'Export (API)' and send that", type="invalid_prompt")
+    if not body:
+        raise WorkflowInvalid("the workflow has no nodes", type="invalid_prompt")
+    errors: dict[str, Any] = {}
+    for node_id, node in body.items():
+        if not isinstance(node, dict):
+            errors.update(node_error(str(node_id), "", "", "a node must be a JSON object "
+                                     "with class_type and inputs", type="invalid_node"))
+            continue
+        if not isinstance(node.get("class_type"), str):
+            errors.update(node_error(str(node_id), "", "class_type",
+                                     "missing or non-string class_type", type="invalid_node"))
+        if not isinstance(node.get("inputs", {}), dict):
+            errors.update(node_error(str(node_id), str(node.get("class_type")), "inputs",
+                                     "inputs must be a JSON object", type="invalid_node"))
+    if errors:
+        raise WorkflowInvalid("invalid workflow: " + "; ".join(
+            f"node {k}: {v['errors'][0]['message']}" for k, v in errors.items()),
+            type="invalid_prompt", node_errors=errors)
+    for node in body.values():
+        node.setdefault("inputs", {})
+    _check_links(body)
+    return body
+
+
+def _check_links(prompt: dict[str, Any]) -> None:
+    """A link ``[source_id, output_index]`` must name an existing node; ComfyUI
+    reports a dangling one as a KeyError at the wrong node, so check first."""
+    errors: dict[str, Any] = {}
+    for node_id, node in prompt.items():
+        for name, value in node["inputs"].items():
+            if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)):
+                continue
+            source = str(value[0])
+            if source not in prompt:
+                errors.update(node_error(str(node_id), node["class_type"], name,
+                                         f"links to node {source}, which is not in the workflow",
+                                         value, type="bad_linked_input"))
+    if errors:
+        raise WorkflowInvalid("invalid workflow: " + "; ".join(
+            f"node {k} ({v['class_type']}) input '{v['errors'][0]['extra_info']['input_name']}' "
+            f"{v['errors'][0]['message']}" for k, v in errors.items()),
+            type="prompt_outputs_failed_validation", node_errors=errors)
+
+def valid_task_id(task_id: str) -> bool:
+    """Task ids become folder names on a shared filesystem: keep them plain."""
+    return bool(_TASK_ID.match(task_id)) and task_id not in (".", "..")
+
+
+def randomize_seeds(prompt: dict[str, Any], specs: SpecLookup) -> dict[str, int]:
+    """Replace every ``seed``/``noise_seed`` input equal to -1 by a fresh
+    random seed within the node's range; return ``{node_id: seed}`` of every
+    seed the run uses (fixed ones too), so the run can be reproduced."""
+    used: dict[str, int] = {}
+    for node_id, node in prompt.items():
+        inputs = node.get("inputs", {})
+        for name in SEED_INPUTS:
+            value = inputs.get(name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                continue
+            if value == -1:
+                _, opts = specs(node.get("class_type", "")).get(name, ("INT", {}))
+                low = max(int(opts.get("min", 0)), 0)
+                high = int(opts.get("max", 0xFFFFFFFFFFFFFFFF))
+                value = low + secrets.randbelow(high - low + 1)
+                inputs[name] = value
+            used[node_id] = value
+    return used
+
+
+def image_inputs(prompt: dict[str, Any], specs: SpecLookup) -> Iterator[tuple[str, str, str, str]]:
+    """``(node_id, class_type, input_name, value)`` for every image-upload
+    input given as a string (links are lists and are left alone)."""
+    for node_id, node in prompt.items():
+        class_type = node.get("class_type", "")
+        node_specs = specs(class_type)
+        for name, value in node.get("inputs", {}).items():
+            if not isinstance(value, str):
+                continue
+            _, opts = node_specs.get(name, (None, {}))
+            if opts.get("image_upload") or opts.get("upload") == "image":
+                yield node_id, class_type, name, value
+
+
+def isolate_outputs(prompt: dict[str, Any], subfolder: str) -> None:
+    """Prefix every literal ``filename_prefix`` with a per-task subfolder, so
+    concurrent or repeated tasks never write into, or report, each other's
+    files (ComfyUI numbers files by listing the folder, which is racy across
+    processes sharing it)."""
+    for node in prompt.values():
+        inputs = node.get("inputs", {})
+        value = inputs.get("filename_prefix")
+        if isinstance(value, str):
+            inputs["filename_prefix"] = f"{subfolder}/{value.lstrip('/') or 'ComfyUI'}"
+
+
+def node_order(node_id: str) -> tuple[int, int | str]:
+    """Sort key: numeric ids numerically ("9" before "10"), others after."""
+    return (0, int(node_id)) if node_id.isdigit() else (1, node_id)
