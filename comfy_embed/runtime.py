@@ -68,8 +68,10 @@ class Task:
     def done(self) -> bool:
         return self.final is not None
 
-    async def stream(self, since: int = 0, coalesce: bool = True) -> AsyncIterator[dict[str, Any]]:
-        """Every event after the first ``since``, ending with the final one.
+    async def stream(self, since: int = 0, coalesce: bool = True
+                     ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """``(seq, event)`` for every event after the first ``since`` (seq is
+        1-based), ending with the final one.
 
         With ``coalesce``, a reader that is behind skips progress messages
         that a later one of the same node supersedes.
@@ -77,23 +79,26 @@ class Task:
         pos = since
         while True:
             if pos < len(self.events):
-                pending = self.events[pos:]
+                pending = list(enumerate(self.events[pos:], start=pos + 1))
                 pos = len(self.events)
-                for ev in (_coalesce(pending) if coalesce and len(pending) > 1 else pending):
-                    yield ev
+                for seq, ev in (_coalesce(pending) if coalesce and len(pending) > 1 else pending):
+                    yield seq, ev
                     if ev["type"] == FINAL:
                         return
                 continue
             if self.final is not None:
                 return
-            self._changed.clear()
-            await self._changed.wait()
+            await self.changed()
+
+    async def changed(self) -> None:
+        """Wait for the next event."""
+        self._changed.clear()
+        await self._changed.wait()
 
     async def wait(self) -> dict[str, Any]:
         """The final ``serverless_api`` event, when the task has one."""
         while self.final is None:
-            self._changed.clear()
-            await self._changed.wait()
+            await self.changed()
         return self.final
 
     async def result(self) -> dict[str, Any]:
@@ -199,14 +204,14 @@ def _outcome_error(outcome: Outcome, timeout: float | None) -> ComfyEmbedError:
                            node_errors=node_errors, details=details)
 
 
-def _coalesce(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _coalesce(events: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
     """Drop progress events superseded by a later one for the same node."""
     latest: dict[tuple[str, Any], int] = {}
-    for i, ev in enumerate(events):
+    for seq, ev in events:
         if ev["type"] in _COALESCE:
-            latest[(ev["type"], ev["data"].get("node"))] = i
-    return [ev for i, ev in enumerate(events)
-            if ev["type"] not in _COALESCE or latest[(ev["type"], ev["data"].get("node"))] == i]
+            latest[(ev["type"], ev["data"].get("node"))] = seq
+    return [(seq, ev) for seq, ev in events
+            if ev["type"] not in _COALESCE or latest[(ev["type"], ev["data"].get("node"))] == seq]
 
 
 class Engine:

@@ -1,0 +1,96 @@
+"""The Starlette app: serverless endpoints plus health and lifecycle hooks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from typing import Any, AsyncIterator
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from ..config import Settings
+from ..runtime import Engine
+from ..service import TaskService
+from . import runs, ws
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_app"]
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "alive"})
+
+
+async def ready(request: Request) -> Response:
+    state = request.app.state
+    if state.engine.ready and state.warm.is_set() and state.engine.accepting:
+        return JSONResponse({"status": "ready", "device": state.engine.comfy.device})
+    if state.engine.executor.boot_error is not None:
+        return JSONResponse({"status": "failed", "error": str(state.engine.executor.boot_error)}, 500)
+    return JSONResponse({"status": "starting" if state.engine.accepting else "draining"}, 503)
+
+
+async def initialize(request: Request) -> Response:
+    """Function Compute calls this once after start: answer when warm."""
+    await request.app.state.engine.wait_ready()
+    await request.app.state.warm.wait()
+    return JSONResponse({"status": "ready"})
+
+
+async def pre_stop(request: Request) -> Response:
+    """Function Compute calls this before stopping: accept nothing new,
+    finish running work (its log included), then answer."""
+    await request.app.state.service.drain()
+    return JSONResponse({"status": "drained"})
+
+
+async def _warm_up(engine: Engine, settings: Settings, warm: anyio.Event) -> None:
+    try:
+        await engine.wait_ready()
+        if settings.warmup_workflow:
+            graph = json.loads(settings.warmup_workflow.read_text())
+            await engine.run(graph, task_id="warmup")
+            log.info("warm-up workflow done")
+    except Exception:
+        log.exception("warm-up failed")
+    finally:
+        warm.set()
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Starlette:
+    """Build the app; ComfyUI boots in the background when the app starts."""
+    settings = settings or Settings.from_env()
+    engine = engine or Engine(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        engine.start()
+        service = TaskService(engine, settings)
+        app.state.engine, app.state.service = engine, service
+        app.state.warm = anyio.Event()
+        await service.recover()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_warm_up, engine, settings, app.state.warm)
+            tg.start_soon(service.upkeep)
+            yield
+            tg.cancel_scope.cancel()
+        engine.accepting = False
+
+    prefix = "/api/serverless"
+    routes: list[Any] = [
+        Route(f"{prefix}/run", runs.run, methods=["POST"]),
+        Route(f"{prefix}/status", runs.status, methods=["GET"]),
+        Route(f"{prefix}/cancel", runs.cancel, methods=["POST"]),
+        WebSocketRoute(f"{prefix}/ws", ws.serverless_ws),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/initialize", initialize, methods=["POST"]),
+        Route("/pre-stop", pre_stop, methods=["GET", "POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

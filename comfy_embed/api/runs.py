@@ -1,0 +1,100 @@
+"""POST /run (sync, stream, async), GET /status, POST /cancel."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..errors import ComfyEmbedError, NotAccepting, PayloadTooLarge, QueueFull
+from ..events import final_event
+from ..service import Handle, TaskService
+from ..storage import credentials_from_headers
+from .body import flag, read_limited
+from .status_codes import status_for, status_for_event
+
+__all__ = ["run", "status", "cancel", "dumps", "error_headers"]
+
+
+def dumps(ev: Any) -> str:
+    # default=str: ComfyUI's validation details can hold tuples and classes.
+    return json.dumps(ev, default=str, separators=(",", ":"))
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(body), status, headers=headers, media_type="application/json")
+
+
+def error_headers(error: ComfyEmbedError, task_id: str) -> dict[str, str]:
+    headers = {"X-Task-Id": task_id}
+    if isinstance(error, (QueueFull, NotAccepting)):
+        headers["Retry-After"] = str(error.retry_after)
+    return headers
+
+
+def _error_answer(error: ComfyEmbedError, task_id: str, stream: bool) -> Response:
+    final = final_event(task_id, None, {}, error=error.to_dict())
+    headers = error_headers(error, task_id)
+    if stream:
+        return Response(f"data: {dumps(final)}\n\n", status_for(error), headers=headers,
+                        media_type="text/event-stream")
+    return _json(final, status_for(error), headers)
+
+
+async def _sse(handle: Handle, since: int) -> AsyncIterator[str]:
+    async for seq, ev in handle.events(since):
+        yield f"id: {seq}\ndata: {dumps(ev)}\n\n"
+
+
+def _since(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("since") or "0"
+    return int(raw) if raw.isdigit() else 0
+
+
+async def run(request: Request) -> Response:
+    service: TaskService = request.app.state.service
+    settings = service.settings
+    q = request.query_params
+    task_id = (request.headers.get("x-fc-trace-id") or request.headers.get("x-task-id")
+               or uuid.uuid4().hex)
+    stream = flag(q.get("stream"))
+    try:
+        body = await read_limited(request, settings.max_body_bytes)
+    except PayloadTooLarge as e:
+        return _error_answer(e, task_id, stream)
+    handle = await service.start(body, task_id=task_id, output_base64=flag(q.get("output_base64")),
+                                 output_oss=flag(q.get("output_oss")),
+                                 credentials=credentials_from_headers(request.headers))
+    if handle.error is not None:
+        return _error_answer(handle.error, task_id, stream)
+    headers = {"X-Task-Id": task_id}
+    is_async = request.headers.get("x-fc-invocation-type", "").lower() == "async"
+    if is_async and not settings.async_inline:
+        return _json({"task_id": task_id}, 202, headers)
+    if stream:
+        headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(_sse(handle, _since(request)), media_type="text/event-stream",
+                                 headers=headers)
+    final = await handle.final()
+    return _json(final, status_for_event(final), headers)
+
+
+async def status(request: Request) -> Response:
+    service: TaskService = request.app.state.service
+    task_id = request.query_params.get("task_id", "")
+    since = request.query_params.get("since", "0")
+    events = await service.read(task_id, int(since) if since.isdigit() else 0)
+    # Each event keeps ComfyUI's {"type", "data"} shape; "id" is its sequence
+    # number, for ?since= and SSE Last-Event-ID.
+    return _json([{**ev, "id": seq} for seq, ev in events])
+
+
+async def cancel(request: Request) -> Response:
+    service: TaskService = request.app.state.service
+    task_id = request.query_params.get("task_id", "")
+    outcome = await service.cancel(task_id)
+    code = {"cancelling": 200, "requested": 202, "done": 409, "unknown": 404}[outcome]
+    return JSONResponse({"task_id": task_id, "status": outcome}, code)

@@ -1,0 +1,66 @@
+"""WebSocket /api/serverless/ws: one workflow per text message, every event
+back as a text message, ending with ``serverless_api``; the connection then
+takes the next workflow. ``?task_id=&since=`` first replays a task (resume)."""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..errors import ComfyEmbedError, WorkflowInvalid
+from ..events import final_event
+from ..service import Handle, TaskService
+from ..storage import credentials_from_headers
+from .body import flag
+from .runs import dumps
+
+__all__ = ["serverless_ws"]
+
+
+async def _relay(ws: WebSocket, handle: Handle, since: int = 0) -> None:
+    async for _, ev in handle.events(since):
+        await ws.send_text(dumps(ev))
+
+
+async def _send_error(ws: WebSocket, task_id: str, error: ComfyEmbedError) -> None:
+    await ws.send_text(dumps(final_event(task_id, None, {}, error=error.to_dict())))
+
+
+async def serverless_ws(ws: WebSocket) -> None:
+    service: TaskService = ws.app.state.service
+    q = ws.query_params
+    opts = {"output_base64": flag(q.get("output_base64")), "output_oss": flag(q.get("output_oss")),
+            "credentials": credentials_from_headers(ws.headers)}
+    await ws.accept()
+    try:
+        resume = q.get("task_id")
+        if resume:
+            since = q.get("since", "0")
+            await _relay(ws, service.handle(resume), int(since) if since.isdigit() else 0)
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                raw = message.get("bytes") or b""
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    await _send_error(ws, uuid.uuid4().hex,
+                                      WorkflowInvalid("message is not UTF-8 text", type="invalid_json"))
+                    continue
+            if len(text.encode()) > service.settings.max_body_bytes:
+                await _send_error(ws, uuid.uuid4().hex, WorkflowInvalid(
+                    f"message is over the limit of {service.settings.max_body_bytes} bytes",
+                    type="payload_too_large"))
+                continue
+            handle = await service.start(text, task_id=uuid.uuid4().hex, **opts)
+            if handle.error is not None:
+                await _send_error(ws, handle.task_id, handle.error)
+                continue
+            await _relay(ws, handle)
+    except WebSocketDisconnect:
+        # The task (if any) goes on; its log still ends with the final event.
+        return

@@ -1,0 +1,128 @@
+"""``comfy-embed run workflow.json`` / ``comfy-embed serve`` / ``comfy-embed demo``."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .config import Settings
+from .errors import ComfyEmbedError
+
+__all__ = ["main"]
+
+
+def _progress(ev: dict[str, Any]) -> None:
+    data = ev["data"]
+    if ev["type"] == "progress":
+        width = 30
+        done = int(width * data["value"] / max(data["max"], 1))
+        sys.stderr.write(f"\r  node {data['node']}: [{'#' * done}{'.' * (width - done)}] "
+                         f"{data['value']}/{data['max']}")
+        if data["value"] >= data["max"]:
+            sys.stderr.write("\n")
+    elif ev["type"] == "executing" and data.get("node"):
+        sys.stderr.write(f"  running node {data['node']}\n")
+    sys.stderr.flush()
+
+
+async def _run(settings: Settings, graph: Any, out: Path | None, want_base64: bool,
+               show_progress: bool) -> dict[str, Any]:
+    from .runtime import Engine
+
+    engine = Engine(settings)
+    try:
+        await engine.wait_ready()
+        task = await engine.submit(graph, output_base64=want_base64)
+        async for _, ev in task.stream():
+            if show_progress:
+                _progress(ev)
+        final = await task.result()
+    finally:
+        engine.close()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for r in final["data"]["results"]:
+            c = r["output"]["comfy"]
+            src = Path(c["dir"]) / c["subfolder"] / c["filename"]
+            shutil.copy2(src, out / c["filename"])
+            r["output"]["copied_to"] = str(out / c["filename"])
+    return final
+
+
+def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        graph = json.loads(Path(args.workflow).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"cannot read {args.workflow}: {e}", file=sys.stderr)
+        return 2
+    try:
+        final = anyio.run(_run, settings, graph, Path(args.out) if args.out else None,
+                          args.base64, sys.stderr.isatty() or args.progress)
+    except ComfyEmbedError as e:
+        print(json.dumps({"type": "serverless_api", "data": {"status": "error",
+                          "error": e.to_dict()}}, indent=2, default=str))
+        return 1
+    print(json.dumps(final, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """The default text-to-image graph on the tiny random-weights checkpoint."""
+    graph = json.loads(resources.files("comfy_embed.examples").joinpath("text_to_image.json").read_text())
+    graph["5"]["inputs"].update(width=args.size, height=args.size)
+    graph["3"]["inputs"]["steps"] = args.steps
+    settings = settings.replace(tiny_checkpoint=True)
+    final = anyio.run(_run, settings, graph, Path(args.out), False, True)
+    for r in final["data"]["results"]:
+        print(f"wrote {r['output']['copied_to']} (seed {final['data']['seeds'].get('3')})")
+    print("(random weights: expect coloured noise, not a picture)")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from .api import create_app
+
+    if args.host:
+        settings = settings.replace(host=args.host)
+    if args.port:
+        settings = settings.replace(port=args.port)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level="info", timeout_graceful_shutdown=30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="comfy-embed")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="run one API-format workflow and print the result")
+    p_run.add_argument("workflow")
+    p_run.add_argument("--out", help="copy the output files into this folder")
+    p_run.add_argument("--base64", action="store_true", help="inline outputs as base64")
+    p_run.add_argument("--progress", action="store_true", help="progress even when not a terminal")
+    p_serve = sub.add_parser("serve", help="start the serverless HTTP API")
+    p_serve.add_argument("--host")
+    p_serve.add_argument("--port", type=int)
+    p_demo = sub.add_parser("demo", help="text-to-image with a tiny locally built checkpoint")
+    p_demo.add_argument("--out", default="demo-output")
+    p_demo.add_argument("--size", type=int, default=256)
+    p_demo.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.cmd == "serve" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    return {"run": _cmd_run, "serve": _cmd_serve, "demo": _cmd_demo}[args.cmd](args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Tasks as the serverless API sees them: run on this instance, persisted to
+the shared task log, readable and cancellable from any instance.
+
+No HTTP here: the API package turns :class:`Handle` into responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import anyio
+
+from .config import Settings
+from .errors import ComfyEmbedError, NotAccepting, QueueFull, WorkflowInvalid
+from .events import FINAL, final_event
+from .runtime import Engine, Task
+from .tasklog import TaskLog
+from .workflow import valid_task_id
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TaskService", "Handle"]
+
+#: How often a reader of another instance's task looks at the log.
+_POLL_SECONDS = 0.2
+
+
+class Handle:
+    """One task as a caller follows it: live on this instance, or read from
+    the shared log (another instance runs it, or it is already done)."""
+
+    def __init__(self, service: "TaskService", task_id: str, *, task: Task | None = None,
+                 error: ComfyEmbedError | None = None, persisted: anyio.Event | None = None) -> None:
+        self.service = service
+        self.task_id = task_id
+        self.task = task
+        #: Set when this request itself failed before queueing.
+        self.error = error
+        self._persisted = persisted
+
+    async def events(self, since: int = 0) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """``(seq, event)`` after ``since``, ending with the final event, which
+        is on disk before it is yielded."""
+        if self.task is not None:
+            async for seq, ev in self.task.stream(since):
+                if ev["type"] == FINAL and self._persisted is not None:
+                    await self._persisted.wait()
+                yield seq, ev
+            return
+        tasklog = self.service.tasklog
+        while True:
+            batch = await anyio.to_thread.run_sync(tasklog.read, self.task_id, since)
+            for seq, ev in batch:
+                since = seq
+                yield seq, ev
+                if ev["type"] == FINAL:
+                    return
+            if not batch and not await anyio.to_thread.run_sync(tasklog.exists, self.task_id):
+                return
+            await anyio.sleep(_POLL_SECONDS)
+
+    async def final(self) -> dict[str, Any]:
+        """The final event (waiting for it)."""
+        last: dict[str, Any] = {}
+        async for _, ev in self.events():
+            last = ev
+        return last
+
+
+class TaskService:
+    """Runs tasks on the engine and mirrors every event into the task log."""
+
+    def __init__(self, engine: Engine, settings: Settings, tasklog: TaskLog | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.tasklog = tasklog or TaskLog(settings.task_log_path, self.instance_id,
+                                          settings.lease_seconds)
+        self._running: dict[str, Task] = {}
+        self._writers: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------- running
+    async def start(self, body: Any, *, task_id: str | None = None, output_base64: bool = False,
+                    output_oss: bool = False, credentials: Any = None) -> Handle:
+        """Start a task, or attach to it if this task id exists already (a
+        retry: it never runs twice). Errors before queueing come back in
+        ``Handle.error`` with a final event in the log."""
+        task_id = task_id or uuid.uuid4().hex
+        if not valid_task_id(task_id):
+            return Handle(self, task_id, error=WorkflowInvalid(
+                "task id must be 1-128 characters of A-Z a-z 0-9 . _ -", type="invalid_task_id"))
+        live = self._running.get(task_id) or self.engine.get(task_id)
+        if live is not None:
+            return Handle(self, task_id, task=live, persisted=getattr(live, "persisted", None))
+        if not self.engine.accepting:
+            return Handle(self, task_id, error=NotAccepting(
+                "this instance is draining and accepts no new work"))
+        if not await anyio.to_thread.run_sync(self.tasklog.claim, task_id):
+            return Handle(self, task_id)  # known task: answer from the log
+        try:
+            task = await self.engine.submit(body, task_id=task_id, output_base64=output_base64,
+                                            output_oss=output_oss, credentials=credentials)
+        except (QueueFull, NotAccepting) as e:
+            # Not accepted: forget the claim so that a retry can run it.
+            await anyio.to_thread.run_sync(self.tasklog.discard, task_id)
+            return Handle(self, task_id, error=e)
+        except ComfyEmbedError as e:
+            await anyio.to_thread.run_sync(
+                self.tasklog.append, task_id,
+                final_event(task_id, None, {}, error=e.to_dict()))
+            await anyio.to_thread.run_sync(self.tasklog.release, task_id)
+            return Handle(self, task_id, error=e)
+        persisted = anyio.Event()
+        task.persisted = persisted  # type: ignore[attr-defined]
+        self._running[task_id] = task
+        writer = asyncio.get_running_loop().create_task(self._persist(task, persisted))
+        self._writers.add(writer)
+        writer.add_done_callback(self._writers.discard)
+        return Handle(self, task_id, task=task, persisted=persisted)
+
+    async def _persist(self, task: Task, persisted: anyio.Event) -> None:
+        """Append the task's events to the log in batches, until the final."""
+        written = 0
+        try:
+            while True:
+                batch = task.events[written:]
+                if batch:
+                    await anyio.to_thread.run_sync(self._append_all, task.task_id, batch)
+                    written += len(batch)
+                    if batch[-1]["type"] == FINAL:
+                        return
+                    continue
+                await task.changed()
+        except Exception:
+            log.exception("task %s: writing its log failed", task.task_id)
+        finally:
+            self._running.pop(task.task_id, None)
+            persisted.set()
+            try:
+                await anyio.to_thread.run_sync(self.tasklog.release, task.task_id)
+            except Exception:
+                log.exception("task %s: releasing its lease failed", task.task_id)
+
+    def _append_all(self, task_id: str, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            self.tasklog.append(task_id, ev)
+
+    def handle(self, task_id: str) -> Handle:
+        """Follow an existing task (live here, or through the log)."""
+        live = self._running.get(task_id)
+        if live is not None:
+            return Handle(self, task_id, task=live, persisted=getattr(live, "persisted", None))
+        return Handle(self, task_id)
+
+    async def read(self, task_id: str, since: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        if not valid_task_id(task_id):
+            return []
+        return await anyio.to_thread.run_sync(self.tasklog.read, task_id, since)
+
+    async def cancel(self, task_id: str) -> str:
+        """'cancelling', 'requested' (another instance owns it), 'done' or
+        'unknown'."""
+        if not valid_task_id(task_id):
+            return "unknown"
+        if task_id in self._running:
+            return "cancelling" if self.engine.cancel(task_id) else "done"
+        if await anyio.to_thread.run_sync(self.tasklog.is_final, task_id):
+            return "done"
+        if await anyio.to_thread.run_sync(self.tasklog.request_cancel, task_id):
+            return "requested"
+        return "unknown"
+
+    # ------------------------------------------------------------ upkeep
+    async def upkeep(self) -> None:
+        """Forever: renew leases of running tasks, act on cancel requests
+        from other instances (within a second), and close orphaned tasks."""
+        last_recover = 0.0
+        while True:
+            running = list(self._running)
+            if running:
+                await anyio.to_thread.run_sync(self.tasklog.renew, running)
+                for task_id in running:
+                    if await anyio.to_thread.run_sync(self.tasklog.cancel_requested, task_id):
+                        self.engine.cancel(task_id)
+            now = time.monotonic()
+            if now - last_recover > self.settings.lease_seconds / 2:
+                last_recover = now
+                await self.recover()
+            await anyio.sleep(0.5)
+
+    async def recover(self) -> list[str]:
+        """Give a final event to tasks whose owner died (lease expired)."""
+        try:
+            ids = await anyio.to_thread.run_sync(self.tasklog.recover_orphans)
+        except Exception:
+            log.exception("recovering orphaned tasks failed")
+            return []
+        for task_id in ids:
+            log.warning("task %s: owner lost, closed with an error event", task_id)
+        return ids
+
+    async def drain(self) -> None:
+        """Stop accepting, then wait for running work and log writes."""
+        self.engine.accepting = False
+        while self._running or self._writers or not self.engine.executor.idle:
+            await anyio.sleep(0.05)
