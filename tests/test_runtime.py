@@ -1,0 +1,197 @@
+"""The engine with real ComfyUI on CPU: results, events, seeds, errors,
+cancel, isolation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_embed import ExecutionFailed, TaskCancelled, WorkflowInvalid
+from comfy_embed.runtime import Engine, Task
+
+from .conftest import image_only, text_to_image
+
+pytestmark = pytest.mark.anyio
+
+
+def files_of(final: dict[str, Any]) -> list[Path]:
+    out = []
+    for r in final["data"]["results"]:
+        c = r["output"]["comfy"]
+        out.append(Path(c["dir"]) / c["subfolder"] / c["filename"])
+    return out
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+async def collect(task: Task) -> list[dict[str, Any]]:
+    return [ev async for _, ev in task.stream(coalesce=False)]
+
+
+async def test_image_only_batch_two(engine: Engine) -> None:
+    final = await engine.run(image_only(batch=2, color=0x00FF00), output_base64=True)
+    data = final["data"]
+    assert final["type"] == "serverless_api" and data["status"] == "success"
+    assert [(r["node_id"], r["index"]) for r in data["results"]] == [("3", 0), ("3", 1)]
+    for path in files_of(final):
+        # EmptyImage green inverted is magenta.
+        assert pixels(path)[0, 0].tolist() == [255, 0, 255]
+    assert all(r["output"]["base64"]["data"].startswith("iVBORw0KGgo") for r in data["results"])
+    assert data["results"][0]["output"]["comfy"]["type"] == "output"
+
+
+async def test_load_image_from_input_folder(engine: Engine, settings: Any) -> None:
+    sub = settings.input_path / "sub"
+    sub.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(sub / "x.png")
+    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "sub/x.png [input]"}},
+             "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+             "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "li", "images": ["2", 0]}}}
+    final = await engine.run(graph)
+    (path,) = files_of(final)
+    assert pixels(path).shape == (6, 8, 3)
+    assert pixels(path)[0, 0].tolist() == [245, 235, 225]
+
+
+async def test_text_to_image_events_and_progress(engine: Engine) -> None:
+    task = await engine.submit(text_to_image(steps=3))
+    events = await collect(task)
+    types = [e["type"] for e in events]
+    assert types[0] == "status"
+    assert types[1:3] == ["execution_start", "execution_cached"]
+    assert types[-3:] == ["execution_success", "executing", "serverless_api"]
+    assert events[-2]["data"]["node"] is None
+    progress = [e["data"] for e in events if e["type"] == "progress"]
+    assert [(p["value"], p["max"], p["node"]) for p in progress] == [(1, 3, "3"), (2, 3, "3"), (3, 3, "3")]
+    assert all(p["prompt_id"] == task.prompt_id for p in progress)
+    # executing for the sampler precedes its progress; executed for SaveImage follows.
+    assert types.index("progress") > [i for i, e in enumerate(events)
+                                       if e["type"] == "executing" and e["data"]["node"] == "3"][0]
+    executed = [e for e in events if e["type"] == "executed"]
+    assert executed and executed[-1]["data"]["node"] == "9"
+    assert events[-1]["data"]["prompt_id"] == task.prompt_id
+    assert files_of(events[-1])[0].exists()
+
+
+async def test_random_seed_reported_and_fixed_seed_reproduces(engine: Engine) -> None:
+    g = text_to_image(steps=2)
+    g["3"]["inputs"]["seed"] = -1
+    first = await engine.run(g)
+    seed = first["data"]["seeds"]["3"]
+    assert 0 <= seed <= 0xFFFFFFFFFFFFFFFF and seed != -1
+    again = await engine.run(text_to_image(steps=2, seed=seed))
+    other = await engine.run(text_to_image(steps=2, seed=seed + 1))
+    repeat = await engine.run(text_to_image(steps=2, seed=seed))
+    a, b, c, d = (pixels(files_of(x)[0]) for x in (first, again, other, repeat))
+    assert np.array_equal(a, b) and np.array_equal(a, d)
+    assert not np.array_equal(a, c)
+
+
+def _bad(node: str, **inputs: Any) -> dict[str, Any]:
+    g = text_to_image()
+    g[node]["inputs"].update(inputs)
+    return g
+
+
+@pytest.mark.parametrize("mutate, node, needle", [
+    (lambda g: g["3"].update(class_type="NoSuchSampler"), "3", "NoSuchSampler"),
+    (lambda g: g["3"]["inputs"].update(model=["99", 0]), "3", "model"),
+    (lambda g: g["3"]["inputs"].update(model=["4", 2]), "3", "model"),          # VAE into MODEL
+    (lambda g: g["3"]["inputs"].update(steps="many"), "3", "steps"),
+    (lambda g: g["3"]["inputs"].update(steps=0), "3", "steps"),
+    (lambda g: g["3"]["inputs"].update(sampler_name="nope"), "3", "sampler_name"),
+    (lambda g: g["3"]["inputs"].pop("positive"), "3", "positive"),
+    (lambda g: g.pop("9"), None, "no outputs"),
+])
+async def test_invalid_graphs_name_node_and_input(engine: Engine, mutate: Any, node: str | None,
+                                                   needle: str) -> None:
+    g = text_to_image()
+    mutate(g)
+    with pytest.raises(WorkflowInvalid) as info:
+        await engine.submit(g)
+    err = info.value
+    assert needle in err.message
+    if node is not None:
+        entry = err.to_dict()["node_errors"].get(node) if err.node_errors else None
+        if "NoSuchSampler" not in needle:
+            assert entry is not None, err.to_dict()
+            names = [e["extra_info"].get("input_name") for e in entry["errors"]]
+            assert needle in names
+        assert f"node {node}" in err.message or f"#{node}" in str(err.to_dict())
+
+
+async def test_partially_invalid_graph_is_refused(engine: Engine) -> None:
+    g = image_only()
+    g["4"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "x", "images": ["5", 0]}}
+    g["5"] = {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bogus",
+                                                      "width": 8, "height": 8, "crop": "disabled"}}
+    with pytest.raises(WorkflowInvalid) as info:
+        await engine.submit(g)
+    assert "5" in info.value.node_errors
+    assert "upscale_method" in info.value.message
+
+
+async def test_cancel_queued_and_running(engine: Engine) -> None:
+    long = await engine.submit(text_to_image(steps=400, seed=7))
+    queued = await engine.submit(image_only(color=0x123456))
+    async for _, ev in long.stream():
+        if ev["type"] == "progress":
+            break
+    assert queued.cancel()
+    with pytest.raises(TaskCancelled):
+        await queued.result()
+    assert long.cancel()
+    with anyio.fail_after(30):
+        with pytest.raises(TaskCancelled):
+            await long.result()
+    types = [e["type"] for e in long.events]
+    assert "execution_interrupted" in types and types[-1] == "serverless_api"
+    progress = [e["data"]["value"] for e in long.events if e["type"] == "progress"]
+    assert max(progress) < 400  # stopped mid-sampling
+    # The executor goes on.
+    ok = await engine.run(image_only(color=0x654321))
+    assert ok["data"]["status"] == "success"
+
+
+async def test_failing_node_then_success(engine: Engine, settings: Any) -> None:
+    (settings.input_path / "broken.png").write_bytes(b"not a png at all")
+    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "broken.png"}},
+             "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "b", "images": ["1", 0]}}}
+    with pytest.raises(ExecutionFailed) as info:
+        await engine.run(graph)
+    assert "node 1 (LoadImage)" in info.value.message
+    assert "1" in info.value.node_errors
+    ok = await engine.run(image_only(color=0x0000FF))
+    assert ok["data"]["status"] == "success"
+
+
+async def test_two_tasks_at_once_keep_their_own_files(engine: Engine) -> None:
+    results: dict[str, dict[str, Any]] = {}
+
+    async def one(name: str, color: int) -> None:
+        results[name] = await engine.run(image_only(batch=2, color=color), task_id=name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, "twin-a", 0xFF0000)
+        tg.start_soon(one, "twin-b", 0x00FF00)
+    a, b = files_of(results["twin-a"]), files_of(results["twin-b"])
+    assert len(a) == len(b) == 2 and not set(a) & set(b)
+    assert all(p.exists() and p.parent.name == "twin-a" for p in a)
+    assert all(p.exists() and p.parent.name == "twin-b" for p in b)
+    assert pixels(a[0])[0, 0].tolist() == [0, 255, 255]
+    assert pixels(b[0])[0, 0].tolist() == [255, 0, 255]
+
+
+async def test_identical_resubmit_still_reports_existing_files(engine: Engine) -> None:
+    g = image_only(color=0xABCDEF)
+    first = await engine.run(g)
+    second = await engine.run(g)
+    assert files_of(first) != files_of(second)
+    assert all(p.exists() for p in files_of(first) + files_of(second))

@@ -1,0 +1,356 @@
+"""Tests for comfy_embed.tasklog on real files (tmp_path), threads and processes."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comfy_embed import tasklog
+from comfy_embed.tasklog import FINAL_TYPE, TaskLog
+
+TIMEOUT = 60.0
+
+
+class FakeClock:
+    """A settable wall clock, so lease expiry needs no sleeping."""
+
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def ev(n: int, **extra: Any) -> dict[str, Any]:
+    return {"type": "progress", "data": {"value": n, **extra}}
+
+
+def final(status: str = "success") -> dict[str, Any]:
+    return {"type": FINAL_TYPE, "data": {"status": status, "results": []}}
+
+
+def run_threads(n: int, target: Callable[[int], Any]) -> list[Any]:
+    """Run ``target(i)`` in ``n`` threads released together; return their results."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def body(i: int) -> None:
+        try:
+            barrier.wait(TIMEOUT)
+            results[i] = target(i)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def assert_consistent(events: list[tuple[int, dict[str, Any]]], count: int) -> None:
+    assert [s for s, _ in events] == list(range(1, count + 1))
+
+
+# --- basics ---------------------------------------------------------------
+
+
+def test_valid_task_id() -> None:
+    assert TaskLog.valid_task_id("abc-DEF_1.2")
+    assert TaskLog.valid_task_id("x" * 128)
+    for bad in ("", ".", "..", "a/b", "../x", "a b", "x" * 129, "é"):
+        assert not TaskLog.valid_task_id(bad)
+
+
+def test_invalid_task_id_rejected(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    with pytest.raises(ValueError):
+        tl.append("../escape", ev(1))
+    with pytest.raises(ValueError):
+        tl.read("..")
+
+
+def test_append_read_order_and_since(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    assert tl.claim("t1")
+    assert [tl.append("t1", ev(i)) for i in range(5)] == [1, 2, 3, 4, 5]
+    events = tl.read("t1")
+    assert [(s, e["data"]["value"]) for s, e in events] == [(i + 1, i) for i in range(5)]
+    assert [s for s, _ in tl.read("t1", since=3)] == [4, 5]
+    assert tl.read("t1", since=5) == []
+    assert not tl.is_final("t1")
+    # Temp files a writer left behind are never read as events.
+    (tmp_path / "t1" / ".tmp-leftover").write_text("{half")
+    assert len(tl.read("t1")) == 5
+
+
+def test_unknown_task(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path / "missing-root", "i1")
+    assert tl.read("nope") == []
+    assert not tl.exists("nope")
+    assert not tl.is_final("nope")
+    assert tl.owner("nope") is None
+    assert not tl.request_cancel("nope")
+    assert not tl.cancel_requested("nope")
+    assert tl.recover_orphans() == []
+
+
+def test_claim_is_exclusive(tmp_path: Path) -> None:
+    a, b = TaskLog(tmp_path, "a"), TaskLog(tmp_path, "b")
+    assert a.claim("t") is True
+    assert b.claim("t") is False
+    assert a.exists("t") and b.exists("t")
+    assert b.owner("t") == "a"
+
+
+def test_concurrent_claims_one_wins(tmp_path: Path) -> None:
+    logs = [TaskLog(tmp_path, f"i{i}") for i in range(8)]
+    won = run_threads(8, lambda i: logs[i].claim("t"))
+    assert sorted(won) == [False] * 7 + [True]
+    assert logs[0].owner("t") == f"i{won.index(True)}"
+
+
+# --- the final event ---------------------------------------------------------
+
+
+def test_exactly_one_final(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    tl.claim("t")
+    tl.append("t", ev(0))
+    assert tl.append("t", final("success")) == 2
+    assert tl.is_final("t")
+    # A second final, or anything after the final, is refused.
+    assert tl.append("t", final("error")) == 2
+    assert tl.append("t", ev(1)) == 2
+    other = TaskLog(tmp_path, "i2")
+    assert other.append("t", final("error")) == 2
+    events = tl.read("t")
+    assert [e["type"] for _, e in events] == ["progress", FINAL_TYPE]
+    assert events[-1][1]["data"]["status"] == "success"
+    assert sorted(os.listdir(tmp_path / "t")) == ["00000001.json", "00000002.json",
+                                                  "final", "owner.json"]
+
+
+@pytest.mark.parametrize("hardlinks", [True, False])
+def test_racing_finals_one_counts(tmp_path: Path, hardlinks: bool,
+                                  request: pytest.FixtureRequest) -> None:
+    if not hardlinks:
+        request.getfixturevalue("no_hardlinks")
+    logs = [TaskLog(tmp_path, f"i{i}") for i in range(6)]
+    logs[0].claim("t")
+    seqs = run_threads(6, lambda i: logs[i].append("t", final(f"by{i}")))
+    events = logs[0].read("t")
+    assert len(events) == 1 and events[0][1]["type"] == FINAL_TYPE
+    # Every caller is told the seq of the one final that counts.
+    assert set(seqs) == {events[0][0]}
+    assert logs[1].is_final("t")
+
+
+# --- concurrency -------------------------------------------------------------
+
+
+def test_concurrent_thread_appends(tmp_path: Path) -> None:
+    shared = TaskLog(tmp_path, "shared")
+    shared.claim("t")
+    # Half the threads share one TaskLog, half have their own (no seq hint).
+    logs = [shared if i % 2 else TaskLog(tmp_path, f"i{i}") for i in range(8)]
+
+    def write(i: int) -> list[int]:
+        return [logs[i].append("t", ev(n, writer=i)) for n in range(40)]
+
+    seqs = run_threads(8, write)
+    assert sorted(s for part in seqs for s in part) == list(range(1, 321))
+    events = shared.read("t")
+    assert_consistent(events, 320)
+    got = sorted((e["data"]["writer"], e["data"]["value"]) for _, e in events)
+    assert got == sorted((i, n) for i in range(8) for n in range(40))
+
+
+def _process_writer(root: str, name: str, barrier: Any, count: int) -> None:
+    tl = TaskLog(Path(root), name)
+    barrier.wait(TIMEOUT)
+    for n in range(count):
+        tl.append("t", ev(n, writer=name))
+
+
+def test_concurrent_process_appends(tmp_path: Path) -> None:
+    TaskLog(tmp_path, "lead").claim("t")
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_process_writer, args=(str(tmp_path), f"p{i}", barrier, 150))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT)
+        assert p.exitcode == 0
+    events = TaskLog(tmp_path, "reader").read("t")
+    assert_consistent(events, 300)
+    got = sorted((e["data"]["writer"], e["data"]["value"]) for _, e in events)
+    assert got == sorted((f"p{i}", n) for i in range(2) for n in range(150))
+
+
+def test_polling_reader_never_sees_partial_event(tmp_path: Path) -> None:
+    writer, reader = TaskLog(tmp_path, "w"), TaskLog(tmp_path, "r")
+    writer.claim("t")
+    blob = "x" * 200_000  # large enough that a plain write would be seen half done
+    count = 60
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for n in range(count):
+                writer.append("t", ev(n, blob=blob))
+            writer.append("t", final())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    seen: list[tuple[int, dict[str, Any]]] = []
+    polls = 0
+    while not seen or seen[-1][1]["type"] != FINAL_TYPE:
+        assert not failures, failures
+        polls += 1
+        assert polls < 10_000_000, "writer never finished"
+        batch = reader.read("t", since=seen[-1][0] if seen else 0)
+        for seq, event in batch:
+            if event["type"] != FINAL_TYPE:
+                assert event["data"]["blob"] == blob
+                assert event["data"]["value"] == seq - 1
+        seen.extend(batch)
+    thread.join(TIMEOUT)
+    assert_consistent(seen, count + 1)
+
+
+# --- filesystems without hard links (ossfs) ----------------------------------
+
+
+@pytest.fixture
+def no_hardlinks(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(tasklog.os, "link", refuse)
+
+
+@pytest.mark.usefixtures("no_hardlinks")
+def test_fallback_without_hardlinks(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    assert tl.claim("t") and not TaskLog(tmp_path, "i2").claim("t")
+    logs = [TaskLog(tmp_path, f"i{i}") for i in range(6)]
+    run_threads(6, lambda i: [logs[i].append("t", ev(n, writer=i)) for n in range(20)])
+    assert logs[0].append("t", final()) == 121
+    assert logs[1].append("t", final("error")) == 121
+    events = tl.read("t")
+    assert_consistent(events, 121)
+    assert events[-1][1]["data"]["status"] == "success"
+    assert tl.owner("t") == "i1"
+
+
+@pytest.mark.usefixtures("no_hardlinks")
+def test_fallback_hole_from_crashed_writer(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path, "i1", lease_seconds=30)
+    tl.claim("t")
+    tl.append("t", ev(0))
+    # A writer reserved seq 2 and has not published it yet; seq 3 is out.
+    lock = tmp_path / "t" / ".00000002.json.lock"
+    lock.touch()
+    assert TaskLog(tmp_path, "i2").append("t", ev(2)) == 3
+    assert [s for s, _ in tl.read("t")] == [1]  # wait for 2, don't skip it
+    # The reserving writer died long ago: the hole is skipped.
+    os.utime(lock, (1.0, 1.0))
+    assert [s for s, _ in tl.read("t")] == [1, 3]
+
+
+# --- cancel, leases, recovery ------------------------------------------------
+
+
+def test_cancel_visible_to_other_instance(tmp_path: Path) -> None:
+    owner, other = TaskLog(tmp_path, "owner"), TaskLog(tmp_path, "other")
+    owner.claim("t")
+    assert not owner.cancel_requested("t")
+    assert other.request_cancel("t") is True
+    assert other.request_cancel("t") is True  # idempotent
+    assert owner.cancel_requested("t")
+    owner.claim("done")
+    owner.append("done", final())
+    assert other.request_cancel("done") is False
+    assert not owner.cancel_requested("done")
+
+
+def test_recover_orphans(tmp_path: Path) -> None:
+    clock = FakeClock()
+    owner = TaskLog(tmp_path, "owner", lease_seconds=30, clock=clock)
+    rescuer = TaskLog(tmp_path, "rescuer", lease_seconds=30, clock=clock)
+    for task in ("dead", "live", "finished"):
+        owner.claim(task)
+        owner.append(task, ev(0))
+    owner.append("finished", final())
+    clock.t += 20
+    owner.renew(["live"])  # "dead" is no longer renewed: its owner crashed
+    assert rescuer.recover_orphans(now=clock.t + 5) == []  # 25 s: not yet expired
+    assert rescuer.recover_orphans(now=clock.t + 15) == ["dead"]
+    events = rescuer.read("dead")
+    assert [e["type"] for _, e in events] == ["progress", FINAL_TYPE]
+    data = events[-1][1]["data"]
+    assert data["status"] == "error" and data["task_id"] == "dead"
+    assert data["prompt_id"] is None and data["seeds"] == {} and data["results"] == []
+    assert data["error"]["type"] == "task_lost" and data["error"]["node_errors"] == {}
+    assert data["error"]["message"].startswith(
+        "the instance running this task stopped (lease expired)")
+    assert not rescuer.is_final("live")
+    # Running again changes nothing; the late owner's final is refused.
+    assert rescuer.recover_orphans(now=clock.t + 15) == []
+    assert owner.append("dead", final()) == 2
+    assert len(rescuer.read("dead")) == 2
+
+
+def test_release_without_final_is_recovered(tmp_path: Path) -> None:
+    clock = FakeClock()
+    tl = TaskLog(tmp_path, "i1", lease_seconds=30, clock=clock)
+    tl.claim("gave-up")
+    tl.claim("done")
+    tl.append("done", final())
+    tl.release("done")
+    tl.release("gave-up")
+    assert tl.recover_orphans(now=clock.t) == ["gave-up"]
+    assert tl.is_final("gave-up")
+
+
+def test_two_instances_recover_same_orphan(tmp_path: Path) -> None:
+    clock = FakeClock()
+    TaskLog(tmp_path, "owner", lease_seconds=30, clock=clock).claim("t")
+    logs = [TaskLog(tmp_path, f"r{i}", lease_seconds=30, clock=clock) for i in range(4)]
+    later = clock.t + 31
+    results = run_threads(4, lambda i: logs[i].recover_orphans(now=later))
+    assert sorted(t for r in results for t in r) == ["t"]
+    events = logs[0].read("t")
+    assert len(events) == 1 and events[0][1]["data"]["error"]["type"] == "task_lost"
+
+
+def test_final_without_marker_stays_hidden_until_recovered(tmp_path: Path) -> None:
+    clock = FakeClock()
+    tl = TaskLog(tmp_path, "i1", lease_seconds=30, clock=clock)
+    tl.claim("t")
+    tl.append("t", ev(0))
+    # The owner died between publishing its final event and the marker.
+    (tmp_path / "t" / "00000002.json").write_text('{"type": "serverless_api", "data": {}}')
+    assert [s for s, _ in tl.read("t")] == [1]
+    assert not tl.is_final("t")
+    assert tl.recover_orphans(now=clock.t + 31) == ["t"]
+    events = tl.read("t")
+    assert [s for s, _ in events] == [1, 3]
+    assert events[-1][1]["data"]["error"]["type"] == "task_lost"
