@@ -160,7 +160,10 @@ class OssStore:
         kw: dict[str, Any] = {"session": self._session, "region": region}
         if timeout is not None:
             kw["connect_timeout"] = timeout
-        return oss2.Bucket(auth, _url(endpoint), name, **kw)
+        try:
+            return oss2.Bucket(auth, _url(endpoint), name, **kw)
+        except oss2.exceptions.ClientError as e:  # e.g. an invalid bucket name
+            raise StorageError(f"oss://{name} at {endpoint}: {_describe(e)}") from e
 
     # --- operations -----------------------------------------------------------
     async def upload(self, path: Path, content_type: str | None = None,

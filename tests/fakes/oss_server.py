@@ -86,6 +86,7 @@ class FakeOss:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._endpoint: str | None = None
 
     # --- lifecycle ------------------------------------------------------------
     def start(self) -> str:
@@ -99,17 +100,18 @@ class FakeOss:
         self._server.daemon_threads = True
         # serve_forever is listening as soon as the socket is bound above, so
         # the endpoint is usable when start() returns.
-        self._thread = threading.Thread(target=self._server.serve_forever,
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         name="fake-oss", daemon=True)
         self._thread.start()
-        return self.endpoint
+        self._endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._endpoint
 
     @property
     def endpoint(self) -> str:
-        """``http://127.0.0.1:PORT`` of the running server."""
-        if self._server is None:
-            raise RuntimeError("FakeOss is not started")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        """``http://127.0.0.1:PORT`` of the server (kept after stop())."""
+        if self._endpoint is None:
+            raise RuntimeError("FakeOss was never started")
+        return self._endpoint
 
     def stop(self) -> None:
         """Stop serving and close the socket."""

@@ -1,0 +1,348 @@
+"""Image inputs: file names in the input folder, http(s) URLs, ``oss://`` objects
+and inline base64, turned into a file name LoadImage can open.
+
+Everything that arrives as bytes is checked to be a real, reasonably sized
+image and stored under a content-hash name in ``<input>/serverless/``. URL
+fetching refuses private, loopback, link-local and metadata addresses unless
+the allowlist admits them; the check runs after DNS resolution and on every
+redirect, and the connection goes to the address that was checked, so a DNS
+answer that changes between check and connect (rebinding) cannot slip by.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import socket
+import tempfile
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+from urllib.parse import urljoin, urlsplit
+
+import anyio
+import anyio.to_thread
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from .config import Settings
+from .errors import ImageInputError, InputPathInvalid, StorageError
+
+if TYPE_CHECKING:
+    from .storage import Credentials, OssStore
+
+__all__ = ["ImageFetcher", "is_remote_or_inline", "SUBFOLDER"]
+
+logger = logging.getLogger(__name__)
+
+#: Sub-folder of the input folder that materialised images go to.
+SUBFOLDER = "serverless"
+
+_IP = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+_Net = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+# Formats LoadImage handles. Restricting Image.open to them keeps Pillow away
+# from plugins that shell out or parse exotic containers (EPS runs Ghostscript).
+_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
+_EXT = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tiff"}
+# Leading base64 characters of PNG, JPEG, WebP (RIFF), GIF.
+_B64_MAGIC = ("iVBORw0KGgo", "/9j/", "UklGR", "R0lGOD")
+_B64_CHARS = re.compile(r"[A-Za-z0-9+/=\s]+")
+_DATA_URI = re.compile(r"data:([^,]*),(.*)", re.DOTALL | re.IGNORECASE)
+_METADATA = {ipaddress.ip_address(a) for a in ("169.254.169.254", "100.100.100.200",
+                                               "fd00:ec2::254")}
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_REDIRECTS = {301, 302, 303, 307, 308}
+_CHUNK = 64 * 1024
+
+
+def is_remote_or_inline(value: str) -> bool:
+    """True when ``value`` is an http(s)/oss URL, a data URI or raw base64 image
+    bytes, i.e. something :meth:`ImageFetcher.materialise` turns into a file."""
+    head = value[:16].lower()
+    return head.startswith(("http://", "https://", "oss://", "data:")) or _looks_base64(value)
+
+
+def _looks_base64(value: str) -> bool:
+    if not value.startswith(_B64_MAGIC):
+        return False
+    # A long value with an image signature is base64 even when corrupted (so it
+    # gets a base64 error, not "no such file"); a short one only if it is clean.
+    return len(value) >= 64 or _B64_CHARS.fullmatch(value) is not None
+
+
+def _why_refused(ip: _IP) -> str | None:
+    """Why an address may not be fetched from by default (None: public)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip in _METADATA:
+        return "a cloud metadata address"
+    if ip.version == 4 and ip in _CGNAT:
+        return "a carrier-grade NAT (100.64/10) address"
+    # Most specific first: Python counts 0.0.0.0/8 and 240/4 as "private" too.
+    for attr, what in (("is_unspecified", "unspecified"), ("is_loopback", "loopback"),
+                       ("is_link_local", "link-local"), ("is_multicast", "multicast"),
+                       ("is_reserved", "reserved"), ("is_private", "private")):
+        if getattr(ip, attr):
+            return f"a {what} address"
+    if not ip.is_global:
+        return "a non-public address"
+    return None
+
+
+class ImageFetcher:
+    """Turns an image input value into a file name inside ``input_dir``.
+
+    ``store`` reads ``oss://`` inputs; without one they are refused.
+    """
+
+    def __init__(self, settings: Settings, input_dir: Path,
+                 store: "OssStore | None" = None) -> None:
+        self.settings = settings
+        self.input_dir = Path(input_dir).resolve()
+        self.store = store
+        self._allow_hosts: set[str] = set()
+        self._allow_nets: list[_Net] = []
+        for entry in settings.url_allowlist:
+            try:
+                self._allow_nets.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError:
+                self._allow_hosts.add(entry.strip().lower().rstrip("."))
+
+    async def materialise(self, value: str, credentials: "Credentials | None" = None) -> str:
+        """Return the string to put in the workflow's ``image`` input.
+
+        File names are checked and returned unchanged; URLs, ``oss://`` and
+        base64 are fetched or decoded, verified and written to
+        ``serverless/<sha256>.<ext>``, which is returned.
+        """
+        head = value[:16].lower()
+        if head.startswith(("http://", "https://")):
+            data = await self._fetch_url(value)
+        elif head.startswith("oss://"):
+            data = await self._fetch_oss(value, credentials)
+        elif head.startswith("data:"):
+            data = self._decode_data_uri(value)
+        elif _looks_base64(value):
+            data = self._decode_base64(value.strip(), "base64 image")
+        else:
+            await anyio.to_thread.run_sync(self._check_name, value)
+            return value
+        return await anyio.to_thread.run_sync(self._store, data, _describe(value))
+
+    # --- file names -----------------------------------------------------------
+    def _check_name(self, value: str) -> None:
+        name = value
+        if name.endswith(" [input]"):
+            name = name[: -len(" [input]")]
+        elif name.endswith((" [output]", " [temp]")):
+            raise InputPathInvalid(f"{value!r}: only files in the input folder may be used")
+        if not name.strip() or "\x00" in name:
+            raise InputPathInvalid(f"{value!r} is not a valid file name")
+        if os.path.isabs(name) or name.startswith("~"):
+            raise InputPathInvalid(f"{value!r}: absolute paths are not allowed")
+        if ".." in Path(name).parts:
+            raise InputPathInvalid(f"{value!r}: '..' may not leave the input folder")
+        path = (self.input_dir / name).resolve()
+        if not path.is_relative_to(self.input_dir):
+            raise InputPathInvalid(f"{value!r} points outside the input folder")
+        if not path.is_file():
+            raise InputPathInvalid(f"{value!r}: no such file in the input folder")
+
+    # --- inline bytes -----------------------------------------------------------
+    def _decode_base64(self, text: str, what: str) -> bytes:
+        text = re.sub(r"\s+", "", text)
+        # Refuse before decoding: base64 is 4 characters per 3 bytes.
+        if len(text) // 4 * 3 > self.settings.max_image_bytes:
+            raise ImageInputError(f"{what} is over the {self.settings.max_image_bytes} byte limit")
+        text += "=" * (-len(text) % 4)  # many clients drop the padding
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ImageInputError(f"{what} is not valid base64: {e}") from None
+
+    def _decode_data_uri(self, value: str) -> bytes:
+        m = _DATA_URI.fullmatch(value)
+        if not m or "base64" not in [p.strip().lower() for p in m.group(1).split(";")]:
+            raise ImageInputError("data URI must be of the form data:image/<type>;base64,<data>")
+        return self._decode_base64(m.group(2), "data URI")
+
+    # --- oss:// ------------------------------------------------------------------
+    async def _fetch_oss(self, value: str, credentials: "Credentials | None") -> bytes:
+        netloc, _, key = value[len("oss://"):].partition("/")
+        if not netloc or not key:
+            raise ImageInputError(f"{value}: expected oss://bucket[.endpoint]/key")
+        if self.store is None:
+            raise ImageInputError(f"{value}: object storage is not configured")
+        bucket, _, host = netloc.partition(".")
+        endpoint: str | None = None
+        if host:
+            host = host.lower()
+            configured = self.settings.oss_endpoint
+            conf_host = (urlsplit(configured if "://" in configured else "//" + configured)
+                         .netloc.lower() if configured else None)
+            allowed = {h.lower() for h in self.settings.oss_endpoint_allowlist}
+            if host == conf_host:
+                endpoint = configured
+            elif host in allowed:
+                endpoint = "https://" + host
+            else:
+                # Credentials are sent to the endpoint: never to an arbitrary host.
+                raise ImageInputError(f"{value}: endpoint {host} is not the configured one "
+                                      "nor in COMFY_EMBED_OSS_ENDPOINT_ALLOWLIST")
+        try:
+            return await self.store.get_object(bucket, endpoint, key, credentials,
+                                               max_bytes=self.settings.max_image_bytes)
+        except StorageError as e:
+            raise ImageInputError(f"cannot read {value}: {e.message}") from e
+
+    # --- http(s) -----------------------------------------------------------------
+    async def _fetch_url(self, url: str) -> bytes:
+        timeout = self.settings.fetch_timeout
+        try:
+            with anyio.fail_after(timeout):
+                async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
+                                             timeout=timeout) as client:
+                    return await self._follow(client, url)
+        except TimeoutError:
+            raise ImageInputError(f"{url}: timed out after {timeout:g}s") from None
+        except httpx.TimeoutException:
+            raise ImageInputError(f"{url}: timed out after {timeout:g}s") from None
+        except httpx.HTTPError as e:
+            raise ImageInputError(f"{url}: cannot fetch: {e or type(e).__name__}") from e
+
+    async def _follow(self, client: httpx.AsyncClient, url: str) -> bytes:
+        first = url
+        for _ in range(self.settings.max_redirects + 1):
+            target, host, ip = await self._checked_target(url)
+            # Connect to the checked address; Host and TLS SNI/certificate
+            # checks still use the name from the URL.
+            request = client.build_request(
+                "GET", target.copy_with(host=str(ip)),
+                headers={"Host": target.netloc.decode("ascii"), "Accept": "image/*"},
+                extensions={"sni_hostname": host})
+            response = await client.send(request, stream=True)
+            try:
+                if response.status_code in _REDIRECTS and "location" in response.headers:
+                    url = urljoin(url, response.headers["location"])
+                    logger.debug("image URL %s redirects to %s", first, url)
+                    continue
+                if response.status_code != 200:
+                    raise ImageInputError(f"{url}: HTTP {response.status_code}")
+                return await self._read_capped(response, url)
+            finally:
+                await response.aclose()
+        raise ImageInputError(f"{first}: more than {self.settings.max_redirects} redirects")
+
+    async def _checked_target(self, url: str) -> tuple[httpx.URL, str, _IP]:
+        """Parse ``url``, resolve its host and check every address it resolves to."""
+        try:
+            target = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError) as e:
+            raise ImageInputError(f"{url}: invalid URL ({e})") from None
+        if target.scheme not in ("http", "https") or not target.host:
+            raise ImageInputError(f"{url}: only http and https URLs can be fetched")
+        if target.userinfo:
+            raise ImageInputError(f"{url}: URLs with credentials are not supported")
+        host = target.host
+        port = target.port or (443 if target.scheme == "https" else 80)
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, OSError, UnicodeError) as e:
+            raise ImageInputError(f"{url}: cannot resolve host {host} ({e})") from None
+        addresses: list[_IP] = []
+        for info in infos:
+            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+            if ip not in addresses:
+                addresses.append(ip)
+        if not addresses:
+            raise ImageInputError(f"{url}: host {host} has no address")
+        if host.lower().rstrip(".") not in self._allow_hosts:
+            # Every address must pass: a name resolving to one public and one
+            # internal address could otherwise be steered to the internal one.
+            for ip in addresses:
+                why = _why_refused(ip)
+                if why and not any(ip in net for net in self._allow_nets):
+                    raise ImageInputError(
+                        f"{url}: refused, {host} resolves to {ip}, {why} "
+                        "(COMFY_EMBED_URL_ALLOWLIST can admit it)")
+        return target, host, addresses[0]
+
+    async def _read_capped(self, response: httpx.Response, url: str) -> bytes:
+        cap = self.settings.max_image_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise ImageInputError(f"{url}: {declared} bytes is over the {cap} byte limit")
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in response.aiter_bytes(_CHUNK):
+            total += len(chunk)
+            if total > cap:  # the body may be longer than declared, or undeclared
+                raise ImageInputError(f"{url}: over the {cap} byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # --- verification and storage ----------------------------------------------
+    def _store(self, data: bytes, source: str) -> str:
+        """Verify ``data`` is an image and write it under its hash (in a thread)."""
+        ext = self._verify(data, source)
+        name = f"{hashlib.sha256(data).hexdigest()}.{ext}"
+        folder = self.input_dir / SUBFOLDER
+        final = folder / name
+        if not final.exists():  # content-addressed: same name, same bytes
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="." + ext)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, final)  # readers never see a half-written file
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        logger.debug("materialised %s as %s/%s", source, SUBFOLDER, name)
+        return f"{SUBFOLDER}/{name}"
+
+    def _verify(self, data: bytes, source: str) -> str:
+        """Return the file extension for ``data``, or raise if it is not a usable image."""
+        limit = self.settings.max_image_pixels
+        try:
+            # Image.open reads only the header, so the size check comes before
+            # any pixel is decoded. Pillow's own bomb check (Image.MAX_IMAGE_PIXELS)
+            # is process-wide and left alone; its error/warning is caught below.
+            with Image.open(BytesIO(data), formats=_FORMATS) as im:
+                width, height = im.size
+                frames = getattr(im, "n_frames", 1)
+                fmt = im.format or ""
+                # LoadImage decodes every frame, so all of them count.
+                if width * height * frames > limit:
+                    raise ImageInputError(
+                        f"{source}: image of {width}x{height}"
+                        + (f"x{frames} frames" if frames > 1 else "")
+                        + f" is over the {limit} pixel limit")
+                im.verify()
+            with Image.open(BytesIO(data), formats=_FORMATS) as im:
+                im.load()
+        except ImageInputError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageInputError(f"{source}: refused as a decompression bomb ({e})") from None
+        except UnidentifiedImageError:
+            raise ImageInputError(f"{source}: not an image (or an unsupported format; "
+                                  f"supported: {', '.join(_FORMATS)})") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageInputError(f"{source}: broken image data ({e})") from None
+        return _EXT.get(fmt, fmt.lower())
+
+
+def _describe(value: str) -> str:
+    """A short name for an input value in error messages (no megabytes of base64)."""
+    if value[:16].lower().startswith(("http://", "https://", "oss://")):
+        return value if len(value) <= 300 else value[:300] + "..."
+    if value[:5].lower() == "data:":
+        return "data URI"
+    return "base64 image"

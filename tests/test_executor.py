@@ -1,0 +1,121 @@
+"""Thread and queue mechanics of the executor, with a fake backend (the
+only place a fake stands in for ComfyUI)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from comfy_embed._comfy import Outcome, Sink
+from comfy_embed.errors import QueueFull
+from comfy_embed.executor import Executor, Job
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.interrupted = threading.Event()
+        self.order: list[str] = []
+
+    def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str],
+                sink: Sink) -> Outcome:
+        self.order.append(prompt_id)
+        sink("execution_start", {"prompt_id": prompt_id})
+        if prompt.get("raise"):
+            raise RuntimeError("backend exploded")
+        if prompt.get("block"):
+            self.started.set()
+            while not self.gate.wait(0.01):
+                if self.interrupted.is_set():
+                    self.interrupted.clear()
+                    return Outcome(False, True, {}, {"prompt_id": prompt_id, "node_id": "1"})
+        return Outcome(True, False, {"1": {"images": []}})
+
+    def interrupt(self) -> None:
+        self.interrupted.set()
+
+
+def make_job(pid: str, done: dict[str, Outcome], events: list[tuple[str, str]],
+             **prompt: Any) -> Job:
+    finished = threading.Event()
+
+    def on_done(o: Outcome) -> None:
+        done[pid] = o
+        finished.set()
+
+    job = Job(prompt_id=pid, prompt=prompt, outputs=["1"],
+              emit=lambda t, d: events.append((pid, t)), on_done=on_done)
+    job.finished = finished  # type: ignore[attr-defined]
+    return job
+
+
+@pytest.fixture
+def setup() -> Any:
+    backend = FakeBackend()
+    ex = Executor(lambda: backend, max_queue=2)
+    ex.start()
+    ex.wait_ready(5)
+    yield ex, backend
+    backend.gate.set()
+    ex.close(timeout=5)
+
+
+def test_fifo_and_events(setup: Any) -> None:
+    ex, backend = setup
+    ex.max_queue = 8
+    done: dict[str, Outcome] = {}
+    events: list[tuple[str, str]] = []
+    jobs = [make_job(p, done, events) for p in "abc"]
+    for j in jobs[:2]:
+        ex.submit(j)
+    ex.submit(jobs[2])
+    for j in jobs:
+        assert j.finished.wait(5)
+    assert backend.order == ["a", "b", "c"]
+    assert [e for e in events if e[1] == "execution_start"] == [(p, "execution_start") for p in "abc"]
+    assert all(done[p].success for p in "abc")
+
+
+def test_queue_bound_cancel_and_crash(setup: Any) -> None:
+    ex, backend = setup
+    done: dict[str, Outcome] = {}
+    events: list[tuple[str, str]] = []
+    running = make_job("run", done, events, block=True)
+    ex.submit(running)
+    assert backend.started.wait(5)
+    q1, q2 = make_job("q1", done, events), make_job("q2", done, events, **{"raise": True})
+    ex.submit(q1)
+    ex.submit(q2)
+    with pytest.raises(QueueFull):
+        ex.submit(make_job("q3", done, events))
+    assert ex.queue_remaining == 3
+    # Cancel a queued job: it ends at once, never reaching the backend.
+    assert ex.cancel("q1")
+    assert q1.finished.wait(1) and done["q1"].interrupted
+    assert ex.cancel("nope") is False
+    # Cancel the running one: interrupted through the backend.
+    assert ex.cancel("run")
+    assert running.finished.wait(5) and done["run"].interrupted
+    # A backend that raises fails that job only.
+    assert q2.finished.wait(5) and not done["q2"].success
+    assert "backend exploded" in done["q2"].error["exception_message"]
+    after = make_job("after", done, events)
+    ex.submit(after)
+    assert after.finished.wait(5) and done["after"].success
+    assert "q1" not in backend.order
+
+
+def test_boot_failure_is_reported() -> None:
+    def boom() -> Any:
+        raise RuntimeError("no GPU today")
+
+    ex = Executor(boom)
+    ex.start()
+    with pytest.raises(RuntimeError, match="no GPU today"):
+        ex.wait_ready(5)
+    fut = ex.call(lambda b: 1)
+    with pytest.raises(Exception):
+        fut.result(1)
