@@ -178,24 +178,34 @@ def test_concurrent_thread_appends(tmp_path: Path) -> None:
     assert got == sorted((i, n) for i in range(8) for n in range(40))
 
 
-def _process_writer(root: str, name: str, barrier: Any, count: int) -> None:
-    tl = TaskLog(Path(root), name)
-    barrier.wait(TIMEOUT)
-    for n in range(count):
-        tl.append("t", ev(n, writer=name))
+# A separate interpreter, not multiprocessing: spawn would copy this process's
+# sys.path, where ComfyUI (booted by other tests) has put its own `tests`
+# package ahead of ours.
+_WRITER = """
+import sys, time
+from pathlib import Path
+from comfy_embed.tasklog import TaskLog
+root, name, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+tl = TaskLog(Path(root), name)
+deadline = time.monotonic() + 60
+while not go.exists() and time.monotonic() < deadline:
+    time.sleep(0.001)
+for n in range(count):
+    tl.append("t", {"type": "progress", "data": {"value": n, "writer": name}})
+"""
 
 
 def test_concurrent_process_appends(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     TaskLog(tmp_path, "lead").claim("t")
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_process_writer, args=(str(tmp_path), f"p{i}", barrier, 150))
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), f"p{i}", "150", str(go)])
              for i in range(2)]
+    go.write_text("")  # both start appending at about the same moment
     for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT)
-        assert p.exitcode == 0
+        assert p.wait(TIMEOUT) == 0
     events = TaskLog(tmp_path, "reader").read("t")
     assert_consistent(events, 300)
     got = sorted((e["data"]["writer"], e["data"]["value"]) for _, e in events)
