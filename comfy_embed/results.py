@@ -62,14 +62,43 @@ def collect_files(outputs: dict[str, Any], directory_of: Callable[[str], Path]) 
     return files
 
 
+#: ``output_format`` values and the Pillow format / extension they give.
+FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "jpg": ("JPEG", "jpg"),
+           "webp": ("WEBP", "webp")}
+
+
+def reencode(f: OutputFile, output_format: str, quality: int | None) -> OutputFile:
+    """A copy of a still image in another format, beside the original.
+    Animations, video and audio are left as they are."""
+    from PIL import Image
+
+    pil_format, ext = FORMATS[output_format]
+    if f.path.suffix.lower().lstrip(".") == ext or not f.media_type.startswith("image/"):
+        return f
+    with Image.open(f.path) as im:
+        if getattr(im, "is_animated", False):
+            return f
+        im.load()
+        if pil_format == "JPEG" and im.mode not in ("RGB", "L"):
+            im = im.convert("RGB")
+        target = f.path.with_suffix("." + ext)
+        options = {"quality": quality} if quality and pil_format != "PNG" else {}
+        im.save(target, pil_format, **options)
+    return OutputFile(f.node_id, f.index, target.name, f.subfolder, f.type, f.dir)
+
+
 def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 async def render_results(files: list[OutputFile], *, output_base64: bool = False,
-                         store: Uploader | None = None, credentials: Any = None) -> list[dict[str, Any]]:
+                         store: Uploader | None = None, credentials: Any = None,
+                         output_format: str | None = None, quality: int | None = None
+                         ) -> list[dict[str, Any]]:
     """The API's ``results`` entries; uploads run concurrently. Raises
     StorageError if any upload fails: no result is reported half-uploaded."""
+    if output_format:
+        files = [await anyio.to_thread.run_sync(reencode, f, output_format, quality) for f in files]
     entries: list[dict[str, Any]] = []
     for f in files:
         out: dict[str, Any] = {"comfy": {"filename": f.filename, "type": f.type,

@@ -29,7 +29,7 @@ from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccep
                      RunTimeout, StorageError, TaskCancelled, WorkflowInvalid)
 from .events import FINAL, event, final_event, status_event
 from .executor import Executor, Job
-from .results import collect_files, render_results
+from .results import FORMATS, collect_files, render_results
 from .workflow import (image_inputs, isolate_outputs, parse_workflow, randomize_seeds,
                        valid_task_id)
 
@@ -46,7 +46,8 @@ class Task:
     """One submitted workflow: its events so far and, at the end, its result."""
 
     def __init__(self, engine: "Engine", task_id: str, prompt_id: str, seeds: dict[str, int],
-                 *, output_base64: bool, output_oss: bool, credentials: Any) -> None:
+                 *, output_base64: bool, output_oss: bool, credentials: Any,
+                 output_format: str | None = None, quality: int | None = None) -> None:
         self.engine = engine
         self.task_id = task_id
         self.prompt_id = prompt_id
@@ -58,7 +59,7 @@ class Task:
         self.state = "queued"
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
-        self._options = (output_base64, output_oss, credentials)
+        self._options = (output_base64, output_oss, credentials, output_format, quality)
         self._timeout_handle: asyncio.TimerHandle | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -172,12 +173,13 @@ class Task:
             self._fail(ExecutionFailed(f"could not assemble the result: {e}"))
 
     async def _render(self, outcome: Outcome) -> list[dict[str, Any]]:
-        output_base64, output_oss, credentials = self._options
+        output_base64, output_oss, credentials, output_format, quality = self._options
         comfy = self.engine.comfy
         files = collect_files(outcome.outputs, comfy.directory_of)
         store = self.engine.store() if output_oss else None
         return await render_results(files, output_base64=output_base64, store=store,
-                                    credentials=credentials)
+                                    credentials=credentials, output_format=output_format,
+                                    quality=quality)
 
 
 def _outcome_error(outcome: Outcome, timeout: float | None) -> ComfyEmbedError:
@@ -292,7 +294,8 @@ class Engine:
 
     async def submit(self, graph: Any, *, task_id: str | None = None,
                      output_base64: bool = False, output_oss: bool = False,
-                     credentials: Any = None) -> Task:
+                     credentials: Any = None, output_format: str | None = None,
+                     quality: int | None = None) -> Task:
         """Check, rewrite and validate a workflow, then queue it.
 
         Raises WorkflowInvalid / ImageInputError / QueueFull / NotAccepting
@@ -309,6 +312,13 @@ class Engine:
         existing = self._tasks.get(task_id)
         if existing is not None:
             return existing
+        if output_format is not None and output_format not in FORMATS:
+            raise WorkflowInvalid(f"output_format must be one of png, jpeg, webp; got {output_format!r}",
+                                  type="invalid_output_format")
+        if quality is not None and not 1 <= quality <= 100:
+            raise WorkflowInvalid(f"quality must be 1-100; got {quality}", type="invalid_output_format")
+        if output_oss:
+            self.store().check()  # a missing setting fails now, before the run
         comfy = self.comfy
         prompt = parse_workflow(copy.deepcopy(graph) if isinstance(graph, dict) else graph)
         seeds = randomize_seeds(prompt, comfy.input_specs)
@@ -319,7 +329,8 @@ class Engine:
         if task_id in self._tasks:  # the same id raced us through validation
             return self._tasks[task_id]
         task = Task(self, task_id, prompt_id, seeds, output_base64=output_base64,
-                    output_oss=output_oss, credentials=credentials)
+                    output_oss=output_oss, credentials=credentials,
+                    output_format=output_format, quality=quality)
         job = Job(prompt_id=prompt_id, prompt=checked, outputs=outputs, task_id=task_id,
                   emit=task._from_executor, on_done=task._on_done, on_start=task._on_start)
         ahead = self.executor.submit(job)  # QueueFull propagates: nothing queued

@@ -86,11 +86,11 @@ class TaskService:
         self._writers: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------- running
-    async def start(self, body: Any, *, task_id: str | None = None, output_base64: bool = False,
-                    output_oss: bool = False, credentials: Any = None) -> Handle:
+    async def start(self, body: Any, *, task_id: str | None = None, **options: Any) -> Handle:
         """Start a task, or attach to it if this task id exists already (a
         retry: it never runs twice). Errors before queueing come back in
-        ``Handle.error`` with a final event in the log."""
+        ``Handle.error`` with a final event in the log. ``options`` are
+        :meth:`Engine.submit`'s (output flags, credentials)."""
         task_id = task_id or uuid.uuid4().hex
         if not valid_task_id(task_id):
             return Handle(self, task_id, error=WorkflowInvalid(
@@ -104,8 +104,7 @@ class TaskService:
         if not await anyio.to_thread.run_sync(self.tasklog.claim, task_id):
             return Handle(self, task_id)  # known task: answer from the log
         try:
-            task = await self.engine.submit(body, task_id=task_id, output_base64=output_base64,
-                                            output_oss=output_oss, credentials=credentials)
+            task = await self.engine.submit(body, task_id=task_id, **options)
         except (QueueFull, NotAccepting) as e:
             # Not accepted: forget the claim so that a retry can run it.
             await anyio.to_thread.run_sync(self.tasklog.discard, task_id)

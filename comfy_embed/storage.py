@@ -117,6 +117,15 @@ class OssStore:
         self._session = oss2.Session()
 
     # --- configuration --------------------------------------------------------
+    def check(self) -> None:
+        """Raise StorageError naming the missing setting, before any work."""
+        if not self.settings.oss_bucket:
+            raise StorageError("object storage bucket is not configured: set COMFY_EMBED_OSS_BUCKET")
+        endpoint = self._endpoint()
+        if self.settings.oss_sign_v4 and not self.region(endpoint):
+            raise StorageError(f"V4 signing needs a region: set COMFY_EMBED_OSS_REGION "
+                               f"(endpoint {endpoint} names none)")
+
     def credentials(self, credentials: Credentials | None = None) -> Credentials:
         """The first complete credentials of: ``OSS_*`` variables,
         ``ALIBABA_CLOUD_*`` variables, then the per-request ``credentials``."""

@@ -25,7 +25,7 @@ def free_port() -> int:
 class Server:
     """``python server.py`` with COMFY_EMBED_* settings; waits for /ready."""
 
-    def __init__(self, base: Path, **env: Any) -> None:
+    def __init__(self, base: Path, raw_env: dict[str, str] | None = None, **env: Any) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/api/serverless/ws"
@@ -36,6 +36,7 @@ class Server:
                 "COMFY_EMBED_DEVICE": "cpu",
                 "COMFY_EMBED_CACHE_DIR": str(Path.home() / ".cache" / "comfy-embed")}
         full.update({f"COMFY_EMBED_{k.upper()}": str(v) for k, v in env.items()})
+        full.update(raw_env or {})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "server.py"], cwd=ROOT, env=full,
                                      stdout=self._log, stderr=subprocess.STDOUT,

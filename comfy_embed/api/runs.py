@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Mapping
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -16,7 +16,7 @@ from ..storage import credentials_from_headers
 from .body import flag, read_limited
 from .status_codes import status_for, status_for_event
 
-__all__ = ["run", "status", "cancel", "dumps", "error_headers"]
+__all__ = ["run", "status", "cancel", "dumps", "error_headers", "run_options"]
 
 
 def dumps(ev: Any) -> str:
@@ -49,6 +49,16 @@ async def _sse(handle: Handle, since: int) -> AsyncIterator[str]:
         yield f"id: {seq}\ndata: {dumps(ev)}\n\n"
 
 
+def run_options(query: Mapping[str, str], headers: Mapping[str, str]) -> dict[str, Any]:
+    """The output flags of a run, from the query string and headers."""
+    quality = query.get("quality", "")
+    return {"output_base64": flag(query.get("output_base64")),
+            "output_oss": flag(query.get("output_oss")),
+            "output_format": (query.get("output_format") or "").lower() or None,
+            "quality": int(quality) if quality.isdigit() else None,
+            "credentials": credentials_from_headers(headers)}
+
+
 def _since(request: Request) -> int:
     raw = request.headers.get("last-event-id") or request.query_params.get("since") or "0"
     return int(raw) if raw.isdigit() else 0
@@ -65,9 +75,7 @@ async def run(request: Request) -> Response:
         body = await read_limited(request, settings.max_body_bytes)
     except PayloadTooLarge as e:
         return _error_answer(e, task_id, stream)
-    handle = await service.start(body, task_id=task_id, output_base64=flag(q.get("output_base64")),
-                                 output_oss=flag(q.get("output_oss")),
-                                 credentials=credentials_from_headers(request.headers))
+    handle = await service.start(body, task_id=task_id, **run_options(q, request.headers))
     if handle.error is not None:
         return _error_answer(handle.error, task_id, stream)
     headers = {"X-Task-Id": task_id}

@@ -11,9 +11,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ..errors import ComfyEmbedError, WorkflowInvalid
 from ..events import final_event
 from ..service import Handle, TaskService
-from ..storage import credentials_from_headers
-from .body import flag
-from .runs import dumps
+from .runs import dumps, run_options
 
 __all__ = ["serverless_ws"]
 
@@ -30,8 +28,7 @@ async def _send_error(ws: WebSocket, task_id: str, error: ComfyEmbedError) -> No
 async def serverless_ws(ws: WebSocket) -> None:
     service: TaskService = ws.app.state.service
     q = ws.query_params
-    opts = {"output_base64": flag(q.get("output_base64")), "output_oss": flag(q.get("output_oss")),
-            "credentials": credentials_from_headers(ws.headers)}
+    opts = run_options(q, ws.headers)
     await ws.accept()
     try:
         resume = q.get("task_id")
