@@ -268,3 +268,19 @@ def test_pre_stop_drains(tmp_path: Path) -> None:
         assert refused.status_code == 503 and "Retry-After" in refused.headers
     finally:
         s.stop()
+
+
+def test_run_timeout_async_inline_and_initialize(tmp_path: Path) -> None:
+    s = Server(tmp_path / "inline", run_timeout=2, async_inline=1)
+    try:
+        s.wait_ready()
+        assert requests.post(f"{s.url}/initialize", timeout=60).status_code == 200
+        # The platform queues async calls itself: run inline, answer when done.
+        r = s.run(image_only(), headers={"X-Fc-Invocation-Type": "Async"})
+        assert r.status_code == 200 and r.json()["data"]["status"] == "success"
+        slow = s.run(text_to_image(steps=5000, seed=2))
+        assert slow.status_code == 504, slow.text
+        assert slow.json()["data"]["error"]["type"] == "run_timeout"
+        assert_serves(s)
+    finally:
+        s.stop()

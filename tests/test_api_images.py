@@ -62,7 +62,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, oss: FakeOss) -> Iterator[S
 
 def first_pixel(result: dict[str, Any]) -> list[int]:
     c = result["output"]["comfy"]
-    return list(Image.open(Path(c["dir"], c["subfolder"], c["filename"])).convert("RGB").getpixel((0, 0)))
+    with Image.open(Path(c["dir"], c["subfolder"], c["filename"])) as im:
+        return list(im.convert("RGB").getpixel((0, 0)))
 
 
 def ok(r: requests.Response) -> dict[str, Any]:

@@ -28,7 +28,8 @@ def files_of(final: dict[str, Any]) -> list[Path]:
 
 
 def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 async def collect(task: Task) -> list[dict[str, Any]]:
@@ -195,3 +196,43 @@ async def test_identical_resubmit_still_reports_existing_files(engine: Engine) -
     second = await engine.run(g)
     assert files_of(first) != files_of(second)
     assert all(p.exists() for p in files_of(first) + files_of(second))
+
+
+async def test_nodes_importing_prompt_server_work(engine: Engine) -> None:
+    # GetImageSize does `from server import PromptServer` and reports text
+    # through it; ImageCrop lives in the same module.
+    graph = image_only(batch=1, size=32)
+    graph["4"] = {"class_type": "ImageCrop", "inputs": {"image": ["1", 0], "width": 8, "height": 4,
+                                                        "x": 0, "y": 0}}
+    graph["5"] = {"class_type": "GetImageSize", "inputs": {"image": ["4", 0]}}
+    graph["6"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}}
+    graph["7"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "crop", "images": ["4", 0]}}
+    final = await engine.run(graph)
+    crop = [p for p in files_of(final) if p.name.startswith("crop")]
+    assert pixels(crop[0]).shape == (4, 8, 3)
+
+
+async def test_png_metadata_and_animated_output(engine: Engine) -> None:
+    graph = image_only(batch=3, size=16)
+    graph["4"] = {"class_type": "SaveAnimatedWEBP",
+                  "inputs": {"images": ["2", 0], "filename_prefix": "anim", "fps": 6.0,
+                             "lossless": False, "quality": 80, "method": "default"}}
+    final = await engine.run(graph)
+    by_node = {r["node_id"]: r for r in final["data"]["results"]}
+    assert by_node["4"]["output"]["media_type"] == "image/webp"
+    png = files_of(final)[0]
+    with Image.open(png) as im:
+        assert "prompt" in im.info  # the workflow, as native ComfyUI embeds it
+    webp = [p for p in files_of(final) if p.suffix == ".webp"][0]
+    with Image.open(webp) as im:
+        assert im.format == "WEBP" and im.size == (16, 16)
+
+
+def test_run_workflow_blocking(engine: Engine) -> None:
+    from comfy_embed import run_workflow
+
+    result = run_workflow(image_only(batch=1, color=0x102030), output_base64=True)
+    assert result["type"] == "serverless_api" and result["data"]["status"] == "success"
+    assert result["data"]["results"][0]["output"]["base64"]["data"]
+    with pytest.raises(WorkflowInvalid):
+        run_workflow({"1": {"class_type": "Nope", "inputs": {}}})
