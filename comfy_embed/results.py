@@ -78,12 +78,10 @@ def reencode(f: OutputFile, output_format: str, quality: int | None) -> OutputFi
     with Image.open(f.path) as im:
         if getattr(im, "is_animated", False):
             return f
-        im.load()
-        if pil_format == "JPEG" and im.mode not in ("RGB", "L"):
-            im = im.convert("RGB")
+        still = im.convert("RGB") if pil_format == "JPEG" and im.mode not in ("RGB", "L") else im
         target = f.path.with_suffix("." + ext)
         options = {"quality": quality} if quality and pil_format != "PNG" else {}
-        im.save(target, pil_format, **options)
+        still.save(target, pil_format, **options)
     return OutputFile(f.node_id, f.index, target.name, f.subfolder, f.type, f.dir)
 
 
@@ -107,7 +105,7 @@ async def render_results(files: list[OutputFile], *, output_base64: bool = False
         entries.append({"node_id": f.node_id, "index": f.index, "output": out})
 
     jobs: list[Callable[[], Awaitable[None]]] = []
-    for f, entry in zip(files, entries):
+    for f, entry in zip(files, entries, strict=True):
         out = entry["output"]
         if output_base64:
             async def enc(f: OutputFile = f, out: dict[str, Any] = out) -> None:

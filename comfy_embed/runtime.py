@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio
@@ -26,7 +25,7 @@ import anyio
 from ._comfy import Comfy, Outcome
 from .config import Settings
 from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccepting,
-                     RunTimeout, StorageError, TaskCancelled, WorkflowInvalid)
+                     RunTimeout, TaskCancelled, WorkflowInvalid)
 from .events import FINAL, event, final_event, status_event
 from .executor import Executor, Job
 from .results import FORMATS, collect_files, render_results

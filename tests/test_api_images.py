@@ -165,8 +165,8 @@ def test_stream_and_websocket_with_output_flags(server: Server, web: _Web) -> No
     graph = load_graph(f"{web.base}/ok.png")
     with requests.post(f"{server.url}/api/serverless/run?stream=true&output_base64=true",
                        json=graph, stream=True, timeout=60) as r:
-        lines = [json.loads(l[6:]) for l in r.iter_lines(decode_unicode=True)
-                 if l and l.startswith("data: ")]
+        lines = [json.loads(ln[6:]) for ln in r.iter_lines(decode_unicode=True)
+                 if ln and ln.startswith("data: ")]
     assert lines[-1]["data"]["results"][0]["output"]["base64"]["data"]
     ws = websocket.create_connection(server.ws_url + "?output_oss=1", timeout=60)
     try:

@@ -117,5 +117,5 @@ def test_boot_failure_is_reported() -> None:
     with pytest.raises(RuntimeError, match="no GPU today"):
         ex.wait_ready(5)
     fut = ex.call(lambda b: 1)
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="failed to boot"):
         fut.result(1)

@@ -1,0 +1,371 @@
+"""Per-request overhead: four ways to run the same graphs, measured round-robin.
+
+  (a) raw      ComfyUI's PromptExecutor called directly: validate_prompt +
+               execute_async on the loop comfy_embed._comfy boots (no queue,
+               no thread hop, no HTTP, no events), timed inside a child process;
+  (b) library  comfy_embed.run_workflow(graph), timed inside a child process;
+  (c) http     comfy-embed's server (python server.py): POST
+               /api/serverless/run?output_base64=true, image bytes decoded;
+  (d) native   vendor/ComfyUI/main.py --cpu: POST /prompt, wait on /ws for
+               ``executing`` node=null, GET /history/<id>, GET /view per image.
+
+Graphs: ``image512`` (EmptyImage 512x512 -> ImageInvert -> SaveImage) and
+``t2i_tiny`` (the default text-to-image graph on the tiny random-weights
+checkpoint, 64x64, 4 steps). Request i changes the colour / the seed the same
+way on every path, so ComfyUI's cache never answers without work. All four run
+at once (idle between requests); after a warm-up, request i of each graph goes
+to every path in turn (rotating the order), one request at a time, so that a
+slow spell of the machine hits all paths alike.
+
+Then a breakdown of (c): benchmarks/embed_server.py --instrument marks each
+stage of the request path (claim, validate, queue, execute, render, task-log
+persistence, response) on the same clock as the client.
+
+    .venv/bin/python benchmarks/overhead.py [--n 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+PATHS = ("raw", "library", "http", "native")
+
+
+def _graph(name: str, i: int, args: argparse.Namespace) -> dict[str, Any]:
+    if name == "image512":
+        return common.image_graph(i, size=args.image_size)
+    return common.t2i_graph(i, size=args.t2i_size, steps=args.t2i_steps)
+
+
+# ------------------------------------------------------------ child workers
+def _worker(args: argparse.Namespace) -> None:
+    """Boot, then answer one JSON line per graph read on stdin with the
+    seconds the run took in here. ComfyUI prints: the protocol gets its own fd."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    from comfy_embed.config import Settings
+
+    settings = Settings.from_env(base_dir=Path(args.workdir), tiny_checkpoint=True,
+                                 cache_dir=Path(args.cache_dir), device="cpu")
+    info: dict[str, Any] = {}
+    if args.worker == "raw":
+        from comfy_embed._comfy import Comfy
+        from comfy_embed.models import ensure_tiny_checkpoint
+
+        comfy = Comfy.boot(settings)
+        ensure_tiny_checkpoint(comfy, settings)
+        import execution  # ComfyUI's own module, importable once booted
+
+        info["boot_seconds"] = comfy.boot_seconds
+
+        def run(graph: dict[str, Any]) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            pid = str(uuid.uuid4())
+            ok, err, outputs, node_errors = comfy.loop.run_until_complete(
+                execution.validate_prompt(pid, graph, None))
+            if not ok:
+                raise RuntimeError(f"invalid: {err} {node_errors}")
+            t1 = time.perf_counter()
+            ex = comfy.executor
+            comfy.loop.run_until_complete(ex.execute_async(graph, pid, {"client_id": "bench"}, outputs))
+            t2 = time.perf_counter()
+            if not ex.success:
+                raise RuntimeError(f"failed: {ex.status_messages[-1:]}")
+            # Not part of (a): what (c) adds per image on top of the PNG that
+            # SaveImage wrote (read the file, base64 it).
+            enc = 0.0
+            for ui in ex.history_result["outputs"].values():
+                for img in ui.get("images", []):
+                    p = comfy.directory_of(img["type"]) / img["subfolder"] / img["filename"]
+                    t = time.perf_counter()
+                    base64.b64encode(p.read_bytes())
+                    enc += time.perf_counter() - t
+            return {"dt": t2 - t0, "validate": t1 - t0, "execute": t2 - t1, "encode": enc}
+    else:
+        from comfy_embed import run_workflow
+
+        def run(graph: dict[str, Any]) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            final = run_workflow(graph, settings=settings)
+            dt = time.perf_counter() - t0
+            if final["data"]["status"] != "success":
+                raise RuntimeError(final)
+            return {"dt": dt}
+
+        run(common.image_graph(-99, size=8))  # boots ComfyUI
+    proto.write(json.dumps({"ready": True, **info}) + "\n")
+    for line in sys.stdin:
+        try:
+            proto.write(json.dumps(run(json.loads(line))) + "\n")
+        except Exception as e:
+            proto.write(json.dumps({"error": repr(e)}) + "\n")
+
+
+class Worker:
+    """A raw / library child answering one graph per line."""
+
+    def __init__(self, kind: str, args: argparse.Namespace, wd: Path) -> None:
+        self.kind = kind
+        self.log = open(wd / f"{kind}.log", "w")
+        cmd = [common.PYTHON, __file__, "--worker", kind, "--workdir", str(wd / kind),
+               "--cache-dir", str(args.cache_dir)]
+        self.proc = subprocess.Popen(cmd, cwd=common.ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     bufsize=1, start_new_session=True)
+        self.info = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.kind} worker died; see {self.log.name}")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"{self.kind} worker: {out['error']}")
+        return out
+
+    def run(self, graph: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(graph) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def stop(self) -> None:
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.wait(10)
+        except Exception:
+            pass
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(5)
+        self.log.close()
+
+
+# ------------------------------------------------------------- breakdown
+STAGES = [  # (label, from mark, to mark)
+    ("client -> handler", "c_send", "req"),
+    ("claim task log", "req", "claim1"),
+    ("parse, seeds, inputs", "claim1", "validate0"),
+    ("validate (ComfyUI)", "validate0", "validate1"),
+    ("queue -> executor thread", "validate1", "execute0"),
+    ("execute (ComfyUI)", "execute0", "execute1"),
+    ("executor -> loop, render (base64)", "execute1", "final"),
+    ("task log persistence wait", "final", "persisted"),
+    ("response built", "persisted", "resp"),
+    ("send + client decode", "resp", "c_done"),
+]
+
+
+def _breakdown(args: argparse.Namespace, wd: Path) -> dict[str, Any]:
+    """Per-stage p50 of (c), one request at a time, on the instrumented server."""
+    out: dict[str, Any] = {}
+    with common.start_embed(wd, cache_dir=args.cache_dir,
+                            args=["benchmarks/embed_server.py", "--instrument"]) as srv:
+        srv.wait_http("/ready")
+        client = common.EmbedClient(srv.port)
+        stats = common.Http(srv.port)
+        try:
+            for g in args.graphs:
+                for w in range(args.warmup):
+                    client.run(_graph(g, -1 - w, args))
+                stats.request("GET", "/_bench/stats")
+                per_stage: dict[str, list[float]] = {s[0]: [] for s in STAGES}
+                per_stage["task log writes (sum, in threads)"] = []
+                per_stage["total (client)"] = []
+                for i in range(args.n):
+                    tid = f"bd-{g}-{i}-{uuid.uuid4().hex[:6]}"
+                    t0 = time.perf_counter()
+                    client.run(_graph(g, i, args), task_id=tid)
+                    t1 = time.perf_counter()
+                    _, raw = stats.request("GET", "/_bench/stats")
+                    marks: dict[str, float] = {"c_send": t0, "c_done": t1}
+                    appends: dict[str, float] = {}
+                    for name, t, key in json.loads(raw)["marks"]:
+                        if key not in (tid, None):
+                            continue
+                        if name == "append0":
+                            appends["open"] = t
+                        elif name == "append1":
+                            appends["sum"] = appends.get("sum", 0.0) + t - appends.pop("open", t)
+                        else:
+                            marks.setdefault(name, t)
+                    for label, a, b in STAGES:
+                        if a in marks and b in marks:
+                            per_stage[label].append(marks[b] - marks[a])
+                    per_stage["task log writes (sum, in threads)"].append(appends.get("sum", 0.0))
+                    per_stage["total (client)"].append(t1 - t0)
+                out[g] = {k: round(common.percentile(v, 50) * 1000, 3) for k, v in per_stage.items() if v}
+        finally:
+            client.close()
+            stats.close()
+    return out
+
+
+# ------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=40, help="measured requests per graph and path")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--graphs", default="image512,t2i_tiny")
+    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--image-size", type=int, default=512)
+    ap.add_argument("--t2i-size", type=int, default=64)
+    ap.add_argument("--t2i-steps", type=int, default=4)
+    ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="OMP_NUM_THREADS of every server/worker (0: torch's default)")
+    ap.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
+    ap.add_argument("--worker", choices=("raw", "library"), help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+    args.graphs = [g for g in args.graphs.split(",") if g]
+    paths = [p for p in args.paths.split(",") if p]
+
+    common.set_torch_threads(args.torch_threads)
+    machine = common.describe_machine()
+    machine["torch_threads"] = args.torch_threads or "default"
+    common.print_machine(machine)
+    common.ensure_tiny_checkpoint(args.cache_dir)
+    wd = common.workdir("overhead")
+    print(f"graphs {args.graphs}; {args.n} requests each after {args.warmup} warm-up; "
+          f"t2i {args.t2i_size}x{args.t2i_size} {args.t2i_steps} steps; logs in {wd}", flush=True)
+
+    runners: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+    closers: list[Callable[[], None]] = []
+    timings: dict[str, dict[str, list[float]]] = {p: {g: [] for g in args.graphs} for p in paths}
+    detail: dict[str, dict[str, list[float]]] = {"validate": {g: [] for g in args.graphs},
+                                                 "execute": {g: [] for g in args.graphs},
+                                                 "encode": {g: [] for g in args.graphs}}
+    info: dict[str, Any] = {}
+    try:
+        for path in paths:  # boot one at a time
+            t = time.perf_counter()
+            if path in ("raw", "library"):
+                w = Worker(path, args, wd)
+                closers.append(w.stop)
+                info[path] = w.info
+                runners[path] = w.run
+            elif path == "http":
+                srv = common.start_embed(wd, cache_dir=args.cache_dir)
+                closers.append(srv.stop)
+                srv.wait_http("/ready")
+                ec = common.EmbedClient(srv.port)
+                closers.append(ec.close)
+                runners[path] = _client_runner(ec.run)
+            elif path == "native":
+                nsrv = common.start_native(wd, models_dir=args.cache_dir)
+                closers.append(nsrv.stop)
+                nsrv.wait_http("/system_stats")
+                nc = common.NativeClient(nsrv.port)
+                closers.append(nc.close)
+                runners[path] = _client_runner(nc.run)
+            else:
+                raise SystemExit(f"unknown path {path}")
+            print(f"  {path}: up in {time.perf_counter() - t:.1f}s", flush=True)
+        for g in args.graphs:
+            for w in range(args.warmup):
+                for p in paths:
+                    runners[p](_graph(g, -1 - w, args))
+        watch = common.CpuWatch()
+        t_meas = time.perf_counter()
+        for i in range(args.n):
+            for g in args.graphs:
+                graph = _graph(g, i, args)
+                k = i % len(paths)
+                for p in paths[k:] + paths[:k]:
+                    r = runners[p](json.loads(json.dumps(graph)))
+                    if "error" in r:
+                        raise RuntimeError(f"{p} {g} #{i}: {r['error']}")
+                    timings[p][g].append(r["dt"])
+                    if p == "raw":
+                        for key in detail:
+                            detail[key][g].append(r[key])
+        foreign = watch.foreign_cores()
+        print(f"  measured in {time.perf_counter() - t_meas:.1f}s; "
+              f"other processes kept {foreign:.2f} cores busy meanwhile", flush=True)
+    finally:
+        for close in reversed(closers):
+            try:
+                close()
+            except Exception as e:
+                print(f"cleanup: {e!r}", file=sys.stderr)
+
+    breakdown = {} if args.no_breakdown or "http" not in paths else _breakdown(args, wd)
+
+    figures: dict[str, Any] = {}
+    rows = []
+    for g in args.graphs:
+        f = figures[g] = {p: common.summary_ms(timings[p][g]) for p in paths}
+        for p in paths:
+            rows.append([g, p, f[p]["p50_ms"], f[p]["p95_ms"], f[p]["mean_ms"], f[p]["min_ms"]])
+        if "raw" in f:
+            f["raw_validate_p50_ms"] = round(common.percentile(detail["validate"][g], 50) * 1000, 3)
+            f["raw_execute_p50_ms"] = round(common.percentile(detail["execute"][g], 50) * 1000, 3)
+            f["encode_p50_ms"] = round(common.percentile(detail["encode"][g], 50) * 1000, 3)
+        if "http" in f and "native" in f:
+            f["http_over_native_p50"] = round(f["http"]["p50_ms"] / f["native"]["p50_ms"], 3)
+            f["http_over_native_p95"] = round(f["http"]["p95_ms"] / f["native"]["p95_ms"], 3)
+        for p in ("library", "http", "native"):
+            if p in f and "raw" in f:
+                f[f"{p}_minus_raw_p50_ms"] = round(f[p]["p50_ms"] - f["raw"]["p50_ms"], 2)
+    print()
+    print(common.table(["graph", "path", "p50 ms", "p95 ms", "mean ms", "min ms"], rows))
+    print()
+    for g in args.graphs:
+        f = figures[g]
+        print(f"{g}:")
+        if "http_over_native_p50" in f:
+            print(f"  (c)/(d)  p50 {f['http_over_native_p50']:.3f}  p95 {f['http_over_native_p95']:.3f}"
+                  f"   (goal <= 0.5)")
+        if "http_minus_raw_p50_ms" in f:
+            print(f"  (c)-(a)  p50 {f['http_minus_raw_p50_ms']:+.2f} ms   (goal < 5 ms + encoding "
+                  f"{f['encode_p50_ms']:.2f} ms = {5 + f['encode_p50_ms']:.2f} ms)")
+        for p, tag in (("library", "(b)-(a)"), ("native", "(d)-(a)")):
+            if f"{p}_minus_raw_p50_ms" in f:
+                print(f"  {tag}  p50 {f[f'{p}_minus_raw_p50_ms']:+.2f} ms")
+        if "raw" in f:
+            print(f"  (a) = validate {f['raw_validate_p50_ms']:.2f} ms + execute "
+                  f"{f['raw_execute_p50_ms']:.2f} ms (p50)")
+    if breakdown:
+        print("\nwhere (c)'s time goes (instrumented server, p50 ms per stage):")
+        labels = list(next(iter(breakdown.values())))
+        print(common.table(["stage", *args.graphs],
+                           [[lab, *[breakdown[g].get(lab, "") for g in args.graphs]] for lab in labels]))
+    common.emit_json({"bench": "overhead", "machine": machine,
+                      "config": {"n": args.n, "warmup": args.warmup, "image_size": args.image_size,
+                                 "t2i_size": args.t2i_size, "t2i_steps": args.t2i_steps,
+                                 "torch_threads": args.torch_threads},
+                      "foreign_cores": foreign, "figures": figures, "breakdown_http_p50_ms": breakdown,
+                      "workers": info})
+
+
+def _client_runner(run: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def timed(graph: dict[str, Any]) -> dict[str, Any]:
+        t = time.perf_counter()
+        try:
+            run(graph)
+        except Exception as e:
+            return {"error": repr(e)}
+        return {"dt": time.perf_counter() - t}
+    return timed
+
+
+if __name__ == "__main__":
+    main()
