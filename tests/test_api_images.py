@@ -15,7 +15,7 @@ import websocket
 from PIL import Image
 
 from tests.fakes import FakeObject, FakeOss
-from tests.test_inputs import PNG, _serve, _Web
+from tests.fakes.web_server import PNG, Web, serve_web
 
 from .servers import Server
 
@@ -37,14 +37,9 @@ def oss() -> Iterator[FakeOss]:
 
 
 @pytest.fixture(scope="module")
-def web() -> Iterator[_Web]:
-    web = _Web()
-    server = _serve(web, "127.0.0.1")
-    web.base = f"http://127.0.0.1:{server.server_address[1]}"
-    yield web
-    web.release.set()
-    server.shutdown()
-    server.server_close()
+def web() -> Iterator[Web]:
+    with serve_web() as web:
+        yield web
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +69,7 @@ def ok(r: requests.Response) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ inputs
-def test_url_input(server: Server, web: _Web) -> None:
+def test_url_input(server: Server, web: Web) -> None:
     data = ok(server.run(load_graph(f"{web.base}/ok.png")))
     assert first_pixel(data["results"][0]) == [0, 255, 255]  # red inverted
 
@@ -108,7 +103,7 @@ def test_oss_input(server: Server, oss: FakeOss) -> None:
     ("../../etc/passwd", 400, "input folder"),
     ("/etc/passwd", 400, "absolute"),
 ])
-def test_bad_image_inputs_are_named(server: Server, web: _Web, value: str, code: int,
+def test_bad_image_inputs_are_named(server: Server, web: Web, value: str, code: int,
                                     needle: str) -> None:
     r = server.run(load_graph(value.replace("{web}", web.base)))
     assert r.status_code == code, r.text
@@ -161,7 +156,7 @@ def test_output_format_jpeg(server: Server) -> None:
     assert bad.status_code == 400 and "output_format" in bad.json()["data"]["error"]["message"]
 
 
-def test_stream_and_websocket_with_output_flags(server: Server, web: _Web) -> None:
+def test_stream_and_websocket_with_output_flags(server: Server, web: Web) -> None:
     graph = load_graph(f"{web.base}/ok.png")
     with requests.post(f"{server.url}/api/serverless/run?stream=true&output_base64=true",
                        json=graph, stream=True, timeout=60) as r:

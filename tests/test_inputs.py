@@ -4,103 +4,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
-import struct
-import threading
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
 import anyio
 import pytest
-from PIL import Image
 
 from comfy_embed.config import Settings
 from comfy_embed.errors import ImageInputError, InputPathInvalid
 from comfy_embed.inputs import ImageFetcher, is_remote_or_inline
 from tests.fakes import FakeObject, FakeOss
-
-
-def _png(size: tuple[int, int] = (8, 6), color: str = "red") -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A few hundred bytes that claim to be a 1-bit 100000x100000 image."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
-            + _chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + _chunk(b"IEND", b""))
-
-
-PNG = _png()
-JPEG_BUF = io.BytesIO()
-Image.new("RGB", (5, 5), "blue").save(JPEG_BUF, "JPEG")
-JPEG = JPEG_BUF.getvalue()
-
-
-class _Web:
-    """Routes of the test web server; ``requests`` records (host header, path)."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()  # lets the slow handler finish at teardown
-        self.requests: list[tuple[str, str]] = []
-        self.base = ""
-
-
-def _serve(web: _Web, host: str) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _send(self, status: int, body: bytes, ctype: str = "image/png",
-                  headers: dict[str, str] | None = None, length: bool = True) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            if length:
-                self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            web.requests.append((self.headers.get("Host", ""), self.path))
-            p = self.path
-            if p == "/ok.png":
-                self._send(200, PNG)
-            elif p == "/ok.jpg":
-                self._send(200, JPEG, "image/jpeg")
-            elif p == "/missing.png":
-                self._send(404, b"not found", "text/plain")
-            elif p == "/slow.png":
-                web.release.wait(30)
-                self._send(200, PNG)
-            elif p == "/big-declared.png":
-                self._send(200, b"\0" * 50_000)
-            elif p == "/big-undeclared.png":  # HTTP/1.0: body ends when the connection closes
-                self._send(200, PNG + b"\0" * 50_000, length=False)
-            elif p == "/text":
-                self._send(200, b"hello, not an image", "text/plain")
-            elif p == "/bomb.png":
-                self._send(200, _bomb_png())
-            elif p.startswith("/redirect?to="):
-                self._send(302, b"", headers={"Location": p[len("/redirect?to="):]})
-            elif p == "/loop":
-                self._send(302, b"", headers={"Location": "/loop"})
-            else:
-                self._send(404, b"no route", "text/plain")
-
-    server = ThreadingHTTPServer((host, 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    return server  # bound and listening: ready as soon as the constructor returns
+from tests.fakes.web_server import JPEG, PNG, Web, bomb_png, make_png, serve_web
 
 
 @pytest.fixture
@@ -109,25 +24,16 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def web() -> Iterator[_Web]:
-    web = _Web()
-    server = _serve(web, "127.0.0.1")
-    web.base = f"http://127.0.0.1:{server.server_address[1]}"
-    yield web
-    web.release.set()
-    server.shutdown()
-    server.server_close()
+def web() -> Iterator[Web]:
+    with serve_web("127.0.0.1") as web:
+        yield web
 
 
 @pytest.fixture
-def other_web() -> Iterator[_Web]:
+def other_web() -> Iterator[Web]:
     """A server on 127.0.0.2, which the allowlist does not admit: it must never be reached."""
-    web = _Web()
-    server = _serve(web, "127.0.0.2")
-    web.base = f"http://127.0.0.2:{server.server_address[1]}"
-    yield web
-    server.shutdown()
-    server.server_close()
+    with serve_web("127.0.0.2") as web:
+        yield web
 
 
 @pytest.fixture
@@ -154,7 +60,7 @@ def _check_materialised(input_dir: Path, name: str, data: bytes, ext: str) -> No
 
 # --- URLs -----------------------------------------------------------------------
 @pytest.mark.anyio
-async def test_url_png_is_materialised(web: _Web, input_dir: Path) -> None:
+async def test_url_png_is_materialised(web: Web, input_dir: Path) -> None:
     f = fetcher(input_dir)
     name = await f.materialise(web.base + "/ok.png")
     _check_materialised(input_dir, name, PNG, "png")
@@ -162,13 +68,13 @@ async def test_url_png_is_materialised(web: _Web, input_dir: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_url_jpeg_gets_jpg_extension(web: _Web, input_dir: Path) -> None:
+async def test_url_jpeg_gets_jpg_extension(web: Web, input_dir: Path) -> None:
     name = await fetcher(input_dir).materialise(web.base + "/ok.jpg")
     _check_materialised(input_dir, name, JPEG, "jpg")
 
 
 @pytest.mark.anyio
-async def test_redirect_within_allowlist_is_followed(web: _Web, input_dir: Path) -> None:
+async def test_redirect_within_allowlist_is_followed(web: Web, input_dir: Path) -> None:
     name = await fetcher(input_dir).materialise(web.base + "/redirect?to=/ok.png")
     _check_materialised(input_dir, name, PNG, "png")
 
@@ -182,7 +88,7 @@ async def test_redirect_within_allowlist_is_followed(web: _Web, input_dir: Path)
     ("/bomb.png", "100000x100000|decompression bomb"),
     ("/loop", "more than 5 redirects"),
 ])
-async def test_url_failures(web: _Web, input_dir: Path, path: str, match: str) -> None:
+async def test_url_failures(web: Web, input_dir: Path, path: str, match: str) -> None:
     url = web.base + path
     with pytest.raises(ImageInputError, match=match) as info:
         await fetcher(input_dir, max_image_bytes=10_000).materialise(url)
@@ -191,7 +97,7 @@ async def test_url_failures(web: _Web, input_dir: Path, path: str, match: str) -
 
 
 @pytest.mark.anyio
-async def test_url_timeout(web: _Web, input_dir: Path) -> None:
+async def test_url_timeout(web: Web, input_dir: Path) -> None:
     with anyio.fail_after(10):
         with pytest.raises(ImageInputError, match="timed out after 0.3s"):
             await fetcher(input_dir, fetch_timeout=0.3).materialise(web.base + "/slow.png")
@@ -207,7 +113,7 @@ async def test_unreachable_host(input_dir: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_loopback_refused_without_allowlist(web: _Web, input_dir: Path) -> None:
+async def test_loopback_refused_without_allowlist(web: Web, input_dir: Path) -> None:
     with pytest.raises(ImageInputError, match="refused, 127.0.0.1 resolves to 127.0.0.1, "
                                               "a loopback address"):
         await fetcher(input_dir, url_allowlist=()).materialise(web.base + "/ok.png")
@@ -215,7 +121,7 @@ async def test_loopback_refused_without_allowlist(web: _Web, input_dir: Path) ->
 
 
 @pytest.mark.anyio
-async def test_cidr_allowlist(web: _Web, input_dir: Path) -> None:
+async def test_cidr_allowlist(web: Web, input_dir: Path) -> None:
     name = await fetcher(input_dir, url_allowlist=("127.0.0.0/8",)).materialise(
         web.base + "/ok.png")
     _check_materialised(input_dir, name, PNG, "png")
@@ -223,7 +129,7 @@ async def test_cidr_allowlist(web: _Web, input_dir: Path) -> None:
 
 @pytest.mark.anyio
 async def test_redirect_to_other_loopback_refused_before_connecting(
-        web: _Web, other_web: _Web, input_dir: Path) -> None:
+        web: Web, other_web: Web, input_dir: Path) -> None:
     target = other_web.base + "/ok.png"
     with pytest.raises(ImageInputError, match="127.0.0.2, a loopback address"):
         await fetcher(input_dir).materialise(web.base + "/redirect?to=" + target)
@@ -242,7 +148,7 @@ async def test_redirect_to_other_loopback_refused_before_connecting(
     ("http://224.0.0.1/x.png", "multicast"),
     ("http://240.0.0.1/x.png", "reserved"),
 ])
-async def test_redirect_to_internal_addresses_refused(web: _Web, input_dir: Path,
+async def test_redirect_to_internal_addresses_refused(web: Web, input_dir: Path,
                                                       target: str, why: str) -> None:
     with pytest.raises(ImageInputError, match=why):
         await fetcher(input_dir).materialise(web.base + "/redirect?to=" + target)
@@ -253,7 +159,7 @@ async def test_redirect_to_internal_addresses_refused(web: _Web, input_dir: Path
 
 
 @pytest.mark.anyio
-async def test_connection_pinned_to_checked_address(web: _Web, input_dir: Path,
+async def test_connection_pinned_to_checked_address(web: Web, input_dir: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The name is resolved once, by us; the client connects to that address
     with the original Host header, so a second (rebinding) answer cannot matter."""
@@ -311,7 +217,7 @@ async def test_data_uri(input_dir: Path) -> None:
     ("data:image/png,rawbytes", "data URI must be"),
     ("iVBORw0KGgo" + "A" * 100, "base64 image: (not an image|broken image)"),
     ("data:image/png;base64," + base64.b64encode(PNG[:40]).decode(), "broken image|not an image"),
-    ("data:image/png;base64," + base64.b64encode(_bomb_png()).decode(),
+    ("data:image/png;base64," + base64.b64encode(bomb_png()).decode(),
      "pixel limit|decompression bomb"),
 ])
 async def test_bad_inline_images(input_dir: Path, value: str, match: str) -> None:
@@ -321,7 +227,7 @@ async def test_bad_inline_images(input_dir: Path, value: str, match: str) -> Non
 
 @pytest.mark.anyio
 async def test_pixel_limit(input_dir: Path) -> None:
-    big = _png((200, 100))
+    big = make_png((200, 100))
     text = base64.b64encode(big).decode()
     with pytest.raises(ImageInputError, match="200x100 is over the 10000 pixel limit"):
         await fetcher(input_dir, max_image_pixels=10_000).materialise(text)
@@ -330,7 +236,7 @@ async def test_pixel_limit(input_dir: Path) -> None:
 
 @pytest.mark.anyio
 async def test_inline_size_limit(input_dir: Path) -> None:
-    text = base64.b64encode(_png((300, 300), "white") + b"\0" * 5000).decode()
+    text = base64.b64encode(make_png((300, 300), "white") + b"\0" * 5000).decode()
     with pytest.raises(ImageInputError, match="over the 1000 byte limit"):
         await fetcher(input_dir, max_image_bytes=1000).materialise(text)
 
