@@ -105,6 +105,39 @@ class _PromptServer:
         pass
 
 
+class _QuietImportFailures(logging.Filter):
+    """ComfyUI logs a traceback and a 'pip install' plea for every optional
+    node module whose package is missing (the audio nodes without
+    torchaudio). Collect those into one line instead; other records pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.levelno != logging.WARNING or record.name != "root":
+            return True
+        if "torchaudio missing" in msg:
+            self.failed.add("torchaudio")
+            return False
+        if "No module named" in msg or "IMPORT FAILED" in msg:
+            name = msg.split("IMPORT FAILED:")[-1].strip() if "IMPORT FAILED" in msg else ""
+            if name:
+                self.failed.add(name)
+            return False
+        return not any(x in msg for x in ("nodes did not import correctly", "new missing dependencies",
+                                          "pip install -r requirements", "Traceback"))\
+            and msg.strip() != ""
+
+    def __enter__(self) -> "_QuietImportFailures":
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger().removeFilter(self)
+
+
 def _trim(value: Any, limit: int = 300) -> Any:
     """Tensor reprs in ``current_inputs`` can be megabytes: cut them."""
     if isinstance(value, dict):
@@ -198,14 +231,18 @@ class Comfy:
             utils.extra_config.load_extra_path_config(str(yaml_path))
 
         t1 = time.perf_counter()
-        import comfy.model_management
-        import comfy.utils
-        import execution
-        import nodes
-        self.boot_seconds["import"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        self.loop.run_until_complete(
-            nodes.init_extra_nodes(init_custom_nodes=s.custom_nodes, init_api_nodes=False))
+        with _QuietImportFailures() as quiet:
+            import comfy.model_management
+            import comfy.utils
+            import execution
+            import nodes
+            self.boot_seconds["import"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            self.loop.run_until_complete(
+                nodes.init_extra_nodes(init_custom_nodes=s.custom_nodes, init_api_nodes=False))
+        if quiet.failed:
+            log.info("optional ComfyUI node modules not loaded (missing packages): %s",
+                     ", ".join(sorted(quiet.failed)))
         self.boot_seconds["nodes"] = time.perf_counter() - t2
 
         self._execution, self._nodes, self._mm = execution, nodes, comfy.model_management

@@ -258,8 +258,12 @@ class Engine:
         return self.executor.ready.is_set() and self.executor.boot_error is None
 
     async def wait_ready(self) -> None:
+        """Wait for ComfyUI; NotAccepting if it failed to boot."""
         self.start()
-        await anyio.to_thread.run_sync(self.executor.wait_ready)
+        try:
+            await anyio.to_thread.run_sync(self.executor.wait_ready)
+        except RuntimeError as e:
+            raise NotAccepting(str(e)) from e
 
     @property
     def comfy(self) -> Comfy:

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 import anyio
 
 from .config import Settings
-from .errors import ComfyEmbedError, NotAccepting, QueueFull, WorkflowInvalid
+from .errors import ComfyEmbedError, ExecutionFailed, NotAccepting, QueueFull, WorkflowInvalid
 from .events import FINAL, final_event
 from .runtime import Engine, Task
 from .tasklog import TaskLog
@@ -109,7 +109,11 @@ class TaskService:
             # Not accepted: forget the claim so that a retry can run it.
             await anyio.to_thread.run_sync(self.tasklog.discard, task_id)
             return Handle(self, task_id, error=e)
-        except ComfyEmbedError as e:
+        except Exception as e:
+            if not isinstance(e, ComfyEmbedError):
+                log.exception("task %s: submitting failed", task_id)
+                e = ExecutionFailed(f"internal error while accepting the task: {e!r}")
+            # Claimed, so the log must end with a final event all the same.
             await anyio.to_thread.run_sync(
                 self.tasklog.append, task_id,
                 final_event(task_id, None, {}, error=e.to_dict()))

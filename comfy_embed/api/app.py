@@ -14,6 +14,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from ..config import Settings
+from ..errors import ExecutionFailed
+from ..events import final_event
 from ..runtime import Engine
 from ..service import TaskService
 from . import runs, ws
@@ -21,6 +23,15 @@ from . import runs, ws
 log = logging.getLogger(__name__)
 
 __all__ = ["create_app"]
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """Whatever escaped still answers in the contract's shape."""
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    error = ExecutionFailed(f"internal error: {exc!r}")
+    task_id = request.headers.get("x-fc-trace-id") or request.headers.get("x-task-id") or ""
+    return Response(runs.dumps(final_event(task_id, None, {}, error=error.to_dict())), 500,
+                    media_type="application/json")
 
 
 async def health(request: Request) -> Response:
@@ -93,4 +104,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         Route("/initialize", initialize, methods=["POST"]),
         Route("/pre-stop", pre_stop, methods=["GET", "POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={Exception: internal_error})
