@@ -422,18 +422,18 @@ class Comfy:
 
 
 def _random_like(name: str, tensor: Any, gen: Any) -> Any:
-    """Small random weights: norms at 1, biases at 0, the rest N(0, 0.02)."""
+    """Random weights scaled by fan-in (so activations neither vanish nor
+    blow up and the decoded image is visible noise); norms at 1, biases 0."""
     import torch
 
-    if not tensor.is_floating_point():
-        return tensor.clone()
-    if name.endswith("position_ids"):
+    if not tensor.is_floating_point() or name.endswith("position_ids"):
         return tensor.clone()
     if "norm" in name and name.endswith("weight"):
         return torch.ones(tensor.shape, dtype=torch.float16)
-    if name.endswith("bias") or name.endswith("logit_scale"):
+    if name.endswith("bias") or name.endswith("logit_scale") or tensor.ndim < 2:
         return torch.zeros(tensor.shape, dtype=torch.float16)
-    return (torch.randn(tensor.shape, generator=gen) * 0.02).to(torch.float16)
+    fan_in = max(1, tensor[0].numel())
+    return (torch.randn(tensor.shape, generator=gen) / fan_in ** 0.5).to(torch.float16)
 
 
 def _describe(node_errors: dict[str, Any]) -> str:

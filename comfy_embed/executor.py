@@ -115,8 +115,8 @@ class Executor:
     def submit(self, job: Job) -> int:
         """Queue a job; return how many jobs are ahead of it (running included)."""
         with self._cond:
-            if self._closing:
-                raise QueueFull("executor is shutting down")
+            if self._closing or self.boot_error is not None:
+                raise QueueFull("executor is shutting down or failed to boot")
             waiting = sum(isinstance(j, Job) for j in self._queue)
             if waiting >= self.max_queue:
                 raise QueueFull(f"queue is full ({waiting} jobs waiting)")
@@ -139,8 +139,11 @@ class Executor:
                     fut.set_exception(e)
 
         with self._cond:
-            self._queue.append(run)
-            self._cond.notify()
+            if self.boot_error is None:
+                self._queue.append(run)
+                self._cond.notify()
+                return fut
+        run(None)  # the thread is gone: fail now rather than never
         return fut
 
     def cancel(self, prompt_id: str, reason: str = "cancelled") -> bool:
@@ -172,7 +175,8 @@ class Executor:
             self.backend = self._boot()
         except BaseException as e:
             log.exception("ComfyUI boot failed")
-            self.boot_error = e
+            with self._cond:  # submit/call see it under the lock: nothing is queued after
+                self.boot_error = e
             self.ready.set()
             self._fail_queued(e)
             return
