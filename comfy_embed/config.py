@@ -74,6 +74,8 @@ class Settings:
     async_inline: bool = False
     #: Seconds after which a task whose owner stopped renewing is orphaned.
     lease_seconds: float = 30.0
+    #: Seconds of silence before an SSE keep-alive comment (proxies close idle streams).
+    sse_keepalive: float = 15.0
 
     # --- image inputs ---------------------------------------------------------
     max_image_bytes: int = 50 * _MB
@@ -94,6 +96,18 @@ class Settings:
     oss_link_expire: int | None = None
     #: Use V4 signing (oss2.ProviderAuthV4); V1 when False.
     oss_sign_v4: bool = True
+    #: "oss" or "s3": the backend that ``output_oss`` uploads to.
+    storage: str = "oss"
+    #: S3-compatible storage (AWS, R2, MinIO) through boto3: ``pip install comfy-embed[s3]``.
+    s3_bucket: str | None = None
+    s3_region: str | None = None
+    #: Endpoint URL for R2/MinIO (``https://host[:port]``); None: AWS's own.
+    s3_endpoint: str | None = None
+    s3_prefix: str = "serverless-api-output"
+    #: Presigned GET link lifetime in seconds (at most 7 days); None: upload only.
+    s3_link_expire: int | None = None
+    #: Endpoint hosts other than the configured one that S3 reads may use.
+    s3_endpoint_allowlist: tuple[str, ...] = ()
 
     # --- derived ------------------------------------------------------------
     @property

@@ -4,6 +4,7 @@ HTTP and WebSocket clients."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -271,16 +272,32 @@ def test_pre_stop_drains(tmp_path: Path) -> None:
 
 
 def test_run_timeout_async_inline_and_initialize(tmp_path: Path) -> None:
-    s = Server(tmp_path / "inline", run_timeout=2, async_inline=1)
+    s = Server(tmp_path / "inline", run_timeout=2, async_inline=1, sse_keepalive=0.2)
     try:
         s.wait_ready()
         assert requests.post(f"{s.url}/initialize", timeout=60).status_code == 200
         # The platform queues async calls itself: run inline, answer when done.
         r = s.run(image_only(), headers={"X-Fc-Invocation-Type": "Async"})
         assert r.status_code == 200 and r.json()["data"]["status"] == "success"
-        slow = s.run(text_to_image(steps=5000, seed=2))
-        assert slow.status_code == 504, slow.text
-        assert slow.json()["data"]["error"]["type"] == "run_timeout"
+        slow: dict[str, requests.Response] = {}
+        slow_id = "slow-" + uuid.uuid4().hex
+        t = threading.Thread(target=lambda: slow.update(
+            r=s.run(text_to_image(steps=5000, seed=2), headers={"X-Task-Id": slow_id})))
+        t.start()
+        deadline = time.monotonic() + 60
+        while not any(e["type"] == "execution_start" for e in s.status(slow_id)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # Queued behind the slow task: the stream stays alive with comments.
+        with requests.post(f"{s.url}/api/serverless/run?stream=true", json=image_only(),
+                           stream=True, timeout=60) as st:
+            lines = list(st.iter_lines(decode_unicode=True))
+        t.join(60)
+        assert slow["r"].status_code == 504, slow["r"].text
+        assert slow["r"].json()["data"]["error"]["type"] == "run_timeout"
+        assert ": keep-alive" in lines
+        assert json.loads(lines[[i for i, x in enumerate(lines) if x.startswith("data: ")][-1]][6:]
+                          )["data"]["status"] == "success"
         assert_serves(s)
     finally:
         s.stop()

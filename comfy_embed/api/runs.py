@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any, AsyncIterator, Mapping
@@ -44,9 +45,30 @@ def _error_answer(error: ComfyEmbedError, task_id: str, stream: bool) -> Respons
     return _json(final, status_for(error), headers)
 
 
-async def _sse(handle: Handle, since: int) -> AsyncIterator[str]:
-    async for seq, ev in handle.events(since):
-        yield f"id: {seq}\ndata: {dumps(ev)}\n\n"
+async def _sse(handle: Handle, since: int, keepalive: float) -> AsyncIterator[str]:
+    """SSE lines; after ``keepalive`` seconds of silence (a long queue, a slow
+    node) a comment line, so proxies do not close an idle stream."""
+    events = handle.events(since).__aiter__()
+    pending: asyncio.Future[tuple[int, dict[str, Any]]] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(events.__anext__())
+            # Wait without cancelling the read: cancelling would break the
+            # event iterator.
+            done, _ = await asyncio.wait({pending}, timeout=keepalive)
+            if not done:
+                yield ": keep-alive\n\n"
+                continue
+            try:
+                seq, ev = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield f"id: {seq}\ndata: {dumps(ev)}\n\n"
+    finally:
+        if pending is not None:
+            pending.cancel()
 
 
 def run_options(query: Mapping[str, str], headers: Mapping[str, str]) -> dict[str, Any]:
@@ -84,7 +106,8 @@ async def run(request: Request) -> Response:
         return _json({"task_id": task_id}, 202, headers)
     if stream:
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return StreamingResponse(_sse(handle, _since(request)), media_type="text/event-stream",
+        return StreamingResponse(_sse(handle, _since(request), settings.sse_keepalive),
+                                 media_type="text/event-stream",
                                  headers=headers)
     final = await handle.final()
     return _json(final, status_for_event(final), headers)
