@@ -122,6 +122,25 @@ def test_websocket_runs_several_and_survives_bad_messages(server: Server) -> Non
         ws.close()
 
 
+def test_websocket_resume_from_log(server: Server) -> None:
+    task_id = "wsresume-" + uuid.uuid4().hex
+    assert server.run(image_only(color=0x445566), headers={"X-Task-Id": task_id}).status_code == 200
+    logged = server.status(task_id)
+    ws = websocket.create_connection(f"{server.ws_url}?task_id={task_id}&since=3", timeout=60)
+    try:
+        replay = []
+        while not replay or replay[-1]["type"] != "serverless_api":
+            replay.append(json.loads(ws.recv()))
+        assert replay[-1]["data"] == logged[-1]["data"]
+        assert len(replay) <= len(logged) - 3
+        ws.send(json.dumps(image_only(color=0x665544)))  # the connection goes on
+        while (ev := json.loads(ws.recv()))["type"] != "serverless_api":
+            pass
+        assert ev["data"]["status"] == "success" and ev["data"]["task_id"] != task_id
+    finally:
+        ws.close()
+
+
 # ---------------------------------------------------------------- errors
 @pytest.mark.parametrize("body, code, err_type, needle", [
     (b"{nope", 400, "invalid_json", "malformed JSON"),
