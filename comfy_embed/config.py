@@ -109,6 +109,18 @@ class Settings:
     #: Endpoint hosts other than the configured one that S3 reads may use.
     s3_endpoint_allowlist: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Fail at start-up, naming the variable, not at the first request.
+        checks = [("device", self.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
+                  ("cache", self.cache in ("classic", "none") or
+                   (self.cache.startswith("lru:") and self.cache[4:].isdigit()), "classic, none or lru:<N>"),
+                  ("preview", self.preview in ("none", "latent2rgb"), "none or latent2rgb"),
+                  ("storage", self.storage in ("oss", "s3"), "oss or s3")]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"COMFY_EMBED_{name.upper()}={getattr(self, name)!r}: "
+                                 f"expected {allowed}")
+
     # --- derived ------------------------------------------------------------
     @property
     def models_path(self) -> Path:

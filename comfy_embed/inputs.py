@@ -1,5 +1,5 @@
-"""Image inputs: file names in the input folder, http(s) URLs, ``oss://`` objects
-and inline base64, turned into a file name LoadImage can open.
+"""Image inputs: file names in the input folder, http(s) URLs, ``oss://`` and
+``s3://`` objects and inline base64, turned into a file name LoadImage can open.
 
 Everything that arrives as bytes is checked to be a real, reasonably sized
 image and stored under a content-hash name in ``<input>/serverless/``. URL
@@ -34,6 +34,7 @@ from .config import Settings
 from .errors import ImageInputError, InputPathInvalid, StorageError
 
 if TYPE_CHECKING:
+    from .s3 import S3Store
     from .storage import Credentials, OssStore
 
 __all__ = ["ImageFetcher", "is_remote_or_inline", "SUBFOLDER"]
@@ -59,13 +60,16 @@ _METADATA = {ipaddress.ip_address(a) for a in ("169.254.169.254", "100.100.100.2
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
+# S3's bucket naming rules; also keeps userinfo/ports/hosts out of s3:// values.
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def is_remote_or_inline(value: str) -> bool:
-    """True when ``value`` is an http(s)/oss URL, a data URI or raw base64 image
+    """True when ``value`` is an http(s)/oss/s3 URL, a data URI or raw base64 image
     bytes, i.e. something :meth:`ImageFetcher.materialise` turns into a file."""
     head = value[:16].lower()
-    return head.startswith(("http://", "https://", "oss://", "data:")) or _looks_base64(value)
+    return (head.startswith(("http://", "https://", "oss://", "s3://", "data:"))
+            or _looks_base64(value))
 
 
 def _looks_base64(value: str) -> bool:
@@ -98,14 +102,16 @@ def _why_refused(ip: _IP) -> str | None:
 class ImageFetcher:
     """Turns an image input value into a file name inside ``input_dir``.
 
-    ``store`` reads ``oss://`` inputs; without one they are refused.
+    ``store`` reads ``oss://`` inputs and ``s3_store`` ``s3://`` inputs;
+    without one, those inputs are refused.
     """
 
     def __init__(self, settings: Settings, input_dir: Path,
-                 store: "OssStore | None" = None) -> None:
+                 store: "OssStore | None" = None, s3_store: "S3Store | None" = None) -> None:
         self.settings = settings
         self.input_dir = Path(input_dir).resolve()
         self.store = store
+        self.s3_store = s3_store
         self._allow_hosts: set[str] = set()
         self._allow_nets: list[_Net] = []
         for entry in settings.url_allowlist:
@@ -117,8 +123,8 @@ class ImageFetcher:
     async def materialise(self, value: str, credentials: "Credentials | None" = None) -> str:
         """Return the string to put in the workflow's ``image`` input.
 
-        File names are checked and returned unchanged; URLs, ``oss://`` and
-        base64 are fetched or decoded, verified and written to
+        File names are checked and returned unchanged; URLs, ``oss://``,
+        ``s3://`` and base64 are fetched or decoded, verified and written to
         ``serverless/<sha256>.<ext>``, which is returned.
         """
         head = value[:16].lower()
@@ -126,6 +132,8 @@ class ImageFetcher:
             data = await self._fetch_url(value)
         elif head.startswith("oss://"):
             data = await self._fetch_oss(value, credentials)
+        elif head.startswith("s3://"):
+            data = await self._fetch_s3(value, credentials)
         elif head.startswith("data:"):
             data = self._decode_data_uri(value)
         elif _looks_base64(value):
@@ -198,6 +206,24 @@ class ImageFetcher:
         try:
             return await self.store.get_object(bucket, endpoint, key, credentials,
                                                max_bytes=self.settings.max_image_bytes)
+        except StorageError as e:
+            raise ImageInputError(f"cannot read {value}: {e.message}") from e
+
+    # --- s3:// -------------------------------------------------------------------
+    async def _fetch_s3(self, value: str, credentials: "Credentials | None") -> bytes:
+        bucket, _, key = value[len("s3://"):].partition("/")
+        if not bucket or not key:
+            raise ImageInputError(f"{value}: expected s3://bucket/key")
+        # Unlike oss://, an s3:// value never names an endpoint: credentials go
+        # only to the configured one, so a bucket is only ever a bucket name.
+        if not _S3_BUCKET.fullmatch(bucket):
+            raise ImageInputError(f"{value}: {bucket!r} is not an S3 bucket name "
+                                  "(s3:// inputs cannot name an endpoint)")
+        if self.s3_store is None:
+            raise ImageInputError(f"{value}: S3 storage is not configured")
+        try:
+            return await self.s3_store.get_object(bucket, None, key, credentials,
+                                                  max_bytes=self.settings.max_image_bytes)
         except StorageError as e:
             raise ImageInputError(f"cannot read {value}: {e.message}") from e
 
@@ -341,7 +367,7 @@ class ImageFetcher:
 
 def _describe(value: str) -> str:
     """A short name for an input value in error messages (no megabytes of base64)."""
-    if value[:16].lower().startswith(("http://", "https://", "oss://")):
+    if value[:16].lower().startswith(("http://", "https://", "oss://", "s3://")):
         return value if len(value) <= 300 else value[:300] + "..."
     if value[:5].lower() == "data:":
         return "data URI"

@@ -112,8 +112,10 @@ async def render_results(files: list[OutputFile], *, output_base64: bool = False
                 out["base64"] = {"data": await anyio.to_thread.run_sync(_b64, f.path)}
             jobs.append(enc)
         if store is not None:
-            async def up(f: OutputFile = f, out: dict[str, Any] = out) -> None:
-                out["oss"] = await store.upload(f.path, f.media_type, credentials)
+            key = getattr(store, "result_key", "oss")
+
+            async def up(f: OutputFile = f, out: dict[str, Any] = out, key: str = key) -> None:
+                out[key] = await store.upload(f.path, f.media_type, credentials)
             jobs.append(up)
     failures: list[BaseException] = []
 

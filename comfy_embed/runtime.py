@@ -229,6 +229,7 @@ class Engine:
         self._tasks: collections.OrderedDict[str, Task] = collections.OrderedDict()
         self._background: set[asyncio.Task[Any]] = set()
         self._store: Any = None
+        self._s3_store: Any = None
         self._fetcher: Any = None
         self.accepting = True
         self._started = False
@@ -277,18 +278,30 @@ class Engine:
         self.executor.close()
 
     def store(self) -> Any:
-        """The object store for outputs and ``oss://`` inputs (built on first use)."""
+        """Where ``output_oss`` uploads: OSS, or S3 with ``storage=s3``."""
+        return self._s3() if self.settings.storage == "s3" else self._oss()
+
+    def _oss(self) -> Any:
         if self._store is None:
             from .storage import OssStore
             self._store = OssStore(self.settings)
         return self._store
 
+    def _s3(self) -> Any:
+        if self._s3_store is None:
+            from .s3 import S3Store
+            self._s3_store = S3Store(self.settings)
+        return self._s3_store
+
     def fetcher(self) -> Any:
+        """Reads image inputs; ``oss://`` and ``s3://`` only where configured."""
         if self._fetcher is None:
             from .inputs import ImageFetcher
-            self._fetcher = ImageFetcher(self.settings, self.comfy.input_dir,
-                                         self.store() if self.settings.oss_bucket or
-                                         self.settings.oss_endpoint else None)
+            s = self.settings
+            self._fetcher = ImageFetcher(
+                s, self.comfy.input_dir,
+                self._oss() if s.oss_bucket or s.oss_endpoint else None,
+                s3_store=self._s3() if s.s3_bucket or s.s3_endpoint or s.storage == "s3" else None)
         return self._fetcher
 
     # ---------------------------------------------------------------- tasks

@@ -109,6 +109,9 @@ class OssStore:
     default); it is read again on every call.
     """
 
+    #: The key of this store's entry in a result's ``output``.
+    result_key = "oss"
+
     def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self._env: Mapping[str, str] = os.environ if env is None else env
