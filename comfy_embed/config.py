@@ -74,6 +74,9 @@ class Settings:
     async_inline: bool = False
     #: Seconds after which a task whose owner stopped renewing is orphaned.
     lease_seconds: float = 30.0
+    #: Hours after which task outputs, temp files and finished task logs are
+    #: deleted (none: keep everything).
+    retention_hours: float | None = None
     #: Seconds of silence before an SSE keep-alive comment (proxies close idle streams).
     sse_keepalive: float = 15.0
 

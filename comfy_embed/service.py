@@ -20,6 +20,7 @@ from .config import Settings
 from .errors import ComfyEmbedError, ExecutionFailed, NotAccepting, QueueFull, WorkflowInvalid
 from .events import FINAL, final_event
 from .runtime import Engine, Task
+from .retention import prune
 from .tasklog import TaskLog
 from .workflow import valid_task_id
 
@@ -183,7 +184,7 @@ class TaskService:
     async def upkeep(self) -> None:
         """Forever: renew leases of running tasks, act on cancel requests
         from other instances (within a second), and close orphaned tasks."""
-        last_recover = 0.0
+        last_recover = last_prune = 0.0
         while True:
             running = list(self._running)
             if running:
@@ -195,7 +196,19 @@ class TaskService:
             if now - last_recover > self.settings.lease_seconds / 2:
                 last_recover = now
                 await self.recover()
+            if self.settings.retention_hours and now - last_prune > 60:
+                last_prune = now
+                await self._prune()
             await anyio.sleep(0.5)
+
+    async def _prune(self) -> None:
+        s = self.settings
+        assert s.retention_hours is not None
+        try:
+            await anyio.to_thread.run_sync(prune, s.output_path, s.temp_path, self.tasklog,
+                                           s.retention_hours * 3600)
+        except Exception:
+            log.exception("retention: pruning failed")
 
     async def recover(self) -> list[str]:
         """Give a final event to tasks whose owner died (lease expired)."""

@@ -1,0 +1,45 @@
+"""Old outputs and finished logs go; recent ones, running tasks and files
+comfy-embed did not write stay."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from comfy_embed.events import final_event
+from comfy_embed.retention import prune
+from comfy_embed.tasklog import TaskLog
+
+
+def age(path: Path, seconds: float) -> None:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_prune(tmp_path: Path) -> None:
+    out, temp = tmp_path / "output", tmp_path / "temp"
+    tl = TaskLog(out / "serverless_api", "me")
+    for name in ("old", "new"):
+        (out / name).mkdir(parents=True)
+        (out / name / "img.png").write_bytes(b"x")
+    (out / "user file.png").write_bytes(b"x")  # not a task folder
+    temp.mkdir()
+    (temp / "old.png").write_bytes(b"x")
+    for task, final in (("done-old", True), ("running-old", False), ("done-new", True)):
+        tl.claim(task)
+        tl.append(task, {"type": "status", "data": {}})
+        if final:
+            tl.append(task, final_event(task, None, {}, []))
+    for p in (out / "old", temp / "old.png", out / "user file.png",
+              tl.root / "done-old", tl.root / "running-old"):
+        age(p, 7200)
+    age(tl.root, 7200)
+
+    removed = prune(out, temp, tl, 3600)
+
+    assert removed == 3
+    assert not (out / "old").exists() and (out / "new" / "img.png").exists()
+    assert (out / "user file.png").exists() and not (temp / "old.png").exists()
+    assert tl.read("done-old") == [] and tl.read("running-old") and tl.read("done-new")
+    assert (out / "serverless_api").is_dir()
