@@ -185,6 +185,8 @@ class Server:
     def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None,
                  log_path: Path | None = None) -> None:
         self.name, self.port = name, port
+        #: The server's base folder (input/, output/ ... under it).
+        self.base: Path | None = None
         self.lines: list[tuple[float, str]] = []
         self._log = open(log_path, "w") if log_path else None
         self.t0 = time.perf_counter()
@@ -284,8 +286,10 @@ def start_embed(workdir: Path, *, cache_dir: Path = DEFAULT_CACHE, env: dict[str
          "COMFY_EMBED_CACHE_DIR": str(cache_dir), "COMFY_EMBED_DEVICE": device,
          "PYTHONUNBUFFERED": "1"}
     e.update(env or {})
-    return Server("comfy-embed", [PYTHON, *(args or ["server.py"])], port, e,
-                  workdir / f"embed-{port}.log")
+    srv = Server("comfy-embed", [PYTHON, *(args or ["server.py"])], port, e,
+                 workdir / f"embed-{port}.log")
+    srv.base = base
+    return srv
 
 
 def start_native(workdir: Path, *, models_dir: Path = DEFAULT_CACHE, cpu: bool = True,
@@ -305,7 +309,9 @@ def start_native(workdir: Path, *, models_dir: Path = DEFAULT_CACHE, cpu: bool =
     if cpu:
         cmd.append("--cpu")
     cmd += extra_args or []
-    return Server("native", cmd, port, {"PYTHONUNBUFFERED": "1"}, workdir / f"native-{port}.log")
+    srv = Server("native", cmd, port, {"PYTHONUNBUFFERED": "1"}, workdir / f"native-{port}.log")
+    srv.base = base
+    return srv
 
 
 def workdir(prefix: str) -> Path:
@@ -376,7 +382,7 @@ class EmbedClient:
             events: list[tuple[float, dict[str, Any]]] = []
             final: dict[str, Any] = {}
             while True:
-                line = r.fp.readline()
+                line = r.readline()  # de-chunks
                 if not line:
                     break
                 if line.startswith(b"data: "):
@@ -385,7 +391,6 @@ class EmbedClient:
                     if ev.get("type") == "serverless_api":
                         final = ev
                         break
-            r.read()
         finally:
             conn.close()
         if final.get("data", {}).get("status") != "success":
@@ -486,7 +491,9 @@ def _own_busy() -> float:
     for p in [me, *me.children(recursive=True)]:
         try:
             c = p.cpu_times()
-            total += c.user + c.system
+            # children_*: children already exited and reaped (a server
+            # stopped inside the window) still count as ours.
+            total += c.user + c.system + c.children_user + c.children_system
         except psutil.Error:
             pass
     return total
@@ -517,3 +524,94 @@ def set_torch_threads(n: int) -> None:
             os.environ[var] = str(n)
         else:
             os.environ.pop(var, None)
+
+
+# ------------------------------------------------------ in-process workers
+class LineWorker:
+    """A child process that boots, says one JSON line, then answers one JSON
+    line per JSON line it reads (see :func:`serve_lines`)."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, bufsize=1, start_new_session=True)
+        self.info = self._read()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} worker died; see {self.log.name}")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"{self.name} worker: {out['error']}")
+        return out
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def stop(self) -> None:
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.wait(15)
+        except Exception:
+            pass
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(5)
+        self.log.close()
+
+
+def serve_lines(boot: Callable[[], tuple[Callable[[dict[str, Any]], dict[str, Any]], dict[str, Any]]]) -> None:
+    """Child side of :class:`LineWorker`. Whatever the child prints goes to
+    stderr: the protocol keeps stdout's fd for itself."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    try:
+        handle, info = boot()
+    except Exception as e:
+        proto.write(json.dumps({"error": f"boot failed: {e!r}"}) + "\n")
+        raise
+    proto.write(json.dumps({"ready": True, **info}) + "\n")
+    for line in sys.stdin:
+        try:
+            out = handle(json.loads(line))
+        except Exception as e:
+            out = {"error": repr(e)}
+        proto.write(json.dumps(out, default=str) + "\n")
+
+
+def iterations_per_second(events: list[tuple[float, dict[str, Any]]], node: str | None = None) -> float | None:
+    """Sampler it/s from the arrival times of ``progress`` events: steps
+    between the first and the last one seen, over the time between them."""
+    pts = [(t, ev["data"]["value"]) for t, ev in events
+           if ev.get("type") == "progress" and (node is None or ev["data"].get("node") == node)]
+    if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
+        return None
+    return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
+
+
+def tidy_workdir(wd: Path, keep: bool = False) -> None:
+    """Delete what the servers wrote under ``wd`` (outputs, task logs), keeping
+    the *.log files; everything with ``keep``."""
+    import shutil
+
+    if keep:
+        print(f"kept {wd}")
+        return
+    for p in wd.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    print(f"server logs kept in {wd}")

@@ -13,9 +13,13 @@ Graphs: ``image512`` (EmptyImage 512x512 -> ImageInvert -> SaveImage) and
 ``t2i_tiny`` (the default text-to-image graph on the tiny random-weights
 checkpoint, 64x64, 4 steps). Request i changes the colour / the seed the same
 way on every path, so ComfyUI's cache never answers without work. All four run
-at once (idle between requests); after a warm-up, request i of each graph goes
-to every path in turn (rotating the order), one request at a time, so that a
-slow spell of the machine hits all paths alike.
+at once, idle when not their turn; graph by graph (ComfyUI's default cache
+keeps only what the next prompt shares: alternating graphs would reload the
+checkpoint every time), after a warm-up, the paths take turns in blocks of
+``--block`` requests (order rotating), one request at a time, so that a slow
+spell of the machine hits all paths alike. The first request of a block
+finds its process idle for a while (cold caches): ``--block 1`` shows that
+case for every request.
 
 Then a breakdown of (c): benchmarks/embed_server.py --instrument marks each
 stage of the request path (claim, validate, queue, execute, render, task-log
@@ -29,8 +33,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import subprocess
 import sys
 import time
 import uuid
@@ -51,49 +53,14 @@ def _graph(name: str, i: int, args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------ child workers
 def _worker(args: argparse.Namespace) -> None:
-    """Boot, then answer one JSON line per graph read on stdin with the
-    seconds the run took in here. ComfyUI prints: the protocol gets its own fd."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    from comfy_embed.config import Settings
+    """Boot, then answer one line per graph with the seconds the run took in here."""
+    def boot() -> tuple[Callable[[dict[str, Any]], dict[str, Any]], dict[str, Any]]:
+        from comfy_embed.config import Settings
 
-    settings = Settings.from_env(base_dir=Path(args.workdir), tiny_checkpoint=True,
-                                 cache_dir=Path(args.cache_dir), device="cpu")
-    info: dict[str, Any] = {}
-    if args.worker == "raw":
-        from comfy_embed._comfy import Comfy
-        from comfy_embed.models import ensure_tiny_checkpoint
-
-        comfy = Comfy.boot(settings)
-        ensure_tiny_checkpoint(comfy, settings)
-        import execution  # ComfyUI's own module, importable once booted
-
-        info["boot_seconds"] = comfy.boot_seconds
-
-        def run(graph: dict[str, Any]) -> dict[str, Any]:
-            t0 = time.perf_counter()
-            pid = str(uuid.uuid4())
-            ok, err, outputs, node_errors = comfy.loop.run_until_complete(
-                execution.validate_prompt(pid, graph, None))
-            if not ok:
-                raise RuntimeError(f"invalid: {err} {node_errors}")
-            t1 = time.perf_counter()
-            ex = comfy.executor
-            comfy.loop.run_until_complete(ex.execute_async(graph, pid, {"client_id": "bench"}, outputs))
-            t2 = time.perf_counter()
-            if not ex.success:
-                raise RuntimeError(f"failed: {ex.status_messages[-1:]}")
-            # Not part of (a): what (c) adds per image on top of the PNG that
-            # SaveImage wrote (read the file, base64 it).
-            enc = 0.0
-            for ui in ex.history_result["outputs"].values():
-                for img in ui.get("images", []):
-                    p = comfy.directory_of(img["type"]) / img["subfolder"] / img["filename"]
-                    t = time.perf_counter()
-                    base64.b64encode(p.read_bytes())
-                    enc += time.perf_counter() - t
-            return {"dt": t2 - t0, "validate": t1 - t0, "execute": t2 - t1, "encode": enc}
-    else:
+        settings = Settings.from_env(base_dir=Path(args.workdir), tiny_checkpoint=True,
+                                     cache_dir=Path(args.cache_dir), device="cpu")
+        if args.worker == "raw":
+            return _raw_runner(settings)
         from comfy_embed import run_workflow
 
         def run(graph: dict[str, Any]) -> dict[str, Any]:
@@ -105,54 +72,50 @@ def _worker(args: argparse.Namespace) -> None:
             return {"dt": dt}
 
         run(common.image_graph(-99, size=8))  # boots ComfyUI
-    proto.write(json.dumps({"ready": True, **info}) + "\n")
-    for line in sys.stdin:
-        try:
-            proto.write(json.dumps(run(json.loads(line))) + "\n")
-        except Exception as e:
-            proto.write(json.dumps({"error": repr(e)}) + "\n")
+        return run, {}
+
+    common.serve_lines(boot)
 
 
-class Worker:
-    """A raw / library child answering one graph per line."""
+def _raw_runner(settings: Any) -> tuple[Callable[[dict[str, Any]], dict[str, Any]], dict[str, Any]]:
+    from comfy_embed._comfy import Comfy
+    from comfy_embed.models import ensure_tiny_checkpoint
 
-    def __init__(self, kind: str, args: argparse.Namespace, wd: Path) -> None:
-        self.kind = kind
-        self.log = open(wd / f"{kind}.log", "w")
-        cmd = [common.PYTHON, __file__, "--worker", kind, "--workdir", str(wd / kind),
-               "--cache-dir", str(args.cache_dir)]
-        self.proc = subprocess.Popen(cmd, cwd=common.ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     bufsize=1, start_new_session=True)
-        self.info = self._read()
+    comfy = Comfy.boot(settings)
+    ensure_tiny_checkpoint(comfy, settings)
+    import execution  # ComfyUI's own module, importable once booted
 
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.kind} worker died; see {self.log.name}")
-        out = json.loads(line)
-        if "error" in out:
-            raise RuntimeError(f"{self.kind} worker: {out['error']}")
-        return out
+    def run(graph: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        pid = str(uuid.uuid4())
+        ok, err, outputs, node_errors = comfy.loop.run_until_complete(
+            execution.validate_prompt(pid, graph, None))
+        if not ok:
+            raise RuntimeError(f"invalid: {err} {node_errors}")
+        t1 = time.perf_counter()
+        ex = comfy.executor
+        comfy.loop.run_until_complete(ex.execute_async(graph, pid, {"client_id": "bench"}, outputs))
+        t2 = time.perf_counter()
+        if not ex.success:
+            raise RuntimeError(f"failed: {ex.status_messages[-1:]}")
+        # Not part of (a): what (c) adds per image on top of the PNG that
+        # SaveImage wrote (read the file, base64 it).
+        enc = 0.0
+        for ui in ex.history_result["outputs"].values():
+            for img in ui.get("images", []):
+                p = comfy.directory_of(img["type"]) / img["subfolder"] / img["filename"]
+                t = time.perf_counter()
+                base64.b64encode(p.read_bytes())
+                enc += time.perf_counter() - t
+        return {"dt": t2 - t0, "validate": t1 - t0, "execute": t2 - t1, "encode": enc}
 
-    def run(self, graph: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(graph) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
+    return run, {"boot_seconds": comfy.boot_seconds}
 
-    def stop(self) -> None:
-        try:
-            if self.proc.stdin:
-                self.proc.stdin.close()
-            self.proc.wait(10)
-        except Exception:
-            pass
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait(5)
-        self.log.close()
+
+def _start_worker(kind: str, args: argparse.Namespace, wd: Path) -> common.LineWorker:
+    cmd = [common.PYTHON, __file__, "--worker", kind, "--workdir", str(wd / kind),
+           "--cache-dir", str(args.cache_dir)]
+    return common.LineWorker(kind, cmd, wd / f"{kind}.log")
 
 
 # ------------------------------------------------------------- breakdown
@@ -225,12 +188,15 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--t2i-size", type=int, default=64)
     ap.add_argument("--t2i-steps", type=int, default=4)
+    ap.add_argument("--block", type=int, default=10,
+                    help="consecutive requests per path before the next path's turn")
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="OMP_NUM_THREADS of every server/worker (0: torch's default)")
     ap.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
     ap.add_argument("--worker", choices=("raw", "library"), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--keep", action="store_true", help="keep the servers' work folders")
     args = ap.parse_args()
     if args.worker:
         _worker(args)
@@ -258,10 +224,10 @@ def main() -> None:
         for path in paths:  # boot one at a time
             t = time.perf_counter()
             if path in ("raw", "library"):
-                w = Worker(path, args, wd)
+                w = _start_worker(path, args, wd)
                 closers.append(w.stop)
                 info[path] = w.info
-                runners[path] = w.run
+                runners[path] = w.call
             elif path == "http":
                 srv = common.start_embed(wd, cache_dir=args.cache_dir)
                 closers.append(srv.stop)
@@ -279,24 +245,26 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown path {path}")
             print(f"  {path}: up in {time.perf_counter() - t:.1f}s", flush=True)
+        watch = common.CpuWatch()
+        t_meas = time.perf_counter()
+        # Graph by graph: ComfyUI's default (classic) cache keeps only what
+        # the next prompt shares, so alternating graphs would reload the
+        # checkpoint on every text-to-image request.
         for g in args.graphs:
             for w in range(args.warmup):
                 for p in paths:
                     runners[p](_graph(g, -1 - w, args))
-        watch = common.CpuWatch()
-        t_meas = time.perf_counter()
-        for i in range(args.n):
-            for g in args.graphs:
-                graph = _graph(g, i, args)
-                k = i % len(paths)
+            for b, start in enumerate(range(0, args.n, args.block)):
+                k = b % len(paths)
                 for p in paths[k:] + paths[:k]:
-                    r = runners[p](json.loads(json.dumps(graph)))
-                    if "error" in r:
-                        raise RuntimeError(f"{p} {g} #{i}: {r['error']}")
-                    timings[p][g].append(r["dt"])
-                    if p == "raw":
-                        for key in detail:
-                            detail[key][g].append(r[key])
+                    for i in range(start, min(start + args.block, args.n)):
+                        r = runners[p](_graph(g, i, args))
+                        if "error" in r:
+                            raise RuntimeError(f"{p} {g} #{i}: {r['error']}")
+                        timings[p][g].append(r["dt"])
+                        if p == "raw":
+                            for key in detail:
+                                detail[key][g].append(r[key])
         foreign = watch.foreign_cores()
         print(f"  measured in {time.perf_counter() - t_meas:.1f}s; "
               f"other processes kept {foreign:.2f} cores busy meanwhile", flush=True)
@@ -348,10 +316,11 @@ def main() -> None:
         labels = list(next(iter(breakdown.values())))
         print(common.table(["stage", *args.graphs],
                            [[lab, *[breakdown[g].get(lab, "") for g in args.graphs]] for lab in labels]))
+    common.tidy_workdir(wd, args.keep)
     common.emit_json({"bench": "overhead", "machine": machine,
                       "config": {"n": args.n, "warmup": args.warmup, "image_size": args.image_size,
                                  "t2i_size": args.t2i_size, "t2i_steps": args.t2i_steps,
-                                 "torch_threads": args.torch_threads},
+                                 "torch_threads": args.torch_threads, "block": args.block},
                       "foreign_cores": foreign, "figures": figures, "breakdown_http_p50_ms": breakdown,
                       "workers": info})
 
