@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 VARIANTS = ("embed", "embed-preload", "native")
 
@@ -91,11 +91,11 @@ def one_start(variant: str, wd: Path, cache: Path, i: int) -> dict[str, Any]:
         srv = common.start_native(wd, models_dir=cache)
         try:
             out["listening"] = out["ready"] = _poll(srv, "/system_stats")
-            client = common.NativeClient(srv.port)
-            client.run(_graph(i))
+            native = common.NativeClient(srv.port)
+            native.run(_graph(i))
             out["first_request"] = time.perf_counter() - srv.t0
-            out["warm_request"], _ = common.timed(lambda: client.run(_graph(i + 1)))
-            client.close()
+            out["warm_request"], _ = common.timed(lambda: native.run(_graph(i + 1)))
+            native.close()
             out["log"] = {"torch + model management ('Total VRAM')": srv.first_line("Total VRAM"),
                           "server object ('[Prompt Server]')": srv.first_line("[Prompt Server]"),
                           "nodes loaded ('Starting server')": srv.first_line("Starting server"),

@@ -23,8 +23,9 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 COMFYUI = ROOT / "vendor" / "ComfyUI"
@@ -267,10 +268,10 @@ class Server:
         if self._log:
             self._log.close()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -468,15 +469,6 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t, out
 
 
-def run_paced(n: int, fn: Callable[[int], Any]) -> list[float]:
-    """``fn(i)`` for i in range(n), sequentially; the seconds of each."""
-    out = []
-    for i in range(n):
-        dt, _ = timed(lambda: fn(i))
-        out.append(dt)
-    return out
-
-
 # -------------------------------------------------------- foreign CPU load
 def _system_busy() -> float:
     import psutil
@@ -615,3 +607,89 @@ def tidy_workdir(wd: Path, keep: bool = False) -> None:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
     print(f"server logs kept in {wd}")
+
+
+# ------------------------------------------------------ emulated latency
+class DelayProxy:
+    """A TCP proxy on 127.0.0.1 that delivers every chunk ``one_way_ms``
+    late in each direction (so a round trip costs 2 x one_way_ms), keeping
+    order: a client elsewhere on a network, emulated on loopback."""
+
+    def __init__(self, upstream_port: int, one_way_ms: float) -> None:
+        import asyncio
+
+        self.upstream, self.delay = upstream_port, one_way_ms / 1000.0
+        self._writers: set[Any] = set()
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self._thread.start()
+        started.wait(10)
+
+    def _run(self, started: threading.Event) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self.loop)
+
+        async def pump(reader: Any, writer: Any) -> None:
+            q: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+            async def deliver() -> None:
+                while True:
+                    due, data = await q.get()
+                    if not data:
+                        break
+                    wait = due - self.loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    writer.write(data)
+                    await writer.drain()
+                writer.close()
+
+            task = asyncio.ensure_future(deliver())
+            try:
+                while True:
+                    data = await reader.read(65536)
+                    await q.put((self.loop.time() + self.delay, data))
+                    if not data:
+                        break
+            except (ConnectionError, OSError):
+                await q.put((0.0, b""))
+            await task
+
+        async def handle(cr: Any, cw: Any) -> None:
+            try:
+                ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream)
+            except OSError:
+                cw.close()
+                return
+            self._writers.update((cw, uw))
+            await asyncio.gather(pump(cr, uw), pump(ur, cw), return_exceptions=True)
+            self._writers.difference_update((cw, uw))
+
+        async def main() -> None:
+            self.server = await asyncio.start_server(handle, "127.0.0.1", self.port)
+            started.set()
+
+        self.loop.run_until_complete(main())
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        import asyncio
+
+        async def shutdown() -> None:
+            # Closing the sockets ends every pump (cancelling the handlers
+            # trips a bug of asyncio.streams in Python 3.11).
+            self.server.close()
+            for w in list(self._writers):
+                w.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if tasks:
+                await asyncio.wait(tasks, timeout=2)
+            self.loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()

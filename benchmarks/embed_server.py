@@ -42,10 +42,10 @@ def mark(name: str, key: str | None = None) -> None:
 def instrument() -> None:
     """Wrap the request path's stages with marks (before create_app binds them)."""
     import comfy_embed._comfy as cc
-    import comfy_embed.api.runs as runs
     import comfy_embed.runtime as rt
     import comfy_embed.service as sv
     import comfy_embed.tasklog as tl
+    from comfy_embed.api import runs
     from comfy_embed.events import FINAL
 
     orig_run = runs.run
@@ -58,7 +58,7 @@ def instrument() -> None:
             return await orig_run(request)
         finally:
             mark("resp", key)
-    runs.run = run
+    runs.run = run  # type: ignore[assignment]
 
     def sync_span(cls: Any, name: str, label: str, key_arg: int | None = None) -> None:
         orig = getattr(cls, name)
@@ -86,7 +86,7 @@ def instrument() -> None:
             return await orig_render(*a, **kw)
         finally:
             mark("render1")
-    rt.render_results = render_results
+    rt.render_results = render_results  # type: ignore[assignment]
 
     orig_publish = rt.Task._publish
 
@@ -94,7 +94,7 @@ def instrument() -> None:
         if ev.get("type") == FINAL and self.final is None:
             mark("final", self.task_id)
         orig_publish(self, ev)
-    rt.Task._publish = _publish
+    rt.Task._publish = _publish  # type: ignore[method-assign]
 
     class _MarkedEvent:
         """Stands in for the ``persisted`` event handed to TaskService._persist."""
@@ -109,8 +109,8 @@ def instrument() -> None:
     orig_persist = sv.TaskService._persist
 
     async def _persist(self: Any, task: Any, persisted: Any) -> None:
-        await orig_persist(self, task, _MarkedEvent(persisted, task.task_id))
-    sv.TaskService._persist = _persist
+        await orig_persist(self, task, _MarkedEvent(persisted, task.task_id))  # type: ignore[arg-type]
+    sv.TaskService._persist = _persist  # type: ignore[method-assign]
 
 
 def bench_app(app: Any) -> Any:

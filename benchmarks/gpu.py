@@ -29,11 +29,12 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 FULL = "sd15-random-fp16.safetensors"
 #: Per 512x512 image, 20 steps, CFG (two UNet passes per step), fwd only.
@@ -51,10 +52,10 @@ def build_full_checkpoint(path: Path, seed: int = 0) -> dict[str, Any]:
     is drawn like comfy-embed's tiny checkpoint: norms 1, biases 0, the rest
     N(0, 0.02). Runs in a child that has booted ComfyUI's modules.
     """
-    import torch
-    import safetensors.torch
     import comfy.ops
     import comfy.sd1_clip
+    import safetensors.torch
+    import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -79,12 +80,11 @@ def build_full_checkpoint(path: Path, seed: int = 0) -> dict[str, Any]:
         n = 0
         for name, t in module.state_dict().items():
             n += t.numel()
-            if not t.is_floating_point() or name.endswith("position_ids"):
-                sd[prefix + name] = torch.arange(t.shape[-1]).expand(t.shape).clone().to(t.dtype) \
-                    if name.endswith("position_ids") else torch.zeros(t.shape, dtype=t.dtype)
-            elif "norm" in name and name.endswith("weight"):
+            if not t.is_floating_point():  # none in these modules today
+                raise RuntimeError(f"unexpected non-float tensor {prefix}{name}")
+            if "norm" in name and name.endswith("weight"):
                 sd[prefix + name] = torch.ones(t.shape, dtype=torch.float16)
-            elif name.endswith("bias") or name.endswith("logit_scale"):
+            elif name.endswith(("bias", "logit_scale")):
                 sd[prefix + name] = torch.zeros(t.shape, dtype=torch.float16)
             else:
                 sd[prefix + name] = (torch.randn(t.shape, generator=gen) * 0.02).to(torch.float16)
@@ -99,7 +99,7 @@ def build_full_checkpoint(path: Path, seed: int = 0) -> dict[str, Any]:
 def _verify(path: Path) -> dict[str, Any]:
     """Load it as CheckpointLoaderSimple does and report what ComfyUI saw."""
     import comfy.sd
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True,
+    model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True,
                                                                 output_clip=True)
     unet = model.model.diffusion_model
     return {"model_config": type(model.model.model_config).__name__,
@@ -131,6 +131,7 @@ def _worker(args: argparse.Namespace) -> None:
             return build, {}
 
         import anyio
+
         from comfy_embed import run_workflow
         from comfy_embed.runtime import shared_engine
 
@@ -275,11 +276,11 @@ def main() -> None:
         elif path == "native":
             with common.start_native(wd, models_dir=ckpt.parent, cpu=device == "cpu") as srv:
                 srv.wait_http("/system_stats", timeout=600)
-                client = common.NativeClient(srv.port)
+                native = common.NativeClient(srv.port)
                 try:
-                    res = _measure(client.run, graph, batches, reps, args.warmup)
+                    res = _measure(native.run, graph, batches, reps, args.warmup)
                 finally:
-                    client.close()
+                    native.close()
         else:
             raise SystemExit(f"unknown path {path}")
         results[path] = res
@@ -295,13 +296,15 @@ def main() -> None:
         for b in batches:
             r = results[path][str(b)]
             p50 = common.percentile(r["latencies"], 50)
-            its = common.percentile(r["its"], 50) if r["its"] else None
-            f = {"batch": b, "latency_p50_ms": round(p50 * 1000, 1), "it_s": round(its, 3) if its else None,
-                 "images_s": round(b / p50, 3), "ms_per_image": round(p50 * 1000 / b, 1),
-                 "n": len(r["latencies"])}
+            rate = common.percentile(r["its"], 50) if r["its"] else None
+            per_image_ms = p50 * 1000 / b
+            f: dict[str, Any] = {"batch": b, "latency_p50_ms": round(p50 * 1000, 1),
+                                 "it_s": round(rate, 3) if rate else None,
+                                 "images_s": round(b / p50, 3), "ms_per_image": round(per_image_ms, 1),
+                                 "n": len(r["latencies"])}
             if floor_ms:
                 f["floor_ms_per_image"] = round(floor_ms, 1)
-                f["floor_fraction"] = round(floor_ms / f["ms_per_image"], 3)
+                f["floor_fraction"] = round(floor_ms / per_image_ms, 3)
             figures.setdefault(path, {})[str(b)] = f
             rows.append([path, b, f["latency_p50_ms"], f["it_s"] or "-", f["images_s"], f["ms_per_image"],
                          f.get("floor_ms_per_image", "-"), f.get("floor_fraction", "-")])

@@ -25,7 +25,11 @@ Then a breakdown of (c): benchmarks/embed_server.py --instrument marks each
 stage of the request path (claim, validate, queue, execute, render, task-log
 persistence, response) on the same clock as the client.
 
-    .venv/bin/python benchmarks/overhead.py [--n 40]
+``--rtt-ms R`` puts a TCP proxy adding R ms per round trip in front of (c)
+and (d): a client across a network, where native's 3+ round trips per
+request (POST /prompt, ws message, /history, /view per image) weigh.
+
+    .venv/bin/python benchmarks/overhead.py [--n 40] [--rtt-ms 30]
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 PATHS = ("raw", "library", "http", "native")
 
@@ -136,7 +141,7 @@ STAGES = [  # (label, from mark, to mark)
 def _breakdown(args: argparse.Namespace, wd: Path) -> dict[str, Any]:
     """Per-stage p50 of (c), one request at a time, on the instrumented server."""
     out: dict[str, Any] = {}
-    with common.start_embed(wd, cache_dir=args.cache_dir,
+    with common.start_embed(wd, cache_dir=args.cache_dir, env=args.http_env,
                             args=["benchmarks/embed_server.py", "--instrument"]) as srv:
         srv.wait_http("/ready")
         client = common.EmbedClient(srv.port)
@@ -190,7 +195,13 @@ def main() -> None:
     ap.add_argument("--t2i-steps", type=int, default=4)
     ap.add_argument("--block", type=int, default=10,
                     help="consecutive requests per path before the next path's turn")
+    ap.add_argument("--rtt-ms", type=float, default=0.0,
+                    help="emulate a client this far away (ms round trip) for (c) and (d): "
+                         "a delaying TCP proxy on 127.0.0.1")
     ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--http-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment of the (c) server, e.g. "
+                         "COMFY_EMBED_TASK_LOG_DIR=/dev/shm/tasks (repeatable)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="OMP_NUM_THREADS of every server/worker (0: torch's default)")
     ap.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
@@ -202,6 +213,7 @@ def main() -> None:
         _worker(args)
         return
     args.graphs = [g for g in args.graphs.split(",") if g]
+    args.http_env = dict(kv.split("=", 1) for kv in args.http_env)
     paths = [p for p in args.paths.split(",") if p]
 
     common.set_torch_threads(args.torch_threads)
@@ -229,17 +241,17 @@ def main() -> None:
                 info[path] = w.info
                 runners[path] = w.call
             elif path == "http":
-                srv = common.start_embed(wd, cache_dir=args.cache_dir)
+                srv = common.start_embed(wd, cache_dir=args.cache_dir, env=args.http_env)
                 closers.append(srv.stop)
                 srv.wait_http("/ready")
-                ec = common.EmbedClient(srv.port)
+                ec = common.EmbedClient(_via_proxy(srv.port, args, closers))
                 closers.append(ec.close)
                 runners[path] = _client_runner(ec.run)
             elif path == "native":
                 nsrv = common.start_native(wd, models_dir=args.cache_dir)
                 closers.append(nsrv.stop)
                 nsrv.wait_http("/system_stats")
-                nc = common.NativeClient(nsrv.port)
+                nc = common.NativeClient(_via_proxy(nsrv.port, args, closers))
                 closers.append(nc.close)
                 runners[path] = _client_runner(nc.run)
             else:
@@ -251,9 +263,11 @@ def main() -> None:
         # the next prompt shares, so alternating graphs would reload the
         # checkpoint on every text-to-image request.
         for g in args.graphs:
-            for w in range(args.warmup):
+            for k in range(args.warmup):
                 for p in paths:
-                    runners[p](_graph(g, -1 - w, args))
+                    r = runners[p](_graph(g, -1 - k, args))
+                    if "error" in r:
+                        raise RuntimeError(f"{p} {g} warm-up: {r['error']}")
             for b, start in enumerate(range(0, args.n, args.block)):
                 k = b % len(paths)
                 for p in paths[k:] + paths[:k]:
@@ -275,7 +289,8 @@ def main() -> None:
             except Exception as e:
                 print(f"cleanup: {e!r}", file=sys.stderr)
 
-    breakdown = {} if args.no_breakdown or "http" not in paths else _breakdown(args, wd)
+    breakdown = ({} if args.no_breakdown or "http" not in paths or args.rtt_ms
+                 else _breakdown(args, wd))
 
     figures: dict[str, Any] = {}
     rows = []
@@ -294,6 +309,8 @@ def main() -> None:
             if p in f and "raw" in f:
                 f[f"{p}_minus_raw_p50_ms"] = round(f[p]["p50_ms"] - f["raw"]["p50_ms"], 2)
     print()
+    if args.rtt_ms:
+        print(f"(c) and (d) through a proxy adding {args.rtt_ms:g} ms per round trip")
     print(common.table(["graph", "path", "p50 ms", "p95 ms", "mean ms", "min ms"], rows))
     print()
     for g in args.graphs:
@@ -312,7 +329,9 @@ def main() -> None:
             print(f"  (a) = validate {f['raw_validate_p50_ms']:.2f} ms + execute "
                   f"{f['raw_execute_p50_ms']:.2f} ms (p50)")
     if breakdown:
-        print("\nwhere (c)'s time goes (instrumented server, p50 ms per stage):")
+        print("\nwhere (c)'s time goes (instrumented server, one request at a time with a stats"
+              "\nread between requests, so work left after an answer does not delay the next;"
+              "\np50 ms per stage):")
         labels = list(next(iter(breakdown.values())))
         print(common.table(["stage", *args.graphs],
                            [[lab, *[breakdown[g].get(lab, "") for g in args.graphs]] for lab in labels]))
@@ -320,9 +339,18 @@ def main() -> None:
     common.emit_json({"bench": "overhead", "machine": machine,
                       "config": {"n": args.n, "warmup": args.warmup, "image_size": args.image_size,
                                  "t2i_size": args.t2i_size, "t2i_steps": args.t2i_steps,
-                                 "torch_threads": args.torch_threads, "block": args.block},
+                                 "torch_threads": args.torch_threads, "block": args.block,
+                                 "http_env": args.http_env, "rtt_ms": args.rtt_ms},
                       "foreign_cores": foreign, "figures": figures, "breakdown_http_p50_ms": breakdown,
                       "workers": info})
+
+
+def _via_proxy(port: int, args: argparse.Namespace, closers: list[Callable[[], None]]) -> int:
+    if not args.rtt_ms:
+        return port
+    proxy = common.DelayProxy(port, args.rtt_ms / 2)
+    closers.append(proxy.close)
+    return proxy.port
 
 
 def _client_runner(run: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "Task", "run_workflow"]
 
 #: Finished tasks kept in memory for late readers (the task log keeps all).
-_KEEP_FINISHED = 256
+_KEEP_FINISHED = 16
 _COALESCE = frozenset({"progress", "progress_state"})
 
 
