@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "Task", "run_workflow"]
 
-#: Finished tasks kept in memory for late readers (the task log keeps all).
-_KEEP_FINISHED = 16
+#: Finished tasks kept in memory for late readers (the task log keeps all;
+#: a final event can hold megabytes of base64, so keep few).
+_KEEP_FINISHED = 4
 _COALESCE = frozenset({"progress", "progress_state"})
 
 
