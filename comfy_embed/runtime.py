@@ -190,8 +190,7 @@ def _outcome_error(outcome: Outcome, timeout: float | None) -> ComfyEmbedError:
             return RunTimeout(f"the run exceeded its time limit of {timeout:g}s and was interrupted",
                               details=err)
         where = f" at node {err['node_id']} ({err.get('node_type')})" if err.get("node_id") else ""
-        return TaskCancelled(f"the task was cancelled{where}" if reason != "cancelled" or where
-                             else "the task was cancelled", details=err)
+        return TaskCancelled(f"the task was cancelled{where}", details=err)
     node_id, node_type = err.get("node_id"), err.get("node_type")
     msg = err.get("exception_message") or err.get("reason") or "execution failed"
     node_errors = {}
