@@ -131,17 +131,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-importtime", action="store_true")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="OMP_NUM_THREADS of every server (0: torch's default)")
-    ap.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
-    ap.add_argument("--keep", action="store_true", help="keep the servers' work folders")
+    common.add_common_args(ap)
     args = ap.parse_args()
-    common.set_torch_threads(args.torch_threads)
-    machine = common.describe_machine()
-    machine["torch_threads"] = args.torch_threads or "default"
-    common.print_machine(machine)
-    common.ensure_tiny_checkpoint(args.cache_dir)
-    wd = common.workdir("coldstart")
+    machine, wd = common.start_run(args, "coldstart")
     variants = [v for v in args.variants.split(",") if v]
     print(f"{args.repeats} rounds of {variants}; logs in {wd}", flush=True)
 

@@ -9,6 +9,8 @@ killed with it, whatever happens.
 
 from __future__ import annotations
 
+import argparse
+
 import base64
 import http.client
 import json
@@ -693,3 +695,22 @@ class DelayProxy:
         self._thread.join(5)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+def add_common_args(ap: "argparse.ArgumentParser") -> None:
+    """The options every benchmark takes."""
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="OMP_NUM_THREADS of every server (0: torch's default)")
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--keep", action="store_true", help="keep the servers' work folders")
+
+
+def start_run(args: "argparse.Namespace", name: str) -> tuple[dict[str, Any], Path]:
+    """Thread settings, the machine printed, the tiny checkpoint built, and a
+    work folder: what every benchmark does first."""
+    set_torch_threads(args.torch_threads)
+    machine = describe_machine()
+    machine["torch_threads"] = args.torch_threads or "default"
+    print_machine(machine)
+    ensure_tiny_checkpoint(args.cache_dir)
+    return machine, workdir(name)

@@ -202,12 +202,9 @@ def main() -> None:
     ap.add_argument("--http-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment of the (c) server, e.g. "
                          "COMFY_EMBED_TASK_LOG_DIR=/dev/shm/tasks (repeatable)")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="OMP_NUM_THREADS of every server/worker (0: torch's default)")
-    ap.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
+    common.add_common_args(ap)
     ap.add_argument("--worker", choices=("raw", "library"), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
-    ap.add_argument("--keep", action="store_true", help="keep the servers' work folders")
     args = ap.parse_args()
     if args.worker:
         _worker(args)
@@ -216,12 +213,7 @@ def main() -> None:
     args.http_env = dict(kv.split("=", 1) for kv in args.http_env)
     paths = [p for p in args.paths.split(",") if p]
 
-    common.set_torch_threads(args.torch_threads)
-    machine = common.describe_machine()
-    machine["torch_threads"] = args.torch_threads or "default"
-    common.print_machine(machine)
-    common.ensure_tiny_checkpoint(args.cache_dir)
-    wd = common.workdir("overhead")
+    machine, wd = common.start_run(args, "overhead")
     print(f"graphs {args.graphs}; {args.n} requests each after {args.warmup} warm-up; "
           f"t2i {args.t2i_size}x{args.t2i_size} {args.t2i_steps} steps; logs in {wd}", flush=True)
 

@@ -184,17 +184,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--content", choices=("flat", "noise"), default="flat")
     ap.add_argument("--servers", default="embed,native")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="OMP_NUM_THREADS of every server (0: torch's default)")
-    ap.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
-    ap.add_argument("--keep", action="store_true", help="keep the servers' work folders")
+    common.add_common_args(ap)
     args = ap.parse_args()
-    common.set_torch_threads(args.torch_threads)
-    machine = common.describe_machine()
-    machine["torch_threads"] = args.torch_threads or "default"
-    common.print_machine(machine)
-    common.ensure_tiny_checkpoint(args.cache_dir)
-    wd = common.workdir("throughput")
+    machine, wd = common.start_run(args, "throughput")
     graph = noise_graph if args.content == "noise" else common.image_graph
     servers = [s for s in args.servers.split(",") if s]
     print(f"graph image512 ({args.content}); phases 1/8/16 clients x {args.requests}, "

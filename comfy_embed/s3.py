@@ -28,7 +28,7 @@ import anyio.to_thread
 
 from .config import Settings
 from .errors import StorageError
-from .storage import Credentials
+from .storage import Credentials, read_capped
 
 __all__ = ["S3Store", "MAX_PRESIGN_SECONDS"]
 
@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 #: SigV4 presigned URLs live at most seven days.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 _ATTEMPTS = 3  # boto3 "standard" retry mode, initial try included
-_CHUNK = 64 * 1024
 _ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _MAX_CLIENTS = 8  # one per distinct key set; rotation adds one now and then
 _T = TypeVar("_T")
@@ -209,16 +208,7 @@ class S3Store:
             response = self._client(url, credentials).get_object(Bucket=bucket, Key=key)
             body = response["Body"]
             try:
-                size = response.get("ContentLength")
-                if max_bytes is not None and size is not None and size > max_bytes:
-                    raise StorageError(f"{where}: {size} bytes is over the {max_bytes} byte limit")
-                chunks, total = [], 0
-                while chunk := body.read(_CHUNK):
-                    total += len(chunk)
-                    if max_bytes is not None and total > max_bytes:
-                        raise StorageError(f"{where}: over the {max_bytes} byte limit")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                return read_capped(body.read, response.get("ContentLength"), max_bytes, where)
             finally:
                 body.close()
 

@@ -78,6 +78,21 @@ def credentials_from_headers(headers: Mapping[str, str]) -> Credentials | None:
     return Credentials(key_id, secret, token)
 
 
+def read_capped(read: Callable[[int], bytes], size: int | None, max_bytes: int | None,
+                where: str) -> bytes:
+    """An object's body through ``read(n)``, refused as soon as it passes
+    ``max_bytes`` (by its declared ``size`` or by the bytes received)."""
+    if max_bytes is not None and size is not None and size > max_bytes:
+        raise StorageError(f"{where}: {size} bytes is over the {max_bytes} byte limit")
+    chunks, total = [], 0
+    while chunk := read(64 * 1024):
+        total += len(chunk)
+        if max_bytes is not None and total > max_bytes:
+            raise StorageError(f"{where}: over the {max_bytes} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def region_of(endpoint: str) -> str | None:
     """The region id (``cn-hangzhou``) named by an endpoint such as
     ``oss-cn-hangzhou(-internal).aliyuncs.com``; None for other hosts."""
@@ -240,16 +255,7 @@ class OssStore:
         def read() -> bytes:
             result = b.get_object(key)
             try:
-                size = result.content_length
-                if max_bytes is not None and size is not None and size > max_bytes:
-                    raise StorageError(f"{where}: {size} bytes is over the {max_bytes} byte limit")
-                chunks, total = [], 0
-                while chunk := result.read(64 * 1024):
-                    total += len(chunk)
-                    if max_bytes is not None and total > max_bytes:
-                        raise StorageError(f"{where}: over the {max_bytes} byte limit")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                return read_capped(result.read, result.content_length, max_bytes, where)
             finally:
                 result.resp.response.close()
 
