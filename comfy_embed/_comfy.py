@@ -379,11 +379,6 @@ class Comfy:
         if not outcome.success:
             raise RuntimeError(f"preloading {checkpoint} failed: {outcome.error}")
 
-    def clear_cache(self) -> None:
-        """Drop cached node outputs and unload models."""
-        self.executor.reset()
-        self._mm.unload_all_models()
-
     # --------------------------------------------------- test checkpoint
     def build_tiny_checkpoint(self, path: Path, seed: int = 0) -> Path:
         """Write a random-weights SD1.5-architecture checkpoint (see README).

@@ -12,7 +12,6 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -67,7 +66,7 @@ class Executor:
     def __init__(self, boot: Callable[[], Backend], max_queue: int = 64) -> None:
         self._boot = boot
         self.max_queue = max_queue
-        self._queue: collections.deque[Job | Callable[[Backend | None], Any]] = collections.deque()
+        self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._current: Job | None = None
         self._closing = False
@@ -104,7 +103,7 @@ class Executor:
     def queue_remaining(self) -> int:
         """Queued plus running jobs, as ComfyUI's ``status`` message counts."""
         with self._cond:
-            return sum(isinstance(j, Job) for j in self._queue) + (self._current is not None)
+            return len(self._queue) + (self._current is not None)
 
     @property
     def idle(self) -> bool:
@@ -117,41 +116,19 @@ class Executor:
         with self._cond:
             if self._closing or self.boot_error is not None:
                 raise QueueFull("executor is shutting down or failed to boot")
-            waiting = sum(isinstance(j, Job) for j in self._queue)
+            waiting = len(self._queue)
             if waiting >= self.max_queue:
                 raise QueueFull(f"queue is full ({waiting} jobs waiting)")
             self._queue.append(job)
             self._cond.notify()
             return waiting + (self._current is not None)
 
-    def call(self, fn: Callable[[Backend], Any]) -> "Future[Any]":
-        """Run ``fn(backend)`` on the executor thread, in queue order."""
-        fut: Future[Any] = Future()
-
-        def run(backend: Backend | None) -> None:
-            if fut.set_running_or_notify_cancel():
-                if backend is None:
-                    fut.set_exception(RuntimeError("ComfyUI failed to boot"))
-                    return
-                try:
-                    fut.set_result(fn(backend))
-                except BaseException as e:  # handed to the caller
-                    fut.set_exception(e)
-
-        with self._cond:
-            if self.boot_error is None:
-                self._queue.append(run)
-                self._cond.notify()
-                return fut
-        run(None)  # the thread is gone: fail now rather than never
-        return fut
-
     def cancel(self, prompt_id: str, reason: str = "cancelled") -> bool:
         """Cancel a queued job (removed at once) or the running one
         (interrupted at its next check). False when the job is unknown or done."""
         with self._cond:
             for item in self._queue:
-                if isinstance(item, Job) and item.prompt_id == prompt_id:
+                if item.prompt_id == prompt_id:
                     self._queue.remove(item)
                     item.cancel_reason = reason
                     item.state = "done"
@@ -175,7 +152,7 @@ class Executor:
             self.backend = self._boot()
         except BaseException as e:
             log.exception("ComfyUI boot failed")
-            with self._cond:  # submit/call see it under the lock: nothing is queued after
+            with self._cond:  # submit sees it under the lock: nothing is queued after
                 self.boot_error = e
             self.ready.set()
             self._fail_queued(e)
@@ -187,14 +164,10 @@ class Executor:
                     self._cond.wait()
                 if not self._queue:
                     return
-                item = self._queue.popleft()
-                if isinstance(item, Job):
-                    item.state = "running"
-                    self._current = item
-            if isinstance(item, Job):
-                self._execute(item)
-            else:
-                item(self.backend)
+                job = self._queue.popleft()
+                job.state = "running"
+                self._current = job
+            self._execute(job)
 
     def _execute(self, job: Job) -> None:
         start = time.monotonic()
@@ -229,10 +202,7 @@ class Executor:
     def _fail_queued(self, error: BaseException) -> None:
         with self._cond:
             items, self._queue = list(self._queue), collections.deque()
-        for item in items:
-            if isinstance(item, Job):
-                out = _cancelled_outcome(item)
-                out.error = {"reason": f"ComfyUI failed to boot: {error}"}
-                self._finish(item, out)
-            else:
-                item(None)
+        for job in items:
+            out = _cancelled_outcome(job)
+            out.error = {"reason": f"ComfyUI failed to boot: {error}"}
+            self._finish(job, out)

@@ -16,7 +16,6 @@ import collections
 import copy
 import logging
 import threading
-import time
 import uuid
 from typing import Any, AsyncIterator
 
@@ -61,8 +60,6 @@ class Task:
         self._changed = asyncio.Event()
         self._options = (output_base64, output_oss, credentials, output_format, quality)
         self._timeout_handle: asyncio.TimerHandle | None = None
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
 
     # ---------------------------------------------------------- consumers
     @property
@@ -119,7 +116,6 @@ class Task:
         self.events.append(ev)
         if ev["type"] == FINAL:
             self.final = ev
-            self.finished_at = time.monotonic()
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
         self._changed.set()
@@ -147,7 +143,6 @@ class Task:
 
     def _started(self) -> None:
         self.state = "running"
-        self.started_at = time.monotonic()
         limit = self.engine.settings.run_timeout
         if limit:
             self._timeout_handle = self._loop.call_later(

@@ -6,11 +6,10 @@ from __future__ import annotations
 import base64
 from typing import Iterator
 
-import boto3
 import pytest
 import requests
-from moto import server as moto_server
 
+from tests.fakes.moto_s3 import serve_s3
 from tests.fakes.web_server import PNG
 
 from .servers import Server
@@ -23,18 +22,8 @@ AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    moto = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    url = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    client.create_bucket(Bucket=BUCKET)
-    client.put_object(Bucket=BUCKET, Key="inputs/red.png", Body=PNG, ContentType="image/png")
-    try:
+    with serve_s3(BUCKET, {"inputs/red.png": (PNG, "image/png")}) as url:
         yield url
-    finally:
-        moto.stop()
 
 
 @pytest.fixture(scope="module")

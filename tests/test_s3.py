@@ -9,17 +9,16 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
 
+import boto3
 import pytest
 import requests
-
-boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
 
 from comfy_embed.config import Settings
 from comfy_embed.errors import ImageInputError, StorageError
 from comfy_embed.inputs import ImageFetcher, is_remote_or_inline
 from comfy_embed.s3 import MAX_PRESIGN_SECONDS, S3Store
 from comfy_embed.storage import Credentials
+from tests.fakes.moto_s3 import serve_s3
 from tests.fakes.web_server import PNG
 
 BUCKET = "test-bucket"
@@ -48,19 +47,9 @@ def _no_ambient_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                          aws_access_key_id="x", aws_secret_access_key="x")
-    client.create_bucket(Bucket=BUCKET)
-    client.put_object(Bucket=BUCKET, Key="in/cat.png", Body=PNG, ContentType="image/png")
-    client.put_object(Bucket=BUCKET, Key="in/notes.txt", Body=b"hello", ContentType="text/plain")
-    try:
+    with serve_s3(BUCKET, {"in/cat.png": (PNG, "image/png"),
+                           "in/notes.txt": (b"hello", "text/plain")}) as url:
         yield url
-    finally:
-        server.stop()
 
 
 @pytest.fixture
