@@ -326,16 +326,30 @@ class Comfy:
 
     # ----------------------------------------------------------- execution
     def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str],
-                sink: Sink) -> Outcome:
-        """Execute a validated prompt on this (the executor) thread."""
+                sink: Sink, stop: Callable[[], bool] | None = None) -> Outcome:
+        """Execute a validated prompt on this (the executor) thread.
+
+        ``stop`` is asked once, right after ComfyUI clears its process-wide
+        interrupt flag at the start of ``execute_async`` (an interrupt raised
+        before that point is wiped by ComfyUI itself): when it answers True
+        the prompt ends interrupted before any node runs, cached ones
+        included (ComfyUI never checks the flag for a cached node).
+        """
         srv = self.server
-        srv.sink = sink
         srv.last_prompt_id = prompt_id
         srv.sockets_metadata = {_CLIENT_ID: {"feature_flags": {"supports_preview_metadata": True}}}
+        srv.sink = sink if stop is None else _stop_at_start(sink, stop)
         ex = self.executor
         try:
-            self.loop.run_until_complete(
-                ex.execute_async(prompt, prompt_id, {"client_id": _CLIENT_ID}, outputs))
+            try:
+                self.loop.run_until_complete(
+                    ex.execute_async(prompt, prompt_id, {"client_id": _CLIENT_ID}, outputs))
+            except _StoppedAtStart:
+                data = {"prompt_id": prompt_id, "node_id": None, "node_type": None,
+                        "executed": [], "timestamp": int(time.time() * 1000)}
+                sink("execution_interrupted", data)
+                return Outcome(success=False, interrupted=True, outputs={}, error=dict(data),
+                               messages=[("execution_interrupted", data)])
             last = ex.status_messages[-1][0] if ex.status_messages else None
             error = None
             for event, data in ex.status_messages:
@@ -414,6 +428,23 @@ class Comfy:
         safetensors.torch.save_file(sd, str(tmp))
         os.replace(tmp, path)
         return path
+
+
+class _StoppedAtStart(Exception):
+    """Raised through ComfyUI's execute_async when ``stop`` says so at its start."""
+
+
+def _stop_at_start(sink: Sink, stop: Callable[[], bool]) -> Sink:
+    """A sink that asks ``stop`` on ``execution_start``: ComfyUI sends that
+    message right after ``nodes.interrupt_processing(False)``, before any
+    cache or node work, so raising there leaves its executor untouched."""
+
+    def forward(kind: str, data: dict) -> None:
+        sink(kind, data)
+        if kind == "execution_start" and stop():
+            raise _StoppedAtStart()
+
+    return forward
 
 
 def _random_like(name: str, tensor: Any, gen: Any) -> Any:

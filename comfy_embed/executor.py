@@ -27,7 +27,10 @@ class Backend(Protocol):
     """What the executor needs of ComfyUI (a fake stands in for unit tests)."""
 
     def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str],
-                sink: Sink) -> Outcome: ...
+                sink: Sink, stop: Callable[[], bool] | None = None) -> Outcome:
+        """Run one prompt. ``stop`` is asked once at execution start, after
+        the backend cleared any earlier interrupt; True ends it interrupted."""
+        ...
 
     def interrupt(self) -> None: ...
 
@@ -174,7 +177,8 @@ class Executor:
         assert self.backend is not None
         try:
             job.on_start()
-            outcome = self.backend.execute(job.prompt, job.prompt_id, job.outputs, job.emit)
+            outcome = self.backend.execute(job.prompt, job.prompt_id, job.outputs, job.emit,
+                                           stop=lambda: self._cancelled(job))
         except BaseException as e:  # the job fails, the thread goes on
             log.exception("job %s (task %s) crashed the executor call", job.prompt_id, job.task_id)
             outcome = Outcome(success=False, interrupted=False, outputs={},
@@ -191,6 +195,16 @@ class Executor:
             if outcome.error is not None:
                 outcome.error.setdefault("reason", job.cancel_reason)
         self._finish(job, outcome)
+
+    def _cancelled(self, job: Job) -> bool:
+        """Asked by the backend right after it cleared its interrupt flag.
+
+        A cancel between dequeue and that point set the flag too early (the
+        backend wiped it), so it is honoured here. Under the lock: a cancel
+        either is seen here or sets the flag after it was cleared, never neither.
+        """
+        with self._cond:
+            return job.cancel_reason is not None
 
     def _finish(self, job: Job, outcome: Outcome) -> None:
         job.state = "done"

@@ -4,7 +4,7 @@ only place a fake stands in for ComfyUI)."""
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -14,16 +14,34 @@ from comfy_embed.executor import Executor, Job
 
 
 class FakeBackend:
+    """Behaves as ComfyUI does where the executor can tell: ``execute``
+    clears the interrupt flag first, sends ``execution_start``, asks ``stop``,
+    then checks the flag before each node. ``hooks`` run at named points of
+    an execution, to land a cancel exactly there."""
+
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.started = threading.Event()
         self.interrupted = threading.Event()
         self.order: list[str] = []
+        self.nodes_run: list[str] = []
+        self.hooks: dict[str, Callable[[], None]] = {}
+
+    def _hook(self, point: str) -> None:
+        fn = self.hooks.pop(point, None)
+        if fn is not None:
+            fn()
 
     def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str],
-                sink: Sink) -> Outcome:
+                sink: Sink, stop: Callable[[], bool] | None = None) -> Outcome:
         self.order.append(prompt_id)
+        self._hook("before_clear")
+        self.interrupted.clear()  # ComfyUI: nodes.interrupt_processing(False)
         sink("execution_start", {"prompt_id": prompt_id})
+        self._hook("after_clear")
+        if stop is not None and stop():
+            return Outcome(False, True, {}, {"prompt_id": prompt_id, "node_id": None})
+        self._hook("after_stop_check")
         if prompt.get("raise"):
             raise RuntimeError("backend exploded")
         if prompt.get("block"):
@@ -32,6 +50,10 @@ class FakeBackend:
                 if self.interrupted.is_set():
                     self.interrupted.clear()
                     return Outcome(False, True, {}, {"prompt_id": prompt_id, "node_id": "1"})
+        if self.interrupted.is_set():  # ComfyUI checks the flag before each node
+            self.interrupted.clear()
+            return Outcome(False, True, {}, {"prompt_id": prompt_id, "node_id": "1"})
+        self.nodes_run.append(prompt_id)
         return Outcome(True, False, {"1": {"images": []}})
 
     def interrupt(self) -> None:
@@ -119,3 +141,27 @@ def test_boot_failure_is_reported() -> None:
     # Nothing can be queued on a dead executor: it would wait forever.
     with pytest.raises(QueueFull, match="failed to boot"):
         ex.submit(make_job("late", {}, []))
+
+
+@pytest.mark.parametrize("point", ["on_start", "before_clear", "after_clear", "after_stop_check"])
+def test_cancel_is_never_lost_between_dequeue_and_execution(setup: Any, point: str) -> None:
+    """A cancel landing anywhere from dequeue to the first node ends the job
+    interrupted: before the backend clears its interrupt flag (the flag is
+    wiped, ``stop`` catches it), or after (the flag itself stops the node)."""
+    ex, backend = setup
+    done: dict[str, Outcome] = {}
+    job = make_job("racy", done, [])
+    if point == "on_start":  # dequeued, backend.execute not called yet
+        job.on_start = lambda: ex.cancel("racy")
+    else:
+        backend.hooks[point] = lambda: ex.cancel("racy")
+    ex.submit(job)
+    assert job.finished.wait(5)
+    assert job.cancel_reason == "cancelled"
+    assert not done["racy"].success and done["racy"].interrupted
+    assert done["racy"].error["reason"] == "cancelled"
+    assert backend.nodes_run == []
+    # The thread goes on, and the next job is not hit by a stale interrupt.
+    after = make_job("next", done, [])
+    ex.submit(after)
+    assert after.finished.wait(5) and done["next"].success

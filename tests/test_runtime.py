@@ -3,6 +3,8 @@ cancel, isolation."""
 
 from __future__ import annotations
 
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import pytest
 from PIL import Image
 
 from comfy_embed import ExecutionFailed, TaskCancelled, WorkflowInvalid
+from comfy_embed._comfy import Outcome
+from comfy_embed.executor import Job
 from comfy_embed.runtime import Engine, Task
 
 from .conftest import image_only, text_to_image
@@ -158,6 +162,36 @@ async def test_cancel_queued_and_running(engine: Engine) -> None:
     assert max(progress) < 400  # stopped mid-sampling
     # The executor goes on.
     ok = await engine.run(image_only(color=0x654321))
+    assert ok["data"]["status"] == "success"
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["fresh", "all-cached"])
+async def test_cancel_between_dequeue_and_execute_is_not_lost(engine: Engine, cached: bool) -> None:
+    """Real ComfyUI clears its interrupt flag when a prompt starts: a cancel
+    landing after dequeue but before that (here: from the job's on_start, on
+    the executor thread) must still end the job interrupted, even when every
+    node is cached (ComfyUI never checks the flag for a cached node)."""
+    graph = image_only(batch=1, color=0x0A0B0C if cached else 0x0C0B0A)
+    if cached:
+        assert (await engine.run(graph))["data"]["status"] == "success"
+    prompt_id = f"race-{uuid.uuid4().hex}"
+    checked, outputs = await anyio.to_thread.run_sync(engine.comfy.validate, graph, prompt_id)
+    events: list[str] = []
+    outcomes: list[Outcome] = []
+    finished = threading.Event()
+    job = Job(prompt_id=prompt_id, prompt=checked, outputs=outputs,
+              emit=lambda kind, data: events.append(kind),
+              on_done=lambda o: (outcomes.append(o), finished.set()),
+              on_start=lambda: engine.executor.cancel(prompt_id))
+    engine.executor.submit(job)
+    assert await anyio.to_thread.run_sync(finished.wait, 60)
+    (outcome,) = outcomes
+    assert outcome.interrupted and not outcome.success, outcome
+    assert outcome.error is not None and outcome.error["reason"] == "cancelled"
+    assert "execution_interrupted" in events and "executed" not in events
+    assert "execution_success" not in events
+    # The interrupt does not leak into the next prompt.
+    ok = await engine.run(image_only(batch=1, color=0x0D0E0F))
     assert ok["data"]["status"] == "success"
 
 
