@@ -31,6 +31,12 @@ def _list(v: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in v.replace(";", ",").split(",") if x.strip())
 
 
+def _storage_backends() -> tuple[str, ...]:
+    # The storage package imports this module: look it up when checking.
+    from .storage import backends
+    return backends()
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable; see README for the COMFY_EMBED_* names."""
@@ -99,7 +105,7 @@ class Settings:
     oss_link_expire: int | None = None
     #: Use V4 signing (oss2.ProviderAuthV4); V1 when False.
     oss_sign_v4: bool = True
-    #: "oss" or "s3": the backend that ``output_oss`` uploads to.
+    #: The backend that ``output_oss`` uploads to: a module of comfy_embed/storage/ ("oss", "s3").
     storage: str = "oss"
     #: S3-compatible storage (AWS, R2, MinIO) through boto3: ``pip install comfy-embed[s3]``.
     s3_bucket: str | None = None
@@ -118,7 +124,7 @@ class Settings:
                   ("cache", self.cache in ("classic", "none") or
                    (self.cache.startswith("lru:") and self.cache[4:].isdigit()), "classic, none or lru:<N>"),
                   ("preview", self.preview in ("none", "latent2rgb"), "none or latent2rgb"),
-                  ("storage", self.storage in ("oss", "s3"), "oss or s3")]
+                  ("storage", self.storage in _storage_backends(), " or ".join(_storage_backends()))]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"COMFY_EMBED_{name.upper()}={getattr(self, name)!r}: "

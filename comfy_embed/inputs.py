@@ -34,8 +34,7 @@ from .config import Settings
 from .errors import ImageInputError, InputPathInvalid, StorageError
 
 if TYPE_CHECKING:
-    from .s3 import S3Store
-    from .storage import Credentials, OssStore
+    from .storage import Credentials, OssStore, S3Store
 
 __all__ = ["ImageFetcher", "is_remote_or_inline", "SUBFOLDER"]
 

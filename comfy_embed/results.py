@@ -10,14 +10,17 @@ import base64
 import mimetypes
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
 
 from .errors import StorageError
 from .workflow import node_order
 
-__all__ = ["OutputFile", "collect_files", "render_results", "Uploader"]
+if TYPE_CHECKING:
+    from .storage import Store
+
+__all__ = ["OutputFile", "collect_files", "render_results"]
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,6 @@ class OutputFile:
     @property
     def media_type(self) -> str:
         return mimetypes.guess_type(self.filename)[0] or "application/octet-stream"
-
-
-class Uploader(Protocol):
-    async def upload(self, path: Path, content_type: str | None = None,
-                     credentials: Any = None) -> dict[str, Any]: ...
 
 
 def collect_files(outputs: dict[str, Any], directory_of: Callable[[str], Path]) -> list[OutputFile]:
@@ -90,7 +88,7 @@ def _b64(path: Path) -> str:
 
 
 async def render_results(files: list[OutputFile], *, output_base64: bool = False,
-                         store: Uploader | None = None, credentials: Any = None,
+                         store: Store | None = None, credentials: Any = None,
                          output_format: str | None = None, quality: int | None = None
                          ) -> list[dict[str, Any]]:
     """The API's ``results`` entries; uploads run concurrently. Raises
@@ -112,7 +110,7 @@ async def render_results(files: list[OutputFile], *, output_base64: bool = False
                 out["base64"] = {"data": await anyio.to_thread.run_sync(_b64, f.path)}
             jobs.append(enc)
         if store is not None:
-            key = getattr(store, "result_key", "oss")
+            key = store.result_key
 
             async def up(f: OutputFile = f, out: dict[str, Any] = out, key: str = key) -> None:
                 out[key] = await store.upload(f.path, f.media_type, credentials)

@@ -28,6 +28,7 @@ from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccep
 from .events import FINAL, event, final_event, status_event
 from .executor import Executor, Job
 from .results import FORMATS, collect_files, render_results
+from .storage import Store, open_store
 from .workflow import (image_inputs, isolate_outputs, parse_workflow, randomize_seeds,
                        valid_task_id)
 
@@ -223,8 +224,7 @@ class Engine:
         self._comfy: Comfy | None = None
         self._tasks: collections.OrderedDict[str, Task] = collections.OrderedDict()
         self._background: set[asyncio.Task[Any]] = set()
-        self._store: Any = None
-        self._s3_store: Any = None
+        self._stores: dict[str, Store] = {}
         self._fetcher: Any = None
         self.accepting = True
         self._started = False
@@ -272,21 +272,13 @@ class Engine:
         self.accepting = False
         self.executor.close()
 
-    def store(self) -> Any:
-        """Where ``output_oss`` uploads: OSS, or S3 with ``storage=s3``."""
-        return self._s3() if self.settings.storage == "s3" else self._oss()
-
-    def _oss(self) -> Any:
-        if self._store is None:
-            from .storage import OssStore
-            self._store = OssStore(self.settings)
-        return self._store
-
-    def _s3(self) -> Any:
-        if self._s3_store is None:
-            from .s3 import S3Store
-            self._s3_store = S3Store(self.settings)
-        return self._s3_store
+    def store(self, name: str | None = None) -> Store:
+        """The store of backend ``name`` (default: ``settings.storage``, where
+        ``output_oss`` uploads), made once."""
+        name = name or self.settings.storage
+        if name not in self._stores:
+            self._stores[name] = open_store(name, self.settings)
+        return self._stores[name]
 
     def fetcher(self) -> Any:
         """Reads image inputs; ``oss://`` and ``s3://`` only where configured."""
@@ -295,8 +287,8 @@ class Engine:
             s = self.settings
             self._fetcher = ImageFetcher(
                 s, self.comfy.input_dir,
-                self._oss() if s.oss_bucket or s.oss_endpoint else None,
-                s3_store=self._s3() if s.s3_bucket or s.s3_endpoint or s.storage == "s3" else None)
+                self.store("oss") if s.oss_bucket or s.oss_endpoint else None,
+                s3_store=self.store("s3") if s.s3_bucket or s.s3_endpoint or s.storage == "s3" else None)
         return self._fetcher
 
     # ---------------------------------------------------------------- tasks

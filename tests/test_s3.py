@@ -16,8 +16,8 @@ import requests
 from comfy_embed.config import Settings
 from comfy_embed.errors import ImageInputError, StorageError
 from comfy_embed.inputs import ImageFetcher, is_remote_or_inline
-from comfy_embed.s3 import MAX_PRESIGN_SECONDS, S3Store
 from comfy_embed.storage import Credentials
+from comfy_embed.storage.s3 import MAX_PRESIGN_SECONDS, S3Store
 from tests.fakes.moto_s3 import serve_s3
 from tests.fakes.web_server import PNG
 

@@ -11,8 +11,8 @@ import requests
 
 from comfy_embed.config import Settings
 from comfy_embed.errors import StorageError
-from comfy_embed.storage import (MAX_V4_LINK_SECONDS, Credentials, OssStore,
-                                 credentials_from_headers, region_of)
+from comfy_embed.storage import Credentials, credentials_from_headers
+from comfy_embed.storage.oss import MAX_V4_LINK_SECONDS, OssStore, region_of
 from tests.fakes import FakeOss
 
 KEY_ID, SECRET = "LTAIfakeid", "fake-secret"
@@ -201,7 +201,7 @@ async def test_get_object_limits_and_missing(oss: FakeOss, image: Path) -> None:
 @pytest.mark.anyio
 async def test_transient_failures_are_retried(oss: FakeOss, image: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("comfy_embed.storage._BACKOFF", 0.01)
+    monkeypatch.setattr("comfy_embed.storage.oss._BACKOFF", 0.01)
     store = OssStore(settings(oss), env=ENV)
     oss.fail_next = 2
     out = await store.upload(image)
@@ -213,7 +213,7 @@ async def test_transient_failures_are_retried(oss: FakeOss, image: Path,
 
 @pytest.mark.anyio
 async def test_unreachable_endpoint(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("comfy_embed.storage._BACKOFF", 0.01)
+    monkeypatch.setattr("comfy_embed.storage.oss._BACKOFF", 0.01)
     with FakeOss(keys={}) as gone:
         endpoint = gone.endpoint
     store = OssStore(Settings(oss_bucket="bkt", oss_endpoint=endpoint, oss_region="cn-x"),

@@ -1,4 +1,4 @@
-"""Object storage for outputs and ``oss://`` inputs (Alibaba Cloud OSS via oss2).
+"""Alibaba Cloud OSS (via oss2): output uploads and ``oss://`` inputs.
 
 Credentials are looked up on every call, never cached: a Function Compute role
 hands out short-lived STS tokens that rotate under a running process. oss2 is
@@ -12,7 +12,6 @@ import mimetypes
 import os
 import re
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
@@ -24,10 +23,12 @@ import oss2
 import oss2.credentials
 import oss2.exceptions
 
-from .config import Settings
-from .errors import StorageError
+from ..config import Settings
+from ..errors import StorageError
+from .base import read_capped
+from .credentials import Credentials, credentials_from_env
 
-__all__ = ["Credentials", "credentials_from_headers", "OssStore", "MAX_V4_LINK_SECONDS"]
+__all__ = ["OssStore", "BACKEND", "MAX_V4_LINK_SECONDS", "region_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,53 +45,6 @@ _ENV_CHAIN = (
      "ALIBABA_CLOUD_SECURITY_TOKEN"),
 )
 _REGION_RE = re.compile(r"(?:^|\.)oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com$")
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """An access key pair, with the STS token when the pair is temporary.
-
-    ``expiration`` (UTC), when known, caps the lifetime of signed links: a
-    link signed with an STS token stops working when the token expires.
-    """
-
-    access_key_id: str
-    access_key_secret: str
-    security_token: str | None = None
-    expiration: datetime | None = None
-
-    def __repr__(self) -> str:  # never print the secret or token
-        return f"Credentials(access_key_id={self.access_key_id!r}, ...)"
-
-
-def credentials_from_headers(headers: Mapping[str, str]) -> Credentials | None:
-    """Credentials from Function Compute's ``x-fc-access-key-*`` request headers.
-
-    Header names are matched case-insensitively; None unless both the id and
-    the secret are present.
-    """
-    lower = {k.lower(): v for k, v in headers.items()}
-    key_id = lower.get("x-fc-access-key-id", "").strip()
-    secret = lower.get("x-fc-access-key-secret", "").strip()
-    if not key_id or not secret:
-        return None
-    token = lower.get("x-fc-security-token", "").strip() or None
-    return Credentials(key_id, secret, token)
-
-
-def read_capped(read: Callable[[int], bytes], size: int | None, max_bytes: int | None,
-                where: str) -> bytes:
-    """An object's body through ``read(n)``, refused as soon as it passes
-    ``max_bytes`` (by its declared ``size`` or by the bytes received)."""
-    if max_bytes is not None and size is not None and size > max_bytes:
-        raise StorageError(f"{where}: {size} bytes is over the {max_bytes} byte limit")
-    chunks, total = [], 0
-    while chunk := read(64 * 1024):
-        total += len(chunk)
-        if max_bytes is not None and total > max_bytes:
-            raise StorageError(f"{where}: over the {max_bytes} byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def region_of(endpoint: str) -> str | None:
@@ -147,11 +101,9 @@ class OssStore:
     def credentials(self, credentials: Credentials | None = None) -> Credentials:
         """The first complete credentials of: ``OSS_*`` variables,
         ``ALIBABA_CLOUD_*`` variables, then the per-request ``credentials``."""
-        for id_var, secret_var, token_var in _ENV_CHAIN:
-            key_id = self._env.get(id_var, "").strip()
-            secret = self._env.get(secret_var, "").strip()
-            if key_id and secret:
-                return Credentials(key_id, secret, self._env.get(token_var, "").strip() or None)
+        found = credentials_from_env(self._env, _ENV_CHAIN)
+        if found is not None:
+            return found
         if credentials is not None:
             return credentials
         names = ", ".join(f"{i}/{s}" for i, s, _ in _ENV_CHAIN)
@@ -288,3 +240,7 @@ def _describe(e: oss2.exceptions.OssError) -> str:
     if isinstance(e, oss2.exceptions.ClientError):
         return str(e.body)
     return f"HTTP {e.status} {e.code or ''}: {e.message or ''}".strip()
+
+
+#: This module's :class:`~comfy_embed.storage.base.Store` (``COMFY_EMBED_STORAGE=oss``).
+BACKEND = OssStore

@@ -1,8 +1,7 @@
 """Object storage on S3-compatible services (AWS S3, Cloudflare R2, MinIO) via boto3.
 
-The optional twin of :mod:`comfy_embed.storage`: the same public surface
-(``check``, ``upload``, ``get_object``), so either can upload outputs and read
-image inputs. boto3 is an optional extra (``pip install comfy-embed[s3]``);
+Another :class:`~comfy_embed.storage.base.Store`, like :mod:`.oss`: either
+can upload outputs and read image inputs. boto3 is an optional extra (``pip install comfy-embed[s3]``);
 it is imported only when a store is used, so comfy-embed imports without it.
 
 Credentials are resolved on every call, like OssStore's: rotated keys in the
@@ -26,11 +25,12 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.to_thread
 
-from .config import Settings
-from .errors import StorageError
-from .storage import Credentials, read_capped
+from ..config import Settings
+from ..errors import StorageError
+from .base import read_capped
+from .credentials import Credentials
 
-__all__ = ["S3Store", "MAX_PRESIGN_SECONDS"]
+__all__ = ["S3Store", "BACKEND", "MAX_PRESIGN_SECONDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -242,3 +242,7 @@ def _describe(e: Any) -> str:
     status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     text = ": ".join(x for x in (err.get("Code"), err.get("Message")) if x) or str(e)
     return f"{text} (HTTP {status})" if status else text
+
+
+#: This module's :class:`~comfy_embed.storage.base.Store` (``COMFY_EMBED_STORAGE=s3``).
+BACKEND = S3Store
