@@ -16,6 +16,7 @@ import collections
 import copy
 import logging
 import threading
+import time
 import uuid
 from typing import Any, AsyncIterator
 
@@ -61,6 +62,8 @@ class Task:
         self._changed = asyncio.Event()
         self._options = (output_base64, output_oss, credentials, output_format, quality)
         self._timeout_handle: asyncio.TimerHandle | None = None
+        #: monotonic time the executor started running it (None: never ran).
+        self._started_at: float | None = None
 
     # ---------------------------------------------------------- consumers
     @property
@@ -124,7 +127,12 @@ class Task:
     def _fail(self, error: ComfyEmbedError) -> None:
         self.error = error
         self.state = "error"
-        self._publish(final_event(self.task_id, self.prompt_id, self.seeds, error=error.to_dict()))
+        self._publish(final_event(self.task_id, self.prompt_id, self.seeds, error=error.to_dict(),
+                                  execution_time=self._execution_time()))
+
+    def _execution_time(self) -> float:
+        """Seconds from the start of execution until now (0 if it never ran)."""
+        return 0.0 if self._started_at is None else time.monotonic() - self._started_at
 
     # ------------------------------------------- executor-thread callbacks
     def _from_executor(self, kind: str, data: dict[str, Any]) -> None:
@@ -144,6 +152,7 @@ class Task:
 
     def _started(self) -> None:
         self.state = "running"
+        self._started_at = time.monotonic()
         limit = self.engine.settings.run_timeout
         if limit:
             self._timeout_handle = self._loop.call_later(
@@ -159,7 +168,8 @@ class Task:
             if outcome.success:
                 results = await self._render(outcome)
                 self.state = "success"
-                self._publish(final_event(self.task_id, self.prompt_id, self.seeds, results))
+                self._publish(final_event(self.task_id, self.prompt_id, self.seeds, results,
+                                          execution_time=self._execution_time()))
             else:
                 self._fail(_outcome_error(outcome, self.engine.settings.run_timeout))
         except ComfyEmbedError as e:

@@ -85,6 +85,8 @@ class TaskService:
                                           settings.lease_seconds)
         self._running: dict[str, Task] = {}
         self._writers: set[asyncio.Task[Any]] = set()
+        #: Events of each running task already in the log (for flush()).
+        self._written: dict[str, int] = {}
 
     # ------------------------------------------------------------- running
     async def start(self, body: Any, *, task_id: str | None = None, **options: Any) -> Handle:
@@ -137,6 +139,7 @@ class TaskService:
                 if batch:
                     await anyio.to_thread.run_sync(self._append_all, task.task_id, batch)
                     written += len(batch)
+                    self._written[task.task_id] = written
                     if batch[-1]["type"] == FINAL:
                         return
                     continue
@@ -145,6 +148,7 @@ class TaskService:
             log.exception("task %s: writing its log failed", task.task_id)
         finally:
             self._running.pop(task.task_id, None)
+            self._written.pop(task.task_id, None)
             persisted.set()
             try:
                 await anyio.to_thread.run_sync(self.tasklog.release, task.task_id)
@@ -220,6 +224,15 @@ class TaskService:
         for task_id in ids:
             log.warning("task %s: owner lost, closed with an error event", task_id)
         return ids
+
+    async def flush(self) -> None:
+        """Wait until every event published so far is in the log; running
+        tasks go on (Function Compute's pre-freeze: nothing may be lost
+        while the instance is frozen)."""
+        due = {task_id: len(task.events) for task_id, task in self._running.items()}
+        while any(task_id in self._running and self._written.get(task_id, 0) < n
+                  for task_id, n in due.items()):
+            await anyio.sleep(0.01)
 
     async def drain(self) -> None:
         """Stop accepting, then wait for running work and log writes."""

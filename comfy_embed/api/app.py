@@ -29,7 +29,7 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     """Whatever escaped still answers in the contract's shape."""
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
     error = ExecutionFailed(f"internal error: {exc!r}")
-    task_id = request.headers.get("x-fc-trace-id") or request.headers.get("x-task-id") or ""
+    task_id = runs.task_id_from(request.headers)
     return Response(runs.dumps(final_event(task_id, None, {}, error=error.to_dict())), 500,
                     media_type="application/json")
 
@@ -59,6 +59,14 @@ async def pre_stop(request: Request) -> Response:
     finish running work (its log included), then answer."""
     await request.app.state.service.drain()
     return JSONResponse({"status": "drained"})
+
+
+async def pre_freeze(request: Request) -> Response:
+    """Function Compute calls this before freezing the instance: answer once
+    the task-log writes in flight are on disk. Unlike /pre-stop it does not
+    drain: running tasks go on when the instance thaws."""
+    await request.app.state.service.flush()
+    return JSONResponse({"status": "flushed"})
 
 
 async def _warm_up(engine: Engine, settings: Settings, warm: anyio.Event) -> None:
@@ -103,6 +111,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         Route("/ready", ready, methods=["GET"]),
         Route("/initialize", initialize, methods=["POST"]),
         Route("/pre-stop", pre_stop, methods=["GET", "POST"]),
+        Route("/pre-freeze", pre_freeze, methods=["GET", "POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={Exception: internal_error})

@@ -17,7 +17,13 @@ from ..storage import credentials_from_headers
 from .body import flag, read_limited
 from .status_codes import status_for, status_for_event
 
-__all__ = ["run", "status", "cancel", "dumps", "error_headers", "run_options"]
+__all__ = ["run", "status", "cancel", "dumps", "error_headers", "run_options", "task_id_from"]
+
+#: Where a task id may come from, first present wins. Function Compute sets
+#: x-fc-async-task-id on async calls and returns it to the client, so it must
+#: win for the client's status query to find the task; x-fc-request-id is set
+#: on every FC call, so it comes last.
+TASK_ID_HEADERS = ("x-fc-async-task-id", "x-fc-trace-id", "x-task-id", "x-fc-request-id")
 
 
 def dumps(ev: Any) -> str:
@@ -81,6 +87,15 @@ def run_options(query: Mapping[str, str], headers: Mapping[str, str]) -> dict[st
             "credentials": credentials_from_headers(headers)}
 
 
+def task_id_from(headers: Mapping[str, str]) -> str:
+    """The task id a request names (see ``TASK_ID_HEADERS``), else a new uuid4."""
+    for name in TASK_ID_HEADERS:
+        value = headers.get(name)
+        if value:
+            return value
+    return uuid.uuid4().hex
+
+
 def _since(request: Request) -> int:
     raw = request.headers.get("last-event-id") or request.query_params.get("since") or "0"
     return int(raw) if raw.isdigit() else 0
@@ -90,8 +105,7 @@ async def run(request: Request) -> Response:
     service: TaskService = request.app.state.service
     settings = service.settings
     q = request.query_params
-    task_id = (request.headers.get("x-fc-trace-id") or request.headers.get("x-task-id")
-               or uuid.uuid4().hex)
+    task_id = task_id_from(request.headers)
     stream = flag(q.get("stream"))
     try:
         body = await read_limited(request, settings.max_body_bytes)
