@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import Settings
-from .errors import WorkflowInvalid
+from .errors import WorkflowInvalid, node_error
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +307,7 @@ class Comfy:
         one to execute. Any node error, even with some outputs valid, is
         raised: a partial run would silently drop outputs the user asked for.
         """
+        self._check_node_types(prompt)
         checked = copy.deepcopy(prompt)
         with self._validate_lock:
             # Its own loop: the executor thread's loop is busy running graphs.
@@ -323,6 +324,23 @@ class Comfy:
                 message = f"{message}: {detail}"
             raise WorkflowInvalid(message, type=error.get("type"), node_errors=node_errors)
         return checked, list(outputs)
+
+    def _check_node_types(self, prompt: dict[str, Any]) -> None:
+        """Every unknown ``class_type``, each under its node id. ComfyUI stops
+        at the first one with empty ``node_errors``, which names no node."""
+        errors: dict[str, Any] = {}
+        for node_id, node in prompt.items():
+            class_type = node.get("class_type")
+            if isinstance(class_type, str) and not self.has_node(class_type):
+                errors.update(node_error(str(node_id), class_type, "class_type",
+                                         f"node type {class_type} does not exist",
+                                         class_type, type="invalid_node"))
+        if errors:
+            raise WorkflowInvalid("Cannot execute because " + "; ".join(
+                f"node {node_id} ({entry['class_type']}) does not exist"
+                for node_id, entry in errors.items())
+                + " (a custom node that is not installed?)",
+                type="invalid_prompt", node_errors=errors)
 
     # ----------------------------------------------------------- execution
     def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str],

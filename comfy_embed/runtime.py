@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 
@@ -221,6 +221,18 @@ def _coalesce(events: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[
             if ev["type"] not in _COALESCE or latest[(ev["type"], ev["data"].get("node"))] == seq]
 
 
+def boot_comfy(settings: Settings) -> Comfy:
+    """ComfyUI booted headless, with the tiny checkpoint built when asked
+    for and the preload checkpoints loaded (on the executor thread)."""
+    comfy = Comfy.boot(settings)
+    if settings.tiny_checkpoint:
+        from .models import ensure_tiny_checkpoint
+        ensure_tiny_checkpoint(comfy, settings)
+    for name in settings.preload:
+        comfy.preload(name)
+    return comfy
+
+
 class Engine:
     """ComfyUI in this process, behind one executor thread.
 
@@ -228,8 +240,12 @@ class Engine:
     ``await wait_ready()`` (or ``ready``) tells when it can run work.
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None,
+                 boot: Callable[[Settings], Comfy] | None = None) -> None:
         self.settings = settings or Settings.from_env()
+        #: Builds the backend on the executor thread (a fake stands in only
+        #: in tests of the thread, queue and API mechanics).
+        self._boot_backend = boot or boot_comfy
         self.executor = Executor(self._boot, self.settings.max_queue)
         self._comfy: Comfy | None = None
         self._tasks: collections.OrderedDict[str, Task] = collections.OrderedDict()
@@ -249,13 +265,7 @@ class Engine:
         return self
 
     def _boot(self) -> Comfy:
-        s = self.settings
-        comfy = Comfy.boot(s)
-        if s.tiny_checkpoint:
-            from .models import ensure_tiny_checkpoint
-            ensure_tiny_checkpoint(comfy, s)
-        for name in s.preload:
-            comfy.preload(name)
+        comfy = self._boot_backend(self.settings)
         self._comfy = comfy
         return comfy
 

@@ -13,6 +13,19 @@ import pytest
 from comfy_embed import Settings, shared_engine
 from comfy_embed.runtime import Engine
 
+from .servers import Server
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the real-server tier ``server``: tests that boot real ComfyUI in
+    this process (the ``engine`` fixture) or start real servers
+    (tests/servers.py). ``pytest -m "not server"`` is then the fast tier;
+    the default run (CI) runs both."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if "engine" in getattr(item, "fixturenames", ()) or getattr(module, "Server", None) is Server:
+            item.add_marker(pytest.mark.server)
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -157,6 +157,8 @@ def test_error_answers(server: Server, body: bytes, code: int, err_type: str, ne
     assert msg["data"]["results"] == []
     assert msg["data"]["error"]["type"] == err_type
     assert needle in msg["data"]["error"]["message"]
+    if needle == "Nope":  # an unknown node type: node_errors names the node
+        assert msg["data"]["error"]["node_errors"]["1"]["class_type"] == "Nope"
     assert_serves(server)
 
 

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import image_only
+
+pytestmark = pytest.mark.server  # runs the CLI, which boots real ComfyUI
 
 ROOT = Path(__file__).resolve().parent.parent
 
