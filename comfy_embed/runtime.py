@@ -7,6 +7,16 @@ keeps its events in order; every consumer reads them with its own cursor
 (which is what lets a stream, a WebSocket and the task log follow one task),
 and a consumer that falls behind gets progress coalesced to the latest value,
 never a terminal event dropped.
+
+Why the progress pipe is an append-only event log with reader cursors and
+not an anyio memory channel: a channel hands each item to ONE receiver and a
+bounded one makes its sender wait when full. Here one task has several
+readers at once (the HTTP stream or WebSocket, the task-log writer, a
+late ``/status`` or a resumed stream starting from an old sequence number),
+each at its own pace, and the writer is the executor thread, which must
+never wait for a reader. So events are appended once to ``Task.events``
+(from the loop, via ``call_soon_threadsafe``) and each reader keeps its own
+position; an ``asyncio.Event`` wakes readers when something is appended.
 """
 
 from __future__ import annotations
