@@ -118,6 +118,24 @@ class Settings:
     #: Endpoint hosts other than the configured one that S3 reads may use.
     s3_endpoint_allowlist: tuple[str, ...] = ()
 
+    # --- webhooks (issue 12) ----------------------------------------------------
+    #: Default webhook for runs that name none (``?webhook=`` wins).
+    webhook_url: str | None = None
+    #: Signing key: ``whsec_<base64>`` (Standard Webhooks form) or any other
+    #: string, used as its UTF-8 bytes. None: deliveries are not signed.
+    webhook_secret: str | None = None
+    #: Attempts per delivery, and seconds after the first attempt to keep trying.
+    webhook_max_attempts: int = 8
+    webhook_max_age: float = 86400.0
+    #: Backoff: the n-th retry waits base * 2**(n-1) seconds, jittered down to
+    #: half of it, at most ``webhook_backoff_max`` (``Retry-After`` may ask more).
+    webhook_backoff: float = 5.0
+    webhook_backoff_max: float = 3600.0
+    #: Seconds one delivery attempt may take (connect, send, answer).
+    webhook_timeout: float = 10.0
+    #: At most one progress webhook per task per this many seconds.
+    webhook_progress_interval: float = 2.0
+
     def __post_init__(self) -> None:
         # Fail at start-up, naming the variable, not at the first request.
         checks = [("device", self.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
@@ -129,6 +147,12 @@ class Settings:
             if not ok:
                 raise ValueError(f"COMFY_EMBED_{name.upper()}={getattr(self, name)!r}: "
                                  f"expected {allowed}")
+        self._check_webhooks()
+
+    def _check_webhooks(self) -> None:
+        # Local import: webhooks imports config.
+        from .webhooks import check_settings
+        check_settings(self)
 
     # --- derived ------------------------------------------------------------
     @property

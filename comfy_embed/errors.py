@@ -20,6 +20,7 @@ __all__ = [
     "RunTimeout",
     "StorageError",
     "PayloadTooLarge",
+    "WebhookRefused",
 ]
 
 
@@ -147,3 +148,11 @@ class PayloadTooLarge(ComfyEmbedError):
     """The request body is over the configured limit."""
 
     type = "payload_too_large"
+
+
+class WebhookRefused(ComfyEmbedError):
+    """A run's webhook cannot be used: not http(s), an address the URL rules
+    refuse (private, loopback, metadata... unless allowlisted), or unknown
+    ``webhook_events``. Refused at submit time, before the task exists."""
+
+    type = "webhook_refused"

@@ -22,7 +22,7 @@ import socket
 import tempfile
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Union
 from urllib.parse import urljoin, urlsplit
 
 import anyio
@@ -31,12 +31,12 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from .config import Settings
-from .errors import ImageInputError, InputPathInvalid, StorageError
+from .errors import ComfyEmbedError, ImageInputError, InputPathInvalid, StorageError
 
 if TYPE_CHECKING:
     from .storage import Credentials, OssStore, S3Store
 
-__all__ = ["ImageFetcher", "is_remote_or_inline", "SUBFOLDER"]
+__all__ = ["ImageFetcher", "AddressPolicy", "pinned_request", "is_remote_or_inline", "SUBFOLDER"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,69 @@ def _why_refused(ip: _IP) -> str | None:
     return None
 
 
+class AddressPolicy:
+    """Where outgoing HTTP may go: public addresses, plus ``allowlist`` entries
+    (host names, or IPs/CIDRs) that admit private or loopback ones. Shared by
+    image URL inputs and webhooks, so both obey the same rules."""
+
+    def __init__(self, allowlist: Iterable[str]) -> None:
+        self._allow_hosts: set[str] = set()
+        self._allow_nets: list[_Net] = []
+        for entry in allowlist:
+            try:
+                self._allow_nets.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError:
+                self._allow_hosts.add(entry.strip().lower().rstrip("."))
+
+    async def check(self, url: str, error: Callable[[str], ComfyEmbedError] = ImageInputError
+                    ) -> tuple[httpx.URL, str, _IP]:
+        """Parse ``url``, resolve its host and check every address it resolves to;
+        return the URL, its host and the address to connect to. Raises
+        ``error(message)`` (ImageInputError unless told otherwise)."""
+        try:
+            target = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError) as e:
+            raise error(f"{url}: invalid URL ({e})") from None
+        if target.scheme not in ("http", "https") or not target.host:
+            raise error(f"{url}: only http and https URLs can be fetched")
+        if target.userinfo:
+            raise error(f"{url}: URLs with credentials are not supported")
+        host = target.host
+        port = target.port or (443 if target.scheme == "https" else 80)
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, OSError, UnicodeError) as e:
+            raise error(f"{url}: cannot resolve host {host} ({e})") from None
+        addresses: list[_IP] = []
+        for info in infos:
+            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+            if ip not in addresses:
+                addresses.append(ip)
+        if not addresses:
+            raise error(f"{url}: host {host} has no address")
+        if host.lower().rstrip(".") not in self._allow_hosts:
+            # Every address must pass: a name resolving to one public and one
+            # internal address could otherwise be steered to the internal one.
+            for ip in addresses:
+                why = _why_refused(ip)
+                if why and not any(ip in net for net in self._allow_nets):
+                    raise error(
+                        f"{url}: refused, {host} resolves to {ip}, {why} "
+                        "(COMFY_EMBED_URL_ALLOWLIST can admit it)")
+        return target, host, addresses[0]
+
+
+def pinned_request(client: httpx.AsyncClient, method: str, target: httpx.URL, host: str, ip: _IP,
+                   headers: dict[str, str], content: bytes | None = None) -> httpx.Request:
+    """A request to the address :meth:`AddressPolicy.check` approved, so a DNS
+    answer that changes after the check cannot redirect it; Host and TLS
+    SNI/certificate checks still use the name from the URL."""
+    return client.build_request(
+        method, target.copy_with(host=str(ip)), content=content,
+        headers={"Host": target.netloc.decode("ascii"), **headers},
+        extensions={"sni_hostname": host})
+
+
 class ImageFetcher:
     """Turns an image input value into a file name inside ``input_dir``.
 
@@ -111,13 +174,7 @@ class ImageFetcher:
         self.input_dir = Path(input_dir).resolve()
         self.store = store
         self.s3_store = s3_store
-        self._allow_hosts: set[str] = set()
-        self._allow_nets: list[_Net] = []
-        for entry in settings.url_allowlist:
-            try:
-                self._allow_nets.append(ipaddress.ip_network(entry.strip(), strict=False))
-            except ValueError:
-                self._allow_hosts.add(entry.strip().lower().rstrip("."))
+        self._policy = AddressPolicy(settings.url_allowlist)
 
     async def materialise(self, value: str, credentials: "Credentials | None" = None) -> str:
         """Return the string to put in the workflow's ``image`` input.
@@ -244,13 +301,8 @@ class ImageFetcher:
     async def _follow(self, client: httpx.AsyncClient, url: str) -> bytes:
         first = url
         for _ in range(self.settings.max_redirects + 1):
-            target, host, ip = await self._checked_target(url)
-            # Connect to the checked address; Host and TLS SNI/certificate
-            # checks still use the name from the URL.
-            request = client.build_request(
-                "GET", target.copy_with(host=str(ip)),
-                headers={"Host": target.netloc.decode("ascii"), "Accept": "image/*"},
-                extensions={"sni_hostname": host})
+            target, host, ip = await self._policy.check(url)
+            request = pinned_request(client, "GET", target, host, ip, {"Accept": "image/*"})
             response = await client.send(request, stream=True)
             try:
                 if response.status_code in _REDIRECTS and "location" in response.headers:
@@ -263,40 +315,6 @@ class ImageFetcher:
             finally:
                 await response.aclose()
         raise ImageInputError(f"{first}: more than {self.settings.max_redirects} redirects")
-
-    async def _checked_target(self, url: str) -> tuple[httpx.URL, str, _IP]:
-        """Parse ``url``, resolve its host and check every address it resolves to."""
-        try:
-            target = httpx.URL(url)
-        except (httpx.InvalidURL, ValueError) as e:
-            raise ImageInputError(f"{url}: invalid URL ({e})") from None
-        if target.scheme not in ("http", "https") or not target.host:
-            raise ImageInputError(f"{url}: only http and https URLs can be fetched")
-        if target.userinfo:
-            raise ImageInputError(f"{url}: URLs with credentials are not supported")
-        host = target.host
-        port = target.port or (443 if target.scheme == "https" else 80)
-        try:
-            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, OSError, UnicodeError) as e:
-            raise ImageInputError(f"{url}: cannot resolve host {host} ({e})") from None
-        addresses: list[_IP] = []
-        for info in infos:
-            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-            if ip not in addresses:
-                addresses.append(ip)
-        if not addresses:
-            raise ImageInputError(f"{url}: host {host} has no address")
-        if host.lower().rstrip(".") not in self._allow_hosts:
-            # Every address must pass: a name resolving to one public and one
-            # internal address could otherwise be steered to the internal one.
-            for ip in addresses:
-                why = _why_refused(ip)
-                if why and not any(ip in net for net in self._allow_nets):
-                    raise ImageInputError(
-                        f"{url}: refused, {host} resolves to {ip}, {why} "
-                        "(COMFY_EMBED_URL_ALLOWLIST can admit it)")
-        return target, host, addresses[0]
 
     async def _read_capped(self, response: httpx.Response, url: str) -> bytes:
         cap = self.settings.max_image_bytes

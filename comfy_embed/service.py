@@ -17,11 +17,13 @@ from typing import Any, AsyncIterator
 import anyio
 
 from .config import Settings
-from .errors import ComfyEmbedError, ExecutionFailed, NotAccepting, QueueFull, WorkflowInvalid
+from .errors import (ComfyEmbedError, ExecutionFailed, NotAccepting, QueueFull, WebhookRefused,
+                     WorkflowInvalid)
 from .events import FINAL, final_event
 from .runtime import Engine, Task
 from .retention import prune
 from .tasklog import TaskLog
+from .webhooks import WebhookRequest, Webhooks
 from .workflow import valid_task_id
 
 log = logging.getLogger(__name__)
@@ -87,13 +89,16 @@ class TaskService:
         self._writers: set[asyncio.Task[Any]] = set()
         #: Events of each running task already in the log (for flush()).
         self._written: dict[str, int] = {}
+        self.webhooks = Webhooks(settings, self.tasklog)
 
     # ------------------------------------------------------------- running
-    async def start(self, body: Any, *, task_id: str | None = None, **options: Any) -> Handle:
+    async def start(self, body: Any, *, task_id: str | None = None,
+                    webhook: WebhookRequest | None = None, **options: Any) -> Handle:
         """Start a task, or attach to it if this task id exists already (a
         retry: it never runs twice). Errors before queueing come back in
-        ``Handle.error`` with a final event in the log. ``options`` are
-        :meth:`Engine.submit`'s (output flags, credentials)."""
+        ``Handle.error`` with a final event in the log. ``webhook``: where to
+        deliver its end (refused URL: WebhookRefused, before anything exists).
+        ``options`` are :meth:`Engine.submit`'s (output flags, credentials)."""
         task_id = task_id or uuid.uuid4().hex
         if not valid_task_id(task_id):
             return Handle(self, task_id, error=WorkflowInvalid(
@@ -104,6 +109,11 @@ class TaskService:
         if not self.engine.accepting:
             return Handle(self, task_id, error=NotAccepting(
                 "this instance is draining and accepts no new work"))
+        if webhook is not None:
+            try:
+                await self.webhooks.check(webhook)
+            except WebhookRefused as e:
+                return Handle(self, task_id, error=e)
         if not await anyio.to_thread.run_sync(self.tasklog.claim, task_id):
             return Handle(self, task_id)  # known task: answer from the log
         try:
@@ -117,11 +127,17 @@ class TaskService:
                 log.exception("task %s: submitting failed", task_id)
                 e = ExecutionFailed(f"internal error while accepting the task: {e!r}")
             # Claimed, so the log must end with a final event all the same.
+            if webhook is not None:
+                await self.webhooks.register(task_id, webhook)
             await anyio.to_thread.run_sync(
                 self.tasklog.append, task_id,
                 final_event(task_id, None, {}, error=e.to_dict()))
             await anyio.to_thread.run_sync(self.tasklog.release, task_id)
+            self.webhooks.finished(task_id)
             return Handle(self, task_id, error=e)
+        if webhook is not None:
+            await self.webhooks.register(task_id, webhook)
+            self.webhooks.follow(task)
         persisted = anyio.Event()
         task.persisted = persisted  # type: ignore[attr-defined]
         self._running[task_id] = task
@@ -141,6 +157,7 @@ class TaskService:
                     written += len(batch)
                     self._written[task.task_id] = written
                     if batch[-1]["type"] == FINAL:
+                        self.webhooks.finished(task.task_id)
                         return
                     continue
                 await task.changed()
@@ -200,6 +217,7 @@ class TaskService:
             if now - last_recover > self.settings.lease_seconds / 2:
                 last_recover = now
                 await self.recover()
+                await self.webhooks.resume_pending()
             if self.settings.retention_hours and now - last_prune > 60:
                 last_prune = now
                 await self._prune()
@@ -239,3 +257,4 @@ class TaskService:
         self.engine.accepting = False
         while self._running or self._writers or not self.engine.executor.idle:
             await anyio.sleep(0.05)
+        await self.webhooks.drain()

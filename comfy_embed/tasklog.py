@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FINAL_TYPE", "TaskLog"]
+__all__ = ["FINAL_TYPE", "TaskLog", "DeliveryLog"]
 
 log = logging.getLogger(__name__)
 
@@ -357,3 +357,161 @@ class TaskLog:
                 log.warning("tasklog: task %s lost: %s", task_id, message)
                 lost.append(task_id)
         return lost
+
+
+# ------------------------------------------------------------------ webhooks
+# A task's webhook delivery lives in its own files of the task folder, beside
+# (never inside) the event files, and is written with the same exclusive,
+# atomic publishing: ``webhook.json`` (the request: URL, events, id),
+# ``webhook.lease.NNNN`` (who delivers; mtime is the lease, a higher number
+# supersedes), ``webhook.try.NNNN.json`` (attempt N is being sent: exclusive,
+# so attempt N goes out once), ``webhook.result.NNNN.json`` (its outcome and
+# next try) and ``webhook.done`` (delivered, or given up).
+_WEBHOOK = "webhook.json"
+_WEBHOOK_DONE = "webhook.done"
+_WEBHOOK_LEASE = re.compile(r"webhook\.lease\.(\d{4,})")
+_WEBHOOK_TRY = re.compile(r"webhook\.try\.(\d{4,})\.json")
+_WEBHOOK_RESULT = re.compile(r"webhook\.result\.(\d{4,})\.json")
+
+
+class DeliveryLog:
+    """Webhook delivery state of the tasks in a :class:`TaskLog`, shared by instances.
+
+    Leases work as the task leases do (``lease_seconds``, the log's clock),
+    but a lease is taken over by publishing the next generation, so of two
+    instances that both find an expired lease only one wins. Every method
+    blocks on file I/O: call them from a worker thread.
+    """
+
+    def __init__(self, tasklog: TaskLog) -> None:
+        self.tasklog = tasklog
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.tasklog.lease_seconds
+
+    def _dir(self, task_id: str) -> Path:
+        return self.tasklog._dir(task_id)
+
+    def register(self, task_id: str, request: dict[str, Any]) -> bool:
+        """Record the task's webhook request; False if it already has one."""
+        d = self._dir(task_id)
+        d.mkdir(parents=True, exist_ok=True)
+        return _publish(d, _WEBHOOK, json.dumps(request).encode(), durable=True)
+
+    def request(self, task_id: str) -> dict[str, Any] | None:
+        """The recorded request, or None (no webhook, or no such task)."""
+        return _load(self._dir(task_id) / _WEBHOOK)
+
+    def _generations(self, names: Iterable[str]) -> list[int]:
+        return sorted(int(m.group(1)) for n in names if (m := _WEBHOOK_LEASE.fullmatch(n)))
+
+    def claim(self, task_id: str) -> int | None:
+        """Take the delivery lease: the new generation, or None while another
+        instance (or this one, elsewhere) holds an unexpired lease."""
+        d = self._dir(task_id)
+        gens = self._generations(_listdir(d))
+        if gens:
+            try:
+                idle = self.tasklog._clock() - os.stat(d / f"webhook.lease.{gens[-1]:04d}").st_mtime
+            except FileNotFoundError:
+                idle = float("inf")
+            if idle <= self.lease_seconds:
+                return None
+        gen = (gens[-1] if gens else 0) + 1
+        info = {"instance_id": self.tasklog.instance_id, "claimed_at": self.tasklog._clock()}
+        if not _publish(d, f"webhook.lease.{gen:04d}", json.dumps(info).encode()):
+            return None  # another instance took this generation first
+        self.tasklog._touch(d / f"webhook.lease.{gen:04d}")
+        return gen
+
+    def holds(self, task_id: str, gen: int) -> bool:
+        """Whether generation ``gen`` is still the newest lease (nobody took over)."""
+        return max(self._generations(_listdir(self._dir(task_id))), default=0) == gen
+
+    def renew(self, task_id: str, gen: int) -> bool:
+        """Refresh our lease; False once another instance took over."""
+        if not self.holds(task_id, gen):
+            return False
+        try:
+            self.tasklog._touch(self._dir(task_id) / f"webhook.lease.{gen:04d}")
+        except FileNotFoundError:
+            return False
+        return True
+
+    def release(self, task_id: str, gen: int) -> None:
+        """Expire our lease at once, so another instance may resume without waiting."""
+        if self.holds(task_id, gen):
+            try:
+                self.tasklog._touch(self._dir(task_id) / f"webhook.lease.{gen:04d}", when=0.0)
+            except FileNotFoundError:
+                pass
+
+    def begin_attempt(self, task_id: str, attempt: int, record: dict[str, Any]) -> bool:
+        """Reserve attempt number ``attempt`` before sending it; False if it
+        was already reserved (by a stale owner, or a rival): then do not send."""
+        return _publish(self._dir(task_id), f"webhook.try.{attempt:04d}.json",
+                        json.dumps(record).encode(), durable=True)
+
+    def end_attempt(self, task_id: str, attempt: int, record: dict[str, Any]) -> None:
+        """Record how attempt ``attempt`` ended (status, error, next try)."""
+        _publish(self._dir(task_id), f"webhook.result.{attempt:04d}.json",
+                 json.dumps(record).encode(), durable=True)
+
+    def finish(self, task_id: str, record: dict[str, Any]) -> bool:
+        """Mark the delivery done (delivered, failed or not wanted); once only."""
+        return _publish(self._dir(task_id), _WEBHOOK_DONE, json.dumps(record).encode(),
+                        durable=True)
+
+    def state(self, task_id: str) -> dict[str, Any] | None:
+        """Everything recorded about the task's delivery, or None without a webhook:
+        ``request``, ``attempts`` (each the begin record merged with its
+        result, in order), ``done`` (or None) and ``lease`` (the newest one:
+        ``instance_id``, ``renewed_at``; or None)."""
+        d = self._dir(task_id)
+        request = _load(d / _WEBHOOK)
+        if request is None:
+            return None
+        names = _listdir(d)
+        tries = sorted(int(m.group(1)) for n in names if (m := _WEBHOOK_TRY.fullmatch(n)))
+        results = {int(m.group(1)) for n in names if (m := _WEBHOOK_RESULT.fullmatch(n))}
+        attempts: list[dict[str, Any]] = []
+        for n in tries:
+            record = dict(_load(d / f"webhook.try.{n:04d}.json") or {})
+            record["attempt"] = n
+            if n in results:
+                record.update(_load(d / f"webhook.result.{n:04d}.json") or {})
+            attempts.append(record)
+        lease = None
+        gens = self._generations(names)
+        if gens:
+            path = d / f"webhook.lease.{gens[-1]:04d}"
+            info = _load(path) or {}
+            try:
+                lease = {"instance_id": info.get("instance_id"), "generation": gens[-1],
+                         "renewed_at": os.stat(path).st_mtime}
+            except FileNotFoundError:
+                pass
+        return {"request": request, "attempts": attempts, "done": _load(d / _WEBHOOK_DONE),
+                "lease": lease}
+
+    def pending(self) -> list[str]:
+        """Tasks with a final event and a webhook not yet done whose lease is
+        free or expired: deliveries some instance should (re)start."""
+        out: list[str] = []
+        now = self.tasklog._clock()
+        for task_id in sorted(_listdir(self.tasklog.root)):
+            d = self.tasklog.root / task_id
+            if not self.tasklog.valid_task_id(task_id) or not (d / _WEBHOOK).exists():
+                continue
+            if (d / _WEBHOOK_DONE).exists() or not self.tasklog.is_final(task_id):
+                continue
+            gens = self._generations(_listdir(d))
+            if gens:
+                try:
+                    if now - os.stat(d / f"webhook.lease.{gens[-1]:04d}").st_mtime <= self.lease_seconds:
+                        continue
+                except FileNotFoundError:
+                    pass
+            out.append(task_id)
+        return out

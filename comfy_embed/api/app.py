@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         Route(f"{prefix}/run", runs.run, methods=["POST"]),
         Route(f"{prefix}/status", runs.status, methods=["GET"]),
         Route(f"{prefix}/cancel", runs.cancel, methods=["POST"]),
+        Route(f"{prefix}/webhook", runs.webhook, methods=["GET"]),
         WebSocketRoute(f"{prefix}/ws", ws.serverless_ws),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),

@@ -1,4 +1,4 @@
-"""POST /run (sync, stream, async), GET /status, POST /cancel."""
+"""POST /run (sync, stream, async), GET /status, POST /cancel, GET /webhook."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from typing import Any, AsyncIterator, Mapping
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import ComfyEmbedError, NotAccepting, PayloadTooLarge, QueueFull
+from ..errors import ComfyEmbedError, NotAccepting, PayloadTooLarge, QueueFull, WebhookRefused
 from ..events import final_event
 from ..service import Handle, TaskService
 from ..storage import credentials_from_headers
+from ..webhooks import envelope_webhook, webhook_request
 from .body import flag, read_limited
 from .status_codes import status_for, status_for_event
 
-__all__ = ["run", "status", "cancel", "dumps", "error_headers", "run_options", "task_id_from"]
+__all__ = ["run", "status", "cancel", "webhook", "dumps", "error_headers", "run_options",
+           "task_id_from"]
 
 #: Where a task id may come from, first present wins. Function Compute sets
 #: x-fc-async-task-id on async calls and returns it to the client, so it must
@@ -111,7 +113,13 @@ async def run(request: Request) -> Response:
         body = await read_limited(request, settings.max_body_bytes)
     except PayloadTooLarge as e:
         return _error_answer(e, task_id, stream)
-    handle = await service.start(body, task_id=task_id, **run_options(q, request.headers))
+    try:
+        parsed, envelope_url = envelope_webhook(body)
+        hook = webhook_request(q, envelope_url, settings)
+    except WebhookRefused as e:
+        return _error_answer(e, task_id, stream)
+    handle = await service.start(parsed, task_id=task_id, webhook=hook,
+                                 **run_options(q, request.headers))
     if handle.error is not None:
         return _error_answer(handle.error, task_id, stream)
     headers = {"X-Task-Id": task_id}
@@ -143,3 +151,14 @@ async def cancel(request: Request) -> Response:
     outcome = await service.cancel(task_id)
     code = {"cancelling": 200, "requested": 202, "done": 409, "unknown": 404}[outcome]
     return JSONResponse({"task_id": task_id, "status": outcome}, code)
+
+
+async def webhook(request: Request) -> Response:
+    """The webhook delivery state of a task (attempts, next try, outcome);
+    404 when the task is unknown or has no webhook."""
+    service: TaskService = request.app.state.service
+    task_id = request.query_params.get("task_id", "")
+    state = await service.webhooks.status(task_id)
+    if state is None:
+        return _json({"task_id": task_id, "state": "none"}, 404)
+    return _json(state)

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, InputPathInvalid,
                       NotAccepting, PayloadTooLarge, QueueFull, RunTimeout, StorageError,
-                      TaskCancelled, WorkflowInvalid)
+                      TaskCancelled, WebhookRefused, WorkflowInvalid)
 
 __all__ = ["status_for", "status_for_event"]
 
@@ -15,6 +15,7 @@ _BY_CLASS: list[tuple[type[ComfyEmbedError], int]] = [
     (InputPathInvalid, 400),
     (ImageInputError, 422),
     (WorkflowInvalid, 400),
+    (WebhookRefused, 400),
     (PayloadTooLarge, 413),
     (QueueFull, 429),
     (NotAccepting, 503),

@@ -8,9 +8,10 @@ import uuid
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..errors import ComfyEmbedError, WorkflowInvalid
+from ..errors import ComfyEmbedError, WebhookRefused, WorkflowInvalid
 from ..events import final_event
 from ..service import Handle, TaskService
+from ..webhooks import envelope_webhook, webhook_request
 from .runs import dumps, run_options
 
 __all__ = ["serverless_ws"]
@@ -53,7 +54,13 @@ async def serverless_ws(ws: WebSocket) -> None:
                     f"message is over the limit of {service.settings.max_body_bytes} bytes",
                     type="payload_too_large"))
                 continue
-            handle = await service.start(text, task_id=uuid.uuid4().hex, **opts)
+            try:
+                parsed, envelope_url = envelope_webhook(text)
+                hook = webhook_request(q, envelope_url, service.settings)
+            except WebhookRefused as e:
+                await _send_error(ws, uuid.uuid4().hex, e)
+                continue
+            handle = await service.start(parsed, task_id=uuid.uuid4().hex, webhook=hook, **opts)
             if handle.error is not None:
                 await _send_error(ws, handle.task_id, handle.error)
                 continue
