@@ -329,6 +329,19 @@ def test_websocket_protocol(app: App) -> None:
         assert ws_until_final(ws)[-1]["data"]["status"] == "success"
 
 
+def test_websocket_client_leaving_does_not_stop_the_task(app: App) -> None:
+    with app.client.websocket_connect("/api/serverless/ws") as ws:
+        ws.send_text(json.dumps(fake_graph("FakeWait")))
+        status = json.loads(ws.receive_text())
+        assert status["type"] == "status"
+        assert app.comfy.running.wait(10)
+        task_id = next(e for e in app.engine._tasks.values()).task_id
+    app.comfy.gate.set()  # the client is gone; the task goes on to its final event
+    events = app.wait_final(task_id)
+    assert events[-1]["data"]["status"] == "success"
+    assert "execution_success" in [e["type"] for e in events]
+
+
 # ------------------------------------------------------------------- drain
 def test_pre_stop_drains_running_work(app: App) -> None:
     app.submit_async(fake_graph("FakeWait"), "in-flight")
