@@ -15,6 +15,7 @@ import anyio
 
 from .config import Settings
 from .errors import ComfyEmbedError
+from .events import final_event
 
 __all__ = ["main"]
 
@@ -67,8 +68,7 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         final = anyio.run(_run, settings, graph, Path(args.out) if args.out else None,
                           args.base64, sys.stderr.isatty() or args.progress)
     except ComfyEmbedError as e:
-        print(json.dumps({"type": "serverless_api", "data": {"status": "error",
-                          "error": e.to_dict()}}, indent=2, default=str))
+        print(json.dumps(final_event("", None, {}, error=e.to_dict()), indent=2, default=str))
         return 1
     print(json.dumps(final, indent=2))
     return 0
