@@ -4,10 +4,12 @@ answers from a per-path script of statuses."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
@@ -15,7 +17,10 @@ from typing import Any, Iterator
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-__all__ = ["Call", "Receiver", "serve_receiver"]
+__all__ = ["Call", "Receiver", "serve_receiver", "SECRET"]
+
+#: The signing secret of the tests, in the Standard Webhooks ``whsec_`` form.
+SECRET = "whsec_" + base64.b64encode(b"comfy-embed webhook test key!!").decode()
 
 
 @dataclass
@@ -50,6 +55,11 @@ class Receiver:
         self._scripts: dict[str, list[tuple[int, dict[str, str]]]] = {}
         self._cond = threading.Condition()
 
+    def new_hook(self, name: str) -> tuple[str, str]:
+        """A fresh path on this receiver, and its URL."""
+        path = f"/{name}-{uuid.uuid4().hex[:8]}"
+        return path, self.url + path
+
     def script(self, path: str, *answers: int | tuple[int, dict[str, str]]) -> None:
         self._scripts[path] = [a if isinstance(a, tuple) else (a, {}) for a in answers]
 
@@ -80,7 +90,7 @@ class Receiver:
 
 
 @contextlib.contextmanager
-def serve_receiver(secret: str) -> Iterator[Receiver]:
+def serve_receiver(secret: str = SECRET) -> Iterator[Receiver]:
     receiver = Receiver(secret)
 
     class Handler(BaseHTTPRequestHandler):
