@@ -16,18 +16,20 @@ import os
 import sys
 import threading
 import time
-import types
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import _comfy_server
+from ._comfy_server import PromptServer
 from .config import Settings
 from .errors import WorkflowInvalid, node_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Comfy", "Outcome", "Sink"]
+__all__ = ["Comfy", "Outcome", "PackStatus", "Sink"]
 
 #: Receives every message ComfyUI sends for the running prompt: (type, data).
 Sink = Callable[[str, dict], None]
@@ -48,61 +50,20 @@ class Outcome:
     messages: list[tuple[str, dict]] = field(default_factory=list)
 
 
-class _Routes:
-    """Stands in for aiohttp's RouteTableDef: custom nodes decorate handlers
-    with it at import time; with no web server, the routes are recorded only."""
+@dataclass
+class PackStatus:
+    """How one custom-node pack (a folder or file in custom_nodes) loaded."""
 
-    def __init__(self) -> None:
-        self.routes: list[tuple[str, str, Callable[..., Any]]] = []
-
-    def __getattr__(self, method: str) -> Callable[..., Any]:
-        def register(path: str, **_: Any) -> Callable[..., Any]:
-            def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-                self.routes.append((method.upper(), path, fn))
-                return fn
-            return deco
-        return register
-
-
-class _PromptServer:
-    """What nodes and the executor call on ComfyUI's PromptServer, routed to the
-    sink of the running prompt instead of websockets."""
-
-    instance: "_PromptServer"
-
-    def __init__(self) -> None:
-        self.client_id: str | None = None
-        self.last_node_id: str | None = None
-        self.last_prompt_id: str | None = None
-        self.sockets_metadata: dict[str, Any] = {}
-        self.sink: Sink | None = None
-        self.routes = _Routes()
-        self.supports = ["custom_nodes_from_web"]
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.number = 0
-        _PromptServer.instance = self
-
-    def send_sync(self, event: Any, data: Any, sid: str | None = None) -> None:
-        sink = self.sink
-        # Binary events (preview images, progress text) have integer types;
-        # they have no JSON form in the serverless contract.
-        if sink is not None and isinstance(event, str):
-            sink(event, data)
-
-    async def send(self, event: Any, data: Any, sid: str | None = None) -> None:
-        self.send_sync(event, data, sid)
-
-    async def send_json(self, event: Any, data: Any, sid: str | None = None) -> None:
-        self.send_sync(event, data, sid)
-
-    def send_progress_text(self, text: str, node_id: str, sid: str | None = None) -> None:
-        pass
-
-    def queue_updated(self) -> None:
-        pass
-
-    def add_on_prompt_handler(self, handler: Callable[..., Any]) -> None:
-        pass
+    name: str
+    path: str
+    loaded: bool
+    seconds: float
+    #: Node classes the pack added.
+    nodes: int = 0
+    #: The last line of the import error (the traceback is logged once).
+    error: str | None = None
+    #: Whether its prestartup_script.py ran (None: it has none).
+    prestartup: bool | None = None
 
 
 class _QuietImportFailures(logging.Filter):
@@ -138,6 +99,83 @@ class _QuietImportFailures(logging.Filter):
         logging.getLogger().removeFilter(self)
 
 
+class _Captured(logging.Handler):
+    """Collects what ComfyUI logs while one pack loads (its traceback), so it
+    can be logged once under the pack's name."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def text(self) -> str:
+        return "\n".join(self.lines).strip()
+
+    def reason(self) -> str | None:
+        """The last line of the traceback: the exception itself."""
+        for line in reversed(self.text().splitlines()):
+            line = line.strip()
+            if line and not line.startswith(("Cannot import", "Traceback")):
+                return line[:300]
+        return None
+
+    def __enter__(self) -> "_Captured":
+        root = logging.getLogger()
+        root.addHandler(self)
+        # Keep ComfyUI's own copy of the traceback off the console.
+        self._quiet = _Silence(self)
+        for handler in root.handlers:
+            if handler is not self:
+                handler.addFilter(self._quiet)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self)
+        for handler in root.handlers:
+            handler.removeFilter(self._quiet)
+
+
+class _Silence(logging.Filter):
+    """Drops root warnings that a :class:`_Captured` collects."""
+
+    def __init__(self, captured: _Captured) -> None:
+        super().__init__()
+        self.captured = captured
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and record.levelno >= logging.WARNING)
+
+
+def _run_prestartup_scripts(folders: list[str]) -> dict[str, bool]:
+    """Run each pack's ``prestartup_script.py`` (as native main.py does before
+    importing nodes); ``{pack_path: succeeded}``."""
+    import importlib.util
+
+    ran: dict[str, bool] = {}
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            script = os.path.join(path, "prestartup_script.py")
+            if entry.endswith(".disabled") or not os.path.isfile(script):
+                continue
+            try:
+                spec = importlib.util.spec_from_file_location(os.path.splitext(script)[0], script)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                ran[path] = True
+            except Exception:
+                log.warning("prestartup script of custom node pack %s failed:\n%s",
+                            entry, traceback.format_exc())
+                ran[path] = False
+    return ran
+
+
 def _trim(value: Any, limit: int = 300) -> Any:
     """Tensor reprs in ``current_inputs`` can be megabytes: cut them."""
     if isinstance(value, dict):
@@ -157,7 +195,9 @@ class Comfy:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.server = _PromptServer()
+        self.server = PromptServer()
+        #: Custom-node packs found at boot, loaded or not (for /ready and logs).
+        self.packs: list[PackStatus] = []
         self.loop = asyncio.new_event_loop()
         self._validate_lock = threading.Lock()
         self._validate_loop: asyncio.AbstractEventLoop | None = None
@@ -206,10 +246,9 @@ class Comfy:
         args.cache_none = cache_kind == "none"
 
         # Nodes import PromptServer from a module named `server`; ComfyUI's own
-        # server.py pulls in aiohttp and the frontend: give them this stand-in.
-        shim = types.ModuleType("server")
-        shim.PromptServer = _PromptServer  # type: ignore[attr-defined]
-        sys.modules["server"] = shim
+        # server.py pulls in the frontend and starts a web server: give them
+        # the stand-in module instead.
+        sys.modules["server"] = _comfy_server
         self.boot_seconds["torch"] = time.perf_counter() - t0
 
         import folder_paths
@@ -224,11 +263,18 @@ class Comfy:
             folder_paths.add_model_folder_path(name, str(s.models_path / name), is_default=True)
         if s.tiny_checkpoint:
             folder_paths.add_model_folder_path("checkpoints", str(Path(s.cache_dir)))
+        for folder in s.custom_nodes_dirs:
+            folder_paths.add_model_folder_path("custom_nodes", str(Path(folder).resolve()))
         # Must precede `import nodes`, which puts comfy/ first on sys.path and
         # makes `utils` resolve to comfy/utils.py.
         import utils.extra_config
         for yaml_path in s.extra_model_paths:
             utils.extra_config.load_extra_path_config(str(yaml_path))
+
+        prestartup: dict[str, bool] = {}
+        if s.custom_nodes:
+            # As native main.py does before it imports nodes.
+            prestartup = _run_prestartup_scripts(folder_paths.get_folder_paths("custom_nodes"))
 
         t1 = time.perf_counter()
         with _QuietImportFailures() as quiet:
@@ -239,10 +285,13 @@ class Comfy:
             self.boot_seconds["import"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             self.loop.run_until_complete(
-                nodes.init_extra_nodes(init_custom_nodes=s.custom_nodes, init_api_nodes=False))
+                nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         if quiet.failed:
             log.info("optional ComfyUI node modules not loaded (missing packages): %s",
                      ", ".join(sorted(quiet.failed)))
+        if s.custom_nodes:
+            self.packs = self._load_packs(nodes, folder_paths.get_folder_paths("custom_nodes"),
+                                          prestartup)
         self.boot_seconds["nodes"] = time.perf_counter() - t2
 
         self._execution, self._nodes, self._mm = execution, nodes, comfy.model_management
@@ -264,6 +313,44 @@ class Comfy:
         self.boot_seconds["total"] = time.perf_counter() - t0
         log.info("ComfyUI booted on %s in %.2fs (%s)", self.device,
                  self.boot_seconds["total"], self.boot_seconds)
+
+    def _load_packs(self, nodes: Any, folders: list[str],
+                    prestartup: dict[str, bool]) -> list[PackStatus]:
+        """Load every pack as native ComfyUI does, one by one, so that each
+        failure is known by name: its traceback is logged once, and the
+        summary (and /ready) name it."""
+        base = set(nodes.NODE_CLASS_MAPPINGS)
+        packs: list[PackStatus] = []
+        for folder in folders:
+            if not os.path.isdir(folder):
+                continue
+            for entry in sorted(os.listdir(os.path.realpath(folder))):
+                path = os.path.join(folder, entry)
+                if entry == "__pycache__" or entry.startswith(".") or entry.endswith(".disabled"):
+                    continue
+                if os.path.isfile(path) and not entry.endswith(".py"):
+                    continue
+                before = set(nodes.NODE_CLASS_MAPPINGS)
+                t = time.perf_counter()
+                with _Captured() as captured:
+                    ok = self.loop.run_until_complete(
+                        nodes.load_custom_node(path, base, module_parent="custom_nodes"))
+                status = PackStatus(entry, path, bool(ok), time.perf_counter() - t,
+                                    nodes=len(set(nodes.NODE_CLASS_MAPPINGS) - before),
+                                    prestartup=prestartup.get(path))
+                if not ok:
+                    status.error = captured.reason() or "the pack did not load"
+                    log.warning("custom node pack %s failed to load:\n%s", entry,
+                                captured.text() or status.error)
+                elif captured.lines:
+                    log.debug("custom node pack %s logged while loading:\n%s", entry, captured.text())
+                packs.append(status)
+        loaded = [p for p in packs if p.loaded]
+        failed = [p for p in packs if not p.loaded]
+        log.info("custom node packs: %d loaded%s%s", len(loaded),
+                 " (" + ", ".join(f"{p.name}: {p.nodes} nodes" for p in loaded) + ")" if loaded else "",
+                 "; FAILED: " + ", ".join(f"{p.name} ({p.error})" for p in failed) if failed else "")
+        return packs
 
     # ------------------------------------------------------------- folders
     @property
@@ -300,21 +387,18 @@ class Comfy:
         return out
 
     # ---------------------------------------------------------- validation
-    def validate(self, prompt: dict[str, Any], prompt_id: str) -> tuple[dict[str, Any], list[str]]:
+    def validate(self, prompt: dict[str, Any], prompt_id: str,
+                 targets: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
         """Run ComfyUI's validate_prompt on a copy; return (that copy, outputs).
 
         validate_prompt casts values in place, so the copy it validated is the
         one to execute. Any node error, even with some outputs valid, is
         raised: a partial run would silently drop outputs the user asked for.
+        ``targets`` (native's ``partial_execution_targets``) limits the check
+        and the run to those output nodes.
         """
         self._check_node_types(prompt)
-        checked = copy.deepcopy(prompt)
-        with self._validate_lock:
-            # Its own loop: the executor thread's loop is busy running graphs.
-            if self._validate_loop is None:
-                self._validate_loop = asyncio.new_event_loop()
-            ok, error, outputs, node_errors = self._validate_loop.run_until_complete(
-                self._execution.validate_prompt(prompt_id, checked, None))
+        checked, ok, error, outputs, node_errors = self.check(prompt, prompt_id, targets)
         if not ok or node_errors:
             error = error or {"type": "prompt_outputs_failed_validation",
                               "message": "Prompt outputs failed validation", "details": ""}
@@ -342,9 +426,61 @@ class Comfy:
                 + " (a custom node that is not installed?)",
                 type="invalid_prompt", node_errors=errors)
 
+    def check(self, prompt: dict[str, Any], prompt_id: str, targets: list[str] | None = None
+              ) -> tuple[dict[str, Any], bool, dict[str, Any] | None, list[str], dict[str, Any]]:
+        """validate_prompt's answer, raising nothing: ``(checked copy, ok,
+        error, outputs, node_errors)``."""
+        checked = copy.deepcopy(prompt)
+        with self._validate_lock:
+            # Its own loop: the executor thread's loop is busy running graphs.
+            if self._validate_loop is None:
+                self._validate_loop = asyncio.new_event_loop()
+            ok, error, outputs, node_errors = self._validate_loop.run_until_complete(
+                self._execution.validate_prompt(prompt_id, checked, targets))
+        return checked, bool(ok), error, list(outputs or []), dict(node_errors or {})
+
+    def input_options(self, class_type: str) -> dict[str, list[Any]]:
+        """``{input_name: choices}`` of the node's combo (list) inputs."""
+        cls = self._nodes.NODE_CLASS_MAPPINGS.get(class_type)
+        if cls is None:
+            return {}
+        try:
+            spec = cls.INPUT_TYPES()
+        except Exception:
+            return {}
+        out: dict[str, list[Any]] = {}
+        for section in ("required", "optional"):
+            for name, value in (spec.get(section) or {}).items():
+                if isinstance(value, (list, tuple)) and value:
+                    head = value[0]
+                    if isinstance(head, (list, tuple)):
+                        out[name] = list(head)
+                    elif head == "COMBO" and len(value) > 1 and isinstance(value[1], dict):
+                        out[name] = list(value[1].get("options") or [])
+        return out
+
+    def model_files(self) -> dict[str, list[str]]:
+        """``{folder_name: [file names]}`` of every model folder (checkpoints,
+        loras, vae...), as loader nodes list them."""
+        fp = self._folder_paths
+        out: dict[str, list[str]] = {}
+        for name in fp.folder_names_and_paths:
+            if name in ("custom_nodes", "configs"):
+                continue
+            try:
+                out[name] = list(fp.get_filename_list(name))
+            except Exception:
+                continue
+        return out
+
+    def model_path(self, folder: str, name: str) -> str | None:
+        """Absolute path of a model file, or None."""
+        return self._folder_paths.get_full_path(folder, name)
+
     # ----------------------------------------------------------- execution
     def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str],
-                sink: Sink, stop: Callable[[], bool] | None = None) -> Outcome:
+                sink: Sink, stop: Callable[[], bool] | None = None,
+                extra_data: dict[str, Any] | None = None) -> Outcome:
         """Execute a validated prompt on this (the executor) thread.
 
         ``stop`` is asked once, right after ComfyUI clears its process-wide
@@ -352,16 +488,25 @@ class Comfy:
         before that point is wiped by ComfyUI itself): when it answers True
         the prompt ends interrupted before any node runs, cached ones
         included (ComfyUI never checks the flag for a cached node).
+        ``extra_data`` is native's (``extra_pnginfo``, ``client_id``...): nodes
+        read it through their hidden inputs and ``prompt_queue``.
         """
         srv = self.server
+        extra = dict(extra_data or {})
+        client_id = str(extra.get("client_id") or _CLIENT_ID)
+        extra["client_id"] = client_id
         srv.last_prompt_id = prompt_id
-        srv.sockets_metadata = {_CLIENT_ID: {"feature_flags": {"supports_preview_metadata": True}}}
+        srv.sockets_metadata = {client_id: {"feature_flags": {"supports_preview_metadata": True}}}
         srv.sink = sink if stop is None else _stop_at_start(sink, stop)
+        srv.number += 1
+        item = (srv.number, prompt_id, prompt, extra, outputs)
+        srv.prompt_queue.started(item)
         ex = self.executor
+        outcome: Outcome | None = None
         try:
             try:
                 self.loop.run_until_complete(
-                    ex.execute_async(prompt, prompt_id, {"client_id": _CLIENT_ID}, outputs))
+                    ex.execute_async(prompt, prompt_id, extra, outputs))
             except _StoppedAtStart:
                 data = {"prompt_id": prompt_id, "node_id": None, "node_type": None,
                         "executed": [], "timestamp": int(time.time() * 1000)}
@@ -373,11 +518,16 @@ class Comfy:
             for event, data in ex.status_messages:
                 if event in ("execution_error", "execution_interrupted"):
                     error = _trim(dict(data))
-            return Outcome(success=last == "execution_success",
-                           interrupted=last == "execution_interrupted",
-                           outputs=dict(ex.history_result.get("outputs", {})),
-                           error=error, messages=list(ex.status_messages))
+            outcome = Outcome(success=last == "execution_success",
+                              interrupted=last == "execution_interrupted",
+                              outputs=dict(ex.history_result.get("outputs", {})),
+                              error=error, messages=list(ex.status_messages))
+            return outcome
         finally:
+            srv.prompt_queue.finished(item, outcome.outputs if outcome else {}, {
+                "status_str": "success" if outcome and outcome.success else "error",
+                "completed": bool(outcome and outcome.success),
+                "messages": [list(m) for m in (outcome.messages if outcome else [])]})
             # Native ComfyUI's worker loop sends this after every prompt;
             # clients wait for it as the "done" signal.
             sink("executing", {"node": None, "prompt_id": prompt_id})

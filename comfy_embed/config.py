@@ -136,6 +136,24 @@ class Settings:
     #: At most one progress webhook per task per this many seconds.
     webhook_progress_interval: float = 2.0
 
+    # --- workflows: custom-node packs, media inputs, models manifest ----------
+    #: Extra custom_nodes folders (besides <comfyui_dir>/custom_nodes), loaded
+    #: when ``custom_nodes`` is on.
+    custom_nodes_dirs: tuple[Path, ...] = ()
+    #: Longest audio or video input accepted, in seconds.
+    max_media_seconds: float = 600.0
+    #: A JSON file listing models to fetch into the models folder at start-up:
+    #: ``[{"url", "sha256", "folder", "name"}]``.
+    models_manifest: Path | None = None
+    #: Hosts that manifest URLs may name (exact, or ``*.example.com``); empty:
+    #: any public host. Loopback/private hosts also need ``url_allowlist``.
+    model_hosts: tuple[str, ...] = ()
+    #: Seconds after which another instance takes over a download whose
+    #: downloader stopped renewing its lock (crashed).
+    model_lock_seconds: float = 30.0
+    #: Seconds a manifest download may take.
+    model_fetch_timeout: float = 3600.0
+
     def __post_init__(self) -> None:
         # Fail at start-up, naming the variable, not at the first request.
         checks = [("device", self.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
@@ -143,6 +161,9 @@ class Settings:
                    (self.cache.startswith("lru:") and self.cache[4:].isdigit()), "classic, none or lru:<N>"),
                   ("preview", self.preview in ("none", "latent2rgb"), "none or latent2rgb"),
                   ("storage", self.storage in _storage_backends(), " or ".join(_storage_backends()))]
+        checks += [("max_media_seconds", self.max_media_seconds > 0, "a positive number"),
+                   ("model_lock_seconds", self.model_lock_seconds >= 1, "at least 1"),
+                   ("model_fetch_timeout", self.model_fetch_timeout > 0, "a positive number")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"COMFY_EMBED_{name.upper()}={getattr(self, name)!r}: "

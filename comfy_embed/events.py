@@ -28,16 +28,20 @@ def status_event(queue_remaining: int) -> dict[str, Any]:
 def final_event(task_id: str, prompt_id: str | None, seeds: dict[str, int],
                 results: list[dict[str, Any]] | None = None,
                 error: dict[str, Any] | None = None,
-                execution_time: float = 0.0) -> dict[str, Any]:
+                execution_time: float = 0.0,
+                outputs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The ``serverless_api`` message: same body for HTTP, stream, WS, status.
 
     ``execution_time`` is the seconds from the start of execution to this
     event (0 for a task that never ran), as Function Compute's own ComfyUI
-    template reports it.
+    template reports it. ``outputs`` holds the non-file values of nodes' UI
+    outputs (text, numbers, JSON), ``{node_id: {key: value}}``; files are in
+    ``results``.
     """
     data: dict[str, Any] = {"status": "error" if error else "success", "task_id": task_id,
                             "prompt_id": prompt_id, "seeds": dict(seeds),
                             "results": [] if error else list(results or []),
+                            "outputs": {} if error else dict(outputs or {}),
                             "execution_time": round(execution_time, 3)}
     if error:
         data["error"] = error

@@ -27,9 +27,11 @@ class Backend(Protocol):
     """What the executor needs of ComfyUI (a fake stands in for unit tests)."""
 
     def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str],
-                sink: Sink, stop: Callable[[], bool] | None = None) -> Outcome:
+                sink: Sink, stop: Callable[[], bool] | None = None,
+                extra_data: dict[str, Any] | None = None) -> Outcome:
         """Run one prompt. ``stop`` is asked once at execution start, after
-        the backend cleared any earlier interrupt; True ends it interrupted."""
+        the backend cleared any earlier interrupt; True ends it interrupted.
+        ``extra_data`` is native's (client_id, extra_pnginfo...)."""
         ...
 
     def interrupt(self) -> None: ...
@@ -49,6 +51,8 @@ class Job:
     #: Called on the executor thread when the job leaves the queue to run.
     on_start: Callable[[], None] = lambda: None
     task_id: str = ""
+    #: Native's extra_data (client_id, extra_pnginfo...), seen by nodes.
+    extra_data: dict[str, Any] = field(default_factory=dict)
     state: str = "queued"  # queued -> running -> done
     cancel_reason: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
@@ -107,6 +111,11 @@ class Executor:
         """Queued plus running jobs, as ComfyUI's ``status`` message counts."""
         with self._cond:
             return len(self._queue) + (self._current is not None)
+
+    def pending(self) -> list[Job]:
+        """The queued jobs, in order (not the running one)."""
+        with self._cond:
+            return list(self._queue)
 
     @property
     def idle(self) -> bool:
@@ -178,7 +187,8 @@ class Executor:
         try:
             job.on_start()
             outcome = self.backend.execute(job.prompt, job.prompt_id, job.outputs, job.emit,
-                                           stop=lambda: self._cancelled(job))
+                                           stop=lambda: self._cancelled(job),
+                                           extra_data=job.extra_data)
         except BaseException as e:  # the job fails, the thread goes on
             log.exception("job %s (task %s) crashed the executor call", job.prompt_id, job.task_id)
             outcome = Outcome(success=False, interrupted=False, outputs={},

@@ -30,6 +30,7 @@ import anyio.to_thread
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from . import media
 from .config import Settings
 from .errors import ComfyEmbedError, ImageInputError, InputPathInvalid, StorageError
 
@@ -176,8 +177,10 @@ class ImageFetcher:
         self.s3_store = s3_store
         self._policy = AddressPolicy(settings.url_allowlist)
 
-    async def materialise(self, value: str, credentials: "Credentials | None" = None) -> str:
-        """Return the string to put in the workflow's ``image`` input.
+    async def materialise(self, value: str, credentials: "Credentials | None" = None,
+                          kind: str = "image") -> str:
+        """Return the string to put in the workflow's ``image`` input (or
+        audio / video input, with ``kind``).
 
         File names are checked and returned unchanged; URLs, ``oss://``,
         ``s3://`` and base64 are fetched or decoded, verified and written to
@@ -192,12 +195,12 @@ class ImageFetcher:
             data = await self._fetch_s3(value, credentials)
         elif head.startswith("data:"):
             data = self._decode_data_uri(value)
-        elif _looks_base64(value):
-            data = self._decode_base64(value.strip(), "base64 image")
+        elif _looks_base64(value) or (kind != "image" and media.looks_base64(value)):
+            data = self._decode_base64(value.strip(), f"base64 {kind}")
         else:
             await anyio.to_thread.run_sync(self._check_name, value)
             return value
-        return await anyio.to_thread.run_sync(self._store, data, _describe(value))
+        return await anyio.to_thread.run_sync(self._store, data, _describe(value), kind)
 
     # --- file names -----------------------------------------------------------
     def _check_name(self, value: str) -> None:
@@ -331,9 +334,10 @@ class ImageFetcher:
         return b"".join(chunks)
 
     # --- verification and storage ----------------------------------------------
-    def _store(self, data: bytes, source: str) -> str:
-        """Verify ``data`` is an image and write it under its hash (in a thread)."""
-        ext = self._verify(data, source)
+    def _store(self, data: bytes, source: str, kind: str = "image") -> str:
+        """Verify ``data`` is an image (audio, video) and write it under its hash (in a thread)."""
+        ext = (self._verify(data, source) if kind == "image"
+               else media.probe(data, kind, source, self.settings))
         name = f"{hashlib.sha256(data).hexdigest()}.{ext}"
         folder = self.input_dir / SUBFOLDER
         final = folder / name

@@ -20,7 +20,7 @@ from .workflow import node_order
 if TYPE_CHECKING:
     from .storage import Store
 
-__all__ = ["OutputFile", "collect_files", "render_results"]
+__all__ = ["OutputFile", "collect_files", "collect_values", "render_results"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,54 @@ def collect_files(outputs: dict[str, Any], directory_of: Callable[[str], Path]) 
                                             directory_of(kind)))
                     index += 1
     return files
+
+
+#: UI keys that only describe the files beside them (SaveAnimatedWEBP's flag).
+_FILE_COMPANIONS = frozenset({"animated"})
+
+
+def collect_values(outputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The non-file part of every node's UI output, ``{node_id: {key: value}}``:
+    text (PreviewAny, ShowText nodes), numbers, JSON. Lists of file entries are
+    ``results`` and are left out; values that are not JSON become strings."""
+    values: dict[str, dict[str, Any]] = {}
+    for node_id in sorted(outputs, key=node_order):
+        ui = outputs[node_id] or {}
+        if not isinstance(ui, dict):
+            continue
+        kept = {}
+        for key, value in ui.items():
+            if key in _FILE_COMPANIONS or _is_file_list(value):
+                continue
+            kept[str(key)] = _jsonable(value)
+        if kept:
+            values[node_id] = kept
+    return values
+
+
+def _is_file_list(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and bool(value)
+            and all(isinstance(v, dict) and "filename" in v for v in value))
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if depth > 16:
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in value]
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item) and getattr(value, "ndim", 1) == 0:
+        try:
+            return _jsonable(item(), depth + 1)
+        except Exception:
+            pass
+    return str(value)
 
 
 #: ``output_format`` values and the Pillow format / extension they give.

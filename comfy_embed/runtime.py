@@ -38,10 +38,10 @@ from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccep
                      RunTimeout, TaskCancelled, WorkflowInvalid)
 from .events import FINAL, event, final_event, status_event
 from .executor import Executor, Job
-from .results import FORMATS, collect_files, render_results
+from .results import FORMATS, collect_files, collect_values, render_results
 from .storage import Store, open_store
-from .workflow import (image_inputs, isolate_outputs, parse_workflow, randomize_seeds,
-                       valid_task_id)
+from .workflow import (WorkflowRequest, isolate_outputs, media_inputs, parse_request,
+                       randomize_seeds, valid_task_id)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class Task:
         self._timeout_handle: asyncio.TimerHandle | None = None
         #: monotonic time the executor started running it (None: never ran).
         self._started_at: float | None = None
+        #: The parsed request: envelope fields (``extra_data``, targets) included.
+        self.request: WorkflowRequest | None = None
 
     # ---------------------------------------------------------- consumers
     @property
@@ -179,7 +181,8 @@ class Task:
                 results = await self._render(outcome)
                 self.state = "success"
                 self._publish(final_event(self.task_id, self.prompt_id, self.seeds, results,
-                                          execution_time=self._execution_time()))
+                                          execution_time=self._execution_time(),
+                                          outputs=collect_values(outcome.outputs)))
             else:
                 self._fail(_outcome_error(outcome, self.engine.settings.run_timeout))
         except ComfyEmbedError as e:
@@ -276,12 +279,25 @@ class Engine:
 
     def _boot(self) -> Comfy:
         comfy = self._boot_backend(self.settings)
+        queue = getattr(getattr(comfy, "server", None), "prompt_queue", None)
+        if queue is not None:  # packs read the queue in native's item shape
+            queue.pending = lambda: [(0, j.prompt_id, j.prompt, j.extra_data, j.outputs)
+                                     for j in self.executor.pending()]
         self._comfy = comfy
         return comfy
 
     @property
     def ready(self) -> bool:
         return self.executor.ready.is_set() and self.executor.boot_error is None
+
+    def custom_nodes(self) -> dict[str, Any] | None:
+        """Custom-node packs found at boot: ``{"loaded": [...], "failed":
+        {name: error}}``; None when custom nodes are off or not booted."""
+        if not self.settings.custom_nodes or self._comfy is None:
+            return None
+        packs = self._comfy.packs
+        return {"loaded": [p.name for p in packs if p.loaded],
+                "failed": {p.name: p.error for p in packs if not p.loaded}}
 
     async def wait_ready(self) -> None:
         """Wait for ComfyUI; NotAccepting if it failed to boot."""
@@ -353,35 +369,51 @@ class Engine:
         if output_oss:
             self.store().check()  # a missing setting fails now, before the run
         comfy = self.comfy
-        prompt = parse_workflow(copy.deepcopy(graph) if isinstance(graph, dict) else graph)
+        request = self.parse(graph)
+        prompt = request.prompt
         seeds = randomize_seeds(prompt, comfy.input_specs)
         await self._materialise_images(prompt, credentials)
         isolate_outputs(prompt, task_id)
         prompt_id = str(uuid.uuid4())
-        checked, outputs = await anyio.to_thread.run_sync(comfy.validate, prompt, prompt_id)
+        checked, outputs = await anyio.to_thread.run_sync(comfy.validate, prompt, prompt_id,
+                                                          request.targets)
         if task_id in self._tasks:  # the same id raced us through validation
             return self._tasks[task_id]
         task = Task(self, task_id, prompt_id, seeds, output_base64=output_base64,
                     output_oss=output_oss, credentials=credentials,
                     output_format=output_format, quality=quality)
+        task.request = request
         job = Job(prompt_id=prompt_id, prompt=checked, outputs=outputs, task_id=task_id,
-                  emit=task._from_executor, on_done=task._on_done, on_start=task._on_start)
+                  emit=task._from_executor, on_done=task._on_done, on_start=task._on_start,
+                  extra_data=request.extra_data)
         ahead = self.executor.submit(job)  # QueueFull propagates: nothing queued
         task._publish(status_event(ahead + 1))
         self._remember(task)
         log.info("task %s queued as prompt %s (%d ahead)", task_id, prompt_id, ahead)
         return task
 
+    def parse(self, body: Any) -> WorkflowRequest:
+        """The request (bare graph or native envelope), after the on-prompt
+        handlers of custom-node packs, as native ``POST /prompt`` runs them."""
+        comfy = self.comfy
+        body = copy.deepcopy(body) if isinstance(body, dict) else body
+        server = getattr(comfy, "server", None)  # a test fake has none
+        handlers = getattr(server, "on_prompt_handlers", None)
+        return parse_request(body, server.trigger_on_prompt if handlers else None)
+
     async def _materialise_images(self, prompt: dict[str, Any], credentials: Any) -> None:
-        refs = list(image_inputs(prompt, self.comfy.input_specs))
+        """Turn upload-type inputs (image, audio, video) given as URLs,
+        ``oss://``/``s3://`` or base64 into checked files in the input folder."""
+        refs = list(media_inputs(prompt, self.comfy.input_specs))
         if not refs:
             return
         fetcher = self.fetcher()
         errors: list[ImageInputError] = []
 
-        async def one(node_id: str, class_type: str, name: str, value: str) -> None:
+        async def one(node_id: str, class_type: str, name: str, value: str, kind: str) -> None:
             try:
-                prompt[node_id]["inputs"][name] = await fetcher.materialise(value, credentials)
+                prompt[node_id]["inputs"][name] = await fetcher.materialise(value, credentials,
+                                                                            kind=kind)
             except ImageInputError as e:
                 errors.append(e.at(node_id, class_type, name, value))
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .errors import WorkflowInvalid, node_error
 
-__all__ = ["parse_workflow", "randomize_seeds", "image_inputs", "isolate_outputs",
-           "node_order", "SpecLookup"]
+__all__ = ["parse_workflow", "parse_request", "WorkflowRequest", "randomize_seeds",
+           "image_inputs", "media_inputs", "media_kind", "isolate_outputs", "node_order",
+           "SpecLookup"]
 
 SpecLookup = Callable[[str], dict[str, tuple[Any, dict[str, Any]]]]
 
@@ -22,9 +24,74 @@ SEED_INPUTS = ("seed", "noise_seed")
 _TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
+@dataclass
+class WorkflowRequest:
+    """A request body: the graph plus native ``POST /prompt``'s envelope fields."""
+
+    prompt: dict[str, Any]
+    client_id: str | None = None
+    #: Native's ``extra_data`` (``extra_pnginfo``, ``client_id``...; other
+    #: features read their own keys, e.g. ``webhook``).
+    extra_data: dict[str, Any] = field(default_factory=dict)
+    #: ``partial_execution_targets``: run only these output nodes.
+    targets: list[str] | None = None
+
+
 def parse_workflow(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
     """Decode an API-format workflow and check its shape (not its semantics:
     ComfyUI's validation does that). Raises WorkflowInvalid."""
+    return parse_request(body).prompt
+
+
+def parse_request(body: bytes | str | dict[str, Any],
+                  on_prompt: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+                  ) -> WorkflowRequest:
+    """A bare API-format graph, or native's envelope ``{"prompt": graph,
+    "client_id"?, "extra_data"?, "partial_execution_targets"?}``.
+
+    ``on_prompt`` sees (and may rewrite) the envelope first, as custom-node
+    packs' on-prompt handlers do on native ``POST /prompt``; a bare graph is
+    wrapped as ``{"prompt": graph}`` for them. Raises WorkflowInvalid.
+    """
+    body = _decode(body)
+    envelope = body if _is_envelope(body) else {"prompt": body}
+    if on_prompt is not None:
+        envelope = on_prompt(envelope)
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("prompt"), dict):
+            raise WorkflowInvalid("an on-prompt handler of a custom-node pack returned no "
+                                  "prompt", type="invalid_prompt")
+    prompt = _check_graph(envelope["prompt"])
+    client_id = envelope.get("client_id")
+    if client_id is not None and not isinstance(client_id, str):
+        raise WorkflowInvalid("client_id must be a string", type="invalid_prompt")
+    extra = envelope.get("extra_data", {})
+    if not isinstance(extra, dict):
+        raise WorkflowInvalid("extra_data must be a JSON object", type="invalid_prompt")
+    extra = dict(extra)
+    if client_id:
+        extra["client_id"] = client_id
+    targets = envelope.get("partial_execution_targets")
+    if targets is not None:
+        if not isinstance(targets, list) or not all(isinstance(t, (str, int)) and
+                                                    not isinstance(t, bool) for t in targets):
+            raise WorkflowInvalid("partial_execution_targets must be a list of node ids",
+                                  type="invalid_prompt")
+        targets = [str(t) for t in targets]
+        unknown = [t for t in targets if t not in prompt]
+        if unknown:
+            raise WorkflowInvalid("partial_execution_targets names nodes that are not in the "
+                                  f"workflow: {', '.join(unknown)}", type="invalid_prompt")
+        if not targets:
+            raise WorkflowInvalid("partial_execution_targets is empty", type="prompt_no_outputs")
+    return WorkflowRequest(prompt, client_id, extra, targets)
+
+
+def _is_envelope(body: dict[str, Any]) -> bool:
+    inner = body.get("prompt")
+    return isinstance(inner, dict) and "class_type" not in inner and "class_type" not in body
+
+
+def _decode(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
     if isinstance(body, (bytes, bytearray)):
         try:
             body = body.decode("utf-8")
@@ -42,9 +109,10 @@ def parse_workflow(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise WorkflowInvalid(f"the workflow must be a JSON object of nodes, got {type(body).__name__}",
                               type="invalid_prompt")
-    # Native clients POST {"prompt": {...}, "client_id": ...} to /prompt.
-    if "prompt" in body and isinstance(body["prompt"], dict) and "class_type" not in body:
-        body = body["prompt"]
+    return body
+
+
+def _check_graph(body: dict[str, Any]) -> dict[str, Any]:
     if "nodes" in body and "links" in body:
         raise WorkflowInvalid("this is ComfyUI's UI workflow format; export the workflow "
                               "with 'Export (API)' and send that", type="invalid_prompt")
@@ -117,8 +185,27 @@ def randomize_seeds(prompt: dict[str, Any], specs: SpecLookup) -> dict[str, int]
     return used
 
 
-def image_inputs(prompt: dict[str, Any], specs: SpecLookup) -> Iterator[tuple[str, str, str, str]]:
-    """``(node_id, class_type, input_name, value)`` for every image-upload
+#: Inputs that take an uploaded file by name although their spec carries no
+#: upload marker (the pack's JavaScript adds the upload button).
+KNOWN_MEDIA_INPUTS: dict[tuple[str, str], str] = {
+    ("LoadAudio", "audio"): "audio",
+    ("VHS_LoadVideo", "video"): "video",
+    ("VHS_LoadVideoFFmpeg", "video"): "video",
+    ("VHS_LoadAudioUpload", "audio"): "audio",
+}
+
+
+def media_kind(class_type: str, name: str, opts: dict[str, Any]) -> str | None:
+    """"image", "audio" or "video" for an upload-type input, else None."""
+    for kind in ("image", "audio", "video"):
+        if opts.get(f"{kind}_upload") or opts.get("upload") in (kind, f"{kind}_upload"):
+            return kind
+    return KNOWN_MEDIA_INPUTS.get((class_type, name))
+
+
+def media_inputs(prompt: dict[str, Any], specs: SpecLookup
+                 ) -> Iterator[tuple[str, str, str, str, str]]:
+    """``(node_id, class_type, input_name, value, kind)`` for every upload-type
     input given as a string (links are lists and are left alone)."""
     for node_id, node in prompt.items():
         class_type = node.get("class_type", "")
@@ -127,8 +214,17 @@ def image_inputs(prompt: dict[str, Any], specs: SpecLookup) -> Iterator[tuple[st
             if not isinstance(value, str):
                 continue
             _, opts = node_specs.get(name, (None, {}))
-            if opts.get("image_upload") or opts.get("upload") == "image":
-                yield node_id, class_type, name, value
+            kind = media_kind(class_type, name, opts)
+            if kind is not None:
+                yield node_id, class_type, name, value, kind
+
+
+def image_inputs(prompt: dict[str, Any], specs: SpecLookup) -> Iterator[tuple[str, str, str, str]]:
+    """``(node_id, class_type, input_name, value)`` for every image-upload
+    input given as a string (links are lists and are left alone)."""
+    for node_id, class_type, name, value, kind in media_inputs(prompt, specs):
+        if kind == "image":
+            yield node_id, class_type, name, value
 
 
 def isolate_outputs(prompt: dict[str, Any], subfolder: str) -> None:

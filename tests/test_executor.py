@@ -33,7 +33,8 @@ class FakeBackend:
             fn()
 
     def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str],
-                sink: Sink, stop: Callable[[], bool] | None = None) -> Outcome:
+                sink: Sink, stop: Callable[[], bool] | None = None,
+                extra_data: dict[str, Any] | None = None) -> Outcome:
         self.order.append(prompt_id)
         self._hook("before_clear")
         self.interrupted.clear()  # ComfyUI: nodes.interrupt_processing(False)

@@ -41,7 +41,11 @@ async def health(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     state = request.app.state
     if state.engine.ready and state.warm.is_set() and state.engine.accepting:
-        return JSONResponse({"status": "ready", "device": state.engine.comfy.device})
+        body: dict[str, Any] = {"status": "ready", "device": state.engine.comfy.device}
+        packs = state.engine.custom_nodes()
+        if packs is not None:  # failing packs named, as at start-up
+            body["custom_nodes"] = packs
+        return JSONResponse(body)
     if state.engine.executor.boot_error is not None:
         return JSONResponse({"status": "failed", "error": str(state.engine.executor.boot_error)}, 500)
     return JSONResponse({"status": "starting" if state.engine.accepting else "draining"}, 503)
@@ -104,6 +108,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     prefix = "/api/serverless"
     routes: list[Any] = [
         Route(f"{prefix}/run", runs.run, methods=["POST"]),
+        Route(f"{prefix}/validate", runs.validate, methods=["POST"]),
         Route(f"{prefix}/status", runs.status, methods=["GET"]),
         Route(f"{prefix}/cancel", runs.cancel, methods=["POST"]),
         Route(f"{prefix}/webhook", runs.webhook, methods=["GET"]),

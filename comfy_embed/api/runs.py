@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Mapping
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..dryrun import dry_run
 from ..errors import ComfyEmbedError, NotAccepting, PayloadTooLarge, QueueFull, WebhookRefused
 from ..events import final_event
 from ..service import Handle, TaskService
@@ -18,7 +19,7 @@ from ..webhooks import envelope_webhook, webhook_request
 from .body import flag, read_limited
 from .status_codes import status_for, status_for_event
 
-__all__ = ["run", "status", "cancel", "webhook", "dumps", "error_headers", "run_options",
+__all__ = ["run", "validate", "status", "cancel", "webhook", "dumps", "error_headers", "run_options",
            "task_id_from"]
 
 #: Where a task id may come from, first present wins. Function Compute sets
@@ -133,6 +134,22 @@ async def run(request: Request) -> Response:
                                  headers=headers)
     final = await handle.final()
     return _json(final, status_for_event(final), headers)
+
+
+async def validate(request: Request) -> Response:
+    """The dry run: every check of a run, nothing queued or executed. 200
+    with ``{"valid": ...}`` whether or not the workflow is valid."""
+    service: TaskService = request.app.state.service
+    try:
+        body = await read_limited(request, service.settings.max_body_bytes)
+    except PayloadTooLarge as e:
+        return _json({"valid": False, "error": e.to_dict()}, status_for(e))
+    try:
+        report = await dry_run(service.engine, body, credentials_from_headers(request.headers))
+    except NotAccepting as e:
+        return _json({"valid": False, "error": e.to_dict()}, status_for(e),
+                     {"Retry-After": str(e.retry_after)})
+    return _json(report)
 
 
 async def status(request: Request) -> Response:

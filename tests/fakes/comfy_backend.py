@@ -96,7 +96,8 @@ class FakeComfy:
             return {"seed": ("INT", {"min": 0, "max": 1000})}
         return {}
 
-    def validate(self, prompt: dict[str, Any], prompt_id: str) -> tuple[dict[str, Any], list[str]]:
+    def validate(self, prompt: dict[str, Any], prompt_id: str,
+                 targets: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
         errors: dict[str, Any] = {}
         for node_id, node in prompt.items():
             if not self.has_node(node["class_type"]):
@@ -115,7 +116,8 @@ class FakeComfy:
         self._interrupt.set()
 
     def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str],
-                sink: Sink, stop: Callable[[], bool] | None = None) -> Outcome:
+                sink: Sink, stop: Callable[[], bool] | None = None,
+                extra_data: dict[str, Any] | None = None) -> Outcome:
         messages: list[tuple[str, dict]] = []
 
         def send(kind: str, data: dict[str, Any]) -> None:

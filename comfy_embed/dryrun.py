@@ -1,0 +1,133 @@
+"""The dry run behind ``POST /api/serverless/validate``: every check a run
+makes, and what it would load, without queueing or executing anything.
+
+Reports, all at once rather than stopping at the first problem: node classes
+that are not installed, model files that are missing (with the closest names
+available), media inputs that cannot be used, ComfyUI's own validation errors,
+and the model files the run would load.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .errors import ComfyEmbedError, WorkflowInvalid
+from .workflow import parse_request
+
+if TYPE_CHECKING:
+    from .runtime import Engine
+
+__all__ = ["dry_run", "MODEL_INPUTS"]
+
+#: Loader inputs and the model folder they name (nodes of ComfyUI and of
+#: common packs); other combo inputs count when their choices are files of a
+#: model folder.
+MODEL_INPUTS: dict[str, str] = {
+    "ckpt_name": "checkpoints", "lora_name": "loras", "vae_name": "vae",
+    "control_net_name": "controlnet", "unet_name": "diffusion_models",
+    "clip_name": "text_encoders", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
+    "clip_name3": "text_encoders", "clip_name4": "text_encoders",
+    "style_model_name": "style_models", "gligen_name": "gligen",
+    "hypernetwork_name": "hypernetworks", "upscale_model_name": "upscale_models",
+    "model_name": "upscale_models", "photomaker_model_name": "photomaker",
+}
+_NONE = {"none", "None", ""}
+
+
+async def dry_run(engine: "Engine", body: Any, credentials: Any = None) -> dict[str, Any]:
+    """The report: ``valid``, ``error`` (as a run would answer it),
+    ``node_errors``, ``missing_nodes``, ``missing_models``, ``models``,
+    ``outputs``."""
+    report: dict[str, Any] = {"valid": False, "error": None, "node_errors": {},
+                              "missing_nodes": [], "missing_models": [], "models": [],
+                              "outputs": []}
+    await engine.wait_ready()
+    comfy = engine.comfy
+    try:
+        # On-prompt handlers are not called: a dry run must have no side effects.
+        request = parse_request(body)
+    except WorkflowInvalid as e:
+        report.update(error=e.to_dict(), node_errors=e.node_errors)
+        return report
+    prompt = request.prompt
+    report["missing_nodes"] = [
+        {"node_id": nid, "class_type": node["class_type"]}
+        for nid, node in prompt.items() if not comfy.has_node(node["class_type"])]
+    files = await anyio.to_thread.run_sync(comfy.model_files)
+    _models(report, prompt, comfy, files)
+
+    errors: list[ComfyEmbedError] = []
+    try:
+        await engine._materialise_images(prompt, credentials)
+    except ComfyEmbedError as e:
+        errors.append(e)
+        report["node_errors"].update(e.node_errors)
+    if report["missing_nodes"]:
+        # ComfyUI's validation stops at the first unknown node type; the
+        # run's own check names every one.
+        try:
+            await anyio.to_thread.run_sync(comfy.validate, prompt, str(uuid.uuid4()),
+                                           request.targets)
+        except WorkflowInvalid as e:
+            errors.insert(0, e)
+            report["node_errors"].update(e.node_errors)
+    else:
+        _, ok, error, outputs, node_errors = await anyio.to_thread.run_sync(
+            comfy.check, prompt, str(uuid.uuid4()), request.targets)
+        report["outputs"] = sorted(outputs)
+        report["node_errors"].update(node_errors)
+        if not ok or node_errors:
+            try:
+                await anyio.to_thread.run_sync(comfy.validate, prompt, str(uuid.uuid4()),
+                                               request.targets)
+            except WorkflowInvalid as e:  # the same error a run would answer with
+                errors.append(e)
+    if errors:
+        first = errors[0]
+        report["error"] = {**first.to_dict(), "node_errors": report["node_errors"]}
+    report["valid"] = not errors and not report["missing_models"]
+    if report["missing_models"] and report["error"] is None:
+        names = ", ".join(m["name"] for m in report["missing_models"])
+        report["error"] = {"type": "missing_models", "message": f"model files not found: {names}",
+                           "node_errors": report["node_errors"]}
+    return report
+
+
+def _models(report: dict[str, Any], prompt: dict[str, Any], comfy: Any,
+            files: dict[str, list[str]]) -> None:
+    """Fill ``models`` (files the run would load) and ``missing_models``."""
+    for node_id, node in prompt.items():
+        options = comfy.input_options(node["class_type"])
+        for name, value in node["inputs"].items():
+            if not isinstance(value, str) or value in _NONE or name not in options:
+                continue
+            folder = _folder_of(name, options[name], files)
+            if folder is None:
+                continue
+            where = {"node_id": node_id, "class_type": node["class_type"], "input": name,
+                     "folder": folder, "name": value}
+            if value in options[name] or value in files.get(folder, []):
+                path = comfy.model_path(folder, value)
+                size = os.path.getsize(path) if path and os.path.exists(path) else None
+                report["models"].append({**where, "path": path, "bytes": size})
+            else:
+                choices = [c for c in files.get(folder) or options[name] if isinstance(c, str)]
+                report["missing_models"].append(
+                    {**where, "closest": difflib.get_close_matches(value, choices, n=3, cutoff=0.3)})
+
+
+def _folder_of(name: str, options: list[Any], files: dict[str, list[str]]) -> str | None:
+    if name in MODEL_INPUTS:
+        return MODEL_INPUTS[name]
+    real = {o for o in options if isinstance(o, str) and o not in _NONE}
+    if not real:
+        return None
+    for folder, names in files.items():
+        if names and real <= set(names):
+            return folder
+    return None

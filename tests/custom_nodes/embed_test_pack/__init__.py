@@ -1,0 +1,91 @@
+"""A small custom-node pack that uses the server surface popular packs use,
+at import and at run time, for comfy-embed's tests.
+
+At import: ``server.web``, ``PromptServer.instance.routes`` (``get`` and
+``static``), ``app``, ``supports``, ``add_on_prompt_handler``. At run time:
+``prompt_queue`` (``currently_running``, ``get_current_queue``,
+``get_tasks_remaining``, ``get_history``), ``send_sync`` with a JSON and a
+binary TEXT message, ``send_progress_text``, ``client_id``, ``number``,
+``last_node_id``, and a ``ui`` output of text, numbers and JSON.
+"""
+
+import os
+import struct
+
+import folder_paths
+import server
+from server import BinaryEventTypes, PromptServer
+
+web = server.web
+routes = PromptServer.instance.routes
+
+
+@routes.get("/embed_test/hello")
+async def hello(request):
+    return web.json_response({"hello": "world"})
+
+
+routes.static("/embed_test/files", os.path.dirname(__file__))
+PromptServer.instance.app.add_routes([web.get("/embed_test/app", hello)])
+SUPPORTS_WEB = "custom_nodes_from_web" in PromptServer.instance.supports
+
+
+def rewrite_on_prompt(json_data):
+    """Native packs rewrite prompts here (Impact Pack's wildcards do):
+    EmbedTestEcho text "REWRITE_ME" becomes "rewritten"."""
+    for node in json_data.get("prompt", {}).values():
+        if node.get("class_type") == "EmbedTestEcho" and node["inputs"].get("text") == "REWRITE_ME":
+            node["inputs"]["text"] = "rewritten"
+    return json_data
+
+
+def failing_on_prompt(json_data):
+    raise RuntimeError("a broken on-prompt handler must not stop the request")
+
+
+PromptServer.instance.add_on_prompt_handler(rewrite_on_prompt)
+PromptServer.instance.add_on_prompt_handler(failing_on_prompt)
+
+
+class EmbedTestEcho:
+    """Echoes its text to the UI output and reports what it saw of the server."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"default": "hello"})},
+                "optional": {"after": ("STRING", {"forceInput": True})},
+                "hidden": {"unique_id": "UNIQUE_ID", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "embed_test"
+
+    def run(self, text, after=None, unique_id=None, extra_pnginfo=None):
+        srv = PromptServer.instance
+        queue = srv.prompt_queue
+        running, queued = queue.get_current_queue()
+        (number, prompt_id, prompt, extra_data, outputs) = next(iter(queue.currently_running.values()))[:5]
+        srv.send_progress_text(f"echo {text}", unique_id)
+        node = str(unique_id).encode()
+        srv.send_sync(BinaryEventTypes.TEXT, struct.pack(">I", len(node)) + node + b"binary text", srv.client_id)
+        srv.send_sync("embed_test.echo", {"node": unique_id, "text": text}, srv.client_id)
+        info = {
+            "prompt_id": prompt_id,
+            "running": len(running),
+            "remaining": queue.get_tasks_remaining(),
+            "history_has_previous": len(queue.get_history(max_items=1)),
+            "extra_marker": extra_data.get("embed_test_marker"),
+            "client_id": srv.client_id,
+            "last_node_id": srv.last_node_id,
+            "number": srv.number,
+            "routes": sorted(srv.route_paths()) if hasattr(srv, "route_paths") else [],
+            "supports_web": SUPPORTS_WEB,
+            "prestartup_ran": "embed_test_prestartup" in folder_paths.folder_names_and_paths,
+            "outputs_to_execute": sorted(outputs),
+        }
+        return {"ui": {"text": [text], "length": [len(text)], "info": [info]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {"EmbedTestEcho": EmbedTestEcho}
+NODE_DISPLAY_NAME_MAPPINGS = {"EmbedTestEcho": "Embed test echo"}
