@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .tasklog import TaskLog
+from .tasklog import DeliveryLog, TaskLog
 from .workflow import valid_task_id
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def prune(output_dir: Path, temp_dir: Path, tasklog: TaskLog, max_age_seconds: f
           now: float | None = None) -> int:
     """Delete, when older than ``max_age_seconds``: per-task output folders
     (``<output>/<task_id>/``, which only comfy-embed writes), temp files, and
-    task logs that have their final event. Returns how many were removed."""
+    task logs that have their final event (and no webhook still to deliver). Returns how many were removed."""
     cutoff = (time.time() if now is None else now) - max_age_seconds
     removed = 0
     log_root = tasklog.root.resolve()
@@ -39,8 +39,11 @@ def prune(output_dir: Path, temp_dir: Path, tasklog: TaskLog, max_age_seconds: f
         if f.is_file() and _old(f, cutoff):
             f.unlink(missing_ok=True)
             removed += 1
+    deliveries = DeliveryLog(tasklog)
     for d in (log_root.iterdir() if log_root.is_dir() else ()):
-        if d.is_dir() and valid_task_id(d.name) and _old(d, cutoff) and tasklog.is_final(d.name):
+        # A webhook still being retried keeps its task's log (its state lives there).
+        if (d.is_dir() and valid_task_id(d.name) and _old(d, cutoff) and tasklog.is_final(d.name)
+                and not deliveries.undelivered(d.name)):
             shutil.rmtree(d, ignore_errors=True)
             removed += 1
     if removed:

@@ -495,6 +495,11 @@ class DeliveryLog:
         return {"request": request, "attempts": attempts, "done": _load(d / _WEBHOOK_DONE),
                 "lease": lease}
 
+    def undelivered(self, task_id: str) -> bool:
+        """Whether the task has a webhook not yet delivered or given up."""
+        d = self._dir(task_id)
+        return (d / _WEBHOOK).exists() and not (d / _WEBHOOK_DONE).exists()
+
     def pending(self) -> list[str]:
         """Tasks with a final event and a webhook not yet done whose lease is
         free or expired: deliveries some instance should (re)start."""

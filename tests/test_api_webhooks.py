@@ -5,6 +5,7 @@ a delivery resumed by a second instance after a kill -9, SSRF refusals."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 import requests
+import websocket
 
 from .conftest import image_only, text_to_image
 from .fakes.webhook_receiver import SECRET, Receiver, serve_receiver
@@ -221,3 +223,30 @@ def test_killed_instance_delivery_resumed_by_another(tmp_path: Path, shared_log:
     assert state["lease"]["generation"] >= 2
 
 
+
+
+def test_websocket_runs_deliver_webhooks(server: Server, receiver: Receiver) -> None:
+    path, url = receiver.new_hook("ws")
+    ws = websocket.create_connection(f"{server.ws_url}?webhook={url}", timeout=60)
+    try:
+        finals = []
+        for color in (0x101010, 0x202020):
+            ws.send(json.dumps(image_only(batch=1, color=color)))
+            while (ev := json.loads(ws.recv()))["type"] != "serverless_api":
+                pass
+            finals.append(ev)
+    finally:
+        ws.close()
+    calls = receiver.wait(path, 2)
+    assert all(c.verified for c in calls), [c.error for c in calls]
+    assert sorted(c.payload["data"]["task_id"] for c in calls) == \
+        sorted(f["data"]["task_id"] for f in finals)
+    assert calls[0].webhook_id != calls[1].webhook_id  # one id per task
+
+    refused = websocket.create_connection(f"{server.ws_url}?webhook=http://10.0.0.1/x", timeout=60)
+    try:
+        refused.send(json.dumps(image_only(batch=1)))
+        ev = json.loads(refused.recv())
+        assert ev["type"] == "serverless_api" and ev["data"]["error"]["type"] == "webhook_refused"
+    finally:
+        refused.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from comfy_embed.events import final_event
 from comfy_embed.retention import prune
-from comfy_embed.tasklog import TaskLog
+from comfy_embed.tasklog import DeliveryLog, TaskLog
 
 
 def age(path: Path, seconds: float) -> None:
@@ -43,3 +43,20 @@ def test_prune(tmp_path: Path) -> None:
     assert (out / "user file.png").exists() and not (temp / "old.png").exists()
     assert tl.read("done-old") == [] and tl.read("running-old") and tl.read("done-new")
     assert (out / "serverless_api").is_dir()
+
+
+def test_prune_keeps_a_task_log_whose_webhook_is_not_delivered(tmp_path: Path) -> None:
+    out, temp = tmp_path / "output", tmp_path / "temp"
+    tl = TaskLog(out / "serverless_api", "me")
+    deliveries = DeliveryLog(tl)
+    for task in ("hook-pending", "hook-done"):
+        tl.claim(task)
+        deliveries.register(task, {"url": "http://x", "id": "msg_" + task})
+        tl.append(task, final_event(task, None, {}, []))
+    deliveries.finish("hook-done", {"state": "delivered"})
+    for task in ("hook-pending", "hook-done"):
+        age(tl.root / task, 7200)
+
+    assert prune(out, temp, tl, 3600) == 1
+    assert tl.read("hook-pending") and deliveries.undelivered("hook-pending")
+    assert tl.read("hook-done") == []
