@@ -124,8 +124,9 @@ def envelope_webhook(body: Any) -> tuple[Any, str | None]:
         if not isinstance(decoded, dict):
             return body, None
         body = decoded
-    if not isinstance(body, dict) or not isinstance(body.get("extra_data"), dict):
-        return body, None
+    if (not isinstance(body, dict) or not isinstance(body.get("prompt"), dict)
+            or not isinstance(body.get("extra_data"), dict)):
+        return body, None  # not an envelope (a bare graph may have a node "extra_data")
     url = body["extra_data"].get("webhook")
     if url is not None and not isinstance(url, str):
         raise WebhookRefused("extra_data.webhook must be a URL string")

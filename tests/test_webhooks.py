@@ -66,6 +66,8 @@ def test_envelope_webhook_is_read_without_changing_the_body() -> None:
     assert url == "http://x/y" and body["prompt"] == graph
     raw = b'{"1": {"class_type": "X"}}'
     assert envelope_webhook(raw) == (raw, None)
+    bare = {"extra_data": {"class_type": "X", "inputs": {"webhook": "http://x/y"}}}
+    assert envelope_webhook(json.dumps(bare))[1] is None  # a node called extra_data
 
 
 def test_delivery_lease_is_exclusive_and_taken_over_after_expiry(tmp_path: Path) -> None:
