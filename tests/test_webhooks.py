@@ -194,3 +194,23 @@ async def test_drain_hands_waiting_deliveries_back(tmp_path: Path, receiver: Rec
     # Released: another instance may resume it at once, not after the lease.
     other = DeliveryLog(TaskLog(tasklog.root, "other", lease_seconds=1.0))
     assert other.pending() == [task_id]
+
+
+@pytest.mark.anyio
+async def test_a_task_closed_as_lost_gets_its_failed_webhook(tmp_path: Path,
+                                                             receiver: Receiver) -> None:
+    """The instance running the task died: recovery closes it with task_lost,
+    and the webhook recorded at submit time reports that failure."""
+    hooks, tasklog = _hooks(tmp_path)
+    path, url = receiver.new_hook("lost")
+    task_id = "lost-" + uuid.uuid4().hex[:8]
+    dead = TaskLog(tasklog.root, "dead", lease_seconds=1.0, clock=lambda: time.time() - 60)
+    assert dead.claim(task_id)  # its lease was last renewed a minute ago
+    await Webhooks(hooks.settings, dead).register(task_id, WebhookRequest(url=url))
+    assert await hooks.resume_pending() == []  # no final event yet: nothing to send
+    assert tasklog.recover_orphans() == [task_id]
+    assert await hooks.resume_pending() == [task_id]
+    state = await _done(hooks, task_id)
+    assert state["state"] == "delivered"
+    [call] = receiver.wait(path, 1)
+    assert call.verified and call.payload["data"]["error"]["type"] == "task_lost"
