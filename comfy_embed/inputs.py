@@ -200,7 +200,7 @@ class ImageFetcher:
         else:
             await anyio.to_thread.run_sync(self._check_name, value)
             return value
-        return await anyio.to_thread.run_sync(self._store, data, _describe(value), kind)
+        return await anyio.to_thread.run_sync(self._store, data, _describe(value, kind), kind)
 
     # --- file names -----------------------------------------------------------
     def _check_name(self, value: str) -> None:
@@ -386,10 +386,10 @@ class ImageFetcher:
         return _EXT.get(fmt, fmt.lower())
 
 
-def _describe(value: str) -> str:
+def _describe(value: str, kind: str = "image") -> str:
     """A short name for an input value in error messages (no megabytes of base64)."""
     if value[:16].lower().startswith(("http://", "https://", "oss://", "s3://")):
         return value if len(value) <= 300 else value[:300] + "..."
     if value[:5].lower() == "data:":
         return "data URI"
-    return "base64 image"
+    return f"base64 {kind}"

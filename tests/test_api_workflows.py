@@ -4,12 +4,19 @@ non-file outputs, audio and video in and out, and the dry run."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
+import av
 import pytest
 import requests
+
+from tests.fakes import FakeOss
+from tests.fakes.file_server import Files, serve_files
+from tests.fakes.media import make_mp4, make_wav
 
 from .conftest import image_only, text_to_image
 from .servers import ROOT, Server
@@ -18,9 +25,20 @@ PACKS = ROOT / "tests" / "custom_nodes"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def oss() -> Iterator[FakeOss]:
+    fake = FakeOss(keys={"wf-key": "wf-secret"})
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, oss: FakeOss) -> Iterator[Server]:
     s = Server(tmp_path_factory.mktemp("wf"), custom_nodes=1, custom_nodes_dirs=PACKS,
-               url_allowlist="127.0.0.1", fetch_timeout=5, max_media_seconds=30)
+               url_allowlist="127.0.0.1", fetch_timeout=5, max_media_seconds=30,
+               raw_env={"OSS_ACCESS_KEY_ID": "wf-key", "OSS_ACCESS_KEY_SECRET": "wf-secret"},
+               oss_bucket="test-bucket", oss_endpoint=oss.endpoint, oss_region="cn-hangzhou",
+               oss_link_expire=600)
     try:
         yield s.wait_ready()
     finally:
@@ -167,3 +185,120 @@ def test_validate_reports_bad_json_and_bad_inputs(server: Server) -> None:
     report = validate(server, graph)
     assert report["valid"] is False
     assert report["node_errors"]["1"]["errors"][0]["extra_info"]["input_name"] == "image"
+
+
+# ------------------------------------------------------------ audio and video
+@pytest.fixture(scope="module")
+def files() -> Iterator[Files]:
+    with serve_files() as f:
+        f.files["/tone.wav"] = make_wav()
+        f.files["/clip.mp4"] = make_mp4()
+        f.files["/long.wav"] = make_wav(seconds=31)
+        f.files["/playlist.m3u8"] = b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n"
+        yield f
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def audio_graph(value: str) -> dict[str, Any]:
+    return {"1": {"class_type": "LoadAudio", "inputs": {"audio": value}},
+            "2": {"class_type": "SaveAudio", "inputs": {"audio": ["1", 0], "filename_prefix": "a"}},
+            "3": {"class_type": "SaveAudioMP3", "inputs": {"audio": ["1", 0], "filename_prefix": "a",
+                                                           "quality": "128k"}}}
+
+
+def video_graph(value: str) -> dict[str, Any]:
+    return {"1": {"class_type": "LoadVideo", "inputs": {"file": value}},
+            "2": {"class_type": "SaveVideo", "inputs": {"video": ["1", 0], "filename_prefix": "v",
+                                                        "format": "mp4", "codec": "h264"}},
+            "3": {"class_type": "GetVideoComponents", "inputs": {"video": ["1", 0]}},
+            "4": {"class_type": "SaveWEBM", "inputs": {"images": ["3", 0], "filename_prefix": "w",
+                                                       "codec": "vp9", "fps": 6.0, "crf": 40.0}},
+            "5": {"class_type": "SaveAnimatedWEBP", "inputs": {
+                "images": ["3", 0], "filename_prefix": "p", "fps": 6.0, "lossless": False,
+                "quality": 60, "method": "default"}}}
+
+
+@pytest.mark.parametrize("source", ["base64", "data_uri", "url"])
+def test_audio_input_and_outputs(server: Server, files: Files, source: str) -> None:
+    wav = files.files["/tone.wav"]
+    value = {"base64": b64(wav), "data_uri": "data:audio/wav;base64," + b64(wav),
+             "url": files.base + "/tone.wav"}[source]
+    r = server.run(audio_graph(value), "?output_base64=1")
+    assert r.status_code == 200, r.text
+    results = r.json()["data"]["results"]
+    by_node = {x["node_id"]: x["output"] for x in results}
+    assert by_node["2"]["media_type"] == "audio/flac"
+    assert base64.b64decode(by_node["2"]["base64"]["data"])[:4] == b"fLaC"
+    assert by_node["3"]["media_type"] == "audio/mpeg"
+    mp3 = base64.b64decode(by_node["3"]["base64"]["data"])
+    assert mp3[:3] == b"ID3" or mp3[0] == 0xFF
+    # The input was stored under its content hash, as images are.
+    stored = Path(server.log_path).parent / "input" / "serverless"
+    assert (stored / (hashlib.sha256(wav).hexdigest() + ".wav")).read_bytes() == wav
+
+
+@pytest.mark.parametrize("source", ["base64", "url"])
+def test_video_input_and_outputs(server: Server, files: Files, source: str) -> None:
+    mp4 = files.files["/clip.mp4"]
+    value = b64(mp4) if source == "base64" else files.base + "/clip.mp4"
+    r = server.run(video_graph(value), "?output_base64=1")
+    assert r.status_code == 200, r.text
+    by_node = {x["node_id"]: x["output"] for x in r.json()["data"]["results"]}
+    assert by_node["2"]["media_type"] == "video/mp4"
+    assert base64.b64decode(by_node["2"]["base64"]["data"])[4:8] == b"ftyp"
+    assert by_node["4"]["media_type"] == "video/webm"
+    assert base64.b64decode(by_node["4"]["base64"]["data"])[:4] == b"\x1a\x45\xdf\xa3"
+    assert by_node["5"]["media_type"] == "image/webp"
+    c = by_node["2"]["comfy"]
+    with av.open(str(Path(c["dir"], c["subfolder"], c["filename"]))) as box:
+        assert box.streams.video[0].codec_context.width == 32
+        assert sum(1 for _ in box.decode(video=0)) == 6
+
+
+def test_media_outputs_upload_to_object_storage(server: Server, files: Files) -> None:
+    graph = audio_graph(files.base + "/tone.wav")
+    for node_id, node in video_graph(files.base + "/clip.mp4").items():
+        graph["v" + node_id] = node
+        node["inputs"] = {k: ["v" + v[0], v[1]] if isinstance(v, list) else v
+                          for k, v in node["inputs"].items()}
+    r = server.run(graph, "?output_oss=1")
+    assert r.status_code == 200, r.text
+    kinds = {}
+    for res in r.json()["data"]["results"]:
+        out = res["output"]
+        got = requests.get(out["oss"]["url"], timeout=10)
+        assert got.status_code == 200
+        assert got.headers["Content-Type"] == out["media_type"]
+        assert out["oss"]["object"].rsplit(".", 1)[1] == out["comfy"]["filename"].rsplit(".", 1)[1]
+        kinds[res["node_id"]] = out["media_type"]
+    assert kinds == {"2": "audio/flac", "3": "audio/mpeg", "v2": "video/mp4",
+                     "v4": "video/webm", "v5": "image/webp"}
+
+
+@pytest.mark.parametrize("graph, value, needle", [
+    ("audio", "text", "not audio"),
+    ("audio", "long", "31.0s is over the 30s limit"),
+    ("audio", "playlist", "not audio"),
+    ("video", "wav", "base64 video: not video"),
+    ("video", "truncated", "video"),
+    ("audio", "private", "refused"),
+])
+def test_bad_media_inputs_are_named(server: Server, files: Files, graph: str, value: str,
+                                    needle: str) -> None:
+    v = {"text": "data:audio/wav;base64," + b64(b"hello, not audio at all" * 4),
+         "long": files.base + "/long.wav",
+         "playlist": files.base + "/playlist.m3u8",
+         "wav": b64(files.files["/tone.wav"]),
+         "truncated": b64(files.files["/clip.mp4"][:200]),
+         "private": "http://10.0.0.1/x.wav"}[value]
+    g = audio_graph(v) if graph == "audio" else video_graph(v)
+    r = server.run(g)
+    assert r.status_code == 422, r.text
+    err = r.json()["data"]["error"]
+    name = "audio" if graph == "audio" else "file"
+    assert err["node_errors"]["1"]["errors"][0]["extra_info"]["input_name"] == name
+    assert needle in err["message"], err["message"]
+    assert f"node 1 ({'LoadAudio' if graph == 'audio' else 'LoadVideo'}) input '{name}'" in err["message"]
