@@ -386,6 +386,13 @@ class Comfy:
                     out[name] = (value[0], opts)
         return out
 
+    def is_loader(self, class_type: str) -> bool:
+        """Whether a node loads a model: its CATEGORY is under ``loaders``
+        (``loaders``, ``advanced/loaders``), as ComfyUI's menu files them."""
+        cls = self._nodes.NODE_CLASS_MAPPINGS.get(class_type)
+        category = getattr(cls, "CATEGORY", "") if cls is not None else ""
+        return isinstance(category, str) and "loaders" in category.split("/")
+
     # ---------------------------------------------------------- validation
     def validate(self, prompt: dict[str, Any], prompt_id: str,
                  targets: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:

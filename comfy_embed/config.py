@@ -154,6 +154,11 @@ class Settings:
     #: Seconds a manifest download may take.
     model_fetch_timeout: float = 3600.0
 
+    # --- observability (metrics, report, logs, memory guard) -----------------
+    #: Put the per-task report (timings, models, peak memory) in the final
+    #: event's ``data.report``.
+    task_report: bool = True
+
     def __post_init__(self) -> None:
         # Fail at start-up, naming the variable, not at the first request.
         checks = [("device", self.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),

@@ -118,6 +118,16 @@ class Executor:
             return list(self._queue)
 
     @property
+    def waiting(self) -> int:
+        """Jobs queued, the running one not counted (no lock: a gauge)."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """1 while a job executes, else 0 (no lock: a gauge)."""
+        return int(self._current is not None)
+
+    @property
     def idle(self) -> bool:
         with self._cond:
             return not self._queue and self._current is None

@@ -170,8 +170,11 @@ class ImageFetcher:
     """
 
     def __init__(self, settings: Settings, input_dir: Path,
-                 store: "OssStore | None" = None, s3_store: "S3Store | None" = None) -> None:
+                 store: "OssStore | None" = None, s3_store: "S3Store | None" = None,
+                 on_fetched: Callable[[str, int], None] | None = None) -> None:
         self.settings = settings
+        #: Told (source, bytes) of each image fetched or decoded (metrics).
+        self.on_fetched = on_fetched
         self.input_dir = Path(input_dir).resolve()
         self.store = store
         self.s3_store = s3_store
@@ -188,18 +191,20 @@ class ImageFetcher:
         """
         head = value[:16].lower()
         if head.startswith(("http://", "https://")):
-            data = await self._fetch_url(value)
+            data, source = await self._fetch_url(value), "url"
         elif head.startswith("oss://"):
-            data = await self._fetch_oss(value, credentials)
+            data, source = await self._fetch_oss(value, credentials), "oss"
         elif head.startswith("s3://"):
-            data = await self._fetch_s3(value, credentials)
+            data, source = await self._fetch_s3(value, credentials), "s3"
         elif head.startswith("data:"):
-            data = self._decode_data_uri(value)
+            data, source = self._decode_data_uri(value), "base64"
         elif _looks_base64(value) or (kind != "image" and media.looks_base64(value)):
-            data = self._decode_base64(value.strip(), f"base64 {kind}")
+            data, source = self._decode_base64(value.strip(), f"base64 {kind}"), "base64"
         else:
             await anyio.to_thread.run_sync(self._check_name, value)
             return value
+        if self.on_fetched is not None:
+            self.on_fetched(source, len(data))
         return await anyio.to_thread.run_sync(self._store, data, _describe(value, kind), kind)
 
     # --- file names -----------------------------------------------------------

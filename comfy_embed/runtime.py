@@ -38,6 +38,8 @@ from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccep
                      RunTimeout, TaskCancelled, WorkflowInvalid)
 from .events import FINAL, event, final_event, status_event
 from .executor import Executor, Job
+from .observe import Metrics
+from .report import TaskReport, TimedUploader, loader_nodes
 from .results import FORMATS, collect_files, collect_values, render_results
 from .storage import Store, open_store
 from .workflow import (WorkflowRequest, isolate_outputs, media_inputs, parse_request,
@@ -58,7 +60,8 @@ class Task:
 
     def __init__(self, engine: "Engine", task_id: str, prompt_id: str, seeds: dict[str, int],
                  *, output_base64: bool, output_oss: bool, credentials: Any,
-                 output_format: str | None = None, quality: int | None = None) -> None:
+                 output_format: str | None = None, quality: int | None = None,
+                 report: TaskReport | None = None) -> None:
         self.engine = engine
         self.task_id = task_id
         self.prompt_id = prompt_id
@@ -76,6 +79,8 @@ class Task:
         self._started_at: float | None = None
         #: The parsed request: envelope fields (``extra_data``, targets) included.
         self.request: WorkflowRequest | None = None
+        #: Timings and memory of this task, frozen into the final's data.report.
+        self.report = report or TaskReport()
 
     # ---------------------------------------------------------- consumers
     @property
@@ -129,12 +134,23 @@ class Task:
     def _publish(self, ev: dict[str, Any]) -> None:
         if self.final is not None:
             return  # exactly one terminal event; nothing after it
+        if ev["type"] == FINAL:
+            self._observe_final(ev)
         self.events.append(ev)
         if ev["type"] == FINAL:
             self.final = ev
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
         self._changed.set()
+
+    def _observe_final(self, ev: dict[str, Any]) -> None:
+        """Report and metrics, as the final event is built."""
+        metrics = self.engine.metrics
+        report = self.report.finish()
+        if self.engine.settings.task_report:
+            ev["data"]["report"] = report
+        metrics.task_report(report)
+        metrics.task_ended(None if self.error is None else self.error.type)
 
     def _fail(self, error: ComfyEmbedError) -> None:
         self.error = error
@@ -148,12 +164,15 @@ class Task:
 
     # ------------------------------------------- executor-thread callbacks
     def _from_executor(self, kind: str, data: dict[str, Any]) -> None:
+        self.report.on_event(kind, data)
         self._threadsafe(self._publish, event(kind, data))
 
     def _on_start(self) -> None:
+        self.report.started()
         self._threadsafe(self._started)
 
     def _on_done(self, outcome: Outcome) -> None:
+        self.report.executed()
         self._threadsafe(self._spawn_finish, outcome)
 
     def _threadsafe(self, fn: Any, *args: Any) -> None:
@@ -178,7 +197,9 @@ class Task:
     async def _finish(self, outcome: Outcome) -> None:
         try:
             if outcome.success:
+                self.report.mark_render()
                 results = await self._render(outcome)
+                self.report.mark_render(end=True)
                 self.state = "success"
                 self._publish(final_event(self.task_id, self.prompt_id, self.seeds, results,
                                           execution_time=self._execution_time(),
@@ -195,7 +216,7 @@ class Task:
         output_base64, output_oss, credentials, output_format, quality = self._options
         comfy = self.engine.comfy
         files = collect_files(outcome.outputs, comfy.directory_of)
-        store = self.engine.store() if output_oss else None
+        store = TimedUploader(self.engine.store(), self.report) if output_oss else None
         return await render_results(files, output_base64=output_base64, store=store,
                                     credentials=credentials, output_format=output_format,
                                     quality=quality)
@@ -260,6 +281,10 @@ class Engine:
         #: in tests of the thread, queue and API mechanics).
         self._boot_backend = boot or boot_comfy
         self.executor = Executor(self._boot, self.settings.max_queue)
+        self.metrics = Metrics()
+        ex = self.executor
+        self.metrics.bind_executor(lambda: ex.waiting, lambda: ex.running,
+                                   lambda: ex.busy_seconds)
         self._comfy: Comfy | None = None
         self._tasks: collections.OrderedDict[str, Task] = collections.OrderedDict()
         self._background: set[asyncio.Task[Any]] = set()
@@ -334,23 +359,34 @@ class Engine:
             self._fetcher = ImageFetcher(
                 s, self.comfy.input_dir,
                 self.store("oss") if s.oss_bucket or s.oss_endpoint else None,
-                s3_store=self.store("s3") if s.s3_bucket or s.s3_endpoint or s.storage == "s3" else None)
+                s3_store=self.store("s3") if s.s3_bucket or s.s3_endpoint or s.storage == "s3" else None,
+                on_fetched=self.metrics.image_fetched)
         return self._fetcher
 
     # ---------------------------------------------------------------- tasks
     def get(self, task_id: str) -> Task | None:
         return self._tasks.get(task_id)
 
-    async def submit(self, graph: Any, *, task_id: str | None = None,
-                     output_base64: bool = False, output_oss: bool = False,
-                     credentials: Any = None, output_format: str | None = None,
-                     quality: int | None = None) -> Task:
+    async def submit(self, graph: Any, **options: Any) -> Task:
         """Check, rewrite and validate a workflow, then queue it.
 
         Raises WorkflowInvalid / ImageInputError / QueueFull / NotAccepting
         before anything is queued. A task id already running here returns
-        that task (retries are idempotent).
+        that task (retries are idempotent). Options: ``task_id``,
+        ``output_base64``, ``output_oss``, ``credentials``, ``output_format``,
+        ``quality``.
         """
+        try:
+            return await self._submit(graph, **options)
+        except ComfyEmbedError as e:  # refused before queueing: still a task outcome
+            self.metrics.task_ended(e.type)
+            raise
+
+    async def _submit(self, graph: Any, *, task_id: str | None = None,
+                      output_base64: bool = False, output_oss: bool = False,
+                      credentials: Any = None, output_format: str | None = None,
+                      quality: int | None = None) -> Task:
+        report = TaskReport()
         if not self.accepting:
             raise NotAccepting("this instance is draining and accepts no new work")
         await self.wait_ready()
@@ -375,13 +411,15 @@ class Engine:
         await self._materialise_images(prompt, credentials)
         isolate_outputs(prompt, task_id)
         prompt_id = str(uuid.uuid4())
+        report.mark_prepared()
         checked, outputs = await anyio.to_thread.run_sync(comfy.validate, prompt, prompt_id,
                                                           request.targets)
+        report.mark_validated(checked, loader_nodes(checked, comfy.is_loader))
         if task_id in self._tasks:  # the same id raced us through validation
             return self._tasks[task_id]
         task = Task(self, task_id, prompt_id, seeds, output_base64=output_base64,
                     output_oss=output_oss, credentials=credentials,
-                    output_format=output_format, quality=quality)
+                    output_format=output_format, quality=quality, report=report)
         task.request = request
         job = Job(prompt_id=prompt_id, prompt=checked, outputs=outputs, task_id=task_id,
                   emit=task._from_executor, on_done=task._on_done, on_start=task._on_start,

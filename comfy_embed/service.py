@@ -153,7 +153,9 @@ class TaskService:
             while True:
                 batch = task.events[written:]
                 if batch:
+                    started = time.perf_counter()
                     await anyio.to_thread.run_sync(self._append_all, task.task_id, batch)
+                    self.engine.metrics.task_log_write.observe(time.perf_counter() - started)
                     written += len(batch)
                     self._written[task.task_id] = written
                     if batch[-1]["type"] == FINAL:

@@ -18,7 +18,7 @@ from ..errors import ExecutionFailed
 from ..events import final_event
 from ..runtime import Engine
 from ..service import TaskService
-from . import runs, ws
+from . import metrics, runs, ws
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         Route("/initialize", initialize, methods=["POST"]),
         Route("/pre-stop", pre_stop, methods=["GET", "POST"]),
         Route("/pre-freeze", pre_freeze, methods=["GET", "POST"]),
+        Route("/metrics", metrics.metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={Exception: internal_error})
