@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from .conftest import image_only, text_to_image
 from .servers import Server
 
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:

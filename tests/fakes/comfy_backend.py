@@ -89,6 +89,9 @@ class FakeComfy:
     def has_node(self, class_type: str) -> bool:
         return class_type in NODE_TYPES
 
+    def is_loader(self, class_type: str) -> bool:
+        return False  # no fake node loads a model
+
     def input_specs(self, class_type: str) -> dict[str, tuple[Any, dict[str, Any]]]:
         if class_type == "LoadImage":
             return {"image": (["x.png"], {"image_upload": True})}
