@@ -20,6 +20,7 @@ __all__ = [
     "RunTimeout",
     "StorageError",
     "PayloadTooLarge",
+    "ModelDownloadError",
     "WebhookRefused",
 ]
 
@@ -156,3 +157,10 @@ class WebhookRefused(ComfyEmbedError):
     ``webhook_events``. Refused at submit time, before the task exists."""
 
     type = "webhook_refused"
+
+
+class ModelDownloadError(ComfyEmbedError):
+    """A model of the models manifest could not be fetched or verified; the
+    message names the model (``folder/name``) and the URL."""
+
+    type = "model_download_error"

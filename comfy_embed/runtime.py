@@ -258,6 +258,10 @@ def _coalesce(events: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[
 def boot_comfy(settings: Settings) -> Comfy:
     """ComfyUI booted headless, with the tiny checkpoint built when asked
     for and the preload checkpoints loaded (on the executor thread)."""
+    if settings.models_manifest:
+        # Before ComfyUI lists its model folders; /ready waits for this.
+        from .model_manifest import ensure_models
+        ensure_models(settings)
     comfy = Comfy.boot(settings)
     if settings.tiny_checkpoint:
         from .models import ensure_tiny_checkpoint
