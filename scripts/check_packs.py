@@ -10,6 +10,7 @@ Markdown table row per pack: load status, node count, and what the graph did.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import tempfile
@@ -24,7 +25,20 @@ from tests.servers import Server  # noqa: E402
 IMAGES = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 4,
                                                   "color": 0x3366CC}}
 
-#: One graph per pack, run through POST /run: (what it shows, graph).
+
+def _vhs_load() -> dict[str, Any]:
+    from tests.fakes.media import make_mp4
+
+    return {"1": {"class_type": "VHS_LoadVideo", "inputs": {
+                "video": base64.b64encode(make_mp4()).decode(), "force_rate": 0,
+                "custom_width": 0, "custom_height": 0, "frame_load_cap": 0,
+                "skip_first_frames": 0, "select_every_nth": 1, "format": "AnimateDiff"}},
+            "2": {"class_type": "VHS_VideoCombine", "inputs": {
+                "images": ["1", 0], "frame_rate": 6, "loop_count": 0, "filename_prefix": "vhs",
+                "format": "image/gif", "pingpong": False, "save_output": True}}}
+
+
+#: Graphs per pack, run through POST /run: (what it shows, graph).
 GRAPHS: dict[str, tuple[str, dict[str, Any]]] = {
     "ComfyUI-VideoHelperSuite": ("VHS_VideoCombine writes an MP4 from 4 frames", {
         "1": IMAGES,
@@ -32,6 +46,16 @@ GRAPHS: dict[str, tuple[str, dict[str, Any]]] = {
             "images": ["1", 0], "frame_rate": 8, "loop_count": 0, "filename_prefix": "vhs",
             "format": "video/h264-mp4", "pingpong": False, "save_output": True,
             "pix_fmt": "yuv420p", "crf": 19, "save_metadata": True, "trim_to_audio": False}}}),
+    "ComfyUI-VideoHelperSuite (2)": ("VHS_LoadVideo from a base64 MP4 input, VHS_VideoCombine to GIF",
+                                     _vhs_load()),
+    "ComfyUI-Crystools": ("Primitive integer into Show any to JSON", {
+        "1": {"class_type": "Primitive integer [Crystools]", "inputs": {"int": 3}},
+        "2": {"class_type": "Show any to JSON [Crystools]", "inputs": {"any_value": ["1", 0]}}}),
+    "was-node-suite-comfyui": ("Text String into Text Concatenate into PreviewAny", {
+        "1": {"class_type": "Text String", "inputs": {"text": "was"}},
+        "2": {"class_type": "Text Concatenate", "inputs": {
+            "delimiter": "-", "clean_whitespace": "true", "text_a": ["1", 0], "text_b": ["1", 0]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}),
     "ComfyUI-Custom-Scripts": ("ShowText|pysssss returns its text", {
         "1": {"class_type": "ShowText|pysssss", "inputs": {"text": "hello"}}}),
     "rgthree-comfy": ("Display Any (rgthree) shows an int", {
@@ -56,9 +80,14 @@ def main(custom_nodes: str) -> int:
         try:
             server.wait_ready(600)
             packs = requests.get(server.url + "/ready", timeout=10).json()["custom_nodes"]
+            summary = [line for line in server.log_path.read_text().splitlines()
+                       if "custom node packs:" in line]
+            print(summary[-1].split(" INFO ", 1)[-1] + "\n")
             print("| pack | loads | graph | runs |\n|---|---|---|---|")
-            for name in sorted(packs["loaded"] + list(packs["failed"])):
-                error = packs["failed"].get(name)
+            names = packs["loaded"] + list(packs["failed"])
+            rows = sorted(names + [g for g in GRAPHS if g.split(" (")[0] in names and " (" in g])
+            for name in rows:
+                error = packs["failed"].get(name.split(" (")[0])
                 what, graph = GRAPHS.get(name, ("", {}))
                 ran = ""
                 if graph and error is None:
