@@ -38,6 +38,8 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from .results import jsonable
+
 log = logging.getLogger(__name__)
 
 __all__ = ["BinaryEventTypes", "PromptServer", "PromptQueueView", "web"]
@@ -166,7 +168,8 @@ class PromptServer:
         if sink is None:
             return
         if isinstance(event, str):
-            sink(event, data)
+            # Packs send whatever they like; the task log and SSE need JSON.
+            sink(event, jsonable(data))
         elif event == BinaryEventTypes.TEXT and isinstance(data, (bytes, bytearray)):
             node_id, text = _unpack_text(bytes(data))
             sink("progress_text", {"node": node_id, "text": text,

@@ -20,7 +20,7 @@ from .workflow import node_order
 if TYPE_CHECKING:
     from .storage import Store
 
-__all__ = ["OutputFile", "collect_files", "collect_values", "render_results"]
+__all__ = ["OutputFile", "collect_files", "collect_values", "jsonable", "render_results"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def collect_values(outputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for key, value in ui.items():
             if key in _FILE_COMPANIONS or _is_file_list(value):
                 continue
-            kept[str(key)] = _jsonable(value)
+            kept[str(key)] = jsonable(value)
         if kept:
             values[node_id] = kept
     return values
@@ -88,7 +88,9 @@ def _is_file_list(value: Any) -> bool:
             and all(isinstance(v, dict) and "filename" in v for v in value))
 
 
-def _jsonable(value: Any, depth: int = 0) -> Any:
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """``value`` with everything JSON cannot hold turned into strings (numpy
+    and torch scalars into numbers): what nodes put in messages is arbitrary."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -96,13 +98,13 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     if depth > 16:
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+        return {str(k): jsonable(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v, depth + 1) for v in value]
+        return [jsonable(v, depth + 1) for v in value]
     item = getattr(value, "item", None)  # numpy / torch scalars
     if callable(item) and getattr(value, "ndim", 1) == 0:
         try:
-            return _jsonable(item(), depth + 1)
+            return jsonable(item(), depth + 1)
         except Exception:
             pass
     return str(value)

@@ -67,8 +67,11 @@ def test_ready_names_loaded_and_failing_packs(server: Server) -> None:
 def test_pack_using_the_server_surface_runs(server: Server) -> None:
     graph = {"1": {"class_type": "EmbedTestEcho", "inputs": {"text": "REWRITE_ME"}},
              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
-    events = stream(server, {"prompt": graph, "client_id": "my-client",
-                             "extra_data": {"embed_test_marker": "m-1"}})
+    r = requests.post(f"{server.url}/api/serverless/run?stream=1", timeout=120,
+                      headers={"X-Task-Id": "pack-surface"},
+                      json={"prompt": graph, "client_id": "my-client",
+                            "extra_data": {"embed_test_marker": "m-1"}})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
     final = events[-1]
     assert final["type"] == "serverless_api" and final["data"]["status"] == "success", final
     # The on-prompt handler rewrote the request (the failing one was skipped).
@@ -88,6 +91,13 @@ def test_pack_using_the_server_surface_runs(server: Server) -> None:
     assert {"node": "1", "text": "rewritten"} in [e["data"] for e in events
                                                   if e["type"] == "embed_test.echo"]
     assert "on-prompt handler failing_on_prompt failed" in server.log_path.read_text()
+    # A value JSON cannot hold arrives as a string, and the task log is whole.
+    assert {"node": "1", "value": "odd"} in [e["data"] for e in events
+                                             if e["type"] == "embed_test.odd"]
+    assert out["odd"] == ["odd"]
+    logged = server.wait_final("pack-surface")
+    assert logged[-1]["data"]["outputs"] == final["data"]["outputs"]
+    assert "embed_test.odd" in [e["type"] for e in logged]
 
 
 # ------------------------------------------------------------ non-file outputs

@@ -70,6 +70,8 @@ class EmbedTestEcho:
         node = str(unique_id).encode()
         srv.send_sync(BinaryEventTypes.TEXT, struct.pack(">I", len(node)) + node + b"binary text", srv.client_id)
         srv.send_sync("embed_test.echo", {"node": unique_id, "text": text}, srv.client_id)
+        # Packs send values JSON cannot hold; the event stream and log must survive them.
+        srv.send_sync("embed_test.odd", {"node": unique_id, "value": ValueError("odd")}, srv.client_id)
         info = {
             "prompt_id": prompt_id,
             "running": len(running),
@@ -84,7 +86,8 @@ class EmbedTestEcho:
             "prestartup_ran": "embed_test_prestartup" in folder_paths.folder_names_and_paths,
             "outputs_to_execute": sorted(outputs),
         }
-        return {"ui": {"text": [text], "length": [len(text)], "info": [info]}, "result": (text,)}
+        return {"ui": {"text": [text], "length": [len(text)], "info": [info],
+                       "odd": [ValueError("odd")]}, "result": (text,)}
 
 
 NODE_CLASS_MAPPINGS = {"EmbedTestEcho": EmbedTestEcho}
