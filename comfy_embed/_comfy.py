@@ -35,6 +35,44 @@ __all__ = ["Comfy", "Outcome", "PackStatus", "Sink"]
 Sink = Callable[[str, dict], None]
 #: The client id ComfyUI sees; with it set, the executor sends every message.
 _CLIENT_ID = "comfy-embed"
+_END_OF_RUN = frozenset({"execution_success", "execution_error", "execution_interrupted"})
+
+
+def _throttled_progress(base: type, interval: float,
+                        register: Callable[[Any], None]) -> type:
+    """A subclass of ComfyUI's WebUIProgressHandler that sends a
+    ``progress_state`` at most every ``interval`` seconds, plus the latest
+    one just before the run's end message.
+
+    Each snapshot lists every node that started, and ComfyUI sends one per
+    node start, step and finish: a graph of N nodes would cost the executor
+    thread O(N^2) to build them and its readers O(N^2) to store them.
+    """
+
+    class ThrottledProgressHandler(base):  # type: ignore[misc, valid-type]
+        def __init__(self, server_instance: Any) -> None:
+            super().__init__(server_instance)
+            self._last = time.monotonic()  # a run shorter than interval sends one
+            self._pending: tuple[str, Any] | None = None
+            register(self)
+
+        def _send_progress_state(self, prompt_id: str, nodes: Any) -> None:
+            now = time.monotonic()
+            if now - self._last >= interval:
+                self._last, self._pending = now, None
+                super()._send_progress_state(prompt_id, nodes)
+            else:
+                # ``nodes`` is the registry's live dict: flushing it later
+                # sends the state as of then, which is what a reader wants.
+                self._pending = (prompt_id, nodes)
+
+        def flush(self) -> None:
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                self._last = time.monotonic()
+                super()._send_progress_state(*pending)
+
+    return ThrottledProgressHandler
 
 
 @dataclass
@@ -203,6 +241,9 @@ class Comfy:
         self._validate_loop: asyncio.AbstractEventLoop | None = None
         self.boot_seconds: dict[str, float] = {}
         self.device = "cpu"
+        self._specs: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {}
+        #: The running prompt's progress_state sender (see _throttled_progress).
+        self._progress: Any = None
 
     # ------------------------------------------------------------------ boot
     @classmethod
@@ -295,6 +336,10 @@ class Comfy:
         self.boot_seconds["nodes"] = time.perf_counter() - t2
 
         self._execution, self._nodes, self._mm = execution, nodes, comfy.model_management
+        # execute_async builds its progress handler from this module global
+        # (ComfyUI's files stay as they are).
+        execution.WebUIProgressHandler = _throttled_progress(
+            execution.WebUIProgressHandler, s.progress_interval, self._set_progress)
         self._folder_paths = folder_paths
         comfy.utils.set_progress_bar_global_hook(self._progress_hook)
         from comfy_execution.utils import get_executing_context
@@ -369,7 +414,16 @@ class Comfy:
         return class_type in self._nodes.NODE_CLASS_MAPPINGS
 
     def input_specs(self, class_type: str) -> dict[str, tuple[Any, dict[str, Any]]]:
-        """``{input_name: (type, options)}`` from the node's INPUT_TYPES."""
+        """``{input_name: (type, options)}`` from the node's INPUT_TYPES.
+
+        Cached per class: INPUT_TYPES can be slow (LoadImage lists the input
+        folder) and requests ask for every node. Options (ranges, upload
+        flags) do not change; a combo's choices do, so its type is just
+        ``"COMBO"`` here (ComfyUI's validation checks the live choices).
+        """
+        cached = self._specs.get(class_type)
+        if cached is not None:
+            return cached
         cls = self._nodes.NODE_CLASS_MAPPINGS.get(class_type)
         if cls is None:
             return {}
@@ -383,7 +437,9 @@ class Comfy:
             for name, value in (spec.get(section) or {}).items():
                 if isinstance(value, (list, tuple)) and value:
                     opts = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
-                    out[name] = (value[0], opts)
+                    kind = "COMBO" if isinstance(value[0], (list, tuple)) else value[0]
+                    out[name] = (kind, opts)
+        self._specs[class_type] = out
         return out
 
     def is_loader(self, class_type: str) -> bool:
@@ -504,6 +560,7 @@ class Comfy:
         extra["client_id"] = client_id
         srv.last_prompt_id = prompt_id
         srv.sockets_metadata = {client_id: {"feature_flags": {"supports_preview_metadata": True}}}
+        sink = self._flushing_progress(sink)
         srv.sink = sink if stop is None else _stop_at_start(sink, stop)
         srv.number += 1
         item = (srv.number, prompt_id, prompt, extra, outputs)
@@ -539,6 +596,19 @@ class Comfy:
             # clients wait for it as the "done" signal.
             sink("executing", {"node": None, "prompt_id": prompt_id})
             srv.sink = None
+            self._progress = None
+
+    def _set_progress(self, handler: Any) -> None:
+        self._progress = handler
+
+    def _flushing_progress(self, sink: Sink) -> Sink:
+        """``sink``, sending the latest held-back progress_state just before
+        ComfyUI's end-of-run message."""
+        def send(event: str, data: dict) -> None:
+            if event in _END_OF_RUN and self._progress is not None:
+                self._progress.flush()
+            sink(event, data)
+        return send
 
     def interrupt(self) -> None:
         """Ask the running prompt to stop at its next check (any thread)."""

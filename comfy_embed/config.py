@@ -159,6 +159,17 @@ class Settings:
     #: event's ``data.report``.
     task_report: bool = True
 
+    # --- perf: task log and event volume -----------------------------------
+    #: Seconds between writes of a running task's events to the task log (one
+    #: file per write); the final event is written at once.
+    task_log_flush_seconds: float = 0.5
+    #: Seconds between ComfyUI ``progress_state`` messages (each lists every
+    #: node); the last one before the end of a run is always sent.
+    progress_interval: float = 0.5
+    #: Events kept per task; past it only terminal events (and the last
+    #: progress) are kept.
+    max_task_events: int = 10_000
+
     def __post_init__(self) -> None:
         # Fail at start-up, naming the variable, not at the first request.
         checks = [("device", self.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
@@ -169,6 +180,9 @@ class Settings:
         checks += [("max_media_seconds", self.max_media_seconds > 0, "a positive number"),
                    ("model_lock_seconds", self.model_lock_seconds >= 1, "at least 1"),
                    ("model_fetch_timeout", self.model_fetch_timeout > 0, "a positive number")]
+        checks += [("task_log_flush_seconds", 0 <= self.task_log_flush_seconds <= 60, "0 to 60"),
+                   ("progress_interval", 0 <= self.progress_interval <= 60, "0 to 60"),
+                   ("max_task_events", 10 <= self.max_task_events <= 10_000_000, "10 to 10000000")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"COMFY_EMBED_{name.upper()}={getattr(self, name)!r}: "

@@ -6,17 +6,69 @@ same way to SSE, WebSocket, the task log and the status endpoint.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-__all__ = ["FINAL", "COMFY_TERMINAL", "event", "status_event", "final_event", "is_final"]
+import orjson
+
+__all__ = ["FINAL", "COMFY_TERMINAL", "PROGRESS_STATE", "event", "status_event", "final_event",
+           "is_final", "dumps", "dumps_bytes", "loads", "coalesce_snapshots"]
 
 #: The type of the one terminal event of every task.
 FINAL = "serverless_api"
 #: ComfyUI's own end-of-execution messages.
 COMFY_TERMINAL = frozenset({"execution_success", "execution_error", "execution_interrupted"})
+#: ComfyUI's snapshot of every node's progress: each one supersedes the last.
+PROGRESS_STATE = "progress_state"
+
+_OPTS = orjson.OPT_NON_STR_KEYS
+
+
+def dumps_bytes(value: Any) -> bytes:
+    """Compact JSON (orjson: this runs for every event and answer).
+
+    Values JSON has no form for (tuples and classes in ComfyUI's validation
+    details) are written as ``str()``; what orjson refuses (integers past 64
+    bits) falls back to the standard library.
+    """
+    try:
+        return orjson.dumps(value, default=str, option=_OPTS)
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value, default=str, separators=(",", ":")).encode()
+
+
+def dumps(value: Any) -> str:
+    """:func:`dumps_bytes` as text (SSE lines, WebSocket messages)."""
+    return dumps_bytes(value).decode()
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON; ValueError when it is not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:
+            # orjson refuses what it cannot represent (integers past 64 bits).
+            return json.loads(data)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
+def coalesce_snapshots(events: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+    """Keep only the last ``progress_state`` of a batch: each lists every
+    node, so earlier ones say nothing the last does not (and a graph of N
+    nodes sends about 2N of them)."""
+    last = None
+    for seq, ev in events:
+        if ev.get("type") == PROGRESS_STATE:
+            last = seq
+    if last is None:
+        return events
+    return [(seq, ev) for seq, ev in events if ev.get("type") != PROGRESS_STATE or seq == last]
 
 
 def event(type: str, data: dict[str, Any]) -> dict[str, Any]:
+    """An event in ComfyUI's message shape."""
     return {"type": type, "data": data}
 
 
@@ -49,4 +101,5 @@ def final_event(task_id: str, prompt_id: str | None, seeds: dict[str, int],
 
 
 def is_final(ev: dict[str, Any]) -> bool:
+    """Whether ``ev`` is the terminal ``serverless_api`` event."""
     return ev.get("type") == FINAL

@@ -1,8 +1,9 @@
 """The async facade over the executor thread: submit, stream, await, cancel.
 
 A :class:`Task` lives in the event loop that submitted it. The executor thread
-hands each ComfyUI message to that loop with ``call_soon_threadsafe``: it
-never waits for the loop, so a slow consumer cannot stall the GPU. Each task
+queues each ComfyUI message for that loop and wakes it once per burst
+(``call_soon_threadsafe``): it never waits for the loop, so a slow consumer
+cannot stall the GPU. Each task
 keeps its events in order; every consumer reads them with its own cursor
 (which is what lets a stream, a WebSocket and the task log follow one task),
 and a consumer that falls behind gets progress coalesced to the latest value,
@@ -14,7 +15,7 @@ bounded one makes its sender wait when full. Here one task has several
 readers at once (the HTTP stream or WebSocket, the task-log writer, a
 late ``/status`` or a resumed stream starting from an old sequence number),
 each at its own pace, and the writer is the executor thread, which must
-never wait for a reader. So events are appended once to ``Task.events``
+never wait for a reader. So events are appended once to the task's list
 (from the loop, via ``call_soon_threadsafe``) and each reader keeps its own
 position; an ``asyncio.Event`` wakes readers when something is appended.
 """
@@ -36,7 +37,7 @@ from ._comfy import Comfy, Outcome
 from .config import Settings
 from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccepting,
                      RunTimeout, TaskCancelled, WorkflowInvalid)
-from .events import FINAL, event, final_event, status_event
+from .events import COMFY_TERMINAL, FINAL, PROGRESS_STATE, event, final_event, status_event
 from .executor import Executor, Job
 from .observe import Metrics
 from .report import TaskReport, TimedUploader, loader_nodes
@@ -56,7 +57,14 @@ _COALESCE = frozenset({"progress", "progress_state"})
 
 
 class Task:
-    """One submitted workflow: its events so far and, at the end, its result."""
+    """One submitted workflow: its events so far and, at the end, its result.
+
+    Events are numbered from 1 as they arrive (the numbers every reader, the
+    task log and the status endpoint share). Each ``progress_state`` lists
+    every node, so only the latest is kept: an older one is replaced by a
+    gap in the numbering, which readers skip. Past ``max_task_events`` only
+    terminal events are kept (plus the last progress, just before them).
+    """
 
     def __init__(self, engine: "Engine", task_id: str, prompt_id: str, seeds: dict[str, int],
                  *, output_base64: bool, output_oss: bool, credentials: Any,
@@ -66,7 +74,14 @@ class Task:
         self.task_id = task_id
         self.prompt_id = prompt_id
         self.seeds = seeds
-        self.events: list[dict[str, Any]] = []
+        #: Event n is ``_events[n - 1]``; None where a later event superseded it.
+        self._events: list[dict[str, Any] | None] = []
+        self._snapshot_at: int | None = None
+        self._max_events = engine.settings.max_task_events
+        self._kept = 0
+        #: Events not kept because the task reached ``max_task_events``.
+        self.dropped = 0
+        self._held: dict[tuple[str, Any], dict[str, Any]] = {}
         self.final: dict[str, Any] | None = None
         #: The error behind a failed final event (None on success).
         self.error: ComfyEmbedError | None = None
@@ -81,11 +96,29 @@ class Task:
         self.request: WorkflowRequest | None = None
         #: Timings and memory of this task, frozen into the final's data.report.
         self.report = report or TaskReport()
+        # Executor-thread messages wait here; one loop wake-up takes a burst.
+        self._inbox: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque()
+        self._wake_pending = False
 
     # ---------------------------------------------------------- consumers
     @property
     def done(self) -> bool:
         return self.final is not None
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The events kept so far, in order (a copy)."""
+        return [ev for ev in self._events if ev is not None]
+
+    @property
+    def last_seq(self) -> int:
+        """The number of the latest event."""
+        return len(self._events)
+
+    def events_since(self, since: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        """``(seq, event)`` of the kept events after ``since``."""
+        return [(seq, ev) for seq, ev in enumerate(self._events[since:], start=since + 1)
+                if ev is not None]
 
     async def stream(self, since: int = 0, coalesce: bool = True
                      ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
@@ -97,9 +130,9 @@ class Task:
         """
         pos = since
         while True:
-            if pos < len(self.events):
-                pending = list(enumerate(self.events[pos:], start=pos + 1))
-                pos = len(self.events)
+            if pos < len(self._events):
+                pending = self.events_since(pos)
+                pos = len(self._events)
                 for seq, ev in (_coalesce(pending) if coalesce and len(pending) > 1 else pending):
                     yield seq, ev
                     if ev["type"] == FINAL:
@@ -108,6 +141,10 @@ class Task:
             if self.final is not None:
                 return
             await self.changed()
+
+    def wake(self) -> None:
+        """Wake whoever waits in :meth:`changed` (with no new event)."""
+        self._changed.set()
 
     async def changed(self) -> None:
         """Wait for the next event."""
@@ -134,10 +171,29 @@ class Task:
     def _publish(self, ev: dict[str, Any]) -> None:
         if self.final is not None:
             return  # exactly one terminal event; nothing after it
-        if ev["type"] == FINAL:
+        kind = ev["type"]
+        # ComfyUI's end-of-run messages, and the ``executing`` with no node
+        # that native clients wait for, are never dropped.
+        terminal = (kind == FINAL or kind in COMFY_TERMINAL
+                    or (kind == "executing" and ev["data"].get("node") is None))
+        if not terminal and self._kept >= self._max_events:
+            # Over the cap: keep only the latest progress, for just before the end.
+            if kind in _COALESCE:
+                self._held[(kind, ev["data"].get("node"))] = ev
+            else:
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning("task %s: over %d events; keeping only terminal events",
+                                self.task_id, self._max_events)
+            return
+        if kind == FINAL:
             self._observe_final(ev)
-        self.events.append(ev)
-        if ev["type"] == FINAL:
+        if terminal and self._held:
+            held, self._held = list(self._held.values()), {}
+            for h in held:
+                self._append(h)
+        self._append(ev)
+        if kind == FINAL:
             self.final = ev
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
@@ -151,6 +207,15 @@ class Task:
             ev["data"]["report"] = report
         metrics.task_report(report)
         metrics.task_ended(None if self.error is None else self.error.type)
+
+    def _append(self, ev: dict[str, Any]) -> None:
+        if ev["type"] == PROGRESS_STATE:
+            if self._snapshot_at is not None:
+                self._events[self._snapshot_at] = None
+                self._kept -= 1
+            self._snapshot_at = len(self._events)
+        self._events.append(ev)
+        self._kept += 1
 
     def _fail(self, error: ComfyEmbedError) -> None:
         self.error = error
@@ -176,10 +241,22 @@ class Task:
         self._threadsafe(self._spawn_finish, outcome)
 
     def _threadsafe(self, fn: Any, *args: Any) -> None:
+        # Called on the executor thread. Append first, then check the flag:
+        # the loop clears the flag before it drains, so nothing is stranded.
+        self._inbox.append((fn, args))
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
-            self._loop.call_soon_threadsafe(fn, *args)
+            self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the submitting loop is gone; nobody is listening
             log.warning("task %s: event loop closed, dropping %s", self.task_id, fn)
+
+    def _drain(self) -> None:
+        self._wake_pending = False
+        while self._inbox:
+            fn, args = self._inbox.popleft()
+            fn(*args)
 
     def _started(self) -> None:
         self.state = "running"

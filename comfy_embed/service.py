@@ -19,7 +19,7 @@ import anyio
 from .config import Settings
 from .errors import (ComfyEmbedError, ExecutionFailed, NotAccepting, QueueFull, WebhookRefused,
                      WorkflowInvalid)
-from .events import FINAL, final_event
+from .events import FINAL, coalesce_snapshots, final_event
 from .runtime import Engine, Task
 from .retention import prune
 from .tasklog import TaskLog
@@ -59,8 +59,9 @@ class Handle:
         tasklog = self.service.tasklog
         while True:
             batch = await anyio.to_thread.run_sync(tasklog.read, self.task_id, since)
-            for seq, ev in batch:
-                since = seq
+            if batch:
+                since = batch[-1][0]
+            for seq, ev in coalesce_snapshots(batch):
                 yield seq, ev
                 if ev["type"] == FINAL:
                     return
@@ -90,6 +91,8 @@ class TaskService:
         #: Events of each running task already in the log (for flush()).
         self._written: dict[str, int] = {}
         self.webhooks = Webhooks(settings, self.tasklog)
+        #: While positive, persisters write at once instead of gathering.
+        self._hurry = 0
 
     # ------------------------------------------------------------- running
     async def start(self, body: Any, *, task_id: str | None = None,
@@ -147,22 +150,33 @@ class TaskService:
         return Handle(self, task_id, task=task, persisted=persisted)
 
     async def _persist(self, task: Task, persisted: anyio.Event) -> None:
-        """Append the task's events to the log in batches, until the final."""
+        """Write the task's events to the log: one file per flush, at most
+        every ``task_log_flush_seconds`` while it runs, and the final event
+        (with what precedes it) as soon as it exists. Only the final event
+        is fsynced; the answer waits for it (``persisted``)."""
+        interval = self.settings.task_log_flush_seconds
         written = 0
+        last_flush = anyio.current_time()
         try:
             while True:
-                batch = task.events[written:]
+                while task.last_seq == written and task.final is None:
+                    await task.changed()
+                if task.final is None:
+                    # Gather what comes in the rest of the interval into one file.
+                    with anyio.move_on_after(last_flush + interval - anyio.current_time()):
+                        while task.final is None and not self._hurry:
+                            await task.changed()
+                batch = task.events_since(written)
+                written = task.last_seq
                 if batch:
                     started = time.perf_counter()
-                    await anyio.to_thread.run_sync(self._append_all, task.task_id, batch)
+                    await anyio.to_thread.run_sync(self.tasklog.extend, task.task_id, batch)
                     self.engine.metrics.task_log_write.observe(time.perf_counter() - started)
-                    written += len(batch)
-                    self._written[task.task_id] = written
-                    if batch[-1]["type"] == FINAL:
-                        self.webhooks.finished(task.task_id)
-                        return
-                    continue
-                await task.changed()
+                self._written[task.task_id] = written
+                last_flush = anyio.current_time()
+                if batch and batch[-1][1]["type"] == FINAL:
+                    self.webhooks.finished(task.task_id)
+                    return
         except Exception:
             log.exception("task %s: writing its log failed", task.task_id)
         finally:
@@ -170,13 +184,14 @@ class TaskService:
             self._written.pop(task.task_id, None)
             persisted.set()
             try:
-                await anyio.to_thread.run_sync(self.tasklog.release, task.task_id)
+                await anyio.to_thread.run_sync(self._released, task.task_id)
             except Exception:
                 log.exception("task %s: releasing its lease failed", task.task_id)
 
-    def _append_all(self, task_id: str, events: list[dict[str, Any]]) -> None:
-        for ev in events:
-            self.tasklog.append(task_id, ev)
+    def _released(self, task_id: str) -> None:
+        self.tasklog.release(task_id)
+        usage = self.tasklog.usage(task_id)
+        log.info("task %s: task log %d files, %d bytes", task_id, usage.files, usage.bytes)
 
     def handle(self, task_id: str) -> Handle:
         """Follow an existing task (live here, or through the log)."""
@@ -186,9 +201,24 @@ class TaskService:
         return Handle(self, task_id)
 
     async def read(self, task_id: str, since: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        """The task's events after ``since``, with only the latest
+        ``progress_state`` (each lists every node): an answer grows with what
+        changed since ``since``, not with the number of nodes squared.
+
+        A task running here is answered from memory (fresher than the log,
+        same numbers), its final event only once it is on disk.
+        """
         if not valid_task_id(task_id):
             return []
-        return await anyio.to_thread.run_sync(self.tasklog.read, task_id, since)
+        live = self._running.get(task_id)
+        if live is not None:
+            events = live.events_since(since)
+            persisted = getattr(live, "persisted", None)
+            if events and events[-1][1]["type"] == FINAL and not (persisted and persisted.is_set()):
+                events.pop()
+            return coalesce_snapshots(events)
+        events = await anyio.to_thread.run_sync(self.tasklog.read, task_id, since)
+        return coalesce_snapshots(events)
 
     async def cancel(self, task_id: str) -> str:
         """'cancelling', 'requested' (another instance owns it), 'done' or
@@ -249,10 +279,16 @@ class TaskService:
         """Wait until every event published so far is in the log; running
         tasks go on (Function Compute's pre-freeze: nothing may be lost
         while the instance is frozen)."""
-        due = {task_id: len(task.events) for task_id, task in self._running.items()}
-        while any(task_id in self._running and self._written.get(task_id, 0) < n
-                  for task_id, n in due.items()):
-            await anyio.sleep(0.01)
+        due = {task_id: task.last_seq for task_id, task in self._running.items()}
+        self._hurry += 1
+        try:
+            for task in list(self._running.values()):
+                task.wake()  # a persister gathering a batch writes it now
+            while any(task_id in self._running and self._written.get(task_id, 0) < n
+                      for task_id, n in due.items()):
+                await anyio.sleep(0.01)
+        finally:
+            self._hurry -= 1
 
     async def drain(self) -> None:
         """Stop accepting, then wait for running work and log writes."""

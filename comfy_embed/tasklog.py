@@ -1,38 +1,62 @@
 """Persisted per-task event log on a filesystem that several instances share.
 
-``<root>/<task_id>/`` holds ``owner.json`` (who claimed it; its mtime is the
-lease), one file per event (``00000001.json``, ...), ``final`` (the seq of the
-terminal event) and ``cancel`` (a cancel request).
+``<root>/<task_id>/`` holds:
+
+- ``owner.json``: who claimed the task; its mtime is the lease;
+- segments ``00000001.json``, ``00000007.json``, ...: each is one flush of
+  the writer, a JSON array of ``[seq, event]`` pairs, named by the first seq
+  of the range it covers (a range may skip seqs: superseded progress is not
+  stored). Segments form a chain: each starts right after the previous one's
+  last seq;
+- ``final``: the terminal event, ``{"seq", "event", "blob"}``; the only file
+  that is fsynced. Its ``results[].output.base64`` data lives in the sidecar
+  ``final.<token>.blob`` (raw bytes, not fsynced) and is put back on read;
+- ``cancel``: a cancel request from any instance;
+- other names (letters first, see :meth:`TaskLog.put_record`): records that
+  other features keep beside the log (webhook deliveries, ...).
 
 NFS or an object-storage mount (ossfs) may not append or rename over a name
 reliably, so no file is modified in place: each is written under a hidden temp
 name (leading ``.``, ignored by readers) and published with ``os.link``, which
-fails if the name exists: atomic (no half events) and exclusive (no shared
-seq). Without hard links, an ``O_EXCL`` hidden lock reserves the name and the
-fresh temp file is renamed to it.
+fails if the name exists: atomic (no half segments) and exclusive (no shared
+seq: only one writer can start a segment at a given seq, and a writer computes
+that seq from the chain it sees, so ranges never overlap). Without hard links,
+an ``O_EXCL`` hidden lock that records the reserved range reserves the name
+and the fresh temp file is renamed to it.
 
-Exactly one terminal event: a finisher publishes its ``serverless_api`` event,
-then exclusively the ``final`` marker naming its seq. Only the marker's event
-is ever returned; readers stop before a terminal event with no marker yet, and
-skip one whose writer lost the race (the owner and a recovering instance).
+Exactly one terminal event: a finisher publishes a segment ending with a
+``serverless_api`` placeholder (which reserves its seq in the chain), then
+exclusively the ``final`` file naming that seq. Readers stop before a
+placeholder with no ``final`` yet, and skip one whose writer lost the race
+(the owner and a recovering instance). Durability: the answer to a caller
+waits for ``final`` (fsynced with its directory); segments and the blob are
+written without fsync, so a crash of the process (kill -9) loses nothing, and
+a crash of the machine can lose only progress and inlined images, never the
+final event. Logs written by earlier versions (one event per file, ``final``
+holding only a seq) are still read.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import json
 import logging
 import os
-import shutil
 import re
+import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FINAL_TYPE", "TaskLog", "DeliveryLog"]
+from .events import dumps_bytes, loads
+
+__all__ = ["FINAL_TYPE", "TaskLog", "LogUsage", "DeliveryLog"]
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +64,34 @@ FINAL_TYPE = "serverless_api"
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _SEQ_RE = re.compile(r"(\d{8,})\.json")
+_LOCK_RE = re.compile(r"\.(\d{8,})\.json\.lock")
+_RECORD_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
 _OWNER = "owner.json"
 _FINAL = "final"
 _CANCEL = "cancel"
+_RESERVED = frozenset({_OWNER, _FINAL, _CANCEL})
 # errnos by which a filesystem says "no hard links here" (FUSE mounts, SMB...).
 _NO_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
+#: A seq slot with no event: the task's terminal event, which lives in ``final``.
+_PLACEHOLDER = {"type": FINAL_TYPE}
+#: How long a writer waits for a no-hard-link reservation to name its range.
+_RESERVATION_WAIT = 2.0
+
+
+@dataclass(frozen=True)
+class LogUsage:
+    """What one task's log holds on disk."""
+
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class _Final:
+    seq: int
+    #: None for logs of earlier versions: the event is then in the segment.
+    event: dict[str, Any] | None
+    blob: str | None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -69,8 +116,21 @@ def _seqs(names: Iterable[str]) -> list[int]:
     return sorted(int(m.group(1)) for n in names if (m := _SEQ_RE.fullmatch(n)))
 
 
-def _publish(directory: Path, name: str, payload: bytes, durable: bool = False) -> bool:
-    """Create ``directory/name`` holding ``payload`` atomically, only if absent."""
+def _seg(seq: int) -> str:
+    return f"{seq:08d}.json"
+
+
+def _lock(seq: int) -> str:
+    return f".{seq:08d}.json.lock"
+
+
+def _publish(directory: Path, name: str, payload: bytes, durable: bool = False,
+             reservation: bytes = b"") -> bool:
+    """Create ``directory/name`` holding ``payload`` atomically, only if absent.
+
+    ``reservation`` is written into the no-hard-link lock, so that a writer
+    that loses the name can learn which range the winner took.
+    """
     tmp = directory / f".tmp-{uuid.uuid4().hex}"
     final = directory / name
     try:
@@ -87,10 +147,14 @@ def _publish(directory: Path, name: str, payload: bytes, durable: bool = False) 
             if exc.errno not in _NO_LINK:
                 raise
             try:
-                os.close(os.open(directory / f".{name}.lock",
-                                 os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                fd = os.open(directory / f".{name}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 return False
+            try:
+                if reservation:
+                    os.write(fd, reservation)
+            finally:
+                os.close(fd)
             if final.exists():
                 return False
             # The reservation is ours, so nobody else renames onto this name.
@@ -102,16 +166,94 @@ def _publish(directory: Path, name: str, payload: bytes, durable: bool = False) 
         tmp.unlink(missing_ok=True)
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def _read(path: Path) -> bytes | None:
     try:
-        value = json.loads(path.read_bytes())
+        return path.read_bytes()
     except FileNotFoundError:
         return None
-    except ValueError:
-        # Never a half-written event (publishing is atomic): real corruption.
-        log.warning("tasklog: skipping undecodable event file %s", path)
+
+
+def _load(path: Path) -> Any:
+    raw = _read(path)
+    if raw is None:
         return None
-    return value if isinstance(value, dict) else None
+    try:
+        return loads(raw)
+    except ValueError:
+        # Never a half-written file (publishing is atomic): real corruption.
+        log.warning("tasklog: skipping undecodable file %s", path)
+        return None
+
+
+def _pairs(value: Any, first: int) -> list[tuple[int, dict[str, Any]]]:
+    """A segment's ``(seq, event)`` pairs; an earlier version's file is one event."""
+    if isinstance(value, dict):
+        return [(first, value)]
+    out: list[tuple[int, dict[str, Any]]] = []
+    if isinstance(value, list):
+        for item in value:
+            if (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)
+                    and isinstance(item[1], dict)):
+                out.append((item[0], item[1]))
+    return out
+
+
+def _split_blobs(event: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """The final event without its base64 image data, and that data as raw
+    bytes; each ``base64`` output then says where its bytes are (``blob``)."""
+    data = event.get("data")
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, list):
+        return event, b""
+    chunks: list[bytes] = []
+    offset = 0
+    new_results: list[Any] = []
+    for r in results:
+        out = r.get("output") if isinstance(r, dict) else None
+        b64 = out.get("base64") if isinstance(out, dict) else None
+        text = b64.get("data") if isinstance(b64, dict) else None
+        if not isinstance(text, str):
+            new_results.append(r)
+            continue
+        try:
+            raw = binascii.a2b_base64(text, strict_mode=True)
+        except (binascii.Error, ValueError):
+            new_results.append(r)  # not canonical base64: keep it inline
+            continue
+        chunks.append(raw)
+        ref = {k: v for k, v in b64.items() if k != "data"}
+        ref["blob"] = [offset, len(raw)]
+        offset += len(raw)
+        new_results.append({**r, "output": {**out, "base64": ref}})
+    if not chunks:
+        return event, b""
+    return {**event, "data": {**data, "results": new_results}}, b"".join(chunks)
+
+
+def _inline_blobs(event: dict[str, Any], blob: bytes | None, where: str) -> dict[str, Any]:
+    """Put the sidecar's bytes back as base64 ``data``."""
+    data = event.get("data")
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, list):
+        return event
+    new_results: list[Any] = []
+    for r in results:
+        out = r.get("output") if isinstance(r, dict) else None
+        b64 = out.get("base64") if isinstance(out, dict) else None
+        ref = b64.get("blob") if isinstance(b64, dict) else None
+        if not isinstance(ref, list) or len(ref) != 2:
+            new_results.append(r)
+            continue
+        start, length = ref
+        rest = {k: v for k, v in b64.items() if k != "blob"}
+        if blob is not None and 0 <= start and start + length <= len(blob):
+            rest = {"data": base64.b64encode(blob[start:start + length]).decode("ascii"), **rest}
+            new_results.append({**r, "output": {**out, "base64": rest}})
+        else:
+            # Only a crash of the machine (the blob is not fsynced) gets here.
+            log.warning("tasklog: image data of %s is missing", where)
+            new_results.append({**r, "output": {k: v for k, v in out.items() if k != "base64"}})
+    return {**event, "data": {**data, "results": new_results}}
 
 
 class TaskLog:
@@ -132,9 +274,10 @@ class TaskLog:
         self.instance_id = instance_id
         self.lease_seconds = lease_seconds
         self._clock = clock
-        # Highest seq this instance wrote per task: saves listing the directory
-        # on every append. A stale value only costs a few failed links.
-        self._last: dict[str, int] = {}
+        # Last seq of the chain as this instance last wrote it, per task: saves
+        # listing the directory on every write. A stale value only costs one
+        # failed link (only the writer of a segment can extend the chain past it).
+        self._end: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -148,20 +291,38 @@ class TaskLog:
             raise ValueError(f"invalid task id {task_id!r}")
         return self.root / task_id
 
+    def task_dir(self, task_id: str) -> Path:
+        """The folder of a task (it may not exist yet)."""
+        return self._dir(task_id)
+
     def _touch(self, path: Path, when: float | None = None) -> None:
         t = self._clock() if when is None else when
         os.utime(path, (t, t))
 
+    # ------------------------------------------------------------- claiming
     def claim(self, task_id: str) -> bool:
         """Create the task with this instance as owner; False if it already exists."""
         d = self._dir(task_id)
-        self.root.mkdir(parents=True, exist_ok=True)
         try:
             d.mkdir()
+        except FileNotFoundError:
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir()
+            except FileExistsError:
+                return False
         except FileExistsError:
             return False
+        with self._lock:
+            self._end.pop(task_id, None)
         owner = {"instance_id": self.instance_id, "claimed_at": self._clock()}
-        _publish(d, _OWNER, json.dumps(owner).encode())
+        # The directory is ours alone (mkdir is exclusive): a plain exclusive
+        # create is enough. A reader that catches it empty sees no owner yet.
+        fd = os.open(d / _OWNER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, dumps_bytes(owner))
+        finally:
+            os.close(fd)
         self._touch(d / _OWNER)
         return True
 
@@ -173,62 +334,153 @@ class TaskLog:
             return
         shutil.rmtree(d, ignore_errors=True)
         with self._lock:
-            self._last.pop(task_id, None)
+            self._end.pop(task_id, None)
 
+    # -------------------------------------------------------------- writing
     def append(self, task_id: str, event: dict[str, Any]) -> int:
         """Persist ``event`` (``{"type", "data"}``) as the task's next event; return its seq.
 
-        A terminal event (type ``FINAL_TYPE``) is fsynced before returning.
-        Once the task has a terminal event nothing more is accepted: the
-        existing final's seq is returned instead.
+        A terminal event (type ``FINAL_TYPE``) is on disk (fsynced) before
+        this returns. Once the task has a terminal event nothing more is
+        accepted: the existing final's seq is returned instead.
         """
-        return self._append(task_id, event)[0]
+        return self._write(task_id, [(None, event)])[0]
 
-    def _append(self, task_id: str, event: dict[str, Any]) -> tuple[int, bool]:
-        """Like :meth:`append`; the flag is False when the event did not count."""
+    def extend(self, task_id: str, events: Sequence[tuple[int | None, dict[str, Any]]]) -> int:
+        """Persist a batch of ``(seq, event)`` in one file (one flush).
+
+        The seqs are the caller's (the in-memory task numbers its events, and
+        readers of any instance must see the same numbers); they must
+        increase and may skip numbers. Pairs whose seq another writer took
+        meanwhile are dropped. A terminal event may only come last: it is
+        fsynced as :meth:`append` does. Returns the seq of the last event
+        that counts, or of the final event already there.
+        """
+        return self._write(task_id, list(events))[0]
+
+    def _write(self, task_id: str, pairs: list[tuple[int | None, dict[str, Any]]]) -> tuple[int, bool]:
+        """Write pairs (seq None: the next one); the flag is False when the
+        terminal event among them did not count (or nothing was written)."""
         d = self._dir(task_id)
-        final = self._final_hint(d)
+        final = self._final(d)
         if final is not None:
-            return final, False
-        is_final = event.get("type") == FINAL_TYPE
-        payload = json.dumps(event, separators=(",", ":")).encode()
+            return final.seq, False
+        if not pairs:
+            return 0, False
+        last_type = pairs[-1][1].get("type")
+        is_final = last_type == FINAL_TYPE
+        if any(ev.get("type") == FINAL_TYPE for _, ev in pairs[:-1]):
+            raise ValueError("a terminal event can only come last")
         d.mkdir(parents=True, exist_ok=True)
+        while True:
+            first = self._next_seq(d, task_id)
+            items: list[tuple[int, dict[str, Any]]] = []
+            nxt = first
+            for seq, ev in pairs:
+                terminal = ev.get("type") == FINAL_TYPE
+                if seq is None or (seq < nxt and terminal):
+                    seq = nxt
+                elif seq < nxt:
+                    log.warning("tasklog: task %s: seq %d was taken by another writer; "
+                                "event dropped", task_id, seq)
+                    continue
+                items.append((seq, _PLACEHOLDER if terminal else ev))
+                nxt = seq + 1
+            if not items:
+                return first - 1, False
+            end = items[-1][0]
+            if _publish(d, _seg(first), dumps_bytes(items), reservation=str(end).encode()):
+                break
+            with self._lock:
+                self._end.pop(task_id, None)  # another writer extended the chain
+            if (final := self._final(d)) is not None:
+                return final.seq, False
         with self._lock:
-            seq = self._last.get(task_id, 0) + 1
-        if seq == 1:
-            seq = max(_seqs(_listdir(d)), default=0) + 1
-        while not _publish(d, f"{seq:08d}.json", payload, durable=is_final):
-            seq += 1  # another writer took it: try the next number
-        with self._lock:
-            self._last[task_id] = max(self._last.get(task_id, 0), seq)
-        if is_final:
-            if _publish(d, _FINAL, str(seq).encode(), durable=True):
-                return seq, True
-            # Lost the race: ours stays hidden. Without hard links the winner
-            # reserves the marker before renaming it in, so give it a moment.
-            deadline = time.monotonic() + 5.0
-            while (final := self._final_hint(d)) is None and time.monotonic() < deadline:
-                time.sleep(0.005)
-            if final is None:
-                log.error("tasklog: task %s: final marker reserved but never written", task_id)
-            return final or seq, False
-        final = self._final_hint(d)
-        # Landed after a final (raced it): readers stop at the final, never see it.
-        return (final, False) if final is not None and final < seq else (seq, True)
+            self._end[task_id] = end
+        if not is_final:
+            final = self._final(d)
+            # Landed after a final (raced it): readers stop at the final, never see it.
+            return (final.seq, False) if final is not None and final.seq < end else (end, True)
+        return self._finish(d, task_id, end, pairs[-1][1])
 
-    def _final_hint(self, d: Path) -> int | None:
+    def _finish(self, d: Path, task_id: str, seq: int, event: dict[str, Any]) -> tuple[int, bool]:
+        stripped, blob = _split_blobs(event)
+        blob_name = None
+        if blob:
+            blob_name = f"{_FINAL}.{uuid.uuid4().hex}.blob"
+            _publish(d, blob_name, blob)
+        marker = {"seq": seq, "event": stripped, "blob": blob_name}
+        if _publish(d, _FINAL, dumps_bytes(marker), durable=True):
+            return seq, True
+        # Lost the race: ours stays hidden. Without hard links the winner
+        # reserves the marker before renaming it in, so give it a moment.
+        if blob_name:
+            (d / blob_name).unlink(missing_ok=True)
+        deadline = time.monotonic() + 5.0
+        while (final := self._final(d)) is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if final is None:
+            log.error("tasklog: task %s: final marker reserved but never written", task_id)
+        return (final.seq if final else seq), False
+
+    def _next_seq(self, d: Path, task_id: str) -> int:
+        """The first seq after the chain: after this instance's last write, or
+        after what the directory shows."""
+        with self._lock:
+            end = self._end.get(task_id)
+        if end is not None:
+            return end + 1
+        names = _listdir(d)
+        end = 0
+        segs = _seqs(names)
+        if segs:
+            last = segs[-1]
+            pairs = _pairs(_load(d / _seg(last)), last)
+            end = pairs[-1][0] if pairs else last
+        # A no-hard-link reservation past the last segment: its writer is
+        # publishing (or died); its range is taken either way.
+        for m in map(_LOCK_RE.fullmatch, names):
+            if m and int(m.group(1)) > end:
+                end = max(end, self._reserved_end(d, int(m.group(1))))
+        return end + 1
+
+    def _reserved_end(self, d: Path, first: int) -> int:
+        deadline = time.monotonic() + _RESERVATION_WAIT
+        while True:
+            raw = _read(d / _lock(first))
+            if raw and raw.strip().isdigit():
+                return int(raw)
+            if raw is None or time.monotonic() > deadline:
+                return first  # written by an earlier version, or its writer died
+            time.sleep(0.002)
+
+    # -------------------------------------------------------------- reading
+    def _final(self, d: Path) -> _Final | None:
+        raw = _read(d / _FINAL)
+        if raw is None:
+            return None
+        text = raw.strip()
+        if text.isdigit():
+            return _Final(int(text), None, None)  # an earlier version's marker
         try:
-            return int((d / _FINAL).read_text())
-        except (FileNotFoundError, ValueError):
+            value = loads(raw)
+            return _Final(int(value["seq"]), value["event"], value.get("blob"))
+        except (ValueError, KeyError, TypeError):
+            log.warning("tasklog: undecodable final marker in %s", d)
             return None
 
-    def _gap_pending(self, d: Path, lo: int, hi: int, names: set[str]) -> bool:
-        """Whether a writer still holds a reservation for a seq in [lo, hi)."""
-        for s in range(lo, hi):
-            lock = f".{s:08d}.json.lock"
-            if lock in names:
+    def _final_event(self, d: Path, final: _Final) -> dict[str, Any] | None:
+        if final.event is None:
+            return None
+        blob = _read(d / final.blob) if final.blob else None
+        return _inline_blobs(final.event, blob, str(d))
+
+    def _pending(self, d: Path, lo: int, hi: int, names: set[str]) -> bool:
+        """Whether a live writer still holds a reservation for a seq in [lo, hi)."""
+        for m in map(_LOCK_RE.fullmatch, names):
+            if m and lo <= int(m.group(1)) < hi and _seg(int(m.group(1))) not in names:
                 try:
-                    age = time.time() - os.stat(d / lock).st_mtime
+                    age = time.time() - os.stat(d / m.group(0)).st_mtime
                 except FileNotFoundError:
                     continue
                 if age < self.lease_seconds:  # else its writer died: skip the hole
@@ -239,41 +491,105 @@ class TaskLog:
         """Events with seq > ``since`` as ``(seq, event)``, in order, up to the final one.
 
         An unknown task gives ``[]``. Safe while other instances write: an
-        event once returned never gets an earlier-seq event inserted before it.
+        event once returned never gets an earlier-seq event inserted before
+        it. Only the segments after ``since`` are read.
         """
         d = self._dir(task_id)
-        final = self._final_hint(d)  # before listing: its event is then listed
+        final = self._final(d)  # before listing: its segment is then listed
         names = _listdir(d)
+        segs = _seqs(names)
         out: list[tuple[int, dict[str, Any]]] = []
         expected = since + 1
-        for seq in _seqs(names):
-            if seq <= since:
-                continue
-            if final is not None and seq > final:
+        for i, first in enumerate(segs):
+            nxt = segs[i + 1] if i + 1 < len(segs) else None
+            if nxt is not None and nxt <= since + 1:
+                continue  # the whole segment is at or before ``since``
+            if final is not None and first > final.seq:
                 break
             # Only the no-hard-link fallback can leave a hole while a writer is
             # mid-publish; stop there so a poller using ``since`` misses nothing.
-            if seq > expected and self._gap_pending(d, expected, seq, names):
-                break
-            expected = seq + 1
-            event = _load(d / f"{seq:08d}.json")
-            if event is None:
-                continue
-            if event.get("type") == FINAL_TYPE and seq != final:
-                if final is None:
-                    break  # its marker comes next, unless it loses a race
-                continue  # lost the race for the marker
-            out.append((seq, event))
+            if first > expected and self._pending(d, expected, first, names):
+                return out
+            pairs = _pairs(_load(d / _seg(first)), first)
+            for seq, event in pairs:
+                if seq <= since:
+                    continue
+                if final is not None and seq > final.seq:
+                    return out
+                if event.get("type") == FINAL_TYPE:
+                    if final is None:
+                        return out  # its marker comes next, unless it loses a race
+                    if seq != final.seq:
+                        continue  # lost the race for the marker
+                    full = self._final_event(d, final) if final.event is not None else event
+                    if full is not None:
+                        out.append((seq, full))
+                    return out
+                out.append((seq, event))
+            if pairs:
+                expected = max(expected, pairs[-1][0] + 1)
+        if final is not None and final.event is not None and final.seq > since:
+            # The segment holding its placeholder was lost (a machine crash):
+            # the final event itself is durable.
+            if not self._pending(d, expected, final.seq, names):
+                full = self._final_event(d, final)
+                if full is not None:
+                    out.append((final.seq, full))
         return out
 
     def is_final(self, task_id: str) -> bool:
         """Whether the task has its terminal event."""
-        return self._final_hint(self._dir(task_id)) is not None
+        return (self._dir(task_id) / _FINAL).exists()
 
     def exists(self, task_id: str) -> bool:
         """Whether the task was claimed (or written to) by any instance."""
         return self._dir(task_id).is_dir()
 
+    def usage(self, task_id: str) -> LogUsage:
+        """Files and bytes the task's log holds (all instances' writes)."""
+        files = size = 0
+        try:
+            with os.scandir(self._dir(task_id)) as it:
+                for entry in it:
+                    try:
+                        size += entry.stat().st_size
+                    except FileNotFoundError:
+                        continue
+                    files += 1
+        except FileNotFoundError:
+            pass
+        return LogUsage(files, size)
+
+    # -------------------------------------------------------------- records
+    def put_record(self, task_id: str, name: str, payload: bytes, *, durable: bool = False) -> bool:
+        """Store a file of another feature (webhook deliveries, ...) in the
+        task's folder, atomically and only if ``name`` is absent (so a record
+        name can serve as an exclusive claim across instances).
+
+        ``name``: a letter, then up to 127 of [A-Za-z0-9._-]; the log's own
+        names are refused. ``durable`` fsyncs it. Returns False if it exists.
+        """
+        if (not _RECORD_RE.fullmatch(name) or name in _RESERVED
+                or name.startswith(_FINAL + ".")):
+            raise ValueError(f"invalid or reserved record name {name!r}")
+        d = self._dir(task_id)
+        d.mkdir(parents=True, exist_ok=True)
+        return _publish(d, name, payload, durable=durable)
+
+    def get_record(self, task_id: str, name: str) -> bytes | None:
+        """A record's bytes, or None."""
+        if not _RECORD_RE.fullmatch(name):
+            raise ValueError(f"invalid record name {name!r}")
+        return _read(self._dir(task_id) / name)
+
+    def records(self, task_id: str, prefix: str = "") -> list[str]:
+        """Names of the task's records starting with ``prefix``, sorted."""
+        return sorted(n for n in _listdir(self._dir(task_id))
+                      if n.startswith(prefix) and _RECORD_RE.fullmatch(n)
+                      and n not in _RESERVED and not n.startswith(_FINAL + ".")
+                      and not _SEQ_RE.fullmatch(n))
+
+    # ----------------------------------------------------- leases, cancel
     def renew(self, task_ids: Iterable[str]) -> None:
         """Refresh the leases of the tasks this instance runs."""
         for task_id in task_ids:
@@ -291,7 +607,7 @@ class TaskLog:
         is closed by the next :meth:`recover_orphans` instead of hanging.
         """
         with self._lock:
-            self._last.pop(task_id, None)
+            self._end.pop(task_id, None)
         try:
             self._touch(self._dir(task_id) / _OWNER, when=0.0)
         except FileNotFoundError:
@@ -302,7 +618,7 @@ class TaskLog:
         d = self._dir(task_id)
         if not d.is_dir() or self.is_final(task_id):
             return False
-        _publish(d, _CANCEL, json.dumps({"instance_id": self.instance_id}).encode())
+        _publish(d, _CANCEL, dumps_bytes({"instance_id": self.instance_id}))
         return True
 
     def cancel_requested(self, task_id: str) -> bool:
@@ -311,8 +627,12 @@ class TaskLog:
 
     def owner(self, task_id: str) -> str | None:
         """The instance id that claimed the task, or None."""
-        info = _load(self._dir(task_id) / _OWNER)
-        value = info.get("instance_id") if info else None
+        raw = _read(self._dir(task_id) / _OWNER)
+        try:
+            info = loads(raw) if raw else None
+        except ValueError:
+            return None
+        value = info.get("instance_id") if isinstance(info, dict) else None
         return value if isinstance(value, str) else None
 
     def _renewed_at(self, d: Path) -> float:
@@ -350,9 +670,11 @@ class TaskLog:
                 "status": "error", "task_id": task_id, "prompt_id": None, "seeds": {},
                 "results": [], "error": {"type": "task_lost", "message": message,
                                          "node_errors": {}}}}
-            _, won = self._append(task_id, event)
             with self._lock:
-                self._last.pop(task_id, None)
+                self._end.pop(task_id, None)  # the owner may have written since
+            _, won = self._write(task_id, [(None, event)])
+            with self._lock:
+                self._end.pop(task_id, None)
             if won:
                 log.warning("tasklog: task %s lost: %s", task_id, message)
                 lost.append(task_id)

@@ -274,9 +274,10 @@ def test_fallback_hole_from_crashed_writer(tmp_path: Path) -> None:
     tl = TaskLog(tmp_path, "i1", lease_seconds=30)
     tl.claim("t")
     tl.append("t", ev(0))
-    # A writer reserved seq 2 and has not published it yet; seq 3 is out.
+    # A writer reserved seq 2 (the lock names the last seq of its range) and
+    # has not published it yet; seq 3 is out.
     lock = tmp_path / "t" / ".00000002.json.lock"
-    lock.touch()
+    lock.write_text("2")
     assert TaskLog(tmp_path, "i2").append("t", ev(2)) == 3
     assert [s for s, _ in tl.read("t")] == [1]  # wait for 2, don't skip it
     # The reserving writer died long ago: the hole is skipped.
@@ -363,3 +364,133 @@ def test_final_without_marker_stays_hidden_until_recovered(tmp_path: Path) -> No
     events = tl.read("t")
     assert [s for s, _ in events] == [1, 3]
     assert events[-1][1]["data"]["error"]["type"] == "task_lost"
+
+
+# --- batches, the final file and its sidecar ----------------------------------
+
+
+def test_extend_writes_one_file_per_batch_with_caller_seqs(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    tl.claim("t")
+    # The caller's seqs may skip numbers (superseded progress is not stored).
+    assert tl.extend("t", [(1, ev(1)), (2, ev(2)), (5, ev(5))]) == 5
+    assert tl.extend("t", [(6, ev(6)), (9, ev(9))]) == 9
+    assert sorted(n for n in os.listdir(tmp_path / "t") if n.endswith(".json")) == [
+        "00000001.json", "00000006.json", "owner.json"]
+    assert [(s, e["data"]["value"]) for s, e in tl.read("t")] == [
+        (1, 1), (2, 2), (5, 5), (6, 6), (9, 9)]
+    assert [s for s, _ in tl.read("t", since=5)] == [6, 9]
+    assert [s for s, _ in tl.read("t", since=7)] == [9]
+    # Another instance (no cached seq) continues the chain after 9.
+    assert TaskLog(tmp_path, "i2").append("t", ev(10)) == 10
+    # The first writer's cached end is stale: its seqs that were taken are dropped.
+    assert tl.extend("t", [(10, ev(99)), (11, ev(11))]) == 11
+    assert [(s, e["data"]["value"]) for s, e in tl.read("t", since=9)] == [(10, 10), (11, 11)]
+
+
+def test_read_since_skips_older_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    tl.claim("t")
+    for n in range(50):
+        tl.extend("t", [(2 * n + 1, ev(2 * n + 1)), (2 * n + 2, ev(2 * n + 2))])
+    opened: list[str] = []
+    real = tasklog._load
+
+    def spy(path: Path) -> Any:
+        opened.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(tasklog, "_load", spy)
+    assert [s for s, _ in tl.read("t", since=96)] == [97, 98, 99, 100]
+    assert opened == ["00000097.json", "00000099.json"]
+
+
+def base64_final(task_id: str, images: list[bytes]) -> dict[str, Any]:
+    import base64
+    return {"type": FINAL_TYPE, "data": {
+        "status": "success", "task_id": task_id, "results": [
+            {"node_id": "9", "index": i, "output": {
+                "comfy": {"filename": f"x{i}.png"},
+                "base64": {"data": base64.b64encode(img).decode()}}}
+            for i, img in enumerate(images)]}}
+
+
+def test_final_keeps_base64_in_a_sidecar(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    tl.claim("t")
+    images = [os.urandom(3000), b"", os.urandom(1)]
+    event = base64_final("t", images)
+    assert tl.extend("t", [(1, ev(1)), (2, event)]) == 2
+    names = sorted(os.listdir(tmp_path / "t"))
+    (blob,) = [n for n in names if n.endswith(".blob")]
+    assert names == sorted(["00000001.json", "final", blob, "owner.json"])
+    # The fsynced final file holds no image data; the sidecar holds the bytes.
+    assert len((tmp_path / "t" / "final").read_bytes()) < 1000
+    assert (tmp_path / "t" / blob).read_bytes() == b"".join(images)
+    # Read back (by another instance too) exactly as written.
+    assert TaskLog(tmp_path, "i2").read("t") == [(1, ev(1)), (2, event)]
+    assert tl.read("t", since=1) == [(2, event)]
+    # A lost sidecar (only a machine crash does that) drops the image data,
+    # never the final event.
+    (tmp_path / "t" / blob).unlink()
+    (_, got), = tl.read("t", since=1)
+    assert got["data"]["status"] == "success"
+    assert [r["output"] for r in got["data"]["results"]] == [{"comfy": {"filename": f"x{i}.png"}}
+                                                             for i in range(3)]
+
+
+def test_final_survives_lost_segment(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    tl.claim("t")
+    tl.append("t", ev(0))
+    tl.append("t", final())
+    # Segments are not fsynced: a crash of the machine may lose one.
+    (tmp_path / "t" / "00000002.json").unlink()
+    assert [(s, e["type"]) for s, e in tl.read("t")] == [(1, "progress"), (2, FINAL_TYPE)]
+
+
+def test_reads_logs_of_the_earlier_format(tmp_path: Path) -> None:
+    import json
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "owner.json").write_text(json.dumps({"instance_id": "old"}))
+    (d / "00000001.json").write_text(json.dumps(ev(1)))
+    (d / "00000002.json").write_text(json.dumps(final()))
+    (d / "final").write_text("2")
+    tl = TaskLog(tmp_path, "new")
+    assert tl.read("old") == [(1, ev(1)), (2, final())]
+    assert tl.is_final("old") and tl.append("old", ev(3)) == 2
+
+
+@pytest.mark.usefixtures("no_hardlinks")
+def test_fallback_batches_do_not_overlap(tmp_path: Path) -> None:
+    logs = [TaskLog(tmp_path, f"i{i}") for i in range(4)]
+    logs[0].claim("t")
+
+    def write(i: int) -> None:
+        for n in range(15):
+            logs[i].extend("t", [(None, ev(n, writer=i)), (None, ev(n, writer=i, second=True))])
+
+    run_threads(4, write)
+    events = logs[0].read("t")
+    assert_consistent(events, 120)
+    assert sorted((e["data"]["writer"], e["data"]["value"], "second" in e["data"])
+                  for _, e in events) == sorted((i, n, s) for i in range(4) for n in range(15)
+                                                for s in (False, True))
+
+
+def test_records_and_usage(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    tl.claim("t")
+    assert tl.put_record("t", "webhook-1.json", b"{}")
+    assert not tl.put_record("t", "webhook-1.json", b"[]")  # exclusive
+    assert tl.get_record("t", "webhook-1.json") == b"{}"
+    for bad in ("final", "owner.json", "cancel", "00000001.json", "final.x.blob", ".hidden", "a/b"):
+        with pytest.raises(ValueError):
+            tl.put_record("t", bad, b"")
+    tl.append("t", ev(1))
+    assert tl.records("t") == ["webhook-1.json"]
+    assert [s for s, _ in tl.read("t")] == [1]
+    usage = tl.usage("t")
+    assert usage.files == 3 and usage.bytes == sum(
+        p.stat().st_size for p in (tmp_path / "t").iterdir())

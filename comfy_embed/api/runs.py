@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Any, AsyncIterator, Mapping
 
@@ -12,6 +11,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..dryrun import dry_run
 from ..errors import ComfyEmbedError, NotAccepting, PayloadTooLarge, QueueFull, WebhookRefused
+from .. import events
 from ..events import final_event
 from ..service import Handle, TaskService
 from ..storage import credentials_from_headers
@@ -30,12 +30,12 @@ TASK_ID_HEADERS = ("x-fc-async-task-id", "x-fc-trace-id", "x-task-id", "x-fc-req
 
 
 def dumps(ev: Any) -> str:
-    # default=str: ComfyUI's validation details can hold tuples and classes.
-    return json.dumps(ev, default=str, separators=(",", ":"))
+    """Compact JSON text of an event (orjson; see events.dumps_bytes)."""
+    return events.dumps(ev)
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(dumps(body), status, headers=headers, media_type="application/json")
+    return Response(events.dumps_bytes(body), status, headers=headers, media_type="application/json")
 
 
 def error_headers(error: ComfyEmbedError, task_id: str) -> dict[str, str]:
@@ -156,10 +156,10 @@ async def status(request: Request) -> Response:
     service: TaskService = request.app.state.service
     task_id = request.query_params.get("task_id", "")
     since = request.query_params.get("since", "0")
-    events = await service.read(task_id, int(since) if since.isdigit() else 0)
+    found = await service.read(task_id, int(since) if since.isdigit() else 0)
     # Each event keeps ComfyUI's {"type", "data"} shape; "id" is its sequence
     # number, for ?since= and SSE Last-Event-ID.
-    return _json([{**ev, "id": seq} for seq, ev in events])
+    return _json([{**ev, "id": seq} for seq, ev in found])
 
 
 async def cancel(request: Request) -> Response:
