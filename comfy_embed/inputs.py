@@ -11,6 +11,7 @@ answer that changes between check and connect (rebinding) cannot slip by.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -19,7 +20,9 @@ import logging
 import os
 import re
 import socket
+import ssl
 import tempfile
+import weakref
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Union
@@ -179,6 +182,9 @@ class ImageFetcher:
         self.store = store
         self.s3_store = s3_store
         self._policy = AddressPolicy(settings.url_allowlist)
+        self._tls: ssl.SSLContext | None = None
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary())
 
     async def materialise(self, value: str, credentials: "Credentials | None" = None,
                           kind: str = "image") -> str:
@@ -292,13 +298,39 @@ class ImageFetcher:
             raise ImageInputError(f"cannot read {value}: {e.message}") from e
 
     # --- http(s) -----------------------------------------------------------------
+    def _client(self) -> httpx.AsyncClient:
+        """This fetcher's HTTP client for the running event loop.
+
+        Building a client loads the CA bundle into a TLS context (tens of ms
+        on the event loop): one context serves every client, and one client
+        every request on a loop (``run_workflow`` runs a loop per call, and a
+        client's connections belong to one loop). Connections are not kept
+        alive: each goes to the address that was checked for its URL, with
+        that URL's host name for SNI, and must not be reused for another.
+        """
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            if self._tls is None:
+                self._tls = httpx.create_ssl_context(trust_env=False)
+            client = httpx.AsyncClient(
+                verify=self._tls, trust_env=False, follow_redirects=False,
+                timeout=self.settings.fetch_timeout,
+                limits=httpx.Limits(max_keepalive_connections=0))
+            self._clients[loop] = client
+        return client
+
+    async def aclose(self) -> None:
+        """Close the client of the running loop."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
     async def _fetch_url(self, url: str) -> bytes:
         timeout = self.settings.fetch_timeout
         try:
             with anyio.fail_after(timeout):
-                async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
-                                             timeout=timeout) as client:
-                    return await self._follow(client, url)
+                return await self._follow(self._client(), url)
         except TimeoutError:
             raise ImageInputError(f"{url}: timed out after {timeout:g}s") from None
         except httpx.TimeoutException:
