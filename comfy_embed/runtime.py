@@ -234,6 +234,9 @@ class Task:
 
     def _on_start(self) -> None:
         self.report.started()
+        # Stamped here, on the executor thread, when the run really starts
+        # (the loop may take a burst of messages at once, later).
+        self._started_at = time.monotonic()
         self._threadsafe(self._started)
 
     def _on_done(self, outcome: Outcome) -> None:
@@ -260,7 +263,6 @@ class Task:
 
     def _started(self) -> None:
         self.state = "running"
-        self._started_at = time.monotonic()
         limit = self.engine.settings.run_timeout
         if limit:
             self._timeout_handle = self._loop.call_later(
