@@ -13,6 +13,7 @@ import asyncio
 import copy
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -214,6 +215,41 @@ def _run_prestartup_scripts(folders: list[str]) -> dict[str, bool]:
     return ran
 
 
+#: Python reprs of string lists, as ComfyUI prints missing / unexpected keys.
+_KEY_LIST = re.compile(r"\[(?:'[^'\n]*',\s*)+'[^'\n]*'\]")
+
+
+class _ShortRecords(logging.Filter):
+    """ComfyUI logs whole state-dict key lists ('Missing VAE keys [...]' is
+    60 names for the tiny checkpoint, thousands for a mismatched model): keep
+    the first names and the count, and cap any other record from ComfyUI, so
+    one log line stays readable in a terminal and a log pipeline."""
+
+    def __init__(self, limit: int = 600, keep: int = 3) -> None:
+        super().__init__()
+        self.limit, self.keep = limit, keep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "root":  # ComfyUI logs through the root logger
+            return True
+        msg = record.getMessage()
+        if len(msg) <= self.limit:
+            return True
+        msg = _KEY_LIST.sub(self._shorten, msg)
+        # Per line: a traceback stays whole, one endless line does not.
+        msg = "\n".join(line if len(line) <= self.limit else
+                        f"{line[:self.limit]}... ({len(line) - self.limit} more characters)"
+                        for line in msg.split("\n"))
+        record.msg, record.args = msg, None
+        return True
+
+    def _shorten(self, match: re.Match[str]) -> str:
+        names = re.findall(r"'([^'\n]*)'", match.group(0))
+        if len(names) <= self.keep:
+            return match.group(0)
+        return f"[{', '.join(names[:self.keep])}, ... {len(names) - self.keep} more]"
+
+
 def _trim(value: Any, limit: int = 300) -> Any:
     """Tensor reprs in ``current_inputs`` can be megabytes: cut them."""
     if isinstance(value, dict):
@@ -335,6 +371,12 @@ class Comfy:
                                           prestartup)
         self.boot_seconds["nodes"] = time.perf_counter() - t2
 
+        # Progress reaches users as events (and the CLI's own bar); ComfyUI's
+        # tqdm bars would interleave with those on a terminal and fill server
+        # logs with carriage returns. The progress hook is unaffected.
+        comfy.utils.set_progress_bar_enabled(False)
+        if not any(isinstance(f, _ShortRecords) for f in logging.getLogger().filters):
+            logging.getLogger().addFilter(_ShortRecords())
         self._execution, self._nodes, self._mm = execution, nodes, comfy.model_management
         # execute_async builds its progress handler from this module global
         # (ComfyUI's files stay as they are).

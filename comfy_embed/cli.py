@@ -20,17 +20,26 @@ from .events import final_event
 __all__ = ["main"]
 
 
-def _progress(ev: dict[str, Any]) -> None:
+def _node_names(graph: Any) -> dict[str, str]:
+    """``{node_id: class_type}``, for progress lines that say what runs."""
+    if not isinstance(graph, dict):
+        return {}
+    return {str(k): str(v.get("class_type", "?")) for k, v in graph.items() if isinstance(v, dict)}
+
+
+def _progress(ev: dict[str, Any], names: dict[str, str]) -> None:
+    """One line per node, one bar (redrawn in place) per sampler."""
     data = ev["data"]
     if ev["type"] == "progress":
         width = 30
         done = int(width * data["value"] / max(data["max"], 1))
-        sys.stderr.write(f"\r  node {data['node']}: [{'#' * done}{'.' * (width - done)}] "
+        sys.stderr.write(f"\r  [{'#' * done}{'.' * (width - done)}] "
                          f"{data['value']}/{data['max']}")
         if data["value"] >= data["max"]:
             sys.stderr.write("\n")
     elif ev["type"] == "executing" and data.get("node"):
-        sys.stderr.write(f"  running node {data['node']}\n")
+        node = str(data["node"])
+        sys.stderr.write(f"  running node {node} ({names.get(node, '?')})\n")
     sys.stderr.flush()
 
 
@@ -39,12 +48,13 @@ async def _run(settings: Settings, graph: Any, out: Path | None, want_base64: bo
     from .runtime import Engine
 
     engine = Engine(settings)
+    names = _node_names(graph)
     try:
         await engine.wait_ready()
         task = await engine.submit(graph, output_base64=want_base64)
         async for _, ev in task.stream():
             if show_progress:
-                _progress(ev)
+                _progress(ev, names)
         final = await task.result()
     finally:
         engine.close()
