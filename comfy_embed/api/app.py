@@ -18,7 +18,7 @@ from ..errors import ExecutionFailed
 from ..events import final_event
 from ..runtime import Engine
 from ..service import TaskService
-from . import metrics, runs, ws
+from . import metrics, page, runs, ws
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         Route("/pre-stop", pre_stop, methods=["GET", "POST"]),
         Route("/pre-freeze", pre_freeze, methods=["GET", "POST"]),
         Route("/metrics", metrics.metrics, methods=["GET"]),
+        *page.routes(),  # the playground page at / (api/static/)
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={Exception: internal_error})
