@@ -17,9 +17,13 @@ import termios
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import text_to_image
 
 ROOT = Path(__file__).resolve().parent.parent
+# They start real processes that boot ComfyUI: the slow tier.
+pytestmark = pytest.mark.server
 #: tqdm's bar: " 50%|█████     | 2/4 [00:01<00:01,  1.9it/s]".
 TQDM = re.compile(r"\d+%\||it/s\]|s/it\]")
 

@@ -30,6 +30,8 @@ from .servers import free_port
 from .test_cli_output import check_clean_output, run_on_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
+# They start real processes that boot ComfyUI: the slow tier.
+pytestmark = pytest.mark.server
 README = ROOT / "README.md"
 MARKER = re.compile(r"<!--\s*readme-test:\s*([\w-]+)\s*-->\s*\n```(\w*)\n(.*?)\n```", re.S)
 PNG = b"\x89PNG\r\n\x1a\n"
