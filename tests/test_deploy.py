@@ -1,0 +1,196 @@
+"""The deployment files agree with the server they deploy: ports, hook and
+probe paths (the app's own routes), environment (real Settings fields that
+validate), mount paths (where Settings puts models and the task log); the
+Kubernetes manifests validate offline against the API schemas.
+
+The image itself is proven in real containers by scripts/image-check.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from comfy_embed.api import create_app
+from comfy_embed.config import Settings
+from comfy_embed.runtime import Engine
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+K8S_VERSION = "1.30.0"
+SETTING_NAMES = {name.upper() for name in Settings.__dataclass_fields__}
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The ENV block of the Dockerfile, as a mapping."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(re.findall(r"(\w+)=(\S+)", line))
+    return env
+
+
+def dockerfile_uid() -> int:
+    return int(re.search(r"^ARG UID=(\d+)$", (ROOT / "Dockerfile").read_text(), re.M).group(1))
+
+
+@pytest.fixture(scope="module")
+def routes() -> dict[str, set[str]]:
+    """path -> HTTP methods of the real app (nothing is started)."""
+    settings = Settings(tiny_checkpoint=True, device="cpu")
+    app = create_app(settings, Engine(settings))
+    return {r.path: set(getattr(r, "methods", None) or {"GET"}) for r in app.routes}
+
+
+def image_settings(extra: dict[str, str]) -> Settings:
+    """Settings as the container sees them: the image's ENV, then ``extra``."""
+    env = {**dockerfile_env(), **{k: str(v) for k, v in extra.items()}}
+    unknown = {k for k in env if k.startswith("COMFY_EMBED_")} - {
+        "COMFY_EMBED_" + n for n in SETTING_NAMES}
+    assert not unknown, f"not settings: {unknown}"
+    return Settings.from_env(env)
+
+
+# ----------------------------------------------------------------- the image
+def test_dockerfile_serves_fc_port_from_data(routes: dict[str, set[str]]) -> None:
+    env = dockerfile_env()
+    settings = image_settings({})
+    assert env["FC_SERVER_PORT"] == "9000" and settings.port == 9000
+    assert settings.base_dir == Path("/data")
+    assert settings.models_path == Path("/data/models")
+    assert settings.task_log_path == Path("/data/output/serverless_api")
+    assert settings.comfyui_dir == Path("/app/vendor/ComfyUI")
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^EXPOSE 9000$", text, re.M)
+    assert re.search(r"^USER comfy$", text, re.M)
+    assert re.search(r'^VOLUME \["/data"\]$', text, re.M)
+    health = re.search(r"^HEALTHCHECK .*?(/\w+)'", text.replace("\\\n", " "), re.M)
+    assert health and health.group(1) == "/health" and "GET" in routes["/health"]
+
+
+# ------------------------------------------------------------ Function Compute
+@pytest.fixture(scope="module")
+def fc() -> dict[str, Any]:
+    doc = yaml.safe_load((ROOT / "deploy" / "fc" / "s.yaml").read_text())
+    (resource,) = doc["resources"].values()
+    assert resource["component"] == "fc3"
+    return resource["props"]
+
+
+def test_fc_container_port_and_hooks(fc: dict[str, Any], routes: dict[str, set[str]]) -> None:
+    assert fc["runtime"] == "custom-container"
+    port = fc["customContainerConfig"]["port"]
+    # FC passes the configured port as FC_SERVER_PORT; the image defaults to it.
+    assert Settings.from_env({"FC_SERVER_PORT": str(port)}).port == port
+    assert str(port) == dockerfile_env()["FC_SERVER_PORT"]
+    hooks = fc["instanceLifecycleConfig"]
+    # FC's custom-container hooks: POST /initialize, GET /pre-stop.
+    assert hooks["initializer"]["handler"] == "/initialize" and "POST" in routes["/initialize"]
+    assert hooks["preStop"]["handler"] == "/pre-stop" and "GET" in routes["/pre-stop"]
+    assert "GET" in routes["/pre-freeze"]
+    assert "GET" in routes[fc["customContainerConfig"]["healthCheckConfig"]["httpGetUrl"]]
+
+
+def test_fc_environment_and_nas_agree_with_settings(fc: dict[str, Any]) -> None:
+    settings = image_settings(fc["environmentVariables"])
+    (mount,) = fc["nasConfig"]["mountPoints"]
+    nas = Path(mount["mountDir"])
+    assert nas == Path("/mnt/auto/comfy")
+    # Models and the shared task log are on the NAS, so every instance sees them.
+    for path in (settings.models_path, settings.input_path, settings.output_path,
+                 settings.task_log_path):
+        assert nas in path.parents, path
+    assert nas not in settings.temp_path.parents  # scratch stays local
+    assert fc["nasConfig"]["userId"] == fc["nasConfig"]["groupId"] == dockerfile_uid()
+    # FC queues async calls and may freeze an answered instance: run inline.
+    assert settings.async_inline is True
+    # A run ends (504, with a final event) before FC cuts the invocation off.
+    assert settings.run_timeout is not None and settings.run_timeout < fc["timeout"]
+    assert fc["instanceLifecycleConfig"]["preStop"]["timeout"] >= settings.run_timeout
+    assert fc["asyncInvokeConfig"]["asyncTask"] is True
+    assert fc["gpuConfig"]["gpuMemorySize"] > 0 and fc["instanceConcurrency"] >= 1
+
+
+# ------------------------------------------------------------------ Kubernetes
+def k8s_docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def test_kustomization_lists_the_manifests() -> None:
+    (kust,) = k8s_docs("kustomization.yaml")
+    assert sorted(kust["resources"]) == ["deployment.yaml", "pvc.yaml", "service.yaml"]
+
+
+@pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "pvc.yaml"])
+def test_k8s_manifest_validates(name: str) -> None:
+    for doc in k8s_docs(name):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_k8s_validation_catches_mistakes() -> None:
+    """The validator is not a no-op: a misspelt field fails."""
+    (deployment,) = k8s_docs("deployment.yaml")
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_knative_pod_template_validates() -> None:
+    """Knative's Service is a custom resource; its template is a pod spec
+    (plus Knative's own containerConcurrency and timeoutSeconds)."""
+    (ksvc,) = k8s_docs("knative-service.yaml")
+    assert ksvc["apiVersion"] == "serving.knative.dev/v1" and ksvc["kind"] == "Service"
+    template = ksvc["spec"]["template"]
+    assert template["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] == "0"
+    spec = dict(template["spec"])
+    assert spec.pop("containerConcurrency") >= 1 and spec.pop("timeoutSeconds") > 0
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "knative-template"}, "spec": spec}
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+def _pod_specs() -> list[dict[str, Any]]:
+    (deployment,) = k8s_docs("deployment.yaml")
+    (ksvc,) = k8s_docs("knative-service.yaml")
+    return [deployment["spec"]["template"]["spec"], ksvc["spec"]["template"]["spec"]]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["deployment", "knative"])
+def test_k8s_container_agrees_with_server(which: int, routes: dict[str, set[str]]) -> None:
+    pod = _pod_specs()[which]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    settings = image_settings(env)
+    (port,) = container["ports"]
+    assert port["containerPort"] == settings.port == 9000
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        if probe in container:
+            assert "GET" in routes[container[probe]["httpGet"]["path"]]
+    (mount,) = container["volumeMounts"]
+    assert Path(mount["mountPath"]) == settings.base_dir
+    assert Path(mount["mountPath"]) in settings.task_log_path.parents
+    (volume,) = pod["volumes"]
+    assert volume["name"] == mount["name"]
+    (pvc,) = k8s_docs("pvc.yaml")
+    assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert settings.run_timeout is not None
+
+
+def test_k8s_deployment_drains_before_stopping(routes: dict[str, set[str]]) -> None:
+    pod = _pod_specs()[0]
+    (container,) = pod["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["httpGet"]["path"]
+    assert pre_stop == "/pre-stop" and "GET" in routes[pre_stop]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # The grace period outlasts a run, so preStop's drain is not cut short.
+    assert pod["terminationGracePeriodSeconds"] > float(env["COMFY_EMBED_RUN_TIMEOUT"])
+    assert pod["securityContext"]["runAsUser"] == dockerfile_uid()
