@@ -377,7 +377,8 @@ class Webhooks:
             if gen is not None:
                 try:
                     await anyio.to_thread.run_sync(self.deliveries.release, task_id, gen)
-                except BaseException:
+                except Exception:
+                    # It expires on its own: another instance resumes after the lease.
                     log.warning("webhook of task %s: could not release its lease", task_id)
 
     async def _final(self, task_id: str) -> dict[str, Any] | None:
