@@ -161,6 +161,31 @@ async def test_attempt_cut_off_mid_send_is_retried_after_its_timeout(
 
 
 @pytest.mark.anyio
+async def test_no_resend_when_the_cut_off_attempt_turns_out_delivered(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """The sender of attempt 1 was only slow: its outcome (delivered) lands
+    while the next instance waits for that attempt to end, so nothing is sent again."""
+    hooks, tasklog = _hooks(tmp_path)
+    path, url = receiver.new_hook("slow")
+    task_id = await _finished_task(hooks, tasklog, url)
+    slow = DeliveryLog(TaskLog(tasklog.root, "slow", lease_seconds=1.0))
+    assert slow.begin_attempt(task_id, 1, {"at": time.time(), "instance_id": "slow"})
+    assert await hooks.resume_pending() == [task_id]
+    with anyio.fail_after(30):
+        while task_id not in hooks._waiting:  # the resumer waits for attempt 1 to end
+            await anyio.sleep(0.01)
+    slow.end_attempt(task_id, 1, {"status": 200, "outcome": "delivered"})
+    slow.finish(task_id, {"state": "delivered", "attempts": 1})
+    with anyio.fail_after(30):
+        while hooks._active:
+            await anyio.sleep(0.02)
+    state = await hooks.status(task_id)
+    assert state is not None and state["state"] == "delivered"
+    assert [a["attempt"] for a in state["attempts"]] == [1]
+    assert receiver.at(path) == []
+
+
+@pytest.mark.anyio
 async def test_a_delivery_leased_by_a_live_instance_is_left_alone(
         tmp_path: Path, receiver: Receiver) -> None:
     hooks, tasklog = _hooks(tmp_path, lease_seconds=60.0)
