@@ -27,7 +27,8 @@ def prune(output_dir: Path, temp_dir: Path, tasklog: TaskLog, max_age_seconds: f
           now: float | None = None) -> int:
     """Delete, when older than ``max_age_seconds``: per-task output folders
     (``<output>/<task_id>/``, which only comfy-embed writes), temp files, and
-    task logs that have their final event (and no webhook still to deliver). Returns how many were removed."""
+    task logs that have their final event (and no webhook still to deliver).
+    Returns how many were removed."""
     cutoff = (time.time() if now is None else now) - max_age_seconds
     removed = 0
     log_root = tasklog.root.resolve()

@@ -195,7 +195,8 @@ def check_settings(settings: "Settings") -> None:
         except (httpx.InvalidURL, ValueError):
             scheme = ""
         if scheme not in ("http", "https"):
-            raise ValueError(f"COMFY_EMBED_WEBHOOK_URL={settings.webhook_url!r}: expected an http(s) URL")
+            raise ValueError(f"COMFY_EMBED_WEBHOOK_URL={settings.webhook_url!r}: "
+                             "expected an http(s) URL")
     if settings.webhook_secret is not None:
         try:
             secret_key(settings.webhook_secret)
@@ -398,7 +399,8 @@ class Webhooks:
                 final = await self._final(task_id)
                 if final is None:
                     return  # not finished after all: a later scan comes back
-                kind = "completed" if (final.get("data") or {}).get("status") == "success" else "failed"
+                success = (final.get("data") or {}).get("status") == "success"
+                kind = "completed" if success else "failed"
                 if kind not in request.get("events", ()):
                     await self._finish(task_id, "skipped", len(attempts),
                                        f"{kind} is not in webhook_events")
@@ -426,7 +428,8 @@ class Webhooks:
                 return
             if attempts and due > first_at + s.webhook_max_age:
                 await self._finish(task_id, "failed", number - 1,
-                                   f"gave up: next try would be past the {s.webhook_max_age:g}s limit")
+                                   f"gave up: next try would be past the "
+                                   f"{s.webhook_max_age:g}s limit")
                 return
             if not await self._wait_until(task_id, gen, due):
                 log.info("webhook of task %s: another instance took the delivery over", task_id)
@@ -463,7 +466,8 @@ class Webhooks:
                 delay = max(delay, sent.retry_after)
             if now + delay > first_at + s.webhook_max_age:
                 record.update(outcome="failed", reason=(
-                    f"gave up: next try in {delay:.0f}s would be past the {s.webhook_max_age:g}s limit"))
+                    f"gave up: next try in {delay:.0f}s would be past the "
+                    f"{s.webhook_max_age:g}s limit"))
             else:
                 record.update(outcome="retry", delay=delay, next_try_at=now + delay)
         return record
@@ -532,8 +536,8 @@ class Webhooks:
         if 200 <= code < 300:
             return _Sent(ok=True, retryable=False, status=code)
         retryable = code in (408, 429) or code >= 500
-        return _Sent(ok=False, retryable=retryable, status=code,
-                     error=f"HTTP {code}" + (" (redirects are not followed)" if 300 <= code < 400 else ""),
+        redirect = " (redirects are not followed)" if 300 <= code < 400 else ""
+        return _Sent(ok=False, retryable=retryable, status=code, error=f"HTTP {code}{redirect}",
                      retry_after=_retry_after(response.headers.get("retry-after"), self._clock())
                      if retryable else None)
 

@@ -19,8 +19,8 @@ from ..webhooks import envelope_webhook, webhook_request
 from .body import flag, read_limited
 from .status_codes import status_for, status_for_event
 
-__all__ = ["run", "validate", "status", "cancel", "webhook", "dumps", "error_headers", "run_options",
-           "task_id_from"]
+__all__ = ["run", "validate", "status", "cancel", "webhook", "dumps",
+           "error_headers", "run_options", "task_id_from"]
 
 #: Where a task id may come from, first present wins. Function Compute sets
 #: x-fc-async-task-id on async calls and returns it to the client, so it must
