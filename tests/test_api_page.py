@@ -27,8 +27,10 @@ def test_page_is_served_at_root_and_playground(app: App, path: str) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
     assert "<title>comfy-embed playground</title>" in r.text
-    for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', r.text):
-        a = app.client.get(asset)
+    assets = re.findall(r'(?:src|href)="(static/[^"]+)"', r.text)
+    assert len(assets) == 2
+    for asset in assets:
+        a = app.client.get("/" + asset)
         assert a.status_code == 200, asset
     assert app.client.get("/static/playground.js").headers["content-type"].split(";")[0] in (
         "text/javascript", "application/javascript")

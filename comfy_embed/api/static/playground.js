@@ -1,7 +1,8 @@
 // comfy-embed playground: plain JS, no dependencies, talks to the public API only.
 "use strict";
 
-const API = "/api/serverless";
+// Relative URLs: the page also works behind a proxy that serves it under a prefix.
+const API = "api/serverless";
 const $ = (id) => document.getElementById(id);
 const ui = {
   key: $("api-key"), example: $("example"), file: $("file"), format: $("format"),
@@ -164,7 +165,7 @@ function setWorkflow(text) {
 const examples = new Map();
 async function loadExamples() {
   try {
-    const r = await fetch("/playground/examples");
+    const r = await fetch("playground/examples");
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     for (const ex of (await r.json()).examples) {
       examples.set(ex.name, ex.workflow);
