@@ -198,9 +198,17 @@ def test_cancel_a_long_run_with_the_keyboard(driver: Any, server: Server,
     shots(driver, "playground-cancelled")
 
 
-def test_validation_errors_name_the_node_and_input(driver: Any, server: Server,
+def test_validation_errors_name_the_node_and_input(driver: Any, server: Server, tmp_path: Path,
                                                    shots: Callable[[Any, str], Path]) -> None:
     _open(driver, server)
+    # A workflow file picked from disk replaces the editor's text.
+    picked = tmp_path / "picked.json"
+    picked.write_text(json.dumps(example("image_only")))
+    driver.find_element("id", "file").send_keys(str(picked))
+    _wait(driver, lambda d: '"EmptyImage"' in d.find_element("id", "workflow").get_attribute("value"),
+          10, "picked file in the editor")
+    assert "3 nodes, links resolve" in driver.find_element("id", "validation").text
+
     _set_workflow(driver, '{"3": {"class_type": "KSampler", "inputs": {"seed": 1,}}}')
     _wait(driver, lambda d: "Not valid JSON" in d.find_element("id", "validation").text, 10,
           "JSON error message")
