@@ -1,9 +1,8 @@
-"""The storage package's one interface, its backend registry, and the
-import boundaries it keeps (no storage SDK outside it, no SDK for the API)."""
+"""The storage package's one interface, its backend registry, and what the
+API sees of it (its public surface, no SDK import)."""
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,7 @@ import comfy_embed.storage as storage
 from comfy_embed.config import Settings
 from comfy_embed.errors import StorageError
 
-PACKAGE = Path(storage.__file__).resolve().parent.parent
-ROOT = PACKAGE.parent
+from .test_architecture import PACKAGE, ROOT, imports_of
 
 
 def test_backends_satisfy_the_one_protocol() -> None:
@@ -63,40 +61,8 @@ def test_api_imports_no_storage_sdk() -> None:
     assert out.stdout.strip() == ""
 
 
-def _imports(path: Path) -> set[str]:
-    """Absolute module names imported by a file (relative ones resolved)."""
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-        pkg = parts
-    else:
-        pkg = parts[:-1]
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = pkg[:len(pkg) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-                names.add(mod)
-                if not node.module:
-                    names.update(f"{mod}.{a.name}" for a in node.names)
-            elif node.module:
-                names.add(node.module)
-    return names
-
-
-def test_only_the_storage_package_imports_storage_sdks() -> None:
-    for path in PACKAGE.rglob("*.py"):
-        where = path.relative_to(PACKAGE).as_posix()
-        sdk = {n for n in _imports(path) if n.split(".")[0] in ("oss2", "boto3", "botocore")}
-        if sdk:
-            assert where.startswith("storage/"), f"{where} imports {sorted(sdk)}"
-
-
 def test_api_uses_only_the_storage_public_surface() -> None:
     for path in (PACKAGE / "api").rglob("*.py"):
-        inner = {n for n in _imports(path) if n.startswith("comfy_embed.storage.")}
+        inner = {n for n in imports_of(path) if n.startswith("comfy_embed.storage.")
+                 and (PACKAGE / "storage" / f"{n.split('.')[2]}.py").exists()}
         assert not inner, f"{path.name} reaches into {sorted(inner)}"
