@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-__all__ = ["FINAL", "COMFY_TERMINAL", "PROGRESS_STATE", "event", "status_event", "final_event",
-           "is_final", "dumps", "dumps_bytes", "loads", "coalesce_snapshots"]
+__all__ = ["FINAL", "COMFY_TERMINAL", "PROGRESS_STATE", "event", "status_event", "queue_event",
+           "final_event", "is_final", "dumps", "dumps_bytes", "loads", "coalesce_snapshots"]
 
 #: The type of the one terminal event of every task.
 FINAL = "serverless_api"
@@ -75,6 +75,14 @@ def event(type: str, data: dict[str, Any]) -> dict[str, Any]:
 def status_event(queue_remaining: int) -> dict[str, Any]:
     """ComfyUI's ``status`` message, as its server sends on queue changes."""
     return event("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}})
+
+
+def queue_event(prompt_id: str, position: int) -> dict[str, Any]:
+    """comfy-embed's own message while a task waits: ``position`` tasks are
+    ahead of it (the running one included). Sent when queued behind others
+    and each time the queue ahead shrinks; never with 0 (``execution_start``
+    comes instead)."""
+    return event("queue", {"position": position, "prompt_id": prompt_id})
 
 
 def final_event(task_id: str, prompt_id: str | None, seeds: dict[str, int],

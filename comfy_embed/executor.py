@@ -50,12 +50,25 @@ class Job:
     on_done: Callable[[Outcome], None]
     #: Called on the executor thread when the job leaves the queue to run.
     on_start: Callable[[], None] = lambda: None
+    #: Called with the number of jobs now ahead of this one (the running one
+    #: included) each time that number shrinks while it waits; any thread.
+    on_position: Callable[[int], None] | None = None
     task_id: str = ""
     #: Native's extra_data (client_id, extra_pnginfo...), seen by nodes.
     extra_data: dict[str, Any] = field(default_factory=dict)
     state: str = "queued"  # queued -> running -> done
     cancel_reason: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
+
+
+def _announce(positions: list[tuple[Job, int]]) -> None:
+    """Tell each waiting job its new place (outside the lock: callbacks)."""
+    for job, ahead in positions:
+        if job.on_position is not None:
+            try:
+                job.on_position(ahead)
+            except Exception:
+                log.exception("on_position of job %s failed", job.prompt_id)
 
 
 def _cancelled_outcome(job: Job) -> Outcome:
@@ -151,6 +164,7 @@ class Executor:
         with self._cond:
             for item in self._queue:
                 if item.prompt_id == prompt_id:
+                    behind = self._behind(item)
                     self._queue.remove(item)
                     item.cancel_reason = reason
                     item.state = "done"
@@ -166,7 +180,16 @@ class Executor:
                 self.backend.interrupt()
                 return True
         self._finish(removed, _cancelled_outcome(removed))
+        _announce(behind)
         return True
+
+    def _behind(self, job: Job | None) -> list[tuple[Job, int]]:
+        """The queued jobs behind ``job`` (all if None) with how many will be
+        ahead of each once ``job`` is gone. Under the lock."""
+        queue = list(self._queue)
+        start = 0 if job is None else queue.index(job) + 1
+        running = int(self._current is not None)
+        return [(j, running + i) for i, j in enumerate(queue[start:], start=start - (job is not None))]
 
     # --------------------------------------------------------------- thread
     def _run(self) -> None:
@@ -189,6 +212,8 @@ class Executor:
                 job = self._queue.popleft()
                 job.state = "running"
                 self._current = job
+                behind = self._behind(None)
+            _announce(behind)
             self._execute(job)
 
     def _execute(self, job: Job) -> None:

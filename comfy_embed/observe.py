@@ -45,7 +45,7 @@ class _Live(Collector):
         self._queued, self._running, self._busy = queued, running, busy_seconds
 
     def collect(self) -> Iterator[Any]:
-        yield GaugeMetricFamily("comfy_embed_queue_depth",
+        yield GaugeMetricFamily("comfy_embed_tasks_queued",
                                 "Tasks waiting for the executor (the running one not counted).",
                                 value=self._queued())
         yield GaugeMetricFamily("comfy_embed_tasks_running",

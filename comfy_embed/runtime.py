@@ -37,7 +37,8 @@ from ._comfy import Comfy, Outcome
 from .config import Settings
 from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccepting,
                      RunTimeout, TaskCancelled, WorkflowInvalid)
-from .events import COMFY_TERMINAL, FINAL, PROGRESS_STATE, event, final_event, status_event
+from .events import (COMFY_TERMINAL, FINAL, PROGRESS_STATE, event, final_event, queue_event,
+                     status_event)
 from .executor import Executor, Job
 from .observe import Metrics
 from .report import TaskReport, TimedUploader, loader_nodes
@@ -53,7 +54,7 @@ __all__ = ["Engine", "Task", "run_workflow"]
 #: Finished tasks kept in memory for late readers (the task log keeps all;
 #: a final event can hold megabytes of base64, so keep few).
 _KEEP_FINISHED = 4
-_COALESCE = frozenset({"progress", "progress_state"})
+_COALESCE = frozenset({"progress", "progress_state", "queue"})
 
 
 class Task:
@@ -238,6 +239,15 @@ class Task:
         # (the loop may take a burst of messages at once, later).
         self._started_at = time.monotonic()
         self._threadsafe(self._started)
+
+    def _on_position(self, ahead: int) -> None:
+        self._threadsafe(self._queue_position, ahead)
+
+    def _queue_position(self, ahead: int) -> None:
+        """A ``queue`` event while waiting: ``position`` is how many tasks
+        are ahead (the running one included). One that raced the start is dropped."""
+        if self.state == "queued":
+            self._publish(queue_event(self.prompt_id, ahead))
 
     def _on_done(self, outcome: Outcome) -> None:
         self.report.executed()
@@ -506,9 +516,12 @@ class Engine:
         task.request = request
         job = Job(prompt_id=prompt_id, prompt=checked, outputs=outputs, task_id=task_id,
                   emit=task._from_executor, on_done=task._on_done, on_start=task._on_start,
+                  on_position=task._on_position,
                   extra_data=request.extra_data)
         ahead = self.executor.submit(job)  # QueueFull propagates: nothing queued
         task._publish(status_event(ahead + 1))
+        if ahead:
+            task._publish(queue_event(prompt_id, ahead))
         self._remember(task)
         log.info("task %s queued as prompt %s (%d ahead)", task_id, prompt_id, ahead)
         return task

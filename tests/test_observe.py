@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,6 +14,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import image_only, text_to_image
+from .test_api import sse_events
 from .servers import Server
 
 pytestmark = pytest.mark.server
@@ -53,7 +55,7 @@ def png_base64(color: tuple[int, int, int]) -> tuple[str, int]:
 def test_metrics_follow_success_error_and_cached_rerun(server: Server) -> None:
     m0 = scrape(server)
     assert m0[("process_resident_memory_bytes", ())] > 0
-    assert ("comfy_embed_queue_depth", ()) in m0 and ("comfy_embed_tasks_running", ()) in m0
+    assert ("comfy_embed_tasks_queued", ()) in m0 and ("comfy_embed_tasks_running", ()) in m0
 
     # 1. A first text-to-image run reads the checkpoint from disk.
     r = server.run(text_to_image(steps=2, seed=11))
@@ -104,7 +106,7 @@ def test_metrics_follow_success_error_and_cached_rerun(server: Server) -> None:
     m4 = scrape(server)
     assert delta(m3, m4, "comfy_embed_input_bytes_total", source="base64") == size
     assert delta(m3, m4, "comfy_embed_inputs_fetched_total", source="base64") == 1
-    assert m4[("comfy_embed_queue_depth", ())] == 0
+    assert m4[("comfy_embed_tasks_queued", ())] == 0
     assert m4[("comfy_embed_tasks_running", ())] == 0
 
 
@@ -159,3 +161,50 @@ def test_failed_task_has_a_report(server: Server) -> None:
     report = r.json()["data"]["report"]
     check_report(report)
     assert report["render"] == 0 and report["execution"] > 0
+
+
+def test_queue_positions_count_down_behind_long_tasks(server: Server) -> None:
+    def submit_async(task_id: str, steps: int) -> None:
+        r = server.run(text_to_image(steps=steps, seed=31), headers={
+            "X-Task-Id": task_id, "X-Fc-Invocation-Type": "Async"})
+        assert r.status_code == 202, r.text
+
+    def cancel(task_id: str) -> None:
+        r = requests.post(f"{server.url}/api/serverless/cancel", params={"task_id": task_id},
+                          timeout=10)
+        assert r.status_code == 200, r.text
+
+    # A runs for a very long time; B waits, then runs long; C waits.
+    submit_async("q-a", 10_000)
+    deadline = time.monotonic() + 60
+    while not any(e["type"] == "execution_start" for e in server.status("q-a")):
+        assert time.monotonic() < deadline, "task A never started"
+        time.sleep(0.05)
+    submit_async("q-b", 10_000)
+    submit_async("q-c", 2)
+    positions: list[int] = []
+    with requests.post(f"{server.url}/api/serverless/run?stream=true",
+                       json=image_only(color=0x123456), headers={"X-Task-Id": "q-d"},
+                       stream=True, timeout=120) as r:
+        assert r.status_code == 200
+        for ev in sse_events(r):
+            if ev["type"] == "queue":
+                positions.append(ev["data"]["position"])
+                if positions == [3]:  # A running, B and C queued ahead
+                    ready = requests.get(server.url + "/ready", timeout=10)
+                    assert ready.json()["queue_depth"] == 4
+                    assert ready.headers["X-Queue-Depth"] == "4"
+                    cancel("q-c")  # a queued task ahead leaves
+                elif positions == [3, 2]:
+                    cancel("q-a")  # the running one ends, B starts
+                elif positions == [3, 2, 1]:
+                    cancel("q-b")  # D runs next
+            elif ev["type"] == "execution_start":
+                assert positions == [3, 2, 1]
+            final = ev
+    assert final["type"] == "serverless_api" and final["data"]["status"] == "success"
+    assert positions == [3, 2, 1]
+    # The status log, from any instance, tells the same.
+    logged = [e["data"]["position"] for e in server.status("q-d") if e["type"] == "queue"]
+    assert logged == [3, 2, 1]
+    assert requests.get(server.url + "/health", timeout=10).headers["X-Queue-Depth"] == "0"

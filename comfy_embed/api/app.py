@@ -11,6 +11,7 @@ import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from ..config import Settings
@@ -41,7 +42,8 @@ async def health(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     state = request.app.state
     if state.engine.ready and state.warm.is_set() and state.engine.accepting:
-        body: dict[str, Any] = {"status": "ready", "device": state.engine.comfy.device}
+        body: dict[str, Any] = {"status": "ready", "device": state.engine.comfy.device,
+                                "queue_depth": metrics.queue_depth(request.app)}
         packs = state.engine.custom_nodes()
         if packs is not None:  # failing packs named, as at start-up
             body["custom_nodes"] = packs
@@ -122,4 +124,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         *page.routes(),  # the playground page at / (api/static/)
     ]
     return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={Exception: internal_error})
+                     exception_handlers={Exception: internal_error},
+                     middleware=[Middleware(metrics.QueueDepthHeader)])

@@ -1,16 +1,51 @@
-"""GET /metrics: the engine's Prometheus metrics in the text exposition format."""
+"""GET /metrics (Prometheus text format) and the ``X-Queue-Depth`` header.
+
+The header is on every HTTP answer, so a router can steer away from a busy
+instance using any response it already gets (``/ready`` included).
+"""
 
 from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..observe import CONTENT_TYPE
 
-__all__ = ["metrics"]
+__all__ = ["metrics", "QueueDepthHeader", "queue_depth"]
 
 
 async def metrics(request: Request) -> Response:
     """Scrape target for Prometheus (and anything that reads its format)."""
     body = request.app.state.engine.metrics.render_text()
     return Response(body, media_type=CONTENT_TYPE)
+
+
+def queue_depth(app: object) -> int | None:
+    """Tasks queued plus running on this instance (ComfyUI's
+    ``queue_remaining``); None before the app started."""
+    engine = getattr(getattr(app, "state", None), "engine", None)
+    return None if engine is None else engine.executor.queue_remaining
+
+
+class QueueDepthHeader:
+    """Pure ASGI middleware: adds ``X-Queue-Depth`` to every HTTP response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_depth(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                depth = queue_depth(scope.get("app"))
+                if depth is not None:
+                    headers = list(message.get("headers", []))
+                    headers.append((b"x-queue-depth", str(depth).encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_depth)
