@@ -371,4 +371,6 @@ def test_pre_stop_drains_running_work(app: App) -> None:
 def test_health_and_ready(app: App) -> None:
     assert app.client.get("/health").json() == {"status": "alive"}
     ready = app.client.get("/ready")
-    assert ready.status_code == 200 and ready.json() == {"status": "ready", "device": "fake"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "device": "fake",
+                                                         "queue_depth": 0}
+    assert ready.headers["X-Queue-Depth"] == "0"
