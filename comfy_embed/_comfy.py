@@ -384,6 +384,8 @@ class Comfy:
             execution.WebUIProgressHandler, s.progress_interval, self._set_progress)
         self._folder_paths = folder_paths
         comfy.utils.set_progress_bar_global_hook(self._progress_hook)
+        # tqdm bars on stderr would break up JSON log collection.
+        comfy.utils.set_progress_bar_enabled(s.log_format != "json")
         from comfy_execution.utils import get_executing_context
         from comfy_execution.progress import get_progress_state
         self._get_executing_context = get_executing_context

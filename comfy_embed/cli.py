@@ -15,6 +15,7 @@ import anyio
 
 from .config import Settings
 from .errors import ComfyEmbedError
+from .logs import configure_logging
 from .events import final_event
 
 __all__ = ["main"]
@@ -106,8 +107,10 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.replace(host=args.host)
     if args.port:
         settings = settings.replace(port=args.port)
+    # log_config=None: uvicorn's records go through the root handler set up
+    # in main() (text or JSON, with task ids), not its own formatters.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info", timeout_graceful_shutdown=30)
+                log_level="info", log_config=None, timeout_graceful_shutdown=30)
     return 0
 
 
@@ -127,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--size", type=int, default=256)
     p_demo.add_argument("--steps", type=int, default=8)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.cmd == "serve" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
+    # The server logs to stdout (as FC and Kubernetes collect it); `run`
+    # prints its result there, so its log goes to stderr.
+    configure_logging(settings.log_format,
+                      logging.INFO if args.cmd == "serve" else logging.WARNING,
+                      sys.stdout if args.cmd == "serve" else sys.stderr)
     return {"run": _cmd_run, "serve": _cmd_serve, "demo": _cmd_demo}[args.cmd](args, settings)
 
 

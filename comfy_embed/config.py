@@ -158,6 +158,8 @@ class Settings:
     #: Put the per-task report (timings, models, peak memory) in the final
     #: event's ``data.report``.
     task_report: bool = True
+    #: "text" or "json" (one object per line on stdout, with task_id).
+    log_format: str = "text"
 
     # --- perf: task log and event volume -----------------------------------
     #: Seconds between writes of a running task's events to the task log (one
@@ -177,6 +179,7 @@ class Settings:
                    (self.cache.startswith("lru:") and self.cache[4:].isdigit()), "classic, none or lru:<N>"),
                   ("preview", self.preview in ("none", "latent2rgb"), "none or latent2rgb"),
                   ("storage", self.storage in _storage_backends(), " or ".join(_storage_backends()))]
+        checks += [("log_format", self.log_format in ("text", "json"), "text or json")]
         checks += [("max_media_seconds", self.max_media_seconds > 0, "a positive number"),
                    ("model_lock_seconds", self.model_lock_seconds >= 1, "at least 1"),
                    ("model_fetch_timeout", self.model_fetch_timeout > 0, "a positive number")]

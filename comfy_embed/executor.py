@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 
 from ._comfy import Outcome, Sink
 from .errors import QueueFull
+from .logs import task_context
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,8 @@ class Executor:
                 self._current = job
                 behind = self._behind(None)
             _announce(behind)
-            self._execute(job)
+            with task_context(job.task_id):
+                self._execute(job)
 
     def _execute(self, job: Job) -> None:
         start = time.monotonic()

@@ -20,6 +20,7 @@ from .config import Settings
 from .errors import (ComfyEmbedError, ExecutionFailed, NotAccepting, QueueFull, WebhookRefused,
                      WorkflowInvalid)
 from .events import FINAL, coalesce_snapshots, final_event
+from .logs import current_task
 from .runtime import Engine, Task
 from .retention import prune
 from .tasklog import TaskLog
@@ -106,6 +107,9 @@ class TaskService:
         if not valid_task_id(task_id):
             return Handle(self, task_id, error=WorkflowInvalid(
                 "task id must be 1-128 characters of A-Z a-z 0-9 . _ -", type="invalid_task_id"))
+        # The rest of this request (and the log writer it starts) works for
+        # this task: its log records say so.
+        current_task.set(task_id)
         live = self._running.get(task_id) or self.engine.get(task_id)
         if live is not None:
             return Handle(self, task_id, task=live, persisted=getattr(live, "persisted", None))
