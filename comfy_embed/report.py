@@ -3,8 +3,10 @@
 Filled in as the task moves (submit on the event loop, execution on the
 executor thread, results back on the loop) and frozen into the final event's
 ``data.report``. Phases share their boundaries, so ``prepare + validation +
-queued + execution + render`` is the end-to-end time less the thread hand-offs
-between them (well under a millisecond each). All times are seconds from
+queued + execution + handoff + render`` is the end-to-end time less the few
+statements that build the final event. ``handoff`` is the wait of the
+finished run for the event loop (well under a millisecond on an idle
+machine; a busy loop or CPU shows here). All times are seconds from
 ``time.perf_counter``.
 
 Thread use: the executor-thread methods (:meth:`started`, :meth:`on_event`,
@@ -134,6 +136,7 @@ class TaskReport:
             "validation": _span(self.prepared, self.validated),
             "queued": _span(queued_from, queued_to),
             "execution": _span(self.started_at, self.executed_at),
+            "handoff": _span(self.executed_at, self.render_start or end),
             "render": _span(self.render_start, self.render_end),
             "upload": _span(self.upload_start, self.upload_end),
             "end_to_end": round(end - self.submitted, 6),

@@ -111,13 +111,13 @@ def test_metrics_follow_success_error_and_cached_rerun(server: Server) -> None:
 
 
 def check_report(report: dict[str, Any]) -> None:
-    parts = ("prepare", "validation", "queued", "execution", "render")
+    parts = ("prepare", "validation", "queued", "execution", "handoff", "render")
     assert all(report[p] >= 0 for p in parts)
-    # The phases share their boundaries: what is left is the hand-off from
-    # the executor thread to the event loop (well under 1 ms when quiet; the
-    # margin is for a GC pause or a busy loop on a shared 2-core machine).
+    # The phases are measured separately but share their boundaries: what is
+    # left is building the final event (microseconds; the margin is for a GC
+    # pause on a shared 2-core machine).
     gap = report["end_to_end"] - sum(report[p] for p in parts)
-    assert 0 <= gap < 0.02, (gap, report)
+    assert -1e-5 <= gap < 0.005, (gap, report)  # -: rounding to microseconds
     assert sum(n["seconds"] for n in report["nodes"]) <= report["execution"]
     assert report["upload"] <= report["render"]
     assert report["peak_rss_bytes"] > 0
