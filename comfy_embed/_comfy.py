@@ -712,6 +712,15 @@ class Comfy:
                 if prefix == "first_stage_model." and not name.startswith("taesd_decoder."):
                     continue
                 sd[prefix + name] = _random_like(name, tensor, gen)
+        # The rest of TAESD, drawn after the decoder so that earlier builds'
+        # weights (and images) stay the same: with every key ComfyUI expects
+        # present, loading logs no 'Missing VAE keys' list. Scale and shift
+        # keep their identity values.
+        for name, tensor in vae.state_dict().items():
+            key = "first_stage_model." + name
+            if key not in sd:
+                sd[key] = (tensor.clone().to(torch.float16) if name in ("vae_scale", "vae_shift")
+                           else _random_like(name, tensor, gen))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         safetensors.torch.save_file(sd, str(tmp))

@@ -22,8 +22,6 @@ import pytest
 from .conftest import text_to_image
 
 ROOT = Path(__file__).resolve().parent.parent
-# They start real processes that boot ComfyUI: the slow tier.
-pytestmark = pytest.mark.server
 #: tqdm's bar: " 50%|█████     | 2/4 [00:01<00:01,  1.9it/s]".
 TQDM = re.compile(r"\d+%\||it/s\]|s/it\]")
 
@@ -74,11 +72,14 @@ def check_clean_output(output: str, steps: int) -> None:
     bars = re.findall(r"\[[#.]{30}\] (\d+)/(\d+)", output)
     assert bars and bars[-1] == (str(steps), str(steps)), output[-3000:]
     assert "running node 3 (KSampler)" in output
+    # The tiny checkpoint carries every VAE key ComfyUI expects.
+    assert "Missing VAE keys" not in output
     lines = re.split(r"[\r\n]+", output)
     longest = max(lines, key=len)
     assert len(longest) < 400, f"a {len(longest)}-character line: {longest[:300]}..."
 
 
+@pytest.mark.server  # boots real ComfyUI in a subprocess
 def test_run_on_a_terminal_shows_one_progress_bar_and_short_lines(tmp_path: Path) -> None:
     # `comfy-embed demo` (scripts/demo) is checked the same way in test_readme.
     steps = 3
@@ -89,3 +90,36 @@ def test_run_on_a_terminal_shows_one_progress_bar_and_short_lines(tmp_path: Path
     assert rc == 0, output[-3000:]
     check_clean_output(output, steps)
     assert [p.suffix for p in (tmp_path / "out").iterdir()] == [".png"]
+
+
+def test_long_comfyui_log_records_are_shortened() -> None:
+    """Key lists keep three names and a count; any other endless line is cut;
+    tracebacks (many short lines) and other loggers' records stay whole."""
+    import logging
+
+    from comfy_embed._comfy import _ShortRecords
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    root, handler, short = logging.getLogger(), Keep(), _ShortRecords()
+    root.addHandler(handler)
+    root.addFilter(short)
+    try:
+        keys = [f"taesd_encoder.{i}.weight" for i in range(60)]
+        logging.warning("Missing VAE keys %s", keys)
+        logging.warning("x" * 5000)
+        trace = "Traceback (most recent call last):\n" + "\n".join(f"  line {i}" for i in range(200))
+        logging.error(trace)
+        logging.getLogger("comfy_embed.other").warning("y" * 5000)
+    finally:
+        root.removeFilter(short)
+        root.removeHandler(handler)
+    assert seen[0] == ("Missing VAE keys [taesd_encoder.0.weight, taesd_encoder.1.weight, "
+                       "taesd_encoder.2.weight, ... 57 more]")
+    assert seen[1] == "x" * 600 + "... (4400 more characters)"
+    assert seen[2] == trace
+    assert seen[3] == "y" * 5000
