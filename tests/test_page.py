@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+import requests
 
 from .conftest import example
 from .servers import Server
@@ -183,12 +184,21 @@ def test_cancel_a_long_run_with_the_keyboard(driver: Any, server: Server,
     _open(driver, server)
     long = example("text_to_image")
     long["3"]["inputs"]["steps"] = 500
+    # Another client's long task runs first: the page's task waits behind it.
+    r = server.run(long, headers={"X-Fc-Invocation-Type": "Async", "X-Task-Id": "other-client"})
+    assert r.status_code == 202, r.text
     _set_workflow(driver, long)
     editor = driver.find_element("id", "workflow")
     editor.click()
     ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
+    _wait(driver, lambda d: _state(d) == "queued" and d.find_element("id", "queue").text == "1 ahead",
+          60, "queued behind the other task")
+    cancelled = requests.post(server.url + "/api/serverless/cancel",
+                              params={"task_id": "other-client"}, timeout=10)
+    assert cancelled.status_code == 200, cancelled.text
     _wait(driver, lambda d: d.find_element("id", "progress-text").text.endswith("/500)"), 120,
           "sampler progress")
+    assert _state(driver) == "running"
     ActionChains(driver).send_keys(Keys.ESCAPE).perform()
     _wait(driver, lambda d: _state(d) == "cancelled", 60, "cancelled")
     assert "execution_interrupted" in driver.find_element("id", "error").text

@@ -272,13 +272,15 @@ function onEvent(ev) {
   const d = ev.data || {};
   switch (ev.type) {
     case "status": {
+      // ComfyUI's message: queue_remaining counts this task too.
       const q = d.status && d.status.exec_info ? d.status.exec_info.queue_remaining : undefined;
-      if (q !== undefined && !task.final && ui.state.dataset.state !== "running") {
-        ui.queue.textContent = q > 1 ? `position ${q} (${q - 1} ahead)` : "next";
-        setState("queued");
-      }
+      if (q !== undefined) showQueued(q - 1);
       break;
     }
+    case "queue":
+      // comfy-embed's countdown: how many tasks are ahead, the running one included.
+      showQueued(d.position);
+      break;
     case "execution_start":
       ui.queue.textContent = "running";
       setState("running");
@@ -307,6 +309,12 @@ function onEvent(ev) {
     default:
       break;
   }
+}
+
+function showQueued(ahead) {
+  if (task.final || ui.state.dataset.state === "running" || typeof ahead !== "number") return;
+  ui.queue.textContent = ahead > 0 ? `${ahead} ahead` : "next";
+  setState("queued");
 }
 
 function showError(error) {
