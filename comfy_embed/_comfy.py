@@ -17,13 +17,13 @@ import re
 import sys
 import threading
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from . import _comfy_server
+from ._comfy_packs import PackStatus, load_packs, run_prestartup_scripts
 from ._comfy_server import PromptServer
 from .config import Settings
 from .errors import WorkflowInvalid, node_error
@@ -89,22 +89,6 @@ class Outcome:
     messages: list[tuple[str, dict]] = field(default_factory=list)
 
 
-@dataclass
-class PackStatus:
-    """How one custom-node pack (a folder or file in custom_nodes) loaded."""
-
-    name: str
-    path: str
-    loaded: bool
-    seconds: float
-    #: Node classes the pack added.
-    nodes: int = 0
-    #: The last line of the import error (the traceback is logged once).
-    error: str | None = None
-    #: Whether its prestartup_script.py ran (None: it has none).
-    prestartup: bool | None = None
-
-
 class _QuietImportFailures(logging.Filter):
     """ComfyUI logs a traceback and a 'pip install' plea for every optional
     node module whose package is missing (the audio nodes without
@@ -136,83 +120,6 @@ class _QuietImportFailures(logging.Filter):
 
     def __exit__(self, *exc: Any) -> None:
         logging.getLogger().removeFilter(self)
-
-
-class _Captured(logging.Handler):
-    """Collects what ComfyUI logs while one pack loads (its traceback), so it
-    can be logged once under the pack's name."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-    def text(self) -> str:
-        return "\n".join(self.lines).strip()
-
-    def reason(self) -> str | None:
-        """The last line of the traceback: the exception itself."""
-        for line in reversed(self.text().splitlines()):
-            line = line.strip()
-            if line and not line.startswith(("Cannot import", "Traceback")):
-                return line[:300]
-        return None
-
-    def __enter__(self) -> "_Captured":
-        root = logging.getLogger()
-        root.addHandler(self)
-        # Keep ComfyUI's own copy of the traceback off the console.
-        self._quiet = _Silence(self)
-        for handler in root.handlers:
-            if handler is not self:
-                handler.addFilter(self._quiet)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        root = logging.getLogger()
-        root.removeHandler(self)
-        for handler in root.handlers:
-            handler.removeFilter(self._quiet)
-
-
-class _Silence(logging.Filter):
-    """Drops root warnings that a :class:`_Captured` collects."""
-
-    def __init__(self, captured: _Captured) -> None:
-        super().__init__()
-        self.captured = captured
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "root" and record.levelno >= logging.WARNING)
-
-
-def _run_prestartup_scripts(folders: list[str]) -> dict[str, bool]:
-    """Run each pack's ``prestartup_script.py`` (as native main.py does before
-    importing nodes); ``{pack_path: succeeded}``."""
-    import importlib.util
-
-    ran: dict[str, bool] = {}
-    for folder in folders:
-        if not os.path.isdir(folder):
-            continue
-        for entry in sorted(os.listdir(folder)):
-            path = os.path.join(folder, entry)
-            script = os.path.join(path, "prestartup_script.py")
-            if entry.endswith(".disabled") or not os.path.isfile(script):
-                continue
-            try:
-                spec = importlib.util.spec_from_file_location(os.path.splitext(script)[0], script)
-                assert spec is not None and spec.loader is not None
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-                ran[path] = True
-            except Exception:
-                log.warning("prestartup script of custom node pack %s failed:\n%s",
-                            entry, traceback.format_exc())
-                ran[path] = False
-    return ran
 
 
 #: Python reprs of string lists, as ComfyUI prints missing / unexpected keys.
@@ -351,7 +258,7 @@ class Comfy:
         prestartup: dict[str, bool] = {}
         if s.custom_nodes:
             # As native main.py does before it imports nodes.
-            prestartup = _run_prestartup_scripts(folder_paths.get_folder_paths("custom_nodes"))
+            prestartup = run_prestartup_scripts(folder_paths.get_folder_paths("custom_nodes"))
 
         t1 = time.perf_counter()
         with _QuietImportFailures() as quiet:
@@ -367,8 +274,8 @@ class Comfy:
             log.info("optional ComfyUI node modules not loaded (missing packages): %s",
                      ", ".join(sorted(quiet.failed)))
         if s.custom_nodes:
-            self.packs = self._load_packs(nodes, folder_paths.get_folder_paths("custom_nodes"),
-                                          prestartup)
+            self.packs = load_packs(nodes, folder_paths.get_folder_paths("custom_nodes"),
+                                    prestartup, self.loop)
         self.boot_seconds["nodes"] = time.perf_counter() - t2
 
         # Progress reaches users as events (and the CLI's own bar); ComfyUI's
@@ -402,44 +309,6 @@ class Comfy:
         self.boot_seconds["total"] = time.perf_counter() - t0
         log.info("ComfyUI booted on %s in %.2fs (%s)", self.device,
                  self.boot_seconds["total"], self.boot_seconds)
-
-    def _load_packs(self, nodes: Any, folders: list[str],
-                    prestartup: dict[str, bool]) -> list[PackStatus]:
-        """Load every pack as native ComfyUI does, one by one, so that each
-        failure is known by name: its traceback is logged once, and the
-        summary (and /ready) name it."""
-        base = set(nodes.NODE_CLASS_MAPPINGS)
-        packs: list[PackStatus] = []
-        for folder in folders:
-            if not os.path.isdir(folder):
-                continue
-            for entry in sorted(os.listdir(os.path.realpath(folder))):
-                path = os.path.join(folder, entry)
-                if entry == "__pycache__" or entry.startswith(".") or entry.endswith(".disabled"):
-                    continue
-                if os.path.isfile(path) and not entry.endswith(".py"):
-                    continue
-                before = set(nodes.NODE_CLASS_MAPPINGS)
-                t = time.perf_counter()
-                with _Captured() as captured:
-                    ok = self.loop.run_until_complete(
-                        nodes.load_custom_node(path, base, module_parent="custom_nodes"))
-                status = PackStatus(entry, path, bool(ok), time.perf_counter() - t,
-                                    nodes=len(set(nodes.NODE_CLASS_MAPPINGS) - before),
-                                    prestartup=prestartup.get(path))
-                if not ok:
-                    status.error = captured.reason() or "the pack did not load"
-                    log.warning("custom node pack %s failed to load:\n%s", entry,
-                                captured.text() or status.error)
-                elif captured.lines:
-                    log.debug("custom node pack %s logged while loading:\n%s", entry, captured.text())
-                packs.append(status)
-        loaded = [p for p in packs if p.loaded]
-        failed = [p for p in packs if not p.loaded]
-        log.info("custom node packs: %d loaded%s%s", len(loaded),
-                 " (" + ", ".join(f"{p.name}: {p.nodes} nodes" for p in loaded) + ")" if loaded else "",
-                 "; FAILED: " + ", ".join(f"{p.name} ({p.error})" for p in failed) if failed else "")
-        return packs
 
     # ------------------------------------------------------------- folders
     @property
