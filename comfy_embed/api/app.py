@@ -19,7 +19,7 @@ from ..errors import ExecutionFailed
 from ..events import final_event
 from ..runtime import Engine
 from ..service import TaskService
-from . import metrics, page, runs, ws
+from . import metrics, openapi, page, runs, ws
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         Route("/pre-stop", pre_stop, methods=["GET", "POST"]),
         Route("/pre-freeze", pre_freeze, methods=["GET", "POST"]),
         Route("/metrics", metrics.metrics, methods=["GET"]),
+        *openapi.routes(),  # /openapi.json, /docs
         *page.routes(),  # the playground page at / (api/static/)
     ]
     return Starlette(routes=routes, lifespan=lifespan,

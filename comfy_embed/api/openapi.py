@@ -1,0 +1,372 @@
+"""The OpenAPI 3.1 description of the HTTP API, written by hand, and the
+``/openapi.json`` and ``/docs`` endpoints (the docs page is plain HTML and JS
+from ``static/docs/``: nothing from a CDN).
+
+A test checks that every route of the app is described here, validates the
+document, and runs schemathesis against a live server with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+__all__ = ["document", "routes"]
+
+_DOCS = Path(__file__).resolve().parent / "static" / "docs"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _final(description: str, stream: bool = False) -> dict[str, Any]:
+    """A response whose body is a ``serverless_api`` message (or, in stream
+    mode, an SSE stream ending with one)."""
+    out = _json(_ref("FinalEvent"), description)
+    if stream:
+        # Each server-sent event (as OpenAPI 3.2's itemSchema describes one:
+        # data, id, event) carries one Event as JSON, the last a serverless_api.
+        out["content"]["text/event-stream"] = {"schema": {
+            "type": "object", "required": ["data"],
+            "properties": {"data": {"type": "string", "contentMediaType": "application/json",
+                                    "contentSchema": _ref("Event")},
+                           "id": {"type": "string"}, "event": {"type": "string"}}}}
+    return out
+
+
+_TASK_ID = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"}
+_FLAG = {"type": "string", "enum": ["true", "false", "1", "0"]}
+
+_SCHEMAS: dict[str, Any] = {
+    "Workflow": {
+        "type": "object",
+        "description": "A ComfyUI API-format workflow (`Export (API)`): `{node_id: node}`; a "
+                       "link is `[source_node_id, output_index]`. A native `/prompt` envelope "
+                       "(`{\"prompt\": {...}, \"extra_data\": ...}`) is accepted too.",
+        "additionalProperties": _ref("Node"),
+    },
+    "Node": {
+        "type": "object",
+        "required": ["class_type", "inputs"],
+        "properties": {
+            "class_type": {"type": "string"},
+            "inputs": {"type": "object"},
+            "_meta": {"type": "object"},
+        },
+    },
+    "Event": {
+        "type": "object",
+        "description": "ComfyUI's own websocket messages, unchanged (`status`, `execution_start`, "
+                       "`execution_cached`, `executing`, `progress`, `progress_state`, `executed`, "
+                       "`execution_success`, `execution_error`, `execution_interrupted`), "
+                       "comfy-embed's `queue` (`{position, prompt_id}`: tasks ahead while waiting) "
+                       "and the final `serverless_api`.",
+        "required": ["type", "data"],
+        "properties": {"type": {"type": "string"}, "data": {"type": "object"}},
+    },
+    "LoggedEvent": {
+        "allOf": [_ref("Event"), {
+            "type": "object", "required": ["id"],
+            "properties": {"id": {"type": "integer", "minimum": 1,
+                                  "description": "Sequence number (for `since`, `Last-Event-ID`)."}},
+        }],
+    },
+    "Error": {
+        "type": "object",
+        "required": ["type", "message"],
+        "properties": {
+            "type": {"type": "string", "description": "Machine-readable: `invalid_prompt`, "
+                     "`prompt_outputs_failed_validation`, `image_input_error`, `queue_full`, "
+                     "`execution_error`, `out_of_memory`, `execution_interrupted`, "
+                     "`run_timeout`, `storage_error`, `task_lost`, ..."},
+            "message": {"type": "string"},
+            "node_errors": {"type": "object", "description": "ComfyUI's validation shape: "
+                            "`{node_id: {errors: [...], class_type, dependent_outputs}}`."},
+            "details": {},
+        },
+    },
+    "Result": {
+        "type": "object",
+        "required": ["node_id", "index", "output"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "index": {"type": "integer", "minimum": 0},
+            "output": {"type": "object", "properties": {
+                "comfy": {"type": "object", "properties": {
+                    "filename": {"type": "string"}, "type": {"type": "string"},
+                    "subfolder": {"type": "string"}, "dir": {"type": "string"}}},
+                "media_type": {"type": "string"},
+                "base64": {"type": "object", "properties": {"data": {"type": "string"}}},
+                "oss": {"type": "object"},
+                "s3": {"type": "object"},
+            }},
+        },
+    },
+    "Report": {
+        "type": "object",
+        "description": "Where the task's time and memory went (seconds unless named).",
+        "properties": {
+            **{k: {"type": "number", "minimum": 0} for k in (
+                "prepare", "validation", "queued", "execution", "handoff", "render", "upload",
+                "end_to_end")},
+            "nodes": {"type": "array", "items": {"type": "object", "properties": {
+                "node": {"type": "string"}, "class_type": {"type": ["string", "null"]},
+                "seconds": {"type": "number"}}}},
+            "cached_nodes": {"type": "array", "items": {"type": "string"}},
+            "models": {"type": "object", "properties": {
+                "loaded": {"type": "array", "items": {"type": "object"}},
+                "resident": {"type": "array", "items": {"type": "object"}}}},
+            "peak_rss_bytes": {"type": ["integer", "null"]},
+            "peak_vram_bytes": {"type": ["integer", "null"]},
+        },
+    },
+    "FinalEvent": {
+        "type": "object",
+        "description": "The `serverless_api` message: the answer of a run, the last event of "
+                       "every stream and task log.",
+        "required": ["type", "data"],
+        "properties": {
+            "type": {"const": "serverless_api"},
+            "id": {"type": "integer"},
+            "data": {
+                "type": "object",
+                "required": ["status", "task_id", "results"],
+                "properties": {
+                    "status": {"enum": ["success", "error"]},
+                    "task_id": {"type": "string"},
+                    "prompt_id": {"type": ["string", "null"]},
+                    "seeds": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "results": {"type": "array", "items": _ref("Result")},
+                    "outputs": {"type": "object"},
+                    "execution_time": {"type": "number"},
+                    "error": _ref("Error"),
+                    "report": _ref("Report"),
+                },
+            },
+        },
+    },
+    "Accepted": {"type": "object", "required": ["task_id"],
+                 "properties": {"task_id": {"type": "string"}}},
+    "CancelAnswer": {"type": "object", "required": ["task_id", "status"], "properties": {
+        "task_id": {"type": "string"},
+        "status": {"enum": ["cancelling", "requested", "done", "unknown"]}}},
+    "DryRun": {"type": "object", "required": ["valid"], "properties": {
+        "valid": {"type": "boolean"}, "error": {"anyOf": [_ref("Error"), {"type": "null"}]},
+        "node_errors": {"type": "object"}, "missing_nodes": {"type": "array"},
+        "missing_models": {"type": "array"}, "models": {"type": "array"},
+        "outputs": {"type": "array"}}},
+    "Status": {"type": "object", "required": ["status"], "properties": {
+        "status": {"type": "string"}, "device": {"type": "string"},
+        "queue_depth": {"type": "integer", "minimum": 0},
+        "error": {"type": "string"}}},
+}
+
+_RUN_ERRORS = {
+    "400": _final("Invalid workflow or input (the error names the node and input).", True),
+    "409": _final("Cancelled (`execution_interrupted`).", True),
+    "413": _final("Body over the size limit.", True),
+    "422": _final("Unusable image input.", True),
+    "429": _final("Queue full; see `Retry-After`.", True),
+    "500": _final("Execution failed (`execution_error`, `out_of_memory`, `task_lost`).", True),
+    "502": _final("Object storage failed.", True),
+    "503": _final("Draining or not ready; see `Retry-After`.", True),
+    "504": _final("Run timeout.", True),
+}
+
+
+def _query(name: str, schema: dict[str, Any], description: str,
+           required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema,
+            "description": description}
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "schema": {"type": "string"},
+            "description": description}
+
+
+_TASK_Q = _query("task_id", _TASK_ID, "The task id.", required=True)
+_SINCE_Q = _query("since", {"type": "integer", "minimum": 0},
+                  "Only events with a sequence number above this.")
+
+
+def _paths() -> dict[str, Any]:
+    p = "/api/serverless"
+    health = _json(_ref("Status"), "As named in `status`.")
+    _html = {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}
+    return {
+        f"{p}/run": {"post": {
+            "summary": "Run a workflow",
+            "description": "The answer is a `serverless_api` message; with `stream=true` an SSE "
+                           "stream of every event (`id:` = sequence number), ending with it.",
+            "parameters": [
+                _query("stream", _FLAG, "Stream progress as server-sent events."),
+                _query("output_base64", _FLAG, "Inline every output as base64."),
+                _query("output_oss", _FLAG, "Upload every output to object storage."),
+                _query("output_format", {"enum": ["png", "jpeg", "jpg", "webp"]},
+                       "Re-encode still images."),
+                _query("quality", {"type": "integer", "minimum": 1, "maximum": 100},
+                       "JPEG/WebP quality."),
+                _query("webhook", {"type": "string", "format": "uri"},
+                       "Deliver the task's end (signed) to this URL."),
+                _query("webhook_events", {"type": "string"}, "Comma-separated events to deliver."),
+                _header("X-Fc-Async-Task-Id", "Task id (first present of these four)."),
+                _header("X-Fc-Trace-Id", "Task id."),
+                _header("X-Task-Id", "Task id."),
+                _header("X-Fc-Request-Id", "Task id."),
+                _header("X-Fc-Invocation-Type", "`Async`: answer 202 at once."),
+                _header("Last-Event-ID", "Resume a stream after this sequence number."),
+            ],
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": _ref("Workflow")}}},
+            "responses": {
+                "200": _final("The task's final message (or its SSE stream).", True),
+                "202": _json(_ref("Accepted"), "Async call accepted; poll `/status`."),
+                **_RUN_ERRORS,
+            },
+        }},
+        f"{p}/validate": {"post": {
+            "summary": "Check a workflow without running it",
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": _ref("Workflow")}}},
+            "responses": {
+                "200": _json(_ref("DryRun"), "The checks' outcome, valid or not."),
+                "413": _json(_ref("DryRun"), "Body over the size limit."),
+                "503": _json(_ref("DryRun"), "Not ready."),
+            },
+        }},
+        f"{p}/status": {"get": {
+            "summary": "Every event of a task so far",
+            "description": "From any instance sharing the task log. Unknown task: `[]`.",
+            "parameters": [_TASK_Q, _SINCE_Q],
+            "responses": {"200": _json({"type": "array", "items": _ref("LoggedEvent")},
+                                       "Events in order, the last one `serverless_api` once done.")},
+        }},
+        f"{p}/cancel": {"post": {
+            "summary": "Cancel a queued or running task",
+            "parameters": [_TASK_Q],
+            "responses": {
+                "200": _json(_ref("CancelAnswer"), "Cancelling here."),
+                "202": _json(_ref("CancelAnswer"), "Requested from the instance that runs it."),
+                "404": _json(_ref("CancelAnswer"), "Unknown task."),
+                "409": _json(_ref("CancelAnswer"), "Already done."),
+            },
+        }},
+        f"{p}/webhook": {"get": {
+            "summary": "Webhook delivery state of a task",
+            "parameters": [_TASK_Q],
+            "responses": {
+                "200": _json({"type": "object", "required": ["task_id", "state"], "properties": {
+                    "task_id": {"type": "string"}, "state": {"type": "string"},
+                    "attempts": {"type": "array"}}}, "Attempts, next try, outcome."),
+                "404": _json({"type": "object", "required": ["task_id", "state"], "properties": {
+                    "task_id": {"type": "string"}, "state": {"const": "none"}}},
+                    "Unknown task or no webhook."),
+            },
+        }},
+        f"{p}/ws": {"get": {
+            "summary": "WebSocket: runs and their events",
+            "description": "Upgrade to a WebSocket (same query flags as `/run`). Send a "
+                           "workflow as a text message; every event comes back as a text "
+                           "message, the last `serverless_api`; repeat. `?task_id=&since=` "
+                           "first replays a task. A plain HTTP GET is not an upgrade (404).",
+            "parameters": [_query("task_id", _TASK_ID, "Replay this task first."), _SINCE_Q],
+            "responses": {"101": {"description": "Switching to the WebSocket protocol."},
+                          "404": {"description": "Not a WebSocket upgrade.",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}},
+        }},
+        "/health": {"get": {"summary": "Alive", "responses": {"200": health}}},
+        "/ready": {"get": {
+            "summary": "Booted and warm",
+            "description": "`queue_depth`: tasks queued plus running (also the `X-Queue-Depth` "
+                           "header of every answer).",
+            "responses": {"200": health, "500": _json(_ref("Status"), "Boot failed."),
+                          "503": _json(_ref("Status"), "Starting or draining.")}}},
+        "/initialize": {"post": {"summary": "Function Compute: answers once warm",
+                                 "responses": {"200": health}}},
+        "/pre-stop": {k: {"summary": "Function Compute: drain (finish running work, accept none)",
+                          "responses": {"200": health}} for k in ("get", "post")},
+        "/pre-freeze": {k: {"summary": "Function Compute: flush the task log",
+                            "responses": {"200": health}} for k in ("get", "post")},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+            "description": "Text exposition format.",
+            "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        **{path: {"get": {"summary": "The playground page (try workflows in a browser)",
+                          "responses": {"200": _html}}} for path in ("/", "/playground")},
+        "/playground/examples": {"get": {"summary": "The bundled example workflows",
+                                         "responses": {"200": _json({
+            "type": "object", "required": ["examples"], "properties": {"examples": {
+                "type": "array", "items": {"type": "object", "required": ["name", "workflow"],
+                "properties": {"name": {"type": "string"}, "workflow": _ref("Workflow")}}}}},
+            "`[{name, workflow}]`.")}}},
+        "/static/{path}": {"get": {
+            "summary": "The playground page's files",
+            "parameters": [{"name": "path", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The file (HTML, CSS or JS).", "content": {
+                "*/*": {"schema": {"type": "string"}}}},
+                "404": {"description": "No such file.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {
+            "description": "OpenAPI 3.1.",
+            "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        "/docs": {"get": {"summary": "This document as a page", "responses": {"200": _html}}},
+        "/docs/{name}": {"get": {
+            "summary": "The docs page's script and style",
+            "parameters": [{"name": "name", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "The file.", "content": {
+                    "text/javascript": {"schema": {"type": "string"}},
+                    "text/css": {"schema": {"type": "string"}}}},
+                "404": {"description": "No such file.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    }
+
+
+def document(version: str = "0.1.0") -> dict[str, Any]:
+    """The OpenAPI 3.1 document (a new dict each call)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "comfy-embed serverless API",
+            "version": version,
+            "description": "ComfyUI workflows run headless: queue, upload, watch, read history "
+                           "and view merged into one call. Every answer carries "
+                           "`X-Queue-Depth`.",
+        },
+        "paths": _paths(),
+        "components": {"schemas": _SCHEMAS},
+    }
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(document())
+
+
+async def docs_page(request: Request) -> Response:
+    return FileResponse(_DOCS / "docs.html", media_type="text/html")
+
+
+async def docs_asset(request: Request) -> Response:
+    name = request.path_params["name"]
+    types = {"docs.js": "text/javascript", "docs.css": "text/css"}
+    if name not in types:
+        return Response("not found", 404, media_type="text/plain")
+    return FileResponse(_DOCS / name, media_type=types[name])
+
+
+def routes() -> list[Route]:
+    """``/openapi.json``, ``/docs`` and the docs page's two assets."""
+    return [Route("/openapi.json", openapi_json, methods=["GET"]),
+            Route("/docs", docs_page, methods=["GET"]),
+            Route("/docs/{name}", docs_asset, methods=["GET"])]
