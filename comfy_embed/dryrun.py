@@ -80,7 +80,10 @@ async def dry_run(engine: "Engine", body: Any, credentials: Any = None) -> dict[
         _, ok, error, outputs, node_errors = await anyio.to_thread.run_sync(
             comfy.check, prompt, str(uuid.uuid4()), request.targets)
         report["outputs"] = sorted(outputs)
-        report["node_errors"].update(node_errors)
+        for node_id, entry in node_errors.items():
+            # A refused media input also fails ComfyUI's own check (no such
+            # file): keep the error that says why.
+            report["node_errors"].setdefault(node_id, entry)
         if not ok or node_errors:
             try:
                 await anyio.to_thread.run_sync(comfy.validate, prompt, str(uuid.uuid4()),

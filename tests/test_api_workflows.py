@@ -312,3 +312,13 @@ def test_bad_media_inputs_are_named(server: Server, files: Files, graph: str, va
     assert err["node_errors"]["1"]["errors"][0]["extra_info"]["input_name"] == name
     assert needle in err["message"], err["message"]
     assert f"node 1 ({'LoadAudio' if graph == 'audio' else 'LoadVideo'}) input '{name}'" in err["message"]
+
+
+def test_validate_checks_media_inputs(server: Server, files: Files) -> None:
+    good = validate(server, audio_graph(b64(files.files["/tone.wav"])))
+    assert good["valid"] is True, good
+    assert good["outputs"] == ["2", "3"]
+    bad = validate(server, video_graph(files.base + "/playlist.m3u8"))
+    assert bad["valid"] is False
+    assert bad["error"]["type"] == "image_input_error"
+    assert "not video" in bad["node_errors"]["1"]["errors"][0]["message"]
