@@ -99,18 +99,37 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
     import uvicorn
 
     from .api import create_app
+    from .runtime import Engine
 
     if args.host:
         settings = settings.replace(host=args.host)
     if args.port:
         settings = settings.replace(port=args.port)
+    engine = Engine(settings)
+    app = create_app(settings, engine)
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM/SIGINT drain like /pre-stop: new runs are refused (503) at
+        once, open requests get ``drain_seconds``, then the app's shutdown
+        cancels what is left, each task ending with a final event."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.accepting = False
+            if getattr(app.state, "stop_requested_at", None) is None:
+                app.state.stop_requested_at = time.monotonic()
+            super().handle_exit(sig, frame)
+
     # log_config=None: uvicorn's records go through the root handler set up
     # in main() (text or JSON, with task ids), not its own formatters.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info", log_config=None, timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            log_config=None,
+                            timeout_graceful_shutdown=max(1, round(settings.drain_seconds)))
+    DrainingServer(config).run()
     return 0
 
 

@@ -80,9 +80,10 @@ class Settings:
     async_inline: bool = False
     #: Seconds after which a task whose owner stopped renewing is orphaned.
     lease_seconds: float = 30.0
-    #: Hours after which task outputs, temp files and finished task logs are
-    #: deleted (none: keep everything).
-    retention_hours: float | None = None
+    #: Hours after which the outputs, inputs and logs of finished tasks (only
+    #: what the service recorded), and old temp files, are deleted
+    #: (``0`` or ``none``: keep everything).
+    retention_hours: float | None = 24.0
     #: Seconds of silence before an SSE keep-alive comment (proxies close idle streams).
     sse_keepalive: float = 15.0
 
@@ -172,6 +173,26 @@ class Settings:
     #: progress) are kept.
     max_task_events: int = 10_000
 
+    # --- safety (issue 9): bounds on one request, denylist, auth, drain -------
+    #: Most nodes one workflow may have.
+    max_nodes: int = 400
+    #: Deepest nesting of JSON arrays/objects in a request body.
+    max_json_depth: int = 64
+    #: Node classes refused at validation (they write model files or read
+    #: whole folders, other callers' inputs included). Empty string: none.
+    node_denylist: tuple[str, ...] = (
+        "CheckpointSave", "CLIPSave", "VAESave", "ModelSave", "ImageOnlyCheckpointSave",
+        "LoraSave", "SaveLoRANode", "TrainLoraNode", "LoadImageSetFromFolderNode",
+        "LoadImageTextSetFromFolderNode", "LoadImageOutput")
+    #: API keys (comma-separated); when set, every endpoint but /health needs
+    #: one as ``Authorization: Bearer <key>`` or ``X-Api-Key: <key>``.
+    api_keys: tuple[str, ...] = ()
+    #: Seconds that SIGTERM/SIGINT (and /pre-stop) give running work to finish
+    #: before it is cancelled and closed with a final event.
+    drain_seconds: float = 30.0
+    #: Report ``output.comfy.dir`` relative to the base folder, not absolute.
+    hide_paths: bool = False
+
     def __post_init__(self) -> None:
         # Fail at start-up, naming the variable, not at the first request.
         checks = [("device", self.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
@@ -186,6 +207,11 @@ class Settings:
         checks += [("task_log_flush_seconds", 0 <= self.task_log_flush_seconds <= 60, "0 to 60"),
                    ("progress_interval", 0 <= self.progress_interval <= 60, "0 to 60"),
                    ("max_task_events", 10 <= self.max_task_events <= 10_000_000, "10 to 10000000")]
+        checks += [("max_nodes", self.max_nodes >= 1, "at least 1"),
+                   ("max_json_depth", 8 <= self.max_json_depth <= 500, "8-500"),
+                   ("drain_seconds", self.drain_seconds >= 0, "0 or more seconds"),
+                   ("retention_hours", self.retention_hours is None or self.retention_hours >= 0,
+                    "hours >= 0, or none")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"COMFY_EMBED_{name.upper()}={getattr(self, name)!r}: "
@@ -258,5 +284,7 @@ def _parse(f: dataclasses.Field, raw: str) -> object:  # type: ignore[type-arg]
     if t.startswith("int"):
         return int(raw) if raw else None
     if t.startswith("float"):
+        if "None" in t and raw.strip().lower() in ("", "none", "off"):
+            return None
         return float(raw) if raw else None
     return raw or (None if "None" in t else raw)

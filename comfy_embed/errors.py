@@ -22,6 +22,10 @@ __all__ = [
     "PayloadTooLarge",
     "ModelDownloadError",
     "WebhookRefused",
+    "InvalidParameter",
+    "Unauthorized",
+    "TaskIdConflict",
+    "StorageUnavailable",
 ]
 
 
@@ -164,3 +168,37 @@ class ModelDownloadError(ComfyEmbedError):
     message names the model (``folder/name``) and the URL."""
 
     type = "model_download_error"
+
+
+# --- safety (issue 9) -------------------------------------------------------
+class InvalidParameter(WorkflowInvalid):
+    """A query parameter or header is malformed (``since``, ``quality``,
+    ``Last-Event-ID``, a task id): names the parameter."""
+
+    type = "invalid_parameter"
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        super().__init__(message, type=self.type, **kw)
+
+
+class Unauthorized(ComfyEmbedError):
+    """API keys are configured and the request has none, or a wrong one."""
+
+    type = "unauthorized"
+
+
+class TaskIdConflict(ComfyEmbedError):
+    """The task id names a task that another API key created."""
+
+    type = "task_id_conflict"
+
+
+class StorageUnavailable(ComfyEmbedError):
+    """A local folder the service writes (task log, outputs) is unusable:
+    full, read-only or missing. Retry later (or elsewhere)."""
+
+    type = "storage_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 10) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -40,7 +40,8 @@ from .errors import ComfyEmbedError, ImageInputError, InputPathInvalid, StorageE
 if TYPE_CHECKING:
     from .storage import Credentials, OssStore, S3Store
 
-__all__ = ["ImageFetcher", "AddressPolicy", "pinned_request", "is_remote_or_inline", "SUBFOLDER"]
+__all__ = ["ImageFetcher", "AddressPolicy", "pinned_request", "is_remote_or_inline",
+           "check_name_text", "SUBFOLDER"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,48 @@ def _looks_base64(value: str) -> bool:
     # A long value with an image signature is base64 even when corrupted (so it
     # gets a base64 error, not "no such file"); a short one only if it is clean.
     return len(value) >= 64 or _B64_CHARS.fullmatch(value) is not None
+
+
+#: Bounds checked before any filesystem call (resolving a path costs one
+#: lookup per component, so an unbounded name would cost its length squared).
+MAX_NAME_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+
+
+def _short(value: str) -> str:
+    return repr(value if len(value) <= 120 else value[:120] + "...")
+
+
+def check_name_text(value: str) -> None:
+    """Refuse a file-name input that could not name a file of the input
+    folder, by its text alone: linear in its length, which is bounded first.
+    Names under ``serverless/`` are refused: that folder holds other callers'
+    materialised images."""
+    if len(value) > MAX_NAME_BYTES:
+        raise InputPathInvalid(f"file name of {len(value)} characters is over the "
+                               f"{MAX_NAME_BYTES} byte limit")
+    name = value
+    if name.endswith(" [input]"):
+        name = name[: -len(" [input]")]
+    elif name.endswith((" [output]", " [temp]")):
+        raise InputPathInvalid(f"{_short(value)}: only files in the input folder may be used")
+    if not name.strip() or "\x00" in name:
+        raise InputPathInvalid(f"{_short(value)} is not a valid file name")
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_NAME_BYTES:
+        raise InputPathInvalid(f"file name of {len(encoded)} bytes is over the "
+                               f"{MAX_NAME_BYTES} byte limit")
+    if name.startswith(("/", "~")) or os.path.isabs(name):
+        raise InputPathInvalid(f"{_short(value)}: absolute paths are not allowed")
+    parts = name.split("/")
+    if ".." in parts:
+        raise InputPathInvalid(f"{_short(value)}: '..' may not leave the input folder")
+    if any(len(p.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES for p in parts):
+        raise InputPathInvalid(f"{_short(value)}: a file or folder name is over "
+                               f"{MAX_COMPONENT_BYTES} bytes")
+    if [p for p in parts if p not in ("", ".")][:1] == [SUBFOLDER]:
+        raise InputPathInvalid(f"{_short(value)}: the {SUBFOLDER}/ folder is reserved for "
+                               "images sent inline or by URL")
 
 
 def _why_refused(ip: _IP) -> str | None:
@@ -187,13 +230,14 @@ class ImageFetcher:
             weakref.WeakKeyDictionary())
 
     async def materialise(self, value: str, credentials: "Credentials | None" = None,
-                          kind: str = "image") -> str:
+                          kind: str = "image", folder: str | None = None) -> str:
         """Return the string to put in the workflow's ``image`` input (or
         audio / video input, with ``kind``).
 
         File names are checked and returned unchanged; URLs, ``oss://``,
         ``s3://`` and base64 are fetched or decoded, verified and written to
-        ``serverless/<sha256>.<ext>``, which is returned.
+        ``serverless/[<folder>/]<sha256>.<ext>``, which is returned. A
+        per-task ``folder`` keeps one caller's images out of another's reach.
         """
         head = value[:16].lower()
         if head.startswith(("http://", "https://")):
@@ -207,30 +251,26 @@ class ImageFetcher:
         elif _looks_base64(value) or (kind != "image" and media.looks_base64(value)):
             data, source = self._decode_base64(value.strip(), f"base64 {kind}"), "base64"
         else:
+            check_name_text(value)  # bounded and linear, before a thread or a path lookup
             await anyio.to_thread.run_sync(self._check_name, value)
             return value
         if self.on_fetched is not None:
             self.on_fetched(source, len(data))
-        return await anyio.to_thread.run_sync(self._store, data, _describe(value, kind), kind)
+        return await anyio.to_thread.run_sync(self._store, data, _describe(value, kind), kind, folder)
 
     # --- file names -----------------------------------------------------------
     def _check_name(self, value: str) -> None:
-        name = value
-        if name.endswith(" [input]"):
-            name = name[: -len(" [input]")]
-        elif name.endswith((" [output]", " [temp]")):
-            raise InputPathInvalid(f"{value!r}: only files in the input folder may be used")
-        if not name.strip() or "\x00" in name:
-            raise InputPathInvalid(f"{value!r} is not a valid file name")
-        if os.path.isabs(name) or name.startswith("~"):
-            raise InputPathInvalid(f"{value!r}: absolute paths are not allowed")
-        if ".." in Path(name).parts:
-            raise InputPathInvalid(f"{value!r}: '..' may not leave the input folder")
-        path = (self.input_dir / name).resolve()
-        if not path.is_relative_to(self.input_dir):
-            raise InputPathInvalid(f"{value!r} points outside the input folder")
-        if not path.is_file():
-            raise InputPathInvalid(f"{value!r}: no such file in the input folder")
+        check_name_text(value)
+        name = value[: -len(" [input]")] if value.endswith(" [input]") else value
+        try:
+            path = (self.input_dir / name).resolve()
+            if not path.is_relative_to(self.input_dir):
+                raise InputPathInvalid(f"{_short(value)} points outside the input folder")
+            if not path.is_file():
+                raise InputPathInvalid(f"{_short(value)}: no such file in the input folder")
+        except OSError as e:  # ELOOP, ENAMETOOLONG on an odd filesystem...
+            raise InputPathInvalid(f"{_short(value)} is not a usable file name "
+                                   f"({e.strerror or e})") from None
 
     # --- inline bytes -----------------------------------------------------------
     def _decode_base64(self, text: str, what: str) -> bytes:
@@ -371,12 +411,14 @@ class ImageFetcher:
         return b"".join(chunks)
 
     # --- verification and storage ----------------------------------------------
-    def _store(self, data: bytes, source: str, kind: str = "image") -> str:
+    def _store(self, data: bytes, source: str, kind: str = "image",
+               subfolder: str | None = None) -> str:
         """Verify ``data`` is an image (audio, video) and write it under its hash (in a thread)."""
         ext = (self._verify(data, source) if kind == "image"
                else media.probe(data, kind, source, self.settings))
         name = f"{hashlib.sha256(data).hexdigest()}.{ext}"
-        folder = self.input_dir / SUBFOLDER
+        relative = f"{SUBFOLDER}/{subfolder}" if subfolder else SUBFOLDER
+        folder = self.input_dir / relative
         final = folder / name
         if not final.exists():  # content-addressed: same name, same bytes
             folder.mkdir(parents=True, exist_ok=True)
@@ -388,8 +430,8 @@ class ImageFetcher:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        logger.debug("materialised %s as %s/%s", source, SUBFOLDER, name)
-        return f"{SUBFOLDER}/{name}"
+        logger.debug("materialised %s as %s/%s", source, relative, name)
+        return f"{relative}/{name}"
 
     def _verify(self, data: bytes, source: str) -> str:
         """Return the file extension for ``data``, or raise if it is not a usable image."""

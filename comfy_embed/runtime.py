@@ -26,6 +26,7 @@ import asyncio
 import collections
 import copy
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -44,7 +45,7 @@ from .observe import Metrics
 from .report import TaskReport, TimedUploader, loader_nodes
 from .results import FORMATS, collect_files, collect_values, render_results
 from .storage import Store, open_store
-from .workflow import (WorkflowRequest, isolate_outputs, media_inputs, parse_request,
+from .workflow import (WorkflowRequest, check_nodes, isolate_outputs, media_inputs, parse_request,
                        randomize_seeds, valid_task_id)
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class Task:
         self._append(ev)
         if kind == FINAL:
             self.final = ev
+            self.engine._drop_inputs(self.task_id)
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
         self._changed.set()
@@ -318,6 +320,9 @@ def _outcome_error(outcome: Outcome, timeout: float | None) -> ComfyEmbedError:
         if reason == "timeout":
             return RunTimeout(f"the run exceeded its time limit of {timeout:g}s and was interrupted",
                               details=err)
+        if reason == "shutdown":
+            return TaskCancelled("the instance shut down (SIGTERM) before the task finished; "
+                                 "it was interrupted", details=err)
         where = f" at node {err['node_id']} ({err.get('node_type')})" if err.get("node_id") else ""
         return TaskCancelled(f"the task was cancelled{where}", details=err)
     node_id, node_type = err.get("node_id"), err.get("node_type")
@@ -501,24 +506,28 @@ class Engine:
         request = self.parse(graph)
         prompt = request.prompt
         seeds = randomize_seeds(prompt, comfy.input_specs)
-        await self._materialise_images(prompt, credentials)
         isolate_outputs(prompt, task_id)
-        prompt_id = str(uuid.uuid4())
-        report.mark_prepared()
-        checked, outputs = await anyio.to_thread.run_sync(comfy.validate, prompt, prompt_id,
-                                                          request.targets)
-        report.mark_validated(checked, loader_nodes(checked, comfy.is_loader))
-        if task_id in self._tasks:  # the same id raced us through validation
-            return self._tasks[task_id]
-        task = Task(self, task_id, prompt_id, seeds, output_base64=output_base64,
-                    output_oss=output_oss, credentials=credentials,
-                    output_format=output_format, quality=quality, report=report)
-        task.request = request
-        job = Job(prompt_id=prompt_id, prompt=checked, outputs=outputs, task_id=task_id,
-                  emit=task._from_executor, on_done=task._on_done, on_start=task._on_start,
-                  on_position=task._on_position,
-                  extra_data=request.extra_data)
-        ahead = self.executor.submit(job)  # QueueFull propagates: nothing queued
+        try:
+            await self._materialise_images(prompt, credentials, task_id)
+            prompt_id = str(uuid.uuid4())
+            report.mark_prepared()
+            checked, outputs = await anyio.to_thread.run_sync(comfy.validate, prompt, prompt_id,
+                                                              request.targets)
+            report.mark_validated(checked, loader_nodes(checked, comfy.is_loader))
+            if task_id in self._tasks:  # the same id raced us through validation
+                return self._tasks[task_id]
+            task = Task(self, task_id, prompt_id, seeds, output_base64=output_base64,
+                        output_oss=output_oss, credentials=credentials,
+                        output_format=output_format, quality=quality, report=report)
+            task.request = request
+            job = Job(prompt_id=prompt_id, prompt=checked, outputs=outputs, task_id=task_id,
+                      emit=task._from_executor, on_done=task._on_done, on_start=task._on_start,
+                      on_position=task._on_position,
+                      extra_data=request.extra_data)
+            ahead = self.executor.submit(job)  # QueueFull propagates: nothing queued
+        except BaseException:
+            self._drop_inputs(task_id)  # never queued: its materialised inputs go now
+            raise
         task._publish(status_event(ahead + 1))
         if ahead:
             task._publish(queue_event(prompt_id, ahead))
@@ -533,11 +542,23 @@ class Engine:
         body = copy.deepcopy(body) if isinstance(body, dict) else body
         server = getattr(comfy, "server", None)  # a test fake has none
         handlers = getattr(server, "on_prompt_handlers", None)
-        return parse_request(body, server.trigger_on_prompt if handlers else None)
+        s = self.settings
+        request = parse_request(body, server.trigger_on_prompt if handlers else None,
+                                max_depth=s.max_json_depth)
+        check_nodes(request.prompt, max_nodes=s.max_nodes, denylist=s.node_denylist)
+        return request
 
-    async def _materialise_images(self, prompt: dict[str, Any], credentials: Any) -> None:
+    def _drop_inputs(self, task_id: str) -> None:
+        """Delete the inputs materialised for one task (they served its run only)."""
+        from .inputs import SUBFOLDER
+        if self._comfy is not None and valid_task_id(task_id):
+            shutil.rmtree(self._comfy.input_dir / SUBFOLDER / task_id, ignore_errors=True)
+
+    async def _materialise_images(self, prompt: dict[str, Any], credentials: Any,
+                                  task_id: str | None = None) -> None:
         """Turn upload-type inputs (image, audio, video) given as URLs,
-        ``oss://``/``s3://`` or base64 into checked files in the input folder."""
+        ``oss://``/``s3://`` or base64 into checked files in the input folder
+        (``serverless/<task_id>/``: one caller's inputs out of another's reach)."""
         refs = list(media_inputs(prompt, self.comfy.input_specs))
         if not refs:
             return
@@ -546,8 +567,8 @@ class Engine:
 
         async def one(node_id: str, class_type: str, name: str, value: str, kind: str) -> None:
             try:
-                prompt[node_id]["inputs"][name] = await fetcher.materialise(value, credentials,
-                                                                            kind=kind)
+                prompt[node_id]["inputs"][name] = await fetcher.materialise(
+                    value, credentials, kind=kind, folder=task_id)
             except ImageInputError as e:
                 errors.append(e.at(node_id, class_type, name, value))
 

@@ -7,8 +7,10 @@ No HTTP here: the API package turns :class:`Handle` into responses.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -17,8 +19,9 @@ from typing import Any, AsyncIterator
 import anyio
 
 from .config import Settings
-from .errors import (ComfyEmbedError, ExecutionFailed, NotAccepting, QueueFull, WebhookRefused,
-                     WorkflowInvalid)
+from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccepting,
+                     PayloadTooLarge, QueueFull, StorageUnavailable, TaskIdConflict,
+                     WebhookRefused, WorkflowInvalid)
 from .events import FINAL, coalesce_snapshots, final_event
 from .logs import current_task
 from .runtime import Engine, Task
@@ -33,6 +36,10 @@ __all__ = ["TaskService", "Handle"]
 
 #: How often a reader of another instance's task looks at the log.
 _POLL_SECONDS = 0.2
+
+
+def _conflict(task_id: str) -> TaskIdConflict:
+    return TaskIdConflict(f"task id {task_id} belongs to a task created with another API key")
 
 
 class Handle:
@@ -97,11 +104,16 @@ class TaskService:
 
     # ------------------------------------------------------------- running
     async def start(self, body: Any, *, task_id: str | None = None,
-                    webhook: WebhookRequest | None = None, **options: Any) -> Handle:
+                    webhook: WebhookRequest | None = None, owner_key: str | None = None,
+                    **options: Any) -> Handle:
         """Start a task, or attach to it if this task id exists already (a
         retry: it never runs twice). Errors before queueing come back in
-        ``Handle.error`` with a final event in the log. ``webhook``: where to
-        deliver its end (refused URL: WebhookRefused, before anything exists).
+        ``Handle.error``; a refused request leaves nothing in the log (unless
+        it has a webhook, whose delivery state lives there), an internal
+        failure leaves a final event. ``webhook``: where to deliver its end
+        (refused URL: WebhookRefused, before anything exists). ``owner_key``
+        (the hash of the caller's API key, when keys are configured) is
+        recorded with a new task and must match to attach to an existing one.
         ``options`` are :meth:`Engine.submit`'s (output flags, credentials)."""
         task_id = task_id or uuid.uuid4().hex
         if not valid_task_id(task_id):
@@ -112,6 +124,8 @@ class TaskService:
         current_task.set(task_id)
         live = self._running.get(task_id) or self.engine.get(task_id)
         if live is not None:
+            if not await self.may_access(task_id, owner_key):
+                return Handle(self, task_id, error=_conflict(task_id))
             return Handle(self, task_id, task=live, persisted=getattr(live, "persisted", None))
         if not self.engine.accepting:
             return Handle(self, task_id, error=NotAccepting(
@@ -121,13 +135,37 @@ class TaskService:
                 await self.webhooks.check(webhook)
             except WebhookRefused as e:
                 return Handle(self, task_id, error=e)
-        if not await anyio.to_thread.run_sync(self.tasklog.claim, task_id):
-            return Handle(self, task_id)  # known task: answer from the log
+        try:
+            claimed = await anyio.to_thread.run_sync(self._claim, task_id, owner_key)
+        except FileExistsError as e:
+            return Handle(self, task_id, error=TaskIdConflict(f"task id {task_id}: {e}; "
+                                                              "choose another task id"))
+        except OSError as e:
+            log.warning("task %s: task log unusable: %s", task_id, e)
+            return Handle(self, task_id, error=StorageUnavailable(
+                f"the task log folder is not writable ({e.strerror or e}); retry later"))
+        if not claimed:  # known task: answer from the log
+            if not await self.may_access(task_id, owner_key):
+                return Handle(self, task_id, error=_conflict(task_id))
+            return Handle(self, task_id)
         try:
             task = await self.engine.submit(body, task_id=task_id, **options)
         except (QueueFull, NotAccepting) as e:
             # Not accepted: forget the claim so that a retry can run it.
-            await anyio.to_thread.run_sync(self.tasklog.discard, task_id)
+            await anyio.to_thread.run_sync(self._discard, task_id)
+            return Handle(self, task_id, error=e)
+        except (WorkflowInvalid, ImageInputError, PayloadTooLarge) as e:
+            if webhook is None:
+                # Refused, not run: nothing is left on disk (one folder per
+                # bad request would pile up) and a corrected retry can run.
+                await anyio.to_thread.run_sync(self._discard, task_id)
+                return Handle(self, task_id, error=e)
+            # With a webhook: its delivery state lives in the task's folder.
+            await self.webhooks.register(task_id, webhook)
+            await anyio.to_thread.run_sync(
+                self.tasklog.append, task_id, final_event(task_id, None, {}, error=e.to_dict()))
+            await anyio.to_thread.run_sync(self.tasklog.release, task_id)
+            self.webhooks.finished(task_id)
             return Handle(self, task_id, error=e)
         except Exception as e:
             if not isinstance(e, ComfyEmbedError):
@@ -136,10 +174,13 @@ class TaskService:
             # Claimed, so the log must end with a final event all the same.
             if webhook is not None:
                 await self.webhooks.register(task_id, webhook)
-            await anyio.to_thread.run_sync(
-                self.tasklog.append, task_id,
-                final_event(task_id, None, {}, error=e.to_dict()))
-            await anyio.to_thread.run_sync(self.tasklog.release, task_id)
+            try:
+                await anyio.to_thread.run_sync(
+                    self.tasklog.append, task_id,
+                    final_event(task_id, None, {}, error=e.to_dict()))
+                await anyio.to_thread.run_sync(self.tasklog.release, task_id)
+            except OSError as oe:
+                log.warning("task %s: cannot write its final event: %s", task_id, oe)
             self.webhooks.finished(task_id)
             return Handle(self, task_id, error=e)
         if webhook is not None:
@@ -196,6 +237,37 @@ class TaskService:
         self.tasklog.release(task_id)
         usage = self.tasklog.usage(task_id)
         log.info("task %s: task log %d files, %d bytes", task_id, usage.files, usage.bytes)
+
+    def _claim(self, task_id: str, owner_key: str | None) -> bool:
+        known = self.tasklog.exists(task_id)
+        if (self.settings.output_path / task_id).exists() and not known:
+            # A folder the service did not make: never share it (retention
+            # deletes a finished task's output folder).
+            raise FileExistsError(f"the output folder already has a folder named {task_id}")
+        try:
+            if not self.tasklog.claim(task_id):
+                return False
+            if owner_key is not None:
+                self.tasklog.set_key_hash(task_id, owner_key)
+        except OSError:
+            if not known:  # a full disk can take the folder but not its files
+                shutil.rmtree(self.tasklog.root / task_id, ignore_errors=True)
+            raise
+        return True
+
+    def _discard(self, task_id: str) -> None:
+        try:
+            self.tasklog.discard(task_id)
+        except OSError as e:
+            log.warning("task %s: cannot remove its refused claim: %s", task_id, e)
+
+    async def may_access(self, task_id: str, owner_key: str | None) -> bool:
+        """With API keys on (``owner_key`` given), whether the task was
+        created with that key; always True with keys off."""
+        if owner_key is None:
+            return True
+        recorded = await anyio.to_thread.run_sync(self.tasklog.key_hash, task_id)
+        return recorded is not None and hmac.compare_digest(recorded, owner_key)
 
     def handle(self, task_id: str) -> Handle:
         """Follow an existing task (live here, or through the log)."""
@@ -254,17 +326,22 @@ class TaskService:
                 last_recover = now
                 await self.recover()
                 await self.webhooks.resume_pending()
-            if self.settings.retention_hours and now - last_prune > 60:
+            hours = self.settings.retention_hours
+            # Hourly-scale retention is checked every minute; a short one
+            # (tests, scratch deployments) often enough to be honoured.
+            if hours and now - last_prune > min(60.0, max(1.0, hours * 900)):
                 last_prune = now
                 await self._prune()
             await anyio.sleep(0.5)
 
     async def _prune(self) -> None:
         s = self.settings
-        assert s.retention_hours is not None
+        hours = s.retention_hours
+        assert hours is not None
         try:
-            await anyio.to_thread.run_sync(prune, s.output_path, s.temp_path, self.tasklog,
-                                           s.retention_hours * 3600)
+            await anyio.to_thread.run_sync(
+                lambda: prune(s.output_path, s.temp_path, self.tasklog, hours * 3600,
+                              input_dir=s.input_path))
         except Exception:
             log.exception("retention: pruning failed")
 
@@ -272,6 +349,9 @@ class TaskService:
         """Give a final event to tasks whose owner died (lease expired)."""
         try:
             ids = await anyio.to_thread.run_sync(self.tasklog.recover_orphans)
+        except OSError as e:  # a full or read-only disk: one line, retried later
+            log.warning("recovering orphaned tasks failed: %s", e)
+            return []
         except Exception:
             log.exception("recovering orphaned tasks failed")
             return []
@@ -293,6 +373,35 @@ class TaskService:
                 await anyio.sleep(0.01)
         finally:
             self._hurry -= 1
+
+    async def shutdown(self, grace: float) -> list[str]:
+        """SIGTERM/SIGINT: accept nothing, give running work ``grace`` seconds,
+        then cancel what is left and make sure each of those tasks has a
+        final event in the log. Returns the ids that had to be cancelled."""
+        self.engine.accepting = False
+        with anyio.move_on_after(grace):
+            await self.drain()
+        left = list(self._running)
+        if not left:
+            return []
+        log.warning("shutdown: %d task(s) still running after %.0fs: cancelling %s",
+                    len(left), grace, ", ".join(left[:10]))
+        for task_id in left:
+            self.engine.cancel(task_id, "shutdown")
+        with anyio.move_on_after(10):  # interrupted nodes stop within a step
+            while self._running or self._writers:
+                await anyio.sleep(0.05)
+        for task_id in left:  # a node that ignores interrupts, or a failed write
+            try:
+                if not await anyio.to_thread.run_sync(self.tasklog.is_final, task_id):
+                    error = NotAccepting("the instance shut down before the task finished")
+                    await anyio.to_thread.run_sync(
+                        self.tasklog.append, task_id,
+                        final_event(task_id, None, {}, error=error.to_dict()))
+                    await anyio.to_thread.run_sync(self.tasklog.release, task_id)
+            except OSError as e:
+                log.error("shutdown: task %s has no final event (log unwritable: %s)", task_id, e)
+        return left
 
     async def drain(self) -> None:
         """Stop accepting, then wait for running work and log writes."""

@@ -680,6 +680,20 @@ class TaskLog:
                 lost.append(task_id)
         return lost
 
+    # --- safety (issue 9): the API key that owns a task ---------------------
+    def set_key_hash(self, task_id: str, key_hash: str) -> None:
+        """Record (once) the hash of the API key that created the task. The
+        key itself is never written; only a one-way hash of it."""
+        _publish(self._dir(task_id), _KEY, key_hash.encode("ascii"), durable=True)
+
+    def key_hash(self, task_id: str) -> str | None:
+        """The recorded key hash of the task, or None (unknown task, or
+        created with authentication off)."""
+        try:
+            return (self._dir(task_id) / _KEY).read_text("ascii").strip() or None
+        except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+            return None
+
 
 # ------------------------------------------------------------------ webhooks
 # A task's webhook delivery lives in its own files of the task folder, beside
@@ -842,3 +856,6 @@ class DeliveryLog:
                     pass
             out.append(task_id)
         return out
+
+
+_KEY = "owner_key"

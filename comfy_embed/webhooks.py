@@ -119,8 +119,8 @@ def envelope_webhook(body: Any) -> tuple[Any, str | None]:
             return body, None
         try:
             decoded = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return body, None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return body, None  # the workflow parser reports it (nesting: 400)
         if not isinstance(decoded, dict):
             return body, None
         body = decoded

@@ -14,14 +14,37 @@ from typing import Any, Callable, Iterator
 
 from .errors import WorkflowInvalid, node_error
 
-__all__ = ["parse_workflow", "parse_request", "WorkflowRequest", "randomize_seeds",
-           "image_inputs", "media_inputs", "media_kind", "isolate_outputs", "node_order",
-           "SpecLookup"]
+__all__ = ["parse_workflow", "parse_request", "WorkflowRequest", "check_nodes",
+           "randomize_seeds", "image_inputs", "media_inputs", "media_kind", "isolate_outputs",
+           "node_order", "valid_task_id", "SpecLookup"]
 
 SpecLookup = Callable[[str], dict[str, tuple[Any, dict[str, Any]]]]
 
 SEED_INPUTS = ("seed", "noise_seed")
-_TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_TASK_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+#: Default bound on the nesting of a request body (a workflow needs about 4).
+MAX_DEPTH = 64
+#: A path component longer than this fails on most filesystems (ENAMETOOLONG);
+#: ComfyUI appends ``_00001_.png`` to the last one.
+_MAX_COMPONENT = 200
+_MAX_PREFIX = 1024
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists/dicts deeper than ``limit`` (iterative: a
+    deep value must not exhaust the interpreter's stack while being measured)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 @dataclass
@@ -37,15 +60,17 @@ class WorkflowRequest:
     targets: list[str] | None = None
 
 
-def parse_workflow(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
+def parse_workflow(body: bytes | str | dict[str, Any], *, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     """Decode an API-format workflow and check its shape (not its semantics:
-    ComfyUI's validation does that). Raises WorkflowInvalid."""
-    return parse_request(body).prompt
+    ComfyUI's validation does that). Raises WorkflowInvalid, also for JSON
+    nested deeper than ``max_depth``, integers too long to convert and
+    NaN/Infinity, which would otherwise fail later as server errors."""
+    return parse_request(body, max_depth=max_depth).prompt
 
 
 def parse_request(body: bytes | str | dict[str, Any],
-                  on_prompt: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-                  ) -> WorkflowRequest:
+                  on_prompt: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                  *, max_depth: int = MAX_DEPTH) -> WorkflowRequest:
     """A bare API-format graph, or native's envelope ``{"prompt": graph,
     "client_id"?, "extra_data"?, "partial_execution_targets"?}``.
 
@@ -53,7 +78,7 @@ def parse_request(body: bytes | str | dict[str, Any],
     packs' on-prompt handlers do on native ``POST /prompt``; a bare graph is
     wrapped as ``{"prompt": graph}`` for them. Raises WorkflowInvalid.
     """
-    body = _decode(body)
+    body = _decode(body, max_depth)
     envelope = body if _is_envelope(body) else {"prompt": body}
     if on_prompt is not None:
         envelope = on_prompt(envelope)
@@ -91,7 +116,7 @@ def _is_envelope(body: dict[str, Any]) -> bool:
     return isinstance(inner, dict) and "class_type" not in inner and "class_type" not in body
 
 
-def _decode(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
+def _decode(body: bytes | str | dict[str, Any], max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     if isinstance(body, (bytes, bytearray)):
         try:
             body = body.decode("utf-8")
@@ -102,10 +127,18 @@ def _decode(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
             raise WorkflowInvalid("request body is empty: send the workflow JSON "
                                   "(ComfyUI's Export (API) format)", type="invalid_json")
         try:
-            body = json.loads(body)
+            body = json.loads(body, parse_constant=_no_constants)
         except json.JSONDecodeError as e:
             raise WorkflowInvalid(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}",
                                   type="invalid_json") from None
+        except RecursionError:
+            raise WorkflowInvalid(f"JSON is nested too deep (the limit is {max_depth} levels)",
+                                  type="invalid_json") from None
+        except ValueError as e:  # an integer over 4,300 digits, NaN, Infinity
+            raise WorkflowInvalid(f"malformed JSON: {e}", type="invalid_json") from None
+    if _depth_over(body, max_depth):
+        raise WorkflowInvalid(f"JSON is nested too deep (the limit is {max_depth} levels)",
+                              type="invalid_json")
     if not isinstance(body, dict):
         raise WorkflowInvalid(f"the workflow must be a JSON object of nodes, got {type(body).__name__}",
                               type="invalid_prompt")
@@ -159,9 +192,32 @@ def _check_links(prompt: dict[str, Any]) -> None:
             f"{v['errors'][0]['message']}" for k, v in errors.items()),
             type="prompt_outputs_failed_validation", node_errors=errors)
 
+
+def check_nodes(prompt: dict[str, Any], *, max_nodes: int, denylist: tuple[str, ...] = ()) -> None:
+    """Refuse a workflow over ``max_nodes`` nodes, or using a denied node class
+    (one that writes model files or reads whole folders), naming the nodes."""
+    if len(prompt) > max_nodes:
+        raise WorkflowInvalid(f"the workflow has {len(prompt)} nodes; the limit is {max_nodes} "
+                              "(COMFY_EMBED_MAX_NODES)", type="too_many_nodes")
+    denied = frozenset(denylist)
+    errors: dict[str, Any] = {}
+    for node_id, node in prompt.items():
+        if node["class_type"] in denied:
+            errors.update(node_error(str(node_id), node["class_type"], "class_type",
+                                     f"node class {node['class_type']} is not allowed on this "
+                                     "server (COMFY_EMBED_NODE_DENYLIST)",
+                                     node["class_type"], type="node_denied"))
+    if errors:
+        raise WorkflowInvalid("invalid workflow: " + "; ".join(
+            f"node {k} ({v['class_type']}) is not allowed on this server"
+            for k, v in sorted(errors.items())[:10]),
+            type="node_denied", node_errors=errors)
+
+
 def valid_task_id(task_id: str) -> bool:
     """Task ids become folder names on a shared filesystem: keep them plain."""
-    return bool(_TASK_ID.match(task_id)) and task_id not in (".", "..")
+    return (isinstance(task_id, str) and len(task_id) <= 128
+            and _TASK_ID.fullmatch(task_id) is not None and task_id not in (".", ".."))
 
 
 def randomize_seeds(prompt: dict[str, Any], specs: SpecLookup) -> dict[str, int]:
@@ -227,16 +283,49 @@ def image_inputs(prompt: dict[str, Any], specs: SpecLookup) -> Iterator[tuple[st
             yield node_id, class_type, name, value
 
 
+def _prefix_problem(value: Any) -> str | None:
+    """Why a ``filename_prefix`` could leave the task's output folder (None: fine)."""
+    if not isinstance(value, str):
+        # A link is computed while the graph runs, after this check could see it.
+        return "must be a literal string (a link could name any folder)"
+    if len(value) > _MAX_PREFIX:
+        return f"is over {_MAX_PREFIX} characters"
+    if "\x00" in value or "\\" in value:
+        return "may not contain NUL or backslash characters"
+    if value.startswith("/"):
+        return "must be relative to the output folder (no leading /)"
+    parts = value.split("/")
+    if ".." in parts:
+        return "may not contain '..' (it would leave the task's output folder)"
+    if any(len(p.encode("utf-8", "surrogatepass")) > _MAX_COMPONENT for p in parts):
+        return f"has a folder or file name over {_MAX_COMPONENT} bytes"
+    return None
+
+
 def isolate_outputs(prompt: dict[str, Any], subfolder: str) -> None:
-    """Prefix every literal ``filename_prefix`` with a per-task subfolder, so
+    """Prefix every ``filename_prefix`` with a per-task subfolder, so
     concurrent or repeated tasks never write into, or report, each other's
     files (ComfyUI numbers files by listing the folder, which is racy across
-    processes sharing it)."""
-    for node in prompt.values():
+    processes sharing it). A prefix that could escape that folder (``..``,
+    absolute, a link) is refused with WorkflowInvalid naming node and input."""
+    errors: dict[str, Any] = {}
+    for node_id, node in prompt.items():
         inputs = node.get("inputs", {})
-        value = inputs.get("filename_prefix")
-        if isinstance(value, str):
-            inputs["filename_prefix"] = f"{subfolder}/{value.lstrip('/') or 'ComfyUI'}"
+        if "filename_prefix" not in inputs:
+            continue
+        value = inputs["filename_prefix"]
+        problem = _prefix_problem(value)
+        if problem:
+            shown = value[:200] if isinstance(value, str) else value
+            errors.update(node_error(str(node_id), node.get("class_type", ""), "filename_prefix",
+                                     f"filename_prefix {problem}", shown))
+            continue
+        inputs["filename_prefix"] = f"{subfolder}/{value or 'ComfyUI'}"
+    if errors:
+        raise WorkflowInvalid("invalid workflow: " + "; ".join(
+            f"node {k} ({v['class_type']}) input 'filename_prefix': {v['errors'][0]['message']}"
+            for k, v in sorted(errors.items())[:10]),
+            type="prompt_outputs_failed_validation", node_errors=errors)
 
 
 def node_order(node_id: str) -> tuple[int, int | str]:

@@ -1,5 +1,6 @@
-"""Old outputs and finished logs go; recent ones, running tasks and files
-comfy-embed did not write stay."""
+"""Retention deletes only what the service recorded: old finished tasks (log,
+output folder, materialised inputs) and old temp files; recent tasks,
+running tasks and folders no task recorded (a user's own) stay."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from comfy_embed.config import Settings
 from comfy_embed.events import final_event
 from comfy_embed.retention import prune
 from comfy_embed.tasklog import DeliveryLog, TaskLog
@@ -18,11 +20,13 @@ def age(path: Path, seconds: float) -> None:
 
 
 def test_prune(tmp_path: Path) -> None:
-    out, temp = tmp_path / "output", tmp_path / "temp"
+    out, temp, inp = tmp_path / "output", tmp_path / "temp", tmp_path / "input"
     tl = TaskLog(out / "serverless_api", "me")
-    for name in ("old", "new"):
+    for name in ("done-old", "done-new", "running-old", "my_portraits"):
         (out / name).mkdir(parents=True)
         (out / name / "img.png").write_bytes(b"x")
+        (inp / "serverless" / name).mkdir(parents=True)
+        (inp / "serverless" / name / "in.png").write_bytes(b"x")
     (out / "user file.png").write_bytes(b"x")  # not a task folder
     temp.mkdir()
     (temp / "old.png").write_bytes(b"x")
@@ -31,17 +35,22 @@ def test_prune(tmp_path: Path) -> None:
         tl.append(task, {"type": "status", "data": {}})
         if final:
             tl.append(task, final_event(task, None, {}, []))
-    for p in (out / "old", temp / "old.png", out / "user file.png",
+    for p in (out / "done-old", out / "my_portraits", temp / "old.png", out / "user file.png",
               tl.root / "done-old", tl.root / "running-old"):
         age(p, 7200)
     age(tl.root, 7200)
 
-    removed = prune(out, temp, tl, 3600)
+    removed = prune(out, temp, tl, 3600, input_dir=inp)
 
-    assert removed == 3
-    assert not (out / "old").exists() and (out / "new" / "img.png").exists()
+    assert removed == 2  # the finished old task and the old temp file
+    assert not (out / "done-old").exists() and not (inp / "serverless" / "done-old").exists()
+    assert tl.read("done-old") == [] and not (tl.root / "done-old").exists()
+    # Recent, running and unrecorded folders stay, however old.
+    assert (out / "done-new" / "img.png").exists() and tl.read("done-new")
+    assert (out / "running-old" / "img.png").exists() and tl.read("running-old")
+    assert (out / "my_portraits" / "img.png").exists()
+    assert (inp / "serverless" / "my_portraits" / "in.png").exists()
     assert (out / "user file.png").exists() and not (temp / "old.png").exists()
-    assert tl.read("done-old") == [] and tl.read("running-old") and tl.read("done-new")
     assert (out / "serverless_api").is_dir()
 
 
@@ -60,3 +69,11 @@ def test_prune_keeps_a_task_log_whose_webhook_is_not_delivered(tmp_path: Path) -
     assert prune(out, temp, tl, 3600) == 1
     assert tl.read("hook-pending") and deliveries.undelivered("hook-pending")
     assert tl.read("hook-done") == []
+
+
+def test_retention_setting_defaults_and_off() -> None:
+    assert Settings().retention_hours == 24.0
+    for off in ("0", "none", "None", "off"):
+        hours = Settings.from_env({"COMFY_EMBED_RETENTION_HOURS": off}).retention_hours
+        assert not hours
+    assert Settings.from_env({"COMFY_EMBED_RETENTION_HOURS": "1.5"}).retention_hours == 1.5

@@ -5,21 +5,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from typing import Any, AsyncIterator
 
 import anyio
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from ..config import Settings
 from ..errors import ExecutionFailed
 from ..events import final_event
+from ..folders import FolderProbe
 from ..runtime import Engine
 from ..service import TaskService
 from . import metrics, openapi, page, runs, ws
+from .auth import ApiKeyAuth
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,10 @@ async def health(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     state = request.app.state
+    # A full or read-only task-log/output folder: unhealthy until it recovers.
+    unusable = await anyio.to_thread.run_sync(state.folders.reason)
+    if unusable:
+        return JSONResponse({"status": "unhealthy", "reason": unusable}, 503)
     if state.engine.ready and state.warm.is_set() and state.engine.accepting:
         body: dict[str, Any] = {"status": "ready", "device": state.engine.comfy.device,
                                 "queue_depth": metrics.queue_depth(request.app)}
@@ -99,11 +106,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         service = TaskService(engine, settings)
         app.state.engine, app.state.service = engine, service
         app.state.warm = anyio.Event()
+        app.state.folders = FolderProbe({"task log": settings.task_log_path,
+                                         "output": settings.output_path})
         await service.recover()
         async with anyio.create_task_group() as tg:
             tg.start_soon(_warm_up, engine, settings, app.state.warm)
             tg.start_soon(service.upkeep)
             yield
+            # SIGTERM/SIGINT: the server waited for open requests; now the
+            # rest of the grace period goes to background (async) tasks.
+            began = getattr(app.state, "stop_requested_at", None) or time.monotonic()
+            grace = max(0.0, settings.drain_seconds - (time.monotonic() - began))
+            await service.shutdown(grace)
             tg.cancel_scope.cancel()
         engine.accepting = False
 
@@ -124,6 +138,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         *openapi.routes(),  # /openapi.json, /docs
         *page.routes(),  # the playground page at / (api/static/)
     ]
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={Exception: internal_error},
-                     middleware=[Middleware(metrics.QueueDepthHeader)])
+    # API keys first (outermost): nothing else runs for a refused request.
+    middleware = [Middleware(ApiKeyAuth, keys=settings.api_keys)] if settings.api_keys else []
+    middleware.append(Middleware(metrics.QueueDepthHeader))
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
+                     exception_handlers={Exception: internal_error})

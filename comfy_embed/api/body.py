@@ -1,12 +1,17 @@
-"""Reading a request body under a size limit, and the boolean query flags."""
+"""Reading a request body under a size limit, and the query parameters:
+boolean flags, bounded whole numbers, task ids."""
 
 from __future__ import annotations
 
 from starlette.requests import Request
 
-from ..errors import PayloadTooLarge
+from ..errors import InvalidParameter, PayloadTooLarge
+from ..workflow import valid_task_id
 
-__all__ = ["read_limited", "flag"]
+__all__ = ["read_limited", "flag", "whole_number", "task_id_param"]
+
+#: More digits than any count or sequence number needs; checked before int().
+_MAX_DIGITS = 12
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -28,3 +33,35 @@ async def read_limited(request: Request, limit: int) -> bytes:
 def flag(value: str | None) -> bool:
     """SPEC: boolean flags accept true/false/1/0 (and yes/no)."""
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def whole_number(name: str, raw: str | None, *, low: int = 0, high: int = 10 ** _MAX_DIGITS,
+                 default: int | None = None) -> int | None:
+    """``raw`` as an int in [low, high], ``default`` when absent or empty.
+
+    Only ASCII digits count (``str.isdigit`` admits ``²``, which ``int``
+    refuses), and the length is bounded before converting, so a malformed
+    value is an InvalidParameter (400) naming ``name``, never a server error.
+    """
+    if raw is None or raw == "":
+        return default
+    if not (len(raw) <= _MAX_DIGITS and raw.isascii() and raw.isdigit()):
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        raise InvalidParameter(f"{name} must be a whole number of at most {_MAX_DIGITS} "
+                               f"ASCII digits; got {shown!r}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise InvalidParameter(f"{name} must be between {low} and {high}; got {value}")
+    return value
+
+
+def task_id_param(raw: str | None, *, required: bool = True) -> str:
+    """A task id from a query parameter, refused (400) unless plain."""
+    if not raw:
+        if required:
+            raise InvalidParameter("task_id is required")
+        return ""
+    if not valid_task_id(raw):
+        raise InvalidParameter("task_id must be 1-128 characters of A-Z a-z 0-9 . _ -",
+                               details={"parameter": "task_id"})
+    return raw

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any, AsyncIterator, Mapping
 
@@ -10,17 +11,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..dryrun import dry_run
-from ..errors import ComfyEmbedError, NotAccepting, PayloadTooLarge, QueueFull, WebhookRefused
+from ..errors import (ComfyEmbedError, InvalidParameter, NotAccepting, PayloadTooLarge, QueueFull,
+                      StorageUnavailable, WebhookRefused)
 from .. import events
 from ..events import final_event
 from ..service import Handle, TaskService
 from ..storage import credentials_from_headers
 from ..webhooks import envelope_webhook, webhook_request
-from .body import flag, read_limited
+from .auth import key_hash_of
+from .body import flag, read_limited, task_id_param, whole_number
 from .status_codes import status_for, status_for_event
 
 __all__ = ["run", "validate", "status", "cancel", "webhook", "dumps",
-           "error_headers", "run_options", "task_id_from"]
+           "error_headers", "run_options", "task_id_from", "since_param", "log_refused"]
+
+log = logging.getLogger(__name__)
 
 #: Where a task id may come from, first present wins. Function Compute sets
 #: x-fc-async-task-id on async calls and returns it to the client, so it must
@@ -40,12 +45,21 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def error_headers(error: ComfyEmbedError, task_id: str) -> dict[str, str]:
     headers = {"X-Task-Id": task_id}
-    if isinstance(error, (QueueFull, NotAccepting)):
+    if isinstance(error, (QueueFull, NotAccepting, StorageUnavailable)):
         headers["Retry-After"] = str(error.retry_after)
     return headers
 
 
+def log_refused(what: str, task_id: str, error: ComfyEmbedError) -> None:
+    """One line per refused request: no traceback (not a server fault), and
+    a bounded message (it may quote the request)."""
+    message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
+    log.info("refused %s task %s: %d %s: %s", what, task_id[:128], status_for(error),
+             error.type, message)
+
+
 def _error_answer(error: ComfyEmbedError, task_id: str, stream: bool) -> Response:
+    log_refused("run", task_id, error)
     final = final_event(task_id, None, {}, error=error.to_dict())
     headers = error_headers(error, task_id)
     if stream:
@@ -81,12 +95,15 @@ async def _sse(handle: Handle, since: int, keepalive: float) -> AsyncIterator[st
 
 
 def run_options(query: Mapping[str, str], headers: Mapping[str, str]) -> dict[str, Any]:
-    """The output flags of a run, from the query string and headers."""
-    quality = query.get("quality", "")
+    """The output flags of a run, from the query string and headers; raises
+    InvalidParameter (400) for a malformed one."""
+    output_format = (query.get("output_format") or "").lower() or None
+    if output_format is not None and len(output_format) > 16:
+        raise InvalidParameter("output_format must be one of png, jpeg, webp")
     return {"output_base64": flag(query.get("output_base64")),
             "output_oss": flag(query.get("output_oss")),
-            "output_format": (query.get("output_format") or "").lower() or None,
-            "quality": int(quality) if quality.isdigit() else None,
+            "output_format": output_format,
+            "quality": whole_number("quality", query.get("quality"), low=1, high=100),
             "credentials": credentials_from_headers(headers)}
 
 
@@ -99,9 +116,11 @@ def task_id_from(headers: Mapping[str, str]) -> str:
     return uuid.uuid4().hex
 
 
-def _since(request: Request) -> int:
-    raw = request.headers.get("last-event-id") or request.query_params.get("since") or "0"
-    return int(raw) if raw.isdigit() else 0
+def since_param(query: Mapping[str, str], headers: Mapping[str, str] | None = None) -> int:
+    """Resume point: SSE ``Last-Event-ID`` header, else ``?since=``; 400 if malformed."""
+    if headers is not None and headers.get("last-event-id"):
+        return whole_number("Last-Event-ID", headers.get("last-event-id"), default=0) or 0
+    return whole_number("since", query.get("since"), default=0) or 0
 
 
 async def run(request: Request) -> Response:
@@ -111,8 +130,11 @@ async def run(request: Request) -> Response:
     task_id = task_id_from(request.headers)
     stream = flag(q.get("stream"))
     try:
+        # Every parameter is checked before the body is read or a task starts.
+        options = run_options(q, request.headers)
+        since = since_param(q, request.headers) if stream else 0
         body = await read_limited(request, settings.max_body_bytes)
-    except PayloadTooLarge as e:
+    except (PayloadTooLarge, InvalidParameter) as e:
         return _error_answer(e, task_id, stream)
     try:
         parsed, envelope_url = envelope_webhook(body)
@@ -120,7 +142,7 @@ async def run(request: Request) -> Response:
     except WebhookRefused as e:
         return _error_answer(e, task_id, stream)
     handle = await service.start(parsed, task_id=task_id, webhook=hook,
-                                 **run_options(q, request.headers))
+                                 owner_key=key_hash_of(request.scope), **options)
     if handle.error is not None:
         return _error_answer(handle.error, task_id, stream)
     headers = {"X-Task-Id": task_id}
@@ -129,7 +151,7 @@ async def run(request: Request) -> Response:
         return _json({"task_id": task_id}, 202, headers)
     if stream:
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return StreamingResponse(_sse(handle, _since(request), settings.sse_keepalive),
+        return StreamingResponse(_sse(handle, since, settings.sse_keepalive),
                                  media_type="text/event-stream",
                                  headers=headers)
     final = await handle.final()
@@ -152,11 +174,21 @@ async def validate(request: Request) -> Response:
     return _json(report)
 
 
+def _param_error(what: str, error: ComfyEmbedError, task_id: str = "") -> Response:
+    log_refused(what, task_id, error)
+    return _json(final_event(task_id, None, {}, error=error.to_dict()), status_for(error))
+
+
 async def status(request: Request) -> Response:
     service: TaskService = request.app.state.service
-    task_id = request.query_params.get("task_id", "")
-    since = request.query_params.get("since", "0")
-    found = await service.read(task_id, int(since) if since.isdigit() else 0)
+    try:
+        task_id = task_id_param(request.query_params.get("task_id"))
+        since = since_param(request.query_params)
+    except InvalidParameter as e:
+        return _param_error("status", e)
+    if not await service.may_access(task_id, key_hash_of(request.scope)):
+        return _json([])  # another key's task reads as unknown
+    found = await service.read(task_id, since)
     # Each event keeps ComfyUI's {"type", "data"} shape; "id" is its sequence
     # number, for ?since= and SSE Last-Event-ID.
     return _json([{**ev, "id": seq} for seq, ev in found])
@@ -164,8 +196,14 @@ async def status(request: Request) -> Response:
 
 async def cancel(request: Request) -> Response:
     service: TaskService = request.app.state.service
-    task_id = request.query_params.get("task_id", "")
-    outcome = await service.cancel(task_id)
+    try:
+        task_id = task_id_param(request.query_params.get("task_id"))
+    except InvalidParameter as e:
+        return _param_error("cancel", e)
+    if not await service.may_access(task_id, key_hash_of(request.scope)):
+        outcome = "unknown"  # another key's task: neither cancelled nor revealed
+    else:
+        outcome = await service.cancel(task_id)
     code = {"cancelling": 200, "requested": 202, "done": 409, "unknown": 404}[outcome]
     return JSONResponse({"task_id": task_id, "status": outcome}, code)
 
@@ -174,8 +212,13 @@ async def webhook(request: Request) -> Response:
     """The webhook delivery state of a task (attempts, next try, outcome);
     404 when the task is unknown or has no webhook."""
     service: TaskService = request.app.state.service
-    task_id = request.query_params.get("task_id", "")
-    state = await service.webhooks.status(task_id)
+    try:
+        task_id = task_id_param(request.query_params.get("task_id"))
+    except InvalidParameter as e:
+        return _param_error("webhook", e)
+    state = None
+    if await service.may_access(task_id, key_hash_of(request.scope)):
+        state = await service.webhooks.status(task_id)
     if state is None:
         return _json({"task_id": task_id, "state": "none"}, 404)
     return _json(state)

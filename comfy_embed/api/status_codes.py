@@ -6,7 +6,8 @@ from typing import Any
 
 from ..errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, InputPathInvalid,
                       NotAccepting, PayloadTooLarge, QueueFull, RunTimeout, StorageError,
-                      TaskCancelled, WebhookRefused, WorkflowInvalid)
+                      StorageUnavailable, TaskCancelled, TaskIdConflict, Unauthorized,
+                      WebhookRefused, WorkflowInvalid)
 
 __all__ = ["status_for", "status_for_event"]
 
@@ -18,6 +19,9 @@ _BY_CLASS: list[tuple[type[ComfyEmbedError], int]] = [
     (WebhookRefused, 400),
     (PayloadTooLarge, 413),
     (QueueFull, 429),
+    (Unauthorized, 401),
+    (TaskIdConflict, 409),
+    (StorageUnavailable, 503),
     (NotAccepting, 503),
     (StorageError, 502),
     (RunTimeout, 504),
@@ -32,7 +36,8 @@ _BY_CLASS: list[tuple[type[ComfyEmbedError], int]] = [
 _BY_TYPE: dict[str, int] = {cls.type: code for cls, code in _BY_CLASS}
 _BY_TYPE.update({"invalid_json": 400, "invalid_prompt": 400, "invalid_task_id": 400,
                  "prompt_no_outputs": 400, "prompt_outputs_failed_validation": 400,
-                 "task_lost": 500})
+                 "task_lost": 500, "invalid_parameter": 400, "too_many_nodes": 400,
+                 "node_denied": 400})
 
 
 def status_for(error: ComfyEmbedError) -> int:

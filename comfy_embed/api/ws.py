@@ -1,6 +1,9 @@
 """WebSocket /api/serverless/ws: one workflow per text message, every event
 back as a text message, ending with ``serverless_api``; the connection then
-takes the next workflow. ``?task_id=&since=`` first replays a task (resume)."""
+takes the next workflow. ``?task_id=&since=`` first replays a task (resume).
+
+A malformed parameter ends the connection with the final error event and
+close code 1008 (policy violation); a message that is not text, 1003."""
 
 from __future__ import annotations
 
@@ -8,13 +11,19 @@ import uuid
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..errors import ComfyEmbedError, WebhookRefused, WorkflowInvalid
+from ..errors import ComfyEmbedError, InvalidParameter, WebhookRefused, WorkflowInvalid
 from ..events import final_event
 from ..service import Handle, TaskService
 from ..webhooks import envelope_webhook, webhook_request
-from .runs import dumps, run_options
+from .auth import key_hash_of
+from .body import task_id_param
+from .runs import dumps, log_refused, run_options, since_param
 
 __all__ = ["serverless_ws"]
+
+#: RFC 6455 close codes.
+POLICY_VIOLATION = 1008
+UNSUPPORTED_DATA = 1003
 
 
 async def _relay(ws: WebSocket, handle: Handle, since: int = 0) -> None:
@@ -23,19 +32,27 @@ async def _relay(ws: WebSocket, handle: Handle, since: int = 0) -> None:
 
 
 async def _send_error(ws: WebSocket, task_id: str, error: ComfyEmbedError) -> None:
+    log_refused("websocket", task_id, error)
     await ws.send_text(dumps(final_event(task_id, None, {}, error=error.to_dict())))
 
 
 async def serverless_ws(ws: WebSocket) -> None:
     service: TaskService = ws.app.state.service
     q = ws.query_params
-    opts = run_options(q, ws.headers)
+    owner_key = key_hash_of(ws.scope)
     await ws.accept()
     try:
-        resume = q.get("task_id")
+        try:
+            opts = run_options(q, ws.headers)
+            resume = task_id_param(q.get("task_id"), required=False)
+            since = since_param(q)
+        except InvalidParameter as e:
+            await _send_error(ws, q.get("task_id", "")[:128], e)
+            await ws.close(POLICY_VIOLATION, "invalid parameter")
+            return
         if resume:
-            since = q.get("since", "0")
-            await _relay(ws, service.handle(resume), int(since) if since.isdigit() else 0)
+            if await service.may_access(resume, owner_key):
+                await _relay(ws, service.handle(resume), since)
         while True:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
@@ -48,8 +65,10 @@ async def serverless_ws(ws: WebSocket) -> None:
                 except UnicodeDecodeError:
                     await _send_error(ws, uuid.uuid4().hex,
                                       WorkflowInvalid("message is not UTF-8 text", type="invalid_json"))
-                    continue
-            if len(text.encode()) > service.settings.max_body_bytes:
+                    await ws.close(UNSUPPORTED_DATA, "not UTF-8 text")
+                    return
+            if len(text) > service.settings.max_body_bytes or \
+                    len(text.encode("utf-8", "surrogatepass")) > service.settings.max_body_bytes:
                 await _send_error(ws, uuid.uuid4().hex, WorkflowInvalid(
                     f"message is over the limit of {service.settings.max_body_bytes} bytes",
                     type="payload_too_large"))
@@ -60,7 +79,8 @@ async def serverless_ws(ws: WebSocket) -> None:
             except WebhookRefused as e:
                 await _send_error(ws, uuid.uuid4().hex, e)
                 continue
-            handle = await service.start(parsed, task_id=uuid.uuid4().hex, webhook=hook, **opts)
+            handle = await service.start(parsed, task_id=uuid.uuid4().hex, webhook=hook,
+                                         owner_key=owner_key, **opts)
             if handle.error is not None:
                 await _send_error(ws, handle.task_id, handle.error)
                 continue

@@ -1,0 +1,62 @@
+"""Whether the folders the service writes are usable right now.
+
+A full disk, a read-only remount or a vanished NAS must show in ``/ready``
+(so a load balancer stops sending work) and clear by itself when the folder
+is usable again: the probe writes, syncs and deletes a small file each time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+__all__ = ["unusable_reason", "FolderProbe"]
+
+#: Bytes written by a probe: enough that a full filesystem refuses it.
+_PROBE_BYTES = 4096
+
+
+def unusable_reason(folder: Path) -> str | None:
+    """Why ``folder`` cannot take a new file now (None: it can)."""
+    probe = folder / f".probe-{uuid.uuid4().hex}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.write(fd, b"\0" * _PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return f"{folder}: {e.strerror or e}"
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return None
+
+
+class FolderProbe:
+    """Checks several folders, at most once per ``interval`` seconds."""
+
+    def __init__(self, folders: dict[str, Path], interval: float = 2.0) -> None:
+        self.folders = folders
+        self.interval = interval
+        self._checked_at = float("-inf")
+        self._reason: str | None = None
+
+    def reason(self) -> str | None:
+        """The first unusable folder, as ``"<what> folder <path>: <error>"``, or None."""
+        now = time.monotonic()
+        if now - self._checked_at >= self.interval:
+            self._reason = None
+            for what, folder in self.folders.items():
+                why = unusable_reason(folder)
+                if why:
+                    self._reason = f"{what} folder is not writable: {why}"
+                    break
+            self._checked_at = now
+        return self._reason
