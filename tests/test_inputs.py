@@ -334,3 +334,41 @@ async def test_oss_input_size_cap_and_no_store(input_dir: Path, oss: FakeOss) ->
             "oss://test-bucket/in/cat.png")
     with pytest.raises(ImageInputError, match="object storage is not configured"):
         await fetcher(input_dir).materialise("oss://test-bucket/in/cat.png")
+
+
+# --- safety (issue 9): name checks are bounded and linear ----------------------
+from comfy_embed.inputs import check_name_text  # noqa: E402
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("abcdefg/" * 3_500_000, "byte limit"),  # 28 MB: refused by length alone
+    ("é" * 3000, "byte limit"),
+    ("a" * 256 + ".png", "over 255 bytes"),
+    ("sub/" + "b" * 300, "over 255 bytes"),
+    ("../x.png", "'..'"), ("/etc/passwd", "absolute"), ("~root/x", "absolute"),
+    ("x\x00.png", "not a valid"), ("x.png [output]", "input folder"),
+    ("serverless/abc/x.png", "reserved"), ("./serverless/x.png", "reserved"),
+])
+def test_check_name_text_refuses(value: str, needle: str) -> None:
+    with pytest.raises(InputPathInvalid) as info:
+        check_name_text(value)
+    assert needle in info.value.reason
+    assert len(info.value.reason) < 400  # the value is quoted shortened
+
+
+@pytest.mark.anyio
+async def test_long_names_never_reach_the_filesystem(input_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fs(*a: Any, **k: Any) -> Any:
+        raise AssertionError("the filesystem was consulted")
+    monkeypatch.setattr(Path, "resolve", no_fs)
+    with pytest.raises(InputPathInvalid, match="byte limit"):
+        await fetcher(input_dir).materialise("abcdefg/" * 100_000)
+
+
+@pytest.mark.anyio
+async def test_per_task_folder(input_dir: Path) -> None:
+    data = base64.b64encode(PNG).decode()
+    name = await fetcher(input_dir).materialise(data, folder="task-1")
+    assert name == f"serverless/task-1/{hashlib.sha256(PNG).hexdigest()}.png"
+    assert (input_dir / name).read_bytes() == PNG

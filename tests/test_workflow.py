@@ -64,3 +64,68 @@ def test_image_inputs_and_isolation() -> None:
 def test_ids_and_order() -> None:
     assert sorted(["10", "9", "a", "1"], key=node_order) == ["1", "9", "10", "a"]
     assert valid_task_id("abc-1.2_3") and not valid_task_id("../x") and not valid_task_id("..")
+
+
+# --- safety (issue 9) ---------------------------------------------------------
+from comfy_embed.workflow import check_nodes  # noqa: E402
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deep"),
+    ('{"1": {"class_type": "X", "inputs": {"a": ' + "[" * 70 + "]" * 70 + "}}}", "nested too deep"),
+    ('{"1": {"class_type": "X", "inputs": {"a": ' + "9" * 5000 + "}}}", "malformed JSON"),
+    ('{"1": {"class_type": "X", "inputs": {"a": NaN}}}', "NaN"),
+    ('{"1": {"class_type": "X", "inputs": {"a": -Infinity}}}', "Infinity"),
+])
+def test_parse_refuses_costly_json(body: Any, needle: str) -> None:
+    with pytest.raises(WorkflowInvalid) as info:
+        parse_workflow(body)
+    assert needle in info.value.message and info.value.type == "invalid_json"
+
+
+def test_parse_depth_applies_to_dicts_too() -> None:
+    deep: Any = 1
+    for _ in range(100):
+        deep = [deep]
+    with pytest.raises(WorkflowInvalid, match="nested too deep"):
+        parse_workflow({"1": {"class_type": "X", "inputs": {"a": deep}}})
+    parse_workflow({"1": {"class_type": "X", "inputs": {"a": deep}}}, max_depth=200)
+
+
+def test_check_nodes_limit_and_denylist() -> None:
+    g = {str(i): {"class_type": "EmptyImage", "inputs": {}} for i in range(5)}
+    check_nodes(g, max_nodes=5)
+    with pytest.raises(WorkflowInvalid) as info:
+        check_nodes(g, max_nodes=4)
+    assert info.value.type == "too_many_nodes" and "5 nodes" in info.value.message
+    g["9"] = {"class_type": "VAESave", "inputs": {}}
+    with pytest.raises(WorkflowInvalid) as info:
+        check_nodes(g, max_nodes=10, denylist=("VAESave", "CheckpointSave"))
+    assert info.value.type == "node_denied" and "node 9 (VAESave)" in info.value.message
+    assert info.value.node_errors["9"]["class_type"] == "VAESave"
+
+
+@pytest.mark.parametrize("prefix, needle", [
+    ("../victim/x", "'..'"), ("a/../../x", "'..'"), ("/etc/x", "relative"),
+    (["5", 0], "literal string"), ("a\x00b", "NUL"), ("x" * 201, "over 200 bytes"),
+    ("y" * 2000, "over 1024"),
+])
+def test_isolate_outputs_refuses_escapes(prefix: Any, needle: str) -> None:
+    g = {"2": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix}}}
+    with pytest.raises(WorkflowInvalid) as info:
+        isolate_outputs(g, "task1")
+    assert needle in info.value.message and "node 2 (SaveImage)" in info.value.message
+    assert info.value.node_errors["2"]["errors"][0]["extra_info"]["input_name"] == "filename_prefix"
+
+
+def test_isolate_outputs_keeps_plain_subfolders() -> None:
+    g = {"2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "a/./b..c/x"}},
+         "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": ""}}}
+    isolate_outputs(g, "t")
+    assert g["2"]["inputs"]["filename_prefix"] == "t/a/./b..c/x"
+    assert g["3"]["inputs"]["filename_prefix"] == "t/ComfyUI"
+
+
+def test_valid_task_id_bounds() -> None:
+    assert valid_task_id("a" * 128) and not valid_task_id("a" * 129)
+    assert not valid_task_id("a\n") and not valid_task_id("..") and not valid_task_id("a/b")
