@@ -359,11 +359,16 @@ def test_check_name_text_refuses(value: str, needle: str) -> None:
 @pytest.mark.anyio
 async def test_long_names_never_reach_the_filesystem(input_dir: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    f = fetcher(input_dir)
+
     def no_fs(*a: Any, **k: Any) -> Any:
         raise AssertionError("the filesystem was consulted")
-    monkeypatch.setattr(Path, "resolve", no_fs)
+    for name in ("resolve", "is_file", "exists", "stat"):
+        monkeypatch.setattr(Path, name, no_fs)
     with pytest.raises(InputPathInvalid, match="byte limit"):
-        await fetcher(input_dir).materialise("abcdefg/" * 100_000)
+        await f.materialise("abcdefg/" * 100_000)
+    with pytest.raises(InputPathInvalid, match="255 bytes"):
+        await f.materialise("a" * 300 + ".png")
 
 
 @pytest.mark.anyio

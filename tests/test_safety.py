@@ -314,8 +314,8 @@ def test_6_full_disk(tmp_path: Path, tiny_disk: Path) -> None:
         filled = threading.Event()
 
         def client() -> None:
-            with requests.post(f"{s.url}{API}/run?stream=1", json=text_to_image(steps=60, size=64),
-                               headers={"X-Task-Id": "full-1"}, stream=True, timeout=180) as r:
+            with requests.post(f"{s.url}{API}/run?stream=1", json=text_to_image(steps=10, size=64),
+                               headers={"X-Task-Id": "full-1"}, stream=True, timeout=300) as r:
                 for line in r.iter_lines(decode_unicode=True):
                     if line and line.startswith("data: "):
                         ev = json.loads(line[6:])
@@ -326,8 +326,7 @@ def test_6_full_disk(tmp_path: Path, tiny_disk: Path) -> None:
 
         t = threading.Thread(target=client)
         t.start()
-        t.join(180)
-        shutil.copy(s.log_path, "/tmp/disklog.txt")
+        t.join(600)
         assert filled.is_set() and got, got
         final = got[-1]
         # The client still gets the final event, an error (the image could not be saved).
