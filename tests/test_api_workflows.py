@@ -245,9 +245,11 @@ def test_audio_input_and_outputs(server: Server, files: Files, source: str) -> N
     assert by_node["3"]["media_type"] == "audio/mpeg"
     mp3 = base64.b64decode(by_node["3"]["base64"]["data"])
     assert mp3[:3] == b"ID3" or mp3[0] == 0xFF
-    # The input was stored under its content hash, as images are.
+    # The input was stored for this task only (under its content hash, as
+    # images are: tests/test_inputs.py) and removed when the task ended (issue 9).
     stored = Path(server.log_path).parent / "input" / "serverless"
-    assert (stored / (hashlib.sha256(wav).hexdigest() + ".wav")).read_bytes() == wav
+    assert not (stored / r.headers["X-Task-Id"]).exists()
+    assert not list(stored.rglob(hashlib.sha256(wav).hexdigest() + ".wav"))
 
 
 @pytest.mark.parametrize("source", ["base64", "url"])

@@ -2,8 +2,9 @@
 back as a text message, ending with ``serverless_api``; the connection then
 takes the next workflow. ``?task_id=&since=`` first replays a task (resume).
 
-A malformed parameter ends the connection with the final error event and
-close code 1008 (policy violation); a message that is not text, 1003."""
+A malformed query parameter ends the connection with the final error event
+and close code 1008 (policy violation); a bad message gets its final error
+event and the connection goes on."""
 
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ from .runs import dumps, log_refused, run_options, since_param
 
 __all__ = ["serverless_ws"]
 
-#: RFC 6455 close codes.
+#: RFC 6455 close code for a malformed query parameter.
 POLICY_VIOLATION = 1008
-UNSUPPORTED_DATA = 1003
 
 
 async def _relay(ws: WebSocket, handle: Handle, since: int = 0) -> None:
@@ -65,8 +65,7 @@ async def serverless_ws(ws: WebSocket) -> None:
                 except UnicodeDecodeError:
                     await _send_error(ws, uuid.uuid4().hex,
                                       WorkflowInvalid("message is not UTF-8 text", type="invalid_json"))
-                    await ws.close(UNSUPPORTED_DATA, "not UTF-8 text")
-                    return
+                    continue
             if len(text) > service.settings.max_body_bytes or \
                     len(text.encode("utf-8", "surrogatepass")) > service.settings.max_body_bytes:
                 await _send_error(ws, uuid.uuid4().hex, WorkflowInvalid(
