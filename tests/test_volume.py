@@ -42,7 +42,8 @@ def test_graph_is_the_reported_case() -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = Server(tmp_path_factory.mktemp("volume"))
+    # 800 nodes: above the default limit of 400 (COMFY_EMBED_MAX_NODES, issue 9).
+    s = Server(tmp_path_factory.mktemp("volume"), max_nodes=1000)
     try:
         yield s.wait_ready()
     finally:
@@ -111,7 +112,9 @@ def test_small_run_writes_few_files(server: Server) -> None:
 
 
 @pytest.mark.anyio
-async def test_memory_keeps_one_snapshot(engine: Engine) -> None:
+async def test_memory_keeps_one_snapshot(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 800 nodes: above the default limit of 400 (COMFY_EMBED_MAX_NODES, issue 9).
+    monkeypatch.setattr(engine, "settings", engine.settings.replace(max_nodes=1000))
     task = await engine.submit(wide_graph())
     final = await task.result()
     assert final["data"]["status"] == "success"
