@@ -167,20 +167,28 @@ _SCHEMAS: dict[str, Any] = {
     "Status": {"type": "object", "required": ["status"], "properties": {
         "status": {"type": "string"}, "device": {"type": "string"},
         "queue_depth": {"type": "integer", "minimum": 0},
-        "error": {"type": "string"}}},
+        "error": {"type": "string"}, "reason": {"type": "string"}}},
 }
 
 _RUN_ERRORS = {
     "400": _final("Invalid workflow or input (the error names the node and input).", True),
-    "409": _final("Cancelled (`execution_interrupted`).", True),
+    "401": _final("API keys are configured and none, or a wrong one, was sent.", True),
+    "409": _final("Cancelled (`execution_interrupted`), or the task id belongs to another "
+                  "API key or names an existing output folder (`task_id_conflict`).", True),
     "413": _final("Body over the size limit.", True),
     "422": _final("Unusable image input.", True),
     "429": _final("Queue full; see `Retry-After`.", True),
     "500": _final("Execution failed (`execution_error`, `out_of_memory`, `task_lost`).", True),
     "502": _final("Object storage failed.", True),
-    "503": _final("Draining or not ready; see `Retry-After`.", True),
+    "503": _final("Draining, not ready, or the task log is not writable "
+                  "(`storage_unavailable`); see `Retry-After`.", True),
     "504": _final("Run timeout.", True),
 }
+
+#: A malformed query parameter (issue 9): never a 500.
+_BAD_PARAM = {"400": _final("Malformed parameter (`invalid_parameter`, naming it): a task id "
+                            "not of 1-128 `A-Z a-z 0-9 . _ -`, `since` not a whole number.",
+                            True)}
 
 
 def _query(name: str, schema: dict[str, Any], description: str,
@@ -249,7 +257,8 @@ def _paths() -> dict[str, Any]:
             "description": "From any instance sharing the task log. Unknown task: `[]`.",
             "parameters": [_TASK_Q, _SINCE_Q],
             "responses": {"200": _json({"type": "array", "items": _ref("LoggedEvent")},
-                                       "Events in order, the last one `serverless_api` once done.")},
+                                       "Events in order, the last one `serverless_api` once done."),
+                          **_BAD_PARAM},
         }},
         f"{p}/cancel": {"post": {
             "summary": "Cancel a queued or running task",
@@ -259,6 +268,7 @@ def _paths() -> dict[str, Any]:
                 "202": _json(_ref("CancelAnswer"), "Requested from the instance that runs it."),
                 "404": _json(_ref("CancelAnswer"), "Unknown task."),
                 "409": _json(_ref("CancelAnswer"), "Already done."),
+                **_BAD_PARAM,
             },
         }},
         f"{p}/webhook": {"get": {
@@ -271,6 +281,7 @@ def _paths() -> dict[str, Any]:
                 "404": _json({"type": "object", "required": ["task_id", "state"], "properties": {
                     "task_id": {"type": "string"}, "state": {"const": "none"}}},
                     "Unknown task or no webhook."),
+                **_BAD_PARAM,
             },
         }},
         f"{p}/ws": {"get": {
@@ -290,7 +301,9 @@ def _paths() -> dict[str, Any]:
             "description": "`queue_depth`: tasks queued plus running (also the `X-Queue-Depth` "
                            "header of every answer).",
             "responses": {"200": health, "500": _json(_ref("Status"), "Boot failed."),
-                          "503": _json(_ref("Status"), "Starting or draining.")}}},
+                          "503": _json(_ref("Status"), "Starting, draining, or `unhealthy` "
+                                       "(`reason`: the task-log or output folder is not "
+                                       "writable).")}}},
         "/initialize": {"post": {"summary": "Function Compute: answers once warm",
                                  "responses": {"200": health}}},
         "/pre-stop": {k: {"summary": "Function Compute: drain (finish running work, accept none)",
