@@ -154,6 +154,9 @@ class Settings:
     model_lock_seconds: float = 30.0
     #: Seconds a manifest download may take.
     model_fetch_timeout: float = 3600.0
+    #: "startup": fetch every manifest model before /ready; "first_use": when
+    #: a submitted workflow first names it (the request waits).
+    models_fetch: str = "startup"
 
     # --- observability (metrics, report, logs, memory guard) -----------------
     #: Put the per-task report (timings, models, peak memory) in the final
@@ -203,7 +206,9 @@ class Settings:
         checks += [("log_format", self.log_format in ("text", "json"), "text or json")]
         checks += [("max_media_seconds", self.max_media_seconds > 0, "a positive number"),
                    ("model_lock_seconds", self.model_lock_seconds >= 1, "at least 1"),
-                   ("model_fetch_timeout", self.model_fetch_timeout > 0, "a positive number")]
+                   ("model_fetch_timeout", self.model_fetch_timeout > 0, "a positive number"),
+                   ("models_fetch", self.models_fetch in ("startup", "first_use"),
+                    "startup or first_use")]
         checks += [("task_log_flush_seconds", 0 <= self.task_log_flush_seconds <= 60, "0 to 60"),
                    ("progress_interval", 0 <= self.progress_interval <= 60, "0 to 60"),
                    ("max_task_events", 10 <= self.max_task_events <= 10_000_000, "10 to 10000000")]

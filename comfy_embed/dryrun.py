@@ -60,36 +60,20 @@ async def dry_run(engine: "Engine", body: Any, credentials: Any = None) -> dict[
         for nid, node in prompt.items() if not comfy.has_node(node["class_type"])]
     files = await anyio.to_thread.run_sync(comfy.model_files)
     _models(report, prompt, comfy, files)
+    await _mark_manifest_models(engine, report)
 
     errors: list[ComfyEmbedError] = []
+    # Inputs fetched for the check go to a folder of their own, deleted after.
+    folder = "validate-" + uuid.uuid4().hex
     try:
-        await engine._materialise_images(prompt, credentials)
+        await engine._materialise_images(prompt, credentials, folder)
     except ComfyEmbedError as e:
         errors.append(e)
         report["node_errors"].update(e.node_errors)
-    if report["missing_nodes"]:
-        # ComfyUI's validation stops at the first unknown node type; the
-        # run's own check names every one.
-        try:
-            await anyio.to_thread.run_sync(comfy.validate, prompt, str(uuid.uuid4()),
-                                           request.targets)
-        except WorkflowInvalid as e:
-            errors.insert(0, e)
-            report["node_errors"].update(e.node_errors)
-    else:
-        _, ok, error, outputs, node_errors = await anyio.to_thread.run_sync(
-            comfy.check, prompt, str(uuid.uuid4()), request.targets)
-        report["outputs"] = sorted(outputs)
-        for node_id, entry in node_errors.items():
-            # A refused media input also fails ComfyUI's own check (no such
-            # file): keep the error that says why.
-            report["node_errors"].setdefault(node_id, entry)
-        if not ok or node_errors:
-            try:
-                await anyio.to_thread.run_sync(comfy.validate, prompt, str(uuid.uuid4()),
-                                               request.targets)
-            except WorkflowInvalid as e:  # the same error a run would answer with
-                errors.append(e)
+    try:
+        await _check(comfy, prompt, request.targets, report, errors)
+    finally:
+        engine._drop_inputs(folder)
     if errors:
         first = errors[0]
         report["error"] = {**first.to_dict(), "node_errors": report["node_errors"]}
@@ -99,6 +83,48 @@ async def dry_run(engine: "Engine", body: Any, credentials: Any = None) -> dict[
         report["error"] = {"type": "missing_models", "message": f"model files not found: {names}",
                            "node_errors": report["node_errors"]}
     return report
+
+
+async def _check(comfy: Any, prompt: dict[str, Any], targets: list[str] | None,
+                 report: dict[str, Any], errors: list[ComfyEmbedError]) -> None:
+    """ComfyUI's own validation, its errors merged into ``report``."""
+    if report["missing_nodes"]:
+        # ComfyUI's validation stops at the first unknown node type; the
+        # run's own check names every one.
+        try:
+            await anyio.to_thread.run_sync(comfy.validate, prompt, str(uuid.uuid4()), targets)
+        except WorkflowInvalid as e:
+            errors.insert(0, e)
+            report["node_errors"].update(e.node_errors)
+    else:
+        _, ok, error, outputs, node_errors = await anyio.to_thread.run_sync(
+            comfy.check, prompt, str(uuid.uuid4()), targets)
+        report["outputs"] = sorted(outputs)
+        for node_id, entry in node_errors.items():
+            # A refused media input also fails ComfyUI's own check (no such
+            # file): keep the error that says why.
+            report["node_errors"].setdefault(node_id, entry)
+        if not ok or node_errors:
+            try:
+                await anyio.to_thread.run_sync(comfy.validate, prompt, str(uuid.uuid4()), targets)
+            except WorkflowInvalid as e:  # the same error a run would answer with
+                errors.append(e)
+
+
+async def _mark_manifest_models(engine: "Engine", report: dict[str, Any]) -> None:
+    """A missing model that the manifest fetches on first use says so (the
+    run would download it; until then ComfyUI's own check still fails)."""
+    s = engine.settings
+    if not report["missing_models"] or not s.models_manifest or s.models_fetch != "first_use":
+        return
+    from .model_manifest import load_manifest
+
+    urls = {(e.folder, e.name): e.url
+            for e in await anyio.to_thread.run_sync(load_manifest, s.models_manifest)}
+    for missing in report["missing_models"]:
+        url = urls.get((missing["folder"], missing["name"]))
+        if url:
+            missing["manifest_url"] = url
 
 
 def _models(report: dict[str, Any], prompt: dict[str, Any], comfy: Any,

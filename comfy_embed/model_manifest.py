@@ -40,12 +40,13 @@ import anyio
 import httpx
 
 from .config import Settings
-from .errors import ModelDownloadError
+from .errors import ModelDownloadError, node_error
 from .inputs import AddressPolicy, pinned_request
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelEntry", "ModelDownloadError", "load_manifest", "ensure_models"]
+__all__ = ["ModelEntry", "ModelDownloadError", "load_manifest", "ensure_models",
+           "ensure_referenced"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FOLDER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -111,6 +112,30 @@ def ensure_models(settings: Settings) -> list[Path]:
         raise ModelDownloadError(str(e)) from None
     owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     return [_ensure(settings, entry, owner) for entry in entries]
+
+
+def ensure_referenced(settings: Settings, entries: list[ModelEntry],
+                      prompt: dict[str, Any]) -> list[Path]:
+    """Fetch the manifest models that ``prompt`` names in its inputs (the
+    ``first_use`` mode; blocking, run off the event loop). A failure names
+    the node and input as well as the model."""
+    owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    by_name: dict[str, list[ModelEntry]] = {}
+    for entry in entries:
+        by_name.setdefault(entry.name, []).append(entry)
+    done: list[Path] = []
+    for node_id, node in prompt.items():
+        for input_name, value in (node.get("inputs") or {}).items():
+            for entry in by_name.get(value, []) if isinstance(value, str) else []:
+                try:
+                    done.append(_ensure(settings, entry, owner))
+                except ModelDownloadError as e:
+                    raise ModelDownloadError(
+                        f"node {node_id} ({node.get('class_type')}) input '{input_name}': {e}",
+                        node_errors=node_error(node_id, str(node.get("class_type")), input_name,
+                                               str(e), value, type="model_download_error")
+                    ) from None
+    return done
 
 
 def _ensure(settings: Settings, entry: ModelEntry, owner: str) -> Path:

@@ -353,9 +353,12 @@ def boot_comfy(settings: Settings) -> Comfy:
     """ComfyUI booted headless, with the tiny checkpoint built when asked
     for and the preload checkpoints loaded (on the executor thread)."""
     if settings.models_manifest:
-        # Before ComfyUI lists its model folders; /ready waits for this.
-        from .model_manifest import ensure_models
-        ensure_models(settings)
+        from .model_manifest import ensure_models, load_manifest
+        if settings.models_fetch == "startup":
+            # Before ComfyUI lists its model folders; /ready waits for this.
+            ensure_models(settings)
+        else:
+            load_manifest(settings.models_manifest)  # a bad manifest fails the boot
     comfy = Comfy.boot(settings)
     if settings.tiny_checkpoint:
         from .models import ensure_tiny_checkpoint
@@ -388,6 +391,7 @@ class Engine:
         self._background: set[asyncio.Task[Any]] = set()
         self._stores: dict[str, Store] = {}
         self._fetcher: Any = None
+        self._manifest: list[Any] | None = None
         self.accepting = True
         self._started = False
         self._lock = threading.Lock()
@@ -509,6 +513,7 @@ class Engine:
         isolate_outputs(prompt, task_id)
         try:
             await self._materialise_images(prompt, credentials, task_id)
+            await self._fetch_models(prompt)
             prompt_id = str(uuid.uuid4())
             report.mark_prepared()
             checked, outputs = await anyio.to_thread.run_sync(comfy.validate, prompt, prompt_id,
@@ -553,6 +558,17 @@ class Engine:
         from .inputs import SUBFOLDER
         if self._comfy is not None and valid_task_id(task_id):
             shutil.rmtree(self._comfy.input_dir / SUBFOLDER / task_id, ignore_errors=True)
+
+    async def _fetch_models(self, prompt: dict[str, Any]) -> None:
+        """With ``models_fetch=first_use``: the manifest models this workflow
+        names, downloaded (once across instances) before it is validated."""
+        s = self.settings
+        if not s.models_manifest or s.models_fetch != "first_use":
+            return
+        from .model_manifest import ensure_referenced, load_manifest
+        if self._manifest is None:
+            self._manifest = await anyio.to_thread.run_sync(load_manifest, s.models_manifest)
+        await anyio.to_thread.run_sync(ensure_referenced, s, self._manifest, prompt)
 
     async def _materialise_images(self, prompt: dict[str, Any], credentials: Any,
                                   task_id: str | None = None) -> None:

@@ -166,3 +166,46 @@ def test_bad_manifest_entries_are_named(tmp_path: Path, entry: dict[str, Any], m
     path = manifest(tmp_path, [entry])
     with pytest.raises(ValueError, match=f"entry 0: {message}"):
         load_manifest(path)
+
+
+def test_first_use_fetches_when_a_workflow_names_the_model(tmp_path: Path, files: Files) -> None:
+    from safetensors.torch import save
+
+    lora = save({})  # an empty LoRA: loads, changes nothing
+    files.files["/lora.safetensors"] = lora
+    files.files["/bad.safetensors"] = lora + b" "
+    path = manifest(tmp_path, [
+        {"url": files.base + "/lora.safetensors", "sha256": sha(lora), "folder": "loras",
+         "name": "lazy.safetensors"},
+        {"url": files.base + "/bad.safetensors", "sha256": sha(lora), "folder": "loras",
+         "name": "bad.safetensors"}])
+    s = Server(tmp_path / "lazy", models_manifest=path, models_fetch="first_use",
+               url_allowlist="127.0.0.1")
+
+    def graph(lora_name: str) -> dict[str, Any]:
+        return {"1": {"class_type": "CheckpointLoaderSimple",
+                      "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+                "2": {"class_type": "LoraLoaderModelOnly",
+                      "inputs": {"model": ["1", 0], "lora_name": lora_name, "strength_model": 1.0}},
+                "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    try:
+        s.wait_ready()
+        assert files.count("/lora.safetensors") == 0  # nothing fetched at start-up
+        report = requests.post(s.url + "/api/serverless/validate", json=graph("lazy.safetensors"),
+                               timeout=30).json()
+        assert report["missing_models"][0]["manifest_url"] == files.base + "/lora.safetensors"
+        r = s.run(graph("lazy.safetensors"))
+        assert r.status_code == 200, r.text
+        assert files.count("/lora.safetensors") == 1
+        assert (tmp_path / "lazy" / "models" / "loras" / "lazy.safetensors").read_bytes() == lora
+        assert s.run(graph("lazy.safetensors")).status_code == 200
+        assert files.count("/lora.safetensors") == 1
+        r = s.run(graph("bad.safetensors"))
+        assert r.status_code == 502, r.text
+        err = r.json()["data"]["error"]
+        assert err["type"] == "model_download_error"
+        assert "node 2 (LoraLoaderModelOnly) input 'lora_name'" in err["message"]
+        assert "loras/bad.safetensors" in err["message"] and "does not match" in err["message"]
+        assert err["node_errors"]["2"]["errors"][0]["extra_info"]["input_name"] == "lora_name"
+    finally:
+        s.stop()

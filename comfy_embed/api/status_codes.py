@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, InputPathInvalid,
-                      NotAccepting, PayloadTooLarge, QueueFull, RunTimeout, StorageError,
-                      StorageUnavailable, TaskCancelled, TaskIdConflict, Unauthorized,
-                      WebhookRefused, WorkflowInvalid)
+                      ModelDownloadError, NotAccepting, PayloadTooLarge, QueueFull, RunTimeout,
+                      StorageError, StorageUnavailable, TaskCancelled, TaskIdConflict,
+                      Unauthorized, WebhookRefused, WorkflowInvalid)
 
 __all__ = ["status_for", "status_for_event"]
 
@@ -24,6 +24,8 @@ _BY_CLASS: list[tuple[type[ComfyEmbedError], int]] = [
     (StorageUnavailable, 503),
     (NotAccepting, 503),
     (StorageError, 502),
+    # A model fetched on first use could not be downloaded or verified.
+    (ModelDownloadError, 502),
     (RunTimeout, 504),
     # A cancelled task did not fail, nor did it succeed: 409 tells a client
     # that the task's state (cancelled) conflicts with returning images.
