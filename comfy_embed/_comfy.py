@@ -523,6 +523,11 @@ class Comfy:
             sink(event, data)
         return send
 
+    def free_memory(self) -> None:
+        """Give cached accelerator memory back, as native does between prompts
+        (executor thread)."""
+        self._mm.soft_empty_cache()
+
     def interrupt(self) -> None:
         """Ask the running prompt to stop at its next check (any thread)."""
         self._nodes.interrupt_processing(True)

@@ -129,8 +129,12 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             log_config=None,
                             timeout_graceful_shutdown=max(1, round(settings.drain_seconds)))
-    DrainingServer(config).run()
-    return 0
+    server = DrainingServer(config)
+    # How the app stops the server itself (the memory guard, after draining).
+    app.state.stop_server = lambda: setattr(server, "should_exit", True)
+    server.run()
+    # Non-zero when the memory guard recycled the instance (guard.EXIT_RECYCLE).
+    return int(getattr(app.state, "exit_code", 0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,6 +164,14 @@ class Settings:
     task_report: bool = True
     #: "text" or "json" (one object per line on stdout, with task_id).
     log_format: str = "text"
+    #: Memory guard: above these (bytes, after a job and a gc) the instance
+    #: drains and exits with status 75 to be replaced. None: no watermark.
+    max_rss_bytes: int | None = None
+    max_vram_bytes: int | None = None
+    #: CUDA out-of-memory errors in a row that recycle the instance (0: never).
+    oom_recycle_after: int = 3
+    #: Seconds between gc + freeing cached memory after jobs (native: 10).
+    gc_interval: float = 10.0
 
     # --- perf: task log and event volume -----------------------------------
     #: Seconds between writes of a running task's events to the task log (one
@@ -203,7 +211,13 @@ class Settings:
                    (self.cache.startswith("lru:") and self.cache[4:].isdigit()), "classic, none or lru:<N>"),
                   ("preview", self.preview in ("none", "latent2rgb"), "none or latent2rgb"),
                   ("storage", self.storage in _storage_backends(), " or ".join(_storage_backends()))]
-        checks += [("log_format", self.log_format in ("text", "json"), "text or json")]
+        checks += [("log_format", self.log_format in ("text", "json"), "text or json"),
+                   ("max_rss_bytes", self.max_rss_bytes is None or self.max_rss_bytes > 0,
+                    "a positive number of bytes"),
+                   ("max_vram_bytes", self.max_vram_bytes is None or self.max_vram_bytes > 0,
+                    "a positive number of bytes"),
+                   ("oom_recycle_after", self.oom_recycle_after >= 0, "0 or more"),
+                   ("gc_interval", self.gc_interval >= 0, "0 or more seconds")]
         checks += [("max_media_seconds", self.max_media_seconds > 0, "a positive number"),
                    ("model_lock_seconds", self.model_lock_seconds >= 1, "at least 1"),
                    ("model_fetch_timeout", self.model_fetch_timeout > 0, "a positive number"),

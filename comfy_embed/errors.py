@@ -16,6 +16,7 @@ __all__ = [
     "QueueFull",
     "NotAccepting",
     "ExecutionFailed",
+    "OutOfMemory",
     "TaskCancelled",
     "RunTimeout",
     "StorageError",
@@ -129,6 +130,13 @@ class ExecutionFailed(ComfyEmbedError):
     ``execution_error`` message (traceback, node id, node type)."""
 
     type = "execution_error"
+
+
+class OutOfMemory(ExecutionFailed):
+    """CUDA (or the host) ran out of memory during the run. Only this task
+    fails; cached memory is freed, and repeated ones recycle the instance."""
+
+    type = "out_of_memory"
 
 
 class TaskCancelled(ComfyEmbedError):

@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 __all__ = ["Backend", "Executor", "Job"]
 
 
+class Housekeeper(Protocol):
+    """Memory upkeep on the executor thread (see :class:`comfy_embed.guard.MemoryGuard`)."""
+
+    def after_job(self, success: bool, error: dict[str, Any] | None) -> None: ...
+
+    def due_in(self) -> float | None: ...
+
+    def run(self) -> None: ...
+
+
 class Backend(Protocol):
     """What the executor needs of ComfyUI (a fake stands in for unit tests)."""
 
@@ -95,6 +105,8 @@ class Executor:
         self.backend: Backend | None = None
         self.ready = threading.Event()
         self.boot_error: BaseException | None = None
+        #: Told of every job's outcome; runs upkeep between jobs when due.
+        self.housekeeper: Housekeeper | None = None
         #: Seconds spent executing jobs (for the busy fraction in benchmarks).
         self.busy_seconds = 0.0
         self.started_at = time.monotonic()
@@ -205,11 +217,18 @@ class Executor:
             return
         self.ready.set()
         while True:
+            if self._upkeep_due():
+                self._upkeep()
             with self._cond:
                 while not self._queue and not self._closing:
-                    self._cond.wait()
+                    due = self._upkeep_due_in()
+                    if due is not None and due <= 0:
+                        break  # idle: do the upkeep now, as native's worker does
+                    self._cond.wait(due)
                 if not self._queue:
-                    return
+                    if self._closing:
+                        return
+                    continue
                 job = self._queue.popleft()
                 job.state = "running"
                 self._current = job
@@ -217,6 +236,20 @@ class Executor:
             _announce(behind)
             with task_context(job.task_id):
                 self._execute(job)
+
+    def _upkeep_due_in(self) -> float | None:
+        return None if self.housekeeper is None else self.housekeeper.due_in()
+
+    def _upkeep_due(self) -> bool:
+        due = self._upkeep_due_in()
+        return due is not None and due <= 0
+
+    def _upkeep(self) -> None:
+        try:
+            assert self.housekeeper is not None
+            self.housekeeper.run()
+        except Exception:
+            log.exception("upkeep between jobs failed")
 
     def _execute(self, job: Job) -> None:
         start = time.monotonic()
@@ -242,6 +275,11 @@ class Executor:
             if outcome.error is not None:
                 outcome.error.setdefault("reason", job.cancel_reason)
         self._finish(job, outcome)
+        if self.housekeeper is not None:
+            try:
+                self.housekeeper.after_job(outcome.success, outcome.error)
+            except Exception:
+                log.exception("memory check after job %s failed", job.prompt_id)
 
     def _cancelled(self, job: Job) -> bool:
         """Asked by the backend right after it cleared its interrupt flag.

@@ -37,10 +37,11 @@ import anyio
 from ._comfy import Comfy, Outcome
 from .config import Settings
 from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccepting,
-                     RunTimeout, TaskCancelled, WorkflowInvalid)
+                     OutOfMemory, RunTimeout, TaskCancelled, WorkflowInvalid)
 from .events import (COMFY_TERMINAL, FINAL, PROGRESS_STATE, event, final_event, queue_event,
                      status_event)
 from .executor import Executor, Job
+from .guard import MemoryGuard, is_out_of_memory
 from .observe import Metrics
 from .report import TaskReport, TimedUploader, loader_nodes
 from .results import FORMATS, collect_files, collect_values, render_results
@@ -335,6 +336,10 @@ def _outcome_error(outcome: Outcome, timeout: float | None) -> ComfyEmbedError:
                                  "dependent_outputs": [], "class_type": node_type}}
     where = f"node {node_id} ({node_type}) failed: " if node_id else ""
     details = {k: v for k, v in err.items() if k != "current_outputs"}
+    if is_out_of_memory(err):
+        return OutOfMemory(f"{where}out of memory ({err.get('exception_type', 'Error')}: {msg}); "
+                           "cached memory was freed: retry, or use a smaller size or batch",
+                           node_errors=node_errors, details=details)
     return ExecutionFailed(f"{where}{err.get('exception_type', 'Error')}: {msg}",
                            node_errors=node_errors, details=details)
 
@@ -395,6 +400,9 @@ class Engine:
         self.accepting = True
         self._started = False
         self._lock = threading.Lock()
+        #: Watermarks, the OOM policy and gc between jobs (on the executor thread).
+        self.guard = MemoryGuard(self.settings, self._free_cache, self._recycle)
+        self.executor.housekeeper = self.guard
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -439,6 +447,16 @@ class Engine:
         if self._comfy is None:
             raise NotAccepting("ComfyUI is not booted yet")
         return self._comfy
+
+    def _free_cache(self) -> None:
+        free = getattr(self._comfy, "free_memory", None)  # a test fake has none
+        if free is not None:
+            free()
+
+    def _recycle(self, reason: str) -> None:
+        """The memory guard tripped: accept nothing more (``/ready`` says
+        draining); the server drains and exits (see ``guard.EXIT_RECYCLE``)."""
+        self.accepting = False
 
     def close(self) -> None:
         """Stop accepting work, finish what is queued, stop the thread."""

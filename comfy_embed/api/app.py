@@ -6,6 +6,8 @@ import contextlib
 import json
 import logging
 import time
+import os
+import signal
 from typing import Any, AsyncIterator
 
 import anyio
@@ -19,6 +21,7 @@ from ..config import Settings
 from ..errors import ExecutionFailed
 from ..events import final_event
 from ..folders import FolderProbe
+from ..guard import EXIT_RECYCLE, drain_when_tripped
 from ..runtime import Engine
 from ..service import TaskService
 from . import metrics, openapi, page, runs, ws
@@ -57,6 +60,8 @@ async def ready(request: Request) -> Response:
         return JSONResponse(body)
     if state.engine.executor.boot_error is not None:
         return JSONResponse({"status": "failed", "error": str(state.engine.executor.boot_error)}, 500)
+    if state.engine.guard.tripped.is_set():  # memory guard: draining, then exiting
+        return JSONResponse({"status": "recycling", "reason": state.engine.guard.reason}, 503)
     return JSONResponse({"status": "starting" if state.engine.accepting else "draining"}, 503)
 
 
@@ -95,6 +100,18 @@ async def _warm_up(engine: Engine, settings: Settings, warm: anyio.Event) -> Non
         warm.set()
 
 
+async def _recycle(app: Starlette) -> None:
+    """The memory guard tripped: drain, then stop the server; ``comfy-embed
+    serve`` exits with ``app.state.exit_code`` (guard.EXIT_RECYCLE)."""
+    await drain_when_tripped(app.state.engine.guard, app.state.service.drain)
+    app.state.exit_code = EXIT_RECYCLE
+    stop = getattr(app.state, "stop_server", None)
+    if stop is not None:
+        stop()
+    else:  # hosted by something else: ask it to stop as a platform would
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Starlette:
     """Build the app; ComfyUI boots in the background when the app starts."""
     settings = settings or Settings.from_env()
@@ -112,6 +129,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         async with anyio.create_task_group() as tg:
             tg.start_soon(_warm_up, engine, settings, app.state.warm)
             tg.start_soon(service.upkeep)
+            tg.start_soon(_recycle, app)
             yield
             # SIGTERM/SIGINT: the server waited for open requests; now the
             # rest of the grace period goes to background (async) tasks.
