@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 import os
 import signal
+import time
 from typing import Any, AsyncIterator
 
 import anyio
