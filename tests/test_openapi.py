@@ -88,5 +88,6 @@ def test_schemathesis_finds_no_failures(server: Server, tmp_path: Path) -> None:
            # Draining would end the test; a WebSocket is not plain HTTP.
            "--exclude-path", "/pre-stop", "--exclude-path", "/api/serverless/ws",
            "--phases", "examples,coverage,fuzzing"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # cwd: schemathesis keeps a cache folder where it runs.
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
