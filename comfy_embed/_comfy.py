@@ -279,8 +279,9 @@ class Comfy:
         self.boot_seconds["nodes"] = time.perf_counter() - t2
 
         # Progress reaches users as events (and the CLI's own bar); ComfyUI's
-        # tqdm bars would interleave with those on a terminal and fill server
-        # logs with carriage returns. The progress hook is unaffected.
+        # tqdm bars would interleave with those on a terminal, fill server
+        # logs with carriage returns and break up JSON log collection
+        # (log_format=json). The progress hook is unaffected.
         comfy.utils.set_progress_bar_enabled(False)
         if not any(isinstance(f, _ShortRecords) for f in logging.getLogger().filters):
             logging.getLogger().addFilter(_ShortRecords())
@@ -291,8 +292,6 @@ class Comfy:
             execution.WebUIProgressHandler, s.progress_interval, self._set_progress)
         self._folder_paths = folder_paths
         comfy.utils.set_progress_bar_global_hook(self._progress_hook)
-        # tqdm bars on stderr would break up JSON log collection.
-        comfy.utils.set_progress_bar_enabled(s.log_format != "json")
         from comfy_execution.utils import get_executing_context
         from comfy_execution.progress import get_progress_state
         self._get_executing_context = get_executing_context

@@ -256,3 +256,45 @@ def test_phone_width_has_no_horizontal_scroll(driver: Any, server: Server,
         shots(driver, "playground-phone")
     finally:
         driver.set_window_size(1280, 1000)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    _browser_or_skip()
+    srv = Server(tmp_path_factory.mktemp("page-auth"), api_keys="page-test-key")
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def test_with_authentication_the_page_loads_and_asks_for_the_key(driver: Any, keyed_server: Server,
+                                                                 shots: Callable[[Any, str], Path]) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    assert keyed_server.run(example("image_only")).status_code == 401
+    _open(driver, keyed_server)  # the page and its examples need no key
+    driver.execute_script("sessionStorage.clear()")
+    driver.find_element("id", "api-key").clear()
+    Select(driver.find_element("id", "example")).select_by_value("image_only")
+    driver.find_element("id", "run").click()
+    _wait(driver, lambda d: _state(d) == "error", 60, "refused without a key")
+    assert "requires an API key" in driver.find_element("id", "error").text
+    assert driver.execute_script("return document.activeElement.id") == "api-key"
+    shots(driver, "playground-key")
+
+    driver.find_element("id", "api-key").send_keys("page-test-key")
+    driver.find_element("id", "run").click()
+    _wait(driver, lambda d: _state(d) == "success", 120, "success with the key")
+    assert len(driver.find_elements("css selector", "#results img")) == 2
+    task_id = driver.find_element("id", "task-id").text
+
+    # The task is readable with the key that created it, and not without one.
+    driver.find_element("id", "lookup").click()
+    _wait(driver, lambda d: _state(d) == "success" and d.find_elements("css selector", "#results img"),
+          30, "replayed with the key")
+    driver.find_element("id", "api-key").clear()
+    driver.find_element("id", "lookup").click()
+    _wait(driver, lambda d: _state(d) == "error", 30, "replay refused without the key")
+    assert driver.find_element("id", "task-id").text == task_id
+    assert "requires an API key" in driver.find_element("id", "error").text
