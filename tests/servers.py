@@ -42,13 +42,14 @@ class Server:
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
-    def wait_ready(self, timeout: float = 180) -> "Server":
+    def wait_ready(self, timeout: float = 180, headers: dict[str, str] | None = None) -> "Server":
+        """Poll /ready (with ``headers``, e.g. an API key) until it answers 200."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/ready", timeout=1).status_code == 200:
+                if requests.get(self.url + "/ready", headers=headers, timeout=1).status_code == 200:
                     return self
             except requests.RequestException:
                 pass

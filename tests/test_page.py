@@ -263,7 +263,7 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     _browser_or_skip()
     srv = Server(tmp_path_factory.mktemp("page-auth"), api_keys="page-test-key")
     try:
-        yield srv.wait_ready()
+        yield srv.wait_ready(headers={"X-Api-Key": "page-test-key"})
     finally:
         srv.stop()
 

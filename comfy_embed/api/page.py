@@ -4,7 +4,8 @@
 HTML, CSS and JS from ``api/static/``: nothing from a CDN, no build step);
 ``/playground/examples`` the bundled example workflows. The page itself only
 calls the public API (run with ``stream=true``, status, cancel), so it needs
-no key to load; it sends the key the user enters with those calls.
+no key to load (auth.py lists its paths as public); it sends the key the user
+enters with those calls.
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-__all__ = ["routes", "STATIC_DIR", "PUBLIC_PATHS"]
+__all__ = ["routes", "STATIC_DIR"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-#: Paths (prefixes end in "/") that must stay reachable without an API key:
-#: the page and its files hold no data; the calls it makes carry the key.
-PUBLIC_PATHS = ("/", "/playground", "/playground/examples", "/static/")
 
 
 async def playground(request: Request) -> Response:

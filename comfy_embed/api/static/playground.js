@@ -527,7 +527,10 @@ async function run() {
 async function fetchStatus(id, since) {
   const r = await fetch(`${API}/status?${new URLSearchParams({ task_id: id, since: String(since) })}`,
                         { headers: authHeaders() });
-  if (r.status === 401 || r.status === 403) { needKey(r.status); throw new Error(`HTTP ${r.status}`); }
+  if (r.status === 401 || r.status === 403) {
+    needKey(r.status);  // says what to do; callers keep that message
+    throw Object.assign(new Error(`HTTP ${r.status}`), { shown: true });
+  }
   if (!r.ok) throw new Error(`HTTP ${r.status}`);
   return parseJSON(await r.text());
 }
@@ -543,7 +546,7 @@ async function follow(id) {
     try {
       events = await fetchStatus(id, me.lastId);
     } catch (e) {
-      showError({ type: "status", message: `Could not read the task's status log: ${e.message}` });
+      if (!e.shown) showError({ type: "status", message: `Could not read the task's status log: ${e.message}` });
       finish("error", "error (status)");
       return;
     }
@@ -566,7 +569,7 @@ async function lookup(id) {
   try {
     events = await fetchStatus(id, 0);
   } catch (e) {
-    showError({ type: "status", message: `Could not read the task's status log: ${e.message}` });
+    if (!e.shown) showError({ type: "status", message: `Could not read the task's status log: ${e.message}` });
     finish("error", "error (status)");
     return;
   }
