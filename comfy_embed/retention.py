@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .tasklog import DeliveryLog, TaskLog
-from .workflow import valid_task_id
+from .taskid import valid_task_id
 
 log = logging.getLogger(__name__)
 

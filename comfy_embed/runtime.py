@@ -46,8 +46,9 @@ from .observe import Metrics
 from .report import TaskReport, TimedUploader, loader_nodes
 from .results import FORMATS, collect_files, collect_values, render_results
 from .storage import Store, open_store
+from .taskid import check_task_id, valid_task_id
 from .workflow import (WorkflowRequest, check_nodes, isolate_outputs, media_inputs, parse_request,
-                       randomize_seeds, valid_task_id)
+                       randomize_seeds)
 
 log = logging.getLogger(__name__)
 
@@ -511,9 +512,7 @@ class Engine:
             raise NotAccepting("this instance is draining and accepts no new work")
         await self.wait_ready()
         task_id = task_id or uuid.uuid4().hex
-        if not valid_task_id(task_id):
-            raise WorkflowInvalid("task id must be 1-128 characters of A-Z a-z 0-9 . _ -",
-                                  type="invalid_task_id")
+        check_task_id(task_id)
         existing = self._tasks.get(task_id)
         if existing is not None:
             return existing

@@ -28,7 +28,7 @@ from .runtime import Engine, Task
 from .retention import prune
 from .tasklog import TaskLog
 from .webhooks import WebhookRequest, Webhooks
-from .workflow import valid_task_id
+from .taskid import check_task_id, valid_task_id
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,10 @@ class TaskService:
         recorded with a new task and must match to attach to an existing one.
         ``options`` are :meth:`Engine.submit`'s (output flags, credentials)."""
         task_id = task_id or uuid.uuid4().hex
-        if not valid_task_id(task_id):
-            return Handle(self, task_id, error=WorkflowInvalid(
-                "task id must be 1-128 characters of A-Z a-z 0-9 . _ -", type="invalid_task_id"))
+        try:
+            check_task_id(task_id)
+        except WorkflowInvalid as e:
+            return Handle(self, task_id, error=e)
         # The rest of this request (and the log writer it starts) works for
         # this task: its log records say so.
         current_task.set(task_id)

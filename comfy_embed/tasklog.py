@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import dumps_bytes, loads
+from .taskid import valid_task_id
 
 __all__ = ["FINAL_TYPE", "TaskLog", "LogUsage", "DeliveryLog"]
 
@@ -62,7 +63,6 @@ log = logging.getLogger(__name__)
 
 FINAL_TYPE = "serverless_api"
 
-_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _SEQ_RE = re.compile(r"(\d{8,})\.json")
 _LOCK_RE = re.compile(r"\.(\d{8,})\.json\.lock")
 _RECORD_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
@@ -280,11 +280,8 @@ class TaskLog:
         self._end: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    @staticmethod
-    def valid_task_id(task_id: str) -> bool:
-        """Whether ``task_id`` is safe as a directory name: [A-Za-z0-9._-]{1,128}."""
-        return (isinstance(task_id, str) and task_id not in (".", "..")
-                and _ID_RE.fullmatch(task_id) is not None)
+    #: Whether ``task_id`` is safe as a directory name (the one rule, taskid.py).
+    valid_task_id = staticmethod(valid_task_id)
 
     def _dir(self, task_id: str) -> Path:
         if not self.valid_task_id(task_id):

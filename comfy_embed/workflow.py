@@ -7,12 +7,12 @@ Nothing here imports ComfyUI: node definitions come in as a look-up function
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .errors import WorkflowInvalid, node_error
+from .taskid import valid_task_id  # re-exported: the rule lives in taskid
 
 __all__ = ["parse_workflow", "parse_request", "WorkflowRequest", "check_nodes",
            "randomize_seeds", "image_inputs", "media_inputs", "media_kind", "isolate_outputs",
@@ -21,7 +21,6 @@ __all__ = ["parse_workflow", "parse_request", "WorkflowRequest", "check_nodes",
 SpecLookup = Callable[[str], dict[str, tuple[Any, dict[str, Any]]]]
 
 SEED_INPUTS = ("seed", "noise_seed")
-_TASK_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 #: Default bound on the nesting of a request body (a workflow needs about 4).
 MAX_DEPTH = 64
 #: A path component longer than this fails on most filesystems (ENAMETOOLONG);
@@ -212,12 +211,6 @@ def check_nodes(prompt: dict[str, Any], *, max_nodes: int, denylist: tuple[str, 
             f"node {k} ({v['class_type']}) is not allowed on this server"
             for k, v in sorted(errors.items())[:10]),
             type="node_denied", node_errors=errors)
-
-
-def valid_task_id(task_id: str) -> bool:
-    """Task ids become folder names on a shared filesystem: keep them plain."""
-    return (isinstance(task_id, str) and len(task_id) <= 128
-            and _TASK_ID.fullmatch(task_id) is not None and task_id not in (".", ".."))
 
 
 def randomize_seeds(prompt: dict[str, Any], specs: SpecLookup) -> dict[str, int]:

@@ -129,3 +129,23 @@ def test_isolate_outputs_keeps_plain_subfolders() -> None:
 def test_valid_task_id_bounds() -> None:
     assert valid_task_id("a" * 128) and not valid_task_id("a" * 129)
     assert not valid_task_id("a\n") and not valid_task_id("..") and not valid_task_id("a/b")
+
+
+def test_one_task_id_rule_everywhere() -> None:
+    """The engine, the task log, the API and retention ask the same rule."""
+    from comfy_embed.api.body import task_id_param
+    from comfy_embed.errors import InvalidParameter
+    from comfy_embed.taskid import TASK_ID_RULE, check_task_id
+    from comfy_embed.tasklog import TaskLog
+
+    for good in ("abc-DEF_1.2", "x" * 128):
+        assert valid_task_id(good) and TaskLog.valid_task_id(good)
+        assert check_task_id(good) == good == task_id_param(good)
+    for bad in ("", ".", "..", "a/b", "a b", "x" * 129, "é", "../x"):
+        assert not valid_task_id(bad) and not TaskLog.valid_task_id(bad)
+        with pytest.raises(WorkflowInvalid, match=TASK_ID_RULE) as info:
+            check_task_id(bad)
+        assert info.value.type == "invalid_task_id"
+        if bad:
+            with pytest.raises(InvalidParameter, match=TASK_ID_RULE):
+                task_id_param(bad)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 
 from ..errors import InvalidParameter, PayloadTooLarge
-from ..workflow import valid_task_id
+from ..taskid import TASK_ID_RULE, valid_task_id
 
 __all__ = ["read_limited", "flag", "whole_number", "task_id_param"]
 
@@ -62,6 +62,6 @@ def task_id_param(raw: str | None, *, required: bool = True) -> str:
             raise InvalidParameter("task_id is required")
         return ""
     if not valid_task_id(raw):
-        raise InvalidParameter("task_id must be 1-128 characters of A-Z a-z 0-9 . _ -",
+        raise InvalidParameter(f"task_id must be {TASK_ID_RULE}",
                                details={"parameter": "task_id"})
     return raw
