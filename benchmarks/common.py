@@ -67,13 +67,15 @@ def describe_machine() -> dict[str, Any]:
         pass
     import torch
     gpu = None
+    gpu_sms = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         gpu = f"{p.name} ({p.total_memory / 2**30:.0f} GiB) x{torch.cuda.device_count()}"
+        gpu_sms = p.multi_processor_count  # tells an H100 PCIe (114) from an SXM (132)
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     return {"cpu": cpu, "cores": os.cpu_count(),
             "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "memory_gb": mem_gb, "gpu": gpu, "torch": torch.__version__,
+            "memory_gb": mem_gb, "gpu": gpu, "gpu_sms": gpu_sms, "torch": torch.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(),
             "comfyui_commit": _git("rev-parse", "HEAD", cwd=COMFYUI),
             "comfy_embed_commit": _git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")}

@@ -5,7 +5,7 @@ Not part of the product. It serves ``comfy_embed.api.create_app`` exactly as
 ``comfy-embed serve`` does (same uvicorn options, same logging), configured by
 the same COMFY_EMBED_* variables; the wrapper only answers its own path.
 
-/_bench/stats answers ``{"busy_seconds", "uptime_seconds", "jobs"}`` from the
+/_bench/stats answers ``{"busy_seconds", "uptime_seconds", "cuda"}`` from the
 engine's executor (busy fraction over a window = delta busy / delta uptime),
 and with ``--instrument`` the timeline marks recorded since the last read:
 ``[[name, perf_counter, task_id], ...]`` (perf_counter is CLOCK_MONOTONIC on
@@ -33,6 +33,20 @@ sys.path.insert(0, str(ROOT))
 
 MARKS: list[tuple[str, float, str | None]] = []
 _current: list[str | None] = [None]
+
+
+def _cuda_memory() -> dict[str, Any]:
+    """The torch CUDA allocator in use and its peaks (MiB); {} on CPU."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    out: dict[str, Any] = {"allocator": torch.cuda.get_allocator_backend()}
+    try:
+        out["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    except RuntimeError:
+        pass  # some stats are not kept by every allocator
+    return out
 
 
 def mark(name: str, key: str | None = None) -> None:
@@ -74,7 +88,7 @@ def instrument() -> None:
         setattr(cls, name, wrapped)
 
     sync_span(tl.TaskLog, "claim", "claim", 0)
-    sync_span(tl.TaskLog, "append", "append", 0)
+    sync_span(tl.TaskLog, "extend", "append", 0)  # one call per flush
     sync_span(cc.Comfy, "validate", "validate")
     sync_span(cc.Comfy, "execute", "execute")
 
@@ -121,7 +135,7 @@ def bench_app(app: Any) -> Any:
             ex = engine.executor
             body = {"busy_seconds": ex.busy_seconds,
                     "uptime_seconds": time.monotonic() - ex.started_at,
-                    "marks": list(MARKS)}
+                    "marks": list(MARKS), "cuda": _cuda_memory()}
             MARKS.clear()
             raw = json.dumps(body).encode()
             await send({"type": "http.response.start", "status": 200,

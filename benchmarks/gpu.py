@@ -26,8 +26,12 @@ pixels), i.e. about 35 ms per image on an H100 at its dense fp16 peak.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,9 +43,17 @@ import common
 FULL = "sd15-random-fp16.safetensors"
 #: Per 512x512 image, 20 steps, CFG (two UNet passes per step), fwd only.
 FLOP_PER_IMAGE_512_20 = 34.7e12
-#: Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device-name fragment.
-PEAKS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
-         "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0, "4090": 165.0, "3090": 71.0}
+#: Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device-name fragment, first
+#: match wins: PCIe and NVL cards run lower clocks (and the H100 PCIe has 114
+#: SMs, not 132) than their SXM siblings, whose names carry no form factor
+#: ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+PEAKS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756.0), ("H800 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
+    ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0), ("H800", 989.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("A10", 125.0), ("4090", 165.0), ("3090", 71.0)]
+#: SM counts of the PCIe forms, for names that do not say it.
+PCIE_SMS = {"H100": (114, 756.0), "H800": (114, 756.0)}
 
 
 # ------------------------------------------------------------ the weights
@@ -136,6 +148,8 @@ def _worker(args: argparse.Namespace) -> None:
         from comfy_embed.runtime import shared_engine
 
         def run(req: dict[str, Any]) -> dict[str, Any]:
+            if req.get("memory"):
+                return _torch_memory()
             graph = req["graph"]
             if not req.get("stream"):
                 t0 = time.perf_counter()
@@ -165,10 +179,72 @@ def _peak_tflops(machine: dict[str, Any], override: float | None) -> float | Non
     if override:
         return override
     gpu = machine.get("gpu") or ""
-    for key, peak in PEAKS.items():
+    for key, peak in PEAKS:
         if key in gpu:
+            sms, pcie_peak = PCIE_SMS.get(key, (None, None))
+            if sms is not None and machine.get("gpu_sms") == sms:
+                return pcie_peak
             return peak
     return None
+
+
+class VramPeak:
+    """Peak GPU memory of the processes under test (every GPU process but
+    this one), sampled with nvidia-smi: the same gauge for all three paths,
+    CUDA context and allocator cache included. None without nvidia-smi."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.peak_mib: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> float | None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                  "--format=csv,noheader,nounits"], capture_output=True,
+                                 text=True, timeout=5, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        total = 0.0
+        for line in out.splitlines():
+            pid, _, mib = line.partition(",")
+            if pid.strip().isdigit() and int(pid) != os.getpid():
+                try:
+                    total += float(mib)
+                except ValueError:
+                    pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            used = self._sample()
+            if used is None:
+                return
+            self.peak_mib = max(self.peak_mib or 0.0, used)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "VramPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _torch_memory() -> dict[str, Any]:
+    """This process's torch CUDA allocator: which one, and its peaks (MiB)."""
+    import torch
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    out: dict[str, Any] = {"allocator": torch.cuda.get_allocator_backend()}
+    try:
+        out["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    except RuntimeError:
+        pass  # some stats are not kept by every allocator
+    return out
 
 
 def main() -> None:
@@ -247,6 +323,8 @@ def main() -> None:
     for path in paths:
         t_path = time.perf_counter()
         res: dict[str, Any] = {}
+        memory: dict[str, Any] = {}
+        sampler = VramPeak().__enter__() if device == "cuda" else None
         if path == "library":
             w = common.LineWorker("library", [common.PYTHON, __file__, "--worker", "library",
                                               "--workdir", str(wd / "library"), "--cache-dir",
@@ -264,15 +342,19 @@ def main() -> None:
                     if r.get("its"):
                         its.append(r["its"])
                     res[str(b)] = {"latencies": lat, "its": its}
+                memory = _check(w.call({"memory": True}))
             finally:
                 w.stop()
         elif path == "http":
             env = {"COMFY_EMBED_DEVICE": device, "COMFY_EMBED_TINY_CHECKPOINT": "1" if tiny else "0",
                    "COMFY_EMBED_EXTRA_MODEL_PATHS": str(yaml)}
-            with common.start_embed(wd, cache_dir=args.cache_dir, env=env, device=device) as srv:
+            with common.start_embed(wd, cache_dir=args.cache_dir, env=env, device=device,
+                                    args=["benchmarks/embed_server.py"]) as srv:
                 srv.wait_http("/ready", timeout=600)
                 client = common.EmbedClient(srv.port)
                 res = _measure(client.run_stream, graph, batches, reps, args.warmup)
+                _, raw = common.Http(srv.port).request("GET", "/_bench/stats")
+                memory = dict(json.loads(raw).get("cuda") or {})
         elif path == "native":
             with common.start_native(wd, models_dir=ckpt.parent, cpu=device == "cpu") as srv:
                 srv.wait_http("/system_stats", timeout=600)
@@ -281,10 +363,19 @@ def main() -> None:
                     res = _measure(native.run, graph, batches, reps, args.warmup)
                 finally:
                     native.close()
+            # Native logs its device line with the allocator in use
+            # ("Device: cuda:0 NVIDIA ... : cudaMallocAsync").
+            m = re.search(r"Device: cuda\S* .*?: (\w+)", "\n".join(line for _, line in srv.lines))
+            if m:
+                memory["allocator"] = m.group(1)
         else:
             raise SystemExit(f"unknown path {path}")
+        if sampler is not None:
+            sampler.__exit__()
+            memory["peak_process_mib"] = sampler.peak_mib
+        res["memory"] = memory
         results[path] = res
-        print(f"  {path}: done in {time.perf_counter() - t_path:.1f}s", flush=True)
+        print(f"  {path}: done in {time.perf_counter() - t_path:.1f}s {memory}", flush=True)
 
     peak = _peak_tflops(machine, args.peak_tflops)
     # The floor is for the full SD1.5 UNet; the tiny checkpoint has none.
@@ -308,6 +399,7 @@ def main() -> None:
             figures.setdefault(path, {})[str(b)] = f
             rows.append([path, b, f["latency_p50_ms"], f["it_s"] or "-", f["images_s"], f["ms_per_image"],
                          f.get("floor_ms_per_image", "-"), f.get("floor_fraction", "-")])
+        figures[path]["memory"] = results[path]["memory"]
     print()
     print(f"{size}x{size}, {steps} steps, {args.sampler}, cfg {args.cfg}, checkpoint {ckpt.name}, "
           f"device {device}; " + ("compute floor: n/a for the tiny checkpoint" if tiny else
@@ -316,6 +408,14 @@ def main() -> None:
                                      else " (no GPU peak known: pass --peak-tflops)")))
     print(common.table(["path", "batch", "latency p50 ms", "it/s", "images/s", "ms/image",
                         "floor ms/img", "floor/actual"], rows))
+    if device == "cuda":
+        print()
+        print(common.table(["path", "allocator", "peak process VRAM MiB (nvidia-smi)",
+                            "torch peak allocated MiB", "torch peak reserved MiB"],
+                           [[p, figures[p]["memory"].get("allocator", "?"),
+                             figures[p]["memory"].get("peak_process_mib", "-"),
+                             figures[p]["memory"].get("peak_allocated_mib", "-"),
+                             figures[p]["memory"].get("peak_reserved_mib", "-")] for p in paths]))
     if "native" in figures:
         print()
         for path in paths:

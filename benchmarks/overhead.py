@@ -224,6 +224,8 @@ def main() -> None:
                                                  "execute": {g: [] for g in args.graphs},
                                                  "encode": {g: [] for g in args.graphs}}
     info: dict[str, Any] = {}
+    tasklog: dict[str, dict[str, float]] = {}
+    log_dir = wd
     try:
         for path in paths:  # boot one at a time
             t = time.perf_counter()
@@ -234,6 +236,8 @@ def main() -> None:
                 runners[path] = w.call
             elif path == "http":
                 srv = common.start_embed(wd, cache_dir=args.cache_dir, env=args.http_env)
+                log_dir = Path(args.http_env.get("COMFY_EMBED_TASK_LOG_DIR") or
+                               (srv.base or wd) / "output" / "serverless_api")
                 closers.append(srv.stop)
                 srv.wait_http("/ready")
                 ec = common.EmbedClient(_via_proxy(srv.port, args, closers))
@@ -255,6 +259,7 @@ def main() -> None:
         # the next prompt shares, so alternating graphs would reload the
         # checkpoint on every text-to-image request.
         for g in args.graphs:
+            logged = _tree_usage(log_dir) if "http" in paths else (0, 0)
             for k in range(args.warmup):
                 for p in paths:
                     r = runners[p](_graph(g, -1 - k, args))
@@ -271,6 +276,11 @@ def main() -> None:
                         if p == "raw":
                             for key in detail:
                                 detail[key][g].append(r[key])
+            if "http" in paths:
+                files, size = (a - b for a, b in zip(_tree_usage(log_dir), logged))
+                requests = args.warmup + args.n
+                tasklog[g] = {"files_per_request": round(files / requests, 2),
+                              "bytes_per_request": round(size / requests)}
         foreign = watch.foreign_cores()
         print(f"  measured in {time.perf_counter() - t_meas:.1f}s; "
               f"other processes kept {foreign:.2f} cores busy meanwhile", flush=True)
@@ -317,6 +327,10 @@ def main() -> None:
         for p, tag in (("library", "(b)-(a)"), ("native", "(d)-(a)")):
             if f"{p}_minus_raw_p50_ms" in f:
                 print(f"  {tag}  p50 {f[f'{p}_minus_raw_p50_ms']:+.2f} ms")
+        if g in tasklog:
+            f["tasklog"] = tasklog[g]
+            print(f"  task log per (c) request: {tasklog[g]['files_per_request']:g} files, "
+                  f"{tasklog[g]['bytes_per_request']} bytes")
         if "raw" in f:
             print(f"  (a) = validate {f['raw_validate_p50_ms']:.2f} ms + execute "
                   f"{f['raw_execute_p50_ms']:.2f} ms (p50)")
@@ -335,6 +349,19 @@ def main() -> None:
                                  "http_env": args.http_env, "rtt_ms": args.rtt_ms},
                       "foreign_cores": foreign, "figures": figures, "breakdown_http_p50_ms": breakdown,
                       "workers": info})
+
+
+def _tree_usage(root: Path) -> tuple[int, int]:
+    """Files and bytes under ``root`` (the task log of the http path)."""
+    files = size = 0
+    for p in root.rglob("*") if root.is_dir() else ():
+        try:
+            if p.is_file():
+                files += 1
+                size += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return files, size
 
 
 def _via_proxy(port: int, args: argparse.Namespace, closers: list[Callable[[], None]]) -> int:

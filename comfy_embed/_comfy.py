@@ -168,6 +168,42 @@ def _trim(value: Any, limit: int = 300) -> Any:
     return value
 
 
+def _warm_page_cache(candidates: list[Path]) -> None:
+    """Read the files that exist among ``candidates`` on a background thread,
+    so that loading them after the imports reads memory, not disk
+    (``readinto`` releases the GIL: the imports go on meanwhile)."""
+    paths = [p for p in candidates if p.is_file()]
+    if not paths:
+        return
+
+    def read() -> None:
+        buf = bytearray(16 << 20)
+        for path in paths:
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    while f.readinto(buf):
+                        pass
+            except OSError as e:
+                log.debug("page cache warm-up of %s failed: %s", path, e)
+
+    threading.Thread(target=read, name="comfy-embed-page-cache", daemon=True).start()
+
+
+def _cuda_malloc_as_native() -> None:
+    """Choose the CUDA allocator as native ComfyUI's main.py does (its own
+    ``cuda_malloc`` module: ``cudaMallocAsync`` on CUDA builds of torch 2+,
+    except on cards it lists as unsupported), before CUDA starts. An explicit
+    ``backend`` in PYTORCH_CUDA_ALLOC_CONF wins."""
+    if "backend" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    try:
+        import cuda_malloc  # noqa: F401  (sets PYTORCH_CUDA_ALLOC_CONF on import)
+    except Exception as e:  # a missing nvidia-smi and the like: keep torch's default
+        log.info("CUDA allocator: keeping torch's default (%s)", e)
+
+
 class Comfy:
     """ComfyUI booted in this process. Build with :meth:`boot` on the thread
     that will execute graphs (its event loop stays with that thread)."""
@@ -183,6 +219,8 @@ class Comfy:
         self._validate_lock = threading.Lock()
         self._validate_loop: asyncio.AbstractEventLoop | None = None
         self.boot_seconds: dict[str, float] = {}
+        #: Modules given deferred stand-ins at boot (see lazy_modules).
+        self.deferred_modules: list[str] = []
         self.device = "cpu"
         self._specs: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {}
         #: The running prompt's progress_state sender (see _throttled_progress).
@@ -208,6 +246,16 @@ class Comfy:
             raise RuntimeError(f"no ComfyUI at {root}: run `git submodule update --init`")
         if root not in sys.path:
             sys.path.insert(0, root)
+        # Start reading the checkpoints to preload while the imports run.
+        _warm_page_cache([d / name for name in s.preload
+                          for d in (s.models_path / "checkpoints", Path(s.cache_dir))])
+        if s.lazy_imports:
+            from .lazy_modules import install
+            self.deferred_modules = install()
+        import comfy.options
+        comfy.options.enable_args_parsing(False)
+        if s.device != "cpu":
+            _cuda_malloc_as_native()
         import torch
 
         import comfy.options

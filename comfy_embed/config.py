@@ -183,6 +183,9 @@ class Settings:
     #: Events kept per task; past it only terminal events (and the last
     #: progress) are kept.
     max_task_events: int = 10_000
+    #: Defer importing modules an SD1.5 run never uses (torchvision, scipy.stats,
+    #: kornia, av, spandrel) until a node uses them: a faster cold start.
+    lazy_imports: bool = True
 
     # --- safety (issue 9): bounds on one request, denylist, auth, drain -------
     #: Most nodes one workflow may have.

@@ -279,6 +279,8 @@ class TaskLog:
         # failed link (only the writer of a segment can extend the chain past it).
         self._end: dict[str, int] = {}
         self._lock = threading.Lock()
+        #: (task id, folder inode, folder ctime) of tasks seen with their final event.
+        self._known_final: set[tuple[str, int, int]] = set()
 
     #: Whether ``task_id`` is safe as a directory name (the one rule, taskid.py).
     valid_task_id = staticmethod(valid_task_id)
@@ -649,15 +651,35 @@ class TaskLog:
         """
         now = self._clock() if now is None else now
         lost: list[str] = []
-        for task_id in sorted(_listdir(self.root)):
-            d = self.root / task_id
-            if not self.valid_task_id(task_id) or not d.is_dir():
+        # Finished tasks stay finished: a scan of many old task folders costs
+        # one stat per folder. The key changes if a folder is deleted and its
+        # id claimed again (inode numbers alone get reused at once).
+        entries: list[tuple[str, int, int]] = []
+        try:
+            with os.scandir(self.root) as it:
+                for e in it:
+                    try:
+                        if e.is_dir():
+                            st = e.stat()
+                            entries.append((e.name, st.st_ino, st.st_ctime_ns))
+                    except FileNotFoundError:
+                        continue
+        except FileNotFoundError:
+            return lost
+        entries.sort()
+        known = self._known_final
+        for task_id, inode, ctime in entries:
+            if (task_id, inode, ctime) in known or not self.valid_task_id(task_id):
                 continue
+            d = self.root / task_id
             try:
                 idle = now - self._renewed_at(d)
             except FileNotFoundError:
                 continue
-            if idle <= self.lease_seconds or self.is_final(task_id):
+            if self.is_final(task_id):
+                known.add((task_id, inode, ctime))
+                continue
+            if idle <= self.lease_seconds:
                 continue
             owner = self.owner(task_id) or "unknown"
             message = (f"the instance running this task stopped (lease expired): "
@@ -675,6 +697,7 @@ class TaskLog:
             if won:
                 log.warning("tasklog: task %s lost: %s", task_id, message)
                 lost.append(task_id)
+        known.intersection_update(entries)  # forget folders deleted since
         return lost
 
     # --- safety (issue 9): the API key that owns a task ---------------------

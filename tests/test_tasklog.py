@@ -494,3 +494,24 @@ def test_records_and_usage(tmp_path: Path) -> None:
     usage = tl.usage("t")
     assert usage.files == 3 and usage.bytes == sum(
         p.stat().st_size for p in (tmp_path / "t").iterdir())
+
+
+def test_recover_orphans_skips_known_finished_tasks(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    tl = TaskLog(tmp_path, "i1", lease_seconds=30, clock=clock)
+    for n in range(20):
+        tl.claim(f"done-{n}")
+        tl.append(f"done-{n}", final())
+    assert tl.recover_orphans(now=clock.t + 60) == []
+    checked: list[str] = []
+    real = TaskLog.is_final
+    monkeypatch.setattr(TaskLog, "is_final", lambda self, t: checked.append(t) or real(self, t))
+    tl.claim("orphan")
+    assert tl.recover_orphans(now=clock.t + 60) == ["orphan"]
+    assert checked == ["orphan"]  # the 20 finished ones were not looked at again
+    # A finished task's folder deleted and its id claimed again is a new task.
+    import shutil
+    shutil.rmtree(tmp_path / "done-3")
+    tl.claim("done-3")
+    assert tl.recover_orphans(now=clock.t + 60) == ["done-3"]
