@@ -73,10 +73,12 @@ class _ReuseFinder:
 
     @staticmethod
     def find_spec(name: str, path: Any = None, target: Any = None) -> Any:
-        with _lock:
-            if name not in _reuse:
-                return None
-            _reuse.discard(name)
+        # Every import of the process passes here: no lock (a thread waiting
+        # for one while holding a module's import lock could deadlock); set
+        # operations are atomic.
+        if name not in _reuse:
+            return None
+        _reuse.discard(name)
         module = sys.modules.get(name)
         if module is None:
             return None  # the real package did not import it: load it normally
@@ -149,15 +151,15 @@ class LazyModule(types.ModuleType):
         if real is not None:
             return real
         with _lock:
-            real = self.__dict__["_lazy_real"]
-            if real is None:
-                # Every stand-in of the family leaves sys.modules first, so
-                # the real package's own imports of its submodules are real.
-                for other in self.__dict__["_lazy_family"]:
-                    if isinstance(sys.modules.get(other), LazyModule):
-                        del sys.modules[other]
-                real = importlib.import_module(self.__name__)
-                self.__dict__["_lazy_real"] = real
+            # Every stand-in of the family leaves sys.modules first, so the
+            # real package's own imports of its submodules are real.
+            for other in self.__dict__["_lazy_family"]:
+                if isinstance(sys.modules.get(other), LazyModule):
+                    del sys.modules[other]
+        # Outside the lock: the import system's per-module locks make a second
+        # thread wait for (and share) the first one's import.
+        real = importlib.import_module(self.__name__)
+        self.__dict__["_lazy_real"] = real
         return real
 
     def __getattr__(self, name: str) -> Any:
@@ -173,8 +175,7 @@ class LazyModule(types.ModuleType):
             child = caller.f_locals.get("name")
             path = self._lazy_load().__path__
             if isinstance(child, str):
-                with _lock:
-                    _reuse.add(child)
+                _reuse.add(child)
             return path
         if real is None and name in _NOT_YET:
             # Introspection (inspect.getmodule scans every module's __file__)
