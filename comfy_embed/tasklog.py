@@ -128,39 +128,47 @@ def _publish(directory: Path, name: str, payload: bytes, durable: bool = False,
              reservation: bytes = b"") -> bool:
     """Create ``directory/name`` holding ``payload`` atomically, only if absent.
 
-    ``reservation`` is written into the no-hard-link lock, so that a writer
-    that loses the name can learn which range the winner took.
+    ``durable``: on disk when this returns. One fsync does it: the file is
+    fsynced after it got its name, which on journaling filesystems (ext4,
+    xfs, btrfs) commits the new directory entry with it, and NFS makes a link
+    durable on the server before answering. Only the rename fallback also
+    syncs the directory. ``reservation`` is written into the no-hard-link
+    lock, so that a writer that loses the name can learn which range the
+    winner took.
     """
     tmp = directory / f".tmp-{uuid.uuid4().hex}"
     final = directory / name
     try:
         with open(tmp, "wb") as f:
             f.write(payload)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        try:
-            os.link(tmp, final)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in _NO_LINK:
-                raise
+            f.flush()
             try:
-                fd = os.open(directory / f".{name}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, final)
             except FileExistsError:
                 return False
-            try:
-                if reservation:
-                    os.write(fd, reservation)
-            finally:
-                os.close(fd)
-            if final.exists():
-                return False
-            # The reservation is ours, so nobody else renames onto this name.
-            os.rename(tmp, final)
-        if durable:
-            _fsync_dir(directory)
+            except OSError as exc:
+                if exc.errno not in _NO_LINK:
+                    raise
+                try:
+                    fd = os.open(directory / f".{name}.lock",
+                                 os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                try:
+                    if reservation:
+                        os.write(fd, reservation)
+                finally:
+                    os.close(fd)
+                if final.exists():
+                    return False
+                # The reservation is ours, so nobody else renames onto this name.
+                os.rename(tmp, final)
+                if durable:
+                    os.fsync(f.fileno())
+                    _fsync_dir(directory)
+                return True
+            if durable:
+                os.fsync(f.fileno())
         return True
     finally:
         tmp.unlink(missing_ok=True)

@@ -515,3 +515,16 @@ def test_recover_orphans_skips_known_finished_tasks(tmp_path: Path,
     shutil.rmtree(tmp_path / "done-3")
     tl.claim("done-3")
     assert tl.recover_orphans(now=clock.t + 60) == ["done-3"]
+
+
+def test_only_the_final_file_is_fsynced_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(tasklog.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    tl = TaskLog(tmp_path, "i1")
+    tl.claim("t")
+    tl.extend("t", [(1, ev(1)), (2, ev(2))])
+    assert synced == []  # progress: no fsync
+    tl.extend("t", [(3, ev(3)), (4, base64_final("t", [b"png bytes"]))])
+    assert len(synced) == 1  # the final file, once (its directory entry with it)
+    assert tl.read("t")[-1][1]["data"]["results"][0]["output"]["base64"]["data"]
