@@ -204,8 +204,6 @@ class Settings:
     #: Seconds that SIGTERM/SIGINT (and /pre-stop) give running work to finish
     #: before it is cancelled and closed with a final event.
     drain_seconds: float = 30.0
-    #: Report ``output.comfy.dir`` relative to the base folder, not absolute.
-    hide_paths: bool = False
 
     def __post_init__(self) -> None:
         # Fail at start-up, naming the variable, not at the first request.
