@@ -14,8 +14,9 @@ Per phase: requests, unexpected answers ("errors": a 5xx, a dropped
 connection, a bad request not answered 4xx, a good one not answered 200),
 p50/p99 latency of the good requests, and at the end the server's RSS, files
 under its folders before, after the load and after a retention pass
-(``--retention-hours``), and lost tasks: accepted tasks whose status never
-showed a final event (must be 0).
+(``--retention-hours``), and lost tasks: accepted tasks whose status did not
+show a final event once their answer was in (async: within 10 minutes of
+polling); must be 0.
 
     .venv/bin/python benchmarks/load.py [--duration 120] [--clients 16]
 """
@@ -62,6 +63,15 @@ class Load:
         self.rng = rng
         self.s = requests.Session()
         self.accepted: list[str] = []  # task ids answered 200/202: each must end
+        self.lost: list[str] = []  # accepted, but status showed no final event
+
+    def check_final(self, tid: str) -> None:
+        """Once a task's answer is in, its final event must be in the log
+        (read back now: retention may delete it later in a long run)."""
+        self.accepted.append(tid)
+        ev = self.s.get(f"{self.url}{API}/status", params={"task_id": tid}, timeout=60).json()
+        if not ev or ev[-1]["type"] != "serverless_api":
+            self.lost.append(tid)
 
     # ----------------------------------------------------------- good ones
     def graph(self) -> dict[str, Any]:
@@ -74,7 +84,7 @@ class Load:
         r = self.s.post(f"{self.url}{API}/run", json=self.graph(), headers={"X-Task-Id": tid},
                         timeout=600)
         if r.status_code == 200:
-            self.accepted.append(tid)
+            self.check_final(tid)
         return r.status_code
 
     def inline_image(self) -> int:
@@ -84,7 +94,7 @@ class Load:
         tid = "ld-" + uuid.uuid4().hex
         r = self.s.post(f"{self.url}{API}/run", json=g, headers={"X-Task-Id": tid}, timeout=600)
         if r.status_code == 200:
-            self.accepted.append(tid)
+            self.check_final(tid)
         return r.status_code
 
     def async_poll(self) -> int:
@@ -100,6 +110,7 @@ class Load:
             if ev and ev[-1]["type"] == "serverless_api":
                 return 200 if ev[-1]["data"]["status"] == "success" else 500
             time.sleep(0.2)
+        self.lost.append(tid)
         return 599
 
     def stream(self) -> int:
@@ -108,12 +119,14 @@ class Load:
                          headers={"X-Task-Id": tid}, stream=True, timeout=600) as r:
             if r.status_code != 200:
                 return r.status_code
-            self.accepted.append(tid)
             for line in r.iter_lines(decode_unicode=True):
                 if line and line.startswith("data: "):
                     ev = json.loads(line[6:])
                     if ev["type"] == "serverless_api":
+                        self.check_final(tid)
                         return 200 if ev["data"]["status"] == "success" else 500
+        self.accepted.append(tid)
+        self.lost.append(tid)  # the stream ended without its final event
         return 598
 
     def ws(self) -> int:
@@ -123,7 +136,7 @@ class Load:
             while True:
                 ev = json.loads(conn.recv())
                 if ev["type"] == "serverless_api":
-                    self.accepted.append(ev["data"]["task_id"])
+                    self.check_final(ev["data"]["task_id"])
                     return 200 if ev["data"]["status"] == "success" else 500
         finally:
             conn.close()
@@ -133,8 +146,8 @@ class Load:
         tid = "bad-" + uuid.uuid4().hex
         r = self.s.post(f"{self.url}{API}/run{params}", data=body,
                         headers={"X-Task-Id": tid, "Content-Type": "application/json"}, timeout=60)
-        if r.status_code in (200, 202):
-            self.accepted.append(tid)
+        if r.status_code in (200, 202):  # a bad request accepted: must still end
+            self.check_final(tid)
         return r.status_code
 
     def bad(self) -> int:
@@ -186,12 +199,14 @@ def _png(shade: int) -> bytes:
 
 
 def phase(url: str, clients: int, seconds: float, bad_share: float, seed: int
-          ) -> tuple[dict[str, Any], list[str]]:
-    """Run ``clients`` threads for ``seconds``; figures and the accepted task ids."""
+          ) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Run ``clients`` threads for ``seconds``; figures, the accepted task ids
+    and those of them whose final event was not in the log when answered."""
     good_ms: list[float] = []
     counts = {"good": 0, "bad": 0, "errors": 0}
     errors: list[str] = []
     accepted: list[str] = []
+    lost: list[str] = []
     lock = threading.Lock()
     stop = time.monotonic() + seconds
 
@@ -223,6 +238,7 @@ def phase(url: str, clients: int, seconds: float, bad_share: float, seed: int
         finally:
             with lock:
                 accepted.extend(load.accepted)
+                lost.extend(load.lost)
             load.s.close()
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
@@ -237,18 +253,7 @@ def phase(url: str, clients: int, seconds: float, bad_share: float, seed: int
            "p50_ms": round(common.percentile([x * 1000 for x in good_ms], 50), 1),
            "p99_ms": round(common.percentile([x * 1000 for x in good_ms], 99), 1),
            "error_samples": sorted(set(errors))[:10]}
-    return fig, accepted
-
-
-def lost_tasks(url: str, task_ids: list[str]) -> list[str]:
-    """Accepted tasks whose status has no final event."""
-    lost = []
-    with requests.Session() as s:
-        for tid in task_ids:
-            ev = s.get(f"{url}{API}/status", params={"task_id": tid}, timeout=60).json()
-            if not ev or ev[-1]["type"] != "serverless_api":
-                lost.append(tid)
-    return lost
+    return fig, accepted, lost
 
 
 def main() -> None:
@@ -272,10 +277,11 @@ def main() -> None:
         requests.post(f"{url}{API}/run", json=common.image_graph(0, size=64), timeout=600)
         files_before = count_files(server.base)
         rss_before = server.rss_mb()
-        base_fig, base_ids = phase(url, args.clients, args.duration / 4, 0.0, 1)
-        mixed_fig, mixed_ids = phase(url, args.clients, args.duration, args.bad_share, 2)
+        base_fig, base_ids, base_lost = phase(url, args.clients, args.duration / 4, 0.0, 1)
+        mixed_fig, mixed_ids, mixed_lost = phase(url, args.clients, args.duration,
+                                                 args.bad_share, 2)
         rss_after = server.rss_mb()
-        lost = lost_tasks(url, base_ids + mixed_ids)
+        lost = base_lost + mixed_lost
         files_after = count_files(server.base)
         # Retention: wait one period plus its check interval, then count again.
         time.sleep(args.retention_hours * 3600 * 1.3 + 2)
