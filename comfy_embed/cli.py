@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 
-from .config import Settings
+from .config import Settings, SettingsError
 from .errors import ComfyEmbedError
 from .logs import configure_logging
 from .events import final_event
@@ -153,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--size", type=int, default=256)
     p_demo.add_argument("--steps", type=int, default=8)
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as e:  # a bad setting stops start-up, naming the variable
+        print(f"comfy-embed: bad setting: {e}", file=sys.stderr)
+        return 2
     # The server logs to stdout (as FC and Kubernetes collect it); `run`
     # prints its result there, so its log goes to stderr.
     configure_logging(settings.log_format,

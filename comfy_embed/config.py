@@ -2,33 +2,41 @@
 
 Nothing else in comfy-embed reads the environment (apart from storage
 credentials, which are asked for on each request so rotated STS tokens work).
+
+``Settings`` is a pydantic-settings model: every field is typed, numbers are
+bounded (:data:`_BOUNDS` and ``__post_init__``), and a bad value raises
+:class:`SettingsError` naming its ``COMFY_EMBED_<FIELD>`` variable, so a
+misconfigured instance stops at start-up instead of failing on a request.
+Keyword construction (``Settings(base_dir=...)``) reads no environment; only
+:meth:`Settings.from_env` does, once.
+
+Text in the environment: lists are comma- (or semicolon-) separated; an
+empty value means none for a setting that may be none, ``""`` for text,
+an empty list, false for a switch, and is an error for a number or a
+required path; ``none`` or ``off`` is none for an optional number.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import os
-from dataclasses import dataclass
+import types
+import typing
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
-__all__ = ["Settings", "PROJECT_ROOT"]
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = ["Settings", "SettingsError", "PROJECT_ROOT"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _MB = 1024 * 1024
+_PREFIX = "COMFY_EMBED_"
 
 
-def _bool(v: str) -> bool:
-    v = v.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {v!r}")
-
-
-def _list(v: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in v.replace(";", ",").split(",") if x.strip())
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names its ``COMFY_EMBED_`` variable."""
 
 
 def _storage_backends() -> tuple[str, ...]:
@@ -37,9 +45,34 @@ def _storage_backends() -> tuple[str, ...]:
     return backends()
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything configurable; see README for the COMFY_EMBED_* names."""
+#: Numeric bounds: field -> (lowest, highest, lowest itself allowed). None
+#: (where the field allows it) always passes: it means "not set".
+_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "max_queue": (1, math.inf, True),
+    "run_timeout": (0, math.inf, False),
+    "port": (1, 65535, True),
+    "max_body_bytes": (1, math.inf, True),
+    "lease_seconds": (0, math.inf, False),
+    # Zero would write keep-alive comments in a tight loop.
+    "sse_keepalive": (0, math.inf, False),
+    "max_image_bytes": (1, math.inf, True),
+    "max_image_pixels": (1, math.inf, True),
+    "fetch_timeout": (0, math.inf, False),
+    "max_redirects": (0, 100, True),
+    "oss_link_expire": (1, math.inf, True),
+    "s3_link_expire": (1, math.inf, True),
+}
+
+
+class Settings(BaseSettings):
+    """Everything configurable; see README for the COMFY_EMBED_* names.
+
+    Fields are plain ``name: type = default`` declarations; a new one is
+    read from ``COMFY_EMBED_<NAME>`` and type-checked with no more code.
+    """
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", allow_inf_nan=False,
+                                      validate_default=False)
 
     # --- ComfyUI and its folders -------------------------------------------
     comfyui_dir: Path = PROJECT_ROOT / "vendor" / "ComfyUI"
@@ -264,9 +297,38 @@ class Settings:
     def task_log_path(self) -> Path:
         return (self.task_log_dir or self.output_path / "serverless_api").resolve()
 
+    # --- pydantic hooks ----------------------------------------------------------
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise SettingsError(_describe(e)) from None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keyword arguments only: the environment is read once, by from_env.
+        return (init_settings,)
+
+    def model_post_init(self, context: Any) -> None:
+        for name, (low, high, closed) in _BOUNDS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not ((value >= low if closed else value > low) and value <= high):
+                allowed = f"{'>=' if closed else '>'} {low:g}" + (
+                    f" and <= {high:g}" if high != math.inf else "")
+                raise SettingsError(f"{_PREFIX}{name.upper()}={value!r}: expected a number {allowed}")
+        self.__post_init__()
+
     def replace(self, **changes: object) -> "Settings":
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        """A copy with some fields changed (checked like a new one)."""
+        return type(self)(**{**{name: getattr(self, name) for name in type(self).model_fields},
+                             **changes})
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
@@ -274,37 +336,60 @@ class Settings:
 
         ``FC_SERVER_PORT`` (Function Compute) sets the port when
         ``COMFY_EMBED_PORT`` is absent. Keyword overrides win over both.
+        Raises SettingsError naming the variable of a bad value.
         """
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get("COMFY_EMBED_" + f.name.upper())
-            if raw is None and f.name == "port":
-                raw = env.get("FC_SERVER_PORT")
+        for name, field in cls.model_fields.items():
+            var = _PREFIX + name.upper()
+            raw = env.get(var)
+            if raw is None and name == "port" and "FC_SERVER_PORT" in env:
+                var, raw = "FC_SERVER_PORT", env["FC_SERVER_PORT"]
             if raw is None:
                 continue
             try:
-                values[f.name] = _parse(f, raw)
+                values[name] = _from_text(field.annotation, raw)
             except ValueError as e:
-                raise ValueError(f"COMFY_EMBED_{f.name.upper()}: {e}") from None
+                raise SettingsError(f"{var}={raw!r}: {e}") from None
         values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)
 
 
-def _parse(f: dataclasses.Field, raw: str) -> object:  # type: ignore[type-arg]
-    t = str(f.type)
-    if "tuple[Path" in t:
-        return tuple(Path(x) for x in _list(raw))
-    if "tuple[str" in t:
-        return _list(raw)
-    if "Path" in t:
-        return Path(raw) if raw else None
-    if t.startswith("bool"):
-        return _bool(raw)
-    if t.startswith("int"):
-        return int(raw) if raw else None
-    if t.startswith("float"):
-        if "None" in t and raw.strip().lower() in ("", "none", "off"):
+def _from_text(annotation: Any, raw: str) -> object:
+    """An environment string as the value for a field of type ``annotation``;
+    pydantic then checks and converts it like any other value."""
+    args = typing.get_args(annotation)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    optional = union and type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if union else annotation
+    origin = typing.get_origin(base) or base
+    text = raw.strip()
+    if origin is tuple:
+        return tuple(x.strip() for x in text.replace(";", ",").split(",") if x.strip())
+    if not text:
+        if optional:
             return None
-        return float(raw) if raw else None
-    return raw or (None if "None" in t else raw)
+        if base is str:
+            return raw
+        if base is bool:
+            return False
+        raise ValueError("empty; expected " + {int: "an integer", float: "a number",
+                                              Path: "a path"}.get(base, "a value"))
+    if optional and base in (int, float) and text.lower() in ("none", "off"):
+        return None
+    return raw if base is str else text
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per bad field, each naming its variable."""
+    lines = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else ""
+        if not name:  # raised by a check after the fields were read: it names the variable
+            cause = (item.get("ctx") or {}).get("error")
+            lines.append(str(cause) if cause is not None else item["msg"])
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"unknown setting {name!r}")
+        else:
+            lines.append(f"{_PREFIX}{name.upper()}={item.get('input')!r}: {item['msg']}")
+    return "; ".join(lines)
