@@ -23,7 +23,7 @@ from comfy_embed.runtime import Engine
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 K8S_VERSION = "1.30.0"
-SETTING_NAMES = {name.upper() for name in Settings.__dataclass_fields__}
+SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 
 
 def dockerfile_env() -> dict[str, str]:
