@@ -20,7 +20,7 @@ from .memory import vram_bytes
 
 __all__ = ["Metrics", "CONTENT_TYPE"]
 
-#: The ``Content-Type`` of :meth:`Metrics.render`.
+#: The ``Content-Type`` of :meth:`Metrics.render_text`.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Seconds from a 64x64 image on CPU (tens of ms) to a long video job (minutes).
