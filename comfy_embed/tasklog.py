@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .events import dumps_bytes, loads
+from .events import dumps_bytes, final_event, loads
 from .taskid import valid_task_id
 
 __all__ = ["FINAL_TYPE", "TaskLog", "LogUsage", "DeliveryLog"]
@@ -693,10 +693,8 @@ class TaskLog:
             message = (f"the instance running this task stopped (lease expired): "
                        f"{owner} did not renew it for {idle:.0f}s "
                        f"(lease {self.lease_seconds:g}s)")
-            event = {"type": FINAL_TYPE, "data": {
-                "status": "error", "task_id": task_id, "prompt_id": None, "seeds": {},
-                "results": [], "error": {"type": "task_lost", "message": message,
-                                         "node_errors": {}}}}
+            event = final_event(task_id, None, {}, error={
+                "type": "task_lost", "message": message, "node_errors": {}})
             with self._lock:
                 self._end.pop(task_id, None)  # the owner may have written since
             _, won = self._write(task_id, [(None, event)])

@@ -331,7 +331,11 @@ def test_6_full_disk(tmp_path: Path, tiny_disk: Path) -> None:
         final = got[-1]
         # The client still gets the final event, an error (the image could not be saved).
         assert final["type"] == "serverless_api" and final["data"]["status"] == "error", final
-        r = requests.get(f"{s.url}/ready", timeout=10)
+        # /ready probes the folders at most every 2 s: allow it one more probe.
+        deadline = time.monotonic() + 10
+        while (r := requests.get(f"{s.url}/ready", timeout=10)).status_code == 200:
+            assert time.monotonic() < deadline, "/ready never reported the full disk"
+            time.sleep(0.2)
         assert r.status_code == 503 and r.json()["status"] == "unhealthy"
         assert "No space left" in r.json()["reason"], r.json()
         r = s.run(image_only(batch=1))
@@ -359,7 +363,7 @@ def test_6_full_disk(tmp_path: Path, tiny_disk: Path) -> None:
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = Server(tmp_path_factory.mktemp("keyed"), api_keys="key-one,key-two")
     try:
-        # /ready itself needs a key: wait on /health, then on an authorised /ready.
+        # /ready is public (probes carry no key); the key is sent all the same.
         import time
         start = time.monotonic()
         while True:
@@ -379,7 +383,9 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def test_7_api_keys(keyed: Server) -> None:
     one, two = {"X-Api-Key": "key-one"}, {"Authorization": "Bearer key-two"}
     assert requests.get(f"{keyed.url}/health", timeout=10).status_code == 200
-    for method, path in (("get", "/ready"), ("post", f"{API}/run"), ("get", f"{API}/status?task_id=x"),
+    # Probes carry no key: /ready answers without one.
+    assert requests.get(f"{keyed.url}/ready", timeout=10).status_code == 200
+    for method, path in (("get", "/metrics"), ("post", f"{API}/run"), ("get", f"{API}/status?task_id=x"),
                          ("post", f"{API}/cancel?task_id=x"), ("get", "/pre-stop")):
         r = requests.request(method, keyed.url + path, timeout=10)
         assert r.status_code == 401, (path, r.text)

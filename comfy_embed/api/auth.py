@@ -27,10 +27,13 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
                    Awaitable[None]]
 
-#: The one list of paths that need no key: liveness for load balancers and
-#: orchestrators, the playground page (api/page.py) and the API docs
+#: The one list of paths that need no key: liveness and readiness for load
+#: balancers and orchestrators, the platform hooks that only wait or flush
+#: (/initialize, /pre-freeze; /pre-stop drains, so it keeps its key and
+#: SIGTERM drains anyway), the playground page (api/page.py) and the API docs
 #: (api/openapi.py): static documents; the API calls they make need a key.
-PUBLIC_PATHS: frozenset[str] = frozenset({"/health", "/", "/playground", "/playground/examples",
+PUBLIC_PATHS: frozenset[str] = frozenset({"/health", "/ready", "/initialize", "/pre-freeze",
+                                          "/", "/playground", "/playground/examples",
                                           "/openapi.json", "/docs"})
 #: Path prefixes that need no key (static assets of the page and the docs).
 PUBLIC_PREFIXES: tuple[str, ...] = ("/static/", "/docs/")
