@@ -249,7 +249,9 @@ class Comfy:
         # Start reading the checkpoints to preload while the imports run.
         _warm_page_cache([d / name for name in s.preload
                           for d in (s.models_path / "checkpoints", Path(s.cache_dir))])
-        if s.lazy_imports:
+        # Custom-node packs reach into these modules in ways nobody has
+        # checked against the stand-ins: with packs on, import them for real.
+        if s.lazy_imports and not s.custom_nodes:
             from .lazy_modules import install
             self.deferred_modules = install()
         import comfy.options

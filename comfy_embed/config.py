@@ -218,6 +218,7 @@ class Settings(BaseSettings):
     max_task_events: int = 10_000
     #: Defer importing modules an SD1.5 run never uses (torchvision, scipy.stats,
     #: kornia, av, spandrel) until a node uses them: a faster cold start.
+    #: Not applied with ``custom_nodes`` on (packs import them their own ways).
     lazy_imports: bool = True
 
     # --- safety (issue 9): bounds on one request, denylist, auth, drain -------
