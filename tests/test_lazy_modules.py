@@ -118,6 +118,7 @@ _BOOT = """
 """
 
 
+@pytest.mark.server  # boots real ComfyUI in a subprocess
 def test_boot_defers_what_sd15_does_not_use(tmp_path: Path) -> None:
     script = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + textwrap.dedent(_BOOT)
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
