@@ -716,3 +716,18 @@ def start_run(args: "argparse.Namespace", name: str) -> tuple[dict[str, Any], Pa
     print_machine(machine)
     ensure_tiny_checkpoint(args.cache_dir)
     return machine, workdir(name)
+
+
+def cuda_memory() -> dict[str, Any]:
+    """This process's torch CUDA allocator and its peaks (MiB); {} on CPU or
+    before torch is imported (never imports it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    out: dict[str, Any] = {"allocator": torch.cuda.get_allocator_backend()}
+    try:
+        out["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    except RuntimeError:
+        pass  # some stats are not kept by every allocator
+    return out

@@ -30,23 +30,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
 
 MARKS: list[tuple[str, float, str | None]] = []
 _current: list[str | None] = [None]
-
-
-def _cuda_memory() -> dict[str, Any]:
-    """The torch CUDA allocator in use and its peaks (MiB); {} on CPU."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return {}
-    out: dict[str, Any] = {"allocator": torch.cuda.get_allocator_backend()}
-    try:
-        out["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
-    except RuntimeError:
-        pass  # some stats are not kept by every allocator
-    return out
 
 
 def mark(name: str, key: str | None = None) -> None:
@@ -135,7 +123,7 @@ def bench_app(app: Any) -> Any:
             ex = engine.executor
             body = {"busy_seconds": ex.busy_seconds,
                     "uptime_seconds": time.monotonic() - ex.started_at,
-                    "marks": list(MARKS), "cuda": _cuda_memory()}
+                    "marks": list(MARKS), "cuda": common.cuda_memory()}
             MARKS.clear()
             raw = json.dumps(body).encode()
             await send({"type": "http.response.start", "status": 200,

@@ -149,7 +149,7 @@ def _worker(args: argparse.Namespace) -> None:
 
         def run(req: dict[str, Any]) -> dict[str, Any]:
             if req.get("memory"):
-                return _torch_memory()
+                return common.cuda_memory()
             graph = req["graph"]
             if not req.get("stream"):
                 t0 = time.perf_counter()
@@ -231,20 +231,6 @@ class VramPeak:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
-
-
-def _torch_memory() -> dict[str, Any]:
-    """This process's torch CUDA allocator: which one, and its peaks (MiB)."""
-    import torch
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return {}
-    out: dict[str, Any] = {"allocator": torch.cuda.get_allocator_backend()}
-    try:
-        out["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
-    except RuntimeError:
-        pass  # some stats are not kept by every allocator
-    return out
 
 
 def main() -> None:
