@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,13 +26,12 @@ from ._comfy_packs import PackStatus, load_packs, run_prestartup_scripts
 from ._comfy_server import PromptServer
 from .config import Settings
 from .errors import WorkflowInvalid, node_error
+from .outcome import Outcome, Sink
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Comfy", "Outcome", "PackStatus", "Sink"]
+__all__ = ["Comfy", "PackStatus"]
 
-#: Receives every message ComfyUI sends for the running prompt: (type, data).
-Sink = Callable[[str, dict], None]
 #: The client id ComfyUI sees; with it set, the executor sends every message.
 _CLIENT_ID = "comfy-embed"
 _END_OF_RUN = frozenset({"execution_success", "execution_error", "execution_interrupted"})
@@ -74,19 +72,6 @@ def _throttled_progress(base: type, interval: float,
                 super()._send_progress_state(*pending)
 
     return ThrottledProgressHandler
-
-
-@dataclass
-class Outcome:
-    """What one execution left behind."""
-
-    success: bool
-    interrupted: bool
-    #: ``{node_id: ui_output}`` as in ComfyUI's history.
-    outputs: dict[str, Any]
-    #: The ``execution_error`` message data, when the run failed.
-    error: dict[str, Any] | None = None
-    messages: list[tuple[str, dict]] = field(default_factory=list)
 
 
 class _QuietImportFailures(logging.Filter):

@@ -4,6 +4,10 @@ ComfyUI's state is process-global (model management, the progress hook, the
 interrupt flag, folder paths), so exactly one thread touches it. Jobs report
 through plain callbacks called on this thread; the runtime bridges them into
 the event loop. A job that fails in any way fails alone: the thread goes on.
+
+A job's :class:`Outcome` leaves this thread complete: after a successful run
+the thread resolves the output files to absolute paths (``Outcome.files``),
+so nothing above it asks the backend where its folders are.
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from ._comfy import Outcome, Sink
 from .errors import QueueFull
 from .logs import task_context
+from .outcome import Outcome, Sink
+from .results import collect_files
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Backend", "Executor", "Job"]
+__all__ = ["Backend", "Executor", "Job", "Outcome", "Sink"]
 
 
 class Housekeeper(Protocol):
@@ -46,6 +52,10 @@ class Backend(Protocol):
         ...
 
     def interrupt(self) -> None: ...
+
+    def directory_of(self, kind: str) -> Path:
+        """Absolute folder of an output ``type`` ("output", "temp", "input")."""
+        ...
 
 
 @dataclass(eq=False)
@@ -87,6 +97,22 @@ def _cancelled_outcome(job: Job) -> Outcome:
                    error={"prompt_id": job.prompt_id, "node_id": None,
                           "node_type": None, "executed": [],
                           "reason": job.cancel_reason or "cancelled"})
+
+
+def _with_files(outcome: Outcome, backend: Backend, job: Job) -> Outcome:
+    """``outcome`` with its output files resolved; a failed one if they
+    cannot be (an output ``type`` the backend has no folder for)."""
+    try:
+        outcome.files = collect_files(outcome.outputs, backend.directory_of)
+        return outcome
+    except Exception as e:
+        log.exception("job %s: resolving its output files failed", job.prompt_id)
+        return Outcome(success=False, interrupted=False, outputs={},
+                       error={"prompt_id": job.prompt_id, "node_id": None, "node_type": None,
+                              "exception_type": type(e).__name__,
+                              "exception_message": f"could not resolve the output files: {e}",
+                              "traceback": [], "executed": []},
+                       messages=outcome.messages)
 
 
 class Executor:
@@ -270,6 +296,8 @@ class Executor:
             with self._cond:
                 self._current = None
             self.busy_seconds += time.monotonic() - start
+        if outcome.success:
+            outcome = _with_files(outcome, self.backend, job)
         if job.cancel_reason and not outcome.success:
             outcome.interrupted = True
             if outcome.error is not None:

@@ -34,17 +34,17 @@ from typing import Any, AsyncIterator, Callable
 
 import anyio
 
-from ._comfy import Comfy, Outcome
+from ._comfy import Comfy
 from .config import Settings
 from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccepting,
                      OutOfMemory, RunTimeout, TaskCancelled, WorkflowInvalid)
 from .events import (COMFY_TERMINAL, FINAL, PROGRESS_STATE, event, final_event, queue_event,
                      status_event)
-from .executor import Executor, Job
+from .executor import Executor, Job, Outcome
 from .guard import MemoryGuard, is_out_of_memory
 from .observe import Metrics
 from .report import TaskReport, TimedUploader, loader_nodes
-from .results import FORMATS, collect_files, collect_values, render_results
+from .results import FORMATS, collect_values, render_results
 from .storage import Store, open_store
 from .taskid import check_task_id, valid_task_id
 from .workflow import (WorkflowRequest, check_nodes, isolate_outputs, media_inputs, parse_request,
@@ -307,10 +307,8 @@ class Task:
 
     async def _render(self, outcome: Outcome) -> list[dict[str, Any]]:
         output_base64, output_oss, credentials, output_format, quality = self._options
-        comfy = self.engine.comfy
-        files = collect_files(outcome.outputs, comfy.directory_of)
         store = TimedUploader(self.engine.store(), self.report) if output_oss else None
-        return await render_results(files, output_base64=output_base64, store=store,
+        return await render_results(outcome.files, output_base64=output_base64, store=store,
                                     credentials=credentials, output_format=output_format,
                                     quality=quality)
 

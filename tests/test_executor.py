@@ -4,13 +4,13 @@ only place a fake stands in for ComfyUI)."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from comfy_embed._comfy import Outcome, Sink
 from comfy_embed.errors import QueueFull
-from comfy_embed.executor import Executor, Job
+from comfy_embed.executor import Executor, Job, Outcome, Sink
 
 
 class FakeBackend:
@@ -55,10 +55,15 @@ class FakeBackend:
             self.interrupted.clear()
             return Outcome(False, True, {}, {"prompt_id": prompt_id, "node_id": "1"})
         self.nodes_run.append(prompt_id)
-        return Outcome(True, False, {"1": {"images": []}})
+        return Outcome(True, False, {"1": {"images": prompt.get("images", [])}})
 
     def interrupt(self) -> None:
         self.interrupted.set()
+
+    def directory_of(self, kind: str) -> Path:
+        if kind != "output":
+            raise ValueError(f"unknown output type {kind!r}")
+        return Path("/outputs")
 
 
 def make_job(pid: str, done: dict[str, Outcome], events: list[tuple[str, str]],
@@ -166,3 +171,22 @@ def test_cancel_is_never_lost_between_dequeue_and_execution(setup: Any, point: s
     after = make_job("next", done, [])
     ex.submit(after)
     assert after.finished.wait(5) and done["next"].success
+
+
+def test_outcome_leaves_the_thread_with_its_files_resolved(setup: Any) -> None:
+    """The executor thread asks the backend for the folders: the outcome
+    carries absolute paths, and an output type without a folder fails the job."""
+    ex, backend = setup
+    done: dict[str, Outcome] = {}
+    events: list[tuple[str, str]] = []
+    ok = make_job("ok", done, events, images=[{"filename": "a.png", "subfolder": "s", "type": "output"},
+                                             {"filename": "b.png", "subfolder": "", "type": "output"}])
+    bad = make_job("bad", done, events, images=[{"filename": "c.png", "type": "nowhere"}])
+    ex.submit(ok)
+    ex.submit(bad)
+    assert ok.finished.wait(5) and bad.finished.wait(5)
+    assert done["ok"].success
+    assert [f.path for f in done["ok"].files] == [Path("/outputs/s/a.png"), Path("/outputs/b.png")]
+    assert not done["bad"].success and done["bad"].files == []
+    assert "could not resolve the output files" in done["bad"].error["exception_message"]
+    assert "nowhere" in done["bad"].error["exception_message"]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from comfy_embed import ExecutionFailed, TaskCancelled, WorkflowInvalid
-from comfy_embed._comfy import Outcome
+from comfy_embed.executor import Outcome
 from comfy_embed.executor import Job
 from comfy_embed.runtime import Engine, Task
 

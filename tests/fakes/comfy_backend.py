@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from comfy_embed._comfy import Outcome, Sink
+from comfy_embed.executor import Outcome, Sink
 from comfy_embed.config import Settings
 from comfy_embed.errors import WorkflowInvalid, node_error
 
