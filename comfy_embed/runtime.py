@@ -435,6 +435,8 @@ class Engine:
 
     async def wait_ready(self) -> None:
         """Wait for ComfyUI; NotAccepting if it failed to boot."""
+        if self.ready:  # every submit asks: no worker-thread hop once booted
+            return
         self.start()
         try:
             await anyio.to_thread.run_sync(self.executor.wait_ready)
