@@ -21,9 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from . import _comfy_server
 from ._comfy_packs import PackStatus, load_packs, run_prestartup_scripts
-from ._comfy_server import PromptServer
 from .config import Settings
 from .errors import WorkflowInvalid, node_error
 from .outcome import Outcome, Sink
@@ -196,6 +194,9 @@ class Comfy:
     _booted = False
 
     def __init__(self, settings: Settings) -> None:
+        # Here, not at module level: the stand-in server needs aiohttp, which
+        # `import comfy_embed` (the library, the CLI) should not pay for.
+        from ._comfy_server import PromptServer
         self.settings = settings
         self.server = PromptServer()
         #: Custom-node packs found at boot, loaded or not (for /ready and logs).
@@ -267,6 +268,7 @@ class Comfy:
         # Nodes import PromptServer from a module named `server`; ComfyUI's own
         # server.py pulls in the frontend and starts a web server: give them
         # the stand-in module instead.
+        from . import _comfy_server
         sys.modules["server"] = _comfy_server
         self.boot_seconds["torch"] = time.perf_counter() - t0
 
