@@ -8,12 +8,27 @@
   of the range it covers (a range may skip seqs: superseded progress is not
   stored). Segments form a chain: each starts right after the previous one's
   last seq;
-- ``final``: the terminal event, ``{"seq", "event", "blob"}``; the only file
-  that is fsynced. Its ``results[].output.base64`` data lives in the sidecar
-  ``final.<token>.blob`` (raw bytes, not fsynced) and is put back on read;
+- ``final``: the terminal event, ``{"seq", "from", "events", "event",
+  "blob"}``; the only file that is fsynced. The owner's last flush goes in
+  it rather than in a segment (unless it is over 64 KiB compressed):
+  ``events`` are the ``[seq, event]`` pairs from seq ``from`` up to the
+  terminal one, ``seq``, so a short task writes no segment. Base64 image data is
+  not stored in it: a ``results[].output.base64`` whose bytes are exactly
+  the saved output file, lying in the output folder that holds this log
+  (the default layout: instances that share the log share that folder),
+  keeps a reference (``file`` relative to the log root, ``size``,
+  ``crc32``); any other keeps its bytes in the sidecar
+  ``final.<token>.blob`` (raw bytes, not fsynced). Both are put back as
+  base64 on read; an output file deleted or changed since (retention
+  deletes the output folder just before the log) reads as
+  ``base64: {"error": {"type": "output_unavailable", "message"}}``;
 - ``cancel``: a cancel request from any instance;
 - other names (letters first, see :meth:`TaskLog.put_record`): records that
   other features keep beside the log (webhook deliveries, ...).
+
+Segments and ``final`` are JSON compressed with zlib (the first byte of a
+zlib stream, ``x``, is never the first byte of JSON, so files of earlier
+versions, plain JSON, still read).
 
 NFS or an object-storage mount (ossfs) may not append or rename over a name
 reliably, so no file is modified in place: each is written under a hidden temp
@@ -24,16 +39,23 @@ that seq from the chain it sees, so ranges never overlap). Without hard links,
 an ``O_EXCL`` hidden lock that records the reserved range reserves the name
 and the fresh temp file is renamed to it.
 
-Exactly one terminal event: a finisher publishes a segment ending with a
-``serverless_api`` placeholder (which reserves its seq in the chain), then
-exclusively the ``final`` file naming that seq. Readers stop before a
-placeholder with no ``final`` yet, and skip one whose writer lost the race
-(the owner and a recovering instance). Durability: the answer to a caller
-waits for ``final`` (fsynced with its directory); segments and the blob are
-written without fsync, so a crash of the process (kill -9) loses nothing, and
-a crash of the machine can lose only progress and inlined images, never the
-final event. Logs written by earlier versions (one event per file, ``final``
-holding only a seq) are still read.
+Exactly one terminal event, whoever writes it: ``final`` is published
+exclusively. Only the owner (the :class:`TaskLog` that claimed the task,
+its writes serialised) writes other events; another instance writes only a
+terminal event (recovering a lost task), and first publishes a segment
+ending with a ``serverless_api`` placeholder, which reserves its seq in the
+chain, so that no segment of the owner's at that seq can be read before
+that final appears with a lower seq. The owner's ``final`` comes after its
+own chain, so readers take its ``events`` in place of any segment from
+``from`` on (only placeholders of finishers that lost the race can be
+there). Readers stop before a placeholder with no ``final`` yet, and skip
+one whose writer lost the race. Durability: the answer to a caller waits for
+``final`` (fsynced with its directory); segments and the blob are written
+without fsync, so a crash of the process (kill -9) loses nothing, and a
+crash of the machine can lose only progress and inlined images, never the
+final event. Logs written by earlier versions (one event per file,
+``final`` holding only a seq, or its event with the placeholder in a
+segment, uncompressed) are still read.
 """
 
 from __future__ import annotations
@@ -49,7 +71,9 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +100,11 @@ _NO_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EX
 _PLACEHOLDER = {"type": FINAL_TYPE}
 #: How long a writer waits for a no-hard-link reservation to name its range.
 _RESERVATION_WAIT = 2.0
+#: The owner's last flush goes into ``final`` up to this size (compressed);
+#: a larger one is a segment of its own, so the fsynced file stays small.
+_EMBED_LIMIT = 64 * 1024
+#: zlib level: the default, about as fast as 1 on these small JSON files.
+_ZLEVEL = 6
 
 
 @dataclass(frozen=True)
@@ -92,6 +121,10 @@ class _Final:
     #: None for logs of earlier versions: the event is then in the segment.
     event: dict[str, Any] | None
     blob: str | None
+    #: First seq of the range this file holds (``events`` then the terminal
+    #: event); None when a placeholder in a segment reserved it.
+    first: int | None = None
+    events: tuple[tuple[int, dict[str, Any]], ...] = ()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -181,12 +214,28 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
+def _encode(value: Any) -> bytes:
+    """A segment's or the final's bytes: compact JSON, zlib-compressed."""
+    return zlib.compress(dumps_bytes(value), _ZLEVEL)
+
+
+def _decode(raw: bytes) -> Any:
+    """:func:`_encode` undone; plain JSON (earlier versions) as it is.
+    ValueError when it is neither."""
+    if raw[:1] == b"x":  # a zlib stream's first byte; JSON never starts so
+        try:
+            raw = zlib.decompress(raw)
+        except zlib.error as e:
+            raise ValueError(str(e)) from None
+    return loads(raw)
+
+
 def _load(path: Path) -> Any:
     raw = _read(path)
     if raw is None:
         return None
     try:
-        return loads(raw)
+        return _decode(raw)
     except ValueError:
         # Never a half-written file (publishing is atomic): real corruption.
         log.warning("tasklog: skipping undecodable file %s", path)
@@ -206,9 +255,38 @@ def _pairs(value: Any, first: int) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
-def _split_blobs(event: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    """The final event without its base64 image data, and that data as raw
-    bytes; each ``base64`` output then says where its bytes are (``blob``)."""
+def _output_file(out: dict[str, Any], raw: bytes, root: Path) -> dict[str, Any] | None:
+    """A reference to the output file named by ``out["comfy"]`` if it holds
+    exactly ``raw`` and lies in the output folder that holds the log
+    ``root`` (resolved): every instance reading this log then reads the
+    file too. None otherwise (the bytes are then copied)."""
+    comfy = out.get("comfy")
+    if not isinstance(comfy, dict):
+        return None
+    try:
+        base = Path(comfy["dir"]).resolve()
+        path = (base / comfy["subfolder"] / comfy["filename"]).resolve()
+    except (KeyError, TypeError, ValueError, OSError, RuntimeError):
+        return None
+    if (not root.is_relative_to(base) or root == base or not path.is_relative_to(base)
+            or path.is_relative_to(root)):
+        return None
+    try:
+        with open(path, "rb") as f:
+            on_disk = f.read(len(raw) + 1)
+    except OSError:
+        return None
+    if on_disk != raw:
+        return None  # converted, or written over since: keep a copy
+    return {"file": Path(os.path.relpath(path, root)).as_posix(), "size": len(raw),
+            "crc32": zlib.crc32(raw)}
+
+
+def _split_blobs(event: dict[str, Any], root: Path) -> tuple[dict[str, Any], bytes]:
+    """The final event without its base64 image data, and the data that must
+    be copied as raw bytes; each ``base64`` output then says where its bytes
+    are: in the output file (``file``, see :func:`_output_file`) or in the
+    copy (``blob``: offset and length)."""
     data = event.get("data")
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, list):
@@ -216,11 +294,12 @@ def _split_blobs(event: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     chunks: list[bytes] = []
     offset = 0
     new_results: list[Any] = []
+    changed = False
     for r in results:
         out = r.get("output") if isinstance(r, dict) else None
         b64 = out.get("base64") if isinstance(out, dict) else None
         text = b64.get("data") if isinstance(b64, dict) else None
-        if not isinstance(text, str):
+        if not isinstance(out, dict) or not isinstance(b64, dict) or not isinstance(text, str):
             new_results.append(r)
             continue
         try:
@@ -228,18 +307,49 @@ def _split_blobs(event: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         except (binascii.Error, ValueError):
             new_results.append(r)  # not canonical base64: keep it inline
             continue
-        chunks.append(raw)
         ref = {k: v for k, v in b64.items() if k != "data"}
-        ref["blob"] = [offset, len(raw)]
-        offset += len(raw)
+        pointer = _output_file(out, raw, root)
+        if pointer is not None:
+            ref.update(pointer)
+        else:
+            chunks.append(raw)
+            ref["blob"] = [offset, len(raw)]
+            offset += len(raw)
+        changed = True
         new_results.append({**r, "output": {**out, "base64": ref}})
-    if not chunks:
+    if not changed:
         return event, b""
     return {**event, "data": {**data, "results": new_results}}, b"".join(chunks)
 
 
-def _inline_blobs(event: dict[str, Any], blob: bytes | None, where: str) -> dict[str, Any]:
-    """Put the sidecar's bytes back as base64 ``data``."""
+def _relative_file(value: Any) -> str | None:
+    """A ``file`` reference as written by :func:`_output_file`: ``..``
+    steps out of the log root, then a path down; None for anything else."""
+    if not isinstance(value, str) or not value or value.startswith("/") or "\\" in value:
+        return None
+    parts = value.split("/")
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    rest = parts[ups:]
+    if not ups or not rest or any(p in ("", ".", "..") for p in rest):
+        return None
+    return value
+
+
+def _unavailable(out: dict[str, Any], why: str) -> dict[str, Any]:
+    """What a reader gets in place of base64 data whose output file is gone."""
+    comfy = out.get("comfy")
+    name = comfy.get("filename") if isinstance(comfy, dict) else None
+    return {"error": {"type": "output_unavailable",
+                      "message": f"the output file {name!r} {why} after the task ended: "
+                                 f"its base64 data is no longer available"}}
+
+
+def _inline_blobs(event: dict[str, Any], blob: bytes | None, root: Path,
+                  where: str) -> dict[str, Any]:
+    """Put the image bytes back as base64 ``data``: from the sidecar, or
+    from the output file (relative to this reader's log ``root``)."""
     data = event.get("data")
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, list):
@@ -248,7 +358,29 @@ def _inline_blobs(event: dict[str, Any], blob: bytes | None, where: str) -> dict
     for r in results:
         out = r.get("output") if isinstance(r, dict) else None
         b64 = out.get("base64") if isinstance(out, dict) else None
-        ref = b64.get("blob") if isinstance(b64, dict) else None
+        if not isinstance(out, dict) or not isinstance(b64, dict) or not (
+                "blob" in b64 or "file" in b64):
+            new_results.append(r)
+            continue
+        if "file" in b64:
+            rest = {k: v for k, v in b64.items() if k not in ("file", "size", "crc32")}
+            rel = _relative_file(b64["file"])
+            try:
+                raw = (root / rel).read_bytes() if rel is not None else None
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                raw = None
+            except OSError as e:
+                log.warning("tasklog: cannot read the output file of %s: %s", where, e)
+                raw = None
+            if raw is None:
+                rest = _unavailable(out, "was deleted")
+            elif len(raw) != b64.get("size") or zlib.crc32(raw) != b64.get("crc32"):
+                rest = _unavailable(out, "was changed")
+            else:
+                rest = {"data": base64.b64encode(raw).decode("ascii"), **rest}
+            new_results.append({**r, "output": {**out, "base64": rest}})
+            continue
+        ref = b64.get("blob")
         if not isinstance(ref, list) or len(ref) != 2:
             new_results.append(r)
             continue
@@ -289,6 +421,10 @@ class TaskLog:
         self._lock = threading.Lock()
         #: (task id, folder inode, folder ctime) of tasks seen with their final event.
         self._known_final: set[tuple[str, int, int]] = set()
+        #: Tasks this object claimed and has not released: it alone writes
+        #: their non-terminal events, its writes to each one at a time.
+        self._owned: dict[str, threading.Lock] = {}
+        self._resolved_root: Path | None = None
 
     #: Whether ``task_id`` is safe as a directory name (the one rule, taskid.py).
     valid_task_id = staticmethod(valid_task_id)
@@ -322,6 +458,7 @@ class TaskLog:
             return False
         with self._lock:
             self._end.pop(task_id, None)
+            self._owned[task_id] = threading.Lock()
         owner = {"instance_id": self.instance_id, "claimed_at": self._clock()}
         # The directory is ours alone (mkdir is exclusive): a plain exclusive
         # create is enough. A reader that catches it empty sees no owner yet.
@@ -337,11 +474,13 @@ class TaskLog:
         """Undo this instance's :meth:`claim` of a task that was never
         accepted (queue full, draining), so a retry can claim it again."""
         d = self._dir(task_id)
-        if self.owner(task_id) != self.instance_id or _seqs(_listdir(d)):
+        names = _listdir(d)
+        if self.owner(task_id) != self.instance_id or _seqs(names) or _FINAL in names:
             return
         shutil.rmtree(d, ignore_errors=True)
         with self._lock:
             self._end.pop(task_id, None)
+            self._owned.pop(task_id, None)
 
     # -------------------------------------------------------------- writing
     def append(self, task_id: str, event: dict[str, Any]) -> int:
@@ -365,38 +504,72 @@ class TaskLog:
         """
         return self._write(task_id, list(events))[0]
 
+    @contextmanager
+    def _writing(self, task_id: str) -> Iterator[bool]:
+        """One write at a time to a task this object owns; yields whether it does."""
+        with self._lock:
+            lock = self._owned.get(task_id)
+        if lock is None:
+            yield False
+            return
+        with lock:
+            yield True
+
     def _write(self, task_id: str, pairs: list[tuple[int | None, dict[str, Any]]]) -> tuple[int, bool]:
         """Write pairs (seq None: the next one); the flag is False when the
         terminal event among them did not count (or nothing was written)."""
         d = self._dir(task_id)
-        final = self._final(d)
-        if final is not None:
-            return final.seq, False
         if not pairs:
-            return 0, False
-        last_type = pairs[-1][1].get("type")
-        is_final = last_type == FINAL_TYPE
+            return (final.seq if (final := self._final(d)) else 0), False
         if any(ev.get("type") == FINAL_TYPE for _, ev in pairs[:-1]):
             raise ValueError("a terminal event can only come last")
-        d.mkdir(parents=True, exist_ok=True)
+        is_final = pairs[-1][1].get("type") == FINAL_TYPE
+        with self._writing(task_id) as owned:
+            final = self._final(d)
+            if final is not None:
+                return final.seq, False
+            d.mkdir(parents=True, exist_ok=True)
+            if not (owned and is_final):
+                return self._write_chain(d, task_id, pairs, is_final)
+            # The owner's last flush goes into the final file (no placeholder:
+            # the owner is the only writer of other events, see the module doc).
+            first = self._next_seq(d, task_id)
+            items = self._number(task_id, first, pairs[:-1])
+            seq = pairs[-1][0]
+            nxt = items[-1][0] + 1 if items else first
+            seq = nxt if seq is None or seq < nxt else seq
+            return self._finish(d, task_id, seq, pairs[-1][1], first, items)
+
+    def _number(self, task_id: str, first: int, pairs: Sequence[tuple[int | None, dict[str, Any]]]
+                ) -> list[tuple[int, dict[str, Any]]]:
+        """Seqs for pairs written from ``first`` on: a pair without one gets
+        the next; a terminal event the next free; other pairs whose seq was
+        taken by another writer are dropped."""
+        items: list[tuple[int, dict[str, Any]]] = []
+        nxt = first
+        for seq, ev in pairs:
+            terminal = ev.get("type") == FINAL_TYPE
+            if seq is None or (seq < nxt and terminal):
+                seq = nxt
+            elif seq < nxt:
+                log.warning("tasklog: task %s: seq %d was taken by another writer; "
+                            "event dropped", task_id, seq)
+                continue
+            items.append((seq, _PLACEHOLDER if terminal else ev))
+            nxt = seq + 1
+        return items
+
+    def _write_chain(self, d: Path, task_id: str, pairs: list[tuple[int | None, dict[str, Any]]],
+                     is_final: bool) -> tuple[int, bool]:
+        """Publish pairs as the next segment of the chain (a terminal event as
+        its placeholder, then ``final`` naming it)."""
         while True:
             first = self._next_seq(d, task_id)
-            items: list[tuple[int, dict[str, Any]]] = []
-            nxt = first
-            for seq, ev in pairs:
-                terminal = ev.get("type") == FINAL_TYPE
-                if seq is None or (seq < nxt and terminal):
-                    seq = nxt
-                elif seq < nxt:
-                    log.warning("tasklog: task %s: seq %d was taken by another writer; "
-                                "event dropped", task_id, seq)
-                    continue
-                items.append((seq, _PLACEHOLDER if terminal else ev))
-                nxt = seq + 1
+            items = self._number(task_id, first, pairs)
             if not items:
                 return first - 1, False
             end = items[-1][0]
-            if _publish(d, _seg(first), dumps_bytes(items), reservation=str(end).encode()):
+            if _publish(d, _seg(first), _encode(items), reservation=str(end).encode()):
                 break
             with self._lock:
                 self._end.pop(task_id, None)  # another writer extended the chain
@@ -407,17 +580,44 @@ class TaskLog:
         if not is_final:
             final = self._final(d)
             # Landed after a final (raced it): readers stop at the final, never see it.
-            return (final.seq, False) if final is not None and final.seq < end else (end, True)
+            if final is not None and (final.seq < end or (final.first is not None
+                                                          and first >= final.first)):
+                return final.seq, False
+            return end, True
         return self._finish(d, task_id, end, pairs[-1][1])
 
-    def _finish(self, d: Path, task_id: str, seq: int, event: dict[str, Any]) -> tuple[int, bool]:
-        stripped, blob = _split_blobs(event)
+    def _root(self) -> Path:
+        if self._resolved_root is None:
+            self._resolved_root = self.root.resolve()
+        return self._resolved_root
+
+    def _finish(self, d: Path, task_id: str, seq: int, event: dict[str, Any],
+                first: int | None = None, events: Sequence[tuple[int, dict[str, Any]]] = ()
+                ) -> tuple[int, bool]:
+        """Publish ``final``: ``event`` at ``seq``, with ``events`` from
+        ``first`` on (the owner), or named by a placeholder (``first`` None)."""
+        stripped, blob = _split_blobs(event, self._root())
         blob_name = None
         if blob:
             blob_name = f"{_FINAL}.{uuid.uuid4().hex}.blob"
             _publish(d, blob_name, blob)
-        marker = {"seq": seq, "event": stripped, "blob": blob_name}
-        if _publish(d, _FINAL, dumps_bytes(marker), durable=True):
+        marker: dict[str, Any] = {"seq": seq, "event": stripped, "blob": blob_name}
+        if first is not None:
+            marker.update({"from": first, "events": list(events)})
+        payload = _encode(marker)
+        if events and len(payload) > _EMBED_LIMIT:
+            # Too much to fsync cheaply: the events get a segment of their own.
+            end, ok = self._write_chain(d, task_id, list(events), False)
+            if not ok:  # a final came meanwhile
+                if blob_name:
+                    (d / blob_name).unlink(missing_ok=True)
+                return end, False
+            seq = max(seq, end + 1)
+            marker.update({"seq": seq, "from": end + 1, "events": []})
+            payload = _encode(marker)
+        if _publish(d, _FINAL, payload, durable=True):
+            with self._lock:
+                self._end[task_id] = seq
             return seq, True
         # Lost the race: ours stays hidden. Without hard links the winner
         # reserves the marker before renaming it in, so give it a moment.
@@ -470,9 +670,12 @@ class TaskLog:
         if text.isdigit():
             return _Final(int(text), None, None)  # an earlier version's marker
         try:
-            value = loads(raw)
-            return _Final(int(value["seq"]), value["event"], value.get("blob"))
-        except (ValueError, KeyError, TypeError):
+            value = _decode(raw)
+            first = value.get("from")
+            return _Final(int(value["seq"]), value["event"], value.get("blob"),
+                          None if first is None else int(first),
+                          tuple(_pairs(value.get("events") or [], 0)))
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("tasklog: undecodable final marker in %s", d)
             return None
 
@@ -480,7 +683,7 @@ class TaskLog:
         if final.event is None:
             return None
         blob = _read(d / final.blob) if final.blob else None
-        return _inline_blobs(final.event, blob, str(d))
+        return _inline_blobs(final.event, blob, self.root, str(d))
 
     def _pending(self, d: Path, lo: int, hi: int, names: set[str]) -> bool:
         """Whether a live writer still holds a reservation for a seq in [lo, hi)."""
@@ -507,11 +710,14 @@ class TaskLog:
         segs = _seqs(names)
         out: list[tuple[int, dict[str, Any]]] = []
         expected = since + 1
+        # The owner's final holds the events from ``first`` on itself: a
+        # segment there is a placeholder of a finisher that lost the race.
+        end = 0 if final is None else final.seq if final.first is None else final.first - 1
         for i, first in enumerate(segs):
             nxt = segs[i + 1] if i + 1 < len(segs) else None
             if nxt is not None and nxt <= since + 1:
                 continue  # the whole segment is at or before ``since``
-            if final is not None and first > final.seq:
+            if final is not None and first > end:
                 break
             # Only the no-hard-link fallback can leave a hole while a writer is
             # mid-publish; stop there so a poller using ``since`` misses nothing.
@@ -521,8 +727,10 @@ class TaskLog:
             for seq, event in pairs:
                 if seq <= since:
                     continue
-                if final is not None and seq > final.seq:
-                    return out
+                if final is not None and seq > end:
+                    if final.first is None:
+                        return out
+                    break
                 if event.get("type") == FINAL_TYPE:
                     if final is None:
                         return out  # its marker comes next, unless it loses a race
@@ -535,6 +743,13 @@ class TaskLog:
                 out.append((seq, event))
             if pairs:
                 expected = max(expected, pairs[-1][0] + 1)
+        if final is not None and final.first is not None:
+            if final.seq > since and not self._pending(d, expected, final.first, names):
+                out.extend((seq, event) for seq, event in final.events if seq > since)
+                full = self._final_event(d, final)
+                if full is not None:
+                    out.append((final.seq, full))
+            return out
         if final is not None and final.event is not None and final.seq > since:
             # The segment holding its placeholder was lost (a machine crash):
             # the final event itself is durable.
@@ -615,6 +830,7 @@ class TaskLog:
         """
         with self._lock:
             self._end.pop(task_id, None)
+            self._owned.pop(task_id, None)
         try:
             self._touch(self._dir(task_id) / _OWNER, when=0.0)
         except FileNotFoundError:

@@ -138,8 +138,8 @@ def test_exactly_one_final(tmp_path: Path) -> None:
     events = tl.read("t")
     assert [e["type"] for _, e in events] == ["progress", FINAL_TYPE]
     assert events[-1][1]["data"]["status"] == "success"
-    assert sorted(os.listdir(tmp_path / "t")) == ["00000001.json", "00000002.json",
-                                                  "final", "owner.json"]
+    # The owner's final file needs no placeholder segment.
+    assert sorted(os.listdir(tmp_path / "t")) == ["00000001.json", "final", "owner.json"]
 
 
 @pytest.mark.parametrize("hardlinks", [True, False])
@@ -423,7 +423,8 @@ def test_final_keeps_base64_in_a_sidecar(tmp_path: Path) -> None:
     assert tl.extend("t", [(1, ev(1)), (2, event)]) == 2
     names = sorted(os.listdir(tmp_path / "t"))
     (blob,) = [n for n in names if n.endswith(".blob")]
-    assert names == sorted(["00000001.json", "final", blob, "owner.json"])
+    # The owner's last flush (event 1) is in the final file too.
+    assert names == sorted(["final", blob, "owner.json"])
     # The fsynced final file holds no image data; the sidecar holds the bytes.
     assert len((tmp_path / "t" / "final").read_bytes()) < 1000
     assert (tmp_path / "t" / blob).read_bytes() == b"".join(images)
@@ -443,7 +444,11 @@ def test_final_survives_lost_segment(tmp_path: Path) -> None:
     tl = TaskLog(tmp_path, "i1")
     tl.claim("t")
     tl.append("t", ev(0))
-    tl.append("t", final())
+    # Another instance (not the owner) reserves the final's seq with a
+    # placeholder segment.
+    TaskLog(tmp_path, "i2").append("t", final())
+    assert sorted(os.listdir(tmp_path / "t")) == ["00000001.json", "00000002.json",
+                                                  "final", "owner.json"]
     # Segments are not fsynced: a crash of the machine may lose one.
     (tmp_path / "t" / "00000002.json").unlink()
     assert [(s, e["type"]) for s, e in tl.read("t")] == [(1, "progress"), (2, FINAL_TYPE)]

@@ -3,6 +3,7 @@ item 1): an 81 KB graph of 800 nodes once gave a 91.6 MB status answer."""
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from pathlib import Path
@@ -103,12 +104,42 @@ def test_small_run_writes_few_files(server: Server) -> None:
     r = server.run(graph, "?output_base64=true", headers={"X-Task-Id": task_id})
     assert r.status_code == 200, r.text
     assert r.json()["data"]["results"][0]["output"]["base64"]["data"].startswith("iVBORw0KGgo")
-    names = sorted(p.name for p in log_files(server, task_id))
-    # owner.json, one segment of events, the final file and its image sidecar.
-    assert len(names) <= 5 and "final" in names and "owner.json" in names, names
-    assert sum(n.endswith(".blob") for n in names) == 1
+    files = log_files(server, task_id)
+    # owner.json and the final file, which holds the events too and refers
+    # to the saved PNG (the log lies in the output folder) instead of a copy.
+    assert sorted(p.name for p in files) == ["final", "owner.json"]
+    assert sum(p.stat().st_size for p in files) < 1500
     # Read back from the log: the same answer, base64 included.
     assert server.status(task_id)[-1]["data"] == r.json()["data"]
+
+
+def test_other_instance_answers_status_with_base64(
+        server: Server, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An async caller polls whichever instance it reaches: one sharing the
+    output folder (and with it the task log) returns the image as base64,
+    read from the saved file; once that file is deleted, a clear error."""
+    task_id = "async-b64-" + uuid.uuid4().hex
+    r = server.run(wide_graph(1), "?output_base64=true",
+                   headers={"X-Fc-Invocation-Type": "Async", "X-Task-Id": task_id})
+    assert r.status_code == 202, r.text
+    mine = server.wait_final(task_id)
+    other = Server(tmp_path_factory.mktemp("other"), output_dir=server_base(server) / "output")
+    try:
+        other.wait_ready()
+        theirs = other.status(task_id)
+        assert theirs == mine
+        out = theirs[-1]["data"]["results"][0]["output"]
+        saved = Path(out["comfy"]["dir"], out["comfy"]["subfolder"], out["comfy"]["filename"])
+        assert base64.b64decode(out["base64"]["data"]) == saved.read_bytes()
+        assert saved.read_bytes().startswith(b"\x89PNG")
+        assert other.status(task_id, since=mine[-1]["id"] - 1) == mine[-1:]
+        saved.unlink()
+        (event,) = other.status(task_id, since=mine[-1]["id"] - 1)
+        assert event["data"]["status"] == "success"
+        error = event["data"]["results"][0]["output"]["base64"]["error"]
+        assert error["type"] == "output_unavailable" and "was deleted" in error["message"]
+    finally:
+        other.stop()
 
 
 @pytest.mark.anyio
