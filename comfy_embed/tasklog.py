@@ -12,11 +12,11 @@
   "blob"}``; the only file that is fsynced. The owner's last flush goes in
   it rather than in a segment (unless it is over 64 KiB compressed):
   ``events`` are the ``[seq, event]`` pairs from seq ``from`` up to the
-  terminal one, ``seq``, so a short task writes no segment. Base64 image data is
-  not stored in it: a ``results[].output.base64`` whose bytes are exactly
-  the saved output file, lying in the output folder that holds this log
-  (the default layout: instances that share the log share that folder),
-  keeps a reference (``file`` relative to the log root, ``size``,
+  terminal one, ``seq``, so a short task writes no segment at all. It holds
+  no base64 image data: a ``results[].output.base64`` whose bytes are
+  exactly the saved output file, lying in the output folder that holds
+  this log (the default layout: instances that share the log share that
+  folder), keeps a reference (``file`` relative to the log root, ``size``,
   ``crc32``); any other keeps its bytes in the sidecar
   ``final.<token>.blob`` (raw bytes, not fsynced). Both are put back as
   base64 on read; an output file deleted or changed since (retention
@@ -26,9 +26,9 @@
 - other names (letters first, see :meth:`TaskLog.put_record`): records that
   other features keep beside the log (webhook deliveries, ...).
 
-Segments and ``final`` are JSON compressed with zlib (the first byte of a
-zlib stream, ``x``, is never the first byte of JSON, so files of earlier
-versions, plain JSON, still read).
+Segments (still named ``.json``) and ``final`` are JSON compressed with
+zlib: the first byte of a zlib stream, ``x``, is never the first byte of
+JSON, so the plain JSON files of earlier versions still read.
 
 NFS or an object-storage mount (ossfs) may not append or rename over a name
 reliably, so no file is modified in place: each is written under a hidden temp
@@ -402,8 +402,10 @@ class TaskLog:
     ``instance_id`` names this instance in the leases it takes. An owner must
     call :meth:`renew` more often than every ``lease_seconds`` for the tasks it
     runs; a task whose lease expired without a final event is closed by
-    :meth:`recover_orphans` on any instance. ``clock`` gives the wall-clock
-    time written into leases (tests pass a fake one). All methods block on
+    :meth:`recover_orphans` on any instance. Only the object that claimed a
+    task writes its other events (until :meth:`release`); others write only
+    a terminal event to it (the module doc says why). ``clock`` gives the
+    wall-clock time written into leases (tests pass a fake one). All methods block on
     file I/O: call them from a worker thread. Invalid task ids raise
     ``ValueError``; callers check :meth:`valid_task_id` first.
     """
