@@ -133,6 +133,18 @@ def reencode(f: OutputFile, output_format: str, quality: int | None) -> OutputFi
     return OutputFile(f.node_id, f.index, target.name, f.subfolder, f.type, f.dir)
 
 
+#: Outputs up to this size are base64-encoded on the event loop (well under
+#: a millisecond); larger ones in a worker thread.
+_INLINE_BYTES = 128 * 1024
+
+
+def _small(path: Path) -> bool:
+    try:
+        return path.stat().st_size <= _INLINE_BYTES
+    except OSError:
+        return False  # the worker thread reports it like any unreadable file
+
+
 def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -153,9 +165,17 @@ async def render_results(files: list[OutputFile], *, output_base64: bool = False
         entries.append({"node_id": f.node_id, "index": f.index, "output": out})
 
     jobs: list[Callable[[], Awaitable[None]]] = []
+    failures: list[BaseException] = []
     for f, entry in zip(files, entries, strict=True):
         out = entry["output"]
-        if output_base64:
+        if output_base64 and _small(f.path):
+            # Just written, so in the page cache: encoding it here costs less
+            # than the hop to a worker thread (on every request's answer path).
+            try:
+                out["base64"] = {"data": _b64(f.path)}
+            except OSError as e:  # deleted meanwhile: reported like the others
+                failures.append(e)
+        elif output_base64:
             async def enc(f: OutputFile = f, out: dict[str, Any] = out) -> None:
                 out["base64"] = {"data": await anyio.to_thread.run_sync(_b64, f.path)}
             jobs.append(enc)
@@ -165,7 +185,6 @@ async def render_results(files: list[OutputFile], *, output_base64: bool = False
             async def up(f: OutputFile = f, out: dict[str, Any] = out, key: str = key) -> None:
                 out[key] = await store.upload(f.path, f.media_type, credentials)
             jobs.append(up)
-    failures: list[BaseException] = []
 
     async def guarded(job: Callable[[], Awaitable[None]]) -> None:
         # Collect rather than let the task group wrap errors in a group:

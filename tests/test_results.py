@@ -103,3 +103,19 @@ async def test_render_missing_file_is_a_storage_error(tmp_path: Path) -> None:
     gone = OutputFile("9", 0, "gone.png", "", "output", tmp_path)
     with pytest.raises(StorageError, match="could not prepare output files"):
         await render_results([gone], output_base64=True)
+
+
+@pytest.mark.anyio
+async def test_render_base64_small_and_large_files(tmp_path: Path) -> None:
+    # Small outputs are encoded on the loop, large ones in a worker thread:
+    # both give the file's exact bytes.
+    import base64
+    import os
+    small, large = os.urandom(100), os.urandom(300 * 1024)
+    (tmp_path / "s.png").write_bytes(small)
+    (tmp_path / "l.png").write_bytes(large)
+    files = [OutputFile("9", 0, "s.png", "", "output", tmp_path),
+             OutputFile("9", 1, "l.png", "", "output", tmp_path)]
+    entries = await render_results(files, output_base64=True)
+    got = [base64.b64decode(e["output"]["base64"]["data"]) for e in entries]
+    assert got == [small, large]
