@@ -19,10 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
 from anyio.abc import TaskGroup
+
+try:
+    import sniffio
+except ImportError:  # anyio then assumes asyncio wherever a loop runs
+    sniffio = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +68,7 @@ class Background:
         self._parent = parent
         self._group: TaskGroup | None = None
         self._group_loop: asyncio.AbstractEventLoop | None = None
-        self._live = 0
+        self._live: set[Spawned] = set()
         self._idle: list[anyio.Event] = []
         #: Detached work (no group open), kept referenced until it ends.
         self._detached: set[asyncio.Task[None]] = set()
@@ -100,10 +105,14 @@ class Background:
             return False
 
     def cancel(self) -> None:
-        """Cancel every piece of work in the open group (shutdown's last step)."""
-        root = self._root()
-        if root._group is not None:
-            root._group.cancel_scope.cancel()
+        """Cancel the work started here (a root's includes its parts').
+
+        Each piece has its own cancel scope: cancelling the group's scope
+        would also cancel the code inside ``async with open()``, the
+        server's lifespan that is still shutting down.
+        """
+        for spawned in list(self._live):
+            spawned.cancel()
 
     # ----------------------------------------------------------------- work
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> Spawned:
@@ -113,17 +122,18 @@ class Background:
         logged, never passed on: one failed writer must not cancel its
         siblings or the server's lifespan.
         """
-        spawned = Spawned(name or getattr(fn, "__qualname__", repr(fn)))
-        self._count(+1)
-        root = self._root()
-        if self.attached:
-            assert root._group is not None
-            root._group.start_soon(self._run, spawned, fn, args, name=spawned.name)
-        else:
-            t = asyncio.get_running_loop().create_task(self._run(spawned, fn, args),
-                                                       name=spawned.name)
-            root._detached.add(t)
-            t.add_done_callback(root._detached.discard)
+        with _asyncio_declared():
+            spawned = Spawned(name or getattr(fn, "__qualname__", repr(fn)))
+            self._track(spawned, True)
+            root = self._root()
+            if self.attached:
+                assert root._group is not None
+                root._group.start_soon(self._run, spawned, fn, args, name=spawned.name)
+            else:
+                t = asyncio.get_running_loop().create_task(self._run(spawned, fn, args),
+                                                           name=spawned.name)
+                root._detached.add(t)
+                t.add_done_callback(root._detached.discard)
         return spawned
 
     async def _run(self, spawned: Spawned, fn: Callable[..., Awaitable[Any]],
@@ -135,12 +145,12 @@ class Background:
             log.exception("%s: %s failed", self.name, spawned.name)
         finally:
             spawned._ended.set()
-            self._count(-1)
+            self._track(spawned, False)
 
     @property
     def live(self) -> int:
         """Pieces of work started here that have not ended."""
-        return self._live
+        return len(self._live)
 
     async def drain(self) -> None:
         """Wait until no work started here is left (work started meanwhile included)."""
@@ -149,14 +159,36 @@ class Background:
             self._idle.append(idle)
             await idle.wait()
 
-    def _count(self, delta: int) -> None:
-        self._live += delta
-        if not self._live:
-            idle, self._idle = self._idle, []
-            for ev in idle:
-                ev.set()
+    def _track(self, spawned: Spawned, live: bool) -> None:
+        if live:
+            self._live.add(spawned)
+        else:
+            self._live.discard(spawned)
+            if not self._live:
+                idle, self._idle = self._idle, []
+                for ev in idle:
+                    ev.set()
         if self._parent is not None:
-            self._parent._count(delta)
+            self._parent._track(spawned, live)
 
     def _root(self) -> Background:
         return self if self._parent is None else self._parent._root()
+
+
+@contextlib.contextmanager
+def _asyncio_declared() -> Iterator[None]:
+    """Tell anyio the loop is asyncio where it cannot tell by itself.
+
+    anyio asks sniffio, which recognises asyncio by its current task; a loop
+    callback (the executor's wake-up under uvicorn) has none, and anyio then
+    refuses to make a cancel scope. The engine runs on asyncio only (its
+    tasks use asyncio primitives), so declaring it is true.
+    """
+    if sniffio is None or asyncio.current_task() is not None:
+        yield
+        return
+    token = sniffio.current_async_library_cvar.set("asyncio")
+    try:
+        yield
+    finally:
+        sniffio.current_async_library_cvar.reset(token)

@@ -73,7 +73,7 @@ async def dry_run(engine: "Engine", body: Any, credentials: Any = None) -> dict[
     try:
         await _check(comfy, prompt, request.targets, report, errors)
     finally:
-        engine._drop_inputs(folder)
+        engine.drop_inputs(folder)
     if errors:
         first = errors[0]
         report["error"] = {**first.to_dict(), "node_errors": report["node_errors"]}

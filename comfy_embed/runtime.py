@@ -18,23 +18,46 @@ each at its own pace, and the writer is the executor thread, which must
 never wait for a reader. So events are appended once to the task's list
 (from the loop, via ``call_soon_threadsafe``) and each reader keeps its own
 position; an ``asyncio.Event`` wakes readers when something is appended.
+
+The lifecycle, and who owns each step (the engine, from submit to final event):
+
+1. ``Engine.submit`` reserves the task id in the engine's registry (the one
+   idempotency registry: a retry with the same id, even one arriving while
+   the first is still being validated, gets the same :class:`Task`), then
+   prepares and validates the graph and queues a :class:`~.executor.Job`.
+2. Once queued, the task is registered and every :class:`TaskObserver` is
+   told (``task_accepted``). An observer that persists the task (the
+   service's task-log writer) answers True and sets ``Task.final_durable``
+   once the final event is on disk; with none, the engine sets it at once.
+3. The executor thread runs the job; its messages are appended to the
+   task's log in the loop. Its :class:`~.executor.Outcome` comes back with
+   the output files resolved.
+4. Assembling the result (base64, uploads) runs in ``Engine.background``,
+   the anyio task group the server's lifespan opens and drains on shutdown
+   (``Engine.run`` opens one when none is open). It ends with the one final
+   event, built by :meth:`Task._close` (``events.final_event``); cancelled
+   there (shutdown), the task still gets a final error event.
+5. After the final event the task's materialised inputs are deleted; the
+   registry keeps the last few finished tasks for late readers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import copy
 import logging
 import shutil
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import anyio
 
 from ._comfy import Comfy
+from .background import Background
 from .config import Settings
 from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccepting,
                      OutOfMemory, RunTimeout, TaskCancelled, WorkflowInvalid)
@@ -52,12 +75,23 @@ from .workflow import (WorkflowRequest, check_nodes, isolate_outputs, media_inpu
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Task", "run_workflow"]
+__all__ = ["Engine", "Task", "TaskObserver", "run_workflow"]
 
 #: Finished tasks kept in memory for late readers (the task log keeps all;
 #: a final event can hold megabytes of base64, so keep few).
 _KEEP_FINISHED = 4
 _COALESCE = frozenset({"progress", "progress_state", "queue"})
+
+
+class TaskObserver(Protocol):
+    """Told of every task the engine accepts (the service's task-log writer is one)."""
+
+    def task_accepted(self, task: Task) -> bool:
+        """``task`` was just queued (called on the loop, before ``submit``
+        returns, before any of its events). True: this observer makes the
+        task's final event durable and sets ``task.final_durable`` once it
+        is (whatever happens); False: not a task of this observer."""
+        ...
 
 
 class Task:
@@ -91,6 +125,9 @@ class Task:
         self.error: ComfyEmbedError | None = None
         self.state = "queued"
         self._loop = asyncio.get_running_loop()
+        # Executor callbacks run in the submitter's context: their log
+        # records (and those of the work they start) carry the task id.
+        self._context = contextvars.copy_context()
         self._changed = asyncio.Event()
         self._options = (output_base64, output_oss, credentials, output_format, quality)
         self._timeout_handle: asyncio.TimerHandle | None = None
@@ -100,6 +137,9 @@ class Task:
         self.request: WorkflowRequest | None = None
         #: Timings and memory of this task, frozen into the final's data.report.
         self.report = report or TaskReport()
+        #: Set once the final event is durable: written by the observer that
+        #: persists the task, or at once when none does (library use).
+        self.final_durable = anyio.Event()
         # Executor-thread messages wait here; one loop wake-up takes a burst.
         self._inbox: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque()
         self._wake_pending = False
@@ -199,7 +239,7 @@ class Task:
         self._append(ev)
         if kind == FINAL:
             self.final = ev
-            self.engine._drop_inputs(self.task_id)
+            self.engine.drop_inputs(self.task_id)
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
         self._changed.set()
@@ -222,11 +262,17 @@ class Task:
         self._events.append(ev)
         self._kept += 1
 
-    def _fail(self, error: ComfyEmbedError) -> None:
+    def _close(self, error: ComfyEmbedError | None = None,
+               results: list[dict[str, Any]] | None = None,
+               outputs: dict[str, dict[str, Any]] | None = None) -> None:
+        """Publish the one final event: success with ``results``, or ``error``."""
+        if self.final is not None:
+            return
         self.error = error
-        self.state = "error"
-        self._publish(final_event(self.task_id, self.prompt_id, self.seeds, error=error.to_dict(),
-                                  execution_time=self._execution_time()))
+        self.state = "success" if error is None else "error"
+        self._publish(final_event(self.task_id, self.prompt_id, self.seeds, results,
+                                  error=None if error is None else error.to_dict(),
+                                  execution_time=self._execution_time(), outputs=outputs))
 
     def _execution_time(self) -> float:
         """Seconds from the start of execution until now (0 if it never ran)."""
@@ -265,7 +311,7 @@ class Task:
             return
         self._wake_pending = True
         try:
-            self._loop.call_soon_threadsafe(self._drain)
+            self._loop.call_soon_threadsafe(self._drain, context=self._context)
         except RuntimeError:  # the submitting loop is gone; nobody is listening
             log.warning("task %s: event loop closed, dropping %s", self.task_id, fn)
 
@@ -283,9 +329,9 @@ class Task:
                 limit, self.engine.cancel, self.task_id, "timeout")
 
     def _spawn_finish(self, outcome: Outcome) -> None:
-        t = self._loop.create_task(self._finish(outcome))
-        self.engine._background.add(t)
-        t.add_done_callback(self.engine._background.discard)
+        # A loop callback: the work goes to the engine's task group, which
+        # shutdown drains (see the module docstring).
+        self.engine.renders.spawn(self._finish, outcome, name=f"result of {self.task_id}")
 
     async def _finish(self, outcome: Outcome) -> None:
         try:
@@ -293,17 +339,18 @@ class Task:
                 self.report.mark_render()
                 results = await self._render(outcome)
                 self.report.mark_render(end=True)
-                self.state = "success"
-                self._publish(final_event(self.task_id, self.prompt_id, self.seeds, results,
-                                          execution_time=self._execution_time(),
-                                          outputs=collect_values(outcome.outputs)))
+                self._close(results=results, outputs=collect_values(outcome.outputs))
             else:
-                self._fail(_outcome_error(outcome, self.engine.settings.run_timeout))
+                self._close(_outcome_error(outcome, self.engine.settings.run_timeout))
         except ComfyEmbedError as e:
-            self._fail(e)
+            self._close(e)
+        except anyio.get_cancelled_exc_class():
+            # The instance is shutting down mid-upload: still one final event.
+            self._close(TaskCancelled("the instance shut down before the result was assembled"))
+            raise
         except Exception as e:  # a final event, whatever happened
             log.exception("task %s: finishing failed", self.task_id)
-            self._fail(ExecutionFailed(f"could not assemble the result: {e}"))
+            self._close(ExecutionFailed(f"could not assemble the result: {e}"))
 
     async def _render(self, outcome: Outcome) -> list[dict[str, Any]]:
         output_base64, output_oss, credentials, output_format, quality = self._options
@@ -391,8 +438,16 @@ class Engine:
         self.metrics.bind_executor(lambda: ex.waiting, lambda: ex.running,
                                    lambda: ex.busy_seconds)
         self._comfy: Comfy | None = None
+        #: The one task registry: queued, running and the last few finished.
         self._tasks: collections.OrderedDict[str, Task] = collections.OrderedDict()
-        self._background: set[asyncio.Task[Any]] = set()
+        #: Task ids being prepared (parsed, fetched, validated), not yet queued.
+        self._preparing: dict[str, anyio.Event] = {}
+        #: Told of each accepted task (the service's task-log writer).
+        self.observers: list[TaskObserver] = []
+        #: The task group of work that follows a run; ``renders`` (assembling
+        #: them), the service's log writers and webhooks are parts of it.
+        self.background = Background("engine")
+        self.renders = self.background.part("results")
         self._stores: dict[str, Store] = {}
         self._fetcher: Any = None
         self._manifest: list[Any] | None = None
@@ -486,16 +541,43 @@ class Engine:
 
     # ---------------------------------------------------------------- tasks
     def get(self, task_id: str) -> Task | None:
+        """The task registered under ``task_id`` (queued, running or recently finished)."""
         return self._tasks.get(task_id)
+
+    async def lookup(self, task_id: str) -> Task | None:
+        """:meth:`get`, after waiting for a submit of this id that is still
+        being prepared (None if that one was refused)."""
+        while (preparing := self._preparing.get(task_id)) is not None:
+            await preparing.wait()
+        return self._tasks.get(task_id)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing being prepared, queued or run."""
+        return not self._preparing and self.executor.idle
+
+    def add_observer(self, observer: TaskObserver) -> None:
+        """Tell ``observer`` of every task accepted from now on."""
+        self.observers.append(observer)
+
+    def remove_observer(self, observer: TaskObserver) -> None:
+        if observer in self.observers:
+            self.observers.remove(observer)
 
     async def submit(self, graph: Any, **options: Any) -> Task:
         """Check, rewrite and validate a workflow, then queue it.
 
         Raises WorkflowInvalid / ImageInputError / QueueFull / NotAccepting
-        before anything is queued. A task id already running here returns
-        that task (retries are idempotent). Options: ``task_id``,
-        ``output_base64``, ``output_oss``, ``credentials``, ``output_format``,
-        ``quality``.
+        before anything is queued. A task id registered here returns that
+        task, also while its first submit is still being validated (retries
+        are idempotent). Options: ``task_id``, ``output_base64``,
+        ``output_oss``, ``credentials``, ``output_format``, ``quality``.
+
+        What follows the run (assembling the result) is spawned in
+        :attr:`background`: in the server, the lifespan's task group; in
+        :meth:`run`, a group of its own. Called outside any open group, that
+        work runs as a loop task the engine tracks: keep the loop running
+        until ``task.wait()`` returns (or ``await engine.background.drain()``).
         """
         try:
             return await self._submit(graph, **options)
@@ -513,9 +595,26 @@ class Engine:
         await self.wait_ready()
         task_id = task_id or uuid.uuid4().hex
         check_task_id(task_id)
-        existing = self._tasks.get(task_id)
+        existing = await self.lookup(task_id)
         if existing is not None:
             return existing
+        # The id is reserved until queued or refused (no await since lookup):
+        # a retry meanwhile waits in lookup() instead of preparing it twice.
+        preparing = self._preparing[task_id] = anyio.Event()
+        try:
+            task = await self._prepare(graph, report, task_id, output_base64=output_base64,
+                                       output_oss=output_oss, credentials=credentials,
+                                       output_format=output_format, quality=quality)
+        finally:
+            del self._preparing[task_id]
+            preparing.set()
+        self._accepted(task)
+        return task
+
+    async def _prepare(self, graph: Any, report: TaskReport, task_id: str, *,
+                       output_base64: bool, output_oss: bool, credentials: Any,
+                       output_format: str | None, quality: int | None) -> Task:
+        """Everything between the id check and the queue; the queued task."""
         if output_format is not None and output_format not in FORMATS:
             raise WorkflowInvalid(f"output_format must be one of png, jpeg, webp; got {output_format!r}",
                                   type="invalid_output_format")
@@ -536,8 +635,6 @@ class Engine:
             checked, outputs = await anyio.to_thread.run_sync(comfy.validate, prompt, prompt_id,
                                                               request.targets)
             report.mark_validated(checked, loader_nodes(checked, comfy.is_loader))
-            if task_id in self._tasks:  # the same id raced us through validation
-                return self._tasks[task_id]
             task = Task(self, task_id, prompt_id, seeds, output_base64=output_base64,
                         output_oss=output_oss, credentials=credentials,
                         output_format=output_format, quality=quality, report=report)
@@ -548,14 +645,26 @@ class Engine:
                       extra_data=request.extra_data)
             ahead = self.executor.submit(job)  # QueueFull propagates: nothing queued
         except BaseException:
-            self._drop_inputs(task_id)  # never queued: its materialised inputs go now
+            self.drop_inputs(task_id)  # never queued: its materialised inputs go now
             raise
         task._publish(status_event(ahead + 1))
         if ahead:
             task._publish(queue_event(prompt_id, ahead))
-        self._remember(task)
         log.info("task %s queued as prompt %s (%d ahead)", task_id, prompt_id, ahead)
         return task
+
+    def _accepted(self, task: Task) -> None:
+        """Register a queued task and tell the observers (no await: the
+        executor's first message reaches the loop only after this)."""
+        self._remember(task)
+        persisted = False
+        for observer in list(self.observers):
+            try:
+                persisted = observer.task_accepted(task) or persisted
+            except Exception:
+                log.exception("task %s: observer %r failed", task.task_id, observer)
+        if not persisted:
+            task.final_durable.set()  # nothing writes it anywhere: as durable as it gets
 
     def parse(self, body: Any) -> WorkflowRequest:
         """The request (bare graph or native envelope), after the on-prompt
@@ -570,7 +679,7 @@ class Engine:
         check_nodes(request.prompt, max_nodes=s.max_nodes, denylist=s.node_denylist)
         return request
 
-    def _drop_inputs(self, task_id: str) -> None:
+    def drop_inputs(self, task_id: str) -> None:
         """Delete the inputs materialised for one task (they served its run only)."""
         from .inputs import SUBFOLDER
         if self._comfy is not None and valid_task_id(task_id):
@@ -620,6 +729,11 @@ class Engine:
         for t in finished[:max(0, len(finished) - _KEEP_FINISHED)]:
             del self._tasks[t]
 
+    def abandon_results(self) -> None:
+        """Shutdown, past its grace: stop assembling the results still in
+        flight; each of those tasks ends with a TaskCancelled final event."""
+        self.renders.cancel()
+
     def cancel(self, task_id: str, reason: str = "cancelled") -> bool:
         """Cancel a queued or running task of this instance."""
         task = self._tasks.get(task_id)
@@ -628,7 +742,24 @@ class Engine:
         return self.executor.cancel(task.prompt_id, reason)
 
     async def run(self, graph: Any, **options: Any) -> dict[str, Any]:
-        """Submit and wait; the final event, or the typed error raised."""
+        """Submit and wait; the final event, or the typed error raised.
+
+        Without an open :attr:`background` group (library use), one is
+        opened for this call, so nothing it started outlives it.
+        """
+        if self.background.attached:
+            return await self._run(graph, options)
+        failure: Exception | None = None
+        async with self.background.open():
+            try:
+                final = await self._run(graph, options)
+            except Exception as e:  # raised outside: a task group would wrap it in a group
+                failure = e
+        if failure is not None:
+            raise failure
+        return final
+
+    async def _run(self, graph: Any, options: dict[str, Any]) -> dict[str, Any]:
         task = await self.submit(graph, **options)
         return await task.result()
 

@@ -2,11 +2,15 @@
 the shared task log, readable and cancellable from any instance.
 
 No HTTP here: the API package turns :class:`Handle` into responses.
+
+The engine owns each task from submit to final event (see
+:mod:`comfy_embed.runtime`); the service is one of its observers: for each
+task it claimed in the log it starts a writer (in the engine's task group)
+that mirrors the events to disk and sets ``Task.final_durable``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import os
@@ -24,7 +28,7 @@ from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccep
                      WebhookRefused, WorkflowInvalid)
 from .events import FINAL, coalesce_snapshots, final_event
 from .logs import current_task
-from .runtime import Engine, Task
+from .runtime import Engine, Task, TaskObserver
 from .retention import prune
 from .tasklog import TaskLog
 from .webhooks import WebhookRequest, Webhooks
@@ -47,21 +51,20 @@ class Handle:
     the shared log (another instance runs it, or it is already done)."""
 
     def __init__(self, service: "TaskService", task_id: str, *, task: Task | None = None,
-                 error: ComfyEmbedError | None = None, persisted: anyio.Event | None = None) -> None:
+                 error: ComfyEmbedError | None = None) -> None:
         self.service = service
         self.task_id = task_id
         self.task = task
         #: Set when this request itself failed before queueing.
         self.error = error
-        self._persisted = persisted
 
     async def events(self, since: int = 0) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         """``(seq, event)`` after ``since``, ending with the final event, which
         is on disk before it is yielded."""
         if self.task is not None:
             async for seq, ev in self.task.stream(since):
-                if ev["type"] == FINAL and self._persisted is not None:
-                    await self._persisted.wait()
+                if ev["type"] == FINAL:
+                    await self.task.final_durable.wait()
                 yield seq, ev
             return
         tasklog = self.service.tasklog
@@ -85,8 +88,11 @@ class Handle:
         return last
 
 
-class TaskService:
-    """Runs tasks on the engine and mirrors every event into the task log."""
+class TaskService(TaskObserver):
+    """Runs tasks on the engine and mirrors every event into the task log.
+
+    It observes the engine (:meth:`task_accepted`) until :meth:`close`.
+    """
 
     def __init__(self, engine: Engine, settings: Settings, tasklog: TaskLog | None = None) -> None:
         self.engine = engine
@@ -94,13 +100,21 @@ class TaskService:
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.tasklog = tasklog or TaskLog(settings.task_log_path, self.instance_id,
                                           settings.lease_seconds)
-        self._running: dict[str, Task] = {}
-        self._writers: set[asyncio.Task[Any]] = set()
+        #: Ids this service claimed in the log and is submitting: its tasks to persist.
+        self._claimed: set[str] = set()
+        #: Tasks whose log this service writes (and whose lease it holds).
+        self._persisting: dict[str, Task] = {}
+        self._writers = engine.background.part("task log")
         #: Events of each running task already in the log (for flush()).
         self._written: dict[str, int] = {}
-        self.webhooks = Webhooks(settings, self.tasklog)
+        self.webhooks = Webhooks(settings, self.tasklog, engine.background.part("webhooks"))
         #: While positive, persisters write at once instead of gathering.
         self._hurry = 0
+        engine.add_observer(self)
+
+    def close(self) -> None:
+        """Stop observing the engine (the server's lifespan ends)."""
+        self.engine.remove_observer(self)
 
     # ------------------------------------------------------------- running
     async def start(self, body: Any, *, task_id: str | None = None,
@@ -123,11 +137,11 @@ class TaskService:
         # The rest of this request (and the log writer it starts) works for
         # this task: its log records say so.
         current_task.set(task_id)
-        live = self._running.get(task_id) or self.engine.get(task_id)
+        live = await self.engine.lookup(task_id)  # the engine's registry: one for all
         if live is not None:
             if not await self.may_access(task_id, owner_key):
                 return Handle(self, task_id, error=_conflict(task_id))
-            return Handle(self, task_id, task=live, persisted=getattr(live, "persisted", None))
+            return Handle(self, task_id, task=live)
         if not self.engine.accepting:
             return Handle(self, task_id, error=NotAccepting(
                 "this instance is draining and accepts no new work"))
@@ -149,10 +163,15 @@ class TaskService:
             if not await self.may_access(task_id, owner_key):
                 return Handle(self, task_id, error=_conflict(task_id))
             return Handle(self, task_id)
+        if webhook is not None:
+            # Recorded before the task can end, so its end is always delivered.
+            await self.webhooks.register(task_id, webhook)
+        self._claimed.add(task_id)
         try:
             task = await self.engine.submit(body, task_id=task_id, **options)
         except (QueueFull, NotAccepting) as e:
-            # Not accepted: forget the claim so that a retry can run it.
+            # Not accepted: forget the claim (webhook included) so that a retry can run it.
+            self.webhooks.forget(task_id)
             await anyio.to_thread.run_sync(self._discard, task_id)
             return Handle(self, task_id, error=e)
         except (WorkflowInvalid, ImageInputError, PayloadTooLarge) as e:
@@ -162,44 +181,46 @@ class TaskService:
                 await anyio.to_thread.run_sync(self._discard, task_id)
                 return Handle(self, task_id, error=e)
             # With a webhook: its delivery state lives in the task's folder.
-            await self.webhooks.register(task_id, webhook)
-            await anyio.to_thread.run_sync(
-                self.tasklog.append, task_id, final_event(task_id, None, {}, error=e.to_dict()))
-            await anyio.to_thread.run_sync(self.tasklog.release, task_id)
-            self.webhooks.finished(task_id)
+            await self._close_with_error(task_id, e)
             return Handle(self, task_id, error=e)
         except Exception as e:
             if not isinstance(e, ComfyEmbedError):
                 log.exception("task %s: submitting failed", task_id)
                 e = ExecutionFailed(f"internal error while accepting the task: {e!r}")
             # Claimed, so the log must end with a final event all the same.
-            if webhook is not None:
-                await self.webhooks.register(task_id, webhook)
-            try:
-                await anyio.to_thread.run_sync(
-                    self.tasklog.append, task_id,
-                    final_event(task_id, None, {}, error=e.to_dict()))
-                await anyio.to_thread.run_sync(self.tasklog.release, task_id)
-            except OSError as oe:
-                log.warning("task %s: cannot write its final event: %s", task_id, oe)
-            self.webhooks.finished(task_id)
+            await self._close_with_error(task_id, e)
             return Handle(self, task_id, error=e)
-        if webhook is not None:
-            await self.webhooks.register(task_id, webhook)
-            self.webhooks.follow(task)
-        persisted = anyio.Event()
-        task.persisted = persisted  # type: ignore[attr-defined]
-        self._running[task_id] = task
-        writer = asyncio.get_running_loop().create_task(self._persist(task, persisted))
-        self._writers.add(writer)
-        writer.add_done_callback(self._writers.discard)
-        return Handle(self, task_id, task=task, persisted=persisted)
+        finally:
+            self._claimed.discard(task_id)
+        return Handle(self, task_id, task=task)
 
-    async def _persist(self, task: Task, persisted: anyio.Event) -> None:
+    def task_accepted(self, task: Task) -> bool:
+        """The engine queued ``task``: if this service claimed it, start its
+        log writer (and progress webhooks) in the engine's task group."""
+        if task.task_id not in self._claimed:
+            return False  # not started through this service (a warm-up run)
+        self._claimed.discard(task.task_id)
+        self._persisting[task.task_id] = task
+        self.webhooks.follow(task)
+        self._writers.spawn(self._persist, task, name=f"task log of {task.task_id}")
+        return True
+
+    async def _close_with_error(self, task_id: str, error: ComfyEmbedError) -> None:
+        """A claimed task that will not run: its final error event in the
+        log, its lease released, its webhook (if any) on its way."""
+        try:
+            await anyio.to_thread.run_sync(
+                self.tasklog.append, task_id, final_event(task_id, None, {}, error=error.to_dict()))
+            await anyio.to_thread.run_sync(self.tasklog.release, task_id)
+        except OSError as e:
+            log.error("task %s has no final event (the task log is unwritable: %s)", task_id, e)
+        self.webhooks.finished(task_id)
+
+    async def _persist(self, task: Task) -> None:
         """Write the task's events to the log: one file per flush, at most
         every ``task_log_flush_seconds`` while it runs, and the final event
         (with what precedes it) as soon as it exists. Only the final event
-        is fsynced; the answer waits for it (``persisted``)."""
+        is fsynced; the answer waits for it (``task.final_durable``)."""
         interval = self.settings.task_log_flush_seconds
         written = 0
         last_flush = anyio.current_time()
@@ -226,11 +247,13 @@ class TaskService:
         except Exception:
             log.exception("task %s: writing its log failed", task.task_id)
         finally:
-            self._running.pop(task.task_id, None)
+            self._persisting.pop(task.task_id, None)
             self._written.pop(task.task_id, None)
-            persisted.set()
+            task.final_durable.set()
             try:
-                await anyio.to_thread.run_sync(self._released, task.task_id)
+                # Shielded: a writer cancelled at shutdown still hands its lease back.
+                with anyio.move_on_after(5, shield=True):
+                    await anyio.to_thread.run_sync(self._released, task.task_id)
             except Exception:
                 log.exception("task %s: releasing its lease failed", task.task_id)
 
@@ -271,11 +294,9 @@ class TaskService:
         return recorded is not None and hmac.compare_digest(recorded, owner_key)
 
     def handle(self, task_id: str) -> Handle:
-        """Follow an existing task (live here, or through the log)."""
-        live = self._running.get(task_id)
-        if live is not None:
-            return Handle(self, task_id, task=live, persisted=getattr(live, "persisted", None))
-        return Handle(self, task_id)
+        """Follow an existing task: live while this service writes its log
+        (memory is fresher), else through the log (a finished one's truth)."""
+        return Handle(self, task_id, task=self._persisting.get(task_id))
 
     async def read(self, task_id: str, since: int = 0) -> list[tuple[int, dict[str, Any]]]:
         """The task's events after ``since``, with only the latest
@@ -287,11 +308,10 @@ class TaskService:
         """
         if not valid_task_id(task_id):
             return []
-        live = self._running.get(task_id)
+        live = self._persisting.get(task_id)
         if live is not None:
             events = live.events_since(since)
-            persisted = getattr(live, "persisted", None)
-            if events and events[-1][1]["type"] == FINAL and not (persisted and persisted.is_set()):
+            if events and events[-1][1]["type"] == FINAL and not live.final_durable.is_set():
                 events.pop()
             return coalesce_snapshots(events)
         events = await anyio.to_thread.run_sync(self.tasklog.read, task_id, since)
@@ -302,7 +322,7 @@ class TaskService:
         'unknown'."""
         if not valid_task_id(task_id):
             return "unknown"
-        if task_id in self._running:
+        if self.engine.get(task_id) is not None:
             return "cancelling" if self.engine.cancel(task_id) else "done"
         if await anyio.to_thread.run_sync(self.tasklog.is_final, task_id):
             return "done"
@@ -316,7 +336,7 @@ class TaskService:
         from other instances (within a second), and close orphaned tasks."""
         last_recover = last_prune = 0.0
         while True:
-            running = list(self._running)
+            running = list(self._persisting)
             if running:
                 await anyio.to_thread.run_sync(self.tasklog.renew, running)
                 for task_id in running:
@@ -364,12 +384,12 @@ class TaskService:
         """Wait until every event published so far is in the log; running
         tasks go on (Function Compute's pre-freeze: nothing may be lost
         while the instance is frozen)."""
-        due = {task_id: task.last_seq for task_id, task in self._running.items()}
+        due = {task_id: task.last_seq for task_id, task in self._persisting.items()}
         self._hurry += 1
         try:
-            for task in list(self._running.values()):
+            for task in list(self._persisting.values()):
                 task.wake()  # a persister gathering a batch writes it now
-            while any(task_id in self._running and self._written.get(task_id, 0) < n
+            while any(task_id in self._persisting and self._written.get(task_id, 0) < n
                       for task_id, n in due.items()):
                 await anyio.sleep(0.01)
         finally:
@@ -378,11 +398,13 @@ class TaskService:
     async def shutdown(self, grace: float) -> list[str]:
         """SIGTERM/SIGINT: accept nothing, give running work ``grace`` seconds,
         then cancel what is left and make sure each of those tasks has a
-        final event in the log. Returns the ids that had to be cancelled."""
+        final event in the log. Returns the ids that had to be cancelled.
+        What is still running in the engine's task group after this is the
+        lifespan's to cancel."""
         self.engine.accepting = False
         with anyio.move_on_after(grace):
             await self.drain()
-        left = list(self._running)
+        left = list(self._persisting)
         if not left:
             return []
         log.warning("shutdown: %d task(s) still running after %.0fs: cancelling %s",
@@ -390,23 +412,27 @@ class TaskService:
         for task_id in left:
             self.engine.cancel(task_id, "shutdown")
         with anyio.move_on_after(10):  # interrupted nodes stop within a step
-            while self._running or self._writers:
+            while not self.engine.idle:
                 await anyio.sleep(0.05)
+            # Results still being assembled had their grace: they end with a
+            # final event now, which their writers persist.
+            self.engine.abandon_results()
+            await self._writers.drain()
         for task_id in left:  # a node that ignores interrupts, or a failed write
             try:
-                if not await anyio.to_thread.run_sync(self.tasklog.is_final, task_id):
-                    error = NotAccepting("the instance shut down before the task finished")
-                    await anyio.to_thread.run_sync(
-                        self.tasklog.append, task_id,
-                        final_event(task_id, None, {}, error=error.to_dict()))
-                    await anyio.to_thread.run_sync(self.tasklog.release, task_id)
+                final = await anyio.to_thread.run_sync(self.tasklog.is_final, task_id)
             except OSError as e:
-                log.error("shutdown: task %s has no final event (log unwritable: %s)", task_id, e)
+                log.error("shutdown: task %s: cannot read its log: %s", task_id, e)
+                continue
+            if not final:
+                await self._close_with_error(task_id, NotAccepting(
+                    "the instance shut down before the task finished"))
         return left
 
     async def drain(self) -> None:
         """Stop accepting, then wait for running work and log writes."""
         self.engine.accepting = False
-        while self._running or self._writers or not self.engine.executor.idle:
+        while not self.engine.idle:  # the executor thread has no event to wait on
             await anyio.sleep(0.05)
+        await self._writers.drain()
         await self.webhooks.drain()

@@ -21,7 +21,6 @@ attempt. Redirects are not followed.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -39,6 +38,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
+from .background import Background, Spawned
 from .errors import WebhookRefused
 from .events import FINAL
 from .inputs import AddressPolicy, pinned_request
@@ -242,10 +242,12 @@ class Webhooks:
     """Sends this instance's webhooks and resumes pending ones from the shared log.
 
     Coroutine methods run in the server's event loop; file I/O goes to worker
-    threads. ``clock`` and ``rng`` are for tests.
+    threads. Deliveries and progress followers run in ``background`` (the
+    engine's task group, in the server). ``clock`` and ``rng`` are for tests.
     """
 
-    def __init__(self, settings: "Settings", tasklog: TaskLog, *,
+    def __init__(self, settings: "Settings", tasklog: TaskLog,
+                 background: Background | None = None, *,
                  clock: Callable[[], float] = time.time,
                  rng: Callable[[], float] = random.random) -> None:
         self.settings = settings
@@ -257,8 +259,9 @@ class Webhooks:
         self._rng = rng
         #: Tasks registered here whose delivery has not started: (request, webhook id).
         self._local: dict[str, tuple[WebhookRequest, str]] = {}
-        self._active: dict[str, asyncio.Task[None]] = {}
-        self._followers: dict[str, asyncio.Task[None]] = {}
+        self._background = background or Background("webhooks")
+        self._active: dict[str, Spawned] = {}
+        self._followers: dict[str, Spawned] = {}
         self._sending = 0
         #: Deliveries sleeping until their next try (drain need not wait for them).
         self._waiting: set[str] = set()
@@ -290,9 +293,12 @@ class Webhooks:
         local = self._local.get(task.task_id)
         if local is None or "progress" not in local[0].events:
             return
-        t = asyncio.get_running_loop().create_task(self._follow(task, *local))
-        self._followers[task.task_id] = t
-        t.add_done_callback(lambda _: self._followers.pop(task.task_id, None))
+        self._followers[task.task_id] = self._background.spawn(
+            self._follow, task, *local, name=f"progress webhooks of {task.task_id}")
+
+    def forget(self, task_id: str) -> None:
+        """The task was never accepted (its claim is undone): no delivery."""
+        self._local.pop(task_id, None)
 
     def finished(self, task_id: str) -> None:
         """The task's final event is persisted: start its delivery here now
@@ -323,11 +329,11 @@ class Webhooks:
         with anyio.move_on_after(self.settings.webhook_timeout + 5):
             while self._sending or not set(self._active) <= self._waiting:
                 await anyio.sleep(0.05)
-        tasks = list(self._active.values()) + list(self._followers.values())
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        spawned = list(self._active.values()) + list(self._followers.values())
+        for s in spawned:
+            s.cancel()
+        for s in spawned:
+            await s.wait()
 
     async def status(self, task_id: str) -> dict[str, Any] | None:
         """The delivery state of a task as ``GET /webhook`` shows it, or None
@@ -354,9 +360,8 @@ class Webhooks:
 
     # --------------------------------------------------------- delivery
     def _start(self, task_id: str) -> None:
-        t = asyncio.get_running_loop().create_task(self._deliver(task_id))
-        self._active[task_id] = t
-        t.add_done_callback(lambda _: self._active.pop(task_id, None))
+        self._active[task_id] = self._background.spawn(self._deliver, task_id,
+                                                       name=f"webhook of {task_id}")
 
     async def _deliver(self, task_id: str) -> None:
         gen: int | None = None
@@ -367,17 +372,22 @@ class Webhooks:
             follower = self._followers.get(task_id)
             if follower is not None:
                 # Progress first, then the final webhook (the follower ends at the final event).
-                await asyncio.wait({follower}, timeout=self.settings.webhook_timeout)
+                with anyio.move_on_after(self.settings.webhook_timeout):
+                    await follower.wait()
             await self._run(task_id, gen)
-        except asyncio.CancelledError:
+        except anyio.get_cancelled_exc_class():
             raise
         except Exception:
             log.exception("webhook of task %s: delivery failed", task_id)
         finally:
+            self._active.pop(task_id, None)
             self._local.pop(task_id, None)
             if gen is not None:
                 try:
-                    await anyio.to_thread.run_sync(self.deliveries.release, task_id, gen)
+                    # Shielded: drain cancels a waiting delivery, and handing its
+                    # lease back is what lets another instance resume it at once.
+                    with anyio.move_on_after(5, shield=True):
+                        await anyio.to_thread.run_sync(self.deliveries.release, task_id, gen)
                 except Exception:
                     # It expires on its own: another instance resumes after the lease.
                     log.warning("webhook of task %s: could not release its lease", task_id)
@@ -544,6 +554,12 @@ class Webhooks:
     async def _follow(self, task: "Task", request: WebhookRequest, webhook_id: str) -> None:
         """Progress webhooks: best effort, one attempt each, at most one per
         ``webhook_progress_interval``, none after the final event."""
+        try:
+            await self._progress(task, request, webhook_id)
+        finally:
+            self._followers.pop(task.task_id, None)
+
+    async def _progress(self, task: "Task", request: WebhookRequest, webhook_id: str) -> None:
         interval = self.settings.webhook_progress_interval
         last: float | None = None
         async for seq, ev in task.stream():

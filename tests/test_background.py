@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 
 import anyio
@@ -28,8 +29,10 @@ async def test_spawned_work_runs_in_the_open_group_and_drains() -> None:
             assert bg.attached
             bg.spawn(work, "a")
             writers.spawn(work, "b")
-            # Synchronous spawn from a loop callback (the executor's wake-up).
-            asyncio.get_running_loop().call_soon(bg.spawn, work, "c")
+            # Synchronous spawn from a loop callback (the executor's wake-up),
+            # in a context of its own, as call_soon_threadsafe from a thread
+            # under uvicorn gives it (no sign of which async library runs).
+            asyncio.get_running_loop().call_soon(bg.spawn, work, "c", context=contextvars.Context())
             await anyio.sleep(0)
             assert (bg.live, writers.live) == (3, 1)
             release.set()
@@ -92,8 +95,17 @@ async def test_cancel_one_piece_or_the_whole_group() -> None:
             one.cancel()
             await one.wait()
             assert one.done and cancelled == ["one"] and bg.live == 1
+            part = bg.part("part")
+            part.spawn(forever, "three")
+            await anyio.sleep(0)
+            part.cancel()  # a part cancels only its own work
+            await part.drain()
+            assert cancelled == ["one", "three"] and bg.live == 1
             bg.cancel()
-        assert cancelled == ["one", "two"] and bg.live == 0
+            # The body of the group is not cancelled: shutdown goes on here.
+            await bg.drain()
+            assert cancelled == ["one", "three", "two"] and bg.live == 0
+        assert bg.live == 0
 
 
 async def test_without_an_open_group_work_is_tracked_on_the_loop() -> None:

@@ -126,18 +126,25 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.folders = FolderProbe({"task log": settings.task_log_path,
                                          "output": settings.output_path})
         await service.recover()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_warm_up, engine, settings, app.state.warm)
-            tg.start_soon(service.upkeep)
-            tg.start_soon(_recycle, app)
-            yield
-            # SIGTERM/SIGINT: the server waited for open requests; now the
-            # rest of the grace period goes to background (async) tasks.
-            began = getattr(app.state, "stop_requested_at", None) or time.monotonic()
-            grace = max(0.0, settings.drain_seconds - (time.monotonic() - began))
-            await service.shutdown(grace)
-            tg.cancel_scope.cancel()
-        engine.accepting = False
+        try:
+            # The engine's group owns what outlives a request (results being
+            # assembled, log writers, webhooks); this one the server's loops.
+            async with engine.background.open(), anyio.create_task_group() as tg:
+                tg.start_soon(_warm_up, engine, settings, app.state.warm)
+                tg.start_soon(service.upkeep)
+                tg.start_soon(_recycle, app)
+                yield
+                # SIGTERM/SIGINT: the server waited for open requests; now the
+                # rest of the grace period goes to background (async) tasks.
+                began = getattr(app.state, "stop_requested_at", None) or time.monotonic()
+                grace = max(0.0, settings.drain_seconds - (time.monotonic() - began))
+                await service.shutdown(grace)
+                tg.cancel_scope.cancel()
+                # Shutdown waited for what it could; whatever is left is cancelled.
+                engine.background.cancel()
+        finally:
+            engine.accepting = False
+            service.close()
 
     prefix = "/api/serverless"
     routes: list[Any] = [
