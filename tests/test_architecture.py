@@ -19,8 +19,9 @@ COMFYUI = {"comfy", "comfy_execution", "comfy_extras", "comfy_api", "comfy_api_n
 #: Third-party packages, and the only files (prefixes) that may import them.
 ROOMS = {"starlette": ("api/",), "oss2": ("storage/",), "boto3": ("storage/",),
          "botocore": ("storage/",), "prometheus_client": ("observe.py",)}
-#: The request path, lowest first: a module never imports one above it.
-LAYERS = ["_comfy", "executor", "runtime", "service", "api"]
+#: The request path, lowest first: a module never imports one above it
+#: (``tasks``, the Task, knows the engine above it only as a Protocol).
+LAYERS = ["_comfy", "executor", "tasks", "runtime", "service", "api"]
 
 
 def imports_of(path: Path) -> set[str]:
@@ -88,3 +89,15 @@ def test_only_entry_points_import_the_api() -> None:
             continue
         found = {n for n in imports_of(path) if n.startswith("comfy_embed.api")}
         assert not found, f"{where} imports {sorted(found)}"
+
+
+#: Small modules every layer may use; they import no layer themselves, so
+#: they never turn the request path around (``outcome`` sits below the
+#: executor only because the ComfyUI boundary builds an Outcome too).
+SHARED = ["background.py", "outcome.py", "events.py", "errors.py"]
+
+
+@pytest.mark.parametrize("where", SHARED)
+def test_shared_modules_import_no_layer(where: str) -> None:
+    found = {n for n in imports_of(PACKAGE / where) if _layer(n) is not None}
+    assert not found, f"{where} imports {sorted(found)}, a layer of the request path"

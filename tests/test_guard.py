@@ -12,7 +12,7 @@ import requests
 from comfy_embed.config import Settings
 from comfy_embed.errors import OutOfMemory
 from comfy_embed.guard import EXIT_RECYCLE, MemoryGuard, is_out_of_memory
-from comfy_embed.runtime import _outcome_error
+from comfy_embed.tasks import _outcome_error
 from comfy_embed.executor import Outcome
 from comfy_embed.tasklog import TaskLog
 

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Iterator
 import anyio
 import pytest
 
-from comfy_embed import runtime
+from comfy_embed import tasks as task_module
 from comfy_embed.config import Settings
 from comfy_embed.runtime import Engine, Task
 from comfy_embed.service import TaskService
@@ -190,14 +190,14 @@ async def test_library_run_owns_its_background_work(fake_engine: tuple[Engine, S
 def slow_render(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, threading.Event]]:
     """Assembling a result waits for ``gate`` (as a slow upload would)."""
     events = {"rendering": threading.Event(), "gate": threading.Event()}
-    real = runtime.render_results
+    real = task_module.render_results
 
     async def render(files: Any, **kw: Any) -> list[dict[str, Any]]:
         events["rendering"].set()
         await anyio.to_thread.run_sync(events["gate"].wait, abandon_on_cancel=True)
         return await real(files, **kw)
 
-    monkeypatch.setattr(runtime, "render_results", render)
+    monkeypatch.setattr(task_module, "render_results", render)
     yield events
     events["gate"].set()
 

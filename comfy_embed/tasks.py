@@ -1,0 +1,372 @@
+"""A task: the event log of one submitted workflow, with a cursor per
+reader, and its one final event.
+
+Why an append-only log with reader cursors rather than an anyio channel, and
+who owns a task from submit to final event: see :mod:`comfy_embed.runtime`.
+A task knows the engine that runs it only through :class:`TaskHost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import logging
+import time
+from typing import Any, AsyncIterator, Protocol
+
+import anyio
+
+from .background import Background
+from .config import Settings
+from .errors import ComfyEmbedError, ExecutionFailed, OutOfMemory, RunTimeout, TaskCancelled
+from .events import COMFY_TERMINAL, FINAL, PROGRESS_STATE, event, final_event, queue_event
+from .executor import Outcome
+from .guard import is_out_of_memory
+from .observe import Metrics
+from .report import TaskReport, TimedUploader
+from .results import collect_values, render_results
+from .storage import Store
+from .workflow import WorkflowRequest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Task", "TaskHost", "TaskObserver"]
+
+_COALESCE = frozenset({"progress", "progress_state", "queue"})
+
+
+class TaskHost(Protocol):
+    """What a task uses of the engine that runs it (all of it public)."""
+
+    settings: Settings
+    metrics: Metrics
+    #: Where assembling a result runs (a part of the engine's task group).
+    renders: Background
+
+    def store(self, name: str | None = None) -> Store: ...
+
+    def cancel(self, task_id: str, reason: str = "cancelled") -> bool: ...
+
+    def drop_inputs(self, task_id: str) -> None:
+        """Delete the inputs materialised for the task (after its final event)."""
+        ...
+
+
+class TaskObserver(Protocol):
+    """Told of every task the engine accepts (the service's task-log writer is one)."""
+
+    def task_accepted(self, task: Task) -> bool:
+        """``task`` was just queued (called on the loop, before ``submit``
+        returns, before any of its events). True: this observer makes the
+        task's final event durable and sets ``task.final_durable`` once it
+        is (whatever happens); False: not a task of this observer."""
+        ...
+
+
+class Task:
+    """One submitted workflow: its events so far and, at the end, its result.
+
+    Events are numbered from 1 as they arrive (the numbers every reader, the
+    task log and the status endpoint share). Each ``progress_state`` lists
+    every node, so only the latest is kept: an older one is replaced by a
+    gap in the numbering, which readers skip. Past ``max_task_events`` only
+    terminal events are kept (plus the last progress, just before them).
+    """
+
+    def __init__(self, engine: TaskHost, task_id: str, prompt_id: str, seeds: dict[str, int],
+                 *, output_base64: bool, output_oss: bool, credentials: Any,
+                 output_format: str | None = None, quality: int | None = None,
+                 report: TaskReport | None = None) -> None:
+        self.engine = engine
+        self.task_id = task_id
+        self.prompt_id = prompt_id
+        self.seeds = seeds
+        #: Event n is ``_events[n - 1]``; None where a later event superseded it.
+        self._events: list[dict[str, Any] | None] = []
+        self._snapshot_at: int | None = None
+        self._max_events = engine.settings.max_task_events
+        self._kept = 0
+        #: Events not kept because the task reached ``max_task_events``.
+        self.dropped = 0
+        self._held: dict[tuple[str, Any], dict[str, Any]] = {}
+        self.final: dict[str, Any] | None = None
+        #: The error behind a failed final event (None on success).
+        self.error: ComfyEmbedError | None = None
+        self.state = "queued"
+        self._loop = asyncio.get_running_loop()
+        # Executor callbacks run in the submitter's context: their log
+        # records (and those of the work they start) carry the task id.
+        self._context = contextvars.copy_context()
+        self._changed = asyncio.Event()
+        self._options = (output_base64, output_oss, credentials, output_format, quality)
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        #: monotonic time the executor started running it (None: never ran).
+        self._started_at: float | None = None
+        #: The parsed request: envelope fields (``extra_data``, targets) included.
+        self.request: WorkflowRequest | None = None
+        #: Timings and memory of this task, frozen into the final's data.report.
+        self.report = report or TaskReport()
+        #: Set once the final event is durable: written by the observer that
+        #: persists the task, or at once when none does (library use).
+        self.final_durable = anyio.Event()
+        # Executor-thread messages wait here; one loop wake-up takes a burst.
+        self._inbox: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque()
+        self._wake_pending = False
+
+    # ---------------------------------------------------------- consumers
+    @property
+    def done(self) -> bool:
+        return self.final is not None
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The events kept so far, in order (a copy)."""
+        return [ev for ev in self._events if ev is not None]
+
+    @property
+    def last_seq(self) -> int:
+        """The number of the latest event."""
+        return len(self._events)
+
+    def events_since(self, since: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        """``(seq, event)`` of the kept events after ``since``."""
+        return [(seq, ev) for seq, ev in enumerate(self._events[since:], start=since + 1)
+                if ev is not None]
+
+    async def stream(self, since: int = 0, coalesce: bool = True
+                     ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """``(seq, event)`` for every event after the first ``since`` (seq is
+        1-based), ending with the final one.
+
+        With ``coalesce``, a reader that is behind skips progress messages
+        that a later one of the same node supersedes.
+        """
+        pos = since
+        while True:
+            if pos < len(self._events):
+                pending = self.events_since(pos)
+                pos = len(self._events)
+                for seq, ev in (_coalesce(pending) if coalesce and len(pending) > 1 else pending):
+                    yield seq, ev
+                    if ev["type"] == FINAL:
+                        return
+                continue
+            if self.final is not None:
+                return
+            await self.changed()
+
+    def wake(self) -> None:
+        """Wake whoever waits in :meth:`changed` (with no new event)."""
+        self._changed.set()
+
+    async def changed(self) -> None:
+        """Wait for the next event."""
+        self._changed.clear()
+        await self._changed.wait()
+
+    async def wait(self) -> dict[str, Any]:
+        """The final ``serverless_api`` event, when the task has one."""
+        while self.final is None:
+            await self.changed()
+        return self.final
+
+    async def result(self) -> dict[str, Any]:
+        """The final event; raises the task's typed error if it failed."""
+        final = await self.wait()
+        if self.error is not None:
+            raise self.error
+        return final
+
+    def cancel(self, reason: str = "cancelled") -> bool:
+        return self.engine.cancel(self.task_id, reason)
+
+    # ---------------------------------------------------- loop-side updates
+    def _publish(self, ev: dict[str, Any]) -> None:
+        if self.final is not None:
+            return  # exactly one terminal event; nothing after it
+        kind = ev["type"]
+        # ComfyUI's end-of-run messages, and the ``executing`` with no node
+        # that native clients wait for, are never dropped.
+        terminal = (kind == FINAL or kind in COMFY_TERMINAL
+                    or (kind == "executing" and ev["data"].get("node") is None))
+        if not terminal and self._kept >= self._max_events:
+            # Over the cap: keep only the latest progress, for just before the end.
+            if kind in _COALESCE:
+                self._held[(kind, ev["data"].get("node"))] = ev
+            else:
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning("task %s: over %d events; keeping only terminal events",
+                                self.task_id, self._max_events)
+            return
+        if kind == FINAL:
+            self._observe_final(ev)
+        if terminal and self._held:
+            held, self._held = list(self._held.values()), {}
+            for h in held:
+                self._append(h)
+        self._append(ev)
+        if kind == FINAL:
+            self.final = ev
+            self.engine.drop_inputs(self.task_id)
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+        self._changed.set()
+
+    def _observe_final(self, ev: dict[str, Any]) -> None:
+        """Report and metrics, as the final event is built."""
+        metrics = self.engine.metrics
+        report = self.report.finish()
+        if self.engine.settings.task_report:
+            ev["data"]["report"] = report
+        metrics.task_report(report)
+        metrics.task_ended(None if self.error is None else self.error.type)
+
+    def _append(self, ev: dict[str, Any]) -> None:
+        if ev["type"] == PROGRESS_STATE:
+            if self._snapshot_at is not None:
+                self._events[self._snapshot_at] = None
+                self._kept -= 1
+            self._snapshot_at = len(self._events)
+        self._events.append(ev)
+        self._kept += 1
+
+    def _close(self, error: ComfyEmbedError | None = None,
+               results: list[dict[str, Any]] | None = None,
+               outputs: dict[str, dict[str, Any]] | None = None) -> None:
+        """Publish the one final event: success with ``results``, or ``error``."""
+        if self.final is not None:
+            return
+        self.error = error
+        self.state = "success" if error is None else "error"
+        self._publish(final_event(self.task_id, self.prompt_id, self.seeds, results,
+                                  error=None if error is None else error.to_dict(),
+                                  execution_time=self._execution_time(), outputs=outputs))
+
+    def _execution_time(self) -> float:
+        """Seconds from the start of execution until now (0 if it never ran)."""
+        return 0.0 if self._started_at is None else time.monotonic() - self._started_at
+
+    # ------------------------------------------- executor-thread callbacks
+    def _from_executor(self, kind: str, data: dict[str, Any]) -> None:
+        self.report.on_event(kind, data)
+        self._threadsafe(self._publish, event(kind, data))
+
+    def _on_start(self) -> None:
+        self.report.started()
+        # Stamped here, on the executor thread, when the run really starts
+        # (the loop may take a burst of messages at once, later).
+        self._started_at = time.monotonic()
+        self._threadsafe(self._started)
+
+    def _on_position(self, ahead: int) -> None:
+        self._threadsafe(self._queue_position, ahead)
+
+    def _queue_position(self, ahead: int) -> None:
+        """A ``queue`` event while waiting: ``position`` is how many tasks
+        are ahead (the running one included). One that raced the start is dropped."""
+        if self.state == "queued":
+            self._publish(queue_event(self.prompt_id, ahead))
+
+    def _on_done(self, outcome: Outcome) -> None:
+        self.report.executed()
+        self._threadsafe(self._spawn_finish, outcome)
+
+    def _threadsafe(self, fn: Any, *args: Any) -> None:
+        # Called on the executor thread. Append first, then check the flag:
+        # the loop clears the flag before it drains, so nothing is stranded.
+        self._inbox.append((fn, args))
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain, context=self._context)
+        except RuntimeError:  # the submitting loop is gone; nobody is listening
+            log.warning("task %s: event loop closed, dropping %s", self.task_id, fn)
+
+    def _drain(self) -> None:
+        self._wake_pending = False
+        while self._inbox:
+            fn, args = self._inbox.popleft()
+            fn(*args)
+
+    def _started(self) -> None:
+        self.state = "running"
+        limit = self.engine.settings.run_timeout
+        if limit:
+            self._timeout_handle = self._loop.call_later(
+                limit, self.engine.cancel, self.task_id, "timeout")
+
+    def _spawn_finish(self, outcome: Outcome) -> None:
+        # A loop callback: the work goes to the engine's task group, which
+        # shutdown drains (see the module docstring).
+        self.engine.renders.spawn(self._finish, outcome, name=f"result of {self.task_id}")
+
+    async def _finish(self, outcome: Outcome) -> None:
+        try:
+            if outcome.success:
+                self.report.mark_render()
+                results = await self._render(outcome)
+                self.report.mark_render(end=True)
+                self._close(results=results, outputs=collect_values(outcome.outputs))
+            else:
+                self._close(_outcome_error(outcome, self.engine.settings.run_timeout))
+        except ComfyEmbedError as e:
+            self._close(e)
+        except anyio.get_cancelled_exc_class():
+            # The instance is shutting down mid-upload: still one final event.
+            self._close(TaskCancelled("the instance shut down before the result was assembled"))
+            raise
+        except Exception as e:  # a final event, whatever happened
+            log.exception("task %s: finishing failed", self.task_id)
+            self._close(ExecutionFailed(f"could not assemble the result: {e}"))
+
+    async def _render(self, outcome: Outcome) -> list[dict[str, Any]]:
+        output_base64, output_oss, credentials, output_format, quality = self._options
+        store = TimedUploader(self.engine.store(), self.report) if output_oss else None
+        return await render_results(outcome.files, output_base64=output_base64, store=store,
+                                    credentials=credentials, output_format=output_format,
+                                    quality=quality)
+
+
+def _outcome_error(outcome: Outcome, timeout: float | None) -> ComfyEmbedError:
+    err = dict(outcome.error or {})
+    reason = err.pop("reason", None)
+    if outcome.interrupted:
+        if reason == "timeout":
+            return RunTimeout(f"the run exceeded its time limit of {timeout:g}s and was interrupted",
+                              details=err)
+        if reason == "shutdown":
+            return TaskCancelled("the instance shut down (SIGTERM) before the task finished; "
+                                 "it was interrupted", details=err)
+        where = f" at node {err['node_id']} ({err.get('node_type')})" if err.get("node_id") else ""
+        return TaskCancelled(f"the task was cancelled{where}", details=err)
+    node_id, node_type = err.get("node_id"), err.get("node_type")
+    msg = err.get("exception_message") or err.get("reason") or "execution failed"
+    node_errors = {}
+    if node_id:
+        node_errors = {node_id: {"errors": [{"type": err.get("exception_type", "exception"),
+                                             "message": msg, "details": "",
+                                             "extra_info": {}}],
+                                 "dependent_outputs": [], "class_type": node_type}}
+    where = f"node {node_id} ({node_type}) failed: " if node_id else ""
+    details = {k: v for k, v in err.items() if k != "current_outputs"}
+    if is_out_of_memory(err):
+        return OutOfMemory(f"{where}out of memory ({err.get('exception_type', 'Error')}: {msg}); "
+                           "cached memory was freed: retry, or use a smaller size or batch",
+                           node_errors=node_errors, details=details)
+    return ExecutionFailed(f"{where}{err.get('exception_type', 'Error')}: {msg}",
+                           node_errors=node_errors, details=details)
+
+
+def _coalesce(events: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+    """Drop progress events superseded by a later one for the same node."""
+    latest: dict[tuple[str, Any], int] = {}
+    for seq, ev in events:
+        if ev["type"] in _COALESCE:
+            latest[(ev["type"], ev["data"].get("node"))] = seq
+    return [(seq, ev) for seq, ev in events
+            if ev["type"] not in _COALESCE or latest[(ev["type"], ev["data"].get("node"))] == seq]
+
+
