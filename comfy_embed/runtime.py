@@ -50,7 +50,7 @@ import logging
 import shutil
 import threading
 import uuid
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import anyio
 
@@ -250,7 +250,11 @@ class Engine:
         before anything is queued. A task id registered here returns that
         task, also while its first submit is still being validated (retries
         are idempotent). Options: ``task_id``, ``output_base64``,
-        ``output_oss``, ``credentials``, ``output_format``, ``quality``.
+        ``output_oss``, ``credentials``, ``output_format``, ``quality``, and
+        ``before_writes``: awaited once, before anything is written for this
+        task id (its materialised inputs) and before it is queued, while
+        parsing and validating need not wait for it; raising there refuses
+        the task (the service claims the id in the task log meanwhile).
 
         What follows the run (assembling the result) is spawned in
         :attr:`background`: in the server, the lifespan's task group; in
@@ -267,7 +271,8 @@ class Engine:
     async def _submit(self, graph: Any, *, task_id: str | None = None,
                       output_base64: bool = False, output_oss: bool = False,
                       credentials: Any = None, output_format: str | None = None,
-                      quality: int | None = None) -> Task:
+                      quality: int | None = None,
+                      before_writes: Callable[[], Awaitable[None]] | None = None) -> Task:
         report = TaskReport()
         if not self.accepting:
             raise NotAccepting("this instance is draining and accepts no new work")
@@ -283,7 +288,8 @@ class Engine:
         try:
             task = await self._prepare(graph, report, task_id, output_base64=output_base64,
                                        output_oss=output_oss, credentials=credentials,
-                                       output_format=output_format, quality=quality)
+                                       output_format=output_format, quality=quality,
+                                       before_writes=before_writes)
         finally:
             del self._preparing[task_id]
             preparing.set()
@@ -292,7 +298,8 @@ class Engine:
 
     async def _prepare(self, graph: Any, report: TaskReport, task_id: str, *,
                        output_base64: bool, output_oss: bool, credentials: Any,
-                       output_format: str | None, quality: int | None) -> Task:
+                       output_format: str | None, quality: int | None,
+                       before_writes: Callable[[], Awaitable[None]] | None = None) -> Task:
         """Everything between the id check and the queue; the queued task."""
         if output_format is not None and output_format not in FORMATS:
             raise WorkflowInvalid(f"output_format must be one of png, jpeg, webp; got {output_format!r}",
@@ -306,7 +313,11 @@ class Engine:
         prompt = request.prompt
         seeds = randomize_seeds(prompt, comfy.input_specs)
         isolate_outputs(prompt, task_id)
+        gate = before_writes  # None once passed
         try:
+            if gate is not None and any(True for _ in media_inputs(prompt, comfy.input_specs)):
+                await gate()  # inputs are about to be written under this id
+                gate = None
             await self._materialise_images(prompt, credentials, task_id)
             await self._fetch_models(prompt)
             prompt_id = str(uuid.uuid4())
@@ -322,9 +333,16 @@ class Engine:
                       emit=task._from_executor, on_done=task._on_done, on_start=task._on_start,
                       on_position=task._on_position,
                       extra_data=request.extra_data)
+            if gate is not None:
+                await gate()
+                gate = None
             ahead = self.executor.submit(job)  # QueueFull propagates: nothing queued
         except BaseException:
-            self.drop_inputs(task_id)  # never queued: its materialised inputs go now
+            # Never queued: the inputs this request materialised go now. Not
+            # when the gate refused: the id may be another instance's task,
+            # whose inputs (on a shared volume) are in that folder.
+            if gate is None:
+                self.drop_inputs(task_id)
             raise
         task._publish(status_event(ahead + 1))
         if ahead:

@@ -46,6 +46,20 @@ def _conflict(task_id: str) -> TaskIdConflict:
     return TaskIdConflict(f"task id {task_id} belongs to a task created with another API key")
 
 
+class _Unclaimed(Exception):
+    """The engine's ``before_writes`` gate: this request did not claim the
+    task id in the log (known task, conflict, unusable log)."""
+
+
+class _Claim:
+    """The outcome of claiming a task id in the log, once ``done`` is set."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.claimed = False
+        self.error: Exception | None = None
+
+
 class Handle:
     """One task as a caller follows it: live on this instance, or read from
     the shared log (another instance runs it, or it is already done)."""
@@ -150,49 +164,85 @@ class TaskService(TaskObserver):
                 await self.webhooks.check(webhook)
             except WebhookRefused as e:
                 return Handle(self, task_id, error=e)
-        try:
-            claimed = await anyio.to_thread.run_sync(self._claim, task_id, owner_key)
-        except FileExistsError as e:
-            return Handle(self, task_id, error=TaskIdConflict(f"task id {task_id}: {e}; "
-                                                              "choose another task id"))
-        except OSError as e:
-            log.warning("task %s: task log unusable: %s", task_id, e)
+        # The claim in the task log (a worker thread: mkdir, owner file) runs
+        # while the engine parses and validates; the engine waits for it
+        # before writing anything under this id or queueing it.
+        claim = _Claim()
+        registered = False
+
+        async def claim_in_log() -> None:
+            try:
+                claim.claimed = await anyio.to_thread.run_sync(self._claim, task_id, owner_key)
+            except Exception as e:
+                claim.error = e
+            finally:
+                claim.done.set()
+
+        async def before_writes() -> None:
+            nonlocal registered
+            await claim.done.wait()
+            if claim.error is not None or not claim.claimed:
+                raise _Unclaimed()
+            if webhook is not None:
+                # Recorded before the task can end, so its end is always delivered.
+                await self.webhooks.register(task_id, webhook)
+                registered = True
+            self._claimed.add(task_id)
+
+        task: Task | None = None
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim_in_log)
+            try:
+                task = await self.engine.submit(body, task_id=task_id,
+                                                before_writes=before_writes, **options)
+            except Exception as e:  # decided below, once the claim is known
+                failure = e
+            finally:
+                self._claimed.discard(task_id)
+        # The claim decides first, as if it had run alone before the submit.
+        if isinstance(claim.error, FileExistsError):
+            return Handle(self, task_id, error=TaskIdConflict(
+                f"task id {task_id}: {claim.error}; choose another task id"))
+        if isinstance(claim.error, OSError):
+            log.warning("task %s: task log unusable: %s", task_id, claim.error)
             return Handle(self, task_id, error=StorageUnavailable(
-                f"the task log folder is not writable ({e.strerror or e}); retry later"))
-        if not claimed:  # known task: answer from the log
+                f"the task log folder is not writable ({claim.error.strerror or claim.error}); "
+                "retry later"))
+        if claim.error is not None:
+            failure = claim.error  # unexpected: an internal error, below
+        elif not claim.claimed:  # known task: answer from the log
             if not await self.may_access(task_id, owner_key):
                 return Handle(self, task_id, error=_conflict(task_id))
             return Handle(self, task_id)
-        if webhook is not None:
-            # Recorded before the task can end, so its end is always delivered.
-            await self.webhooks.register(task_id, webhook)
-        self._claimed.add(task_id)
-        try:
-            task = await self.engine.submit(body, task_id=task_id, **options)
-        except (QueueFull, NotAccepting) as e:
+        if failure is None:
+            assert task is not None
+            return Handle(self, task_id, task=task)
+        if isinstance(failure, (QueueFull, NotAccepting)):
             # Not accepted: forget the claim (webhook included) so that a retry can run it.
             self.webhooks.forget(task_id)
             await anyio.to_thread.run_sync(self._discard, task_id)
-            return Handle(self, task_id, error=e)
-        except (WorkflowInvalid, ImageInputError, PayloadTooLarge) as e:
+            return Handle(self, task_id, error=failure)
+        if isinstance(failure, (WorkflowInvalid, ImageInputError, PayloadTooLarge)):
             if webhook is None:
                 # Refused, not run: nothing is left on disk (one folder per
                 # bad request would pile up) and a corrected retry can run.
                 await anyio.to_thread.run_sync(self._discard, task_id)
-                return Handle(self, task_id, error=e)
+                return Handle(self, task_id, error=failure)
             # With a webhook: its delivery state lives in the task's folder.
-            await self._close_with_error(task_id, e)
-            return Handle(self, task_id, error=e)
-        except Exception as e:
-            if not isinstance(e, ComfyEmbedError):
-                log.exception("task %s: submitting failed", task_id)
-                e = ExecutionFailed(f"internal error while accepting the task: {e!r}")
-            # Claimed, so the log must end with a final event all the same.
-            await self._close_with_error(task_id, e)
-            return Handle(self, task_id, error=e)
-        finally:
-            self._claimed.discard(task_id)
-        return Handle(self, task_id, task=task)
+            if not registered:
+                await self.webhooks.register(task_id, webhook)
+            await self._close_with_error(task_id, failure)
+            return Handle(self, task_id, error=failure)
+        error = failure
+        if not isinstance(error, ComfyEmbedError):
+            log.error("task %s: submitting failed", task_id, exc_info=error)
+            error = ExecutionFailed(f"internal error while accepting the task: {error!r}")
+        # Claimed, so the log must end with a final event all the same.
+        if webhook is not None and not registered:
+            await self.webhooks.register(task_id, webhook)
+        await self._close_with_error(task_id, error)
+        return Handle(self, task_id, error=error)
 
     def task_accepted(self, task: Task) -> bool:
         """The engine queued ``task``: if this service claimed it, start its
