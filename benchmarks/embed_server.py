@@ -44,8 +44,8 @@ def mark(name: str, key: str | None = None) -> None:
 def instrument() -> None:
     """Wrap the request path's stages with marks (before create_app binds them)."""
     import comfy_embed._comfy as cc
-    import comfy_embed.runtime as rt
     import comfy_embed.service as sv
+    import comfy_embed.tasks as tk
     import comfy_embed.tasklog as tl
     from comfy_embed.api import runs
     from comfy_embed.events import FINAL
@@ -80,7 +80,7 @@ def instrument() -> None:
     sync_span(cc.Comfy, "validate", "validate")
     sync_span(cc.Comfy, "execute", "execute")
 
-    orig_render = rt.render_results
+    orig_render = tk.render_results
 
     async def render_results(*a: Any, **kw: Any) -> Any:
         mark("render0")
@@ -88,18 +88,18 @@ def instrument() -> None:
             return await orig_render(*a, **kw)
         finally:
             mark("render1")
-    rt.render_results = render_results  # type: ignore[assignment]
+    tk.render_results = render_results  # type: ignore[assignment]
 
-    orig_publish = rt.Task._publish
+    orig_publish = tk.Task._publish
 
     def _publish(self: Any, ev: dict[str, Any]) -> None:
         if ev.get("type") == FINAL and self.final is None:
             mark("final", self.task_id)
         orig_publish(self, ev)
-    rt.Task._publish = _publish  # type: ignore[method-assign]
+    tk.Task._publish = _publish  # type: ignore[method-assign]
 
     class _MarkedEvent:
-        """Stands in for the ``persisted`` event handed to TaskService._persist."""
+        """Stands in for ``Task.final_durable`` (set by TaskService._persist)."""
 
         def __init__(self, event: Any, key: str) -> None:
             self._event, self._key = event, key
@@ -108,10 +108,17 @@ def instrument() -> None:
             mark("persisted", self._key)
             self._event.set()
 
+        def is_set(self) -> bool:
+            return self._event.is_set()
+
+        async def wait(self) -> None:
+            await self._event.wait()
+
     orig_persist = sv.TaskService._persist
 
-    async def _persist(self: Any, task: Any, persisted: Any) -> None:
-        await orig_persist(self, task, _MarkedEvent(persisted, task.task_id))  # type: ignore[arg-type]
+    async def _persist(self: Any, task: Any) -> None:
+        task.final_durable = _MarkedEvent(task.final_durable, task.task_id)
+        await orig_persist(self, task)
     sv.TaskService._persist = _persist  # type: ignore[method-assign]
 
 
