@@ -121,6 +121,8 @@ class TaskService(TaskObserver):
         self._writers = engine.background.part("task log")
         #: Events of each running task already in the log (for flush()).
         self._written: dict[str, int] = {}
+        #: Tasks whose writer is retrying because the log refused a write.
+        self._failing: set[str] = set()
         self.webhooks = Webhooks(settings, self.tasklog, engine.background.part("webhooks"))
         #: While positive, persisters write at once instead of gathering.
         self._hurry = 0
@@ -274,21 +276,43 @@ class TaskService(TaskObserver):
         interval = self.settings.task_log_flush_seconds
         written = 0
         last_flush = anyio.current_time()
+        #: Seconds until the next try while the log refuses writes (a full disk).
+        backoff = 0.0
         try:
             while True:
-                while task.last_seq == written and task.final is None:
-                    await task.changed()
-                if task.final is None:
-                    # Gather what comes in the rest of the interval into one file.
-                    with anyio.move_on_after(last_flush + interval - anyio.current_time()):
-                        while task.final is None and not self._hurry:
-                            await task.changed()
+                if not backoff:
+                    while task.last_seq == written and task.final is None:
+                        await task.changed()
+                    if task.final is None:
+                        # Gather what comes in the rest of the interval into one file.
+                        with anyio.move_on_after(last_flush + interval - anyio.current_time()):
+                            while task.final is None and not self._hurry:
+                                await task.changed()
                 batch = task.events_since(written)
-                written = task.last_seq
+                upto = task.last_seq
                 if batch:
                     started = time.perf_counter()
-                    await anyio.to_thread.run_sync(self.tasklog.extend, task.task_id, batch)
+                    try:
+                        await anyio.to_thread.run_sync(self.tasklog.extend, task.task_id, batch)
+                    except OSError as e:
+                        # Keep the events and try again (the lease is still
+                        # renewed meanwhile, so nobody closes the task as lost).
+                        self._failing.add(task.task_id)
+                        if not backoff:
+                            log.warning("task %s: cannot write its task log (%s); retrying "
+                                        "until it can", task.task_id, e)
+                        if batch[-1][1]["type"] == FINAL:
+                            # The caller gets its answer now; the log catches up.
+                            task.final_durable.set()
+                        backoff = min(5.0, max(0.2, backoff * 2))
+                        await anyio.sleep(backoff)
+                        continue
+                    if backoff:
+                        log.info("task %s: task log writable again", task.task_id)
+                        self._failing.discard(task.task_id)
+                        backoff = 0.0
                     self.engine.metrics.task_log_write.observe(time.perf_counter() - started)
+                written = upto
                 self._written[task.task_id] = written
                 last_flush = anyio.current_time()
                 if batch and batch[-1][1]["type"] == FINAL:
@@ -299,6 +323,7 @@ class TaskService(TaskObserver):
         finally:
             self._persisting.pop(task.task_id, None)
             self._written.pop(task.task_id, None)
+            self._failing.discard(task.task_id)
             task.final_durable.set()
             try:
                 # Shielded: a writer cancelled at shutdown still hands its lease back.
@@ -439,8 +464,10 @@ class TaskService(TaskObserver):
         try:
             for task in list(self._persisting.values()):
                 task.wake()  # a persister gathering a batch writes it now
-            while any(task_id in self._persisting and self._written.get(task_id, 0) < n
-                      for task_id, n in due.items()):
+            # Not for a log that refuses writes (a full disk): its writer
+            # retries on its own, and FC's hook must get an answer.
+            while any(task_id in self._persisting and task_id not in self._failing
+                      and self._written.get(task_id, 0) < n for task_id, n in due.items()):
                 await anyio.sleep(0.01)
         finally:
             self._hurry -= 1

@@ -350,9 +350,11 @@ def test_6_full_disk(tmp_path: Path, tiny_disk: Path) -> None:
             assert time.monotonic() - start < 30, "never became ready again"
             time.sleep(0.2)
         assert_serves(s)
-        # The task whose final could not be written is closed once space returned.
+        # The final event that could not be written is written once space
+        # returned: the log says what the client was told (not task_lost).
         events = s.wait_final("full-1", timeout=60)
         assert events[-1]["data"]["status"] == "error"
+        assert events[-1]["data"]["error"] == final["data"]["error"], (events[-1], final)
     finally:
         s.stop()
         shutil.rmtree(tmp_path / "disk", ignore_errors=True)
