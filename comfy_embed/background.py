@@ -19,10 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
 from anyio.abc import TaskGroup
+
+if sys.version_info < (3, 11):  # anyio depends on the backport there
+    from exceptiongroup import BaseExceptionGroup
 
 try:
     import sniffio
@@ -81,17 +85,27 @@ class Background:
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[Background]:
         """Own a task group for the body: work spawned meanwhile runs in it.
-        Leaving waits for that work (call :meth:`cancel` first to stop it)."""
+        Leaving waits for that work (call :meth:`cancel` first to stop it).
+
+        An exception of the body comes out as itself, not wrapped in an
+        exception group: the work in the group never raises (it is logged),
+        so a group holds only the body's own exception.
+        """
         if self._parent is not None:
             raise RuntimeError("open the root Background, not a part of it")
         if self.attached:
             raise RuntimeError(f"{self.name}: a task group is already open")
-        async with anyio.create_task_group() as tg:
-            self._group, self._group_loop = tg, asyncio.get_running_loop()
-            try:
-                yield self
-            finally:
-                self._group = self._group_loop = None
+        try:
+            async with anyio.create_task_group() as tg:
+                self._group, self._group_loop = tg, asyncio.get_running_loop()
+                try:
+                    yield self
+                finally:
+                    self._group = self._group_loop = None
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
 
     @property
     def attached(self) -> bool:

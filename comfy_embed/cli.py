@@ -52,11 +52,12 @@ async def _run(settings: Settings, graph: Any, out: Path | None, want_base64: bo
     names = _node_names(graph)
     try:
         await engine.wait_ready()
-        task = await engine.submit(graph, output_base64=want_base64)
-        async for _, ev in task.stream():
-            if show_progress:
-                _progress(ev, names)
-        final = await task.result()
+        async with engine.background.open():  # the result is assembled in it
+            task = await engine.submit(graph, output_base64=want_base64)
+            async for _, ev in task.stream():
+                if show_progress:
+                    _progress(ev, names)
+            final = await task.result()
     finally:
         engine.close()
     if out is not None:

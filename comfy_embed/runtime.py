@@ -446,15 +446,8 @@ class Engine:
         """
         if self.background.attached:
             return await self._run(graph, options)
-        failure: Exception | None = None
         async with self.background.open():
-            try:
-                final = await self._run(graph, options)
-            except Exception as e:  # raised outside: a task group would wrap it in a group
-                failure = e
-        if failure is not None:
-            raise failure
-        return final
+            return await self._run(graph, options)
 
     async def _run(self, graph: Any, options: dict[str, Any]) -> dict[str, Any]:
         task = await self.submit(graph, **options)

@@ -133,3 +133,12 @@ async def test_only_the_root_opens_and_only_once() -> None:
         with pytest.raises(RuntimeError, match="already open"):
             async with bg.open():
                 pass
+
+
+async def test_an_error_of_the_body_comes_out_as_itself() -> None:
+    """Engine.run and the CLI raise the task's typed error through the group."""
+    bg = Background()
+    with pytest.raises(KeyError, match="the body's"):
+        async with bg.open():
+            raise KeyError("the body's")
+    assert not bg.attached
