@@ -58,7 +58,8 @@ class TaskObserver(Protocol):
 
     def task_accepted(self, task: Task) -> bool:
         """``task`` was just queued (called on the loop, before ``submit``
-        returns, before any of its events). True: this observer makes the
+        returns and before any executor message reaches it; only its
+        ``status``/``queue`` events are there). True: this observer makes the
         task's final event durable and sets ``task.final_durable`` once it
         is (whatever happens); False: not a task of this observer."""
         ...

@@ -77,7 +77,7 @@ async def test_a_retry_while_the_first_is_validating_gets_the_same_task(
             tg.start_soon(start, "first")
             await anyio.to_thread.run_sync(comfy.validating.wait)
             tg.start_soon(start, "retry")  # arrives while the first is validating
-            await anyio.sleep(0.05)  # let the retry reach the registry (not a timing assertion)
+            await anyio.wait_all_tasks_blocked()  # the retry waits in the registry
             comfy.validating_gate.set()
         first, retry = handles["first"], handles["retry"]
         assert first.error is None and retry.error is None
@@ -103,7 +103,7 @@ async def test_engine_submits_of_one_id_prepare_it_once(fake_engine: tuple[Engin
             tg.start_soon(submit)
             await anyio.to_thread.run_sync(comfy.validating.wait)
             tg.start_soon(submit)
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()
             comfy.validating_gate.set()
         assert len(tasks) == 2 and tasks[0] is tasks[1] and comfy.validations == 1
         await tasks[0].wait()
@@ -132,7 +132,7 @@ async def test_a_refused_first_submit_lets_the_waiting_retry_run(
             tg.start_soon(first)
             await anyio.to_thread.run_sync(comfy.validating.wait)
             tg.start_soon(retry)
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()
             comfy.validating_gate.set()
         assert type(outcome["first"]).__name__ == "WorkflowInvalid"
         final = await outcome["retry"].wait()
