@@ -63,6 +63,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import functools
 import json
 import logging
 import os
@@ -255,6 +256,12 @@ def _pairs(value: Any, first: int) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved_dir(path: str) -> Path:
+    """An output folder, symlinks resolved (a handful per process: cached)."""
+    return Path(path).resolve()
+
+
 def _output_file(out: dict[str, Any], raw: bytes, root: Path) -> dict[str, Any] | None:
     """A reference to the output file named by ``out["comfy"]`` if it holds
     exactly ``raw`` and lies in the output folder that holds the log
@@ -264,8 +271,10 @@ def _output_file(out: dict[str, Any], raw: bytes, root: Path) -> dict[str, Any] 
     if not isinstance(comfy, dict):
         return None
     try:
-        base = Path(comfy["dir"]).resolve()
-        path = (base / comfy["subfolder"] / comfy["filename"]).resolve()
+        base = _resolved_dir(str(comfy["dir"]))
+        # normpath, not resolve(): on the answer's path, and a realpath costs
+        # an lstat per component; the bytes are compared below anyway.
+        path = Path(os.path.normpath(base / comfy["subfolder"] / comfy["filename"]))
     except (KeyError, TypeError, ValueError, OSError, RuntimeError):
         return None
     if (not root.is_relative_to(base) or root == base or not path.is_relative_to(base)
