@@ -334,8 +334,9 @@ class TaskService(TaskObserver):
 
     def _released(self, task_id: str) -> None:
         self.tasklog.release(task_id)
-        usage = self.tasklog.usage(task_id)
-        log.info("task %s: task log %d files, %d bytes", task_id, usage.files, usage.bytes)
+        if log.isEnabledFor(logging.DEBUG):  # a listing and a stat per file: not per task by default
+            usage = self.tasklog.usage(task_id)
+            log.debug("task %s: task log %d files, %d bytes", task_id, usage.files, usage.bytes)
 
     def _claim(self, task_id: str, owner_key: str | None) -> bool:
         known = self.tasklog.exists(task_id)
