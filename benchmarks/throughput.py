@@ -8,6 +8,8 @@ the execution_start/execution_success timestamps in /history):
 
   phases at 1, 8 and 16 concurrent clients (``--requests`` each, default 300),
   then 8 clients until ``--total`` requests (default 1000) have been served;
+  both servers stay up and take turns within each phase (``--rounds``
+  slices, order rotating), so a slow spell of the shared machine hits both;
   requests/s, p50/p95 latency, errors (must be 0), executor busy fraction
   (busy seconds / wall seconds of the phase), and the server process's RSS
   after warm-up and after the ``--total`` requests.
@@ -119,62 +121,110 @@ def native_busy(histories: list[dict[str, Any]]) -> float:
     return total
 
 
-def bench_server(kind: str, args: argparse.Namespace, wd: Path,
-                 graph: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
-    if kind == "embed":
-        srv = common.start_embed(wd, cache_dir=args.cache_dir, args=["benchmarks/embed_server.py"],
-                                 env={"COMFY_EMBED_MAX_QUEUE": "256"})
-        ready = "/ready"
-    else:
-        srv = common.start_native(wd, models_dir=args.cache_dir)
-        ready = "/system_stats"
-    try:
-        srv.wait_http(ready)
+class Target:
+    """One server under test: its process, clients and executor busy time."""
+
+    def __init__(self, kind: str, args: argparse.Namespace, wd: Path) -> None:
+        self.kind = kind
+        if kind == "embed":
+            self.srv = common.start_embed(wd, cache_dir=args.cache_dir,
+                                          args=["benchmarks/embed_server.py"],
+                                          env={"COMFY_EMBED_MAX_QUEUE": "256"})
+            ready = "/ready"
+        else:
+            self.srv = common.start_native(wd, models_dir=args.cache_dir)
+            ready = "/system_stats"
+        self.srv.wait_http(ready)
         if args.content == "noise":
-            assert srv.base is not None
-            write_noise(srv.base / "input")
-        stats = common.Http(srv.port)
+            assert self.srv.base is not None
+            write_noise(self.srv.base / "input")
+        self.stats = common.Http(self.srv.port) if kind == "embed" else None
+        self.served = 0
+        self.watch = common.CpuWatch()
 
-        def busy() -> float:
-            _, raw = stats.request("GET", "/_bench/stats")
-            return json.loads(raw)["busy_seconds"]
+    def busy(self) -> float:
+        assert self.stats is not None
+        _, raw = self.stats.request("GET", "/_bench/stats")
+        return json.loads(raw)["busy_seconds"]
 
-        def make_client() -> Any:
-            return common.EmbedClient(srv.port) if kind == "embed" else common.NativeClient(srv.port)
+    def make_client(self) -> Any:
+        port = self.srv.port
+        return common.EmbedClient(port) if self.kind == "embed" else common.NativeClient(port)
 
-        warm = run_phase(make_client, graph, 10**6, args.warmup, 1)
-        if warm["errors"]:
-            raise RuntimeError(f"{kind} warm-up failed: {warm['errors'][:3]}")
-        rss0 = srv.rss_mb()
-        phases: dict[str, Any] = {}
-        served = 0
+    def run(self, graph: Callable[[int], dict[str, Any]], n: int, clients: int) -> dict[str, Any]:
+        """One slice of a phase; with the executor's busy seconds during it."""
+        b0 = self.busy() if self.kind == "embed" else 0.0
+        res = run_phase(self.make_client, graph, self.served, n, clients)
+        self.served += n
+        res["busy"] = (self.busy() - b0) if self.kind == "embed" else native_busy(res["histories"])
+        return res
+
+    def stop(self) -> None:
+        if self.stats is not None:
+            self.stats.close()
+        self.srv.stop()
+
+
+def _phase_figures(clients: int, slices: list[dict[str, Any]], rss_mb: float) -> dict[str, Any]:
+    lat = [x for r in slices for x in r["latencies"]]
+    wall = sum(r["wall"] for r in slices)
+    busy = sum(r["busy"] for r in slices)
+    errors = [e for r in slices for e in r["errors"]]
+    return {"clients": clients, "requests": len(lat) + len(errors), "errors": len(errors),
+            "error_samples": errors[:3], "wall_s": round(wall, 2), "rps": round(len(lat) / wall, 2),
+            "p50_ms": round(common.percentile(lat, 50) * 1000, 2) if lat else None,
+            "p95_ms": round(common.percentile(lat, 95) * 1000, 2) if lat else None,
+            "busy_fraction": round(busy / wall, 3),
+            "executor_ms_per_job": round(busy / max(len(lat), 1) * 1000, 2),
+            "rss_mb_after": round(rss_mb, 1)}
+
+
+def bench_servers(kinds: list[str], args: argparse.Namespace, wd: Path,
+                  graph: Callable[[int], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every phase in ``args.rounds`` slices, the servers taking turns slice
+    by slice (order rotating), so that a slow spell of the machine hits them
+    alike rather than whichever ran second."""
+    targets: dict[str, Target] = {}
+    try:
+        for kind in kinds:  # booted one at a time, then all stay up
+            targets[kind] = Target(kind, args, wd)
+        rss0: dict[str, float] = {}
+        for kind, t in targets.items():
+            warm = t.run(graph, args.warmup, 1)
+            if warm["errors"]:
+                raise RuntimeError(f"{kind} warm-up failed: {warm['errors'][:3]}")
+            rss0[kind] = t.srv.rss_mb()
         plan = [(f"c{c}", c, args.requests) for c in (1, 8, 16)]
         plan.append(("fill-c8", 8, max(args.total - len(plan) * args.requests, 0)))
-        watch = common.CpuWatch()
+        for t in targets.values():
+            t.watch = common.CpuWatch()
+        phases: dict[str, dict[str, Any]] = {k: {} for k in targets}
+        turn = 0
         for name, clients, n in plan:
             if n <= 0:
                 continue
-            b0 = busy() if kind == "embed" else 0.0
-            res = run_phase(make_client, graph, served, n, clients)
-            served += n
-            b = (busy() - b0) if kind == "embed" else native_busy(res["histories"])
-            lat = res["latencies"]
-            phases[name] = {"clients": clients, "requests": n, "errors": len(res["errors"]),
-                            "error_samples": res["errors"][:3], "wall_s": round(res["wall"], 2),
-                            "rps": round(len(lat) / res["wall"], 2),
-                            "p50_ms": round(common.percentile(lat, 50) * 1000, 2) if lat else None,
-                            "p95_ms": round(common.percentile(lat, 95) * 1000, 2) if lat else None,
-                            "busy_fraction": round(b / res["wall"], 3),
-                            "executor_ms_per_job": round(b / max(len(lat), 1) * 1000, 2),
-                            "rss_mb_after": round(srv.rss_mb(), 1)}
-            print(f"  {kind:<6} {name:<8} {phases[name]['rps']:7.1f} req/s  p95 {phases[name]['p95_ms']} ms  "
-                  f"errors {phases[name]['errors']}  busy {phases[name]['busy_fraction']:.2f}", flush=True)
-        rss1 = srv.rss_mb()
-        return {"phases": phases, "served": served, "rss_mb_before": round(rss0, 1),
-                "rss_mb_after": round(rss1, 1), "rss_growth_mb": round(rss1 - rss0, 1),
-                "foreign_cores": watch.foreign_cores()}
+            rounds = max(1, min(args.rounds, n // max(clients, 1)))
+            slices: dict[str, list[dict[str, Any]]] = {k: [] for k in targets}
+            for r in range(rounds):
+                size = n // rounds + (1 if r < n % rounds else 0)
+                order = list(targets)[turn % len(targets):] + list(targets)[:turn % len(targets)]
+                turn += 1
+                for kind in order:
+                    slices[kind].append(targets[kind].run(graph, size, clients))
+            for kind, t in targets.items():
+                f = phases[kind][name] = _phase_figures(clients, slices[kind], t.srv.rss_mb())
+                print(f"  {kind:<6} {name:<8} {f['rps']:7.1f} req/s  p95 {f['p95_ms']} ms  "
+                      f"errors {f['errors']}  busy {f['busy_fraction']:.2f}", flush=True)
+        out = {}
+        for kind, t in targets.items():
+            rss1 = t.srv.rss_mb()
+            out[kind] = {"phases": phases[kind], "served": t.served, "rss_mb_before": round(rss0[kind], 1),
+                         "rss_mb_after": round(rss1, 1), "rss_growth_mb": round(rss1 - rss0[kind], 1),
+                         "foreign_cores": t.watch.foreign_cores()}
+        return out
     finally:
-        srv.stop()
+        for t in targets.values():
+            t.stop()
 
 
 def main() -> None:
@@ -184,6 +234,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--content", choices=("flat", "noise"), default="flat")
     ap.add_argument("--servers", default="embed,native")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="slices per phase; the servers take turns slice by slice")
     common.add_common_args(ap)
     args = ap.parse_args()
     machine, wd = common.start_run(args, "throughput")
@@ -191,7 +243,7 @@ def main() -> None:
     servers = [s for s in args.servers.split(",") if s]
     print(f"graph image512 ({args.content}); phases 1/8/16 clients x {args.requests}, "
           f"then to {args.total} requests; logs in {wd}", flush=True)
-    results = {s: bench_server(s, args, wd, graph) for s in servers}
+    results = bench_servers(servers, args, wd, graph)
 
     rows = []
     for s in servers:
@@ -219,6 +271,7 @@ def main() -> None:
     common.tidy_workdir(wd, args.keep)
     common.emit_json({"bench": "throughput", "machine": machine,
                       "config": {"requests": args.requests, "total": args.total, "content": args.content,
+                                 "rounds": args.rounds,
                                  "torch_threads": args.torch_threads},
                       "figures": results})
 
