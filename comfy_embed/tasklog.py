@@ -908,18 +908,23 @@ class TaskLog:
                 continue
             d = self.root / task_id
             try:
-                idle = now - self._renewed_at(d)
+                renewed = self._renewed_at(d)
             except FileNotFoundError:
                 continue
+            idle = now - renewed
             if self.is_final(task_id):
                 known.add((task_id, inode, ctime))
                 continue
             if idle <= self.lease_seconds:
                 continue
             owner = self.owner(task_id) or "unknown"
-            message = (f"the instance running this task stopped (lease expired): "
-                       f"{owner} did not renew it for {idle:.0f}s "
-                       f"(lease {self.lease_seconds:g}s)")
+            if renewed == 0.0:  # see release(): given up, not expired
+                message = (f"the instance running this task ({owner}) released it "
+                           f"without a final event")
+            else:
+                message = (f"the instance running this task stopped (lease expired): "
+                           f"{owner} did not renew it for {idle:.0f}s "
+                           f"(lease {self.lease_seconds:g}s)")
             event = final_event(task_id, None, {}, error={
                 "type": "task_lost", "message": message, "node_errors": {}})
             with self._lock:

@@ -338,6 +338,9 @@ def test_release_without_final_is_recovered(tmp_path: Path) -> None:
     tl.release("gave-up")
     assert tl.recover_orphans(now=clock.t) == ["gave-up"]
     assert tl.is_final("gave-up")
+    # Released, not expired: the message says so (no age since the epoch).
+    message = tl.read("gave-up")[-1][1]["data"]["error"]["message"]
+    assert "(i1) released it without a final event" in message, message
 
 
 def test_two_instances_recover_same_orphan(tmp_path: Path) -> None:
