@@ -122,6 +122,9 @@ class _ShortRecords(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "root":  # ComfyUI logs through the root logger
             return True
+        if getattr(record, "comfy_embed_short", False):
+            return True  # another instance of this filter did it already
+        record.comfy_embed_short = True
         msg = record.getMessage()
         if len(msg) <= self.limit:
             return True
