@@ -127,6 +127,8 @@ class Engine:
         #: them), the service's log writers and webhooks are parts of it.
         self.background = Background("engine")
         self.renders = self.background.part("results")
+        #: Ids (tasks, dry runs) with inputs materialised under ``input/serverless/``.
+        self._materialised: set[str] = set()
         self._stores: dict[str, Store] = {}
         self._fetcher: Any = None
         self._manifest: list[Any] | None = None
@@ -378,6 +380,9 @@ class Engine:
 
     def drop_inputs(self, task_id: str) -> None:
         """Delete the inputs materialised for one task (they served its run only)."""
+        if task_id not in self._materialised:
+            return  # most tasks have none: no filesystem call at every task's end
+        self._materialised.discard(task_id)
         from .inputs import SUBFOLDER
         if self._comfy is not None and valid_task_id(task_id):
             shutil.rmtree(self._comfy.input_dir / SUBFOLDER / task_id, ignore_errors=True)
@@ -401,6 +406,8 @@ class Engine:
         refs = list(media_inputs(prompt, self.comfy.input_specs))
         if not refs:
             return
+        if task_id is not None:
+            self._materialised.add(task_id)  # drop_inputs() deletes the folder
         fetcher = self.fetcher()
         errors: list[ImageInputError] = []
 
