@@ -286,22 +286,19 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(folder: Path) -> Path:
-    """Fill the filesystem of ``folder`` to the last byte."""
+    """Fill the filesystem of ``folder`` to the last byte. Unbuffered: a
+    buffered file would raise ENOSPC again when closed, with what it kept."""
     filler = folder / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        with open(folder / "filler2", "wb") as f:
-            while True:
-                f.write(b"\0")
-                f.flush()
-    except OSError:
-        pass
+        for chunk in (b"\0" * 65536, b"\0"):
+            try:
+                while os.write(fd, chunk):
+                    pass
+            except OSError:  # ENOSPC: on to smaller writes, then done
+                pass
+    finally:
+        os.close(fd)
     return filler
 
 
