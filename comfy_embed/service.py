@@ -220,27 +220,24 @@ class TaskService(TaskObserver):
         if failure is None:
             assert task is not None
             return Handle(self, task_id, task=task)
-        if isinstance(failure, (QueueFull, NotAccepting)):
-            # Not accepted: forget the claim (webhook included) so that a retry can run it.
+        return await self._not_queued(task_id, failure, webhook, registered)
+
+    async def _not_queued(self, task_id: str, failure: Exception,
+                          webhook: WebhookRequest | None, registered: bool) -> Handle:
+        """This request claimed ``task_id`` but the engine did not queue it."""
+        refused = isinstance(failure, (WorkflowInvalid, ImageInputError, PayloadTooLarge))
+        if isinstance(failure, (QueueFull, NotAccepting)) or (refused and webhook is None):
+            # Not run: nothing is left on disk (one folder per bad request
+            # would pile up), and a retry (corrected) can run it.
             self.webhooks.forget(task_id)
             await anyio.to_thread.run_sync(self._discard, task_id)
-            return Handle(self, task_id, error=failure)
-        if isinstance(failure, (WorkflowInvalid, ImageInputError, PayloadTooLarge)):
-            if webhook is None:
-                # Refused, not run: nothing is left on disk (one folder per
-                # bad request would pile up) and a corrected retry can run.
-                await anyio.to_thread.run_sync(self._discard, task_id)
-                return Handle(self, task_id, error=failure)
-            # With a webhook: its delivery state lives in the task's folder.
-            if not registered:
-                await self.webhooks.register(task_id, webhook)
-            await self._close_with_error(task_id, failure)
             return Handle(self, task_id, error=failure)
         error = failure
         if not isinstance(error, ComfyEmbedError):
             log.error("task %s: submitting failed", task_id, exc_info=error)
             error = ExecutionFailed(f"internal error while accepting the task: {error!r}")
-        # Claimed, so the log must end with a final event all the same.
+        # Claimed, so the log ends with a final event all the same; a webhook's
+        # delivery state lives in the task's folder.
         if webhook is not None and not registered:
             await self.webhooks.register(task_id, webhook)
         await self._close_with_error(task_id, error)

@@ -59,13 +59,25 @@ def service_of(engine: Engine, tmp_path: Path) -> TaskService:
     return TaskService(engine, engine.settings, TaskLog(tmp_path / "log", "here"))
 
 
+async def race_during_validation(comfy: SlowValidation, first: Any, second: Any) -> None:
+    """Start ``first``; once it is validating start ``second``; when that one
+    waits (in the engine's registry), let validation finish; return when both
+    ended."""
+    comfy.validating_gate.clear()
+    comfy.validating.clear()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        await anyio.to_thread.run_sync(comfy.validating.wait)
+        tg.start_soon(second)
+        await anyio.wait_all_tasks_blocked()
+        comfy.validating_gate.set()
+
+
 # ------------------------------------------------------- one registry
 @pytest.mark.anyio
 async def test_a_retry_while_the_first_is_validating_gets_the_same_task(
         fake_engine: tuple[Engine, SlowValidation], tmp_path: Path) -> None:
     eng, comfy = fake_engine
-    comfy.validating_gate.clear()
-    comfy.validating.clear()
     service = service_of(eng, tmp_path)
     handles: dict[str, Any] = {}
 
@@ -73,12 +85,7 @@ async def test_a_retry_while_the_first_is_validating_gets_the_same_task(
         handles[name] = await service.start(fake_graph("FakeImage"), task_id="retry-1")
 
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(start, "first")
-            await anyio.to_thread.run_sync(comfy.validating.wait)
-            tg.start_soon(start, "retry")  # arrives while the first is validating
-            await anyio.wait_all_tasks_blocked()  # the retry waits in the registry
-            comfy.validating_gate.set()
+        await race_during_validation(comfy, lambda: start("first"), lambda: start("retry"))
         first, retry = handles["first"], handles["retry"]
         assert first.error is None and retry.error is None
         assert first.task is not None and retry.task is first.task
@@ -91,20 +98,13 @@ async def test_a_retry_while_the_first_is_validating_gets_the_same_task(
 @pytest.mark.anyio
 async def test_engine_submits_of_one_id_prepare_it_once(fake_engine: tuple[Engine, SlowValidation]) -> None:
     eng, comfy = fake_engine
-    comfy.validating_gate.clear()
-    comfy.validating.clear()
     tasks: list[Task] = []
 
     async def submit() -> None:
         tasks.append(await eng.submit(fake_graph("FakeImage"), task_id="same"))
 
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(submit)
-            await anyio.to_thread.run_sync(comfy.validating.wait)
-            tg.start_soon(submit)
-            await anyio.wait_all_tasks_blocked()
-            comfy.validating_gate.set()
+        await race_during_validation(comfy, submit, submit)
         assert len(tasks) == 2 and tasks[0] is tasks[1] and comfy.validations == 1
         await tasks[0].wait()
 
@@ -114,8 +114,6 @@ async def test_a_refused_first_submit_lets_the_waiting_retry_run(
         fake_engine: tuple[Engine, SlowValidation]) -> None:
     eng, comfy = fake_engine
     bad = {**fake_graph(), "9": {"class_type": "NoSuchNode", "inputs": {}}}
-    comfy.validating_gate.clear()
-    comfy.validating.clear()
     outcome: dict[str, Any] = {}
 
     async def first() -> None:
@@ -128,12 +126,7 @@ async def test_a_refused_first_submit_lets_the_waiting_retry_run(
         outcome["retry"] = await eng.submit(fake_graph("FakeImage"), task_id="fixed")
 
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(first)
-            await anyio.to_thread.run_sync(comfy.validating.wait)
-            tg.start_soon(retry)
-            await anyio.wait_all_tasks_blocked()
-            comfy.validating_gate.set()
+        await race_during_validation(comfy, first, retry)
         assert type(outcome["first"]).__name__ == "WorkflowInvalid"
         final = await outcome["retry"].wait()
     assert final["data"]["status"] == "success"
