@@ -163,6 +163,42 @@ async def test_the_service_observes_the_engine_and_sets_final_durable(
     assert not await anyio.to_thread.run_sync(service.tasklog.exists, "library-1")
 
 
+@pytest.mark.anyio
+async def test_the_last_write_releases_the_lease_and_a_failed_release_writes_nothing_twice(
+        fake_engine: tuple[Engine, SlowValidation], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final event and the lease's release share one worker-thread hop;
+    a release that fails there neither loses nor repeats the final event."""
+    eng, _ = fake_engine
+    service = service_of(eng, tmp_path)
+    owner = tmp_path / "log" / "lease-1" / "owner.json"
+    with anyio.fail_after(10):
+        task = (await service.start(fake_graph("FakeImage"), task_id="lease-1")).task
+        assert task is not None
+        await task.final_durable.wait()
+        while owner.stat().st_mtime != 0:  # the writer's last step, just after the event
+            await anyio.sleep(0.01)
+    assert service.tasklog.read("lease-1", 0)[-1][1]["data"]["status"] == "success"
+
+    tries: list[str] = []
+
+    def failing_release(task_id: str) -> None:
+        tries.append(task_id)
+        raise PermissionError("read-only lease")
+
+    monkeypatch.setattr(service.tasklog, "release", failing_release)
+    with anyio.fail_after(10):
+        task = (await service.start(fake_graph("FakeImage"), task_id="lease-2")).task
+        assert task is not None
+        await task.final_durable.wait()
+        while len(tries) < 2:  # in the last write's hop, then once more on its own
+            await anyio.sleep(0.01)
+    logged = service.tasklog.read("lease-2", 0)
+    assert [ev["type"] for _, ev in logged].count("serverless_api") == 1
+    assert logged[-1][1]["data"]["status"] == "success" and tries == ["lease-2"] * 2
+    service.close()
+
+
 # -------------------------------------------------- background ownership
 @pytest.mark.anyio
 async def test_library_run_owns_its_background_work(fake_engine: tuple[Engine, SlowValidation]) -> None:
