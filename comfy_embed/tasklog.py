@@ -468,7 +468,9 @@ class TaskLog:
         except FileExistsError:
             return False
         with self._lock:
-            self._end.pop(task_id, None)
+            # The folder is new, so the chain is empty: the first write needs
+            # no listing to learn where it starts (see _next_seq).
+            self._end[task_id] = 0
             self._owned[task_id] = threading.Lock()
         owner = {"instance_id": self.instance_id, "claimed_at": self._clock()}
         # The directory is ours alone (mkdir is exclusive): a plain exclusive

@@ -536,3 +536,25 @@ def test_only_the_final_file_is_fsynced_once(tmp_path: Path, monkeypatch: pytest
     tl.extend("t", [(3, ev(3)), (4, base64_final("t", [b"png bytes"]))])
     assert len(synced) == 1  # the final file, once (its directory entry with it)
     assert tl.read("t")[-1][1]["data"]["results"][0]["output"]["base64"]["data"]
+
+
+def test_the_owner_writes_a_new_task_without_listing_its_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claimed folder is new, so the owner knows its chain is empty: the
+    write on each answer's path lists no folder. Another instance, which
+    does not own the task (recovery closing it), still lists it to find
+    where the chain ends."""
+    listed: list[Path] = []
+    real = tasklog._listdir
+    monkeypatch.setattr(tasklog, "_listdir", lambda d: listed.append(d) or real(d))
+    owner, other = TaskLog(tmp_path, "i1"), TaskLog(tmp_path, "i2")
+    owner.claim("t")
+    owner.extend("t", [(1, ev(1)), (2, final())])
+    assert listed == []
+    assert [seq for seq, _ in owner.read("t")] == [1, 2]
+    owner.claim("u")
+    owner.extend("u", [(1, ev(1))])
+    listed.clear()
+    assert other.append("u", final("failed")) == 2  # recovery's way: it must look first
+    assert listed == [tmp_path / "u"]
+    assert [(seq, e["type"]) for seq, e in owner.read("u")] == [(1, "progress"), (2, FINAL_TYPE)]
