@@ -26,6 +26,9 @@
 - other names (letters first, see :meth:`TaskLog.put_record`): records that
   other features keep beside the log (webhook deliveries, ...).
 
+``<root>/@index/`` names the tasks still open and the webhooks not yet done,
+so that the periodic scans need not list every task folder (logindex.py).
+
 Segments (still named ``.json``) and ``final`` are JSON compressed with
 zlib: the first byte of a zlib stream, ``x``, is never the first byte of
 JSON, so the plain JSON files of earlier versions still read.
@@ -80,6 +83,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import dumps_bytes, final_event, loads
+from .logindex import NameIndex
 from .taskid import valid_task_id
 
 __all__ = ["FINAL_TYPE", "TaskLog", "LogUsage", "DeliveryLog"]
@@ -430,8 +434,8 @@ class TaskLog:
         # failed link (only the writer of a segment can extend the chain past it).
         self._end: dict[str, int] = {}
         self._lock = threading.Lock()
-        #: (task id, folder inode, folder ctime) of tasks seen with their final event.
-        self._known_final: set[tuple[str, int, int]] = set()
+        #: The tasks claimed and not final: what recover_orphans looks at.
+        self.open_index = NameIndex(self.root, "open")
         #: Tasks this object claimed and has not released: it alone writes
         #: their non-terminal events, its writes to each one at a time.
         self._owned: dict[str, threading.Lock] = {}
@@ -467,6 +471,7 @@ class TaskLog:
                 return False
         except FileExistsError:
             return False
+        self.open_index.add(task_id)  # before anyone can rely on it (owner.json)
         with self._lock:
             # The folder is new, so the chain is empty: the first write needs
             # no listing to learn where it starts (see _next_seq).
@@ -491,6 +496,7 @@ class TaskLog:
         if self.owner(task_id) != self.instance_id or _seqs(names) or _FINAL in names:
             return
         shutil.rmtree(d, ignore_errors=True)
+        self.open_index.drop(task_id)
         with self._lock:
             self._end.pop(task_id, None)
             self._owned.pop(task_id, None)
@@ -631,6 +637,7 @@ class TaskLog:
         if _publish(d, _FINAL, payload, durable=True):
             with self._lock:
                 self._end[task_id] = seq
+            self._closed(task_id)
             return seq, True
         # Lost the race: ours stays hidden. Without hard links the winner
         # reserves the marker before renaming it in, so give it a moment.
@@ -642,6 +649,13 @@ class TaskLog:
         if final is None:
             log.error("tasklog: task %s: final marker reserved but never written", task_id)
         return (final.seq if final else seq), False
+
+    def _closed(self, task_id: str) -> None:
+        """The task has its final event: out of the open index."""
+        try:
+            self.open_index.drop(task_id)
+        except OSError as e:  # the next recovery scan drops it
+            log.warning("tasklog: task %s: cannot drop its open-index entry: %s", task_id, e)
 
     def _next_seq(self, d: Path, task_id: str) -> int:
         """The first seq after the chain: after this instance's last write, or
@@ -888,35 +902,27 @@ class TaskLog:
         """
         now = self._clock() if now is None else now
         lost: list[str] = []
-        # Finished tasks stay finished: a scan of many old task folders costs
-        # one stat per folder. The key changes if a folder is deleted and its
-        # id claimed again (inode numbers alone get reused at once).
-        entries: list[tuple[str, int, int]] = []
-        try:
-            with os.scandir(self.root) as it:
-                for e in it:
-                    try:
-                        if e.is_dir():
-                            st = e.stat()
-                            entries.append((e.name, st.st_ino, st.st_ctime_ns))
-                    except FileNotFoundError:
-                        continue
-        except FileNotFoundError:
-            return lost
-        entries.sort()
-        known = self._known_final
-        for task_id, inode, ctime in entries:
-            if (task_id, inode, ctime) in known or not self.valid_task_id(task_id):
+        index = self.open_index
+        full = not index.complete()
+        # The open index names the tasks to look at; a log from before it
+        # (no marker yet) gets one scan of every folder, which indexes them.
+        candidates = (sorted(n for n in _listdir(self.root) if self.valid_task_id(n))
+                      if full else index.names())
+        for task_id in candidates:
+            if not self.valid_task_id(task_id):
                 continue
             d = self.root / task_id
+            if self.is_final(task_id) or not d.is_dir():
+                if not full:
+                    index.drop(task_id)  # a crash between its final and the drop, or pruned
+                continue
+            if full:
+                index.add(task_id)
             try:
                 renewed = self._renewed_at(d)
             except FileNotFoundError:
-                continue
+                continue  # claimed a moment ago: owner.json comes next
             idle = now - renewed
-            if self.is_final(task_id):
-                known.add((task_id, inode, ctime))
-                continue
             if idle <= self.lease_seconds:
                 continue
             owner = self.owner(task_id) or "unknown"
@@ -937,7 +943,8 @@ class TaskLog:
             if won:
                 log.warning("tasklog: task %s lost: %s", task_id, message)
                 lost.append(task_id)
-        known.intersection_update(entries)  # forget folders deleted since
+        if full and self.root.is_dir():
+            index.mark_complete()
         return lost
 
     # --- safety (issue 9): the API key that owns a task ---------------------
@@ -981,6 +988,8 @@ class DeliveryLog:
 
     def __init__(self, tasklog: TaskLog) -> None:
         self.tasklog = tasklog
+        #: The tasks with a webhook not yet done: what :meth:`pending` looks at.
+        self.index = NameIndex(tasklog.root, "webhooks")
 
     @property
     def lease_seconds(self) -> float:
@@ -993,6 +1002,7 @@ class DeliveryLog:
         """Record the task's webhook request; False if it already has one."""
         d = self._dir(task_id)
         d.mkdir(parents=True, exist_ok=True)
+        self.index.add(task_id)  # first: a crash after the request must leave it findable
         return _publish(d, _WEBHOOK, json.dumps(request).encode(), durable=True)
 
     def request(self, task_id: str) -> dict[str, Any] | None:
@@ -1056,8 +1066,13 @@ class DeliveryLog:
 
     def finish(self, task_id: str, record: dict[str, Any]) -> bool:
         """Mark the delivery done (delivered, failed or not wanted); once only."""
-        return _publish(self._dir(task_id), _WEBHOOK_DONE, json.dumps(record).encode(),
-                        durable=True)
+        first = _publish(self._dir(task_id), _WEBHOOK_DONE, json.dumps(record).encode(),
+                         durable=True)
+        try:
+            self.index.drop(task_id)
+        except OSError as e:  # the next pending() drops it
+            log.warning("webhook of task %s: cannot drop its index entry: %s", task_id, e)
+        return first
 
     def state(self, task_id: str) -> dict[str, Any] | None:
         """Everything recorded about the task's delivery, or None without a webhook:
@@ -1098,14 +1113,32 @@ class DeliveryLog:
 
     def pending(self) -> list[str]:
         """Tasks with a final event and a webhook not yet done whose lease is
-        free or expired: deliveries some instance should (re)start."""
+        free or expired: deliveries some instance should (re)start. Looks at
+        the tasks in the webhook index (logindex.py); a log from before it
+        gets one scan of every folder, which indexes them."""
         out: list[str] = []
         now = self.tasklog._clock()
-        for task_id in sorted(_listdir(self.tasklog.root)):
-            d = self.tasklog.root / task_id
-            if not self.tasklog.valid_task_id(task_id) or not (d / _WEBHOOK).exists():
+        index, root = self.index, self.tasklog.root
+        full = not index.complete()
+        candidates = sorted(_listdir(root)) if full else index.names()
+        for task_id in candidates:
+            d = root / task_id
+            if not self.tasklog.valid_task_id(task_id):
                 continue
-            if (d / _WEBHOOK_DONE).exists() or not self.tasklog.is_final(task_id):
+            final = self.tasklog.is_final(task_id)
+            if not (d / _WEBHOOK).exists():
+                # Registered before its task can end: with a final event and
+                # no request, the registration failed (or the folder is gone).
+                if not full and (final or not d.is_dir()):
+                    index.drop(task_id)
+                continue
+            if (d / _WEBHOOK_DONE).exists():
+                if not full:
+                    index.drop(task_id)  # a crash between done and the drop
+                continue
+            if full:
+                index.add(task_id)
+            if not final:
                 continue
             gens = self._generations(_listdir(d))
             if gens:
@@ -1115,6 +1148,8 @@ class DeliveryLog:
                 except FileNotFoundError:
                     pass
             out.append(task_id)
+        if full and root.is_dir():
+            index.mark_complete()
         return out
 
 
