@@ -429,10 +429,8 @@ class TaskService(TaskObserver):
         while True:
             running = list(self._persisting)
             if running:
-                await anyio.to_thread.run_sync(self.tasklog.renew, running)
-                for task_id in running:
-                    if await anyio.to_thread.run_sync(self.tasklog.cancel_requested, task_id):
-                        self.engine.cancel(task_id)
+                for task_id in await anyio.to_thread.run_sync(self._renew, running):
+                    self.engine.cancel(task_id)
             now = time.monotonic()
             if now - last_recover > self.settings.lease_seconds / 2:
                 last_recover = now
@@ -445,6 +443,13 @@ class TaskService(TaskObserver):
                 last_prune = now
                 await self._prune()
             await anyio.sleep(0.5)
+
+    def _renew(self, running: list[str]) -> list[str]:
+        """Renew the leases of ``running``; those another instance asked to
+        cancel. One worker-thread hop for all (at 16 queued tasks, it was
+        17 hops every half second)."""
+        self.tasklog.renew(running)
+        return [task_id for task_id in running if self.tasklog.cancel_requested(task_id)]
 
     async def _prune(self) -> None:
         s = self.settings
