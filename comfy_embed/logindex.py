@@ -7,7 +7,10 @@ stat or a read per folder, under the GIL the executor thread needs: about
 An index names only the tasks a scan is about, one empty file per task:
 
 - ``<root>/@index/open/<task_id>``: claimed, no final event yet;
-- ``<root>/@index/webhooks/<task_id>``: a webhook not yet done.
+- ``<root>/@index/webhooks/<task_id>``: a webhook not yet done;
+- ``<root>/@index/done/<bucket>/<task_id>``: finished, by when (buckets of
+  :data:`BUCKET_SECONDS`), so that retention looks only at tasks old
+  enough to delete instead of stat-ing every folder every minute.
 
 ``@`` is outside the task-id rule (taskid.py), so no task folder collides
 with it. An entry is added before the state it marks exists and dropped
@@ -23,11 +26,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["NameIndex", "INDEX_FOLDER"]
+__all__ = ["NameIndex", "DoneIndex", "INDEX_FOLDER", "BUCKET_SECONDS"]
 
 #: The folder under the log root that holds the indexes.
 INDEX_FOLDER = "@index"
 _COMPLETE = ".complete"
+#: Width of a bucket of the done index: retention deletes a task at most
+#: this much later than its age allows.
+BUCKET_SECONDS = 10
 
 
 class NameIndex:
@@ -66,3 +72,58 @@ class NameIndex:
     def mark_complete(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         os.close(os.open(self.folder / _COMPLETE, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+class DoneIndex:
+    """Finished tasks by the time they finished: ``done/<bucket>/<task_id>``,
+    ``<bucket>`` being that time // :data:`BUCKET_SECONDS`. Blocking I/O."""
+
+    def __init__(self, root: Path) -> None:
+        self.folder = Path(root) / INDEX_FOLDER / "done"
+        self._marker = NameIndex(root, "done")  # same folder: its .complete marker
+
+    def _bucket(self, when: float) -> Path:
+        return self.folder / str(int(when // BUCKET_SECONDS))
+
+    def add(self, task_id: str, when: float, *, moving_from: NameIndex | None = None) -> None:
+        """Index ``task_id`` as finished at ``when``; ``moving_from``: take its
+        entry from that index (one rename instead of a create and an unlink)."""
+        bucket = self._bucket(when)
+        target = os.path.join(bucket, task_id)
+        if moving_from is not None:
+            source = os.path.join(moving_from.folder, task_id)
+            for attempt in (0, 1):
+                try:
+                    os.rename(source, target)
+                    return
+                except FileNotFoundError:
+                    if attempt or bucket.is_dir():
+                        break  # no entry to move (a log from before the index)
+                    bucket.mkdir(parents=True, exist_ok=True)  # the bucket's first task
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+        except FileNotFoundError:
+            bucket.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+
+    def older_than(self, cutoff: float) -> list[tuple[Path, list[str]]]:
+        """``(bucket folder, task ids)`` of the buckets that ended by ``cutoff``."""
+        out: list[tuple[Path, list[str]]] = []
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return out
+        for name in sorted(names, key=lambda n: (len(n), n)):
+            if name.isdigit() and (int(name) + 1) * BUCKET_SECONDS <= cutoff:
+                bucket = self.folder / name
+                try:
+                    out.append((bucket, sorted(os.listdir(bucket))))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+        return out
+
+    def complete(self) -> bool:
+        return self._marker.complete()
+
+    def mark_complete(self) -> None:
+        self._marker.mark_complete()

@@ -50,26 +50,59 @@ def prune(output_dir: Path, temp_dir: Path, tasklog: TaskLog, max_age_seconds: f
     """Delete, when older than ``max_age_seconds``: finished tasks that the
     task log records and whose webhook (if any) is delivered (their log,
     ``<output>/<task_id>/`` and ``<input>/serverless/<task_id>/``), and temp
-    files. Returns how many tasks and temp files were removed."""
+    files. Returns how many tasks and temp files were removed.
+
+    The task log's done index (logindex.py) names the tasks that finished
+    long enough ago, so a log of many recent tasks costs a listing of its
+    buckets, not a stat per folder every minute. A log from before the
+    index is scanned in full once, which indexes the tasks it keeps."""
     cutoff = (time.time() if now is None else now) - max_age_seconds
     removed = 0
     log_root = tasklog.root.resolve()
     output_dir = output_dir.resolve()
     inputs = input_dir.resolve() / _INPUT_SUBFOLDER if input_dir is not None else None
     deliveries = DeliveryLog(tasklog)
-    for d in (sorted(log_root.iterdir()) if log_root.is_dir() else ()):
-        task_id = d.name
+
+    def prune_task(task_id: str) -> bool | None:
+        """True: removed; False: kept (too recent, running, webhook not
+        delivered); None: not a task folder (gone, or never one)."""
+        d = log_root / task_id
+        if not (valid_task_id(task_id) and d.is_dir()):
+            return None
         # A webhook still being retried keeps its task's log (its state lives there).
-        if not (valid_task_id(task_id) and d.is_dir() and _old(d, cutoff)
-                and tasklog.is_final(task_id) and not deliveries.undelivered(task_id)):
-            continue
+        if not (_old(d, cutoff) and tasklog.is_final(task_id)
+                and not deliveries.undelivered(task_id)):
+            return False
         out = output_dir / task_id
         if out.resolve() != log_root:
             _remove_tree(out, output_dir)
         if inputs is not None:
             _remove_tree(inputs / task_id, inputs)
         _remove_tree(d, log_root)  # last: the record is what makes the rest ours
-        removed += 1
+        return True
+
+    done = tasklog.done_index
+    if done.complete():
+        for bucket, task_ids in done.older_than(cutoff):
+            for task_id in task_ids:
+                kept = prune_task(task_id)
+                removed += bool(kept)
+                if kept is not False:
+                    (bucket / task_id).unlink(missing_ok=True)
+            try:
+                bucket.rmdir()
+            except OSError:
+                pass  # tasks kept for now (webhook not delivered) wait there
+    else:
+        for d in (sorted(log_root.iterdir()) if log_root.is_dir() else ()):
+            kept = prune_task(d.name)
+            removed += bool(kept)
+            if kept is False and tasklog.is_final(d.name):
+                try:
+                    done.add(d.name, d.stat().st_mtime)
+                except FileNotFoundError:
+                    continue
+        done.mark_complete()
     # Files directly in <input>/serverless/ (a dry run's materialised inputs,
     # or from before per-task folders): only the service writes there.
     for f in (inputs.iterdir() if inputs is not None and inputs.is_dir() else ()):

@@ -83,7 +83,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import dumps_bytes, final_event, loads
-from .logindex import NameIndex
+from .logindex import DoneIndex, NameIndex
 from .taskid import valid_task_id
 
 __all__ = ["FINAL_TYPE", "TaskLog", "LogUsage", "DeliveryLog"]
@@ -436,6 +436,8 @@ class TaskLog:
         self._lock = threading.Lock()
         #: The tasks claimed and not final: what recover_orphans looks at.
         self.open_index = NameIndex(self.root, "open")
+        #: The finished tasks by when they finished: what retention looks at.
+        self.done_index = DoneIndex(self.root)
         #: Tasks this object claimed and has not released: it alone writes
         #: their non-terminal events, its writes to each one at a time.
         self._owned: dict[str, threading.Lock] = {}
@@ -651,11 +653,11 @@ class TaskLog:
         return (final.seq if final else seq), False
 
     def _closed(self, task_id: str) -> None:
-        """The task has its final event: out of the open index."""
+        """The task has its final event: from the open index to the done index."""
         try:
-            self.open_index.drop(task_id)
-        except OSError as e:  # the next recovery scan drops it
-            log.warning("tasklog: task %s: cannot drop its open-index entry: %s", task_id, e)
+            self.done_index.add(task_id, self._clock(), moving_from=self.open_index)
+        except OSError as e:  # the next recovery scan moves it
+            log.warning("tasklog: task %s: cannot move its index entry: %s", task_id, e)
 
     def _next_seq(self, d: Path, task_id: str) -> int:
         """The first seq after the chain: after this instance's last write, or
@@ -912,9 +914,13 @@ class TaskLog:
             if not self.valid_task_id(task_id):
                 continue
             d = self.root / task_id
-            if self.is_final(task_id) or not d.is_dir():
+            if not d.is_dir():
                 if not full:
-                    index.drop(task_id)  # a crash between its final and the drop, or pruned
+                    index.drop(task_id)  # discarded or pruned
+                continue
+            if self.is_final(task_id):
+                if not full:
+                    self._closed(task_id)  # a crash between its final and the move
                 continue
             if full:
                 index.add(task_id)
@@ -943,7 +949,7 @@ class TaskLog:
             if won:
                 log.warning("tasklog: task %s lost: %s", task_id, message)
                 lost.append(task_id)
-        if full and self.root.is_dir():
+        if full:
             index.mark_complete()
         return lost
 
@@ -1148,7 +1154,7 @@ class DeliveryLog:
                 except FileNotFoundError:
                     pass
             out.append(task_id)
-        if full and root.is_dir():
+        if full:
             index.mark_complete()
         return out
 

@@ -5,11 +5,15 @@ running tasks and folders no task recorded (a user's own) stay."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
+import pytest
+
 from comfy_embed.config import Settings
 from comfy_embed.events import final_event
+from comfy_embed.logindex import BUCKET_SECONDS, INDEX_FOLDER
 from comfy_embed.retention import prune
 from comfy_embed.tasklog import DeliveryLog, TaskLog
 
@@ -77,3 +81,55 @@ def test_retention_setting_defaults_and_off() -> None:
         hours = Settings.from_env({"COMFY_EMBED_RETENTION_HOURS": off}).retention_hours
         assert not hours
     assert Settings.from_env({"COMFY_EMBED_RETENTION_HOURS": "1.5"}).retention_hours == 1.5
+
+
+def test_prune_looks_only_at_tasks_that_finished_long_enough_ago(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The done index (logindex.py): a log of many recent tasks costs a
+    listing of its time buckets, not a stat per folder; a task kept because
+    its webhook is not delivered stays indexed and is looked at again."""
+    out, temp = tmp_path / "output", tmp_path / "temp"
+    root = out / "serverless_api"
+    then = {"t": time.time() - 7200}
+    two_hours_ago = TaskLog(root, "me", clock=lambda: then["t"])
+    assert prune(out, temp, two_hours_ago, 3600) == 0  # a new log: its one full scan
+    deliveries = DeliveryLog(two_hours_ago)
+    for task in ("old-1", "old-2", "old-hook"):
+        two_hours_ago.claim(task)
+        if task == "old-hook":
+            deliveries.register(task, {"url": "http://x", "id": "msg"})
+        two_hours_ago.append(task, final_event(task, None, {}, []))
+        age(root / task, 7200)
+    recent = TaskLog(root, "me")
+    for n in range(20):
+        recent.claim(f"new-{n}")
+        recent.append(f"new-{n}", final_event(f"new-{n}", None, {}, []))
+    looked: list[str] = []
+    real = TaskLog.is_final
+    monkeypatch.setattr(TaskLog, "is_final", lambda self, t: looked.append(t) or real(self, t))
+
+    assert prune(out, temp, recent, 3600) == 2
+    assert sorted(set(looked)) == ["old-1", "old-2", "old-hook"]  # none of the 20 recent ones
+    assert not (root / "old-1").exists() and (root / "old-hook").is_dir()
+    assert all((root / f"new-{n}").is_dir() for n in range(20))
+    looked.clear()
+    deliveries.finish("old-hook", {"state": "delivered"})
+    age(root / "old-hook", 7200)
+    assert prune(out, temp, recent, 3600) == 1 and looked == ["old-hook"]
+    assert [p.name for p in recent.done_index.folder.iterdir() if p.name != ".complete"] == [
+        str(int(time.time() // BUCKET_SECONDS))]  # only the recent tasks' bucket is left
+
+
+def test_a_log_from_before_the_done_index_is_scanned_once(tmp_path: Path) -> None:
+    out, temp = tmp_path / "output", tmp_path / "temp"
+    tl = TaskLog(out / "serverless_api", "me")
+    for task in ("old", "young"):
+        tl.claim(task)
+        tl.append(task, final_event(task, None, {}, []))
+    shutil.rmtree(tl.root / INDEX_FOLDER)  # written by a version without the index
+    age(tl.root / "old", 7200)
+    assert prune(out, temp, tl, 3600) == 1  # the full scan
+    assert tl.done_index.complete() and not (tl.root / "old").exists()
+    # "young" is indexed by its folder's time: found once it is old enough.
+    assert prune(out, temp, tl, 3600, now=time.time() + 3600 + 2 * BUCKET_SECONDS) == 1
+    assert not (tl.root / "young").exists()
