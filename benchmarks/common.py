@@ -49,6 +49,17 @@ def _git(*args: str, cwd: Path = ROOT) -> str:
         return "?"
 
 
+def _tree_dirty() -> bool:
+    """Whether tracked files differ from HEAD; True when git cannot tell (a
+    figure is only recorded from a tree known to be clean)."""
+    try:
+        r = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10)
+    except Exception:
+        return True
+    return r.returncode != 0 or bool(r.stdout.strip())
+
+
 def describe_machine() -> dict[str, Any]:
     """CPU, cores, memory, GPU, torch, ComfyUI and comfy-embed commits."""
     cpu = "?"
@@ -72,7 +83,7 @@ def describe_machine() -> dict[str, Any]:
         p = torch.cuda.get_device_properties(0)
         gpu = f"{p.name} ({p.total_memory / 2**30:.0f} GiB) x{torch.cuda.device_count()}"
         gpu_sms = p.multi_processor_count  # tells an H100 PCIe (114) from an SXM (132)
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    dirty = _tree_dirty()
     return {"cpu": cpu, "cores": os.cpu_count(),
             "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "memory_gb": mem_gb, "gpu": gpu, "gpu_sms": gpu_sms, "torch": torch.__version__,
