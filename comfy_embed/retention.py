@@ -85,9 +85,9 @@ def prune(output_dir: Path, temp_dir: Path, tasklog: TaskLog, max_age_seconds: f
     if done.complete():
         for bucket, task_ids in done.older_than(cutoff):
             for task_id in task_ids:
-                kept = prune_task(task_id)
-                removed += bool(kept)
-                if kept is not False:
+                pruned = prune_task(task_id)
+                removed += bool(pruned)
+                if pruned is not False:  # removed, or no task there any more
                     (bucket / task_id).unlink(missing_ok=True)
             try:
                 bucket.rmdir()
@@ -95,9 +95,9 @@ def prune(output_dir: Path, temp_dir: Path, tasklog: TaskLog, max_age_seconds: f
                 pass  # tasks kept for now (webhook not delivered) wait there
     else:
         for d in (sorted(log_root.iterdir()) if log_root.is_dir() else ()):
-            kept = prune_task(d.name)
-            removed += bool(kept)
-            if kept is False and tasklog.is_final(d.name):
+            pruned = prune_task(d.name)
+            removed += bool(pruned)
+            if pruned is False and tasklog.is_final(d.name):
                 try:
                     done.add(d.name, d.stat().st_mtime)
                 except FileNotFoundError:
