@@ -1131,11 +1131,10 @@ class DeliveryLog:
             d = root / task_id
             if not self.tasklog.valid_task_id(task_id):
                 continue
-            final = self.tasklog.is_final(task_id)
             if not (d / _WEBHOOK).exists():
                 # Registered before its task can end: with a final event and
                 # no request, the registration failed (or the folder is gone).
-                if not full and (final or not d.is_dir()):
+                if not full and (not d.is_dir() or self.tasklog.is_final(task_id)):
                     index.drop(task_id)
                 continue
             if (d / _WEBHOOK_DONE).exists():
@@ -1144,7 +1143,7 @@ class DeliveryLog:
                 continue
             if full:
                 index.add(task_id)
-            if not final:
+            if not self.tasklog.is_final(task_id):
                 continue
             gens = self._generations(_listdir(d))
             if gens:
