@@ -36,21 +36,38 @@ _COMPLETE = ".complete"
 BUCKET_SECONDS = 10
 
 
-class NameIndex:
-    """One index: a folder of empty files named by task id. Every method
-    blocks on file I/O (call from a worker thread)."""
+def _create(folder: Path, name: str) -> None:
+    """An empty file ``folder/name`` (kept if it exists); the folder is made
+    on first use."""
+    path = os.path.join(folder, name)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    except FileNotFoundError:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    os.close(fd)
+
+
+class _Index:
+    """A folder of an index, with the marker of its one full scan. Every
+    method blocks on file I/O (call from a worker thread)."""
 
     def __init__(self, root: Path, name: str) -> None:
         self.folder = Path(root) / INDEX_FOLDER / name
 
+    def complete(self) -> bool:
+        """Whether every task that belongs in it is indexed (a full scan was made)."""
+        return (self.folder / _COMPLETE).exists()
+
+    def mark_complete(self) -> None:
+        _create(self.folder, _COMPLETE)
+
+
+class NameIndex(_Index):
+    """One index: a folder of empty files named by task id."""
+
     def add(self, task_id: str) -> None:
-        path = os.path.join(self.folder, task_id)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
-        except FileNotFoundError:  # the first entry of this log
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
-        os.close(fd)
+        _create(self.folder, task_id)
 
     def drop(self, task_id: str) -> None:
         try:
@@ -65,46 +82,34 @@ class NameIndex:
         except FileNotFoundError:
             return []
 
-    def complete(self) -> bool:
-        """Whether every task that belongs in it is indexed (a full scan was made)."""
-        return (self.folder / _COMPLETE).exists()
 
-    def mark_complete(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(self.folder / _COMPLETE, os.O_CREAT | os.O_WRONLY, 0o644))
-
-
-class DoneIndex:
+class DoneIndex(_Index):
     """Finished tasks by the time they finished: ``done/<bucket>/<task_id>``,
-    ``<bucket>`` being that time // :data:`BUCKET_SECONDS`. Blocking I/O."""
+    ``<bucket>`` being that time // :data:`BUCKET_SECONDS`."""
 
     def __init__(self, root: Path) -> None:
-        self.folder = Path(root) / INDEX_FOLDER / "done"
-        self._marker = NameIndex(root, "done")  # same folder: its .complete marker
-
-    def _bucket(self, when: float) -> Path:
-        return self.folder / str(int(when // BUCKET_SECONDS))
+        super().__init__(root, "done")
 
     def add(self, task_id: str, when: float, *, moving_from: NameIndex | None = None) -> None:
         """Index ``task_id`` as finished at ``when``; ``moving_from``: take its
         entry from that index (one rename instead of a create and an unlink)."""
-        bucket = self._bucket(when)
-        target = os.path.join(bucket, task_id)
+        bucket = self.folder / str(int(when // BUCKET_SECONDS))
         if moving_from is not None:
             source = os.path.join(moving_from.folder, task_id)
-            for attempt in (0, 1):
-                try:
-                    os.rename(source, target)
-                    return
-                except FileNotFoundError:
-                    if attempt or bucket.is_dir():
-                        break  # no entry to move (a log from before the index)
-                    bucket.mkdir(parents=True, exist_ok=True)  # the bucket's first task
-        try:
-            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
-        except FileNotFoundError:
-            bucket.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+            target = os.path.join(bucket, task_id)
+            try:
+                os.rename(source, target)
+                return
+            except FileNotFoundError:
+                if not bucket.is_dir():  # the bucket's first task
+                    bucket.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.rename(source, target)
+                        return
+                    except FileNotFoundError:
+                        pass
+            # No entry to move (a log from before the index): make one.
+        _create(bucket, task_id)
 
     def older_than(self, cutoff: float) -> list[tuple[Path, list[str]]]:
         """``(bucket folder, task ids)`` of the buckets that ended by ``cutoff``."""
@@ -121,9 +126,3 @@ class DoneIndex:
                 except (FileNotFoundError, NotADirectoryError):
                     continue
         return out
-
-    def complete(self) -> bool:
-        return self._marker.complete()
-
-    def mark_complete(self) -> None:
-        self._marker.mark_complete()

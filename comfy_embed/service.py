@@ -288,10 +288,11 @@ class TaskService(TaskObserver):
                                 await task.changed()
                 batch = task.events_since(written)
                 upto = task.last_seq
+                ends = bool(batch) and batch[-1][1]["type"] == FINAL
                 if batch:
                     started = time.perf_counter()
                     try:
-                        if batch[-1][1]["type"] == FINAL:
+                        if ends:
                             released = await anyio.to_thread.run_sync(
                                 self._write_final, task.task_id, batch)
                         else:
@@ -303,7 +304,7 @@ class TaskService(TaskObserver):
                         if not backoff:
                             log.warning("task %s: cannot write its task log (%s); retrying "
                                         "until it can", task.task_id, e)
-                        if batch[-1][1]["type"] == FINAL:
+                        if ends:
                             # The caller gets its answer now; the log catches up.
                             task.final_durable.set()
                         backoff = min(5.0, max(0.2, backoff * 2))
@@ -317,7 +318,7 @@ class TaskService(TaskObserver):
                 written = upto
                 self._written[task.task_id] = written
                 last_flush = anyio.current_time()
-                if batch and batch[-1][1]["type"] == FINAL:
+                if ends:
                     self.webhooks.finished(task.task_id)
                     return
         except Exception:
