@@ -111,6 +111,8 @@ class TaskService(TaskObserver):
     def __init__(self, engine: Engine, settings: Settings, tasklog: TaskLog | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        # Resolved once: resolving costs a stat per path component, per claim.
+        self._output_path = str(settings.output_path)
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.tasklog = tasklog or TaskLog(settings.task_log_path, self.instance_id,
                                           settings.lease_seconds)
@@ -356,7 +358,7 @@ class TaskService(TaskObserver):
 
     def _claim(self, task_id: str, owner_key: str | None) -> bool:
         known = self.tasklog.exists(task_id)
-        if (self.settings.output_path / task_id).exists() and not known:
+        if not known and os.path.lexists(os.path.join(self._output_path, task_id)):
             # A folder the service did not make: never share it (retention
             # deletes a finished task's output folder).
             raise FileExistsError(f"the output folder already has a folder named {task_id}")

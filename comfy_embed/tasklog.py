@@ -261,28 +261,34 @@ def _pairs(value: Any, first: int) -> list[tuple[int, dict[str, Any]]]:
 
 
 @functools.lru_cache(maxsize=64)
-def _resolved_dir(path: str) -> Path:
+def _resolved_dir(path: str) -> str:
     """An output folder, symlinks resolved (a handful per process: cached)."""
-    return Path(path).resolve()
+    return os.path.realpath(path)
 
 
-def _output_file(out: dict[str, Any], raw: bytes, root: Path) -> dict[str, Any] | None:
+def _inside(path: str, folder: str) -> bool:
+    """Whether the normalised ``path`` is ``folder`` or lies under it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _output_file(out: dict[str, Any], raw: bytes, root: str) -> dict[str, Any] | None:
     """A reference to the output file named by ``out["comfy"]`` if it holds
     exactly ``raw`` and lies in the output folder that holds the log
     ``root`` (resolved): every instance reading this log then reads the
-    file too. None otherwise (the bytes are then copied)."""
+    file too. None otherwise (the bytes are then copied). Plain strings,
+    not pathlib: this runs on every answer's path."""
     comfy = out.get("comfy")
     if not isinstance(comfy, dict):
         return None
     try:
         base = _resolved_dir(str(comfy["dir"]))
-        # normpath, not resolve(): on the answer's path, and a realpath costs
-        # an lstat per component; the bytes are compared below anyway.
-        path = Path(os.path.normpath(base / comfy["subfolder"] / comfy["filename"]))
+        # normpath, not realpath: a realpath costs an lstat per component;
+        # the bytes are compared below anyway.
+        path = os.path.normpath(os.path.join(base, comfy["subfolder"], comfy["filename"]))
     except (KeyError, TypeError, ValueError, OSError, RuntimeError):
         return None
-    if (not root.is_relative_to(base) or root == base or not path.is_relative_to(base)
-            or path.is_relative_to(root)):
+    if (not _inside(root, base) or root == base or not _inside(path, base)
+            or _inside(path, root)):
         return None
     try:
         with open(path, "rb") as f:
@@ -291,11 +297,11 @@ def _output_file(out: dict[str, Any], raw: bytes, root: Path) -> dict[str, Any] 
         return None
     if on_disk != raw:
         return None  # converted, or written over since: keep a copy
-    return {"file": Path(os.path.relpath(path, root)).as_posix(), "size": len(raw),
+    return {"file": os.path.relpath(path, root).replace(os.sep, "/"), "size": len(raw),
             "crc32": zlib.crc32(raw)}
 
 
-def _split_blobs(event: dict[str, Any], root: Path) -> tuple[dict[str, Any], bytes]:
+def _split_blobs(event: dict[str, Any], root: str) -> tuple[dict[str, Any], bytes]:
     """The final event without its base64 image data, and the data that must
     be copied as raw bytes; each ``base64`` output then says where its bytes
     are: in the output file (``file``, see :func:`_output_file`) or in the
@@ -441,7 +447,9 @@ class TaskLog:
         #: Tasks this object claimed and has not released: it alone writes
         #: their non-terminal events, its writes to each one at a time.
         self._owned: dict[str, threading.Lock] = {}
-        self._resolved_root: Path | None = None
+        #: Owned tasks whose final event this object wrote (until released).
+        self._finished: set[str] = set()
+        self._resolved_root: str | None = None
 
     #: Whether ``task_id`` is safe as a directory name (the one rule, taskid.py).
     valid_task_id = staticmethod(valid_task_id)
@@ -487,7 +495,10 @@ class TaskLog:
             os.write(fd, dumps_bytes(owner))
         finally:
             os.close(fd)
-        self._touch(d / _OWNER)
+        if self._clock is not time.time:
+            # A new file's mtime is the wall clock already (the lease starts
+            # now); only another clock (a test's) must be written.
+            self._touch(d / _OWNER)
         return True
 
     def discard(self, task_id: str) -> None:
@@ -502,6 +513,7 @@ class TaskLog:
         with self._lock:
             self._end.pop(task_id, None)
             self._owned.pop(task_id, None)
+            self._finished.discard(task_id)
 
     # -------------------------------------------------------------- writing
     def append(self, task_id: str, event: dict[str, Any]) -> int:
@@ -546,20 +558,30 @@ class TaskLog:
             raise ValueError("a terminal event can only come last")
         is_final = pairs[-1][1].get("type") == FINAL_TYPE
         with self._writing(task_id) as owned:
-            final = self._final(d)
-            if final is not None:
-                return final.seq, False
-            d.mkdir(parents=True, exist_ok=True)
             if not (owned and is_final):
+                final = self._final(d)
+                if final is not None:
+                    return final.seq, False
+                d.mkdir(parents=True, exist_ok=True)
                 return self._write_chain(d, task_id, pairs, is_final)
             # The owner's last flush goes into the final file (no placeholder:
-            # the owner is the only writer of other events, see the module doc).
+            # the owner is the only writer of other events, see the module
+            # doc). No look for a final first: publishing one is exclusive,
+            # and a final already there (a recovery that took this instance
+            # for dead) makes it lose as a look would (see _finish).
             first = self._next_seq(d, task_id)
             items = self._number(task_id, first, pairs[:-1])
             seq = pairs[-1][0]
             nxt = items[-1][0] + 1 if items else first
             seq = nxt if seq is None or seq < nxt else seq
-            return self._finish(d, task_id, seq, pairs[-1][1], first, items)
+            try:
+                return self._finish(d, task_id, seq, pairs[-1][1], first, items)
+            except FileNotFoundError:
+                if d.is_dir():
+                    raise
+                # Its folder was deleted under it: the final event still lands.
+                d.mkdir(parents=True, exist_ok=True)
+                return self._finish(d, task_id, seq, pairs[-1][1], first, items)
 
     def _number(self, task_id: str, first: int, pairs: Sequence[tuple[int | None, dict[str, Any]]]
                 ) -> list[tuple[int, dict[str, Any]]]:
@@ -607,9 +629,9 @@ class TaskLog:
             return end, True
         return self._finish(d, task_id, end, pairs[-1][1])
 
-    def _root(self) -> Path:
+    def _root(self) -> str:
         if self._resolved_root is None:
-            self._resolved_root = self.root.resolve()
+            self._resolved_root = os.path.realpath(self.root)
         return self._resolved_root
 
     def _finish(self, d: Path, task_id: str, seq: int, event: dict[str, Any],
@@ -639,6 +661,8 @@ class TaskLog:
         if _publish(d, _FINAL, payload, durable=True):
             with self._lock:
                 self._end[task_id] = seq
+                if task_id in self._owned:
+                    self._finished.add(task_id)
             self._closed(task_id)
             return seq, True
         # Lost the race: ours stays hidden. Without hard links the winner
@@ -851,15 +875,25 @@ class TaskLog:
             except OSError as exc:
                 log.warning("tasklog: cannot renew lease of task %s: %s", task_id, exc)
 
+    def owns(self, task_id: str) -> bool:
+        """Whether this object claimed the task and has not released it."""
+        with self._lock:
+            return task_id in self._owned
+
     def release(self, task_id: str) -> None:
         """Give up ownership (normally after the final event).
 
         The lease is expired at once, so a task released without a final event
-        is closed by the next :meth:`recover_orphans` instead of hanging.
+        is closed by the next :meth:`recover_orphans` instead of hanging (one
+        whose final event this object wrote is left alone: nothing looks at
+        its lease any more).
         """
         with self._lock:
             self._end.pop(task_id, None)
             self._owned.pop(task_id, None)
+            if task_id in self._finished:
+                self._finished.discard(task_id)
+                return
         try:
             self._touch(self._dir(task_id) / _OWNER, when=0.0)
         except FileNotFoundError:

@@ -171,12 +171,11 @@ async def test_the_last_write_releases_the_lease_and_a_failed_release_writes_not
     a release that fails there neither loses nor repeats the final event."""
     eng, _ = fake_engine
     service = service_of(eng, tmp_path)
-    owner = tmp_path / "log" / "lease-1" / "owner.json"
     with anyio.fail_after(10):
         task = (await service.start(fake_graph("FakeImage"), task_id="lease-1")).task
         assert task is not None
         await task.final_durable.wait()
-        while owner.stat().st_mtime != 0:  # the writer's last step, just after the event
+        while service.tasklog.owns("lease-1"):  # the writer's last step, just after the event
             await anyio.sleep(0.01)
     assert service.tasklog.read("lease-1", 0)[-1][1]["data"]["status"] == "success"
 

@@ -343,6 +343,54 @@ def test_release_without_final_is_recovered(tmp_path: Path) -> None:
     assert "(i1) released it without a final event" in message, message
 
 
+def test_release_after_own_final_leaves_the_lease(tmp_path: Path) -> None:
+    """A task whose final event this object wrote needs no expired lease
+    (a write saved on every answer's path); one without a final still gets
+    it, and the wall-clock claim's lease is the owner file's creation time."""
+    import time
+
+    tl = TaskLog(tmp_path, "i1", lease_seconds=30)  # the real clock
+    before = time.time()
+    tl.claim("done")
+    tl.claim("gave-up")
+    lease = os.stat(tmp_path / "done" / "owner.json").st_mtime
+    assert before - 1 <= lease <= time.time() + 1
+    assert tl.owns("done")
+    tl.append("done", final())
+    tl.release("done")
+    tl.release("gave-up")
+    assert not tl.owns("done") and not tl.owns("gave-up")
+    assert os.stat(tmp_path / "done" / "owner.json").st_mtime == lease
+    assert os.stat(tmp_path / "gave-up" / "owner.json").st_mtime == 0
+    assert tl.recover_orphans() == ["gave-up"]
+
+
+def test_owner_final_lands_in_a_folder_deleted_under_it(tmp_path: Path) -> None:
+    import shutil
+
+    tl = TaskLog(tmp_path, "i1", lease_seconds=30, clock=FakeClock())
+    tl.claim("t")
+    tl.append("t", ev(0))
+    shutil.rmtree(tmp_path / "t")
+    assert tl.extend("t", [(None, final())]) >= 1
+    assert tl.is_final("t") and tl.read("t")[-1][1]["type"] == FINAL_TYPE
+
+
+def test_owner_final_loses_to_a_final_already_there(tmp_path: Path) -> None:
+    """The owner writes its final without looking first: one already there
+    (a recovery that took it for dead) still wins, and nothing is doubled."""
+    clock = FakeClock()
+    owner = TaskLog(tmp_path, "owner", lease_seconds=30, clock=clock)
+    rescuer = TaskLog(tmp_path, "rescuer", lease_seconds=30, clock=clock)
+    owner.claim("t")
+    owner.append("t", ev(0))
+    assert rescuer.recover_orphans(now=clock.t + 31) == ["t"]
+    seq = owner.extend("t", [(None, ev(1)), (None, final())])
+    events = owner.read("t")
+    assert seq == events[-1][0] and [e["type"] for _, e in events] == ["progress", FINAL_TYPE]
+    assert events[-1][1]["data"]["error"]["type"] == "task_lost"
+
+
 def test_two_instances_recover_same_orphan(tmp_path: Path) -> None:
     clock = FakeClock()
     TaskLog(tmp_path, "owner", lease_seconds=30, clock=clock).claim("t")
