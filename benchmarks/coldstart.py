@@ -62,7 +62,7 @@ def one_start(variant: str, wd: Path, cache: Path, i: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if variant.startswith("embed"):
         env = {"COMFY_EMBED_PRELOAD": common.TINY} if variant == "embed-preload" else {}
-        srv = common.start_embed(wd, cache_dir=cache, env=env)
+        srv = common.start_embed(wd, cache_dir=cache, env=env, timestamps=True)
         try:
             out["listening"] = _poll(srv, "/health")
             # Function Compute's start-up hook: answers once ComfyUI is warm
@@ -88,7 +88,7 @@ def one_start(variant: str, wd: Path, cache: Path, i: int) -> dict[str, Any]:
         finally:
             srv.stop()
     else:
-        srv = common.start_native(wd, models_dir=cache)
+        srv = common.start_native(wd, models_dir=cache, timestamps=True)
         try:
             out["listening"] = out["ready"] = _poll(srv, "/system_stats")
             native = common.NativeClient(srv.port)
@@ -110,7 +110,8 @@ def import_profile(wd: Path, cache: Path, top: int = 14) -> list[tuple[str, floa
     """comfy-embed started under -X importtime (all threads, ComfyUI's boot
     included): seconds of import work per top-level package (self times
     summed, so nothing counts twice; the profiler itself adds some)."""
-    srv = common.start_embed(wd, cache_dir=cache, args=["-X", "importtime", "server.py"])
+    srv = common.start_embed(wd, cache_dir=cache, args=["-X", "importtime", "server.py"],
+                             timestamps=True)
     try:
         _poll(srv, "/ready", interval=0.2)
     finally:

@@ -14,6 +14,7 @@ import argparse
 import base64
 import http.client
 import json
+import math
 import os
 import platform
 import signal
@@ -195,40 +196,60 @@ def free_port() -> int:
 
 
 class Server:
-    """A child process in its own process group; every output line is kept
-    with the time it arrived (seconds since spawn) for start-up breakdowns."""
+    """A child process in its own process group, its output in ``log_path``.
+
+    ``timestamps``: the output is piped through a thread of this process
+    that keeps every line with the time it arrived (seconds since spawn:
+    :attr:`lines`, for start-up breakdowns). Otherwise the child writes the
+    file itself: a reader thread here would wake on every server log line
+    and take this process's GIL from the client being timed.
+    """
 
     def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, timestamps: bool = False) -> None:
         self.name, self.port = name, port
         #: The server's base folder (input/, output/ ... under it).
         self.base: Path | None = None
-        self.lines: list[tuple[float, str]] = []
+        self._stamped: list[tuple[float, str]] = []
+        self._path = log_path
+        self._timestamps = timestamps or log_path is None
         self._log = open(log_path, "w") if log_path else None
         self.t0 = time.perf_counter()
+        out = subprocess.PIPE if self._timestamps else self._log
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        if self._timestamps:
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             t = time.perf_counter() - self.t0
             line = raw.decode("utf-8", "replace").rstrip()
-            self.lines.append((t, line))
+            self._stamped.append((t, line))
             if self._log:
                 self._log.write(f"{t:8.3f} {line}\n")
                 self._log.flush()
+
+    @property
+    def lines(self) -> list[tuple[float, str]]:
+        """Output lines so far, with their arrival times (NaN without ``timestamps``)."""
+        if self._timestamps:
+            return list(self._stamped)
+        assert self._path is not None
+        text = self._path.read_text(encoding="utf-8", errors="replace")
+        return [(math.nan, line) for line in text.splitlines()]
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def first_line(self, needle: str) -> float | None:
-        """Seconds from spawn to the first output line containing ``needle``."""
-        for t, line in list(self.lines):
+        """Seconds from spawn to the first output line containing ``needle``
+        (needs ``timestamps``)."""
+        for t, line in self.lines:
             if needle in line:
                 return t
         return None
@@ -279,7 +300,8 @@ class Server:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        self._reader.join(2)
+        if self._timestamps:
+            self._reader.join(2)
         if self._log:
             self._log.close()
 
@@ -291,7 +313,7 @@ class Server:
 
 
 def start_embed(workdir: Path, *, cache_dir: Path = DEFAULT_CACHE, env: dict[str, str] | None = None,
-                args: list[str] | None = None, device: str = "cpu") -> Server:
+                args: list[str] | None = None, device: str = "cpu", timestamps: bool = False) -> Server:
     """comfy-embed's container entry point (``python server.py``) on 127.0.0.1;
     ``args`` replaces it (e.g. ``["benchmarks/embed_server.py"]``)."""
     port = free_port()
@@ -303,13 +325,13 @@ def start_embed(workdir: Path, *, cache_dir: Path = DEFAULT_CACHE, env: dict[str
          "PYTHONUNBUFFERED": "1"}
     e.update(env or {})
     srv = Server("comfy-embed", [PYTHON, *(args or ["server.py"])], port, e,
-                 workdir / f"embed-{port}.log")
+                 workdir / f"embed-{port}.log", timestamps)
     srv.base = base
     return srv
 
 
 def start_native(workdir: Path, *, models_dir: Path = DEFAULT_CACHE, cpu: bool = True,
-                 extra_args: list[str] | None = None) -> Server:
+                 extra_args: list[str] | None = None, timestamps: bool = False) -> Server:
     """Native ComfyUI (vendor/ComfyUI/main.py) on 127.0.0.1 with temp folders,
     no custom or API nodes, checkpoints read from ``models_dir``."""
     port = free_port()
@@ -325,7 +347,8 @@ def start_native(workdir: Path, *, models_dir: Path = DEFAULT_CACHE, cpu: bool =
     if cpu:
         cmd.append("--cpu")
     cmd += extra_args or []
-    srv = Server("native", cmd, port, {"PYTHONUNBUFFERED": "1"}, workdir / f"native-{port}.log")
+    srv = Server("native", cmd, port, {"PYTHONUNBUFFERED": "1"}, workdir / f"native-{port}.log",
+                 timestamps)
     srv.base = base
     return srv
 
