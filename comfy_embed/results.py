@@ -20,7 +20,8 @@ from .workflow import node_order
 if TYPE_CHECKING:
     from .storage import Store
 
-__all__ = ["OutputFile", "collect_files", "collect_values", "jsonable", "render_results"]
+__all__ = ["OutputFile", "collect_files", "collect_values", "jsonable", "render_inline",
+           "render_results"]
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,34 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def _entries(files: list[OutputFile]) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    for f in files:
+        out: dict[str, Any] = {"comfy": {"filename": f.filename, "type": f.type,
+                                         "subfolder": f.subfolder, "dir": str(f.dir)},
+                               "media_type": f.media_type}
+        entries.append({"node_id": f.node_id, "index": f.index, "output": out})
+    return entries
+
+
+def render_inline(files: list[OutputFile], *, output_base64: bool = False
+                  ) -> list[dict[str, Any]] | None:
+    """The ``results`` entries when nothing needs awaiting (no upload, no
+    conversion, base64 of small files only), built on the spot: the common
+    answer skips a task and its loop iterations. None when
+    :func:`render_results` must do it. Raises StorageError as it does."""
+    if output_base64 and not all(_small(f.path) for f in files):
+        return None
+    entries = _entries(files)
+    if output_base64:
+        for f, entry in zip(files, entries, strict=True):
+            try:
+                entry["output"]["base64"] = {"data": _b64(f.path)}
+            except OSError as e:  # deleted meanwhile
+                raise StorageError(f"could not prepare output files: {e}") from e
+    return entries
+
+
 async def render_results(files: list[OutputFile], *, output_base64: bool = False,
                          store: Store | None = None, credentials: Any = None,
                          output_format: str | None = None, quality: int | None = None
@@ -157,12 +186,7 @@ async def render_results(files: list[OutputFile], *, output_base64: bool = False
     StorageError if any upload fails: no result is reported half-uploaded."""
     if output_format:
         files = [await anyio.to_thread.run_sync(reencode, f, output_format, quality) for f in files]
-    entries: list[dict[str, Any]] = []
-    for f in files:
-        out: dict[str, Any] = {"comfy": {"filename": f.filename, "type": f.type,
-                                         "subfolder": f.subfolder, "dir": str(f.dir)},
-                               "media_type": f.media_type}
-        entries.append({"node_id": f.node_id, "index": f.index, "output": out})
+    entries = _entries(files)
 
     jobs: list[Callable[[], Awaitable[None]]] = []
     failures: list[BaseException] = []

@@ -25,7 +25,7 @@ from .executor import Outcome
 from .guard import is_out_of_memory
 from .observe import Metrics
 from .report import TaskReport, TimedUploader
-from .results import collect_values, render_results
+from .results import collect_values, render_inline, render_results
 from .storage import Store
 from .workflow import WorkflowRequest
 
@@ -300,9 +300,34 @@ class Task:
                 limit, self.engine.cancel, self.task_id, "timeout")
 
     def _spawn_finish(self, outcome: Outcome) -> None:
-        # A loop callback: the work goes to the engine's task group, which
-        # shutdown drains (see the module docstring).
+        # A loop callback. Results that need no awaiting (small base64 files,
+        # or none) are built here; the rest goes to the engine's task group,
+        # which shutdown drains (see the module docstring).
+        if outcome.success and self._finish_inline(outcome):
+            return
         self.engine.renders.spawn(self._finish, outcome, name=f"result of {self.task_id}")
+
+    def _finish_inline(self, outcome: Outcome) -> bool:
+        output_base64, output_oss, _, output_format, _ = self._options
+        if output_oss or output_format:
+            return False
+        self.report.mark_render()
+        try:
+            results = render_inline(outcome.files, output_base64=output_base64)
+            if results is None:
+                return False
+            self.report.mark_render(end=True)
+            self._close(results=results, outputs=collect_values(outcome.outputs))
+        except Exception as e:
+            self._close_failed(e)
+        return True
+
+    def _close_failed(self, e: Exception) -> None:
+        """Assembling the result failed: a final event all the same."""
+        if not isinstance(e, ComfyEmbedError):
+            log.exception("task %s: finishing failed", self.task_id, exc_info=e)
+            e = ExecutionFailed(f"could not assemble the result: {e}")
+        self._close(e)
 
     async def _finish(self, outcome: Outcome) -> None:
         try:
@@ -313,15 +338,12 @@ class Task:
                 self._close(results=results, outputs=collect_values(outcome.outputs))
             else:
                 self._close(_outcome_error(outcome, self.engine.settings.run_timeout))
-        except ComfyEmbedError as e:
-            self._close(e)
         except anyio.get_cancelled_exc_class():
             # The instance is shutting down mid-upload: still one final event.
             self._close(TaskCancelled("the instance shut down before the result was assembled"))
             raise
-        except Exception as e:  # a final event, whatever happened
-            log.exception("task %s: finishing failed", self.task_id)
-            self._close(ExecutionFailed(f"could not assemble the result: {e}"))
+        except Exception as e:
+            self._close_failed(e)
 
     async def _render(self, outcome: Outcome) -> list[dict[str, Any]]:
         output_base64, output_oss, credentials, output_format, quality = self._options

@@ -226,6 +226,8 @@ def slow_render(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, threading
         return await real(files, **kw)
 
     monkeypatch.setattr(task_module, "render_results", render)
+    # Not built on the spot, as a result that needs an upload is not.
+    monkeypatch.setattr(task_module, "render_inline", lambda files, **kw: None)
     yield events
     events["gate"].set()
 

@@ -119,3 +119,25 @@ async def test_render_base64_small_and_large_files(tmp_path: Path) -> None:
     entries = await render_results(files, output_base64=True)
     got = [base64.b64decode(e["output"]["base64"]["data"]) for e in entries]
     assert got == [small, large]
+
+
+@pytest.mark.anyio
+async def test_render_inline_builds_what_render_results_builds_or_declines(tmp_path: Path) -> None:
+    """Small base64 outputs (or none asked) are built on the spot, exactly as
+    render_results builds them; a large or a missing file declines (None)."""
+    import os
+
+    from comfy_embed.results import render_inline
+
+    (tmp_path / "s.png").write_bytes(os.urandom(100))
+    (tmp_path / "l.png").write_bytes(os.urandom(300 * 1024))
+    small = [OutputFile("9", 0, "s.png", "", "output", tmp_path),
+             OutputFile("9", 1, "s.png", "", "output", tmp_path)]
+    for b64 in (True, False):
+        assert render_inline(small, output_base64=b64) == await render_results(small, output_base64=b64)
+    large = small + [OutputFile("9", 2, "l.png", "", "output", tmp_path)]
+    assert render_inline(large, output_base64=True) is None
+    assert render_inline(large, output_base64=False) is not None  # nothing to read
+    # A missing file declines too: render_results reports it (above).
+    gone = [OutputFile("9", 0, "gone.png", "", "output", tmp_path)]
+    assert render_inline(gone + small, output_base64=True) is None
