@@ -410,10 +410,26 @@ class Comfy:
         one to execute. Any node error, even with some outputs valid, is
         raised: a partial run would silently drop outputs the user asked for.
         ``targets`` (native's ``partial_execution_targets``) limits the check
-        and the run to those output nodes.
+        and the run to those output nodes. Blocking: call it from a worker
+        thread (or use :meth:`validate_here` on the event loop).
         """
         self._check_node_types(prompt)
-        checked, ok, error, outputs, node_errors = self.check(prompt, prompt_id, targets)
+        return self._answer(*self.check(prompt, prompt_id, targets))
+
+    async def validate_here(self, prompt: dict[str, Any], prompt_id: str,
+                            targets: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+        """:meth:`validate` on the running event loop, as native ComfyUI
+        validates in its request handler (no worker-thread hand-off)."""
+        self._check_node_types(prompt)
+        checked = copy.deepcopy(prompt)
+        ok, error, outputs, node_errors = await self._execution.validate_prompt(
+            prompt_id, checked, targets)
+        return self._answer(checked, bool(ok), error, list(outputs or []), dict(node_errors or {}))
+
+    @staticmethod
+    def _answer(checked: dict[str, Any], ok: bool, error: dict[str, Any] | None,
+                outputs: list[str], node_errors: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """validate_prompt's answer as (checked copy, outputs), or WorkflowInvalid."""
         if not ok or node_errors:
             error = error or {"type": "prompt_outputs_failed_validation",
                               "message": "Prompt outputs failed validation", "details": ""}

@@ -74,6 +74,14 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "Task", "TaskObserver", "run_workflow"]
 
+#: Graphs up to this many nodes are validated on the event loop, as native
+#: ComfyUI validates every graph. ComfyUI's check is pure Python (tens of
+#: microseconds a node) and holds the GIL wherever it runs: a worker thread
+#: gives it no parallelism and costs two thread hand-offs per request. Larger
+#: graphs go to a worker thread, where the loop can run while the check waits
+#: on the files some nodes list (models, inputs).
+INLINE_VALIDATION_NODES = 64
+
 #: Finished tasks kept in memory for late readers (the task log keeps all;
 #: a final event can hold megabytes of base64, so keep few).
 _KEEP_FINISHED = 4
@@ -324,8 +332,11 @@ class Engine:
             await self._fetch_models(prompt)
             prompt_id = str(uuid.uuid4())
             report.mark_prepared()
-            checked, outputs = await anyio.to_thread.run_sync(comfy.validate, prompt, prompt_id,
-                                                              request.targets)
+            if len(prompt) <= INLINE_VALIDATION_NODES:
+                checked, outputs = await comfy.validate_here(prompt, prompt_id, request.targets)
+            else:
+                checked, outputs = await anyio.to_thread.run_sync(comfy.validate, prompt, prompt_id,
+                                                                  request.targets)
             report.mark_validated(checked, loader_nodes(checked, comfy.is_loader))
             task = Task(self, task_id, prompt_id, seeds, output_base64=output_base64,
                         output_oss=output_oss, credentials=credentials,

@@ -21,6 +21,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 import anyio
+import anyio.lowlevel
 
 from .config import Settings
 from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, NotAccepting,
@@ -197,6 +198,10 @@ class TaskService(TaskObserver):
         failure: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(claim_in_log)
+            # Let it reach its worker thread now: the engine validates small
+            # graphs on the loop without yielding, and the claim then runs as
+            # soon as the loop waits for it, without waking a thread first.
+            await anyio.lowlevel.checkpoint()
             try:
                 task = await self.engine.submit(body, task_id=task_id,
                                                 before_writes=before_writes, **options)

@@ -135,6 +135,33 @@ async def test_invalid_graphs_name_node_and_input(engine: Engine, mutate: Any, n
         assert f"node {node}" in err.message or f"#{node}" in str(err.to_dict())
 
 
+async def test_large_graphs_validate_in_a_worker_thread_with_the_same_answers(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small graphs are validated on the loop, larger ones in a worker
+    thread: both run, and both name a bad input the same way."""
+    from comfy_embed import runtime
+
+    big = {"1": {"class_type": "EmptyImage",
+                 "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0x0000FF}}}
+    for i in range(2, runtime.INLINE_VALIDATION_NODES + 2):
+        big[str(i)] = {"class_type": "ImageInvert", "inputs": {"image": [str(i - 1), 0]}}
+    last = str(runtime.INLINE_VALIDATION_NODES + 1)
+    big["999"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "big", "images": [last, 0]}}
+    assert len(big) > runtime.INLINE_VALIDATION_NODES
+    final = await engine.run(big)
+    assert final["data"]["status"] == "success", final
+    (path,) = files_of(final)
+    assert pixels(path)[0, 0].tolist() == [0, 0, 255]  # blue, inverted an even number of times
+
+    answers = []
+    for limit in (runtime.INLINE_VALIDATION_NODES, 0):  # on the loop, then in a thread
+        monkeypatch.setattr(runtime, "INLINE_VALIDATION_NODES", limit)
+        with pytest.raises(WorkflowInvalid) as info:
+            await engine.submit(_bad("3", steps="many"))
+        answers.append((info.value.message, info.value.to_dict()))
+    assert answers[0] == answers[1] and "steps" in answers[0][0]
+
+
 async def test_partially_invalid_graph_is_refused(engine: Engine) -> None:
     g = image_only()
     g["4"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "x", "images": ["5", 0]}}

@@ -114,6 +114,10 @@ class FakeComfy:
             raise WorkflowInvalid("Prompt has no outputs", type="prompt_no_outputs")
         return copy.deepcopy(prompt), outputs
 
+    async def validate_here(self, prompt: dict[str, Any], prompt_id: str,
+                            targets: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+        return self.validate(prompt, prompt_id, targets)
+
     # --- the executor thread ------------------------------------------------------
     def interrupt(self) -> None:
         self._interrupt.set()
