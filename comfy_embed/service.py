@@ -96,7 +96,11 @@ class Handle:
             await anyio.sleep(_POLL_SECONDS)
 
     async def final(self) -> dict[str, Any]:
-        """The final event (waiting for it)."""
+        """The final event (waiting for it), on disk when it is returned."""
+        if self.task is not None:  # live here: no need to wake for every event
+            final = await self.task.wait()
+            await self.task.final_durable.wait()
+            return final
         last: dict[str, Any] = {}
         async for _, ev in self.events():
             last = ev
@@ -292,7 +296,7 @@ class TaskService(TaskObserver):
                         # Gather what comes in the rest of the interval into one file.
                         with anyio.move_on_after(last_flush + interval - anyio.current_time()):
                             while task.final is None and not self._hurry:
-                                await task.changed()
+                                await task.end_or_wake()
                 batch = task.events_since(written)
                 upto = task.last_seq
                 ends = bool(batch) and batch[-1][1]["type"] == FINAL

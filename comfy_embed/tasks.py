@@ -100,6 +100,8 @@ class Task:
         # records (and those of the work they start) carry the task id.
         self._context = contextvars.copy_context()
         self._changed = asyncio.Event()
+        #: Set by the final event and by :meth:`wake` only (see :meth:`end_or_wake`).
+        self._ended_or_woken = asyncio.Event()
         self._options = (output_base64, output_oss, credentials, output_format, quality)
         self._timeout_handle: asyncio.TimerHandle | None = None
         #: monotonic time the executor started running it (None: never ran).
@@ -158,8 +160,18 @@ class Task:
             await self.changed()
 
     def wake(self) -> None:
-        """Wake whoever waits in :meth:`changed` (with no new event)."""
+        """Wake whoever waits in :meth:`changed` or :meth:`end_or_wake`
+        (with no new event)."""
         self._changed.set()
+        self._ended_or_woken.set()
+
+    async def end_or_wake(self) -> None:
+        """Wait for the final event or a :meth:`wake`, not for every event: a
+        waiter woken by every progress message takes the GIL from the
+        executor thread each time, in the middle of the run."""
+        self._ended_or_woken.clear()
+        if self.final is None:
+            await self._ended_or_woken.wait()
 
     async def changed(self) -> None:
         """Wait for the next event."""
@@ -169,7 +181,7 @@ class Task:
     async def wait(self) -> dict[str, Any]:
         """The final ``serverless_api`` event, when the task has one."""
         while self.final is None:
-            await self.changed()
+            await self.end_or_wake()
         return self.final
 
     async def result(self) -> dict[str, Any]:
@@ -213,6 +225,7 @@ class Task:
             self.engine.drop_inputs(self.task_id)
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
+            self._ended_or_woken.set()
         self._changed.set()
 
     def _observe_final(self, ev: dict[str, Any]) -> None:

@@ -276,3 +276,37 @@ def test_shutdown_past_its_grace_cancels_the_result_and_logs_its_final(
     assert final["data"]["error"]["type"] == "execution_interrupted"
     assert "before the result was assembled" in final["data"]["error"]["message"]
     assert app.engine.background.live == 0
+
+
+# ------------------------------------------------ waiting for the end only
+@pytest.mark.anyio
+async def test_end_or_wake_sleeps_through_progress(fake_engine: tuple[Engine, SlowValidation]) -> None:
+    """The sync answer and the log writer's batch wait for the final event
+    (or a wake), not for every event the run publishes."""
+    from comfy_embed.events import event
+
+    eng, comfy = fake_engine
+    comfy.gate.clear()  # FakeWait waits for it: nothing ends the run meanwhile
+    task = await eng.submit(fake_graph("FakeWait"))
+    returned: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await task.end_or_wake()
+        returned.append(name)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter, "first")
+            await anyio.wait_all_tasks_blocked()
+            task._publish(event("progress", {"node": "1", "value": 1, "max": 2}))
+            await anyio.wait_all_tasks_blocked()
+            assert returned == [] and task.final is None
+            task.wake()
+            await anyio.wait_all_tasks_blocked()
+            assert returned == ["first"]
+            tg.start_soon(waiter, "second")
+            await anyio.wait_all_tasks_blocked()
+            comfy.gate.set()  # the run ends: its final event
+            assert (await task.wait())["data"]["status"] == "success"
+        assert returned == ["first", "second"]
+        await task.end_or_wake()  # after the end it returns at once
