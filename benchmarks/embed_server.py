@@ -77,7 +77,17 @@ def instrument() -> None:
 
     sync_span(tl.TaskLog, "claim", "claim", 0)
     sync_span(tl.TaskLog, "extend", "append", 0)  # one call per flush
-    sync_span(cc.Comfy, "validate", "validate")
+    sync_span(cc.Comfy, "validate", "validate")  # graphs over INLINE_VALIDATION_NODES
+    orig_validate_here = cc.Comfy.validate_here
+
+    @functools.wraps(orig_validate_here)
+    async def validate_here(self: Any, *a: Any, **kw: Any) -> Any:  # on the loop
+        mark("validate0")
+        try:
+            return await orig_validate_here(self, *a, **kw)
+        finally:
+            mark("validate1")
+    cc.Comfy.validate_here = validate_here  # type: ignore[method-assign]
     sync_span(cc.Comfy, "execute", "execute")
 
     orig_render = tk.render_results

@@ -151,7 +151,7 @@ def _breakdown(args: argparse.Namespace, wd: Path) -> dict[str, Any]:
                     client.run(_graph(g, -1 - w, args))
                 stats.request("GET", "/_bench/stats")
                 per_stage: dict[str, list[float]] = {s[0]: [] for s in STAGES}
-                per_stage["claim task log (in a thread, beside parse)"] = []
+                per_stage["claim task log (in a worker thread)"] = []
                 per_stage["task log writes (sum, in threads)"] = []
                 per_stage["total (client)"] = []
                 for i in range(args.n):
@@ -175,7 +175,7 @@ def _breakdown(args: argparse.Namespace, wd: Path) -> dict[str, Any]:
                         if a in marks and b in marks:
                             per_stage[label].append(marks[b] - marks[a])
                     if "claim0" in marks and "claim1" in marks:
-                        per_stage["claim task log (in a thread, beside parse)"].append(
+                        per_stage["claim task log (in a worker thread)"].append(
                             marks["claim1"] - marks["claim0"])
                     per_stage["task log writes (sum, in threads)"].append(appends.get("sum", 0.0))
                     per_stage["total (client)"].append(t1 - t0)
