@@ -351,16 +351,16 @@ class TaskService(TaskObserver):
         """The task's last write and its lease's release in one worker-thread
         hop (a hop per request fewer for the loop); True once released. A
         failed release does not make the written final event look unwritten."""
-        self.tasklog.extend(task_id, batch)
+        self.tasklog.extend(task_id, batch)  # returns once a final event is on disk
         try:
-            self._released(task_id)
+            self._released(task_id, final=True)
             return True
         except Exception:
             log.exception("task %s: releasing its lease failed", task_id)
             return False
 
-    def _released(self, task_id: str) -> None:
-        self.tasklog.release(task_id)
+    def _released(self, task_id: str, final: bool = False) -> None:
+        self.tasklog.release(task_id, final=final)
         if log.isEnabledFor(logging.DEBUG):  # a listing and a stat per file: not per task by default
             usage = self.tasklog.usage(task_id)
             log.debug("task %s: task log %d files, %d bytes", task_id, usage.files, usage.bytes)

@@ -447,8 +447,6 @@ class TaskLog:
         #: Tasks this object claimed and has not released: it alone writes
         #: their non-terminal events, its writes to each one at a time.
         self._owned: dict[str, threading.Lock] = {}
-        #: Owned tasks whose final event this object wrote (until released).
-        self._finished: set[str] = set()
         self._resolved_root: str | None = None
 
     #: Whether ``task_id`` is safe as a directory name (the one rule, taskid.py).
@@ -513,7 +511,6 @@ class TaskLog:
         with self._lock:
             self._end.pop(task_id, None)
             self._owned.pop(task_id, None)
-            self._finished.discard(task_id)
 
     # -------------------------------------------------------------- writing
     def append(self, task_id: str, event: dict[str, Any]) -> int:
@@ -661,8 +658,6 @@ class TaskLog:
         if _publish(d, _FINAL, payload, durable=True):
             with self._lock:
                 self._end[task_id] = seq
-                if task_id in self._owned:
-                    self._finished.add(task_id)
             self._closed(task_id)
             return seq, True
         # Lost the race: ours stays hidden. Without hard links the winner
@@ -880,20 +875,20 @@ class TaskLog:
         with self._lock:
             return task_id in self._owned
 
-    def release(self, task_id: str) -> None:
+    def release(self, task_id: str, *, final: bool = False) -> None:
         """Give up ownership (normally after the final event).
 
         The lease is expired at once, so a task released without a final event
-        is closed by the next :meth:`recover_orphans` instead of hanging (one
-        whose final event this object wrote is left alone: nothing looks at
-        its lease any more).
+        is closed by the next :meth:`recover_orphans` instead of hanging.
+        ``final``: the caller saw the task's final event land (its own or
+        another's); nothing looks at the lease any more, so it is left alone
+        (a write saved on every answer's path).
         """
         with self._lock:
             self._end.pop(task_id, None)
             self._owned.pop(task_id, None)
-            if task_id in self._finished:
-                self._finished.discard(task_id)
-                return
+        if final:
+            return
         try:
             self._touch(self._dir(task_id) / _OWNER, when=0.0)
         except FileNotFoundError:

@@ -189,7 +189,7 @@ async def test_the_last_write_releases_the_lease_and_a_failed_release_writes_not
 
     tries: list[str] = []
 
-    def failing_release(task_id: str) -> None:
+    def failing_release(task_id: str, **kw: Any) -> None:
         tries.append(task_id)
         raise PermissionError("read-only lease")
 

@@ -344,9 +344,9 @@ def test_release_without_final_is_recovered(tmp_path: Path) -> None:
 
 
 def test_release_after_own_final_leaves_the_lease(tmp_path: Path) -> None:
-    """A task whose final event this object wrote needs no expired lease
-    (a write saved on every answer's path); one without a final still gets
-    it, and the wall-clock claim's lease is the owner file's creation time."""
+    """A task released after its final event needs no expired lease (a
+    write saved on every answer's path); one without a final still gets it,
+    and the wall-clock claim's lease is the owner file's creation time."""
     import time
 
     tl = TaskLog(tmp_path, "i1", lease_seconds=30)  # the real clock
@@ -357,7 +357,7 @@ def test_release_after_own_final_leaves_the_lease(tmp_path: Path) -> None:
     assert before - 1 <= lease <= time.time() + 1
     assert tl.owns("done")
     tl.append("done", final())
-    tl.release("done")
+    tl.release("done", final=True)
     tl.release("gave-up")
     assert not tl.owns("done") and not tl.owns("gave-up")
     assert os.stat(tmp_path / "done" / "owner.json").st_mtime == lease
