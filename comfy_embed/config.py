@@ -210,6 +210,9 @@ class Settings(BaseSettings):
     #: Seconds between writes of a running task's events to the task log (one
     #: file per write); the final event is written at once.
     task_log_flush_seconds: float = 0.5
+    #: A task's claim and log writes run on the event loop while each takes
+    #: less than this (seconds), else in a worker thread; 0: always a thread.
+    task_log_inline_seconds: float = 0.003
     #: Seconds between ComfyUI ``progress_state`` messages (each lists every
     #: node); the last one before the end of a run is always sent.
     progress_interval: float = 0.5
@@ -259,6 +262,8 @@ class Settings(BaseSettings):
                    ("models_fetch", self.models_fetch in ("startup", "first_use"),
                     "startup or first_use")]
         checks += [("task_log_flush_seconds", 0 <= self.task_log_flush_seconds <= 60, "0 to 60"),
+                   ("task_log_inline_seconds", 0 <= self.task_log_inline_seconds <= 0.1,
+                    "0 to 0.1"),
                    ("progress_interval", 0 <= self.progress_interval <= 60, "0 to 60"),
                    ("max_task_events", 10 <= self.max_task_events <= 10_000_000, "10 to 10000000")]
         checks += [("max_nodes", self.max_nodes >= 1, "at least 1"),
