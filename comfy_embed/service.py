@@ -131,6 +131,8 @@ class TaskService(TaskObserver):
         self._written: dict[str, int] = {}
         #: Tasks whose writer is retrying because the log refused a write.
         self._failing: set[str] = set()
+        #: Set (and replaced) whenever a writer wrote, failed or ended: flush() waits on it.
+        self._wrote = anyio.Event()
         self.webhooks = Webhooks(settings, self.tasklog, engine.background.part("webhooks"))
         #: While positive, persisters write at once instead of gathering.
         self._hurry = 0
@@ -316,6 +318,7 @@ class TaskService(TaskObserver):
                         # Keep the events and try again (the lease is still
                         # renewed meanwhile, so nobody closes the task as lost).
                         self._failing.add(task.task_id)
+                        self._tell_flush()
                         if not backoff:
                             log.warning("task %s: cannot write its task log (%s); retrying "
                                         "until it can", task.task_id, e)
@@ -332,6 +335,7 @@ class TaskService(TaskObserver):
                     self.engine.metrics.task_log_write.observe(time.perf_counter() - started)
                 written = upto
                 self._written[task.task_id] = written
+                self._tell_flush()
                 last_flush = anyio.current_time()
                 if ends:
                     self.webhooks.finished(task.task_id)
@@ -342,6 +346,7 @@ class TaskService(TaskObserver):
             self._persisting.pop(task.task_id, None)
             self._written.pop(task.task_id, None)
             self._failing.discard(task.task_id)
+            self._tell_flush()
             task.final_durable.set()
             if not released:
                 try:
@@ -503,11 +508,19 @@ class TaskService(TaskObserver):
                 task.wake()  # a persister gathering a batch writes it now
             # Not for a log that refuses writes (a full disk): its writer
             # retries on its own, and FC's hook must get an answer.
-            while any(task_id in self._persisting and task_id not in self._failing
-                      and self._written.get(task_id, 0) < n for task_id, n in due.items()):
-                await anyio.sleep(0.01)
+            while True:
+                wrote = self._wrote  # taken before the check: no write slips between
+                if not any(task_id in self._persisting and task_id not in self._failing
+                           and self._written.get(task_id, 0) < n for task_id, n in due.items()):
+                    return
+                await wrote.wait()
         finally:
             self._hurry -= 1
+
+    def _tell_flush(self) -> None:
+        """A writer wrote, failed or ended: wake :meth:`flush` to look again."""
+        self._wrote.set()
+        self._wrote = anyio.Event()
 
     async def shutdown(self, grace: float) -> list[str]:
         """SIGTERM/SIGINT: accept nothing, give running work ``grace`` seconds,

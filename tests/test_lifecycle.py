@@ -206,6 +206,43 @@ async def test_the_last_write_releases_the_lease_and_a_failed_release_writes_not
     service.close()
 
 
+@pytest.mark.anyio
+async def test_flush_waits_for_the_writer_and_answers_while_the_log_refuses_writes(
+        fake_engine: tuple[Engine, SlowValidation], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """FC's pre-freeze hook: flush() returns once what was published is
+    written, and also while the log refuses writes (a full disk), whose
+    writer goes on retrying on its own."""
+    eng, comfy = fake_engine
+    service = service_of(eng, tmp_path)
+    comfy.gate.clear()
+    with anyio.fail_after(10):
+        task = (await service.start(fake_graph("FakeWait"), task_id="flush-ok")).task
+        assert task is not None
+        await anyio.to_thread.run_sync(comfy.running.wait, 10)  # its progress is published
+        while not any(ev["type"] == "progress" for ev in task.events):
+            await task.changed()
+        published = task.last_seq
+        await service.flush()  # woken by the write, not by a timer
+        logged = await anyio.to_thread.run_sync(service.tasklog.read, "flush-ok", 0)
+        assert logged and logged[-1][0] >= published
+
+        def full(*args: Any, **kw: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(service.tasklog, "extend", full)
+        eng.cancel("flush-ok")
+        await task.wait()
+        await service.flush()
+        assert "flush-ok" in service._failing
+        monkeypatch.undo()  # the disk has room again: the writer catches up
+        await task.final_durable.wait()
+        while "flush-ok" in service._persisting:
+            await anyio.sleep(0.01)
+    assert service.tasklog.read("flush-ok", 0)[-1][1]["type"] == "serverless_api"
+    service.close()
+
+
 # -------------------------------------------------- background ownership
 @pytest.mark.anyio
 async def test_library_run_owns_its_background_work(fake_engine: tuple[Engine, SlowValidation]) -> None:
