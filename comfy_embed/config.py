@@ -205,6 +205,10 @@ class Settings(BaseSettings):
     oom_recycle_after: int = 3
     #: Seconds between gc + freeing cached memory after jobs (native: 10).
     gc_interval: float = 10.0
+    #: Freed memory glibc keeps in its heaps for the next job instead of
+    #: giving it back to the OS at once (each job then page-faults its image
+    #: buffers afresh). 0: glibc's defaults.
+    heap_keep_bytes: int = 512 * 2**20
 
     # --- perf: task log and event volume -----------------------------------
     #: Seconds between writes of a running task's events to the task log (one
@@ -255,7 +259,8 @@ class Settings(BaseSettings):
                    ("max_vram_bytes", self.max_vram_bytes is None or self.max_vram_bytes > 0,
                     "a positive number of bytes"),
                    ("oom_recycle_after", self.oom_recycle_after >= 0, "0 or more"),
-                   ("gc_interval", self.gc_interval >= 0, "0 or more seconds")]
+                   ("gc_interval", self.gc_interval >= 0, "0 or more seconds"),
+                   ("heap_keep_bytes", 0 <= self.heap_keep_bytes < 2**31, "0 to 2147483647 bytes")]
         checks += [("max_media_seconds", self.max_media_seconds > 0, "a positive number"),
                    ("model_lock_seconds", self.model_lock_seconds >= 1, "at least 1"),
                    ("model_fetch_timeout", self.model_fetch_timeout > 0, "a positive number"),

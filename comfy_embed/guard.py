@@ -79,7 +79,8 @@ class MemoryGuard:
             self.ooms_in_a_row = 0
         over = self._over()
         if over:
-            self.run()  # what gc and the allocator give back does not count
+            self.run()  # what gc and the allocators give back does not count
+            memory.trim_heap()
             over = self._over()
         if over:
             self._trip(over)

@@ -55,6 +55,7 @@ from typing import Any, Awaitable, Callable
 import anyio
 
 from ._comfy import Comfy
+from . import memory
 from .background import Background
 from .config import Settings
 from .errors import ComfyEmbedError, ImageInputError, NotAccepting, WorkflowInvalid
@@ -97,6 +98,8 @@ def boot_comfy(settings: Settings) -> Comfy:
             ensure_models(settings)
         else:
             load_manifest(settings.models_manifest)  # a bad manifest fails the boot
+    if settings.heap_keep_bytes:
+        memory.keep_freed_heap(settings.heap_keep_bytes)
     comfy = Comfy.boot(settings)
     if settings.tiny_checkpoint:
         from .models import ensure_tiny_checkpoint

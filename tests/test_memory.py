@@ -48,3 +48,67 @@ def test_a_forked_child_reads_its_own_process() -> None:
     # which did not grow.
     assert after > before + 32 * 1024 * 1024
     assert peak >= after - 1024 * 1024
+
+
+_HEAP_CYCLES = """
+import resource, sys
+from comfy_embed import memory
+if sys.argv[1] == "keep":
+    assert memory.keep_freed_heap(512 << 20)
+else:
+    assert not memory.keep_freed_heap(0)
+
+def job():  # a job's image buffers: allocated, touched, freed
+    buffers = [bytearray(900 << 10) for _ in range(3)]
+    for b in buffers:
+        b[::4096] = b"x" * len(range(0, len(b), 4096))
+
+warm = bytearray(1 << 20)
+del warm  # glibc's sliding thresholds now: mmap at 1 MiB, trim at 2 MiB
+job()
+before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+for _ in range(20):
+    job()
+print((resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before) / 20)
+"""
+
+
+def _faults_per_job(mode: str) -> float:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _HEAP_CYCLES, mode], capture_output=True,
+                         text=True, timeout=60, check=True)
+    return float(out.stdout.strip())
+
+
+@pytest.mark.skipif(memory._glibc() is None, reason="glibc's mallopt")
+def test_kept_heap_serves_the_next_jobs_buffers_without_page_faults() -> None:
+    # glibc by default trims the heap after each job (2.7 MiB freed is over
+    # its 2 MiB trim threshold), so each job faults its pages in again.
+    assert _faults_per_job("default") > 300
+    assert _faults_per_job("keep") < 20
+
+
+_KEEP_THEN_TRIM = """
+from comfy_embed import memory
+assert memory.keep_freed_heap(512 << 20)
+buffers = [bytearray(1 << 20) for _ in range(40)]
+for b in buffers:
+    b[::4096] = b"x" * len(range(0, len(b), 4096))
+before = memory.rss_bytes()
+del buffers, b
+kept = memory.rss_bytes()
+memory.trim_heap()
+print(before >> 20, kept >> 20, memory.rss_bytes() >> 20)
+"""
+
+
+@pytest.mark.skipif(memory._glibc() is None, reason="glibc's malloc_trim")
+def test_trim_heap_gives_the_kept_memory_back() -> None:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _KEEP_THEN_TRIM], capture_output=True,
+                         text=True, timeout=60, check=True)
+    before, kept, trimmed = (int(x) for x in out.stdout.split())
+    assert kept > before - 8  # 40 MiB freed, kept by the heap
+    assert trimmed < kept - 32  # and given back
