@@ -4,7 +4,8 @@
                execute_async on the loop comfy_embed._comfy boots, in a
                dedicated thread as native's prompt_worker runs it (no queue,
                no HTTP, no events; timed inside that thread, so without the
-               hand-off to it), in a child process;
+               hand-off to it), in a child process with comfy-embed's heap
+               setting (COMFY_EMBED_HEAP_KEEP_BYTES);
   (b) library  comfy_embed.run_workflow(graph), timed inside a child process;
   (c) http     comfy-embed's server (python server.py): POST
                /api/serverless/run?output_base64=true, image bytes decoded;
@@ -86,9 +87,13 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _raw_runner(settings: Any) -> tuple[Callable[[dict[str, Any]], dict[str, Any]], dict[str, Any]]:
+    from comfy_embed import memory
     from comfy_embed._comfy import Comfy
     from comfy_embed.models import ensure_tiny_checkpoint
 
+    # The heap setting that (b) and (c) boot with (comfy_embed.runtime), so
+    # that (c) - (a) is the request path's cost alone, not glibc's page faults.
+    memory.keep_freed_heap(settings.heap_keep_bytes)
     comfy = Comfy.boot(settings)
     ensure_tiny_checkpoint(comfy, settings)
     import execution  # ComfyUI's own module, importable once booted
