@@ -2,8 +2,8 @@
 claim and final write): on the event loop while they are quick, else in a
 worker thread.
 
-On a local disk a claim takes about 0.1 ms and the fsynced final event about
-0.5 ms, while handing either to a worker thread and back costs two thread
+On a local disk a claim takes 0.1-0.4 ms and the fsynced final event
+0.5-1 ms, while handing either to a worker thread and back costs two thread
 wake-ups, which on a busy or virtualised machine cost 0.15-0.3 ms each and
 made a 10-ms answer 12 % slower (benchmarks/RESULTS.md, issue 14). A shared
 network mount (NFS, ossfs) can take tens of milliseconds, and blocking the

@@ -54,8 +54,8 @@ from typing import Any, Awaitable, Callable
 
 import anyio
 
-from ._comfy import Comfy
 from . import memory
+from ._comfy import Comfy
 from .background import Background
 from .config import Settings
 from .errors import ComfyEmbedError, ImageInputError, NotAccepting, WorkflowInvalid
