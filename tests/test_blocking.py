@@ -115,25 +115,18 @@ async def test_the_service_claims_and_writes_on_the_loop_while_the_disk_is_quick
 
 
 @pytest.mark.anyio
-async def test_a_zero_inline_limit_keeps_the_task_log_in_threads(tmp_path: Path) -> None:
-    settings = Settings(base_dir=tmp_path, task_log_inline_seconds=0)
-    boot, fake = SlowValidation.booter()
-    engine = Engine(settings, boot=boot)
-    await engine.wait_ready()
-    comfy = fake()
-    assert isinstance(comfy, SlowValidation)
-    comfy.validating_gate.set()
-    try:
-        tasklog = WhereLog(tmp_path / "log")
-        service = TaskService(engine, settings, tasklog)
-        with anyio.fail_after(20):
-            for i in range(10):
-                await _run_one(service, f"threaded-{i}")
-        assert len(tasklog.threads) == 20
-        assert threading.get_ident() not in {thread for _, thread in tasklog.threads}
-        service.close()
-    finally:
-        await anyio.to_thread.run_sync(engine.close)
+async def test_a_zero_inline_limit_keeps_the_task_log_in_threads(
+        fake_engine: tuple[Engine, SlowValidation], tmp_path: Path) -> None:
+    eng, _ = fake_engine
+    tasklog = WhereLog(tmp_path / "log")
+    settings = eng.settings.model_copy(update={"task_log_inline_seconds": 0})
+    service = TaskService(eng, settings, tasklog)
+    with anyio.fail_after(20):
+        for i in range(10):
+            await _run_one(service, f"threaded-{i}")
+    assert len(tasklog.threads) == 20
+    assert threading.get_ident() not in {thread for _, thread in tasklog.threads}
+    service.close()
 
 
 def test_the_inline_limit_is_bounded() -> None:
