@@ -98,8 +98,7 @@ def boot_comfy(settings: Settings) -> Comfy:
             ensure_models(settings)
         else:
             load_manifest(settings.models_manifest)  # a bad manifest fails the boot
-    if settings.heap_keep_bytes:
-        memory.keep_freed_heap(settings.heap_keep_bytes)
+    memory.keep_freed_heap(settings.heap_keep_bytes)  # 0: glibc's defaults
     comfy = Comfy.boot(settings)
     if settings.tiny_checkpoint:
         from .models import ensure_tiny_checkpoint

@@ -78,6 +78,13 @@ class WhereLog(TaskLog):
         return super().extend(task_id, events)
 
 
+def _service(eng: Engine, tmp_path: Path, limit: float) -> tuple[TaskService, WhereLog]:
+    """A service over a noting task log, with this inline limit."""
+    tasklog = WhereLog(tmp_path / "log")
+    settings = eng.settings.model_copy(update={"task_log_inline_seconds": limit})
+    return TaskService(eng, settings, tasklog), tasklog
+
+
 async def _run_one(service: TaskService, task_id: str) -> dict[str, Any]:
     handle = await service.start(fake_graph("FakeImage"), task_id=task_id)
     assert handle.error is None, handle.error
@@ -87,11 +94,8 @@ async def _run_one(service: TaskService, task_id: str) -> dict[str, Any]:
 @pytest.mark.anyio
 async def test_the_service_claims_and_writes_on_the_loop_while_the_disk_is_quick(
         fake_engine: tuple[Engine, SlowValidation], tmp_path: Path) -> None:
-    eng, _ = fake_engine
-    tasklog = WhereLog(tmp_path / "log")
     # A generous limit: a loaded test machine's fsync may take a few ms.
-    settings = eng.settings.model_copy(update={"task_log_inline_seconds": 0.05})
-    service = TaskService(eng, settings, tasklog)
+    service, tasklog = _service(fake_engine[0], tmp_path, 0.05)
     loop_thread = threading.get_ident()
     # 2 calls per task (claim, final write): 8 quick ones take 4 tasks.
     with anyio.fail_after(20):
@@ -117,10 +121,7 @@ async def test_the_service_claims_and_writes_on_the_loop_while_the_disk_is_quick
 @pytest.mark.anyio
 async def test_a_zero_inline_limit_keeps_the_task_log_in_threads(
         fake_engine: tuple[Engine, SlowValidation], tmp_path: Path) -> None:
-    eng, _ = fake_engine
-    tasklog = WhereLog(tmp_path / "log")
-    settings = eng.settings.model_copy(update={"task_log_inline_seconds": 0})
-    service = TaskService(eng, settings, tasklog)
+    service, tasklog = _service(fake_engine[0], tmp_path, 0)
     with anyio.fail_after(20):
         for i in range(10):
             await _run_one(service, f"threaded-{i}")
