@@ -10,7 +10,6 @@ killed with it, whatever happens.
 from __future__ import annotations
 
 import argparse
-
 import base64
 import http.client
 import json
@@ -179,8 +178,8 @@ def ensure_tiny_checkpoint(cache_dir: Path = DEFAULT_CACHE) -> Path:
         return path
     print(f"building {path} (once) ...", flush=True)
     code = ("from comfy_embed.config import Settings\n"
-            "from comfy_embed._comfy import Comfy\n"
-            "from comfy_embed.models import ensure_tiny_checkpoint\n"
+            "from comfy_embed._comfy.comfy import Comfy\n"
+            "from comfy_embed._comfy.checkpoint import ensure_tiny_checkpoint\n"
             "import sys, tempfile\n"
             "s = Settings.from_env(base_dir=tempfile.mkdtemp(), cache_dir=sys.argv[1], device='cpu')\n"
             "ensure_tiny_checkpoint(Comfy.boot(s), s)\n")

@@ -43,11 +43,11 @@ def mark(name: str, key: str | None = None) -> None:
 
 def instrument() -> None:
     """Wrap the request path's stages with marks (before create_app binds them)."""
-    import comfy_embed._comfy as cc
-    import comfy_embed.service as sv
+    import comfy_embed._comfy.comfy as cc
+    import comfy_embed.service.lifecycle as sv
+    import comfy_embed.tasklog.log as tl
     import comfy_embed.tasks as tk
-    import comfy_embed.tasklog as tl
-    from comfy_embed.api import runs
+    from comfy_embed.api.serverless import runs
     from comfy_embed.events import FINAL
 
     orig_run = runs.run

@@ -128,7 +128,7 @@ def _worker(args: argparse.Namespace) -> None:
                                      tiny_checkpoint=args.tiny, cache_dir=Path(args.cache_dir),
                                      extra_model_paths=(Path(args.yaml),) if args.yaml else ())
         if args.worker == "build":
-            from comfy_embed._comfy import Comfy
+            from comfy_embed._comfy.comfy import Comfy
             Comfy.boot(settings.replace(device="cpu"))
 
             def build(req: dict[str, Any]) -> dict[str, Any]:

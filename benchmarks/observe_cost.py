@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
-
 import anyio
+import common
 
 
 def _graphs(i: int) -> dict[str, dict[str, Any]]:
@@ -42,8 +41,8 @@ def _replay(engine: Any, prompt: dict[str, Any], events: list[dict[str, Any]],
             flushes: int) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
     """Three callables doing one request's report work, metrics work, and both."""
     from comfy_embed.events import dumps
-    from comfy_embed.logs import task_context
-    from comfy_embed.report import TaskReport, loader_nodes
+    from comfy_embed.observe.logs import task_context
+    from comfy_embed.observe.report import TaskReport, loader_nodes
 
     comfy, metrics, executor = engine.comfy, engine.metrics, engine.executor
     pairs = [(ev["type"], ev["data"]) for ev in events]

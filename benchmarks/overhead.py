@@ -1,7 +1,7 @@
 """Per-request overhead: four ways to run the same graphs, measured round-robin.
 
   (a) raw      ComfyUI's PromptExecutor called directly: validate_prompt +
-               execute_async on the loop comfy_embed._comfy boots, in a
+               execute_async on the loop comfy_embed._comfy.comfy boots, in a
                dedicated thread as native's prompt_worker runs it (no queue,
                no HTTP, no events; timed inside that thread, so without the
                hand-off to it), in a child process with comfy-embed's heap
@@ -87,9 +87,9 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _raw_runner(settings: Any) -> tuple[Callable[[dict[str, Any]], dict[str, Any]], dict[str, Any]]:
-    from comfy_embed import memory
-    from comfy_embed._comfy import Comfy
-    from comfy_embed.models import ensure_tiny_checkpoint
+    from comfy_embed._comfy.checkpoint import ensure_tiny_checkpoint
+    from comfy_embed._comfy.comfy import Comfy
+    from comfy_embed.observe import memory
 
     # The heap setting that (b) and (c) boot with (comfy_embed.runtime), so
     # that (c) - (a) is the request path's cost alone, not glibc's page faults.

@@ -38,10 +38,10 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
-from comfy_embed.logindex import NameIndex
-from comfy_embed.retention import prune
-from comfy_embed.tasklog import DeliveryLog, TaskLog
 from comfy_embed.taskid import valid_task_id
+from comfy_embed.tasklog.index import NameIndex
+from comfy_embed.tasklog.log import DeliveryLog, TaskLog
+from comfy_embed.tasklog.retention import prune
 
 FINAL = {"type": "serverless_api", "data": {"status": "success", "results": []}}
 DAY = 24 * 3600.0

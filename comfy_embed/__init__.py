@@ -3,11 +3,21 @@ serverless image API. Importing this package does not import ComfyUI."""
 
 from __future__ import annotations
 
-from .config import Settings
-from .errors import (ComfyEmbedError, ExecutionFailed, ImageInputError, InputPathInvalid,
-                     NotAccepting, PayloadTooLarge, QueueFull, RunTimeout, StorageError,
-                     TaskCancelled, WorkflowInvalid)
-from .runtime import Engine, Task, run_workflow, shared_engine
+from comfy_embed.config import Settings
+from comfy_embed.errors import (
+    ComfyEmbedError,
+    ExecutionFailed,
+    ImageInputError,
+    InputPathInvalid,
+    NotAccepting,
+    PayloadTooLarge,
+    QueueFull,
+    RunTimeout,
+    StorageError,
+    TaskCancelled,
+    WorkflowInvalid,
+)
+from comfy_embed.runtime import Engine, Task, run_workflow, shared_engine
 
 __all__ = [
     "Settings", "Engine", "Task", "run_workflow", "shared_engine",

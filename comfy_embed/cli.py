@@ -13,10 +13,10 @@ from typing import Any
 
 import anyio
 
-from .config import Settings, SettingsError
-from .errors import ComfyEmbedError
-from .logs import configure_logging
-from .events import final_event
+from comfy_embed.config import Settings, SettingsError
+from comfy_embed.errors import ComfyEmbedError
+from comfy_embed.events import final_event
+from comfy_embed.observe.logs import configure_logging
 
 __all__ = ["main"]
 
@@ -46,7 +46,7 @@ def _progress(ev: dict[str, Any], names: dict[str, str]) -> None:
 
 async def _run(settings: Settings, graph: Any, out: Path | None, want_base64: bool,
                show_progress: bool) -> dict[str, Any]:
-    from .runtime import Engine
+    from comfy_embed.runtime import Engine
 
     engine = Engine(settings)
     names = _node_names(graph)
@@ -104,8 +104,8 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     import uvicorn
 
-    from .api import create_app
-    from .runtime import Engine
+    from comfy_embed.api import create_app
+    from comfy_embed.runtime import Engine
 
     if args.host:
         settings = settings.replace(host=args.host)

@@ -18,17 +18,25 @@ required path; ``none`` or ``off`` is none for an optional number.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
+import pkgutil
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
+import httpx
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-__all__ = ["Settings", "SettingsError", "PROJECT_ROOT"]
+__all__ = ["Settings", "SettingsError", "PROJECT_ROOT", "storage_backends", "webhook_secret_key"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _MB = 1024 * 1024
@@ -39,10 +47,34 @@ class SettingsError(ValueError):
     """A setting has a bad value; the message names its ``COMFY_EMBED_`` variable."""
 
 
-def _storage_backends() -> tuple[str, ...]:
-    # The storage package imports this module: look it up when checking.
-    from .storage import backends
-    return backends()
+#: Modules of the storage package that are not backends.
+_NOT_BACKENDS = frozenset({"base", "credentials"})
+_WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def storage_backends(folders: Iterable[str] | None = None) -> tuple[str, ...]:
+    """The storage backends: the public modules of ``comfy_embed/storage/``
+    (or of ``folders``) but its interface and credentials. Listed, not
+    imported, so this module imports nothing of the package."""
+    folders = [str(Path(__file__).resolve().parent / "storage")] if folders is None else folders
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(list(folders))
+                        if not m.name.startswith("_") and m.name not in _NOT_BACKENDS))
+
+
+def webhook_secret_key(secret: str) -> bytes:
+    """The HMAC key of ``COMFY_EMBED_WEBHOOK_SECRET``: ``whsec_<base64>`` is
+    decoded as Standard Webhooks libraries do; any other value is its UTF-8
+    bytes. Raises ValueError for an empty secret or bad base64."""
+    if secret.startswith(_WEBHOOK_SECRET_PREFIX):
+        try:
+            key = base64.b64decode(secret[len(_WEBHOOK_SECRET_PREFIX):], validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("a whsec_ secret must be whsec_ followed by base64") from None
+    else:
+        key = secret.encode()
+    if not key:
+        raise ValueError("the webhook secret is empty")
+    return key
 
 
 #: Numeric bounds: field -> (lowest, highest, lowest itself allowed). None
@@ -252,7 +284,7 @@ class Settings(BaseSettings):
                   ("cache", self.cache in ("classic", "none") or
                    (self.cache.startswith("lru:") and self.cache[4:].isdigit()), "classic, none or lru:<N>"),
                   ("preview", self.preview in ("none", "latent2rgb"), "none or latent2rgb"),
-                  ("storage", self.storage in _storage_backends(), " or ".join(_storage_backends()))]
+                  ("storage", self.storage in storage_backends(), " or ".join(storage_backends()))]
         checks += [("log_format", self.log_format in ("text", "json"), "text or json"),
                    ("max_rss_bytes", self.max_rss_bytes is None or self.max_rss_bytes > 0,
                     "a positive number of bytes"),
@@ -283,9 +315,28 @@ class Settings(BaseSettings):
         self._check_webhooks()
 
     def _check_webhooks(self) -> None:
-        # Local import: webhooks imports config.
-        from .webhooks import check_settings
-        check_settings(self)
+        if self.webhook_url:
+            try:
+                scheme = httpx.URL(self.webhook_url).scheme
+            except (httpx.InvalidURL, ValueError):
+                scheme = ""
+            if scheme not in ("http", "https"):
+                raise ValueError(f"COMFY_EMBED_WEBHOOK_URL={self.webhook_url!r}: "
+                                 "expected an http(s) URL")
+        if self.webhook_secret is not None:
+            try:
+                webhook_secret_key(self.webhook_secret)
+            except ValueError as e:
+                raise ValueError(f"COMFY_EMBED_WEBHOOK_SECRET: {e}") from None
+        for name, ok in (("webhook_max_attempts", self.webhook_max_attempts >= 1),
+                         ("webhook_max_age", self.webhook_max_age > 0),
+                         ("webhook_backoff", self.webhook_backoff > 0),
+                         ("webhook_backoff_max", self.webhook_backoff_max > 0),
+                         ("webhook_timeout", self.webhook_timeout > 0),
+                         ("webhook_progress_interval", self.webhook_progress_interval >= 0)):
+            if not ok:
+                raise ValueError(f"COMFY_EMBED_{name.upper()}={getattr(self, name)!r}: "
+                                 "must be positive")
 
     # --- derived ------------------------------------------------------------
     @property

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .errors import ComfyEmbedError, WorkflowInvalid
-from .workflow import parse_request
+from comfy_embed.errors import ComfyEmbedError, WorkflowInvalid
+from comfy_embed.prepare.graph import parse_request
 
 if TYPE_CHECKING:
-    from .runtime import Engine
+    from comfy_embed.runtime import Engine
 
 __all__ = ["dry_run", "MODEL_INPUTS"]
 
@@ -117,7 +117,7 @@ async def _mark_manifest_models(engine: "Engine", report: dict[str, Any]) -> Non
     s = engine.settings
     if not report["missing_models"] or not s.models_manifest or s.models_fetch != "first_use":
         return
-    from .model_manifest import load_manifest
+    from comfy_embed.inputs.models import load_manifest
 
     urls = {(e.folder, e.name): e.url
             for e in await anyio.to_thread.run_sync(load_manifest, s.models_manifest)}

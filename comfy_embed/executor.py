@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .errors import QueueFull
-from .logs import task_context
-from .outcome import Outcome, Sink
-from .results import collect_files
+from comfy_embed.errors import QueueFull
+from comfy_embed.observe.logs import task_context
+from comfy_embed.outcome import Outcome, Sink
+from comfy_embed.results import collect_files
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ __all__ = ["Backend", "Executor", "Job", "Outcome", "Sink"]
 
 
 class Housekeeper(Protocol):
-    """Memory upkeep on the executor thread (see :class:`comfy_embed.guard.MemoryGuard`)."""
+    """Memory upkeep on the executor thread (see :class:`comfy_embed.observe.guard.MemoryGuard`)."""
 
     def after_job(self, success: bool, error: dict[str, Any] | None) -> None: ...
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from .results import OutputFile
+    from comfy_embed.results import OutputFile
 
 __all__ = ["Outcome", "Sink"]
 

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
 
-from .errors import StorageError
-from .workflow import node_order
+from comfy_embed.errors import StorageError
+from comfy_embed.prepare.graph import node_order
 
 if TYPE_CHECKING:
-    from .storage import Store
+    from comfy_embed.storage import Store
 
 __all__ = ["OutputFile", "collect_files", "collect_values", "jsonable", "render_inline",
            "render_results"]

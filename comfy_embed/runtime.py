@@ -54,22 +54,33 @@ from typing import Any, Awaitable, Callable
 
 import anyio
 
-from . import memory
-from ._comfy import Comfy
-from .background import Background
-from .config import Settings
-from .errors import ComfyEmbedError, ImageInputError, NotAccepting, WorkflowInvalid
-from .events import queue_event, status_event
-from .executor import Executor, Job
-from .guard import MemoryGuard
-from .observe import Metrics
-from .report import TaskReport, loader_nodes
-from .results import FORMATS
-from .storage import Store, open_store
-from .taskid import check_task_id, valid_task_id
-from .tasks import Task, TaskObserver
-from .workflow import (WorkflowRequest, check_nodes, isolate_outputs, media_inputs, parse_request,
-                       randomize_seeds)
+from comfy_embed._comfy.comfy import Comfy
+from comfy_embed.background import Background
+from comfy_embed.config import Settings
+from comfy_embed.errors import (
+    ComfyEmbedError,
+    ImageInputError,
+    NotAccepting,
+    WorkflowInvalid,
+)
+from comfy_embed.events import queue_event, status_event
+from comfy_embed.executor import Executor, Job
+from comfy_embed.observe import memory
+from comfy_embed.observe.guard import MemoryGuard
+from comfy_embed.observe.metrics import Metrics
+from comfy_embed.observe.report import TaskReport, loader_nodes
+from comfy_embed.prepare.graph import (
+    WorkflowRequest,
+    check_nodes,
+    isolate_outputs,
+    media_inputs,
+    parse_request,
+    randomize_seeds,
+)
+from comfy_embed.results import FORMATS
+from comfy_embed.storage import Store, open_store
+from comfy_embed.taskid import check_task_id, valid_task_id
+from comfy_embed.tasks import Task, TaskObserver
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +103,7 @@ def boot_comfy(settings: Settings) -> Comfy:
     """ComfyUI booted headless, with the tiny checkpoint built when asked
     for and the preload checkpoints loaded (on the executor thread)."""
     if settings.models_manifest:
-        from .model_manifest import ensure_models, load_manifest
+        from comfy_embed.inputs.models import ensure_models, load_manifest
         if settings.models_fetch == "startup":
             # Before ComfyUI lists its model folders; /ready waits for this.
             ensure_models(settings)
@@ -101,7 +112,7 @@ def boot_comfy(settings: Settings) -> Comfy:
     memory.keep_freed_heap(settings.heap_keep_bytes)  # 0: glibc's defaults
     comfy = Comfy.boot(settings)
     if settings.tiny_checkpoint:
-        from .models import ensure_tiny_checkpoint
+        from comfy_embed._comfy.checkpoint import ensure_tiny_checkpoint
         ensure_tiny_checkpoint(comfy, settings)
     for name in settings.preload:
         comfy.preload(name)
@@ -221,7 +232,7 @@ class Engine:
     def fetcher(self) -> Any:
         """Reads image inputs; ``oss://`` and ``s3://`` only where configured."""
         if self._fetcher is None:
-            from .inputs import ImageFetcher
+            from comfy_embed.inputs.fetch import ImageFetcher
             s = self.settings
             self._fetcher = ImageFetcher(
                 s, self.comfy.input_dir,
@@ -396,7 +407,7 @@ class Engine:
         if task_id not in self._materialised:
             return  # most tasks have none: no filesystem call at every task's end
         self._materialised.discard(task_id)
-        from .inputs import SUBFOLDER
+        from comfy_embed.inputs.fetch import SUBFOLDER
         if self._comfy is not None and valid_task_id(task_id):
             shutil.rmtree(self._comfy.input_dir / SUBFOLDER / task_id, ignore_errors=True)
 
@@ -406,7 +417,7 @@ class Engine:
         s = self.settings
         if not s.models_manifest or s.models_fetch != "first_use":
             return
-        from .model_manifest import ensure_referenced, load_manifest
+        from comfy_embed.inputs.models import ensure_referenced, load_manifest
         if self._manifest is None:
             self._manifest = await anyio.to_thread.run_sync(load_manifest, s.models_manifest)
         await anyio.to_thread.run_sync(ensure_referenced, s, self._manifest, prompt)

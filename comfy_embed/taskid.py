@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import WorkflowInvalid
+from comfy_embed.errors import WorkflowInvalid
 
 __all__ = ["TASK_ID_RULE", "valid_task_id", "check_task_id"]
 

@@ -17,17 +17,30 @@ from typing import Any, AsyncIterator, Protocol
 
 import anyio
 
-from .background import Background
-from .config import Settings
-from .errors import ComfyEmbedError, ExecutionFailed, OutOfMemory, RunTimeout, TaskCancelled
-from .events import COMFY_TERMINAL, FINAL, PROGRESS_STATE, event, final_event, queue_event
-from .executor import Outcome
-from .guard import is_out_of_memory
-from .observe import Metrics
-from .report import TaskReport, TimedUploader
-from .results import collect_values, render_inline, render_results
-from .storage import Store
-from .workflow import WorkflowRequest
+from comfy_embed.background import Background
+from comfy_embed.config import Settings
+from comfy_embed.errors import (
+    ComfyEmbedError,
+    ExecutionFailed,
+    OutOfMemory,
+    RunTimeout,
+    TaskCancelled,
+)
+from comfy_embed.events import (
+    COMFY_TERMINAL,
+    FINAL,
+    PROGRESS_STATE,
+    event,
+    final_event,
+    queue_event,
+)
+from comfy_embed.executor import Outcome
+from comfy_embed.observe.guard import is_out_of_memory
+from comfy_embed.observe.metrics import Metrics
+from comfy_embed.observe.report import TaskReport, TimedUploader
+from comfy_embed.prepare.graph import WorkflowRequest
+from comfy_embed.results import collect_values, render_inline, render_results
+from comfy_embed.storage import Store
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import pytest
 from comfy_embed import Settings, shared_engine
 from comfy_embed.runtime import Engine
 
-from .servers import Server
+from tests.servers import Server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

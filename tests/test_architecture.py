@@ -1,15 +1,18 @@
-"""The import graph keeps the request path one-way (api -> service -> runtime
--> executor -> the ComfyUI boundary) and each third-party SDK in one room.
-Read from the source (ast), so a violation is named with its file."""
+"""The house plan, enforced: every module of comfy_embed sits on a floor, no
+module imports one on a higher floor, no import circle exists anywhere, and
+each third-party SDK stays in its room. Read from the source (ast), function
+bodies and ``TYPE_CHECKING`` blocks included, so a violation is named with
+its file."""
 
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "comfy_embed"
+PACKAGE = Path(__file__).resolve().parents[1] / "comfy_embed"
 ROOT = PACKAGE.parent
 
 #: Top-level modules that are ComfyUI's own (vendor/ComfyUI).
@@ -18,14 +21,51 @@ COMFYUI = {"comfy", "comfy_execution", "comfy_extras", "comfy_api", "comfy_api_n
            "utils", "torch", "torchvision"}
 #: Third-party packages, and the only files (prefixes) that may import them.
 ROOMS = {"starlette": ("api/",), "oss2": ("storage/",), "boto3": ("storage/",),
-         "botocore": ("storage/",), "prometheus_client": ("observe.py",)}
-#: The request path, lowest first: a module never imports one above it
-#: (``tasks``, the Task, knows the engine above it only as a Protocol).
-LAYERS = ["_comfy", "executor", "tasks", "runtime", "service", "api"]
+         "botocore": ("storage/",), "prometheus_client": ("observe/metrics.py",)}
+
+#: The floors, lowest first; a name covers a module or a package. A module
+#: imports only from its own floor or below, and never in a circle. The
+#: request path reads upwards: api -> service -> runtime -> tasks ->
+#: executor -> _comfy, with what they use below them.
+FLOORS: list[tuple[str, ...]] = [
+    # the ground: settings, errors, event shapes, ids, background work
+    ("config", "errors", "events", "taskid", "background", "examples"),
+    # leaf concerns that know nothing of a request's path
+    ("observe", "storage", "prepare", "tasklog"),
+    ("results", "inputs"),
+    ("outcome",),
+    ("_comfy",),
+    ("executor",),
+    ("tasks",),
+    ("runtime",),
+    ("dryrun", "webhooks"),
+    ("service",),
+    ("api",),
+    # entry points and the public surface
+    ("cli", ""),
+]
+
+
+def module_name(path: Path) -> str:
+    """``comfy_embed.x.y`` of a source file (a package is its ``__init__``)."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def sources() -> list[tuple[str, Path]]:
+    return [(p.relative_to(PACKAGE).as_posix(), p) for p in sorted(PACKAGE.rglob("*.py"))]
+
+
+@cache
+def modules() -> frozenset[str]:
+    return frozenset(module_name(p) for _, p in sources())
 
 
 def imports_of(path: Path) -> set[str]:
-    """Absolute module names a file imports (relative ones resolved)."""
+    """Absolute module names a file imports (relative ones resolved); a name
+    imported from a package is listed as ``package.name`` too."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     package = parts[:-1]
     names: set[str] = set()
@@ -34,28 +74,113 @@ def imports_of(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             if not node.level:
-                names.add(node.module or "")
-                continue
-            base = package[:len(package) - node.level + 1]
-            module = ".".join(base + ([node.module] if node.module else []))
+                module = node.module or ""
+            else:
+                base = package[:len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
             names.add(module)
             names.update(f"{module}.{a.name}" for a in node.names)
     return names
 
 
-def sources() -> list[tuple[str, Path]]:
-    return [(p.relative_to(PACKAGE).as_posix(), p) for p in sorted(PACKAGE.rglob("*.py"))]
+def edges_of(path: Path) -> set[str]:
+    """The modules of comfy_embed a file imports: ``from package import
+    module`` is an import of that module; a name that is not a module is an
+    import of the module it comes from."""
+    known = modules()
+    found = set()
+    for name in imports_of(path):
+        if name in known and any(o.startswith(name + ".") and o in known
+                                 for o in imports_of(path)) and _only_modules(path, name):
+            continue
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        if name.startswith("comfy_embed.") and name != module_name(path):
+            found.add(name)
+    return found
 
 
-def _layer(module: str) -> int | None:
-    """The layer of ``comfy_embed.x.y`` (``_comfy`` includes ``_comfy_*``)."""
-    if not module.startswith("comfy_embed."):
-        return None
-    head = module.split(".")[1]
-    for i, name in enumerate(LAYERS):
-        if head == name or (name == "_comfy" and head.startswith("_comfy")):
-            return i
-    return None
+def _only_modules(path: Path, package: str) -> bool:
+    """Whether every ``from <package> import ...`` of the file names modules."""
+    known = modules()
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = parts[:len(parts) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            if module == package and any(f"{module}.{a.name}" not in known for a in node.names):
+                return False
+    return True
+
+
+def floor_of(module: str) -> int:
+    """The floor of ``comfy_embed.x.y``: the longest name in FLOORS that covers it."""
+    rest = module.removeprefix("comfy_embed").removeprefix(".")
+    best, length = -1, -1
+    for i, names in enumerate(FLOORS):
+        for name in names:
+            covers = rest == name or (name and rest.startswith(name + ".")) or (not name and not rest)
+            if covers and len(name) > length:
+                best, length = i, len(name)
+    return best
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): edges_of(p) for _, p in sources()}
+
+
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_every_module_has_a_floor() -> None:
+    homeless = sorted(m for m in modules() if floor_of(m) < 0)
+    assert not homeless, f"modules on no floor of FLOORS: {homeless}"
+
+
+def test_no_import_reaches_a_higher_floor() -> None:
+    bad = [f"{m} (floor {floor_of(m)}) imports {o} (floor {floor_of(o)})"
+           for m, targets in graph().items() for o in sorted(targets) if floor_of(o) > floor_of(m)]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circle() -> None:
+    assert circles(graph()) == []
+
+
+def test_the_circle_check_sees_a_circle() -> None:
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 @pytest.mark.parametrize("package, rooms", sorted(ROOMS.items()))
@@ -69,18 +194,7 @@ def test_only_the_comfy_boundary_imports_comfyui() -> None:
     for where, path in sources():
         found = {n for n in imports_of(path) if n.split(".")[0] in COMFYUI}
         if found:
-            assert where.startswith("_comfy"), f"{where} imports ComfyUI's {sorted(found)}"
-
-
-def test_the_request_path_points_down() -> None:
-    for where, path in sources():
-        own = _layer("comfy_embed." + where.removesuffix(".py").replace("/", "."))
-        if own is None:
-            continue
-        for name in imports_of(path):
-            other = _layer(name)
-            assert other is None or other <= own, \
-                f"{where} ({LAYERS[own]}) imports {name} ({LAYERS[other]}), a layer above it"
+            assert where.startswith("_comfy/"), f"{where} imports ComfyUI's {sorted(found)}"
 
 
 def test_only_entry_points_import_the_api() -> None:
@@ -91,13 +205,11 @@ def test_only_entry_points_import_the_api() -> None:
         assert not found, f"{where} imports {sorted(found)}"
 
 
-#: Small modules every layer may use; they import no layer themselves, so
-#: they never turn the request path around (``outcome`` sits below the
-#: executor only because the ComfyUI boundary builds an Outcome too).
-SHARED = ["background.py", "outcome.py", "events.py", "errors.py"]
+def test_config_imports_nothing_of_the_package() -> None:
+    assert edges_of(PACKAGE / "config.py") == set()
 
 
-@pytest.mark.parametrize("where", SHARED)
-def test_shared_modules_import_no_layer(where: str) -> None:
-    found = {n for n in imports_of(PACKAGE / where) if _layer(n) is not None}
-    assert not found, f"{where} imports {sorted(found)}, a layer of the request path"
+def test_no_module_over_600_lines() -> None:
+    long = [f"{where}: {n}" for where, path in sources()
+            if (n := len(path.read_text().splitlines())) > 600]
+    assert not long, long

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import image_only
+from tests.conftest import image_only
 
 pytestmark = pytest.mark.server  # runs the CLI, which boots real ComfyUI
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import text_to_image
+from tests.conftest import text_to_image
 
 ROOT = Path(__file__).resolve().parent.parent
 #: tqdm's bar: " 50%|█████     | 2/4 [00:01<00:01,  1.9it/s]".
@@ -97,7 +97,7 @@ def test_long_comfyui_log_records_are_shortened() -> None:
     tracebacks (many short lines) and other loggers' records stay whole."""
     import logging
 
-    from comfy_embed._comfy import _ShortRecords
+    from comfy_embed._comfy.comfy import _ShortRecords
 
     seen: list[str] = []
 

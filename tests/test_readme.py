@@ -26,8 +26,8 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from .servers import free_port
-from .test_cli_output import check_clean_output, run_on_terminal
+from tests.servers import free_port
+from tests.test_cli_output import check_clean_output, run_on_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 # They start real processes that boot ComfyUI: the slow tier.

@@ -14,11 +14,10 @@ import pytest
 from PIL import Image
 
 from comfy_embed import ExecutionFailed, TaskCancelled, WorkflowInvalid
-from comfy_embed.executor import Outcome
-from comfy_embed.executor import Job
+from comfy_embed.executor import Job, Outcome
 from comfy_embed.runtime import Engine, Task
 
-from .conftest import image_only, text_to_image
+from tests.conftest import image_only, text_to_image
 
 pytestmark = pytest.mark.anyio
 

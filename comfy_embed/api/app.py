@@ -17,15 +17,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from ..config import Settings
-from ..errors import ExecutionFailed
-from ..events import final_event
-from ..folders import FolderProbe
-from ..guard import EXIT_RECYCLE, drain_when_tripped
-from ..runtime import Engine
-from ..service import TaskService
-from . import metrics, openapi, page, runs, ws
-from .auth import ApiKeyAuth
+from comfy_embed.api import metrics, openapi, page
+from comfy_embed.api.auth import ApiKeyAuth
+from comfy_embed.api.serverless import runs, ws
+from comfy_embed.config import Settings
+from comfy_embed.errors import ExecutionFailed
+from comfy_embed.events import final_event
+from comfy_embed.observe.folders import FolderProbe
+from comfy_embed.observe.guard import EXIT_RECYCLE, drain_when_tripped
+from comfy_embed.runtime import Engine
+from comfy_embed.service.lifecycle import TaskService
 
 log = logging.getLogger(__name__)
 

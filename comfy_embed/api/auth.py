@@ -15,8 +15,8 @@ import json
 import logging
 from typing import Any, Awaitable, Callable, MutableMapping
 
-from ..errors import Unauthorized
-from ..events import final_event
+from comfy_embed.errors import Unauthorized
+from comfy_embed.events import final_event
 
 __all__ = ["ApiKeyAuth", "PUBLIC_PATHS", "PUBLIC_PREFIXES", "is_public", "key_hash_of",
            "hash_key"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from ..errors import InvalidParameter, PayloadTooLarge
-from ..taskid import TASK_ID_RULE, valid_task_id
+from comfy_embed.errors import InvalidParameter, PayloadTooLarge
+from comfy_embed.taskid import TASK_ID_RULE, valid_task_id
 
 __all__ = ["read_limited", "flag", "whole_number", "task_id_param"]
 

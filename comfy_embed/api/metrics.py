@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..observe import CONTENT_TYPE
+from comfy_embed.observe.metrics import CONTENT_TYPE
 
 __all__ = ["metrics", "QueueDepthHeader", "queue_depth"]
 

@@ -16,31 +16,32 @@ Backends are imported on first use, so importing this package imports no SDK.
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..errors import StorageError
-from .base import Store, read_capped
-from .credentials import Credentials, credentials_from_env, credentials_from_headers
+from comfy_embed.config import storage_backends
+from comfy_embed.errors import StorageError
+from comfy_embed.storage.base import Store, read_capped
+from comfy_embed.storage.credentials import (
+    Credentials,
+    credentials_from_env,
+    credentials_from_headers,
+)
 
 if TYPE_CHECKING:
-    from ..config import Settings
-    from .oss import OssStore
-    from .s3 import S3Store
+    from comfy_embed.config import Settings
+    from comfy_embed.storage.oss import OssStore
+    from comfy_embed.storage.s3 import S3Store
 
 __all__ = ["Store", "Credentials", "credentials_from_headers", "credentials_from_env",
            "read_capped", "backends", "open_store", "OssStore", "S3Store"]
 
-#: Modules of this package that are not backends.
-_NOT_BACKENDS = frozenset({"base", "credentials"})
 #: Public names served lazily from their backend module (``from comfy_embed.storage import OssStore``).
 _LAZY = {"OssStore": "oss", "S3Store": "s3"}
 
 
 def backends() -> tuple[str, ...]:
     """The names of the storage backends this package holds (``oss``, ``s3``, ...)."""
-    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
-                        if not m.name.startswith("_") and m.name not in _NOT_BACKENDS))
+    return storage_backends(__path__)
 
 
 def open_store(name: str, settings: "Settings", env: Mapping[str, str] | None = None) -> Store:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from ..errors import StorageError
-from .credentials import Credentials
+from comfy_embed.errors import StorageError
+from comfy_embed.storage.credentials import Credentials
 
 __all__ = ["Store", "read_capped"]
 

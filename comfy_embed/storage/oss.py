@@ -23,10 +23,10 @@ import oss2
 import oss2.credentials
 import oss2.exceptions
 
-from ..config import Settings
-from ..errors import StorageError
-from .base import read_capped
-from .credentials import Credentials, credentials_from_env
+from comfy_embed.config import Settings
+from comfy_embed.errors import StorageError
+from comfy_embed.storage.base import read_capped
+from comfy_embed.storage.credentials import Credentials, credentials_from_env
 
 __all__ = ["OssStore", "BACKEND", "MAX_V4_LINK_SECONDS", "region_of"]
 

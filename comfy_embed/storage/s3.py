@@ -25,10 +25,10 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.to_thread
 
-from ..config import Settings
-from ..errors import StorageError
-from .base import read_capped
-from .credentials import Credentials
+from comfy_embed.config import Settings
+from comfy_embed.errors import StorageError
+from comfy_embed.storage.base import read_capped
+from comfy_embed.storage.credentials import Credentials
 
 __all__ = ["S3Store", "BACKEND", "MAX_PRESIGN_SECONDS"]
 

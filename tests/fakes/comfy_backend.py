@@ -25,9 +25,9 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from comfy_embed.executor import Outcome, Sink
 from comfy_embed.config import Settings
 from comfy_embed.errors import WorkflowInvalid, node_error
+from comfy_embed.executor import Outcome, Sink
 
 __all__ = ["FakeComfy", "fake_graph"]
 
@@ -50,7 +50,7 @@ class _Interrupted(Exception):
 
 
 class FakeComfy:
-    """What the engine asks of :class:`comfy_embed._comfy.Comfy`, faked."""
+    """What the engine asks of :class:`comfy_embed._comfy.comfy.Comfy`, faked."""
 
     device = "fake"
 

@@ -1,0 +1,479 @@
+"""Image inputs: file names in the input folder, http(s) URLs, ``oss://`` and
+``s3://`` objects and inline base64, turned into a file name LoadImage can open.
+
+Everything that arrives as bytes is checked to be a real, reasonably sized
+image and stored under a content-hash name in ``<input>/serverless/``. URL
+fetching refuses private, loopback, link-local and metadata addresses unless
+the allowlist admits them; the check runs after DNS resolution and on every
+redirect, and the connection goes to the address that was checked, so a DNS
+answer that changes between check and connect (rebinding) cannot slip by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import socket
+import ssl
+import tempfile
+import weakref
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Union
+from urllib.parse import urljoin, urlsplit
+
+import anyio
+import anyio.to_thread
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from comfy_embed.config import Settings
+from comfy_embed.errors import (
+    ComfyEmbedError,
+    ImageInputError,
+    InputPathInvalid,
+    StorageError,
+)
+from comfy_embed.inputs import media
+
+if TYPE_CHECKING:
+    from comfy_embed.storage import Credentials, OssStore, S3Store
+
+__all__ = ["ImageFetcher", "AddressPolicy", "pinned_request", "is_remote_or_inline",
+           "check_name_text", "SUBFOLDER"]
+
+logger = logging.getLogger(__name__)
+
+#: Sub-folder of the input folder that materialised images go to.
+SUBFOLDER = "serverless"
+
+_IP = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+_Net = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+# Formats LoadImage handles. Restricting Image.open to them keeps Pillow away
+# from plugins that shell out or parse exotic containers (EPS runs Ghostscript).
+_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
+_EXT = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tiff"}
+# Leading base64 characters of PNG, JPEG, WebP (RIFF), GIF.
+_B64_MAGIC = ("iVBORw0KGgo", "/9j/", "UklGR", "R0lGOD")
+_B64_CHARS = re.compile(r"[A-Za-z0-9+/=\s]+")
+_DATA_URI = re.compile(r"data:([^,]*),(.*)", re.DOTALL | re.IGNORECASE)
+_METADATA = {ipaddress.ip_address(a) for a in ("169.254.169.254", "100.100.100.200",
+                                               "fd00:ec2::254")}
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_REDIRECTS = {301, 302, 303, 307, 308}
+_CHUNK = 64 * 1024
+# S3's bucket naming rules; also keeps userinfo/ports/hosts out of s3:// values.
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def is_remote_or_inline(value: str) -> bool:
+    """True when ``value`` is an http(s)/oss/s3 URL, a data URI or raw base64 image
+    bytes, i.e. something :meth:`ImageFetcher.materialise` turns into a file."""
+    head = value[:16].lower()
+    return (head.startswith(("http://", "https://", "oss://", "s3://", "data:"))
+            or _looks_base64(value))
+
+
+def _looks_base64(value: str) -> bool:
+    if not value.startswith(_B64_MAGIC):
+        return False
+    # A long value with an image signature is base64 even when corrupted (so it
+    # gets a base64 error, not "no such file"); a short one only if it is clean.
+    return len(value) >= 64 or _B64_CHARS.fullmatch(value) is not None
+
+
+#: Bounds checked before any filesystem call (resolving a path costs one
+#: lookup per component, so an unbounded name would cost its length squared).
+MAX_NAME_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+
+
+def _short(value: str) -> str:
+    return repr(value if len(value) <= 120 else value[:120] + "...")
+
+
+def check_name_text(value: str) -> None:
+    """Refuse a file-name input that could not name a file of the input
+    folder, by its text alone: linear in its length, which is bounded first.
+    Names under ``serverless/`` are refused: that folder holds other callers'
+    materialised images."""
+    if len(value) > MAX_NAME_BYTES:
+        raise InputPathInvalid(f"file name of {len(value)} characters is over the "
+                               f"{MAX_NAME_BYTES} byte limit")
+    name = value
+    if name.endswith(" [input]"):
+        name = name[: -len(" [input]")]
+    elif name.endswith((" [output]", " [temp]")):
+        raise InputPathInvalid(f"{_short(value)}: only files in the input folder may be used")
+    if not name.strip() or "\x00" in name:
+        raise InputPathInvalid(f"{_short(value)} is not a valid file name")
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_NAME_BYTES:
+        raise InputPathInvalid(f"file name of {len(encoded)} bytes is over the "
+                               f"{MAX_NAME_BYTES} byte limit")
+    if name.startswith(("/", "~")) or os.path.isabs(name):
+        raise InputPathInvalid(f"{_short(value)}: absolute paths are not allowed")
+    parts = name.split("/")
+    if ".." in parts:
+        raise InputPathInvalid(f"{_short(value)}: '..' may not leave the input folder")
+    if any(len(p.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES for p in parts):
+        raise InputPathInvalid(f"{_short(value)}: a file or folder name is over "
+                               f"{MAX_COMPONENT_BYTES} bytes")
+    if [p for p in parts if p not in ("", ".")][:1] == [SUBFOLDER]:
+        raise InputPathInvalid(f"{_short(value)}: the {SUBFOLDER}/ folder is reserved for "
+                               "images sent inline or by URL")
+
+
+def _why_refused(ip: _IP) -> str | None:
+    """Why an address may not be fetched from by default (None: public)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip in _METADATA:
+        return "a cloud metadata address"
+    if ip.version == 4 and ip in _CGNAT:
+        return "a carrier-grade NAT (100.64/10) address"
+    # Most specific first: Python counts 0.0.0.0/8 and 240/4 as "private" too.
+    for attr, what in (("is_unspecified", "unspecified"), ("is_loopback", "loopback"),
+                       ("is_link_local", "link-local"), ("is_multicast", "multicast"),
+                       ("is_reserved", "reserved"), ("is_private", "private")):
+        if getattr(ip, attr):
+            return f"a {what} address"
+    if not ip.is_global:
+        return "a non-public address"
+    return None
+
+
+class AddressPolicy:
+    """Where outgoing HTTP may go: public addresses, plus ``allowlist`` entries
+    (host names, or IPs/CIDRs) that admit private or loopback ones. Shared by
+    image URL inputs and webhooks, so both obey the same rules."""
+
+    def __init__(self, allowlist: Iterable[str]) -> None:
+        self._allow_hosts: set[str] = set()
+        self._allow_nets: list[_Net] = []
+        for entry in allowlist:
+            try:
+                self._allow_nets.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError:
+                self._allow_hosts.add(entry.strip().lower().rstrip("."))
+
+    async def check(self, url: str, error: Callable[[str], ComfyEmbedError] = ImageInputError
+                    ) -> tuple[httpx.URL, str, _IP]:
+        """Parse ``url``, resolve its host and check every address it resolves to;
+        return the URL, its host and the address to connect to. Raises
+        ``error(message)`` (ImageInputError unless told otherwise)."""
+        try:
+            target = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError) as e:
+            raise error(f"{url}: invalid URL ({e})") from None
+        if target.scheme not in ("http", "https") or not target.host:
+            raise error(f"{url}: only http and https URLs can be fetched")
+        if target.userinfo:
+            raise error(f"{url}: URLs with credentials are not supported")
+        host = target.host
+        port = target.port or (443 if target.scheme == "https" else 80)
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, OSError, UnicodeError) as e:
+            raise error(f"{url}: cannot resolve host {host} ({e})") from None
+        addresses: list[_IP] = []
+        for info in infos:
+            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+            if ip not in addresses:
+                addresses.append(ip)
+        if not addresses:
+            raise error(f"{url}: host {host} has no address")
+        if host.lower().rstrip(".") not in self._allow_hosts:
+            # Every address must pass: a name resolving to one public and one
+            # internal address could otherwise be steered to the internal one.
+            for ip in addresses:
+                why = _why_refused(ip)
+                if why and not any(ip in net for net in self._allow_nets):
+                    raise error(
+                        f"{url}: refused, {host} resolves to {ip}, {why} "
+                        "(COMFY_EMBED_URL_ALLOWLIST can admit it)")
+        return target, host, addresses[0]
+
+
+def pinned_request(client: httpx.AsyncClient, method: str, target: httpx.URL, host: str, ip: _IP,
+                   headers: dict[str, str], content: bytes | None = None) -> httpx.Request:
+    """A request to the address :meth:`AddressPolicy.check` approved, so a DNS
+    answer that changes after the check cannot redirect it; Host and TLS
+    SNI/certificate checks still use the name from the URL."""
+    return client.build_request(
+        method, target.copy_with(host=str(ip)), content=content,
+        headers={"Host": target.netloc.decode("ascii"), **headers},
+        extensions={"sni_hostname": host})
+
+
+class ImageFetcher:
+    """Turns an image input value into a file name inside ``input_dir``.
+
+    ``store`` reads ``oss://`` inputs and ``s3_store`` ``s3://`` inputs;
+    without one, those inputs are refused.
+    """
+
+    def __init__(self, settings: Settings, input_dir: Path,
+                 store: "OssStore | None" = None, s3_store: "S3Store | None" = None,
+                 on_fetched: Callable[[str, int], None] | None = None) -> None:
+        self.settings = settings
+        #: Told (source, bytes) of each image fetched or decoded (metrics).
+        self.on_fetched = on_fetched
+        self.input_dir = Path(input_dir).resolve()
+        self.store = store
+        self.s3_store = s3_store
+        self._policy = AddressPolicy(settings.url_allowlist)
+        self._tls: ssl.SSLContext | None = None
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary())
+
+    async def materialise(self, value: str, credentials: "Credentials | None" = None,
+                          kind: str = "image", folder: str | None = None) -> str:
+        """Return the string to put in the workflow's ``image`` input (or
+        audio / video input, with ``kind``).
+
+        File names are checked and returned unchanged; URLs, ``oss://``,
+        ``s3://`` and base64 are fetched or decoded, verified and written to
+        ``serverless/[<folder>/]<sha256>.<ext>``, which is returned. A
+        per-task ``folder`` keeps one caller's images out of another's reach.
+        """
+        head = value[:16].lower()
+        if head.startswith(("http://", "https://")):
+            data, source = await self._fetch_url(value), "url"
+        elif head.startswith("oss://"):
+            data, source = await self._fetch_oss(value, credentials), "oss"
+        elif head.startswith("s3://"):
+            data, source = await self._fetch_s3(value, credentials), "s3"
+        elif head.startswith("data:"):
+            data, source = self._decode_data_uri(value), "base64"
+        elif _looks_base64(value) or (kind != "image" and media.looks_base64(value)):
+            data, source = self._decode_base64(value.strip(), f"base64 {kind}"), "base64"
+        else:
+            check_name_text(value)  # bounded and linear, before a thread or a path lookup
+            await anyio.to_thread.run_sync(self._check_name, value)
+            return value
+        if self.on_fetched is not None:
+            self.on_fetched(source, len(data))
+        return await anyio.to_thread.run_sync(self._store, data, _describe(value, kind), kind, folder)
+
+    # --- file names -----------------------------------------------------------
+    def _check_name(self, value: str) -> None:
+        check_name_text(value)
+        name = value[: -len(" [input]")] if value.endswith(" [input]") else value
+        try:
+            path = (self.input_dir / name).resolve()
+            if not path.is_relative_to(self.input_dir):
+                raise InputPathInvalid(f"{_short(value)} points outside the input folder")
+            if not path.is_file():
+                raise InputPathInvalid(f"{_short(value)}: no such file in the input folder")
+        except OSError as e:  # ELOOP, ENAMETOOLONG on an odd filesystem...
+            raise InputPathInvalid(f"{_short(value)} is not a usable file name "
+                                   f"({e.strerror or e})") from None
+
+    # --- inline bytes -----------------------------------------------------------
+    def _decode_base64(self, text: str, what: str) -> bytes:
+        text = re.sub(r"\s+", "", text)
+        # Refuse before decoding: base64 is 4 characters per 3 bytes.
+        if len(text) // 4 * 3 > self.settings.max_image_bytes:
+            raise ImageInputError(f"{what} is over the {self.settings.max_image_bytes} byte limit")
+        text += "=" * (-len(text) % 4)  # many clients drop the padding
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ImageInputError(f"{what} is not valid base64: {e}") from None
+
+    def _decode_data_uri(self, value: str) -> bytes:
+        m = _DATA_URI.fullmatch(value)
+        if not m or "base64" not in [p.strip().lower() for p in m.group(1).split(";")]:
+            raise ImageInputError("data URI must be of the form data:image/<type>;base64,<data>")
+        return self._decode_base64(m.group(2), "data URI")
+
+    # --- oss:// ------------------------------------------------------------------
+    async def _fetch_oss(self, value: str, credentials: "Credentials | None") -> bytes:
+        netloc, _, key = value[len("oss://"):].partition("/")
+        if not netloc or not key:
+            raise ImageInputError(f"{value}: expected oss://bucket[.endpoint]/key")
+        if self.store is None:
+            raise ImageInputError(f"{value}: object storage is not configured")
+        bucket, _, host = netloc.partition(".")
+        endpoint: str | None = None
+        if host:
+            host = host.lower()
+            configured = self.settings.oss_endpoint
+            conf_host = (urlsplit(configured if "://" in configured else "//" + configured)
+                         .netloc.lower() if configured else None)
+            allowed = {h.lower() for h in self.settings.oss_endpoint_allowlist}
+            if host == conf_host:
+                endpoint = configured
+            elif host in allowed:
+                endpoint = "https://" + host
+            else:
+                # Credentials are sent to the endpoint: never to an arbitrary host.
+                raise ImageInputError(f"{value}: endpoint {host} is not the configured one "
+                                      "nor in COMFY_EMBED_OSS_ENDPOINT_ALLOWLIST")
+        try:
+            return await self.store.get_object(bucket, endpoint, key, credentials,
+                                               max_bytes=self.settings.max_image_bytes)
+        except StorageError as e:
+            raise ImageInputError(f"cannot read {value}: {e.message}") from e
+
+    # --- s3:// -------------------------------------------------------------------
+    async def _fetch_s3(self, value: str, credentials: "Credentials | None") -> bytes:
+        bucket, _, key = value[len("s3://"):].partition("/")
+        if not bucket or not key:
+            raise ImageInputError(f"{value}: expected s3://bucket/key")
+        # Unlike oss://, an s3:// value never names an endpoint: credentials go
+        # only to the configured one, so a bucket is only ever a bucket name.
+        if not _S3_BUCKET.fullmatch(bucket):
+            raise ImageInputError(f"{value}: {bucket!r} is not an S3 bucket name "
+                                  "(s3:// inputs cannot name an endpoint)")
+        if self.s3_store is None:
+            raise ImageInputError(f"{value}: S3 storage is not configured")
+        try:
+            return await self.s3_store.get_object(bucket, None, key, credentials,
+                                                  max_bytes=self.settings.max_image_bytes)
+        except StorageError as e:
+            raise ImageInputError(f"cannot read {value}: {e.message}") from e
+
+    # --- http(s) -----------------------------------------------------------------
+    def _client(self) -> httpx.AsyncClient:
+        """This fetcher's HTTP client for the running event loop.
+
+        Building a client loads the CA bundle into a TLS context (tens of ms
+        on the event loop): one context serves every client, and one client
+        every request on a loop (``run_workflow`` runs a loop per call, and a
+        client's connections belong to one loop). Connections are not kept
+        alive: each goes to the address that was checked for its URL, with
+        that URL's host name for SNI, and must not be reused for another.
+        """
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            if self._tls is None:
+                self._tls = httpx.create_ssl_context(trust_env=False)
+            client = httpx.AsyncClient(
+                verify=self._tls, trust_env=False, follow_redirects=False,
+                timeout=self.settings.fetch_timeout,
+                limits=httpx.Limits(max_keepalive_connections=0))
+            self._clients[loop] = client
+        return client
+
+    async def aclose(self) -> None:
+        """Close the client of the running loop."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    async def _fetch_url(self, url: str) -> bytes:
+        timeout = self.settings.fetch_timeout
+        try:
+            with anyio.fail_after(timeout):
+                return await self._follow(self._client(), url)
+        except TimeoutError:
+            raise ImageInputError(f"{url}: timed out after {timeout:g}s") from None
+        except httpx.TimeoutException:
+            raise ImageInputError(f"{url}: timed out after {timeout:g}s") from None
+        except httpx.HTTPError as e:
+            raise ImageInputError(f"{url}: cannot fetch: {e or type(e).__name__}") from e
+
+    async def _follow(self, client: httpx.AsyncClient, url: str) -> bytes:
+        first = url
+        for _ in range(self.settings.max_redirects + 1):
+            target, host, ip = await self._policy.check(url)
+            request = pinned_request(client, "GET", target, host, ip, {"Accept": "image/*"})
+            response = await client.send(request, stream=True)
+            try:
+                if response.status_code in _REDIRECTS and "location" in response.headers:
+                    url = urljoin(url, response.headers["location"])
+                    logger.debug("image URL %s redirects to %s", first, url)
+                    continue
+                if response.status_code != 200:
+                    raise ImageInputError(f"{url}: HTTP {response.status_code}")
+                return await self._read_capped(response, url)
+            finally:
+                await response.aclose()
+        raise ImageInputError(f"{first}: more than {self.settings.max_redirects} redirects")
+
+    async def _read_capped(self, response: httpx.Response, url: str) -> bytes:
+        cap = self.settings.max_image_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise ImageInputError(f"{url}: {declared} bytes is over the {cap} byte limit")
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in response.aiter_bytes(_CHUNK):
+            total += len(chunk)
+            if total > cap:  # the body may be longer than declared, or undeclared
+                raise ImageInputError(f"{url}: over the {cap} byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # --- verification and storage ----------------------------------------------
+    def _store(self, data: bytes, source: str, kind: str = "image",
+               subfolder: str | None = None) -> str:
+        """Verify ``data`` is an image (audio, video) and write it under its hash (in a thread)."""
+        ext = (self._verify(data, source) if kind == "image"
+               else media.probe(data, kind, source, self.settings))
+        name = f"{hashlib.sha256(data).hexdigest()}.{ext}"
+        relative = f"{SUBFOLDER}/{subfolder}" if subfolder else SUBFOLDER
+        folder = self.input_dir / relative
+        final = folder / name
+        if not final.exists():  # content-addressed: same name, same bytes
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="." + ext)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, final)  # readers never see a half-written file
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        logger.debug("materialised %s as %s/%s", source, relative, name)
+        return f"{relative}/{name}"
+
+    def _verify(self, data: bytes, source: str) -> str:
+        """Return the file extension for ``data``, or raise if it is not a usable image."""
+        limit = self.settings.max_image_pixels
+        try:
+            # Image.open reads only the header, so the size check comes before
+            # any pixel is decoded. Pillow's own bomb check (Image.MAX_IMAGE_PIXELS)
+            # is process-wide and left alone; its error/warning is caught below.
+            with Image.open(BytesIO(data), formats=_FORMATS) as im:
+                width, height = im.size
+                frames = getattr(im, "n_frames", 1)
+                fmt = im.format or ""
+                # LoadImage decodes every frame, so all of them count.
+                if width * height * frames > limit:
+                    raise ImageInputError(
+                        f"{source}: image of {width}x{height}"
+                        + (f"x{frames} frames" if frames > 1 else "")
+                        + f" is over the {limit} pixel limit")
+                im.verify()
+            with Image.open(BytesIO(data), formats=_FORMATS) as im:
+                im.load()
+        except ImageInputError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageInputError(f"{source}: refused as a decompression bomb ({e})") from None
+        except UnidentifiedImageError:
+            raise ImageInputError(f"{source}: not an image (or an unsupported format; "
+                                  f"supported: {', '.join(_FORMATS)})") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageInputError(f"{source}: broken image data ({e})") from None
+        return _EXT.get(fmt, fmt.lower())
+
+
+def _describe(value: str, kind: str = "image") -> str:
+    """A short name for an input value in error messages (no megabytes of base64)."""
+    if value[:16].lower().startswith(("http://", "https://", "oss://", "s3://")):
+        return value if len(value) <= 300 else value[:300] + "..."
+    if value[:5].lower() == "data:":
+        return "data URI"
+    return f"base64 {kind}"

@@ -1,0 +1,350 @@
+"""Models by URL: a manifest of ``{url, sha256, folder, name}`` entries fetched
+into the models folder at start-up, once, even when many instances share that
+folder (a NAS).
+
+Per model file, on the shared folder:
+
+- ``<name>`` appears only by an atomic rename of a fully downloaded, verified
+  file (readers never see a partial model);
+- ``.<name>.lock`` is created exclusively (``O_EXCL``) by the one instance that
+  downloads; it renews the lock's mtime while it works. Others wait for the
+  file; a lock not renewed for ``model_lock_seconds`` (a crashed downloader)
+  is taken over by renaming it away, which exactly one waiter wins;
+- ``.<name>.<owner>.part`` is the download in progress, hashed as it streams;
+  a SHA-256 mismatch deletes it and fails with the model named;
+- ``.<name>.sha256`` records the verified hash, size and mtime, so a restart
+  does not hash gigabytes again.
+
+URLs obey the image-input address rules (private, loopback and metadata
+addresses need ``url_allowlist``) on every redirect, and ``model_hosts``, when
+set, on every hop too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urljoin
+
+import anyio
+import httpx
+
+from comfy_embed.config import Settings
+from comfy_embed.errors import ModelDownloadError, node_error
+from comfy_embed.inputs.fetch import AddressPolicy, pinned_request
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelEntry", "ModelDownloadError", "load_manifest", "ensure_models",
+           "ensure_referenced"]
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_FOLDER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_REDIRECTS = {301, 302, 303, 307, 308}
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One manifest entry: ``<models>/<folder>/<name>`` from ``url``."""
+
+    url: str
+    sha256: str
+    folder: str
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.folder}/{self.name}"
+
+
+def load_manifest(path: Path) -> list[ModelEntry]:
+    """Read and check the manifest (a JSON list, or ``{"models": [...]}``).
+    Raises ValueError naming the entry at fault."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"models manifest {path}: {e}") from None
+    items = raw.get("models") if isinstance(raw, dict) else raw
+    if not isinstance(items, list):
+        raise ValueError(f"models manifest {path}: expected a list of models")
+    entries: list[ModelEntry] = []
+    for i, item in enumerate(items):
+        where = f"models manifest {path}, entry {i}"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected an object with url, sha256, folder, name")
+        url, sha, folder, name = (item.get(k) for k in ("url", "sha256", "folder", "name"))
+        if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"{where}: url must be an http(s) URL")
+        if not isinstance(sha, str) or not _HEX64.fullmatch(sha.lower()):
+            raise ValueError(f"{where}: sha256 must be 64 hex digits")
+        if not isinstance(folder, str) or not _FOLDER.fullmatch(folder) or folder in (".", ".."):
+            raise ValueError(f"{where}: folder must be a plain folder name such as checkpoints")
+        if not isinstance(name, str) or not _safe_name(name):
+            raise ValueError(f"{where}: name must be a relative file name without '..'")
+        entries.append(ModelEntry(url, sha.lower(), folder, name))
+    return entries
+
+
+def _safe_name(name: str) -> bool:
+    p = PurePosixPath(name)
+    return (bool(name) and "\\" not in name and "\x00" not in name and not p.is_absolute()
+            and all(part not in ("", ".", "..") and not part.startswith(".") for part in p.parts))
+
+
+def ensure_models(settings: Settings) -> list[Path]:
+    """Fetch every manifest model that is not in the models folder yet (blocking;
+    called at boot). Raises ModelDownloadError for the first that fails."""
+    assert settings.models_manifest is not None
+    try:
+        entries = load_manifest(settings.models_manifest)
+    except ValueError as e:
+        raise ModelDownloadError(str(e)) from None
+    owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return [_ensure(settings, entry, owner) for entry in entries]
+
+
+def ensure_referenced(settings: Settings, entries: list[ModelEntry],
+                      prompt: dict[str, Any]) -> list[Path]:
+    """Fetch the manifest models that ``prompt`` names in its inputs (the
+    ``first_use`` mode; blocking, run off the event loop). A failure names
+    the node and input as well as the model."""
+    owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    by_name: dict[str, list[ModelEntry]] = {}
+    for entry in entries:
+        by_name.setdefault(entry.name, []).append(entry)
+    done: list[Path] = []
+    for node_id, node in prompt.items():
+        for input_name, value in (node.get("inputs") or {}).items():
+            for entry in by_name.get(value, []) if isinstance(value, str) else []:
+                try:
+                    done.append(_ensure(settings, entry, owner))
+                except ModelDownloadError as e:
+                    raise ModelDownloadError(
+                        f"node {node_id} ({node.get('class_type')}) input '{input_name}': {e}",
+                        node_errors=node_error(node_id, str(node.get("class_type")), input_name,
+                                               str(e), value, type="model_download_error")
+                    ) from None
+    return done
+
+
+def _ensure(settings: Settings, entry: ModelEntry, owner: str) -> Path:
+    final = settings.models_path / entry.folder / entry.name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = final.parent / f".{final.name}.lock"
+    deadline = time.monotonic() + settings.model_fetch_timeout
+    waited = False
+    while True:
+        if final.exists():
+            _verify_existing(final, entry)
+            if waited:
+                log.info("model %s: downloaded by another instance", entry.label)
+            return final
+        if _acquire(lock, owner):
+            try:
+                if final.exists():  # finished between our look and our lock
+                    continue
+                _download(settings, entry, final, lock, owner)
+                return final
+            finally:
+                _release(lock, owner)
+        if _stale(lock, settings.model_lock_seconds):
+            _take_over(lock, owner, entry)
+            continue
+        if time.monotonic() > deadline:
+            raise ModelDownloadError(f"model {entry.label}: another instance holds {lock} "
+                                     f"for longer than {settings.model_fetch_timeout:g}s")
+        if not waited:
+            log.info("model %s: another instance is downloading it; waiting", entry.label)
+            waited = True
+        time.sleep(0.5)  # polling a shared folder: no cross-host notification exists
+
+
+# --- the lock ---------------------------------------------------------------
+def _acquire(lock: Path, owner: str) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(owner)
+    return True
+
+
+def _owner(lock: Path) -> str | None:
+    try:
+        return lock.read_text()
+    except OSError:
+        return None
+
+
+def _release(lock: Path, owner: str) -> None:
+    if _owner(lock) == owner:
+        lock.unlink(missing_ok=True)
+
+
+def _stale(lock: Path, lease: float) -> bool:
+    try:
+        return time.time() - lock.stat().st_mtime > lease
+    except FileNotFoundError:
+        return False
+
+
+def _take_over(lock: Path, owner: str, entry: ModelEntry) -> None:
+    """Move a stale lock away; of several waiters, one rename wins, and each
+    then races for a fresh lock with O_EXCL as usual."""
+    aside = lock.with_name(f"{lock.name}.stale-{owner}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return
+    log.warning("model %s: taking over from a downloader that stopped (lock held by %s)",
+                entry.label, aside.read_text(errors="replace") if aside.exists() else "?")
+    aside.unlink(missing_ok=True)
+
+
+class _Renewer:
+    """Touches the lock while the download runs, so waiters see it alive."""
+
+    def __init__(self, lock: Path, owner: str, every: float) -> None:
+        self.lock, self.owner, self.every = lock, owner, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-lock", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            if _owner(self.lock) == self.owner:
+                os.utime(self.lock)
+
+    def __enter__(self) -> "_Renewer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- download and verification ----------------------------------------------
+def _download(settings: Settings, entry: ModelEntry, final: Path, lock: Path, owner: str) -> None:
+    part = final.parent / f".{final.name}.{owner}.part"
+    log.info("model %s: downloading %s", entry.label, entry.url)
+    t0 = time.monotonic()
+    try:
+        with _Renewer(lock, owner, max(settings.model_lock_seconds / 4, 0.25)):
+            digest, size = anyio.run(_fetch, settings, entry, part)
+        if digest != entry.sha256:
+            raise ModelDownloadError(f"model {entry.label} from {entry.url}: sha256 {digest} "
+                                     f"does not match the manifest's {entry.sha256}; refused")
+        os.replace(part, final)
+    finally:
+        part.unlink(missing_ok=True)
+    _write_marker(final, entry.sha256)
+    log.info("model %s: %d bytes verified in %.1fs", entry.label, size, time.monotonic() - t0)
+
+
+async def _fetch(settings: Settings, entry: ModelEntry, part: Path) -> tuple[str, int]:
+    policy = AddressPolicy(settings.url_allowlist)
+    url = entry.url
+
+    def refused(message: str) -> ModelDownloadError:
+        return ModelDownloadError(f"model {entry.label}: {message}")
+
+    try:
+        with anyio.fail_after(settings.model_fetch_timeout):
+            async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
+                                         timeout=settings.fetch_timeout) as client:
+                for _ in range(settings.max_redirects + 1):
+                    target, host, ip = await policy.check(url, refused)
+                    if not _host_allowed(host, settings.model_hosts):
+                        raise refused(f"{url}: host {host} is not in COMFY_EMBED_MODEL_HOSTS")
+                    request = pinned_request(client, "GET", target, host, ip,
+                                             {"Host": target.netloc.decode("ascii")})
+                    response = await client.send(request, stream=True)
+                    try:
+                        if response.status_code in _REDIRECTS and "location" in response.headers:
+                            url = urljoin(url, response.headers["location"])
+                            continue
+                        if response.status_code != 200:
+                            raise refused(f"{url}: HTTP {response.status_code}")
+                        return await _stream_to(response, part, entry)
+                    finally:
+                        await response.aclose()
+                raise refused(f"{entry.url}: more than {settings.max_redirects} redirects")
+    except TimeoutError:
+        raise refused(f"{url}: timed out after {settings.model_fetch_timeout:g}s") from None
+    except httpx.HTTPError as e:
+        raise refused(f"{url}: {e or type(e).__name__}") from None
+
+
+async def _stream_to(response: httpx.Response, part: Path, entry: ModelEntry) -> tuple[str, int]:
+    total = int(response.headers.get("content-length", "0") or 0)
+    digest = hashlib.sha256()
+    size = 0
+    last_log = time.monotonic()
+    with open(part, "wb") as f:
+        async for chunk in response.aiter_bytes(_CHUNK):
+            digest.update(chunk)
+            await anyio.to_thread.run_sync(f.write, chunk)
+            size += len(chunk)
+            if time.monotonic() - last_log > 5:
+                last_log = time.monotonic()
+                pct = f" ({100 * size // total}%)" if total else ""
+                log.info("model %s: %d bytes%s", entry.label, size, pct)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest(), size
+
+
+def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    if not allowed:
+        return True
+    host = host.lower().rstrip(".")
+    for entry in allowed:
+        entry = entry.lower().rstrip(".")
+        if host == entry or (entry.startswith("*.") and host.endswith(entry[1:])):
+            return True
+    return False
+
+
+def _marker(final: Path) -> Path:
+    return final.parent / f".{final.name}.sha256"
+
+
+def _write_marker(final: Path, sha: str) -> None:
+    st = final.stat()
+    tmp = final.parent / f".{final.name}.sha256.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    os.replace(tmp, _marker(final))
+
+
+def _verify_existing(final: Path, entry: ModelEntry) -> None:
+    """A file already there must be the manifest's: trusted through its
+    marker, else hashed once (a file placed by hand)."""
+    st = final.stat()
+    try:
+        mark = json.loads(_marker(final).read_text())
+        if (mark.get("sha256") == entry.sha256 and mark.get("size") == st.st_size
+                and mark.get("mtime_ns") == st.st_mtime_ns):
+            return
+    except (OSError, ValueError):
+        pass
+    digest = hashlib.sha256()
+    with open(final, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != entry.sha256:
+        raise ModelDownloadError(f"model {entry.label}: {final} exists with sha256 "
+                                 f"{digest.hexdigest()}, not the manifest's {entry.sha256}; "
+                                 "not overwritten")
+    _write_marker(final, entry.sha256)

@@ -1,0 +1,136 @@
+"""Memory guard: watermarks after each job, the CUDA out-of-memory policy, and
+native ComfyUI's memory upkeep between jobs.
+
+Runs on the executor thread (the executor calls it between jobs). When the
+process stays above a watermark, or CUDA runs out of memory too many times in
+a row, the guard *trips*: the instance stops accepting work, finishes what is
+queued, flushes the task log and exits with :data:`EXIT_RECYCLE`, so Function
+Compute or Kubernetes replaces it (RAM that grows across runs, ComfyUI
+#6494/#10475, is then bounded by a restart instead of an OOM kill mid-task).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from typing import Any, Awaitable, Callable
+
+import anyio
+
+from comfy_embed.config import Settings
+from comfy_embed.observe import memory
+
+__all__ = ["EXIT_RECYCLE", "MemoryGuard", "is_out_of_memory", "drain_when_tripped"]
+
+log = logging.getLogger(__name__)
+
+#: The exit status of an instance that recycled itself (EX_TEMPFAIL: the
+#: failure is temporary; a fresh instance will do).
+EXIT_RECYCLE = 75
+
+
+def is_out_of_memory(error: dict[str, Any] | None) -> bool:
+    """Whether ComfyUI's ``execution_error`` data is an out-of-memory error
+    (``torch.OutOfMemoryError``, ``torch.cuda.OutOfMemoryError``)."""
+    if not error:
+        return False
+    kind = str(error.get("exception_type") or "")
+    message = str(error.get("exception_message") or "")
+    return kind.endswith("OutOfMemoryError") or "CUDA out of memory" in message
+
+
+class MemoryGuard:
+    """The executor's housekeeper: :meth:`after_job` after every job,
+    :meth:`run` when :meth:`due_in` says (native's gc cadence).
+
+    ``free_cache`` releases cached accelerator memory (ComfyUI's
+    ``soft_empty_cache``); ``on_trip`` is called once, with the reason, when
+    the instance must be recycled (from the executor thread).
+    """
+
+    def __init__(self, settings: Settings, free_cache: Callable[[], None],
+                 on_trip: Callable[[str], None]) -> None:
+        self.max_rss = settings.max_rss_bytes
+        self.max_vram = settings.max_vram_bytes
+        self.oom_limit = settings.oom_recycle_after
+        self.gc_interval = settings.gc_interval
+        self._free_cache = free_cache
+        self._on_trip = on_trip
+        self.tripped = threading.Event()
+        self.reason: str | None = None
+        self.ooms_in_a_row = 0
+        self._need_gc = False
+        self._last_gc = time.monotonic()
+
+    # ------------------------------------------------------- after each job
+    def after_job(self, success: bool, error: dict[str, Any] | None) -> None:
+        self._need_gc = True
+        if is_out_of_memory(error):
+            self.ooms_in_a_row += 1
+            log.error("CUDA out of memory (%d in a row); freeing cached memory",
+                      self.ooms_in_a_row)
+            self.run()  # ComfyUI unloaded its models; give the memory back now
+            if self.oom_limit and self.ooms_in_a_row >= self.oom_limit:
+                self._trip(f"{self.ooms_in_a_row} out-of-memory errors in a row")
+                return
+        elif success:
+            self.ooms_in_a_row = 0
+        over = self._over()
+        if over:
+            self.run()  # what gc and the allocators give back does not count
+            memory.trim_heap()
+            over = self._over()
+        if over:
+            self._trip(over)
+
+    def _over(self) -> str | None:
+        if self.max_rss:
+            rss = memory.rss_bytes()
+            if rss > self.max_rss:
+                return f"resident memory {rss} bytes is over the watermark of {self.max_rss}"
+        if self.max_vram:
+            vram = memory.vram_bytes()
+            if vram is not None and vram[1] > self.max_vram:
+                return f"CUDA memory reserved {vram[1]} bytes is over the watermark of {self.max_vram}"
+        return None
+
+    def _trip(self, reason: str) -> None:
+        if self.tripped.is_set():
+            return
+        self.reason = reason
+        self.tripped.set()
+        log.error("memory guard: %s; draining and exiting with status %d to be replaced",
+                  reason, EXIT_RECYCLE)
+        self._on_trip(reason)
+
+    # ------------------------------------------------------ between jobs
+    def due_in(self) -> float | None:
+        """Seconds until the next upkeep (<= 0: now); None when none is needed."""
+        if not self._need_gc:
+            return None
+        return self._last_gc + self.gc_interval - time.monotonic()
+
+    def run(self) -> None:
+        """What native ComfyUI does between prompts: collect garbage and give
+        cached accelerator memory back."""
+        gc.collect()
+        try:
+            self._free_cache()
+        except Exception:
+            log.exception("freeing cached memory failed")
+        self._last_gc = time.monotonic()
+        self._need_gc = False
+
+
+async def drain_when_tripped(guard: MemoryGuard, drain: Callable[[], Awaitable[None]],
+                             poll: float = 0.25) -> str:
+    """Wait until the guard trips, then ``drain`` (finish queued and running
+    work, flush the task log); return the reason. The caller then exits with
+    :data:`EXIT_RECYCLE`."""
+    while not guard.tripped.is_set():
+        await anyio.sleep(poll)
+    await drain()
+    log.error("memory guard: drained; exiting with status %d (%s)", EXIT_RECYCLE, guard.reason)
+    return guard.reason or "memory guard tripped"

@@ -1,0 +1,574 @@
+"""Tasks as the serverless API sees them: run on this instance, persisted to
+the shared task log, readable and cancellable from any instance.
+
+No HTTP here: the API package turns :class:`Handle` into responses.
+
+The engine owns each task from submit to final event (see
+:mod:`comfy_embed.runtime`); the service is one of its observers: for each
+task it claimed in the log it starts a writer (in the engine's task group)
+that mirrors the events to disk and sets ``Task.final_durable``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import anyio
+import anyio.lowlevel
+
+from comfy_embed.config import Settings
+from comfy_embed.errors import (
+    ComfyEmbedError,
+    ExecutionFailed,
+    ImageInputError,
+    NotAccepting,
+    PayloadTooLarge,
+    QueueFull,
+    StorageUnavailable,
+    TaskIdConflict,
+    WebhookRefused,
+    WorkflowInvalid,
+)
+from comfy_embed.events import FINAL, coalesce_snapshots, final_event
+from comfy_embed.observe.logs import current_task
+from comfy_embed.runtime import Engine, Task, TaskObserver
+from comfy_embed.service.blocking import BlockingCalls
+from comfy_embed.taskid import check_task_id, valid_task_id
+from comfy_embed.tasklog.log import TaskLog
+from comfy_embed.tasklog.retention import prune
+from comfy_embed.webhooks.delivery import WebhookRequest, Webhooks
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TaskService", "Handle"]
+
+#: How often a reader of another instance's task looks at the log.
+_POLL_SECONDS = 0.2
+
+
+def _conflict(task_id: str) -> TaskIdConflict:
+    return TaskIdConflict(f"task id {task_id} belongs to a task created with another API key")
+
+
+class _Unclaimed(Exception):
+    """The engine's ``before_writes`` gate: this request did not claim the
+    task id in the log (known task, conflict, unusable log)."""
+
+
+class _Claim:
+    """The outcome of claiming a task id in the log, once ``done`` is set."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.claimed = False
+        self.error: Exception | None = None
+
+
+class Handle:
+    """One task as a caller follows it: live on this instance, or read from
+    the shared log (another instance runs it, or it is already done)."""
+
+    def __init__(self, service: "TaskService", task_id: str, *, task: Task | None = None,
+                 error: ComfyEmbedError | None = None) -> None:
+        self.service = service
+        self.task_id = task_id
+        self.task = task
+        #: Set when this request itself failed before queueing.
+        self.error = error
+
+    async def events(self, since: int = 0) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """``(seq, event)`` after ``since``, ending with the final event, which
+        is on disk before it is yielded."""
+        if self.task is not None:
+            async for seq, ev in self.task.stream(since):
+                if ev["type"] == FINAL:
+                    await self.task.final_durable.wait()
+                yield seq, ev
+            return
+        tasklog = self.service.tasklog
+        while True:
+            batch = await anyio.to_thread.run_sync(tasklog.read, self.task_id, since)
+            if batch:
+                since = batch[-1][0]
+            for seq, ev in coalesce_snapshots(batch):
+                yield seq, ev
+                if ev["type"] == FINAL:
+                    return
+            if not batch and not await anyio.to_thread.run_sync(tasklog.exists, self.task_id):
+                return
+            await anyio.sleep(_POLL_SECONDS)
+
+    async def final(self) -> dict[str, Any]:
+        """The final event (waiting for it), on disk when it is returned."""
+        if self.task is not None:  # live here: no need to wake for every event
+            final = await self.task.wait()
+            await self.task.final_durable.wait()
+            return final
+        last: dict[str, Any] = {}
+        async for _, ev in self.events():
+            last = ev
+        return last
+
+
+class TaskService(TaskObserver):
+    """Runs tasks on the engine and mirrors every event into the task log.
+
+    It observes the engine (:meth:`task_accepted`) until :meth:`close`.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings, tasklog: TaskLog | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        # Resolved once: resolving costs a stat per path component, per claim.
+        self._output_path = str(settings.output_path)
+        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.tasklog = tasklog or TaskLog(settings.task_log_path, self.instance_id,
+                                          settings.lease_seconds)
+        #: Ids this service claimed in the log and is submitting: its tasks to persist.
+        self._claimed: set[str] = set()
+        #: Tasks whose log this service writes (and whose lease it holds).
+        self._persisting: dict[str, Task] = {}
+        self._writers = engine.background.part("task log")
+        #: Events of each running task already in the log (for flush()).
+        self._written: dict[str, int] = {}
+        #: Tasks whose writer is retrying because the log refused a write.
+        self._failing: set[str] = set()
+        #: Set (and replaced) whenever a writer wrote, failed or ended: flush() waits on it.
+        self._wrote = anyio.Event()
+        self.webhooks = Webhooks(settings, self.tasklog, engine.background.part("webhooks"))
+        #: While positive, persisters write at once instead of gathering.
+        self._hurry = 0
+        #: The claim and the writes of each task's log: on the loop while the
+        #: log's disk answers quickly (two thread wake-ups fewer per write).
+        self._io = BlockingCalls(settings.task_log_inline_seconds)
+        engine.add_observer(self)
+
+    def close(self) -> None:
+        """Stop observing the engine (the server's lifespan ends)."""
+        self.engine.remove_observer(self)
+
+    # ------------------------------------------------------------- running
+    async def start(self, body: Any, *, task_id: str | None = None,
+                    webhook: WebhookRequest | None = None, owner_key: str | None = None,
+                    **options: Any) -> Handle:
+        """Start a task, or attach to it if this task id exists already (a
+        retry: it never runs twice). Errors before queueing come back in
+        ``Handle.error``; a refused request leaves nothing in the log (unless
+        it has a webhook, whose delivery state lives there), an internal
+        failure leaves a final event. ``webhook``: where to deliver its end
+        (refused URL: WebhookRefused, before anything exists). ``owner_key``
+        (the hash of the caller's API key, when keys are configured) is
+        recorded with a new task and must match to attach to an existing one.
+        ``options`` are :meth:`Engine.submit`'s (output flags, credentials)."""
+        task_id = task_id or uuid.uuid4().hex
+        try:
+            check_task_id(task_id)
+        except WorkflowInvalid as e:
+            return Handle(self, task_id, error=e)
+        # The rest of this request (and the log writer it starts) works for
+        # this task: its log records say so.
+        current_task.set(task_id)
+        live = await self.engine.lookup(task_id)  # the engine's registry: one for all
+        if live is not None:
+            if not await self.may_access(task_id, owner_key):
+                return Handle(self, task_id, error=_conflict(task_id))
+            return Handle(self, task_id, task=live)
+        if not self.engine.accepting:
+            return Handle(self, task_id, error=NotAccepting(
+                "this instance is draining and accepts no new work"))
+        if webhook is not None:
+            try:
+                await self.webhooks.check(webhook)
+            except WebhookRefused as e:
+                return Handle(self, task_id, error=e)
+        # The claim in the task log (mkdir, owner file) runs in a worker
+        # thread while the engine parses and validates, or first on the loop
+        # when the disk is quick; the engine waits for it before writing
+        # anything under this id or queueing it.
+        claim = _Claim()
+        registered = False
+
+        async def claim_in_log() -> None:
+            try:
+                claim.claimed = await self._io.run(self._claim, task_id, owner_key)
+            except Exception as e:
+                claim.error = e
+            finally:
+                claim.done.set()
+
+        async def before_writes() -> None:
+            nonlocal registered
+            await claim.done.wait()
+            if claim.error is not None or not claim.claimed:
+                raise _Unclaimed()
+            if webhook is not None:
+                # Recorded before the task can end, so its end is always delivered.
+                await self.webhooks.register(task_id, webhook)
+                registered = True
+            self._claimed.add(task_id)
+
+        task: Task | None = None
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim_in_log)
+            # Let it reach its worker thread (or run, on the loop) now: the
+            # engine validates small graphs on the loop without yielding, and
+            # the claim then runs as soon as the loop waits for it.
+            await anyio.lowlevel.checkpoint()
+            try:
+                task = await self.engine.submit(body, task_id=task_id,
+                                                before_writes=before_writes, **options)
+            except Exception as e:  # decided below, once the claim is known
+                failure = e
+            finally:
+                self._claimed.discard(task_id)
+        # The claim decides first, as if it had run alone before the submit.
+        if isinstance(claim.error, FileExistsError):
+            return Handle(self, task_id, error=TaskIdConflict(
+                f"task id {task_id}: {claim.error}; choose another task id"))
+        if isinstance(claim.error, OSError):
+            log.warning("task %s: task log unusable: %s", task_id, claim.error)
+            return Handle(self, task_id, error=StorageUnavailable(
+                f"the task log folder is not writable ({claim.error.strerror or claim.error}); "
+                "retry later"))
+        if claim.error is not None:
+            failure = claim.error  # unexpected: an internal error, below
+        elif not claim.claimed:  # known task: answer from the log
+            if not await self.may_access(task_id, owner_key):
+                return Handle(self, task_id, error=_conflict(task_id))
+            return Handle(self, task_id)
+        if failure is None:
+            assert task is not None
+            return Handle(self, task_id, task=task)
+        return await self._not_queued(task_id, failure, webhook, registered)
+
+    async def _not_queued(self, task_id: str, failure: Exception,
+                          webhook: WebhookRequest | None, registered: bool) -> Handle:
+        """This request claimed ``task_id`` but the engine did not queue it."""
+        refused = isinstance(failure, (WorkflowInvalid, ImageInputError, PayloadTooLarge))
+        if isinstance(failure, (QueueFull, NotAccepting)) or (refused and webhook is None):
+            # Not run: nothing is left on disk (one folder per bad request
+            # would pile up), and a retry (corrected) can run it.
+            self.webhooks.forget(task_id)
+            await self._io.run(self._discard, task_id)
+            return Handle(self, task_id, error=failure)
+        error = failure
+        if not isinstance(error, ComfyEmbedError):
+            log.error("task %s: submitting failed", task_id, exc_info=error)
+            error = ExecutionFailed(f"internal error while accepting the task: {error!r}")
+        # Claimed, so the log ends with a final event all the same; a webhook's
+        # delivery state lives in the task's folder.
+        if webhook is not None and not registered:
+            await self.webhooks.register(task_id, webhook)
+        await self._close_with_error(task_id, error)
+        return Handle(self, task_id, error=error)
+
+    def task_accepted(self, task: Task) -> bool:
+        """The engine queued ``task``: if this service claimed it, start its
+        log writer (and progress webhooks) in the engine's task group."""
+        if task.task_id not in self._claimed:
+            return False  # not started through this service (a warm-up run)
+        self._claimed.discard(task.task_id)
+        self._persisting[task.task_id] = task
+        self.webhooks.follow(task)
+        self._writers.spawn(self._persist, task, name=f"task log of {task.task_id}")
+        return True
+
+    async def _close_with_error(self, task_id: str, error: ComfyEmbedError) -> None:
+        """A claimed task that will not run: its final error event in the
+        log, its lease released, its webhook (if any) on its way."""
+        try:
+            await self._io.run(
+                self.tasklog.append, task_id, final_event(task_id, None, {}, error=error.to_dict()))
+            await self._io.run(self.tasklog.release, task_id)
+        except OSError as e:
+            log.error("task %s has no final event (the task log is unwritable: %s)", task_id, e)
+        self.webhooks.finished(task_id)
+
+    async def _persist(self, task: Task) -> None:
+        """Write the task's events to the log: one file per flush, at most
+        every ``task_log_flush_seconds`` while it runs, and the final event
+        (with what precedes it) as soon as it exists. Only the final event
+        is fsynced; the answer waits for it (``task.final_durable``)."""
+        interval = self.settings.task_log_flush_seconds
+        written = 0
+        last_flush = anyio.current_time()
+        #: Seconds until the next try while the log refuses writes (a full disk).
+        backoff = 0.0
+        released = False
+        try:
+            while True:
+                if not backoff:
+                    while task.last_seq == written and task.final is None:
+                        await task.changed()
+                    if task.final is None:
+                        # Gather what comes in the rest of the interval into one file.
+                        with anyio.move_on_after(last_flush + interval - anyio.current_time()):
+                            while task.final is None and not self._hurry:
+                                await task.end_or_wake()
+                batch = task.events_since(written)
+                upto = task.last_seq
+                ends = bool(batch) and batch[-1][1]["type"] == FINAL
+                if batch:
+                    started = time.perf_counter()
+                    try:
+                        if ends:
+                            released = await self._io.run(self._write_final, task.task_id, batch)
+                        else:
+                            await self._io.run(self.tasklog.extend, task.task_id, batch)
+                    except OSError as e:
+                        # Keep the events and try again (the lease is still
+                        # renewed meanwhile, so nobody closes the task as lost).
+                        self._failing.add(task.task_id)
+                        self._tell_flush()
+                        if not backoff:
+                            log.warning("task %s: cannot write its task log (%s); retrying "
+                                        "until it can", task.task_id, e)
+                        if ends:
+                            # The caller gets its answer now; the log catches up.
+                            task.final_durable.set()
+                        backoff = min(5.0, max(0.2, backoff * 2))
+                        await anyio.sleep(backoff)
+                        continue
+                    if backoff:
+                        log.info("task %s: task log writable again", task.task_id)
+                        self._failing.discard(task.task_id)
+                        backoff = 0.0
+                    self.engine.metrics.task_log_write.observe(time.perf_counter() - started)
+                written = upto
+                self._written[task.task_id] = written
+                self._tell_flush()
+                last_flush = anyio.current_time()
+                if ends:
+                    self.webhooks.finished(task.task_id)
+                    return
+        except Exception:
+            log.exception("task %s: writing its log failed", task.task_id)
+        finally:
+            self._persisting.pop(task.task_id, None)
+            self._written.pop(task.task_id, None)
+            self._failing.discard(task.task_id)
+            self._tell_flush()
+            task.final_durable.set()
+            if not released:
+                try:
+                    # Shielded: a writer cancelled at shutdown still hands its lease back.
+                    with anyio.move_on_after(5, shield=True):
+                        await self._io.run(self._released, task.task_id)
+                except Exception:
+                    log.exception("task %s: releasing its lease failed", task.task_id)
+
+    def _write_final(self, task_id: str, batch: list[tuple[int, dict[str, Any]]]) -> bool:
+        """The task's last write and its lease's release in one call (one
+        worker-thread hop, where writes go to threads); True once released. A
+        failed release does not make the written final event look unwritten."""
+        self.tasklog.extend(task_id, batch)  # returns once a final event is on disk
+        try:
+            self._released(task_id, final=True)
+            return True
+        except Exception:
+            log.exception("task %s: releasing its lease failed", task_id)
+            return False
+
+    def _released(self, task_id: str, final: bool = False) -> None:
+        self.tasklog.release(task_id, final=final)
+        if log.isEnabledFor(logging.DEBUG):  # a listing and a stat per file: not per task by default
+            usage = self.tasklog.usage(task_id)
+            log.debug("task %s: task log %d files, %d bytes", task_id, usage.files, usage.bytes)
+
+    def _claim(self, task_id: str, owner_key: str | None) -> bool:
+        known = self.tasklog.exists(task_id)
+        if not known and os.path.lexists(os.path.join(self._output_path, task_id)):
+            # A folder the service did not make: never share it (retention
+            # deletes a finished task's output folder).
+            raise FileExistsError(f"the output folder already has a folder named {task_id}")
+        try:
+            if not self.tasklog.claim(task_id):
+                return False
+            if owner_key is not None:
+                self.tasklog.set_key_hash(task_id, owner_key)
+        except OSError:
+            if not known:  # a full disk can take the folder but not its files
+                shutil.rmtree(self.tasklog.root / task_id, ignore_errors=True)
+            raise
+        return True
+
+    def _discard(self, task_id: str) -> None:
+        try:
+            self.tasklog.discard(task_id)
+        except OSError as e:
+            log.warning("task %s: cannot remove its refused claim: %s", task_id, e)
+
+    async def may_access(self, task_id: str, owner_key: str | None) -> bool:
+        """With API keys on (``owner_key`` given), whether the task was
+        created with that key; always True with keys off."""
+        if owner_key is None:
+            return True
+        recorded = await anyio.to_thread.run_sync(self.tasklog.key_hash, task_id)
+        return recorded is not None and hmac.compare_digest(recorded, owner_key)
+
+    def handle(self, task_id: str) -> Handle:
+        """Follow an existing task: live while this service writes its log
+        (memory is fresher), else through the log (a finished one's truth)."""
+        return Handle(self, task_id, task=self._persisting.get(task_id))
+
+    async def read(self, task_id: str, since: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        """The task's events after ``since``, with only the latest
+        ``progress_state`` (each lists every node): an answer grows with what
+        changed since ``since``, not with the number of nodes squared.
+
+        A task running here is answered from memory (fresher than the log,
+        same numbers), its final event only once it is on disk.
+        """
+        if not valid_task_id(task_id):
+            return []
+        live = self._persisting.get(task_id)
+        if live is not None:
+            events = live.events_since(since)
+            if events and events[-1][1]["type"] == FINAL and not live.final_durable.is_set():
+                events.pop()
+            return coalesce_snapshots(events)
+        events = await anyio.to_thread.run_sync(self.tasklog.read, task_id, since)
+        return coalesce_snapshots(events)
+
+    async def cancel(self, task_id: str) -> str:
+        """'cancelling', 'requested' (another instance owns it), 'done' or
+        'unknown'."""
+        if not valid_task_id(task_id):
+            return "unknown"
+        if self.engine.get(task_id) is not None:
+            return "cancelling" if self.engine.cancel(task_id) else "done"
+        if await anyio.to_thread.run_sync(self.tasklog.is_final, task_id):
+            return "done"
+        if await anyio.to_thread.run_sync(self.tasklog.request_cancel, task_id):
+            return "requested"
+        return "unknown"
+
+    # ------------------------------------------------------------ upkeep
+    async def upkeep(self) -> None:
+        """Forever: renew leases of running tasks, act on cancel requests
+        from other instances (within a second), and close orphaned tasks."""
+        last_recover = last_prune = 0.0
+        while True:
+            running = list(self._persisting)
+            if running:
+                for task_id in await anyio.to_thread.run_sync(self._renew, running):
+                    self.engine.cancel(task_id)
+            now = time.monotonic()
+            if now - last_recover > self.settings.lease_seconds / 2:
+                last_recover = now
+                await self.recover()
+                await self.webhooks.resume_pending()
+            hours = self.settings.retention_hours
+            # Hourly-scale retention is checked every minute; a short one
+            # (tests, scratch deployments) often enough to be honoured.
+            if hours and now - last_prune > min(60.0, max(1.0, hours * 900)):
+                last_prune = now
+                await self._prune()
+            await anyio.sleep(0.5)
+
+    def _renew(self, running: list[str]) -> list[str]:
+        """Renew the leases of ``running``; those another instance asked to
+        cancel. One worker-thread hop for all (at 16 queued tasks, it was
+        17 hops every half second)."""
+        self.tasklog.renew(running)
+        return [task_id for task_id in running if self.tasklog.cancel_requested(task_id)]
+
+    async def _prune(self) -> None:
+        s = self.settings
+        hours = s.retention_hours
+        assert hours is not None
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: prune(s.output_path, s.temp_path, self.tasklog, hours * 3600,
+                              input_dir=s.input_path))
+        except Exception:
+            log.exception("retention: pruning failed")
+
+    async def recover(self) -> list[str]:
+        """Give a final event to tasks whose owner died (lease expired)."""
+        try:
+            ids = await anyio.to_thread.run_sync(self.tasklog.recover_orphans)
+        except OSError as e:  # a full or read-only disk: one line, retried later
+            log.warning("recovering orphaned tasks failed: %s", e)
+            return []
+        except Exception:
+            log.exception("recovering orphaned tasks failed")
+            return []
+        for task_id in ids:
+            log.warning("task %s: owner lost, closed with an error event", task_id)
+        return ids
+
+    async def flush(self) -> None:
+        """Wait until every event published so far is in the log; running
+        tasks go on (Function Compute's pre-freeze: nothing may be lost
+        while the instance is frozen)."""
+        due = {task_id: task.last_seq for task_id, task in self._persisting.items()}
+        self._hurry += 1
+        try:
+            for task in list(self._persisting.values()):
+                task.wake()  # a persister gathering a batch writes it now
+            # Not for a log that refuses writes (a full disk): its writer
+            # retries on its own, and FC's hook must get an answer.
+            while True:
+                wrote = self._wrote  # taken before the check: no write slips between
+                if not any(task_id in self._persisting and task_id not in self._failing
+                           and self._written.get(task_id, 0) < n for task_id, n in due.items()):
+                    return
+                await wrote.wait()
+        finally:
+            self._hurry -= 1
+
+    def _tell_flush(self) -> None:
+        """A writer wrote, failed or ended: wake :meth:`flush` to look again."""
+        self._wrote.set()
+        self._wrote = anyio.Event()
+
+    async def shutdown(self, grace: float) -> list[str]:
+        """SIGTERM/SIGINT: accept nothing, give running work ``grace`` seconds,
+        then cancel what is left and make sure each of those tasks has a
+        final event in the log. Returns the ids that had to be cancelled.
+        What is still running in the engine's task group after this is the
+        lifespan's to cancel."""
+        self.engine.accepting = False
+        with anyio.move_on_after(grace):
+            await self.drain()
+        left = list(self._persisting)
+        if not left:
+            return []
+        log.warning("shutdown: %d task(s) still running after %.0fs: cancelling %s",
+                    len(left), grace, ", ".join(left[:10]))
+        for task_id in left:
+            self.engine.cancel(task_id, "shutdown")
+        with anyio.move_on_after(10):  # interrupted nodes stop within a step
+            while not self.engine.idle:
+                await anyio.sleep(0.05)
+            # Results still being assembled had their grace: they end with a
+            # final event now, which their writers persist.
+            self.engine.abandon_results()
+            await self._writers.drain()
+        for task_id in left:  # a node that ignores interrupts, or a failed write
+            try:
+                final = await anyio.to_thread.run_sync(self.tasklog.is_final, task_id)
+            except OSError as e:
+                log.error("shutdown: task %s: cannot read its log: %s", task_id, e)
+                continue
+            if not final:
+                await self._close_with_error(task_id, NotAccepting(
+                    "the instance shut down before the task finished"))
+        return left
+
+    async def drain(self) -> None:
+        """Stop accepting, then wait for running work and log writes."""
+        self.engine.accepting = False
+        while not self.engine.idle:  # the executor thread has no event to wait on
+            await anyio.sleep(0.05)
+        await self._writers.drain()
+        await self.webhooks.drain()

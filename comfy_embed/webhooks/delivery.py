@@ -1,0 +1,535 @@
+"""Webhooks: the end of a task (and optionally its progress) POSTed to a URL,
+signed the Standard Webhooks way, retried, and delivered by any instance.
+
+A run names its webhook with ``?webhook=URL`` or ``extra_data.webhook`` in the
+ComfyUI envelope, or the server has a default (``COMFY_EMBED_WEBHOOK_URL``).
+The request is recorded in the task's folder of the shared task log when the
+task is accepted; once the final event is persisted, the delivery starts on
+the instance that ran the task. Every attempt is recorded beside the task's
+events (:class:`~comfy_embed.tasklog.log.DeliveryLog`) before and after it is
+sent, under a lease; if the instance dies, another one sharing the log finds
+the delivery pending once the lease expires and carries on from the recorded
+next try, as orphaned tasks are finished. Attempt numbers are reserved
+exclusively, so one attempt is never sent twice, and ``webhook-id`` is recorded
+with the request, so it is the same for every attempt on every instance.
+
+Webhook URLs obey the image-URL rules (:class:`~comfy_embed.inputs.fetch.AddressPolicy`:
+no private, loopback, link-local or metadata address unless allowlisted),
+checked at submit time and again, pinned to the checked address, on every
+attempt. Redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from comfy_embed.background import Background, Spawned
+from comfy_embed.config import webhook_secret_key as secret_key
+from comfy_embed.errors import WebhookRefused
+from comfy_embed.events import FINAL
+from comfy_embed.inputs.fetch import AddressPolicy, pinned_request
+from comfy_embed.tasklog.log import DeliveryLog, TaskLog
+
+if TYPE_CHECKING:
+    from comfy_embed.config import Settings
+    from comfy_embed.tasks import Task
+
+__all__ = ["WebhookRequest", "Webhooks", "webhook_request", "envelope_webhook", "secret_key",
+           "sign", "payload_body", "EVENTS"]
+
+log = logging.getLogger(__name__)
+
+#: Event names of ``?webhook_events=``: the final event as ``completed`` or
+#: ``failed``, and ComfyUI's ``progress`` messages.
+EVENTS = ("completed", "failed", "progress")
+_FINAL_EVENTS = frozenset({"completed", "failed"})
+_TRUE = ("1", "true", "yes", "on")
+
+
+# ------------------------------------------------------------------ the request
+@dataclass(frozen=True)
+class WebhookRequest:
+    """Where a run's webhook goes and what it carries."""
+
+    url: str
+    #: Subset of :data:`EVENTS`.
+    events: frozenset[str] = _FINAL_EVENTS
+    #: Keep ``output.base64`` in the payload (dropped by default: OSS links only).
+    include_base64: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        return {"url": self.url, "events": sorted(self.events), "base64": self.include_base64}
+
+
+def webhook_request(query: Mapping[str, str], envelope_url: str | None,
+                    settings: "Settings") -> WebhookRequest | None:
+    """The run's webhook from ``?webhook=`` (first), the envelope's
+    ``extra_data.webhook``, or the server default; None without any.
+
+    ``?webhook_events=`` is a comma list of :data:`EVENTS`; the final events
+    not listed are not sent, unless only ``progress`` is listed (then it
+    adds to the default ``completed,failed``). ``?webhook_base64=1`` keeps
+    base64 outputs in the payload. Raises WebhookRefused on unknown events.
+    """
+    url = query.get("webhook") or envelope_url or settings.webhook_url
+    raw = query.get("webhook_events")
+    if not url:
+        if raw is not None:
+            raise WebhookRefused("webhook_events was given but no webhook URL "
+                                 "(?webhook=, extra_data.webhook or COMFY_EMBED_WEBHOOK_URL)")
+        return None
+    events = set(_FINAL_EVENTS)
+    if raw is not None:
+        names = {x.strip().lower() for x in raw.split(",") if x.strip()}
+        unknown = names - set(EVENTS)
+        if unknown:
+            raise WebhookRefused(f"webhook_events: unknown event {sorted(unknown)[0]!r} "
+                                 f"(expected a comma list of {', '.join(EVENTS)})")
+        events = names if names & _FINAL_EVENTS else names | _FINAL_EVENTS
+    return WebhookRequest(url=url, events=frozenset(events),
+                          include_base64=(query.get("webhook_base64") or "").lower() in _TRUE)
+
+
+def envelope_webhook(body: Any) -> tuple[Any, str | None]:
+    """``extra_data.webhook`` of a ComfyUI envelope (``{"prompt": ...,
+    "extra_data": {...}}``), read before the workflow is parsed.
+
+    Returns the body to parse (decoded, when it had to be decoded to look)
+    and the URL or None. A body that is not an envelope is returned as it
+    came, so the workflow parser reports its errors unchanged.
+    """
+    needle = b'"extra_data"' if isinstance(body, (bytes, bytearray)) else '"extra_data"'
+    if isinstance(body, (bytes, bytearray, str)):
+        if needle not in body:  # type: ignore[operator]
+            return body, None
+        try:
+            decoded = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return body, None  # the workflow parser reports it (nesting: 400)
+        if not isinstance(decoded, dict):
+            return body, None
+        body = decoded
+    if (not isinstance(body, dict) or not isinstance(body.get("prompt"), dict)
+            or not isinstance(body.get("extra_data"), dict)):
+        return body, None  # not an envelope (a bare graph may have a node "extra_data")
+    url = body["extra_data"].get("webhook")
+    if url is not None and not isinstance(url, str):
+        raise WebhookRefused("extra_data.webhook must be a URL string")
+    return body, url or None
+
+
+# ------------------------------------------------------------ signing, payload
+def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value: ``v1,`` + base64 HMAC-SHA256 of
+    ``{id}.{timestamp}.{body}``."""
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode("ascii")
+
+
+def payload_body(final: dict[str, Any], include_base64: bool = False) -> bytes:
+    """The JSON body of a final webhook: the ``serverless_api`` message, with
+    each ``output.base64`` dropped unless ``include_base64``."""
+    data = dict(final.get("data") or {})
+    if not include_base64 and data.get("results"):
+        results = []
+        for item in data["results"]:
+            output = item.get("output") if isinstance(item, dict) else None
+            if isinstance(output, dict) and "base64" in output:
+                item = {**item, "output": {k: v for k, v in output.items() if k != "base64"}}
+            results.append(item)
+        data["results"] = results
+    return _dumps({"type": final.get("type", FINAL), "data": data})
+
+
+def _dumps(value: Any) -> bytes:
+    # ASCII JSON: the signed bytes and the text a verifier decodes are the same.
+    return json.dumps(value, default=str, separators=(",", ":")).encode("ascii")
+
+
+def _redact(url: str) -> str:
+    """The URL without userinfo and query string (they may hold tokens)."""
+    try:
+        u = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError):
+        return "<invalid URL>"
+    port = f":{u.port}" if u.port else ""
+    return f"{u.scheme}://{u.host}{port}{u.path}"
+
+
+def _retry_after(value: str | None, now: float) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+# ------------------------------------------------------------------ delivering
+@dataclass
+class _Sent:
+    """How one POST ended."""
+
+    ok: bool
+    retryable: bool
+    status: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+
+class Webhooks:
+    """Sends this instance's webhooks and resumes pending ones from the shared log.
+
+    Coroutine methods run in the server's event loop; file I/O goes to worker
+    threads. Deliveries and progress followers run in ``background`` (the
+    engine's task group, in the server). ``clock`` and ``rng`` are for tests.
+    """
+
+    def __init__(self, settings: "Settings", tasklog: TaskLog,
+                 background: Background | None = None, *,
+                 clock: Callable[[], float] = time.time,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.settings = settings
+        self.deliveries = DeliveryLog(tasklog)
+        self.tasklog = tasklog
+        self._policy = AddressPolicy(settings.url_allowlist)
+        self._key = secret_key(settings.webhook_secret) if settings.webhook_secret else None
+        self._clock = clock
+        self._rng = rng
+        #: Tasks registered here whose delivery has not started: (request, webhook id).
+        self._local: dict[str, tuple[WebhookRequest, str]] = {}
+        self._background = background or Background("webhooks")
+        self._active: dict[str, Spawned] = {}
+        self._followers: dict[str, Spawned] = {}
+        self._sending = 0
+        #: Deliveries sleeping until their next try (drain need not wait for them).
+        self._waiting: set[str] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------ hooks
+    async def check(self, request: WebhookRequest) -> None:
+        """WebhookRefused if the URL rules refuse the webhook's URL (submit time)."""
+        await self._policy.check(request.url, error=WebhookRefused)
+
+    async def register(self, task_id: str, request: WebhookRequest) -> str:
+        """Record the request in the task's folder (before its final event can
+        be); returns the webhook id. Never raises: the task runs on even if
+        its webhook cannot be recorded (logged)."""
+        webhook_id = "msg_" + uuid.uuid4().hex
+        record = {**request.to_record(), "id": webhook_id, "created_at": self._clock()}
+        try:
+            if not await anyio.to_thread.run_sync(self.deliveries.register, task_id, record):
+                existing = await anyio.to_thread.run_sync(self.deliveries.request, task_id) or {}
+                webhook_id = str(existing.get("id", webhook_id))
+        except Exception:
+            log.exception("webhook of task %s: cannot record it; it will not be sent", task_id)
+            return webhook_id
+        self._local[task_id] = (request, webhook_id)
+        return webhook_id
+
+    def follow(self, task: "Task") -> None:
+        """Send the task's progress, rate-limited, if its webhook asked for it."""
+        local = self._local.get(task.task_id)
+        if local is None or "progress" not in local[0].events:
+            return
+        self._followers[task.task_id] = self._background.spawn(
+            self._follow, task, *local, name=f"progress webhooks of {task.task_id}")
+
+    def forget(self, task_id: str) -> None:
+        """The task was never accepted (its claim is undone): no delivery."""
+        self._local.pop(task_id, None)
+
+    def finished(self, task_id: str) -> None:
+        """The task's final event is persisted: start its delivery here now
+        (if it has a webhook registered on this instance)."""
+        if task_id in self._local and task_id not in self._active and not self._closed:
+            self._start(task_id)
+
+    async def resume_pending(self) -> list[str]:
+        """Start every delivery in the shared log that nobody holds (its
+        instance died, or it was released); returns their task ids."""
+        if self._closed:
+            return []
+        try:
+            pending = await anyio.to_thread.run_sync(self.deliveries.pending)
+        except Exception:
+            log.exception("webhooks: listing pending deliveries failed")
+            return []
+        started = [t for t in pending if t not in self._active]
+        for task_id in started:
+            log.info("webhook of task %s: resuming a pending delivery", task_id)
+            self._start(task_id)
+        return started
+
+    async def drain(self) -> None:
+        """Stop: let deliveries make their current attempt, then hand the ones
+        waiting to retry back (leases released) for any instance to resume."""
+        self._closed = True
+        with anyio.move_on_after(self.settings.webhook_timeout + 5):
+            while self._sending or not set(self._active) <= self._waiting:
+                await anyio.sleep(0.05)
+        spawned = list(self._active.values()) + list(self._followers.values())
+        for s in spawned:
+            s.cancel()
+        for s in spawned:
+            await s.wait()
+
+    async def status(self, task_id: str) -> dict[str, Any] | None:
+        """The delivery state of a task as ``GET /webhook`` shows it, or None
+        (unknown task, or no webhook)."""
+        if not self.tasklog.valid_task_id(task_id):
+            return None
+        state = await anyio.to_thread.run_sync(self.deliveries.state, task_id)
+        if state is None:
+            return None
+        request, attempts, done = state["request"], state["attempts"], state["done"]
+        if done:
+            phase = done.get("state", "done")
+        elif not attempts:
+            phase = "pending"
+        elif "outcome" not in attempts[-1]:
+            phase = "sending"
+        else:
+            phase = "retrying"
+        next_try = (attempts[-1].get("next_try_at") if attempts and not done else None)
+        return {"task_id": task_id, "webhook_id": request.get("id"),
+                "url": _redact(str(request.get("url", ""))), "events": request.get("events"),
+                "state": phase, "attempts": attempts, "next_try_at": next_try,
+                "done": done, "lease": state["lease"]}
+
+    # --------------------------------------------------------- delivery
+    def _start(self, task_id: str) -> None:
+        self._active[task_id] = self._background.spawn(self._deliver, task_id,
+                                                       name=f"webhook of {task_id}")
+
+    async def _deliver(self, task_id: str) -> None:
+        gen: int | None = None
+        try:
+            gen = await anyio.to_thread.run_sync(self.deliveries.claim, task_id)
+            if gen is None:
+                return  # another instance holds it
+            follower = self._followers.get(task_id)
+            if follower is not None:
+                # Progress first, then the final webhook (the follower ends at the final event).
+                with anyio.move_on_after(self.settings.webhook_timeout):
+                    await follower.wait()
+            await self._run(task_id, gen)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:
+            log.exception("webhook of task %s: delivery failed", task_id)
+        finally:
+            self._active.pop(task_id, None)
+            self._local.pop(task_id, None)
+            if gen is not None:
+                try:
+                    # Shielded: drain cancels a waiting delivery, and handing its
+                    # lease back is what lets another instance resume it at once.
+                    with anyio.move_on_after(5, shield=True):
+                        await anyio.to_thread.run_sync(self.deliveries.release, task_id, gen)
+                except Exception:
+                    # It expires on its own: another instance resumes after the lease.
+                    log.warning("webhook of task %s: could not release its lease", task_id)
+
+    async def _final(self, task_id: str) -> dict[str, Any] | None:
+        events = await anyio.to_thread.run_sync(self.tasklog.read, task_id)
+        return events[-1][1] if events and events[-1][1].get("type") == FINAL else None
+
+    async def _run(self, task_id: str, gen: int) -> None:
+        """Attempt, record, wait, until delivered or given up (or the lease is lost)."""
+        s = self.settings
+        body: bytes | None = None
+        while True:
+            state = await anyio.to_thread.run_sync(self.deliveries.state, task_id)
+            if state is None or state["done"]:
+                return
+            request, attempts = state["request"], state["attempts"]
+            if body is None:
+                final = await self._final(task_id)
+                if final is None:
+                    return  # not finished after all: a later scan comes back
+                success = (final.get("data") or {}).get("status") == "success"
+                kind = "completed" if success else "failed"
+                if kind not in request.get("events", ()):
+                    await self._finish(task_id, "skipped", len(attempts),
+                                       f"{kind} is not in webhook_events")
+                    return
+                body = payload_body(final, bool(request.get("base64")))
+            now = self._clock()
+            last = attempts[-1] if attempts else None
+            number = (last["attempt"] + 1) if last else 1
+            if last is None:
+                due = now
+            elif last.get("outcome") in ("delivered", "failed"):
+                # Its sender died between the result and the done marker.
+                await self._finish(task_id, last["outcome"], last["attempt"], last.get("reason"))
+                return
+            elif "outcome" in last:
+                due = float(last.get("next_try_at") or now)
+            else:
+                # Reserved but no outcome: its sender died mid-attempt, or is
+                # still sending. Wait until that attempt has surely ended.
+                due = float(last.get("at") or now) + s.webhook_timeout + 1
+            first_at = float(attempts[0].get("at") or now) if attempts else now
+            if number > s.webhook_max_attempts:
+                await self._finish(task_id, "failed", number - 1,
+                                   f"gave up after {number - 1} attempts")
+                return
+            if attempts and due > first_at + s.webhook_max_age:
+                await self._finish(task_id, "failed", number - 1,
+                                   f"gave up: next try would be past the "
+                                   f"{s.webhook_max_age:g}s limit")
+                return
+            if not await self._wait_until(task_id, gen, due):
+                log.info("webhook of task %s: another instance took the delivery over", task_id)
+                return
+            if due > now:
+                continue  # read again: a slow sender may have recorded its outcome meanwhile
+            begin = {"at": self._clock(), "instance_id": self.tasklog.instance_id}
+            if not await anyio.to_thread.run_sync(self.deliveries.begin_attempt, task_id,
+                                                  number, begin):
+                continue  # a rival reserved this attempt: read the state again
+            sent = await self._send(str(request["url"]), str(request["id"]), body)
+            record = self._outcome(number, first_at if attempts else begin["at"], sent)
+            await anyio.to_thread.run_sync(self.deliveries.end_attempt, task_id, number, record)
+            log.info("webhook of task %s: attempt %d: %s%s", task_id, number,
+                     sent.status or sent.error, f", next try in {record['delay']:.1f}s"
+                     if record["outcome"] == "retry" else f", {record['outcome']}")
+            if record["outcome"] != "retry":
+                await self._finish(task_id, record["outcome"], number, record.get("reason"))
+                return
+
+    def _outcome(self, number: int, first_at: float, sent: _Sent) -> dict[str, Any]:
+        s = self.settings
+        now = self._clock()
+        record: dict[str, Any] = {"finished_at": now, "status": sent.status, "error": sent.error}
+        if sent.ok:
+            record["outcome"] = "delivered"
+        elif not sent.retryable:
+            record.update(outcome="failed", reason=f"not retried: {sent.status or sent.error}")
+        elif number >= s.webhook_max_attempts:
+            record.update(outcome="failed", reason=f"gave up after {number} attempts")
+        else:
+            delay = self._backoff(number)
+            if sent.retry_after is not None:
+                delay = max(delay, sent.retry_after)
+            if now + delay > first_at + s.webhook_max_age:
+                record.update(outcome="failed", reason=(
+                    f"gave up: next try in {delay:.0f}s would be past the "
+                    f"{s.webhook_max_age:g}s limit"))
+            else:
+                record.update(outcome="retry", delay=delay, next_try_at=now + delay)
+        return record
+
+    def _backoff(self, number: int) -> float:
+        """Exponential, with 'equal jitter': between half and all of
+        base * 2**(n-1), so delays spread out yet still grow."""
+        s = self.settings
+        full = min(s.webhook_backoff * 2 ** (number - 1), s.webhook_backoff_max)
+        return full / 2 + self._rng() * full / 2
+
+    async def _finish(self, task_id: str, state: str, attempts: int, reason: str | None) -> None:
+        record = {"state": state, "at": self._clock(), "attempts": attempts, "reason": reason,
+                  "instance_id": self.tasklog.instance_id}
+        await anyio.to_thread.run_sync(self.deliveries.finish, task_id, record)
+        if state == "failed":
+            log.warning("webhook of task %s failed: %s", task_id, reason)
+
+    async def _wait_until(self, task_id: str, gen: int, due: float) -> bool:
+        """Sleep until ``due`` while renewing the lease; False if it was lost."""
+        step = max(self.deliveries.lease_seconds / 3, 0.05)
+        try:
+            while True:
+                if not await anyio.to_thread.run_sync(self.deliveries.renew, task_id, gen):
+                    return False
+                remaining = due - self._clock()
+                if remaining <= 0:
+                    return True
+                self._waiting.add(task_id)
+                await anyio.sleep(min(remaining, step))
+        finally:
+            self._waiting.discard(task_id)
+
+    async def _send(self, url: str, msg_id: str, body: bytes) -> _Sent:
+        """One signed POST to the checked, pinned address."""
+        timeout = self.settings.webhook_timeout
+        timestamp = int(self._clock())
+        headers = {"Content-Type": "application/json", "User-Agent": "comfy-embed-webhooks",
+                   "webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
+        if self._key is not None:
+            headers["webhook-signature"] = sign(self._key, msg_id, timestamp, body)
+        self._sending += 1
+        try:
+            # Checked again on every attempt: DNS may answer differently now.
+            # Retryable: the URL passed at submit time, so this is likely a DNS
+            # hiccup; a name that now stays internal is refused until give-up.
+            try:
+                target, host, ip = await self._policy.check(url, error=WebhookRefused)
+            except WebhookRefused as e:
+                return _Sent(ok=False, retryable=True, error=e.message)
+            try:
+                with anyio.fail_after(timeout):
+                    async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
+                                                 timeout=timeout) as client:
+                        request = pinned_request(client, "POST", target, host, ip, headers, body)
+                        response = await client.send(request, stream=True)
+                        await response.aclose()
+            except (TimeoutError, httpx.TimeoutException):
+                return _Sent(ok=False, retryable=True, error=f"timed out after {timeout:g}s")
+            except httpx.HTTPError as e:
+                return _Sent(ok=False, retryable=True,
+                             error=f"connection failed: {e or type(e).__name__}")
+        finally:
+            self._sending -= 1
+        code = response.status_code
+        if 200 <= code < 300:
+            return _Sent(ok=True, retryable=False, status=code)
+        retryable = code in (408, 429) or code >= 500
+        redirect = " (redirects are not followed)" if 300 <= code < 400 else ""
+        return _Sent(ok=False, retryable=retryable, status=code, error=f"HTTP {code}{redirect}",
+                     retry_after=_retry_after(response.headers.get("retry-after"), self._clock())
+                     if retryable else None)
+
+    async def _follow(self, task: "Task", request: WebhookRequest, webhook_id: str) -> None:
+        """Progress webhooks: best effort, one attempt each, at most one per
+        ``webhook_progress_interval``, none after the final event."""
+        try:
+            await self._progress(task, request, webhook_id)
+        finally:
+            self._followers.pop(task.task_id, None)
+
+    async def _progress(self, task: "Task", request: WebhookRequest, webhook_id: str) -> None:
+        interval = self.settings.webhook_progress_interval
+        last: float | None = None
+        async for seq, ev in task.stream():
+            if ev["type"] == FINAL:
+                return
+            if ev["type"] != "progress":
+                continue
+            now = time.monotonic()
+            if last is not None and now - last < interval:
+                continue
+            last = now
+            body = _dumps({"type": "progress", "data": {**ev["data"], "task_id": task.task_id}})
+            sent = await self._send(request.url, f"{webhook_id}_progress_{seq}", body)
+            if not sent.ok:
+                log.info("webhook of task %s: progress not delivered: %s", task.task_id,
+                         sent.status or sent.error)
