@@ -4,7 +4,7 @@ Nothing else in comfy-embed reads the environment (apart from storage
 credentials, which are asked for on each request so rotated STS tokens work).
 
 ``Settings`` is a pydantic-settings model: every field is typed, numbers are
-bounded (:data:`_BOUNDS` and ``__post_init__``), and a bad value raises
+checked beyond their types in one table (:data:`_RULES`), and a bad value raises
 :class:`SettingsError` naming its ``COMFY_EMBED_<FIELD>`` variable, so a
 misconfigured instance stops at start-up instead of failing on a request.
 Keyword construction (``Settings(base_dir=...)``) reads no environment; only
@@ -26,7 +26,7 @@ import pkgutil
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import httpx
 from pydantic import ValidationError
@@ -77,22 +77,78 @@ def webhook_secret_key(secret: str) -> bytes:
     return key
 
 
-#: Numeric bounds: field -> (lowest, highest, lowest itself allowed). None
-#: (where the field allows it) always passes: it means "not set".
-_BOUNDS: dict[str, tuple[float, float, bool]] = {
-    "max_queue": (1, math.inf, True),
-    "run_timeout": (0, math.inf, False),
-    "port": (1, 65535, True),
-    "max_body_bytes": (1, math.inf, True),
-    "lease_seconds": (0, math.inf, False),
+_Rule = tuple[Callable[[Any], bool], str]
+
+
+def _number(low: float, high: float = math.inf, closed: bool = True) -> _Rule:
+    """A number in [low, high] (or (low, high] when not ``closed``)."""
+    text = f"a number {'>=' if closed else '>'} {low:g}" + (
+        f" and <= {high:g}" if high != math.inf else "")
+    return (lambda v: (v >= low if closed else v > low) and v <= high), text
+
+
+def _one_of(*choices: str) -> _Rule:
+    return (lambda v: v in choices), ", ".join(choices[:-1]) + " or " + choices[-1]
+
+
+def _http_url(value: str) -> bool:
+    try:
+        return httpx.URL(value).scheme in ("http", "https")
+    except (httpx.InvalidURL, ValueError):
+        return False
+
+
+def _webhook_secret(value: str) -> bool:
+    try:
+        webhook_secret_key(value)
+    except ValueError:
+        return False
+    return True
+
+
+#: Every check of a value beyond its type, in one table: field -> (test,
+#: what is allowed). None, where a field allows it, always passes: it means
+#: "not set". Values that are false (an empty URL) skip the URL and secret checks.
+_RULES: dict[str, _Rule] = {
+    "max_queue": _number(1), "run_timeout": _number(0, closed=False), "port": _number(1, 65535),
+    "max_body_bytes": _number(1), "lease_seconds": _number(0, closed=False),
     # Zero would write keep-alive comments in a tight loop.
-    "sse_keepalive": (0, math.inf, False),
-    "max_image_bytes": (1, math.inf, True),
-    "max_image_pixels": (1, math.inf, True),
-    "fetch_timeout": (0, math.inf, False),
-    "max_redirects": (0, 100, True),
-    "oss_link_expire": (1, math.inf, True),
-    "s3_link_expire": (1, math.inf, True),
+    "sse_keepalive": _number(0, closed=False),
+    "max_image_bytes": _number(1), "max_image_pixels": _number(1),
+    "fetch_timeout": _number(0, closed=False), "max_redirects": _number(0, 100),
+    "oss_link_expire": _number(1), "s3_link_expire": _number(1),
+    "device": _one_of("auto", "cuda", "cpu"),
+    "cache": ((lambda v: v in ("classic", "none") or (v.startswith("lru:") and v[4:].isdigit())),
+              "classic, none or lru:<N>"),
+    "preview": _one_of("none", "latent2rgb"),
+    "storage": ((lambda v: v in storage_backends()), " or ".join(storage_backends())),
+    "log_format": _one_of("text", "json"),
+    "max_rss_bytes": ((lambda v: v > 0), "a positive number of bytes"),
+    "max_vram_bytes": ((lambda v: v > 0), "a positive number of bytes"),
+    "oom_recycle_after": ((lambda v: v >= 0), "0 or more"),
+    "gc_interval": ((lambda v: v >= 0), "0 or more seconds"),
+    "heap_keep_bytes": ((lambda v: 0 <= v < 2**31), "0 to 2147483647 bytes"),
+    "max_media_seconds": ((lambda v: v > 0), "a positive number"),
+    "model_lock_seconds": ((lambda v: v >= 1), "at least 1"),
+    "model_fetch_timeout": ((lambda v: v > 0), "a positive number"),
+    "models_fetch": _one_of("startup", "first_use"),
+    "task_log_flush_seconds": ((lambda v: 0 <= v <= 60), "0 to 60"),
+    "task_log_inline_seconds": ((lambda v: 0 <= v <= 0.1), "0 to 0.1"),
+    "progress_interval": ((lambda v: 0 <= v <= 60), "0 to 60"),
+    "max_task_events": ((lambda v: 10 <= v <= 10_000_000), "10 to 10000000"),
+    "max_nodes": ((lambda v: v >= 1), "at least 1"),
+    "max_json_depth": ((lambda v: 8 <= v <= 500), "8-500"),
+    "drain_seconds": ((lambda v: v >= 0), "0 or more seconds"),
+    "retention_hours": ((lambda v: v >= 0), "hours >= 0, or none"),
+    "webhook_url": ((lambda v: not v or _http_url(v)), "an http(s) URL"),
+    "webhook_secret": ((lambda v: _webhook_secret(v)),
+                       "any text, or whsec_ followed by base64 (not empty)"),
+    "webhook_max_attempts": ((lambda v: v >= 1), "a positive number"),
+    "webhook_max_age": ((lambda v: v > 0), "a positive number"),
+    "webhook_backoff": ((lambda v: v > 0), "a positive number"),
+    "webhook_backoff_max": ((lambda v: v > 0), "a positive number"),
+    "webhook_timeout": ((lambda v: v > 0), "a positive number"),
+    "webhook_progress_interval": ((lambda v: v >= 0), "0 or more"),
 }
 
 
@@ -278,66 +334,6 @@ class Settings(BaseSettings):
     #: before it is cancelled and closed with a final event.
     drain_seconds: float = 30.0
 
-    def __post_init__(self) -> None:
-        # Fail at start-up, naming the variable, not at the first request.
-        checks = [("device", self.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
-                  ("cache", self.cache in ("classic", "none") or
-                   (self.cache.startswith("lru:") and self.cache[4:].isdigit()), "classic, none or lru:<N>"),
-                  ("preview", self.preview in ("none", "latent2rgb"), "none or latent2rgb"),
-                  ("storage", self.storage in storage_backends(), " or ".join(storage_backends()))]
-        checks += [("log_format", self.log_format in ("text", "json"), "text or json"),
-                   ("max_rss_bytes", self.max_rss_bytes is None or self.max_rss_bytes > 0,
-                    "a positive number of bytes"),
-                   ("max_vram_bytes", self.max_vram_bytes is None or self.max_vram_bytes > 0,
-                    "a positive number of bytes"),
-                   ("oom_recycle_after", self.oom_recycle_after >= 0, "0 or more"),
-                   ("gc_interval", self.gc_interval >= 0, "0 or more seconds"),
-                   ("heap_keep_bytes", 0 <= self.heap_keep_bytes < 2**31, "0 to 2147483647 bytes")]
-        checks += [("max_media_seconds", self.max_media_seconds > 0, "a positive number"),
-                   ("model_lock_seconds", self.model_lock_seconds >= 1, "at least 1"),
-                   ("model_fetch_timeout", self.model_fetch_timeout > 0, "a positive number"),
-                   ("models_fetch", self.models_fetch in ("startup", "first_use"),
-                    "startup or first_use")]
-        checks += [("task_log_flush_seconds", 0 <= self.task_log_flush_seconds <= 60, "0 to 60"),
-                   ("task_log_inline_seconds", 0 <= self.task_log_inline_seconds <= 0.1,
-                    "0 to 0.1"),
-                   ("progress_interval", 0 <= self.progress_interval <= 60, "0 to 60"),
-                   ("max_task_events", 10 <= self.max_task_events <= 10_000_000, "10 to 10000000")]
-        checks += [("max_nodes", self.max_nodes >= 1, "at least 1"),
-                   ("max_json_depth", 8 <= self.max_json_depth <= 500, "8-500"),
-                   ("drain_seconds", self.drain_seconds >= 0, "0 or more seconds"),
-                   ("retention_hours", self.retention_hours is None or self.retention_hours >= 0,
-                    "hours >= 0, or none")]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"COMFY_EMBED_{name.upper()}={getattr(self, name)!r}: "
-                                 f"expected {allowed}")
-        self._check_webhooks()
-
-    def _check_webhooks(self) -> None:
-        if self.webhook_url:
-            try:
-                scheme = httpx.URL(self.webhook_url).scheme
-            except (httpx.InvalidURL, ValueError):
-                scheme = ""
-            if scheme not in ("http", "https"):
-                raise ValueError(f"COMFY_EMBED_WEBHOOK_URL={self.webhook_url!r}: "
-                                 "expected an http(s) URL")
-        if self.webhook_secret is not None:
-            try:
-                webhook_secret_key(self.webhook_secret)
-            except ValueError as e:
-                raise ValueError(f"COMFY_EMBED_WEBHOOK_SECRET: {e}") from None
-        for name, ok in (("webhook_max_attempts", self.webhook_max_attempts >= 1),
-                         ("webhook_max_age", self.webhook_max_age > 0),
-                         ("webhook_backoff", self.webhook_backoff > 0),
-                         ("webhook_backoff_max", self.webhook_backoff_max > 0),
-                         ("webhook_timeout", self.webhook_timeout > 0),
-                         ("webhook_progress_interval", self.webhook_progress_interval >= 0)):
-            if not ok:
-                raise ValueError(f"COMFY_EMBED_{name.upper()}={getattr(self, name)!r}: "
-                                 "must be positive")
-
     # --- derived ------------------------------------------------------------
     @property
     def models_path(self) -> Path:
@@ -377,15 +373,11 @@ class Settings(BaseSettings):
         return (init_settings,)
 
     def model_post_init(self, context: Any) -> None:
-        for name, (low, high, closed) in _BOUNDS.items():
+        # Fail at start-up, naming the variable, not at the first request.
+        for name, (ok, allowed) in _RULES.items():
             value = getattr(self, name)
-            if value is None:
-                continue
-            if not ((value >= low if closed else value > low) and value <= high):
-                allowed = f"{'>=' if closed else '>'} {low:g}" + (
-                    f" and <= {high:g}" if high != math.inf else "")
-                raise SettingsError(f"{_PREFIX}{name.upper()}={value!r}: expected a number {allowed}")
-        self.__post_init__()
+            if value is not None and not ok(value):
+                raise SettingsError(f"{_PREFIX}{name.upper()}={value!r}: expected {allowed}")
 
     def replace(self, **changes: object) -> "Settings":
         """A copy with some fields changed (checked like a new one)."""

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
     ("COMFY_EMBED_CACHE", "lru", "classic, none or lru:<N>"),
     ("COMFY_EMBED_STORAGE", "gcs", "expected oss or s3"),
     ("COMFY_EMBED_BASE_DIR", "", "empty; expected a path"),
-    # Checks in __post_init__ (other features' own) still run and name the variable.
-    ("COMFY_EMBED_WEBHOOK_MAX_ATTEMPTS", "0", "must be positive"),
+    # Checks of other features (webhooks) are in the same table and name the variable.
+    ("COMFY_EMBED_WEBHOOK_MAX_ATTEMPTS", "0", "expected a positive number"),
 ])
 def test_bad_value_names_the_variable(var: str, raw: str, needle: str) -> None:
     with pytest.raises(SettingsError) as info:
