@@ -213,3 +213,12 @@ def test_no_module_over_600_lines() -> None:
     long = [f"{where}: {n}" for where, path in sources()
             if (n := len(path.read_text().splitlines())) > 600]
     assert not long, long
+
+
+def test_no_function_over_80_lines() -> None:
+    """Functions and methods, from ``def`` to their last line."""
+    long = [f"{where} {node.name}: {n}" for where, path in sources()
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and (n := (node.end_lineno or node.lineno) - node.lineno + 1) > 80]
+    assert not long, long

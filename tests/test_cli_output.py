@@ -97,7 +97,7 @@ def test_long_comfyui_log_records_are_shortened() -> None:
     tracebacks (many short lines) and other loggers' records stay whole."""
     import logging
 
-    from comfy_embed._comfy.comfy import _ShortRecords
+    from comfy_embed._comfy.log_filters import ShortRecords as _ShortRecords
 
     seen: list[str] = []
 

@@ -25,6 +25,7 @@ Only this process's boot uses it, and only for the modules in
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
@@ -53,7 +54,7 @@ _NOT_YET = frozenset({"__file__", "__cached__", "__builtins__", "__wrapped__", "
 _reuse: set[str] = set()
 
 
-class _ReuseLoader:
+class _ReuseLoader(importlib.abc.Loader):
     """Hands back a module that is already in ``sys.modules`` instead of
     executing it a second time (see ``LazyModule.__getattr__``)."""
 

@@ -207,10 +207,16 @@ _SINCE_Q = _query("since", {"type": "integer", "minimum": 0},
                   "Only events with a sequence number above this.")
 
 
+_SERVERLESS = "/api/serverless"
+
+
 def _paths() -> dict[str, Any]:
-    p = "/api/serverless"
-    health = _json(_ref("Status"), "As named in `status`.")
-    _html = {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}
+    return {**_run_paths(_SERVERLESS), **_task_paths(_SERVERLESS), **_platform_paths(),
+            **_page_paths()}
+
+
+def _run_paths(p: str) -> dict[str, Any]:
+    """Running and checking a workflow."""
     return {
         f"{p}/run": {"post": {
             "summary": "Run a workflow",
@@ -252,6 +258,12 @@ def _paths() -> dict[str, Any]:
                 "503": _json(_ref("DryRun"), "Not ready."),
             },
         }},
+    }
+
+
+def _task_paths(p: str) -> dict[str, Any]:
+    """A task's events, its cancelling, its webhook, and the WebSocket."""
+    return {
         f"{p}/status": {"get": {
             "summary": "Every event of a task so far",
             "description": "From any instance sharing the task log. Unknown task: `[]`.",
@@ -295,6 +307,13 @@ def _paths() -> dict[str, Any]:
                           "404": {"description": "Not a WebSocket upgrade.",
                                   "content": {"text/plain": {"schema": {"type": "string"}}}}},
         }},
+    }
+
+
+def _platform_paths() -> dict[str, Any]:
+    """Health, Function Compute's lifecycle hooks and metrics."""
+    health = _json(_ref("Status"), "As named in `status`.")
+    return {
         "/health": {"get": {"summary": "Alive", "responses": {"200": health}}},
         "/ready": {"get": {
             "summary": "Booted and warm",
@@ -313,8 +332,15 @@ def _paths() -> dict[str, Any]:
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "Text exposition format.",
             "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    }
+
+
+def _page_paths() -> dict[str, Any]:
+    """The playground, its files and examples, and this document."""
+    html = {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}
+    return {
         **{path: {"get": {"summary": "The playground page (try workflows in a browser)",
-                          "responses": {"200": _html}}} for path in ("/", "/playground")},
+                          "responses": {"200": html}}} for path in ("/", "/playground")},
         "/playground/examples": {"get": {"summary": "The bundled example workflows",
                                          "responses": {"200": _json({
             "type": "object", "required": ["examples"], "properties": {"examples": {
@@ -332,7 +358,7 @@ def _paths() -> dict[str, Any]:
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {
             "description": "OpenAPI 3.1.",
             "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-        "/docs": {"get": {"summary": "This document as a page", "responses": {"200": _html}}},
+        "/docs": {"get": {"summary": "This document as a page", "responses": {"200": html}}},
         "/docs/{name}": {"get": {
             "summary": "The docs page's script and style",
             "parameters": [{"name": "name", "in": "path", "required": True,
