@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 from comfy_embed.taskid import valid_task_id
+from comfy_embed.tasklog.delivery import DeliveryLog
 from comfy_embed.tasklog.index import NameIndex
-from comfy_embed.tasklog.log import DeliveryLog, TaskLog
+from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasklog.retention import prune
 
 FINAL = {"type": "serverless_api", "data": {"status": "success", "results": []}}

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from comfy_embed.taskid import valid_task_id
-from comfy_embed.tasklog.log import DeliveryLog, TaskLog
+from comfy_embed.tasklog.delivery import DeliveryLog
+from comfy_embed.tasklog.log import TaskLog
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def prune(output_dir: Path, temp_dir: Path, tasklog: TaskLog, max_age_seconds: f
     ``<output>/<task_id>/`` and ``<input>/serverless/<task_id>/``), and temp
     files. Returns how many tasks and temp files were removed.
 
-    The task log's done index (logindex.py) names the tasks that finished
+    The task log's done index (index.py) names the tasks that finished
     long enough ago, so a log of many recent tasks costs a listing of its
     buckets, not a stat per folder every minute. A log from before the
     index is scanned in full once, which indexes the tasks it keeps."""

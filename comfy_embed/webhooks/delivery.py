@@ -6,7 +6,7 @@ ComfyUI envelope, or the server has a default (``COMFY_EMBED_WEBHOOK_URL``).
 The request is recorded in the task's folder of the shared task log when the
 task is accepted; once the final event is persisted, the delivery starts on
 the instance that ran the task. Every attempt is recorded beside the task's
-events (:class:`~comfy_embed.tasklog.log.DeliveryLog`) before and after it is
+events (:class:`~comfy_embed.tasklog.delivery.DeliveryLog`) before and after it is
 sent, under a lease; if the instance dies, another one sharing the log finds
 the delivery pending once the lease expires and carries on from the recorded
 next try, as orphaned tasks are finished. Attempt numbers are reserved
@@ -42,7 +42,8 @@ from comfy_embed.config import webhook_secret_key as secret_key
 from comfy_embed.errors import WebhookRefused
 from comfy_embed.events import FINAL
 from comfy_embed.inputs.fetch import AddressPolicy, pinned_request
-from comfy_embed.tasklog.log import DeliveryLog, TaskLog
+from comfy_embed.tasklog.delivery import DeliveryLog
+from comfy_embed.tasklog.log import TaskLog
 
 if TYPE_CHECKING:
     from comfy_embed.config import Settings

@@ -1,4 +1,4 @@
-"""The task log's indexes (comfy_embed/logindex.py): the periodic scans of
+"""The task log's indexes (comfy_embed/tasklog/index.py): the periodic scans of
 every instance look only at the tasks they are about, not at every folder
 kept for the retention period, and logs from before the index still get
 their orphans closed and their webhooks resumed."""
@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
+from comfy_embed.events import FINAL
+from comfy_embed.tasklog.delivery import DeliveryLog
 from comfy_embed.tasklog.index import INDEX_FOLDER, NameIndex
-from comfy_embed.tasklog.log import FINAL_TYPE, DeliveryLog, TaskLog
+from comfy_embed.tasklog.log import TaskLog
 
 from tests.tasklog.test_log import FakeClock, ev, final
 
@@ -47,7 +49,7 @@ def test_recovery_looks_only_at_open_tasks_of_any_instance(
     assert sorted(set(seen)) == ["dead", "live"]  # the 30 finished tasks were not looked at
     assert NameIndex(tmp_path, "open").names() == ["live"]  # closed: out of the index
     events = rescuer.read("dead")
-    assert [e["type"] for _, e in events] == ["progress", FINAL_TYPE]
+    assert [e["type"] for _, e in events] == ["progress", FINAL]
     assert events[-1][1]["data"]["error"]["type"] == "task_lost"
 
 

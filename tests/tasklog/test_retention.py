@@ -14,7 +14,8 @@ import pytest
 from comfy_embed.config import Settings
 from comfy_embed.events import final_event
 from comfy_embed.tasklog.index import BUCKET_SECONDS, INDEX_FOLDER
-from comfy_embed.tasklog.log import DeliveryLog, TaskLog
+from comfy_embed.tasklog.delivery import DeliveryLog
+from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasklog.retention import prune
 
 

@@ -19,7 +19,8 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from comfy_embed.config import Settings
 from comfy_embed.events import final_event
-from comfy_embed.tasklog.log import DeliveryLog, TaskLog
+from comfy_embed.tasklog.delivery import DeliveryLog
+from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.webhooks.delivery import (
     WebhookRequest,
     Webhooks,

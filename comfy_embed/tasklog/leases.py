@@ -1,0 +1,110 @@
+"""Leases on a filesystem that several instances share: one file per lease.
+
+A lease file is created exclusively (only one instance can take it) and
+names its holder, ``{"instance_id", "claimed_at"}``; its mtime is the last
+renewal, so renewing is one ``utime`` and nobody rewrites the file. A lease
+not renewed for ``seconds`` has expired; a released one has mtime 0 (the
+epoch), so it is expired at once and can be told from one that lapsed.
+
+The task leases (``owner.json``, log.py) and the webhook delivery leases
+(``webhook.lease.NNNN``, delivery.py) are both such files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from comfy_embed.events import dumps_bytes, loads
+from comfy_embed.tasklog.files import publish, read
+
+__all__ = ["Leases", "RELEASED"]
+
+#: The renewal time of a released lease.
+RELEASED = 0.0
+
+
+class Leases:
+    """The leases that instance ``instance_id`` takes, each valid for
+    ``seconds`` after its last renewal; ``clock`` gives the wall-clock time
+    written into them (tests pass a fake one). Every method blocks on file
+    I/O: call them from a worker thread."""
+
+    def __init__(self, instance_id: str, seconds: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.instance_id = instance_id
+        self.seconds = seconds
+        self.clock = clock
+
+    def _touch(self, path: Path, when: float | None = None) -> None:
+        t = self.clock() if when is None else when
+        os.utime(path, (t, t))
+
+    def take(self, path: Path, *, folder_is_ours: bool = False) -> bool:
+        """Create the lease file ``path`` held by this instance, renewed now;
+        False if it exists (taken before, by anyone).
+
+        ``folder_is_ours``: the folder was just made by this caller (an
+        exclusive mkdir), so a plain exclusive create is enough: cheaper
+        than publishing (this is on every request's path); a reader that
+        catches the file empty sees no holder yet.
+        """
+        info = dumps_bytes({"instance_id": self.instance_id, "claimed_at": self.clock()})
+        if folder_is_ours:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                os.write(fd, info)
+            finally:
+                os.close(fd)
+        elif not publish(path.parent, path.name, info):
+            return False
+        if self.clock is not time.time:
+            # A new file's mtime is the wall clock already (the lease starts
+            # now); only another clock (a test's) must be written.
+            self._touch(path)
+        return True
+
+    def renew(self, path: Path) -> bool:
+        """Renew the lease now; False if its file is gone."""
+        try:
+            self._touch(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def release(self, path: Path) -> None:
+        """Expire the lease at once (:data:`RELEASED`), so that another
+        instance may take over without waiting for it to lapse."""
+        try:
+            self._touch(path, when=RELEASED)
+        except FileNotFoundError:
+            pass
+
+    def renewed_at(self, path: Path) -> float:
+        """When the lease was last renewed (:data:`RELEASED` once released);
+        FileNotFoundError if there is no such lease."""
+        return os.stat(path).st_mtime
+
+    def live(self, path: Path, now: float | None = None) -> bool:
+        """Whether the lease exists and has not expired at ``now`` (default: the clock's now)."""
+        try:
+            renewed = self.renewed_at(path)
+        except FileNotFoundError:
+            return False
+        return (self.clock() if now is None else now) - renewed <= self.seconds
+
+    @staticmethod
+    def holder(path: Path) -> str | None:
+        """The instance id named in the lease file, or None (no file, or unreadable)."""
+        raw = read(path)
+        try:
+            info = loads(raw) if raw else None
+        except ValueError:
+            return None
+        value = info.get("instance_id") if isinstance(info, dict) else None
+        return value if isinstance(value, str) else None
