@@ -46,14 +46,14 @@ def _progress(ev: dict[str, Any], names: dict[str, str]) -> None:
 
 async def _run(settings: Settings, graph: Any, out: Path | None, want_base64: bool,
                show_progress: bool) -> dict[str, Any]:
-    from comfy_embed.runtime import Engine
+    from comfy_embed.runtime import Engine, RunOptions
 
     engine = Engine(settings)
     names = _node_names(graph)
     try:
         await engine.wait_ready()
         async with engine.background.open():  # the result is assembled in it
-            task = await engine.submit(graph, output_base64=want_base64)
+            task = await engine.submit(graph, RunOptions(output_base64=want_base64))
             async for _, ev in task.stream():
                 if show_progress:
                     _progress(ev, names)

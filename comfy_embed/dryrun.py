@@ -4,7 +4,9 @@ makes, and what it would load, without queueing or executing anything.
 Reports, all at once rather than stopping at the first problem: node classes
 that are not installed, model files that are missing (with the closest names
 available), media inputs that cannot be used, ComfyUI's own validation errors,
-and the model files the run would load.
+and the model files the run would load. Parsing (with the run's limits) and
+media inputs go through the same preparation steps as a run
+(:class:`comfy_embed.prepare.pipeline.Preparer`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from comfy_embed.errors import ComfyEmbedError, WorkflowInvalid
-from comfy_embed.prepare.graph import parse_request
+from comfy_embed.storage.credentials import Credentials
 
 if TYPE_CHECKING:
     from comfy_embed.runtime import Engine
@@ -39,7 +41,8 @@ MODEL_INPUTS: dict[str, str] = {
 _NONE = {"none", "None", ""}
 
 
-async def dry_run(engine: "Engine", body: Any, credentials: Any = None) -> dict[str, Any]:
+async def dry_run(engine: "Engine", body: Any,
+                  credentials: Credentials | None = None) -> dict[str, Any]:
     """The report: ``valid``, ``error`` (as a run would answer it),
     ``node_errors``, ``missing_nodes``, ``missing_models``, ``models``,
     ``outputs``."""
@@ -48,9 +51,10 @@ async def dry_run(engine: "Engine", body: Any, credentials: Any = None) -> dict[
                               "outputs": []}
     await engine.wait_ready()
     comfy = engine.comfy
+    preparer = engine.preparer
     try:
         # On-prompt handlers are not called: a dry run must have no side effects.
-        request = parse_request(body)
+        request = preparer.parse(body, handlers=False)
     except WorkflowInvalid as e:
         report.update(error=e.to_dict(), node_errors=e.node_errors)
         return report
@@ -66,7 +70,7 @@ async def dry_run(engine: "Engine", body: Any, credentials: Any = None) -> dict[
     # Inputs fetched for the check go to a folder of their own, deleted after.
     folder = "validate-" + uuid.uuid4().hex
     try:
-        await engine._materialise_images(prompt, credentials, folder)
+        await preparer.materialise(prompt, credentials, folder)
     except ComfyEmbedError as e:
         errors.append(e)
         report["node_errors"].update(e.node_errors)

@@ -45,54 +45,37 @@ The lifecycle, and who owns each step (the engine, from submit to final event):
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import shutil
 import threading
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
 
 from comfy_embed._comfy.comfy import Comfy
 from comfy_embed.background import Background
 from comfy_embed.config import Settings
-from comfy_embed.errors import (
-    ComfyEmbedError,
-    ImageInputError,
-    NotAccepting,
-    WorkflowInvalid,
-)
+from comfy_embed.errors import ComfyEmbedError, NotAccepting, WorkflowInvalid
 from comfy_embed.events import queue_event, status_event
 from comfy_embed.executor import Executor, Job
 from comfy_embed.observe import memory
 from comfy_embed.observe.guard import MemoryGuard
 from comfy_embed.observe.metrics import Metrics
-from comfy_embed.observe.report import TaskReport, loader_nodes
-from comfy_embed.prepare.graph import (
-    WorkflowRequest,
-    check_nodes,
-    isolate_outputs,
-    media_inputs,
-    parse_request,
-    randomize_seeds,
-)
+from comfy_embed.observe.report import TaskReport
+from comfy_embed.prepare.options import DEFAULT_OPTIONS, RunOptions
+from comfy_embed.prepare.pipeline import Preparer, WriteGate
 from comfy_embed.results import FORMATS
 from comfy_embed.storage import Store, open_store
 from comfy_embed.taskid import check_task_id, valid_task_id
 from comfy_embed.tasks import Task, TaskObserver
 
+if TYPE_CHECKING:
+    from comfy_embed.inputs.models import ModelEntry
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Task", "TaskObserver", "run_workflow"]
-
-#: Graphs up to this many nodes are validated on the event loop, as native
-#: ComfyUI validates every graph. ComfyUI's check is pure Python (tens of
-#: microseconds a node) and holds the GIL wherever it runs: a worker thread
-#: gives it no parallelism and costs two thread hand-offs per request. Larger
-#: graphs go to a worker thread, where the loop can run while the check waits
-#: on the files some nodes list (models, inputs).
-INLINE_VALIDATION_NODES = 64
+__all__ = ["Engine", "RunOptions", "Task", "TaskObserver", "run_workflow"]
 
 #: Finished tasks kept in memory for late readers (the task log keeps all;
 #: a final event can hold megabytes of base64, so keep few).
@@ -152,7 +135,8 @@ class Engine:
         self._materialised: set[str] = set()
         self._stores: dict[str, Store] = {}
         self._fetcher: Any = None
-        self._manifest: list[Any] | None = None
+        self._preparer: Preparer | None = None
+        self._manifest: list[ModelEntry] | None = None
         self.accepting = True
         self._started = False
         self._lock = threading.Lock()
@@ -258,6 +242,7 @@ class Engine:
         """Nothing being prepared, queued or run."""
         return not self._preparing and self.executor.idle
 
+
     def add_observer(self, observer: TaskObserver) -> None:
         """Tell ``observer`` of every task accepted from now on."""
         self.observers.append(observer)
@@ -266,18 +251,19 @@ class Engine:
         if observer in self.observers:
             self.observers.remove(observer)
 
-    async def submit(self, graph: Any, **options: Any) -> Task:
+    async def submit(self, graph: Any, options: RunOptions = DEFAULT_OPTIONS, *,
+                     task_id: str | None = None,
+                     before_writes: Callable[[], Awaitable[None]] | None = None) -> Task:
         """Check, rewrite and validate a workflow, then queue it.
 
         Raises WorkflowInvalid / ImageInputError / QueueFull / NotAccepting
         before anything is queued. A task id registered here returns that
         task, also while its first submit is still being validated (retries
-        are idempotent). Options: ``task_id``, ``output_base64``,
-        ``output_oss``, ``credentials``, ``output_format``, ``quality``, and
-        ``before_writes``: awaited once, before anything is written for this
-        task id (its materialised inputs) and before it is queued, while
-        parsing and validating need not wait for it; raising there refuses
-        the task (the service claims the id in the task log meanwhile).
+        are idempotent). ``before_writes`` is awaited once, before anything
+        is written for this task id (its materialised inputs) and before it
+        is queued, while parsing and validating need not wait for it;
+        raising there refuses the task (the service claims the id in the
+        task log meanwhile).
 
         What follows the run (assembling the result) is spawned in
         :attr:`background`: in the server, the lifespan's task group; in
@@ -286,16 +272,13 @@ class Engine:
         until ``task.wait()`` returns (or ``await engine.background.drain()``).
         """
         try:
-            return await self._submit(graph, **options)
+            return await self._submit(graph, options, task_id, before_writes)
         except ComfyEmbedError as e:  # refused before queueing: still a task outcome
             self.metrics.task_ended(e.type)
             raise
 
-    async def _submit(self, graph: Any, *, task_id: str | None = None,
-                      output_base64: bool = False, output_oss: bool = False,
-                      credentials: Any = None, output_format: str | None = None,
-                      quality: int | None = None,
-                      before_writes: Callable[[], Awaitable[None]] | None = None) -> Task:
+    async def _submit(self, graph: Any, options: RunOptions, task_id: str | None,
+                      before_writes: Callable[[], Awaitable[None]] | None) -> Task:
         report = TaskReport()
         if not self.accepting:
             raise NotAccepting("this instance is draining and accepts no new work")
@@ -309,72 +292,51 @@ class Engine:
         # a retry meanwhile waits in lookup() instead of preparing it twice.
         preparing = self._preparing[task_id] = anyio.Event()
         try:
-            task = await self._prepare(graph, report, task_id, output_base64=output_base64,
-                                       output_oss=output_oss, credentials=credentials,
-                                       output_format=output_format, quality=quality,
-                                       before_writes=before_writes)
+            task = await self._queue(graph, options, task_id, WriteGate(before_writes), report)
         finally:
             del self._preparing[task_id]
             preparing.set()
         self._accepted(task)
         return task
 
-    async def _prepare(self, graph: Any, report: TaskReport, task_id: str, *,
-                       output_base64: bool, output_oss: bool, credentials: Any,
-                       output_format: str | None, quality: int | None,
-                       before_writes: Callable[[], Awaitable[None]] | None = None) -> Task:
+    async def _queue(self, graph: Any, options: RunOptions, task_id: str, gate: WriteGate,
+                     report: TaskReport) -> Task:
         """Everything between the id check and the queue; the queued task."""
-        if output_format is not None and output_format not in FORMATS:
-            raise WorkflowInvalid(f"output_format must be one of png, jpeg, webp; got {output_format!r}",
-                                  type="invalid_output_format")
-        if quality is not None and not 1 <= quality <= 100:
-            raise WorkflowInvalid(f"quality must be 1-100; got {quality}", type="invalid_output_format")
-        if output_oss:
-            self.store().check()  # a missing setting fails now, before the run
-        comfy = self.comfy
-        request = self.parse(graph)
-        prompt = request.prompt
-        seeds = randomize_seeds(prompt, comfy.input_specs)
-        isolate_outputs(prompt, task_id)
-        gate = before_writes  # None once passed
+        self._check_options(options)
         try:
-            if gate is not None and any(True for _ in media_inputs(prompt, comfy.input_specs)):
-                await gate()  # inputs are about to be written under this id
-                gate = None
-            await self._materialise_images(prompt, credentials, task_id)
-            await self._fetch_models(prompt)
-            prompt_id = str(uuid.uuid4())
-            report.mark_prepared()
-            if len(prompt) <= INLINE_VALIDATION_NODES:
-                checked, outputs = await comfy.validate_here(prompt, prompt_id, request.targets)
-            else:
-                checked, outputs = await anyio.to_thread.run_sync(comfy.validate, prompt, prompt_id,
-                                                                  request.targets)
-            report.mark_validated(checked, loader_nodes(checked, comfy.is_loader))
-            task = Task(self, task_id, prompt_id, seeds, output_base64=output_base64,
-                        output_oss=output_oss, credentials=credentials,
-                        output_format=output_format, quality=quality, report=report)
-            task.request = request
-            job = Job(prompt_id=prompt_id, prompt=checked, outputs=outputs, task_id=task_id,
-                      emit=task._from_executor, on_done=task._on_done, on_start=task._on_start,
-                      on_position=task._on_position,
-                      extra_data=request.extra_data)
-            if gate is not None:
-                await gate()
-                gate = None
+            prepared = await self.preparer.prepare(graph, task_id, options.credentials, gate,
+                                                   report)
+            task = Task(self, task_id, prepared.prompt_id, prepared.seeds, options, report=report)
+            task.request = request = prepared.request
+            job = Job(prompt_id=prepared.prompt_id, prompt=prepared.checked,
+                      outputs=prepared.outputs, task_id=task_id, emit=task._from_executor,
+                      on_done=task._on_done, on_start=task._on_start,
+                      on_position=task._on_position, extra_data=request.extra_data)
+            await gate.open()
             ahead = self.executor.submit(job)  # QueueFull propagates: nothing queued
         except BaseException:
             # Never queued: the inputs this request materialised go now. Not
             # when the gate refused: the id may be another instance's task,
             # whose inputs (on a shared volume) are in that folder.
-            if gate is None:
+            if gate.passed:
                 self.drop_inputs(task_id)
             raise
         task._publish(status_event(ahead + 1))
         if ahead:
-            task._publish(queue_event(prompt_id, ahead))
-        log.info("task %s queued as prompt %s (%d ahead)", task_id, prompt_id, ahead)
+            task._publish(queue_event(prepared.prompt_id, ahead))
+        log.info("task %s queued as prompt %s (%d ahead)", task_id, prepared.prompt_id, ahead)
         return task
+
+    def _check_options(self, options: RunOptions) -> None:
+        """What no later step would catch before the run: refused now."""
+        if options.output_format is not None and options.output_format not in FORMATS:
+            raise WorkflowInvalid("output_format must be one of png, jpeg, webp; "
+                                  f"got {options.output_format!r}", type="invalid_output_format")
+        quality = options.quality
+        if quality is not None and not 1 <= quality <= 100:
+            raise WorkflowInvalid(f"quality must be 1-100; got {quality}", type="invalid_output_format")
+        if options.output_oss:
+            self.store().check()  # a missing setting fails now, before the run
 
     def _accepted(self, task: Task) -> None:
         """Register a queued task and tell the observers (no await: the
@@ -389,18 +351,20 @@ class Engine:
         if not persisted:
             task.final_durable.set()  # nothing writes it anywhere: as durable as it gets
 
-    def parse(self, body: Any) -> WorkflowRequest:
-        """The request (bare graph or native envelope), after the on-prompt
-        handlers of custom-node packs, as native ``POST /prompt`` runs them."""
-        comfy = self.comfy
-        body = copy.deepcopy(body) if isinstance(body, dict) else body
-        server = getattr(comfy, "server", None)  # a test fake has none
-        handlers = getattr(server, "on_prompt_handlers", None)
-        s = self.settings
-        request = parse_request(body, server.trigger_on_prompt if handlers else None,
-                                max_depth=s.max_json_depth)
-        check_nodes(request.prompt, max_nodes=s.max_nodes, denylist=s.node_denylist)
-        return request
+    @property
+    def preparer(self) -> Preparer:
+        """The preparation steps (parse, seeds, inputs, validation) over the
+        booted ComfyUI; NotAccepting before it is booted."""
+        if self._preparer is None:
+            comfy = self.comfy
+            server = getattr(comfy, "server", None)  # a test fake has none
+            s = self.settings
+            first_use = bool(s.models_manifest) and s.models_fetch == "first_use"
+            self._preparer = Preparer(
+                s, comfy, self.fetcher, on_inputs=self._materialised.add,
+                on_prompt=getattr(server, "trigger_on_prompt", None),
+                fetch_models=self._fetch_models if first_use else None)
+        return self._preparer
 
     def drop_inputs(self, task_id: str) -> None:
         """Delete the inputs materialised for one task (they served its run only)."""
@@ -414,42 +378,15 @@ class Engine:
     async def _fetch_models(self, prompt: dict[str, Any]) -> None:
         """With ``models_fetch=first_use``: the manifest models this workflow
         names, downloaded (once across instances) before it is validated."""
-        s = self.settings
-        if not s.models_manifest or s.models_fetch != "first_use":
-            return
         from comfy_embed.inputs.models import ensure_referenced, load_manifest
-        if self._manifest is None:
-            self._manifest = await anyio.to_thread.run_sync(load_manifest, s.models_manifest)
-        await anyio.to_thread.run_sync(ensure_referenced, s, self._manifest, prompt)
-
-    async def _materialise_images(self, prompt: dict[str, Any], credentials: Any,
-                                  task_id: str | None = None) -> None:
-        """Turn upload-type inputs (image, audio, video) given as URLs,
-        ``oss://``/``s3://`` or base64 into checked files in the input folder
-        (``serverless/<task_id>/``: one caller's inputs out of another's reach)."""
-        refs = list(media_inputs(prompt, self.comfy.input_specs))
-        if not refs:
+        s = self.settings
+        path = s.models_manifest
+        if path is None:  # the preparer asks only when a manifest is set
             return
-        if task_id is not None:
-            self._materialised.add(task_id)  # drop_inputs() deletes the folder
-        fetcher = self.fetcher()
-        errors: list[ImageInputError] = []
-
-        async def one(node_id: str, class_type: str, name: str, value: str, kind: str) -> None:
-            try:
-                prompt[node_id]["inputs"][name] = await fetcher.materialise(
-                    value, credentials, kind=kind, folder=task_id)
-            except ImageInputError as e:
-                errors.append(e.at(node_id, class_type, name, value))
-
-        async with anyio.create_task_group() as tg:
-            for ref in refs:
-                tg.start_soon(one, *ref)
-        if errors:
-            first = errors[0]
-            for other in errors[1:]:
-                first.node_errors.update(other.node_errors)
-            raise first
+        if self._manifest is None:
+            self._manifest = await anyio.to_thread.run_sync(load_manifest, path)
+        manifest = self._manifest
+        await anyio.to_thread.run_sync(ensure_referenced, s, manifest, prompt)
 
     def _remember(self, task: Task) -> None:
         self._tasks[task.task_id] = task
@@ -469,19 +406,20 @@ class Engine:
             return False
         return self.executor.cancel(task.prompt_id, reason)
 
-    async def run(self, graph: Any, **options: Any) -> dict[str, Any]:
+    async def run(self, graph: Any, options: RunOptions = DEFAULT_OPTIONS, *,
+                  task_id: str | None = None) -> dict[str, Any]:
         """Submit and wait; the final event, or the typed error raised.
 
         Without an open :attr:`background` group (library use), one is
         opened for this call, so nothing it started outlives it.
         """
         if self.background.attached:
-            return await self._run(graph, options)
+            return await self._run(graph, options, task_id)
         async with self.background.open():
-            return await self._run(graph, options)
+            return await self._run(graph, options, task_id)
 
-    async def _run(self, graph: Any, options: dict[str, Any]) -> dict[str, Any]:
-        task = await self.submit(graph, **options)
+    async def _run(self, graph: Any, options: RunOptions, task_id: str | None) -> dict[str, Any]:
+        task = await self.submit(graph, options, task_id=task_id)
         return await task.result()
 
 
@@ -498,13 +436,18 @@ def shared_engine(settings: Settings | None = None) -> Engine:
         return _shared
 
 
-def run_workflow(graph: Any, *, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
+def run_workflow(graph: Any, *, settings: Settings | None = None, task_id: str | None = None,
+                 **options: Any) -> dict[str, Any]:
     """Run one workflow and return the ``serverless_api`` result message.
 
     Blocking; boots ComfyUI on first use (``settings`` applies then only).
-    Options: ``task_id``, ``output_base64``, ``output_oss``. Raises the typed
-    error (WorkflowInvalid, ExecutionFailed, ...) when the run fails. Do not
-    call from inside a running event loop: use ``await Engine.run`` there.
+    ``options`` are :class:`RunOptions`' fields (``output_base64``,
+    ``output_oss``, ``output_format``, ``quality``, ``credentials``): the
+    library's edge, where they become one RunOptions (an unknown name is a
+    TypeError). Raises the typed error (WorkflowInvalid, ExecutionFailed,
+    ...) when the run fails. Do not call from inside a running event loop:
+    use ``await Engine.run`` there.
     """
     engine = shared_engine(settings)
-    return anyio.run(lambda: engine.run(graph, **options))
+    run_options = RunOptions(**options)
+    return anyio.run(lambda: engine.run(graph, run_options, task_id=task_id))

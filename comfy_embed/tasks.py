@@ -39,6 +39,7 @@ from comfy_embed.observe.guard import is_out_of_memory
 from comfy_embed.observe.metrics import Metrics
 from comfy_embed.observe.report import TaskReport, TimedUploader
 from comfy_embed.prepare.graph import WorkflowRequest
+from comfy_embed.prepare.options import RunOptions
 from comfy_embed.results import collect_values, render_inline, render_results
 from comfy_embed.storage import Store
 
@@ -89,9 +90,7 @@ class Task:
     """
 
     def __init__(self, engine: TaskHost, task_id: str, prompt_id: str, seeds: dict[str, int],
-                 *, output_base64: bool, output_oss: bool, credentials: Any,
-                 output_format: str | None = None, quality: int | None = None,
-                 report: TaskReport | None = None) -> None:
+                 options: RunOptions, *, report: TaskReport | None = None) -> None:
         self.engine = engine
         self.task_id = task_id
         self.prompt_id = prompt_id
@@ -115,7 +114,8 @@ class Task:
         self._changed = asyncio.Event()
         #: Set by the final event and by :meth:`wake` only (see :meth:`end_or_wake`).
         self._ended_or_woken = asyncio.Event()
-        self._options = (output_base64, output_oss, credentials, output_format, quality)
+        #: How the result is delivered (base64, uploads, re-encoding).
+        self.options = options
         self._timeout_handle: asyncio.TimerHandle | None = None
         #: monotonic time the executor started running it (None: never ran).
         self._started_at: float | None = None
@@ -334,12 +334,11 @@ class Task:
         self.engine.renders.spawn(self._finish, outcome, name=f"result of {self.task_id}")
 
     def _finish_inline(self, outcome: Outcome) -> bool:
-        output_base64, output_oss, _, output_format, _ = self._options
-        if output_oss or output_format:
+        if not self.options.renders_inline:
             return False
         self.report.mark_render()
         try:
-            results = render_inline(outcome.files, output_base64=output_base64)
+            results = render_inline(outcome.files, output_base64=self.options.output_base64)
             if results is None:
                 return False
             self.report.mark_render(end=True)
@@ -372,11 +371,11 @@ class Task:
             self._close_failed(e)
 
     async def _render(self, outcome: Outcome) -> list[dict[str, Any]]:
-        output_base64, output_oss, credentials, output_format, quality = self._options
-        store = TimedUploader(self.engine.store(), self.report) if output_oss else None
-        return await render_results(outcome.files, output_base64=output_base64, store=store,
-                                    credentials=credentials, output_format=output_format,
-                                    quality=quality)
+        o = self.options
+        store = TimedUploader(self.engine.store(), self.report) if o.output_oss else None
+        return await render_results(outcome.files, output_base64=o.output_base64, store=store,
+                                    credentials=o.credentials, output_format=o.output_format,
+                                    quality=o.quality)
 
 
 def _outcome_error(outcome: Outcome, timeout: float | None) -> ComfyEmbedError:

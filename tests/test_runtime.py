@@ -15,7 +15,7 @@ from PIL import Image
 
 from comfy_embed import ExecutionFailed, TaskCancelled, WorkflowInvalid
 from comfy_embed.executor import Job, Outcome
-from comfy_embed.runtime import Engine, Task
+from comfy_embed.runtime import Engine, RunOptions, Task
 
 from tests.conftest import image_only, text_to_image
 
@@ -40,7 +40,7 @@ async def collect(task: Task) -> list[dict[str, Any]]:
 
 
 async def test_image_only_batch_two(engine: Engine) -> None:
-    final = await engine.run(image_only(batch=2, color=0x00FF00), output_base64=True)
+    final = await engine.run(image_only(batch=2, color=0x00FF00), RunOptions(output_base64=True))
     data = final["data"]
     assert final["type"] == "serverless_api" and data["status"] == "success"
     assert [(r["node_id"], r["index"]) for r in data["results"]] == [("3", 0), ("3", 1)]
@@ -138,23 +138,23 @@ async def test_large_graphs_validate_in_a_worker_thread_with_the_same_answers(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Small graphs are validated on the loop, larger ones in a worker
     thread: both run, and both name a bad input the same way."""
-    from comfy_embed import runtime
+    from comfy_embed.prepare import pipeline
 
     big = {"1": {"class_type": "EmptyImage",
                  "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0x0000FF}}}
-    for i in range(2, runtime.INLINE_VALIDATION_NODES + 2):
+    for i in range(2, pipeline.INLINE_VALIDATION_NODES + 2):
         big[str(i)] = {"class_type": "ImageInvert", "inputs": {"image": [str(i - 1), 0]}}
-    last = str(runtime.INLINE_VALIDATION_NODES + 1)
+    last = str(pipeline.INLINE_VALIDATION_NODES + 1)
     big["999"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "big", "images": [last, 0]}}
-    assert len(big) > runtime.INLINE_VALIDATION_NODES
+    assert len(big) > pipeline.INLINE_VALIDATION_NODES
     final = await engine.run(big)
     assert final["data"]["status"] == "success", final
     (path,) = files_of(final)
     assert pixels(path)[0, 0].tolist() == [0, 0, 255]  # blue, inverted an even number of times
 
     answers = []
-    for limit in (runtime.INLINE_VALIDATION_NODES, 0):  # on the loop, then in a thread
-        monkeypatch.setattr(runtime, "INLINE_VALIDATION_NODES", limit)
+    for limit in (pipeline.INLINE_VALIDATION_NODES, 0):  # on the loop, then in a thread
+        monkeypatch.setattr(pipeline, "INLINE_VALIDATION_NODES", limit)
         with pytest.raises(WorkflowInvalid) as info:
             await engine.submit(_bad("3", steps="many"))
         answers.append((info.value.message, info.value.to_dict()))

@@ -38,6 +38,7 @@ from comfy_embed.errors import (
 )
 from comfy_embed.events import FINAL, coalesce_snapshots, final_event
 from comfy_embed.observe.logs import current_task
+from comfy_embed.prepare.options import DEFAULT_OPTIONS, RunOptions
 from comfy_embed.runtime import Engine, Task, TaskObserver
 from comfy_embed.service.blocking import BlockingCalls
 from comfy_embed.taskid import check_task_id, valid_task_id
@@ -155,9 +156,9 @@ class TaskService(TaskObserver):
         self.engine.remove_observer(self)
 
     # ------------------------------------------------------------- running
-    async def start(self, body: Any, *, task_id: str | None = None,
-                    webhook: WebhookRequest | None = None, owner_key: str | None = None,
-                    **options: Any) -> Handle:
+    async def start(self, body: Any, options: RunOptions = DEFAULT_OPTIONS, *,
+                    task_id: str | None = None, webhook: WebhookRequest | None = None,
+                    owner_key: str | None = None) -> Handle:
         """Start a task, or attach to it if this task id exists already (a
         retry: it never runs twice). Errors before queueing come back in
         ``Handle.error``; a refused request leaves nothing in the log (unless
@@ -166,7 +167,7 @@ class TaskService(TaskObserver):
         (refused URL: WebhookRefused, before anything exists). ``owner_key``
         (the hash of the caller's API key, when keys are configured) is
         recorded with a new task and must match to attach to an existing one.
-        ``options`` are :meth:`Engine.submit`'s (output flags, credentials)."""
+        ``options``: how the result is delivered (:meth:`Engine.submit`'s)."""
         task_id = task_id or uuid.uuid4().hex
         try:
             check_task_id(task_id)
@@ -223,8 +224,8 @@ class TaskService(TaskObserver):
             # the claim then runs as soon as the loop waits for it.
             await anyio.lowlevel.checkpoint()
             try:
-                task = await self.engine.submit(body, task_id=task_id,
-                                                before_writes=before_writes, **options)
+                task = await self.engine.submit(body, options, task_id=task_id,
+                                                before_writes=before_writes)
             except Exception as e:  # decided below, once the claim is known
                 failure = e
             finally:

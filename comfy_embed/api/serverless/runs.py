@@ -25,6 +25,7 @@ from comfy_embed.errors import (
     WebhookRefused,
 )
 from comfy_embed.events import final_event
+from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.lifecycle import Handle, TaskService
 from comfy_embed.storage import credentials_from_headers
 from comfy_embed.webhooks.delivery import envelope_webhook, webhook_request
@@ -101,17 +102,17 @@ async def _sse(handle: Handle, since: int, keepalive: float) -> AsyncIterator[st
             pending.cancel()
 
 
-def run_options(query: Mapping[str, str], headers: Mapping[str, str]) -> dict[str, Any]:
-    """The output flags of a run, from the query string and headers; raises
+def run_options(query: Mapping[str, str], headers: Mapping[str, str]) -> RunOptions:
+    """The run's options, from the query string and headers; raises
     InvalidParameter (400) for a malformed one."""
     output_format = (query.get("output_format") or "").lower() or None
     if output_format is not None and len(output_format) > 16:
         raise InvalidParameter("output_format must be one of png, jpeg, webp")
-    return {"output_base64": flag(query.get("output_base64")),
-            "output_oss": flag(query.get("output_oss")),
-            "output_format": output_format,
-            "quality": whole_number("quality", query.get("quality"), low=1, high=100),
-            "credentials": credentials_from_headers(headers)}
+    return RunOptions(output_base64=flag(query.get("output_base64")),
+                      output_oss=flag(query.get("output_oss")),
+                      output_format=output_format,
+                      quality=whole_number("quality", query.get("quality"), low=1, high=100),
+                      credentials=credentials_from_headers(headers))
 
 
 def task_id_from(headers: Mapping[str, str]) -> str:
@@ -148,8 +149,8 @@ async def run(request: Request) -> Response:
         hook = webhook_request(q, envelope_url, settings)
     except WebhookRefused as e:
         return _error_answer(e, task_id, stream)
-    handle = await service.start(parsed, task_id=task_id, webhook=hook,
-                                 owner_key=key_hash_of(request.scope), **options)
+    handle = await service.start(parsed, options, task_id=task_id, webhook=hook,
+                                 owner_key=key_hash_of(request.scope))
     if handle.error is not None:
         return _error_answer(handle.error, task_id, stream)
     headers = {"X-Task-Id": task_id}

@@ -83,8 +83,8 @@ async def serverless_ws(ws: WebSocket) -> None:
             except WebhookRefused as e:
                 await _send_error(ws, uuid.uuid4().hex, e)
                 continue
-            handle = await service.start(parsed, task_id=uuid.uuid4().hex, webhook=hook,
-                                         owner_key=owner_key, **opts)
+            handle = await service.start(parsed, opts, task_id=uuid.uuid4().hex, webhook=hook,
+                                         owner_key=owner_key)
             if handle.error is not None:
                 await _send_error(ws, handle.task_id, handle.error)
                 continue
