@@ -5,7 +5,9 @@ that shutdown can wait for it, and cancel what is left.
 The server's lifespan opens the group (``async with background.open()``) and
 drains it on shutdown; ``Engine.run`` opens one for its own call when none is
 open. :meth:`Background.spawn` is synchronous, so a loop callback (the
-executor thread's wake-up) can start work too.
+executor thread's wake-up) can start work too. What that work shares (an
+HTTP client of the loop) is closed when the group closes
+(:meth:`Background.on_close`).
 
 Outside an open group (a bare ``Engine.submit`` from library code or a test)
 work still runs, as a task of the running loop that this object tracks:
@@ -18,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import sys
+import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
@@ -76,6 +80,8 @@ class Background:
         self._idle: list[anyio.Event] = []
         #: Detached work (no group open), kept referenced until it ends.
         self._detached: set[asyncio.Task[None]] = set()
+        #: Awaited each time the open group closes (see :meth:`on_close`).
+        self._closers: list[Callable[[], Callable[[], Awaitable[None]] | None]] = []
 
     def part(self, name: str) -> Background:
         """A view sharing this group that counts its own work."""
@@ -106,6 +112,31 @@ class Background:
             if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
                 raise group.exceptions[0] from None
             raise
+        finally:
+            with anyio.CancelScope(shield=True):  # also when the lifespan is cancelled
+                await self._close_shared()
+
+    def on_close(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Await ``fn()`` each time the open group closes, once its work has
+        ended: what the work shared (an HTTP client of that loop) goes with it.
+
+        A part registers with its root. A bound method is held weakly, so
+        registering does not keep its object alive.
+        """
+        ref: Callable[[], Callable[[], Awaitable[None]] | None]
+        ref = weakref.WeakMethod(fn) if inspect.ismethod(fn) else (lambda: fn)
+        self._root()._closers.append(ref)
+
+    async def _close_shared(self) -> None:
+        for ref in list(self._closers):
+            fn = ref()
+            if fn is None:
+                self._closers.remove(ref)
+                continue
+            try:
+                await fn()
+            except Exception:
+                log.exception("%s: closing %r failed", self.name, fn)
 
     @property
     def attached(self) -> bool:

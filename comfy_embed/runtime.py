@@ -223,6 +223,7 @@ class Engine:
                 self.store("oss") if s.oss_bucket or s.oss_endpoint else None,
                 s3_store=self.store("s3") if s.s3_bucket or s.s3_endpoint or s.storage == "s3" else None,
                 on_fetched=self.metrics.image_fetched)
+            self.background.on_close(self._fetcher.aclose)  # its HTTP client, per loop
         return self._fetcher
 
     # ---------------------------------------------------------------- tasks

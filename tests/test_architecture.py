@@ -29,7 +29,7 @@ ROOMS = {"starlette": ("api/",), "oss2": ("storage/",), "boto3": ("storage/",),
 #: executor -> _comfy, with what they use below them.
 FLOORS: list[tuple[str, ...]] = [
     # the ground: settings, errors, event shapes, ids, background work
-    ("config", "errors", "events", "taskid", "background", "examples"),
+    ("config", "errors", "events", "taskid", "background", "examples", "net"),
     # leaf concerns that know nothing of a request's path
     ("observe", "storage", "prepare", "tasklog"),
     ("results", "inputs"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 
 import anyio
@@ -142,3 +143,36 @@ async def test_an_error_of_the_body_comes_out_as_itself() -> None:
         async with bg.open():
             raise KeyError("the body's")
     assert not bg.attached
+
+
+async def test_what_the_work_shares_closes_with_the_group() -> None:
+    """Closers run each time the group closes, after its work ended; a bound
+    method's object is not kept alive by registering it."""
+    bg = Background()
+    events: list[str] = []
+    release = anyio.Event()
+
+    class Client:
+        async def aclose(self) -> None:
+            events.append("client closed")
+
+    async def plain() -> None:
+        events.append("plain closed")
+
+    async def work() -> None:
+        await release.wait()
+        events.append("work ended")
+
+    client = Client()
+    bg.part("webhooks").on_close(client.aclose)  # a part registers with its root
+    bg.on_close(plain)
+    with anyio.fail_after(5):
+        async with bg.open():
+            bg.spawn(work)
+            release.set()
+        assert events == ["work ended", "client closed", "plain closed"]
+        del client
+        gc.collect()
+        async with bg.open():
+            pass
+        assert events[3:] == ["plain closed"]

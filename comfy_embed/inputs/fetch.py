@@ -2,31 +2,25 @@
 ``s3://`` objects and inline base64, turned into a file name LoadImage can open.
 
 Everything that arrives as bytes is checked to be a real, reasonably sized
-image and stored under a content-hash name in ``<input>/serverless/``. URL
-fetching refuses private, loopback, link-local and metadata addresses unless
-the allowlist admits them; the check runs after DNS resolution and on every
-redirect, and the connection goes to the address that was checked, so a DNS
-answer that changes between check and connect (rebinding) cannot slip by.
+image and stored under a content-hash name in ``<input>/serverless/``. URLs
+go out through :mod:`comfy_embed.net`: private, loopback, link-local and
+metadata addresses refused unless the allowlist admits them, on every
+redirect, the connection pinned to the address that was checked.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
-import ipaddress
 import logging
 import os
 import re
-import socket
-import ssl
 import tempfile
-import weakref
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Union
-from urllib.parse import urljoin, urlsplit
+from typing import TYPE_CHECKING, Callable
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -34,27 +28,19 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from comfy_embed.config import Settings
-from comfy_embed.errors import (
-    ComfyEmbedError,
-    ImageInputError,
-    InputPathInvalid,
-    StorageError,
-)
+from comfy_embed.errors import ImageInputError, InputPathInvalid, StorageError
 from comfy_embed.inputs import media
+from comfy_embed.net import AddressPolicy, HttpClients, follow
 
 if TYPE_CHECKING:
     from comfy_embed.storage import Credentials, OssStore, S3Store
 
-__all__ = ["ImageFetcher", "AddressPolicy", "pinned_request", "is_remote_or_inline",
-           "check_name_text", "SUBFOLDER"]
+__all__ = ["ImageFetcher", "is_remote_or_inline", "check_name_text", "SUBFOLDER"]
 
 logger = logging.getLogger(__name__)
 
 #: Sub-folder of the input folder that materialised images go to.
 SUBFOLDER = "serverless"
-
-_IP = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-_Net = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 # Formats LoadImage handles. Restricting Image.open to them keeps Pillow away
 # from plugins that shell out or parse exotic containers (EPS runs Ghostscript).
@@ -64,10 +50,6 @@ _EXT = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tiff"}
 _B64_MAGIC = ("iVBORw0KGgo", "/9j/", "UklGR", "R0lGOD")
 _B64_CHARS = re.compile(r"[A-Za-z0-9+/=\s]+")
 _DATA_URI = re.compile(r"data:([^,]*),(.*)", re.DOTALL | re.IGNORECASE)
-_METADATA = {ipaddress.ip_address(a) for a in ("169.254.169.254", "100.100.100.200",
-                                               "fd00:ec2::254")}
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
 # S3's bucket naming rules; also keeps userinfo/ports/hosts out of s3:// values.
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -131,88 +113,6 @@ def check_name_text(value: str) -> None:
                                "images sent inline or by URL")
 
 
-def _why_refused(ip: _IP) -> str | None:
-    """Why an address may not be fetched from by default (None: public)."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip in _METADATA:
-        return "a cloud metadata address"
-    if ip.version == 4 and ip in _CGNAT:
-        return "a carrier-grade NAT (100.64/10) address"
-    # Most specific first: Python counts 0.0.0.0/8 and 240/4 as "private" too.
-    for attr, what in (("is_unspecified", "unspecified"), ("is_loopback", "loopback"),
-                       ("is_link_local", "link-local"), ("is_multicast", "multicast"),
-                       ("is_reserved", "reserved"), ("is_private", "private")):
-        if getattr(ip, attr):
-            return f"a {what} address"
-    if not ip.is_global:
-        return "a non-public address"
-    return None
-
-
-class AddressPolicy:
-    """Where outgoing HTTP may go: public addresses, plus ``allowlist`` entries
-    (host names, or IPs/CIDRs) that admit private or loopback ones. Shared by
-    image URL inputs and webhooks, so both obey the same rules."""
-
-    def __init__(self, allowlist: Iterable[str]) -> None:
-        self._allow_hosts: set[str] = set()
-        self._allow_nets: list[_Net] = []
-        for entry in allowlist:
-            try:
-                self._allow_nets.append(ipaddress.ip_network(entry.strip(), strict=False))
-            except ValueError:
-                self._allow_hosts.add(entry.strip().lower().rstrip("."))
-
-    async def check(self, url: str, error: Callable[[str], ComfyEmbedError] = ImageInputError
-                    ) -> tuple[httpx.URL, str, _IP]:
-        """Parse ``url``, resolve its host and check every address it resolves to;
-        return the URL, its host and the address to connect to. Raises
-        ``error(message)`` (ImageInputError unless told otherwise)."""
-        try:
-            target = httpx.URL(url)
-        except (httpx.InvalidURL, ValueError) as e:
-            raise error(f"{url}: invalid URL ({e})") from None
-        if target.scheme not in ("http", "https") or not target.host:
-            raise error(f"{url}: only http and https URLs can be fetched")
-        if target.userinfo:
-            raise error(f"{url}: URLs with credentials are not supported")
-        host = target.host
-        port = target.port or (443 if target.scheme == "https" else 80)
-        try:
-            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, OSError, UnicodeError) as e:
-            raise error(f"{url}: cannot resolve host {host} ({e})") from None
-        addresses: list[_IP] = []
-        for info in infos:
-            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-            if ip not in addresses:
-                addresses.append(ip)
-        if not addresses:
-            raise error(f"{url}: host {host} has no address")
-        if host.lower().rstrip(".") not in self._allow_hosts:
-            # Every address must pass: a name resolving to one public and one
-            # internal address could otherwise be steered to the internal one.
-            for ip in addresses:
-                why = _why_refused(ip)
-                if why and not any(ip in net for net in self._allow_nets):
-                    raise error(
-                        f"{url}: refused, {host} resolves to {ip}, {why} "
-                        "(COMFY_EMBED_URL_ALLOWLIST can admit it)")
-        return target, host, addresses[0]
-
-
-def pinned_request(client: httpx.AsyncClient, method: str, target: httpx.URL, host: str, ip: _IP,
-                   headers: dict[str, str], content: bytes | None = None) -> httpx.Request:
-    """A request to the address :meth:`AddressPolicy.check` approved, so a DNS
-    answer that changes after the check cannot redirect it; Host and TLS
-    SNI/certificate checks still use the name from the URL."""
-    return client.build_request(
-        method, target.copy_with(host=str(ip)), content=content,
-        headers={"Host": target.netloc.decode("ascii"), **headers},
-        extensions={"sni_hostname": host})
-
-
 class ImageFetcher:
     """Turns an image input value into a file name inside ``input_dir``.
 
@@ -230,9 +130,7 @@ class ImageFetcher:
         self.store = store
         self.s3_store = s3_store
         self._policy = AddressPolicy(settings.url_allowlist)
-        self._tls: ssl.SSLContext | None = None
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-            weakref.WeakKeyDictionary())
+        self._clients = HttpClients(settings.fetch_timeout)
 
     async def materialise(self, value: str, credentials: "Credentials | None" = None,
                           kind: str = "image", folder: str | None = None) -> str:
@@ -343,63 +241,25 @@ class ImageFetcher:
             raise ImageInputError(f"cannot read {value}: {e.message}") from e
 
     # --- http(s) -----------------------------------------------------------------
-    def _client(self) -> httpx.AsyncClient:
-        """This fetcher's HTTP client for the running event loop.
-
-        Building a client loads the CA bundle into a TLS context (tens of ms
-        on the event loop): one context serves every client, and one client
-        every request on a loop (``run_workflow`` runs a loop per call, and a
-        client's connections belong to one loop). Connections are not kept
-        alive: each goes to the address that was checked for its URL, with
-        that URL's host name for SNI, and must not be reused for another.
-        """
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            if self._tls is None:
-                self._tls = httpx.create_ssl_context(trust_env=False)
-            client = httpx.AsyncClient(
-                verify=self._tls, trust_env=False, follow_redirects=False,
-                timeout=self.settings.fetch_timeout,
-                limits=httpx.Limits(max_keepalive_connections=0))
-            self._clients[loop] = client
-        return client
-
     async def aclose(self) -> None:
         """Close the client of the running loop."""
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        await self._clients.aclose()
 
     async def _fetch_url(self, url: str) -> bytes:
         timeout = self.settings.fetch_timeout
         try:
             with anyio.fail_after(timeout):
-                return await self._follow(self._client(), url)
+                async with follow(self._clients.get(), self._policy, url,
+                                  max_redirects=self.settings.max_redirects,
+                                  error=ImageInputError,
+                                  headers={"Accept": "image/*"}) as (final, response):
+                    return await self._read_capped(response, final)
         except TimeoutError:
             raise ImageInputError(f"{url}: timed out after {timeout:g}s") from None
         except httpx.TimeoutException:
             raise ImageInputError(f"{url}: timed out after {timeout:g}s") from None
         except httpx.HTTPError as e:
             raise ImageInputError(f"{url}: cannot fetch: {e or type(e).__name__}") from e
-
-    async def _follow(self, client: httpx.AsyncClient, url: str) -> bytes:
-        first = url
-        for _ in range(self.settings.max_redirects + 1):
-            target, host, ip = await self._policy.check(url)
-            request = pinned_request(client, "GET", target, host, ip, {"Accept": "image/*"})
-            response = await client.send(request, stream=True)
-            try:
-                if response.status_code in _REDIRECTS and "location" in response.headers:
-                    url = urljoin(url, response.headers["location"])
-                    logger.debug("image URL %s redirects to %s", first, url)
-                    continue
-                if response.status_code != 200:
-                    raise ImageInputError(f"{url}: HTTP {response.status_code}")
-                return await self._read_capped(response, url)
-            finally:
-                await response.aclose()
-        raise ImageInputError(f"{first}: more than {self.settings.max_redirects} redirects")
 
     async def _read_capped(self, response: httpx.Response, url: str) -> bytes:
         cap = self.settings.max_image_bytes

@@ -34,14 +34,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urljoin
 
 import anyio
 import httpx
 
 from comfy_embed.config import Settings
 from comfy_embed.errors import ModelDownloadError, node_error
-from comfy_embed.inputs.fetch import AddressPolicy, pinned_request
+from comfy_embed.net import AddressPolicy, follow, new_client
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,6 @@ __all__ = ["ModelEntry", "ModelDownloadError", "load_manifest", "ensure_models",
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FOLDER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-_REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 1024 * 1024
 
 
@@ -254,37 +252,28 @@ def _download(settings: Settings, entry: ModelEntry, final: Path, lock: Path, ow
 
 
 async def _fetch(settings: Settings, entry: ModelEntry, part: Path) -> tuple[str, int]:
+    """Download ``entry`` into ``part``: the digest and size. Each download
+    runs in a loop of its own (``anyio.run`` from a thread), so its client
+    is its own too, with the process's one TLS context."""
     policy = AddressPolicy(settings.url_allowlist)
-    url = entry.url
 
     def refused(message: str) -> ModelDownloadError:
         return ModelDownloadError(f"model {entry.label}: {message}")
 
+    def check_hop(url: str, host: str) -> None:
+        if not _host_allowed(host, settings.model_hosts):
+            raise refused(f"{url}: host {host} is not in COMFY_EMBED_MODEL_HOSTS")
+
     try:
         with anyio.fail_after(settings.model_fetch_timeout):
-            async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
-                                         timeout=settings.fetch_timeout) as client:
-                for _ in range(settings.max_redirects + 1):
-                    target, host, ip = await policy.check(url, refused)
-                    if not _host_allowed(host, settings.model_hosts):
-                        raise refused(f"{url}: host {host} is not in COMFY_EMBED_MODEL_HOSTS")
-                    request = pinned_request(client, "GET", target, host, ip,
-                                             {"Host": target.netloc.decode("ascii")})
-                    response = await client.send(request, stream=True)
-                    try:
-                        if response.status_code in _REDIRECTS and "location" in response.headers:
-                            url = urljoin(url, response.headers["location"])
-                            continue
-                        if response.status_code != 200:
-                            raise refused(f"{url}: HTTP {response.status_code}")
-                        return await _stream_to(response, part, entry)
-                    finally:
-                        await response.aclose()
-                raise refused(f"{entry.url}: more than {settings.max_redirects} redirects")
+            async with new_client(settings.fetch_timeout) as client, follow(
+                    client, policy, entry.url, max_redirects=settings.max_redirects,
+                    error=refused, check_hop=check_hop) as (_, response):
+                return await _stream_to(response, part, entry)
     except TimeoutError:
-        raise refused(f"{url}: timed out after {settings.model_fetch_timeout:g}s") from None
+        raise refused(f"{entry.url}: timed out after {settings.model_fetch_timeout:g}s") from None
     except httpx.HTTPError as e:
-        raise refused(f"{url}: {e or type(e).__name__}") from None
+        raise refused(f"{entry.url}: {e or type(e).__name__}") from None
 
 
 async def _stream_to(response: httpx.Response, part: Path, entry: ModelEntry) -> tuple[str, int]:

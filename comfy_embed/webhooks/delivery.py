@@ -13,10 +13,11 @@ next try, as orphaned tasks are finished. Attempt numbers are reserved
 exclusively, so one attempt is never sent twice, and ``webhook-id`` is recorded
 with the request, so it is the same for every attempt on every instance.
 
-Webhook URLs obey the image-URL rules (:class:`~comfy_embed.inputs.fetch.AddressPolicy`:
+Webhook URLs obey the image-URL rules (:class:`~comfy_embed.net.AddressPolicy`:
 no private, loopback, link-local or metadata address unless allowlisted),
 checked at submit time and again, pinned to the checked address, on every
-attempt. Redirects are not followed.
+attempt. Redirects are not followed. One HTTP client (per event loop) sends
+every attempt; it is closed when the engine's task group closes.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from comfy_embed.background import Background, Spawned
 from comfy_embed.config import webhook_secret_key as secret_key
 from comfy_embed.errors import WebhookRefused
 from comfy_embed.events import FINAL
-from comfy_embed.inputs.fetch import AddressPolicy, pinned_request
+from comfy_embed.net import AddressPolicy, HttpClients, pinned_request
 from comfy_embed.tasklog.delivery import DeliveryLog
 from comfy_embed.tasklog.log import TaskLog
 
@@ -212,12 +213,14 @@ class Webhooks:
         self.deliveries = DeliveryLog(tasklog)
         self.tasklog = tasklog
         self._policy = AddressPolicy(settings.url_allowlist)
+        self._clients = HttpClients(settings.webhook_timeout)
         self._key = secret_key(settings.webhook_secret) if settings.webhook_secret else None
         self._clock = clock
         self._rng = rng
         #: Tasks registered here whose delivery has not started: (request, webhook id).
         self._local: dict[str, tuple[WebhookRequest, str]] = {}
         self._background = background or Background("webhooks")
+        self._background.on_close(self._clients.aclose)
         self._active: dict[str, Spawned] = {}
         self._followers: dict[str, Spawned] = {}
         self._sending = 0
@@ -488,11 +491,10 @@ class Webhooks:
                 return _Sent(ok=False, retryable=True, error=e.message)
             try:
                 with anyio.fail_after(timeout):
-                    async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
-                                                 timeout=timeout) as client:
-                        request = pinned_request(client, "POST", target, host, ip, headers, body)
-                        response = await client.send(request, stream=True)
-                        await response.aclose()
+                    client = self._clients.get()
+                    request = pinned_request(client, "POST", target, host, ip, headers, body)
+                    response = await client.send(request, stream=True)
+                    await response.aclose()
             except (TimeoutError, httpx.TimeoutException):
                 return _Sent(ok=False, retryable=True, error=f"timed out after {timeout:g}s")
             except httpx.HTTPError as e:

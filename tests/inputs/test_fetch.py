@@ -159,26 +159,6 @@ async def test_redirect_to_internal_addresses_refused(web: Web, input_dir: Path,
 
 
 @pytest.mark.anyio
-async def test_connection_pinned_to_checked_address(web: Web, input_dir: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The name is resolved once, by us; the client connects to that address
-    with the original Host header, so a second (rebinding) answer cannot matter."""
-    calls: list[str] = []
-
-    async def fake_getaddrinfo(host: str, port: int, **kw: Any) -> list[Any]:
-        calls.append(host)
-        return [(2, 1, 6, "", ("127.0.0.1", port))]
-
-    monkeypatch.setattr("comfy_embed.inputs.fetch.anyio.getaddrinfo", fake_getaddrinfo)
-    port = web.base.rsplit(":", 1)[1]
-    f = fetcher(input_dir, url_allowlist=("images.example.test",))
-    name = await f.materialise(f"http://images.example.test:{port}/ok.png")
-    _check_materialised(input_dir, name, PNG, "png")
-    assert calls == ["images.example.test"]
-    assert web.requests == [(f"images.example.test:{port}", "/ok.png")]
-
-
-@pytest.mark.anyio
 async def test_bad_urls(input_dir: Path) -> None:
     with pytest.raises(ImageInputError, match="credentials"):
         await fetcher(input_dir).materialise("http://user:pw@127.0.0.1/x.png")

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import anyio
+import httpx
 import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+import comfy_embed.net
+from comfy_embed.background import Background
 from comfy_embed.config import Settings
 from comfy_embed.events import final_event
 from comfy_embed.tasklog.delivery import DeliveryLog
@@ -246,3 +249,28 @@ async def test_a_task_closed_as_lost_gets_its_failed_webhook(tmp_path: Path,
     assert state["state"] == "delivered"
     [call] = receiver.wait(path, 1)
     assert call.verified and call.payload["data"]["error"]["type"] == "task_lost"
+
+
+@pytest.mark.anyio
+async def test_attempts_share_one_client_closed_with_the_engine_group(
+        tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[httpx.AsyncClient] = []
+    factory = comfy_embed.net.new_client
+
+    def counting(timeout: float) -> httpx.AsyncClient:
+        made.append(factory(timeout))
+        return made[-1]
+
+    monkeypatch.setattr("comfy_embed.net.new_client", counting)
+    hooks, tasklog = _hooks(tmp_path, webhook_max_attempts=3)
+    engine = Background("engine")
+    hooks = Webhooks(hooks.settings, tasklog, engine.part("webhooks"))
+    path, url = receiver.new_hook("shared")
+    receiver.script(path, 503, 503, 200)
+    async with engine.open():
+        task_id = await _finished_task(hooks, tasklog, url)
+        hooks.finished(task_id)
+        state = await _done(hooks, task_id)
+        assert state["state"] == "delivered" and len(state["attempts"]) == 3
+        assert len(made) == 1 and not made[0].is_closed
+    assert made[0].is_closed
