@@ -1,11 +1,14 @@
-"""Image inputs: file names in the input folder, http(s) URLs, ``oss://`` and
-``s3://`` objects and inline base64, turned into a file name LoadImage can open.
+"""Image inputs: file names in the input folder, URLs (``http(s)://``,
+``oss://``, ``s3://``) and inline base64, turned into a file name LoadImage
+can open.
 
-Everything that arrives as bytes is checked to be a real, reasonably sized
-image and stored under a content-hash name in ``<input>/serverless/``. URLs
-go out through :mod:`comfy_embed.net`: private, loopback, link-local and
-metadata addresses refused unless the allowlist admits them, on every
-redirect, the connection pinned to the address that was checked.
+URLs are read through the storage package's :class:`~comfy_embed.storage.Readers`,
+which picks a reader by the URL's scheme (``http(s)`` through
+:mod:`comfy_embed.net`: private, loopback, link-local and metadata addresses
+refused unless allowlisted, on every redirect, the connection pinned to the
+checked address). Everything that arrives as bytes is checked to be a real,
+reasonably sized image (or audio, video) and stored under a content-hash
+name in ``<input>/serverless/``.
 """
 
 from __future__ import annotations
@@ -20,20 +23,18 @@ import tempfile
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
-import httpx
 from PIL import Image, UnidentifiedImageError
 
 from comfy_embed.config import Settings
-from comfy_embed.errors import ImageInputError, InputPathInvalid, StorageError
+from comfy_embed.errors import ImageInputError, InputPathInvalid
 from comfy_embed.inputs import media
-from comfy_embed.net import AddressPolicy, HttpClients, follow
+from comfy_embed.storage import Readers, input_readers
 
 if TYPE_CHECKING:
-    from comfy_embed.storage import Credentials, OssStore, S3Store
+    from comfy_embed.storage import Credentials
 
 __all__ = ["ImageFetcher", "is_remote_or_inline", "check_name_text", "SUBFOLDER"]
 
@@ -50,9 +51,6 @@ _EXT = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tiff"}
 _B64_MAGIC = ("iVBORw0KGgo", "/9j/", "UklGR", "R0lGOD")
 _B64_CHARS = re.compile(r"[A-Za-z0-9+/=\s]+")
 _DATA_URI = re.compile(r"data:([^,]*),(.*)", re.DOTALL | re.IGNORECASE)
-_CHUNK = 64 * 1024
-# S3's bucket naming rules; also keeps userinfo/ports/hosts out of s3:// values.
-_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def is_remote_or_inline(value: str) -> bool:
@@ -116,21 +114,19 @@ def check_name_text(value: str) -> None:
 class ImageFetcher:
     """Turns an image input value into a file name inside ``input_dir``.
 
-    ``store`` reads ``oss://`` inputs and ``s3_store`` ``s3://`` inputs;
-    without one, those inputs are refused.
+    URLs are read by ``readers`` (default: :func:`~comfy_embed.storage.input_readers`
+    with no store, so ``oss://`` and ``s3://`` inputs are refused as not
+    configured). One fetcher serves an engine: its HTTP client is reused
+    until :meth:`aclose`.
     """
 
-    def __init__(self, settings: Settings, input_dir: Path,
-                 store: "OssStore | None" = None, s3_store: "S3Store | None" = None,
+    def __init__(self, settings: Settings, input_dir: Path, readers: Readers | None = None,
                  on_fetched: Callable[[str, int], None] | None = None) -> None:
         self.settings = settings
         #: Told (source, bytes) of each image fetched or decoded (metrics).
         self.on_fetched = on_fetched
         self.input_dir = Path(input_dir).resolve()
-        self.store = store
-        self.s3_store = s3_store
-        self._policy = AddressPolicy(settings.url_allowlist)
-        self._clients = HttpClients(settings.fetch_timeout)
+        self.readers = readers if readers is not None else input_readers(settings)
 
     async def materialise(self, value: str, credentials: "Credentials | None" = None,
                           kind: str = "image", folder: str | None = None) -> str:
@@ -142,14 +138,12 @@ class ImageFetcher:
         ``serverless/[<folder>/]<sha256>.<ext>``, which is returned. A
         per-task ``folder`` keeps one caller's images out of another's reach.
         """
-        head = value[:16].lower()
-        if head.startswith(("http://", "https://")):
-            data, source = await self._fetch_url(value), "url"
-        elif head.startswith("oss://"):
-            data, source = await self._fetch_oss(value, credentials), "oss"
-        elif head.startswith("s3://"):
-            data, source = await self._fetch_s3(value, credentials), "s3"
-        elif head.startswith("data:"):
+        scheme = self.readers.scheme(value)
+        if scheme is not None:
+            data = await self.readers.read(value, credentials,
+                                           max_bytes=self.settings.max_image_bytes)
+            source = "url" if scheme in ("http", "https") else scheme
+        elif value[:5].lower() == "data:":
             data, source = self._decode_data_uri(value), "base64"
         elif _looks_base64(value) or (kind != "image" and media.looks_base64(value)):
             data, source = self._decode_base64(value.strip(), f"base64 {kind}"), "base64"
@@ -160,6 +154,10 @@ class ImageFetcher:
         if self.on_fetched is not None:
             self.on_fetched(source, len(data))
         return await anyio.to_thread.run_sync(self._store, data, _describe(value, kind), kind, folder)
+
+    async def aclose(self) -> None:
+        """Close the running loop's HTTP client (a later fetch opens another)."""
+        await self.readers.aclose()
 
     # --- file names -----------------------------------------------------------
     def _check_name(self, value: str) -> None:
@@ -192,88 +190,6 @@ class ImageFetcher:
         if not m or "base64" not in [p.strip().lower() for p in m.group(1).split(";")]:
             raise ImageInputError("data URI must be of the form data:image/<type>;base64,<data>")
         return self._decode_base64(m.group(2), "data URI")
-
-    # --- oss:// ------------------------------------------------------------------
-    async def _fetch_oss(self, value: str, credentials: "Credentials | None") -> bytes:
-        netloc, _, key = value[len("oss://"):].partition("/")
-        if not netloc or not key:
-            raise ImageInputError(f"{value}: expected oss://bucket[.endpoint]/key")
-        if self.store is None:
-            raise ImageInputError(f"{value}: object storage is not configured")
-        bucket, _, host = netloc.partition(".")
-        endpoint: str | None = None
-        if host:
-            host = host.lower()
-            configured = self.settings.oss_endpoint
-            conf_host = (urlsplit(configured if "://" in configured else "//" + configured)
-                         .netloc.lower() if configured else None)
-            allowed = {h.lower() for h in self.settings.oss_endpoint_allowlist}
-            if host == conf_host:
-                endpoint = configured
-            elif host in allowed:
-                endpoint = "https://" + host
-            else:
-                # Credentials are sent to the endpoint: never to an arbitrary host.
-                raise ImageInputError(f"{value}: endpoint {host} is not the configured one "
-                                      "nor in COMFY_EMBED_OSS_ENDPOINT_ALLOWLIST")
-        try:
-            return await self.store.get_object(bucket, endpoint, key, credentials,
-                                               max_bytes=self.settings.max_image_bytes)
-        except StorageError as e:
-            raise ImageInputError(f"cannot read {value}: {e.message}") from e
-
-    # --- s3:// -------------------------------------------------------------------
-    async def _fetch_s3(self, value: str, credentials: "Credentials | None") -> bytes:
-        bucket, _, key = value[len("s3://"):].partition("/")
-        if not bucket or not key:
-            raise ImageInputError(f"{value}: expected s3://bucket/key")
-        # Unlike oss://, an s3:// value never names an endpoint: credentials go
-        # only to the configured one, so a bucket is only ever a bucket name.
-        if not _S3_BUCKET.fullmatch(bucket):
-            raise ImageInputError(f"{value}: {bucket!r} is not an S3 bucket name "
-                                  "(s3:// inputs cannot name an endpoint)")
-        if self.s3_store is None:
-            raise ImageInputError(f"{value}: S3 storage is not configured")
-        try:
-            return await self.s3_store.get_object(bucket, None, key, credentials,
-                                                  max_bytes=self.settings.max_image_bytes)
-        except StorageError as e:
-            raise ImageInputError(f"cannot read {value}: {e.message}") from e
-
-    # --- http(s) -----------------------------------------------------------------
-    async def aclose(self) -> None:
-        """Close the client of the running loop."""
-        await self._clients.aclose()
-
-    async def _fetch_url(self, url: str) -> bytes:
-        timeout = self.settings.fetch_timeout
-        try:
-            with anyio.fail_after(timeout):
-                async with follow(self._clients.get(), self._policy, url,
-                                  max_redirects=self.settings.max_redirects,
-                                  error=ImageInputError,
-                                  headers={"Accept": "image/*"}) as (final, response):
-                    return await self._read_capped(response, final)
-        except TimeoutError:
-            raise ImageInputError(f"{url}: timed out after {timeout:g}s") from None
-        except httpx.TimeoutException:
-            raise ImageInputError(f"{url}: timed out after {timeout:g}s") from None
-        except httpx.HTTPError as e:
-            raise ImageInputError(f"{url}: cannot fetch: {e or type(e).__name__}") from e
-
-    async def _read_capped(self, response: httpx.Response, url: str) -> bytes:
-        cap = self.settings.max_image_bytes
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > cap:
-            raise ImageInputError(f"{url}: {declared} bytes is over the {cap} byte limit")
-        chunks: list[bytes] = []
-        total = 0
-        async for chunk in response.aiter_bytes(_CHUNK):
-            total += len(chunk)
-            if total > cap:  # the body may be longer than declared, or undeclared
-                raise ImageInputError(f"{url}: over the {cap} byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     # --- verification and storage ----------------------------------------------
     def _store(self, data: bytes, source: str, kind: str = "image",

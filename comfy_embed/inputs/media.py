@@ -75,7 +75,7 @@ def probe(data: bytes, kind: str, source: str, settings: Settings) -> str:
     Raises ImageInputError (the input-error type for every media kind)."""
     container = sniff(data)
     allowed = _AUDIO_CONTAINERS if kind == "audio" else _VIDEO_CONTAINERS
-    if container not in allowed:
+    if container is None or container not in allowed:
         names = ", ".join(_CONTAINERS[c][1] for c in allowed)
         raise ImageInputError(f"{source}: not {kind} (or an unsupported format; supported: {names})")
     demuxer, ext = _CONTAINERS[container]

@@ -5,6 +5,8 @@ storage SDK (oss2, boto3).
   result_key) every backend satisfies.
 - :mod:`.credentials`: access keys from request headers or the environment,
   with no SDK import (the API reads them on every request).
+- :class:`Readers`: input objects read by URL, one reader per scheme
+  (``http``, ``https``, ``oss``, ``s3``; :func:`input_readers` builds them).
 - one module per backend (:mod:`.oss`, :mod:`.s3`), each naming its store
   class ``BACKEND``. Adding a backend (Azure, GCS, HTTP PUT) is adding one
   such module: :func:`open_store` finds it by its module name, which is
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from comfy_embed.config import storage_backends
 from comfy_embed.errors import StorageError
+from comfy_embed.storage._readers import Reader, Readers, input_readers
 from comfy_embed.storage.base import Store, read_capped
 from comfy_embed.storage.credentials import (
     Credentials,
@@ -33,7 +36,8 @@ if TYPE_CHECKING:
     from comfy_embed.storage.s3 import S3Store
 
 __all__ = ["Store", "Credentials", "credentials_from_headers", "credentials_from_env",
-           "read_capped", "backends", "open_store", "OssStore", "S3Store"]
+           "read_capped", "backends", "open_store", "OssStore", "S3Store",
+           "Reader", "Readers", "input_readers"]
 
 #: Public names served lazily from their backend module (``from comfy_embed.storage import OssStore``).
 _LAZY = {"OssStore": "oss", "S3Store": "s3"}

@@ -8,12 +8,13 @@ then selects it for ``output_oss`` uploads (see :func:`open_store`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from comfy_embed.errors import StorageError
 from comfy_embed.storage.credentials import Credentials
 
-__all__ = ["Store", "read_capped"]
+__all__ = ["Store", "read_capped", "allowed_endpoint"]
 
 
 @runtime_checkable
@@ -60,3 +61,31 @@ def read_capped(read: Callable[[int], bytes], size: int | None, max_bytes: int |
             raise StorageError(f"{where}: over the {max_bytes} byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def allowed_endpoint(requested: str | None, configured: str | None, allowlist: Iterable[str],
+                     setting: str) -> str | None:
+    """The endpoint a store may send credentials to when a read names
+    ``requested`` (a host or URL; None: the configured one).
+
+    The configured endpoint when ``requested`` is it or names its host; the
+    requested endpoint (``https://`` unless it names a scheme) when its host
+    is in ``allowlist``; StorageError naming the ``setting`` that could admit
+    it otherwise. The one rule for every backend: credentials never go to a
+    host the operator did not name.
+    """
+    if requested is None or requested == configured:
+        return configured
+    url = requested if "://" in requested else "https://" + requested
+    parts = urlsplit(url)
+    host = parts.netloc.lower()
+    if configured:
+        conf = urlsplit(configured if "://" in configured else "//" + configured)
+        if host and host == conf.netloc.lower():
+            return configured
+    if host and host in {h.strip().lower() for h in allowlist}:
+        if parts.scheme not in ("http", "https"):
+            raise StorageError(f"endpoint {requested} must be an http(s) URL "
+                               "such as https://host:port")
+        return url
+    raise StorageError(f"endpoint {host or requested} is not the configured one nor in {setting}")

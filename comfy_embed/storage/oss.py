@@ -25,7 +25,7 @@ import oss2.exceptions
 
 from comfy_embed.config import Settings
 from comfy_embed.errors import StorageError
-from comfy_embed.storage.base import read_capped
+from comfy_embed.storage.base import allowed_endpoint, read_capped
 from comfy_embed.storage.credentials import Credentials, credentials_from_env
 
 __all__ = ["OssStore", "BACKEND", "MAX_V4_LINK_SECONDS", "region_of"]
@@ -59,7 +59,7 @@ def _url(endpoint: str) -> str:
     return endpoint if "://" in endpoint else "https://" + endpoint
 
 
-class _ChainProvider(oss2.credentials.CredentialsProvider):  # type: ignore[misc]
+class _ChainProvider(oss2.credentials.CredentialsProvider):
     """An oss2 provider that resolves the credential chain each time oss2 signs."""
 
     def __init__(self, resolve: Callable[[], Credentials]) -> None:
@@ -194,12 +194,15 @@ class OssStore:
     async def get_object(self, bucket: str, endpoint: str | None, key: str,
                          credentials: Credentials | None = None,
                          max_bytes: int | None = None) -> bytes:
-        """Read one object (``endpoint`` None: the configured one).
+        """Read one object (``endpoint`` None: the configured one; any other
+        must be in ``oss_endpoint_allowlist``).
 
         Refuses objects over ``max_bytes``, checking the declared length first
         and the bytes read while streaming.
         """
-        endpoint = endpoint or self._endpoint()
+        endpoint = allowed_endpoint(endpoint, self.settings.oss_endpoint,
+                                    self.settings.oss_endpoint_allowlist,
+                                    "COMFY_EMBED_OSS_ENDPOINT_ALLOWLIST") or self._endpoint()
         self.credentials(credentials)
         b = self._bucket(bucket, endpoint, credentials, timeout=self.settings.fetch_timeout)
         where = f"oss://{bucket}/{key}"

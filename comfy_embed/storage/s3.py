@@ -27,7 +27,7 @@ import anyio.to_thread
 
 from comfy_embed.config import Settings
 from comfy_embed.errors import StorageError
-from comfy_embed.storage.base import read_capped
+from comfy_embed.storage.base import allowed_endpoint, read_capped
 from comfy_embed.storage.credentials import Credentials
 
 __all__ = ["S3Store", "BACKEND", "MAX_PRESIGN_SECONDS"]
@@ -45,9 +45,9 @@ _T = TypeVar("_T")
 def _sdk() -> tuple[ModuleType, ModuleType, ModuleType]:
     """(boto3, botocore.config, botocore.exceptions), or StorageError if absent."""
     try:
-        import boto3  # type: ignore[import-untyped]
-        import botocore.config  # type: ignore[import-untyped]
-        import botocore.exceptions  # type: ignore[import-untyped]
+        import boto3
+        import botocore.config
+        import botocore.exceptions
     except ImportError:
         raise StorageError("S3 storage needs boto3: install comfy-embed[s3]") from None
     return boto3, botocore.config, botocore.exceptions
@@ -89,21 +89,12 @@ class S3Store:
 
     def _endpoint_for(self, endpoint: str | None) -> str | None:
         """The endpoint URL to talk to: the configured one (None: AWS's own),
-        or an allowlisted one. Credentials go to it, so nothing else is taken."""
+        or an allowlisted one (:func:`~comfy_embed.storage.base.allowed_endpoint`)."""
         configured = self.settings.s3_endpoint
         if configured:
-            configured = _checked_endpoint(configured, "COMFY_EMBED_S3_ENDPOINT")
-        if endpoint is None or endpoint == configured:
-            return configured
-        url = endpoint if "://" in endpoint else "https://" + endpoint
-        host = (urlsplit(url).netloc or "").lower()
-        conf_host = urlsplit(configured).netloc.lower() if configured else None
-        if host == conf_host:
-            return configured
-        if host and host in {h.strip().lower() for h in self.settings.s3_endpoint_allowlist}:
-            return _checked_endpoint(url, "the endpoint")
-        raise StorageError(f"S3 endpoint {endpoint} is not the configured one "
-                           "nor in COMFY_EMBED_S3_ENDPOINT_ALLOWLIST")
+            _checked_endpoint(configured, "COMFY_EMBED_S3_ENDPOINT")
+        return allowed_endpoint(endpoint, configured, self.settings.s3_endpoint_allowlist,
+                                "COMFY_EMBED_S3_ENDPOINT_ALLOWLIST")
 
     # --- clients ----------------------------------------------------------------
     def _client(self, endpoint: str | None, credentials: Credentials | None) -> Any:

@@ -14,6 +14,7 @@ import pytest
 from comfy_embed.config import Settings
 from comfy_embed.errors import ImageInputError, InputPathInvalid
 from comfy_embed.inputs.fetch import ImageFetcher, is_remote_or_inline
+from comfy_embed.storage import input_readers
 from tests.fakes import FakeObject, FakeOss
 from tests.fakes.web_server import JPEG, PNG, Web, bomb_png, make_png, serve_web
 
@@ -48,7 +49,8 @@ def input_dir(tmp_path: Path) -> Path:
 def fetcher(input_dir: Path, store: Any = None, **kw: Any) -> ImageFetcher:
     base: dict[str, Any] = dict(url_allowlist=("127.0.0.1",), fetch_timeout=5.0)
     base.update(kw)
-    return ImageFetcher(Settings(**base), input_dir, store)
+    settings = Settings(**base)
+    return ImageFetcher(settings, input_dir, input_readers(settings, oss=store))
 
 
 def _check_materialised(input_dir: Path, name: str, data: bytes, ext: str) -> None:
@@ -282,8 +284,8 @@ def _oss_fetcher(input_dir: Path, oss: FakeOss, **kw: Any) -> ImageFetcher:
     from comfy_embed.storage import OssStore
 
     s = Settings(oss_endpoint=oss.endpoint, oss_region="cn-hangzhou", **kw)
-    return ImageFetcher(s, input_dir, OssStore(s, env={"OSS_ACCESS_KEY_ID": "ak",
-                                                       "OSS_ACCESS_KEY_SECRET": "sk"}))
+    store = OssStore(s, env={"OSS_ACCESS_KEY_ID": "ak", "OSS_ACCESS_KEY_SECRET": "sk"})
+    return ImageFetcher(s, input_dir, input_readers(s, oss=store))
 
 
 @pytest.mark.anyio

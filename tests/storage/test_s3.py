@@ -16,7 +16,7 @@ import requests
 from comfy_embed.config import Settings
 from comfy_embed.errors import ImageInputError, StorageError
 from comfy_embed.inputs.fetch import ImageFetcher, is_remote_or_inline
-from comfy_embed.storage import Credentials
+from comfy_embed.storage import Credentials, input_readers
 from comfy_embed.storage.s3 import MAX_PRESIGN_SECONDS, S3Store
 from tests.fakes.moto_s3 import serve_s3
 from tests.fakes.web_server import PNG
@@ -239,7 +239,7 @@ def input_dir(tmp_path: Path) -> Path:
 
 def _fetcher(input_dir: Path, endpoint: str, **kw: Any) -> ImageFetcher:
     s = settings(endpoint, **kw)
-    return ImageFetcher(s, input_dir, s3_store=S3Store(s, env=ENV))
+    return ImageFetcher(s, input_dir, input_readers(s, s3=S3Store(s, env=ENV)))
 
 
 @pytest.mark.anyio
