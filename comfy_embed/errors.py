@@ -6,7 +6,7 @@ HTTP status: the API package maps them to statuses in exactly one table.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "ComfyEmbedError",
@@ -17,6 +17,7 @@ __all__ = [
     "NotAccepting",
     "ExecutionFailed",
     "OutOfMemory",
+    "TaskLost",
     "TaskCancelled",
     "RunTimeout",
     "StorageError",
@@ -57,6 +58,14 @@ class WorkflowInvalid(ComfyEmbedError):
     ComfyUI's validation shape: ``{node_id: {"errors": [...], "class_type"}}``."""
 
     type = "invalid_prompt"
+    #: Every ``type`` it is raised with: its own, comfy-embed's finer ones and
+    #: ComfyUI's validation types. A final event read back from the task log
+    #: has only this string, so the status table knows each one
+    #: (tests/api/test_errors.py checks the code raises no other).
+    TYPES: ClassVar[frozenset[str]] = frozenset({
+        "invalid_prompt", "invalid_json", "invalid_task_id", "invalid_output_format",
+        "too_many_nodes", "node_denied", "prompt_no_outputs", "prompt_outputs_failed_validation",
+    })
 
     def __init__(self, message: str, *, type: str | None = None, **kw: Any) -> None:
         super().__init__(message, **kw)
@@ -137,6 +146,13 @@ class OutOfMemory(ExecutionFailed):
     fails; cached memory is freed, and repeated ones recycle the instance."""
 
     type = "out_of_memory"
+
+
+class TaskLost(ExecutionFailed):
+    """The instance running the task stopped (its lease expired in the task
+    log) before the task ended; another instance closed it with this error."""
+
+    type = "task_lost"
 
 
 class TaskCancelled(ComfyEmbedError):

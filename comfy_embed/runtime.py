@@ -137,6 +137,9 @@ class Engine:
         self._fetcher: Any = None
         self._preparer: Preparer | None = None
         self._manifest: list[ModelEntry] | None = None
+        #: Events of :meth:`wait_idle` callers, set when a job ends or a
+        #: preparation does (each caller's own: the engine may serve several loops in turn).
+        self._idle_waiters: set[anyio.Event] = set()
         self.accepting = True
         self._started = False
         self._lock = threading.Lock()
@@ -217,14 +220,12 @@ class Engine:
         """Reads image inputs; ``oss://`` and ``s3://`` only where configured."""
         if self._fetcher is None:
             from comfy_embed.inputs.fetch import ImageFetcher
-            from comfy_embed.storage import input_readers
             s = self.settings
             self._fetcher = ImageFetcher(
-                s, self.comfy.input_dir, input_readers(
-                    s, oss=self.store("oss") if s.oss_bucket or s.oss_endpoint else None,
-                    s3=self.store("s3") if s.s3_bucket or s.s3_endpoint or s.storage == "s3" else None),
+                s, self.comfy.input_dir,
+                self.store("oss") if s.oss_bucket or s.oss_endpoint else None,
+                s3_store=self.store("s3") if s.s3_bucket or s.s3_endpoint or s.storage == "s3" else None,
                 on_fetched=self.metrics.image_fetched)
-            self.background.on_close(self._fetcher.aclose)  # its HTTP client, per loop
         return self._fetcher
 
     # ---------------------------------------------------------------- tasks
@@ -244,6 +245,27 @@ class Engine:
         """Nothing being prepared, queued or run."""
         return not self._preparing and self.executor.idle
 
+    async def wait_idle(self) -> None:
+        """Wait until :attr:`idle` (woken when a job ends or a preparation
+        does, never by a timer)."""
+        while not self.idle:
+            # Made and registered with no await since the check: a wake-up
+            # (always on the loop) cannot fall between the two.
+            woken = anyio.Event()
+            self._idle_waiters.add(woken)
+            try:
+                await woken.wait()
+            finally:
+                self._idle_waiters.discard(woken)
+
+    def job_ended(self) -> None:
+        """A task's job left the executor (called on the loop): wake :meth:`wait_idle`."""
+        self._tell_activity()
+
+    def _tell_activity(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, set()
+        for woken in waiters:
+            woken.set()
 
     def add_observer(self, observer: TaskObserver) -> None:
         """Tell ``observer`` of every task accepted from now on."""
@@ -298,6 +320,7 @@ class Engine:
         finally:
             del self._preparing[task_id]
             preparing.set()
+            self._tell_activity()
         self._accepted(task)
         return task
 

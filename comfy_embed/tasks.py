@@ -66,6 +66,11 @@ class TaskHost(Protocol):
         """Delete the inputs materialised for the task (after its final event)."""
         ...
 
+    def job_ended(self) -> None:
+        """The task's job left the executor (called on the loop, before its
+        result is assembled)."""
+        ...
+
 
 class TaskObserver(Protocol):
     """Told of every task the engine accepts (the service's task-log writer is one)."""
@@ -329,6 +334,7 @@ class Task:
         # A loop callback. Results that need no awaiting (small base64 files,
         # or none) are built here; the rest goes to the engine's task group,
         # which shutdown drains (see the module docstring).
+        self.engine.job_ended()
         if outcome.success and self._finish_inline(outcome):
             return
         self.engine.renders.spawn(self._finish, outcome, name=f"result of {self.task_id}")

@@ -19,10 +19,9 @@ from starlette.routing import Route, WebSocketRoute
 
 from comfy_embed.api import metrics, openapi, page
 from comfy_embed.api.auth import ApiKeyAuth
+from comfy_embed.api.middleware import InternalErrors
 from comfy_embed.api.serverless import runs, ws
 from comfy_embed.config import Settings
-from comfy_embed.errors import ExecutionFailed
-from comfy_embed.events import final_event
 from comfy_embed.observe.folders import FolderProbe
 from comfy_embed.observe.guard import EXIT_RECYCLE, drain_when_tripped
 from comfy_embed.runtime import Engine
@@ -31,15 +30,6 @@ from comfy_embed.service.lifecycle import TaskService
 log = logging.getLogger(__name__)
 
 __all__ = ["create_app"]
-
-
-async def internal_error(request: Request, exc: Exception) -> Response:
-    """Whatever escaped still answers in the contract's shape."""
-    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-    error = ExecutionFailed(f"internal error: {exc!r}")
-    task_id = runs.task_id_from(request.headers)
-    return Response(runs.dumps(final_event(task_id, None, {}, error=error.to_dict())), 500,
-                    media_type="application/json")
 
 
 async def health(request: Request) -> Response:
@@ -164,8 +154,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         *openapi.routes(),  # /openapi.json, /docs
         *page.routes(),  # the playground page at / (api/static/)
     ]
-    # API keys first (outermost): nothing else runs for a refused request.
-    middleware = [Middleware(ApiKeyAuth, keys=settings.api_keys)] if settings.api_keys else []
+    # Internal errors outermost (they catch the other middleware's too), then
+    # API keys: nothing else runs for a refused request.
+    middleware = [Middleware(InternalErrors)]
+    if settings.api_keys:
+        middleware.append(Middleware(ApiKeyAuth, keys=settings.api_keys))
     middleware.append(Middleware(metrics.QueueDepthHeader))
-    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
-                     exception_handlers={Exception: internal_error})
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)

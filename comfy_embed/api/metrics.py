@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from comfy_embed.api.middleware import HttpMiddleware
 from comfy_embed.observe.metrics import CONTENT_TYPE
 
 __all__ = ["metrics", "QueueDepthHeader", "queue_depth"]
@@ -28,17 +29,10 @@ def queue_depth(app: object) -> int | None:
     return None if engine is None else engine.executor.queue_remaining
 
 
-class QueueDepthHeader:
+class QueueDepthHeader(HttpMiddleware):
     """Pure ASGI middleware: adds ``X-Queue-Depth`` to every HTTP response."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_depth(message: Message) -> None:
             if message["type"] == "http.response.start":
                 depth = queue_depth(scope.get("app"))

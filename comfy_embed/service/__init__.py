@@ -2,5 +2,6 @@
 run on this instance, readable and cancellable from any instance.
 
 - :mod:`.lifecycle`: :class:`~.lifecycle.TaskService` and its handles.
+- :mod:`.claim`: claiming a task id in the log while the engine prepares it.
 - :mod:`.blocking`: where the request path's small file calls run.
 """

@@ -1,7 +1,8 @@
 """Tasks as the serverless API sees them: run on this instance, persisted to
 the shared task log, readable and cancellable from any instance.
 
-No HTTP here: the API package turns :class:`Handle` into responses.
+No HTTP here: the API package turns :class:`Handle` into responses, and
+the errors raised here (the ComfyEmbedError hierarchy) into statuses.
 
 The engine owns each task from submit to final event (see
 :mod:`comfy_embed.runtime`); the service is one of its observers: for each
@@ -11,6 +12,7 @@ that mirrors the events to disk and sets ``Task.final_durable``.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -31,9 +33,7 @@ from comfy_embed.errors import (
     NotAccepting,
     PayloadTooLarge,
     QueueFull,
-    StorageUnavailable,
     TaskIdConflict,
-    WebhookRefused,
     WorkflowInvalid,
 )
 from comfy_embed.events import FINAL, coalesce_snapshots, final_event
@@ -41,6 +41,7 @@ from comfy_embed.observe.logs import current_task
 from comfy_embed.prepare.options import DEFAULT_OPTIONS, RunOptions
 from comfy_embed.runtime import Engine, Task, TaskObserver
 from comfy_embed.service.blocking import BlockingCalls
+from comfy_embed.service.claim import Claim
 from comfy_embed.taskid import check_task_id, valid_task_id
 from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasklog.retention import prune
@@ -54,35 +55,15 @@ __all__ = ["TaskService", "Handle"]
 _POLL_SECONDS = 0.2
 
 
-def _conflict(task_id: str) -> TaskIdConflict:
-    return TaskIdConflict(f"task id {task_id} belongs to a task created with another API key")
-
-
-class _Unclaimed(Exception):
-    """The engine's ``before_writes`` gate: this request did not claim the
-    task id in the log (known task, conflict, unusable log)."""
-
-
-class _Claim:
-    """The outcome of claiming a task id in the log, once ``done`` is set."""
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.claimed = False
-        self.error: Exception | None = None
-
-
 class Handle:
     """One task as a caller follows it: live on this instance, or read from
     the shared log (another instance runs it, or it is already done)."""
 
-    def __init__(self, service: "TaskService", task_id: str, *, task: Task | None = None,
-                 error: ComfyEmbedError | None = None) -> None:
+    def __init__(self, service: "TaskService", task_id: str, *, task: Task | None = None) -> None:
         self.service = service
         self.task_id = task_id
+        #: The task, while it is live on this instance (None: read the log).
         self.task = task
-        #: Set when this request itself failed before queueing.
-        self.error = error
 
     async def events(self, since: int = 0) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         """``(seq, event)`` after ``since``, ending with the final event, which
@@ -104,6 +85,8 @@ class Handle:
                     return
             if not batch and not await anyio.to_thread.run_sync(tasklog.exists, self.task_id):
                 return
+            # A poll, not an event: another instance writes this task's log on
+            # a shared folder (NAS, object-storage mount), which tells no one.
             await anyio.sleep(_POLL_SECONDS)
 
     async def final(self) -> dict[str, Any]:
@@ -160,116 +143,93 @@ class TaskService(TaskObserver):
                     task_id: str | None = None, webhook: WebhookRequest | None = None,
                     owner_key: str | None = None) -> Handle:
         """Start a task, or attach to it if this task id exists already (a
-        retry: it never runs twice). Errors before queueing come back in
-        ``Handle.error``; a refused request leaves nothing in the log (unless
-        it has a webhook, whose delivery state lives there), an internal
-        failure leaves a final event. ``webhook``: where to deliver its end
-        (refused URL: WebhookRefused, before anything exists). ``owner_key``
-        (the hash of the caller's API key, when keys are configured) is
-        recorded with a new task and must match to attach to an existing one.
-        ``options``: how the result is delivered (:meth:`Engine.submit`'s)."""
+        retry: it never runs twice).
+
+        A request refused before queueing raises its ComfyEmbedError
+        (WorkflowInvalid, TaskIdConflict, NotAccepting, QueueFull,
+        StorageUnavailable, ...): a refused request leaves nothing in the log
+        (unless it has a webhook, whose delivery state lives there), an
+        internal failure leaves a final event. ``webhook``: where to deliver
+        its end (refused URL: WebhookRefused, before anything exists).
+        ``owner_key`` (the hash of the caller's API key, when keys are
+        configured) is recorded with a new task and must match to attach to
+        an existing one. ``options``: how the result is delivered.
+        """
         task_id = task_id or uuid.uuid4().hex
-        try:
-            check_task_id(task_id)
-        except WorkflowInvalid as e:
-            return Handle(self, task_id, error=e)
+        check_task_id(task_id)
         # The rest of this request (and the log writer it starts) works for
         # this task: its log records say so.
         current_task.set(task_id)
         live = await self.engine.lookup(task_id)  # the engine's registry: one for all
         if live is not None:
-            if not await self.may_access(task_id, owner_key):
-                return Handle(self, task_id, error=_conflict(task_id))
+            await self._check_owner(task_id, owner_key)
             return Handle(self, task_id, task=live)
         if not self.engine.accepting:
-            return Handle(self, task_id, error=NotAccepting(
-                "this instance is draining and accepts no new work"))
+            raise NotAccepting("this instance is draining and accepts no new work")
         if webhook is not None:
-            try:
-                await self.webhooks.check(webhook)
-            except WebhookRefused as e:
-                return Handle(self, task_id, error=e)
-        # The claim in the task log (mkdir, owner file) runs in a worker
-        # thread while the engine parses and validates, or first on the loop
-        # when the disk is quick; the engine waits for it before writing
-        # anything under this id or queueing it.
-        claim = _Claim()
-        registered = False
+            await self.webhooks.check(webhook)
+        claim = Claim(task_id, functools.partial(self._io.run, self._claim, task_id, owner_key),
+                      webhook=webhook, webhooks=self.webhooks, claimed_ids=self._claimed)
+        outcome = await self._submit_while_claiming(body, options, claim)
+        refusal = claim.refusal()
+        if refusal is not None:
+            raise refusal from claim.error
+        if claim.error is not None:
+            outcome = claim.error  # unexpected: an internal error, below
+        elif not claim.claimed:  # known task: answer from the log
+            await self._check_owner(task_id, owner_key)
+            return Handle(self, task_id)
+        if isinstance(outcome, Task):
+            return Handle(self, task_id, task=outcome)
+        raise await self._not_queued(task_id, outcome, webhook, claim.registered)
 
-        async def claim_in_log() -> None:
-            try:
-                claim.claimed = await self._io.run(self._claim, task_id, owner_key)
-            except Exception as e:
-                claim.error = e
-            finally:
-                claim.done.set()
-
-        async def before_writes() -> None:
-            nonlocal registered
-            await claim.done.wait()
-            if claim.error is not None or not claim.claimed:
-                raise _Unclaimed()
-            if webhook is not None:
-                # Recorded before the task can end, so its end is always delivered.
-                await self.webhooks.register(task_id, webhook)
-                registered = True
-            self._claimed.add(task_id)
-
-        task: Task | None = None
-        failure: Exception | None = None
+    async def _submit_while_claiming(self, body: Any, options: RunOptions,
+                                     claim: Claim) -> Task | Exception:
+        """Submit to the engine while ``claim`` runs: the queued task, or
+        what refused it (decided by the caller once the claim is known)."""
         async with anyio.create_task_group() as tg:
-            tg.start_soon(claim_in_log)
+            tg.start_soon(claim.run)
             # Let it reach its worker thread (or run, on the loop) now: the
             # engine validates small graphs on the loop without yielding, and
             # the claim then runs as soon as the loop waits for it.
             await anyio.lowlevel.checkpoint()
+            outcome: Task | Exception
             try:
-                task = await self.engine.submit(body, options, task_id=task_id,
-                                                before_writes=before_writes)
-            except Exception as e:  # decided below, once the claim is known
-                failure = e
+                outcome = await self.engine.submit(body, options, task_id=claim.task_id,
+                                                   before_writes=claim.before_writes)
+            except Exception as e:
+                outcome = e
             finally:
-                self._claimed.discard(task_id)
-        # The claim decides first, as if it had run alone before the submit.
-        if isinstance(claim.error, FileExistsError):
-            return Handle(self, task_id, error=TaskIdConflict(
-                f"task id {task_id}: {claim.error}; choose another task id"))
-        if isinstance(claim.error, OSError):
-            log.warning("task %s: task log unusable: %s", task_id, claim.error)
-            return Handle(self, task_id, error=StorageUnavailable(
-                f"the task log folder is not writable ({claim.error.strerror or claim.error}); "
-                "retry later"))
-        if claim.error is not None:
-            failure = claim.error  # unexpected: an internal error, below
-        elif not claim.claimed:  # known task: answer from the log
-            if not await self.may_access(task_id, owner_key):
-                return Handle(self, task_id, error=_conflict(task_id))
-            return Handle(self, task_id)
-        if failure is None:
-            assert task is not None
-            return Handle(self, task_id, task=task)
-        return await self._not_queued(task_id, failure, webhook, registered)
+                self._claimed.discard(claim.task_id)
+        return outcome
+
+    async def _check_owner(self, task_id: str, owner_key: str | None) -> None:
+        """TaskIdConflict unless the caller may attach to the task (:meth:`may_access`)."""
+        if not await self.may_access(task_id, owner_key):
+            raise TaskIdConflict(f"task id {task_id} belongs to a task created with another API key")
 
     async def _not_queued(self, task_id: str, failure: Exception,
-                          webhook: WebhookRequest | None, registered: bool) -> Handle:
-        """This request claimed ``task_id`` but the engine did not queue it."""
-        refused = isinstance(failure, (WorkflowInvalid, ImageInputError, PayloadTooLarge))
-        if isinstance(failure, (QueueFull, NotAccepting)) or (refused and webhook is None):
+                          webhook: WebhookRequest | None, registered: bool) -> ComfyEmbedError:
+        """This request claimed ``task_id`` but the engine did not queue it:
+        the claim undone or closed with a final event; the error to raise."""
+        if isinstance(failure, (QueueFull, NotAccepting)) or (webhook is None and isinstance(
+                failure, (WorkflowInvalid, ImageInputError, PayloadTooLarge))):
             # Not run: nothing is left on disk (one folder per bad request
             # would pile up), and a retry (corrected) can run it.
             self.webhooks.forget(task_id)
             await self._io.run(self._discard, task_id)
-            return Handle(self, task_id, error=failure)
-        error = failure
-        if not isinstance(error, ComfyEmbedError):
-            log.error("task %s: submitting failed", task_id, exc_info=error)
-            error = ExecutionFailed(f"internal error while accepting the task: {error!r}")
+            return failure
+        if isinstance(failure, ComfyEmbedError):
+            error = failure
+        else:
+            log.error("task %s: submitting failed", task_id, exc_info=failure)
+            error = ExecutionFailed(f"internal error while accepting the task: {failure!r}")
         # Claimed, so the log ends with a final event all the same; a webhook's
         # delivery state lives in the task's folder.
         if webhook is not None and not registered:
             await self.webhooks.register(task_id, webhook)
         await self._close_with_error(task_id, error)
-        return Handle(self, task_id, error=error)
+        return error
 
     def task_accepted(self, task: Task) -> bool:
         """The engine queued ``task``: if this service claimed it, start its
@@ -336,6 +296,8 @@ class TaskService(TaskObserver):
                             # The caller gets its answer now; the log catches up.
                             task.final_durable.set()
                         backoff = min(5.0, max(0.2, backoff * 2))
+                        # A back-off, not a wait for an event: nothing says
+                        # when a full or read-only disk takes writes again.
                         await anyio.sleep(backoff)
                         continue
                     if backoff:
@@ -473,6 +435,9 @@ class TaskService(TaskObserver):
             if hours and now - last_prune > min(60.0, max(1.0, hours * 900)):
                 last_prune = now
                 await self._prune()
+            # A timer, not an event: leases are renewed on a clock, and cancel
+            # requests and orphans are files other instances write in the
+            # shared log, which notifies no one.
             await anyio.sleep(0.5)
 
     def _renew(self, running: list[str]) -> list[str]:
@@ -549,8 +514,7 @@ class TaskService(TaskObserver):
         for task_id in left:
             self.engine.cancel(task_id, "shutdown")
         with anyio.move_on_after(10):  # interrupted nodes stop within a step
-            while not self.engine.idle:
-                await anyio.sleep(0.05)
+            await self.engine.wait_idle()
             # Results still being assembled had their grace: they end with a
             # final event now, which their writers persist.
             self.engine.abandon_results()
@@ -569,7 +533,6 @@ class TaskService(TaskObserver):
     async def drain(self) -> None:
         """Stop accepting, then wait for running work and log writes."""
         self.engine.accepting = False
-        while not self.engine.idle:  # the executor thread has no event to wait on
-            await anyio.sleep(0.05)
+        await self.engine.wait_idle()
         await self._writers.drain()
         await self.webhooks.drain()

@@ -74,7 +74,7 @@ def graph(image: str | None = None) -> dict[str, Any]:
 
 
 def make(tmp_path: Path, **kw: Any) -> tuple[Preparer, Catalog, Fetcher, list[str]]:
-    catalog, fetcher, folders = Catalog(), Fetcher(), []
+    catalog, fetcher, folders = Catalog(), Fetcher(), list[str]()
     preparer = Preparer(Settings(base_dir=tmp_path, **kw), catalog, lambda: fetcher,
                         on_inputs=folders.append)
     return preparer, catalog, fetcher, folders

@@ -87,7 +87,6 @@ def _service(eng: Engine, tmp_path: Path, limit: float) -> tuple[TaskService, Wh
 
 async def _run_one(service: TaskService, task_id: str) -> dict[str, Any]:
     handle = await service.start(fake_graph("FakeImage"), task_id=task_id)
-    assert handle.error is None, handle.error
     return await handle.final()
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from comfy_embed import tasks as task_module
 from comfy_embed.config import Settings
+from comfy_embed.errors import NotAccepting, TaskIdConflict, WorkflowInvalid
 from comfy_embed.runtime import Engine, Task
 from comfy_embed.service.lifecycle import TaskService
 from comfy_embed.tasklog.log import TaskLog
@@ -95,7 +96,6 @@ async def test_a_retry_while_the_first_is_validating_gets_the_same_task(
     with anyio.fail_after(10):
         await race_during_validation(comfy, lambda: start("first"), lambda: start("retry"))
         first, retry = handles["first"], handles["retry"]
-        assert first.error is None and retry.error is None
         assert first.task is not None and retry.task is first.task
         assert comfy.validations == 1  # prepared once, not twice
         final = await retry.final()
@@ -138,6 +138,63 @@ async def test_a_refused_first_submit_lets_the_waiting_retry_run(
         assert type(outcome["first"]).__name__ == "WorkflowInvalid"
         final = await outcome["retry"].wait()
     assert final["data"]["status"] == "success"
+
+
+# ------------------------------------------------------ refusals raised
+@pytest.mark.anyio
+async def test_a_refused_request_raises_its_error_and_leaves_no_claim(
+        fake_engine: tuple[Engine, SlowValidation], tmp_path: Path) -> None:
+    eng, comfy = fake_engine
+    service = service_of(eng, tmp_path)
+    with anyio.fail_after(10):
+        with pytest.raises(WorkflowInvalid) as bad_id:
+            await service.start(fake_graph("FakeImage"), task_id="no spaces!")
+        assert bad_id.value.type == "invalid_task_id"
+        with pytest.raises(WorkflowInvalid):
+            await service.start({"1": {"class_type": "NoSuchNode", "inputs": {}}}, task_id="bad-1")
+        assert not await anyio.to_thread.run_sync(service.tasklog.exists, "bad-1")
+        comfy.gate.clear()
+        running = await service.start(fake_graph("FakeWait"), task_id="owned", owner_key="k1")
+        with pytest.raises(TaskIdConflict):  # live here, created with another key
+            await service.start(fake_graph("FakeWait"), task_id="owned", owner_key="k2")
+        eng.accepting = False
+        with pytest.raises(NotAccepting):
+            await service.start(fake_graph("FakeImage"), task_id="late")
+        comfy.gate.set()
+        assert running.task is not None
+        await running.task.wait()
+    service.close()
+
+
+@pytest.mark.anyio
+async def test_drain_waits_for_the_last_job_on_events_not_a_timer(
+        fake_engine: tuple[Engine, SlowValidation], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    eng, comfy = fake_engine
+    service = service_of(eng, tmp_path)
+    comfy.gate.clear()
+    handle = await service.start(fake_graph("FakeWait"), task_id="drained")
+
+    async def no_sleep(*args: Any, **kw: Any) -> None:
+        raise AssertionError("drain polled with a sleep")
+
+    monkeypatch.setattr(anyio, "sleep", no_sleep)
+    drained = anyio.Event()
+
+    async def drain() -> None:
+        await service.drain()
+        drained.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain)
+            await anyio.to_thread.run_sync(comfy.running.wait, 10)
+            await anyio.wait_all_tasks_blocked()
+            assert not drained.is_set() and not eng.idle
+            comfy.gate.set()  # the job ends: its end wakes the drain
+        assert drained.is_set() and eng.idle
+    assert handle.task is not None and handle.task.final is not None
+    service.close()
 
 
 # ------------------------------------------------ persistence as observer

@@ -22,7 +22,6 @@ from comfy_embed.errors import (
     PayloadTooLarge,
     QueueFull,
     StorageUnavailable,
-    WebhookRefused,
 )
 from comfy_embed.events import final_event
 from comfy_embed.prepare.options import RunOptions
@@ -142,17 +141,12 @@ async def run(request: Request) -> Response:
         options = run_options(q, request.headers)
         since = since_param(q, request.headers) if stream else 0
         body = await read_limited(request, settings.max_body_bytes)
-    except (PayloadTooLarge, InvalidParameter) as e:
-        return _error_answer(e, task_id, stream)
-    try:
         parsed, envelope_url = envelope_webhook(body)
         hook = webhook_request(q, envelope_url, settings)
-    except WebhookRefused as e:
+        handle = await service.start(parsed, options, task_id=task_id, webhook=hook,
+                                     owner_key=key_hash_of(request.scope))
+    except ComfyEmbedError as e:  # refused before queueing: the table says how
         return _error_answer(e, task_id, stream)
-    handle = await service.start(parsed, options, task_id=task_id, webhook=hook,
-                                 owner_key=key_hash_of(request.scope))
-    if handle.error is not None:
-        return _error_answer(handle.error, task_id, stream)
     headers = {"X-Task-Id": task_id}
     is_async = request.headers.get("x-fc-invocation-type", "").lower() == "async"
     if is_async and not settings.async_inline:

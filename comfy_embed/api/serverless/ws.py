@@ -9,7 +9,9 @@ event and the connection goes on."""
 from __future__ import annotations
 
 import uuid
+from typing import Any, Mapping
 
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from comfy_embed.api.auth import key_hash_of
@@ -18,10 +20,11 @@ from comfy_embed.api.serverless.runs import dumps, log_refused, run_options, sin
 from comfy_embed.errors import (
     ComfyEmbedError,
     InvalidParameter,
-    WebhookRefused,
+    PayloadTooLarge,
     WorkflowInvalid,
 )
 from comfy_embed.events import final_event
+from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.lifecycle import Handle, TaskService
 from comfy_embed.webhooks.delivery import envelope_webhook, webhook_request
 
@@ -39,6 +42,30 @@ async def _relay(ws: WebSocket, handle: Handle, since: int = 0) -> None:
 async def _send_error(ws: WebSocket, task_id: str, error: ComfyEmbedError) -> None:
     log_refused("websocket", task_id, error)
     await ws.send_text(dumps(final_event(task_id, None, {}, error=error.to_dict())))
+
+
+def _message_text(message: Message, limit: int) -> str:
+    """The workflow text of one message; WorkflowInvalid when it is not
+    UTF-8, PayloadTooLarge over ``limit`` bytes."""
+    text = message.get("text")
+    if text is None:
+        try:
+            text = (message.get("bytes") or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            raise WorkflowInvalid("message is not UTF-8 text", type="invalid_json") from None
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise PayloadTooLarge(f"message is over the limit of {limit} bytes")
+    return text
+
+
+async def _start(service: TaskService, message: Message, query: Mapping[str, Any],
+                 options: RunOptions, task_id: str, owner_key: str | None) -> Handle:
+    """The task of one message; its ComfyEmbedError when refused."""
+    text = _message_text(message, service.settings.max_body_bytes)
+    parsed, envelope_url = envelope_webhook(text)
+    hook = webhook_request(query, envelope_url, service.settings)
+    return await service.start(parsed, options, task_id=task_id, webhook=hook,
+                               owner_key=owner_key)
 
 
 async def serverless_ws(ws: WebSocket) -> None:
@@ -62,31 +89,11 @@ async def serverless_ws(ws: WebSocket) -> None:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            text = message.get("text")
-            if text is None:
-                raw = message.get("bytes") or b""
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    await _send_error(ws, uuid.uuid4().hex,
-                                      WorkflowInvalid("message is not UTF-8 text", type="invalid_json"))
-                    continue
-            if len(text) > service.settings.max_body_bytes or \
-                    len(text.encode("utf-8", "surrogatepass")) > service.settings.max_body_bytes:
-                await _send_error(ws, uuid.uuid4().hex, WorkflowInvalid(
-                    f"message is over the limit of {service.settings.max_body_bytes} bytes",
-                    type="payload_too_large"))
-                continue
+            task_id = uuid.uuid4().hex
             try:
-                parsed, envelope_url = envelope_webhook(text)
-                hook = webhook_request(q, envelope_url, service.settings)
-            except WebhookRefused as e:
-                await _send_error(ws, uuid.uuid4().hex, e)
-                continue
-            handle = await service.start(parsed, opts, task_id=uuid.uuid4().hex, webhook=hook,
-                                         owner_key=owner_key)
-            if handle.error is not None:
-                await _send_error(ws, handle.task_id, handle.error)
+                handle = await _start(service, message, q, opts, task_id, owner_key)
+            except ComfyEmbedError as e:  # this message is refused; the connection goes on
+                await _send_error(ws, task_id, e)
                 continue
             await _relay(ws, handle)
     except WebSocketDisconnect:
