@@ -220,12 +220,14 @@ class Engine:
         """Reads image inputs; ``oss://`` and ``s3://`` only where configured."""
         if self._fetcher is None:
             from comfy_embed.inputs.fetch import ImageFetcher
+            from comfy_embed.storage import input_readers
             s = self.settings
             self._fetcher = ImageFetcher(
-                s, self.comfy.input_dir,
-                self.store("oss") if s.oss_bucket or s.oss_endpoint else None,
-                s3_store=self.store("s3") if s.s3_bucket or s.s3_endpoint or s.storage == "s3" else None,
+                s, self.comfy.input_dir, input_readers(
+                    s, oss=self.store("oss") if s.oss_bucket or s.oss_endpoint else None,
+                    s3=self.store("s3") if s.s3_bucket or s.s3_endpoint or s.storage == "s3" else None),
                 on_fetched=self.metrics.image_fetched)
+            self.background.on_close(self._fetcher.aclose)  # its HTTP client, per loop
         return self._fetcher
 
     # ---------------------------------------------------------------- tasks
