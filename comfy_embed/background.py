@@ -168,7 +168,7 @@ class Background:
         siblings or the server's lifespan.
         """
         with _asyncio_declared():
-            spawned = Spawned(name or getattr(fn, "__qualname__", repr(fn)))
+            spawned = Spawned(name or str(getattr(fn, "__qualname__", repr(fn))))
             self._track(spawned, True)
             root = self._root()
             if self.attached:
@@ -226,8 +226,19 @@ def _asyncio_declared() -> Iterator[None]:
 
     anyio asks sniffio, which recognises asyncio by its current task; a loop
     callback (the executor's wake-up under uvicorn) has none, and anyio then
-    refuses to make a cancel scope. The engine runs on asyncio only (its
-    tasks use asyncio primitives), so declaring it is true.
+    refuses to make a cancel scope, a task handle (``start_soon``) or even a
+    token (``anyio.lowlevel.current_token``: NoEventLoopError). The engine
+    runs on asyncio only (its tasks use asyncio primitives), so declaring it
+    is true.
+
+    No documented anyio API does this for a callback: ``from_thread.run_sync``
+    with a token blocks its caller until the loop ran the function (the
+    executor thread must never wait for the loop, and the loop thread would
+    wait for itself), and ``BlockingPortal.start_task_soon``, which does not
+    block, runs the work in the portal's task group instead of this one.
+    anyio's own non-blocking hop into a loop (``AsyncBackend.run_sync_soon``,
+    what the portal uses) sets this same sniffio variable, which sniffio
+    documents for exactly this declaration.
     """
     if sniffio is None or asyncio.current_task() is not None:
         yield

@@ -4,7 +4,7 @@ servers on 127.0.0.1 and 127.0.0.2."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import anyio
 import httpx
@@ -12,12 +12,18 @@ import pytest
 
 from comfy_embed.errors import ImageInputError
 from comfy_embed.net import AddressPolicy, HttpClients, follow, new_client
-from tests.fakes.web_server import PNG, Web
-from tests.inputs.test_fetch import other_web, web  # noqa: F401  (fixtures: 127.0.0.1, .2)
+from tests.fakes.web_server import PNG, Web, serve_web
 
 pytestmark = pytest.mark.anyio
 
+#: Admits 127.0.0.1 only: a server on 127.0.0.2 must never be reached.
 LOCAL = AddressPolicy(["127.0.0.1"])
+
+
+@pytest.fixture
+def web() -> Iterator[Web]:
+    with serve_web("127.0.0.1") as server:
+        yield server
 
 
 async def _get(url: str, policy: AddressPolicy = LOCAL, **kw: Any) -> tuple[str, bytes]:
@@ -69,10 +75,11 @@ async def test_redirects_are_followed_to_the_final_answer(web: Web) -> None:
     assert [path for _, path in web.requests] == ["/redirect?to=/ok.png", "/ok.png"]
 
 
-async def test_each_hop_is_checked_before_it_is_connected_to(web: Web, other_web: Web) -> None:
-    with pytest.raises(ImageInputError, match="127.0.0.2, a loopback address"):
-        await _get(web.base + "/redirect?to=" + other_web.base + "/ok.png")
-    assert other_web.requests == []
+async def test_each_hop_is_checked_before_it_is_connected_to(web: Web) -> None:
+    with serve_web("127.0.0.2") as other:
+        with pytest.raises(ImageInputError, match="127.0.0.2, a loopback address"):
+            await _get(web.base + "/redirect?to=" + other.base + "/ok.png")
+        assert other.requests == []
 
 
 async def test_a_hop_check_may_refuse_a_host(web: Web) -> None:

@@ -11,6 +11,7 @@ Compute or Kubernetes replaces it (RAM that grows across runs, ComfyUI
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -60,6 +61,9 @@ class MemoryGuard:
         self._on_trip = on_trip
         self.tripped = threading.Event()
         self.reason: str | None = None
+        #: Wake-ups of :meth:`wait_tripped` callers (each in its event loop).
+        self._waiters: list[Callable[[], None]] = []
+        self._waiters_lock = threading.Lock()
         self.ooms_in_a_row = 0
         self._need_gc = False
         self._last_gc = time.monotonic()
@@ -100,10 +104,39 @@ class MemoryGuard:
         if self.tripped.is_set():
             return
         self.reason = reason
-        self.tripped.set()
+        with self._waiters_lock:
+            self.tripped.set()
+            waiters, self._waiters = self._waiters, []
+        for wake in waiters:
+            wake()
         log.error("memory guard: %s; draining and exiting with status %d to be replaced",
                   reason, EXIT_RECYCLE)
         self._on_trip(reason)
+
+    async def wait_tripped(self) -> None:
+        """Until the guard trips (on the executor thread, or any other),
+        woken by the trip itself rather than by polling."""
+        loop = asyncio.get_running_loop()
+        tripped = anyio.Event()
+
+        def wake() -> None:
+            # Never blocks the tripping thread (the executor's): the loop sets
+            # the event when it next runs. A loop already closed has nobody waiting.
+            try:
+                loop.call_soon_threadsafe(tripped.set)
+            except RuntimeError:
+                pass
+
+        with self._waiters_lock:
+            if self.tripped.is_set():
+                return
+            self._waiters.append(wake)
+        try:
+            await tripped.wait()
+        finally:
+            with self._waiters_lock:
+                if wake in self._waiters:
+                    self._waiters.remove(wake)
 
     # ------------------------------------------------------ between jobs
     def due_in(self) -> float | None:
@@ -124,13 +157,11 @@ class MemoryGuard:
         self._need_gc = False
 
 
-async def drain_when_tripped(guard: MemoryGuard, drain: Callable[[], Awaitable[None]],
-                             poll: float = 0.25) -> str:
+async def drain_when_tripped(guard: MemoryGuard, drain: Callable[[], Awaitable[None]]) -> str:
     """Wait until the guard trips, then ``drain`` (finish queued and running
     work, flush the task log); return the reason. The caller then exits with
     :data:`EXIT_RECYCLE`."""
-    while not guard.tripped.is_set():
-        await anyio.sleep(poll)
+    await guard.wait_tripped()
     await drain()
     log.error("memory guard: drained; exiting with status %d (%s)", EXIT_RECYCLE, guard.reason)
     return guard.reason or "memory guard tripped"

@@ -224,9 +224,13 @@ class Webhooks:
         self._active: dict[str, Spawned] = {}
         self._followers: dict[str, Spawned] = {}
         self._sending = 0
-        #: Deliveries sleeping until their next try (drain need not wait for them).
+        #: Deliveries sleeping until their next try.
         self._waiting: set[str] = set()
         self._closed = False
+        #: Set by drain: deliveries waiting for their next try wake and hand it back.
+        self._closing = anyio.Event()
+        #: Set (and replaced) whenever a send or a delivery ends: drain waits on it.
+        self._settled = anyio.Event()
 
     # ------------------------------------------------------------ hooks
     async def check(self, request: WebhookRequest) -> None:
@@ -287,10 +291,13 @@ class Webhooks:
         """Stop: let deliveries make their current attempt, then hand the ones
         waiting to retry back (leases released) for any instance to resume."""
         self._closed = True
+        self._closing.set()  # deliveries waiting for their next try hand it back now
+        deliveries = list(self._active.values())
         with anyio.move_on_after(self.settings.webhook_timeout + 5):
-            while self._sending or not set(self._active) <= self._waiting:
-                await anyio.sleep(0.05)
-        spawned = list(self._active.values()) + list(self._followers.values())
+            while self._sending or self._active:
+                await self._settled.wait()
+        # Ended deliveries may still be handing their lease back: wait for them too.
+        spawned = deliveries + list(self._active.values()) + list(self._followers.values())
         for s in spawned:
             s.cancel()
         for s in spawned:
@@ -343,6 +350,7 @@ class Webhooks:
         finally:
             self._active.pop(task_id, None)
             self._local.pop(task_id, None)
+            self._settle()
             if gen is not None:
                 try:
                     # Shielded: drain cancels a waiting delivery, and handing its
@@ -403,11 +411,12 @@ class Webhooks:
                                    f"{s.webhook_max_age:g}s limit")
                 return
             if not await self._wait_until(task_id, gen, due):
-                log.info("webhook of task %s: another instance took the delivery over", task_id)
+                log.info("webhook of task %s: %s", task_id, "handed back at shutdown"
+                         if self._closed else "another instance took the delivery over")
                 return
             if due > now:
                 continue  # read again: a slow sender may have recorded its outcome meanwhile
-            begin = {"at": self._clock(), "instance_id": self.tasklog.instance_id}
+            begin: dict[str, Any] = {"at": self._clock(), "instance_id": self.tasklog.instance_id}
             if not await anyio.to_thread.run_sync(self.deliveries.begin_attempt, task_id,
                                                   number, begin):
                 continue  # a rival reserved this attempt: read the state again
@@ -458,7 +467,8 @@ class Webhooks:
             log.warning("webhook of task %s failed: %s", task_id, reason)
 
     async def _wait_until(self, task_id: str, gen: int, due: float) -> bool:
-        """Sleep until ``due`` while renewing the lease; False if it was lost."""
+        """Wait until ``due`` while renewing the lease; False if it was lost,
+        or if :meth:`drain` began meanwhile (the delivery is handed back)."""
         step = max(self.deliveries.lease_seconds / 3, 0.05)
         try:
             while True:
@@ -467,8 +477,12 @@ class Webhooks:
                 remaining = due - self._clock()
                 if remaining <= 0:
                     return True
+                if self._closing.is_set():
+                    return False
                 self._waiting.add(task_id)
-                await anyio.sleep(min(remaining, step))
+                # The retry time, or the next renewal, or drain: whichever comes first.
+                with anyio.move_on_after(min(remaining, step)):
+                    await self._closing.wait()
         finally:
             self._waiting.discard(task_id)
 
@@ -502,6 +516,7 @@ class Webhooks:
                              error=f"connection failed: {e or type(e).__name__}")
         finally:
             self._sending -= 1
+            self._settle()
         code = response.status_code
         if 200 <= code < 300:
             return _Sent(ok=True, retryable=False, status=code)
@@ -510,6 +525,11 @@ class Webhooks:
         return _Sent(ok=False, retryable=retryable, status=code, error=f"HTTP {code}{redirect}",
                      retry_after=_retry_after(response.headers.get("retry-after"), self._clock())
                      if retryable else None)
+
+    def _settle(self) -> None:
+        """Wake :meth:`drain`: a send or a delivery ended."""
+        self._settled.set()
+        self._settled = anyio.Event()
 
     async def _follow(self, task: "Task", request: WebhookRequest, webhook_id: str) -> None:
         """Progress webhooks: best effort, one attempt each, at most one per

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
-import requests
 
 from comfy_embed.config import Settings
 from comfy_embed.errors import OutOfMemory
 from comfy_embed.executor import Outcome
-from comfy_embed.observe.guard import EXIT_RECYCLE, MemoryGuard, is_out_of_memory
+from comfy_embed.observe.guard import (
+    EXIT_RECYCLE,
+    MemoryGuard,
+    drain_when_tripped,
+    is_out_of_memory,
+)
 from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasks import _outcome_error
 
@@ -45,6 +49,31 @@ def test_repeated_ooms_recycle_and_free_cache_each_time(tmp_path: Path) -> None:
     assert freed == [1, 1] and not guard.tripped.is_set()
     guard.after_job(False, OOM)
     assert guard.tripped.is_set() and trips == ["2 out-of-memory errors in a row"]
+
+
+@pytest.mark.anyio
+async def test_a_trip_on_another_thread_wakes_the_drain(tmp_path: Path) -> None:
+    """drain_when_tripped waits on the trip itself: woken from the executor's
+    thread, no polling; a guard tripped already drains at once."""
+    guard = MemoryGuard(Settings(base_dir=tmp_path, oom_recycle_after=1), lambda: None,
+                        lambda reason: None)
+    drained: list[str] = []
+
+    async def drain() -> None:
+        drained.append("drained")
+
+    async def wait() -> None:
+        drained.append(await drain_when_tripped(guard, drain))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            assert drained == [] and len(guard._waiters) == 1
+            await anyio.to_thread.run_sync(guard.after_job, False, OOM)
+        assert drained == ["drained", "1 out-of-memory errors in a row"]
+        assert guard._waiters == []
+        assert await drain_when_tripped(guard, drain) == "1 out-of-memory errors in a row"
 
 
 def test_gc_follows_native_cadence(tmp_path: Path) -> None:
