@@ -15,7 +15,8 @@ from typing import Awaitable, Callable
 import anyio
 
 from comfy_embed.errors import ComfyEmbedError, StorageUnavailable, TaskIdConflict
-from comfy_embed.webhooks.delivery import WebhookRequest, Webhooks
+from comfy_embed.webhooks.delivery import Webhooks
+from comfy_embed.webhooks.request import WebhookRequest
 
 __all__ = ["Claim", "Unclaimed"]
 

@@ -45,7 +45,8 @@ from comfy_embed.service.claim import Claim
 from comfy_embed.taskid import check_task_id, valid_task_id
 from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasklog.retention import prune
-from comfy_embed.webhooks.delivery import WebhookRequest, Webhooks
+from comfy_embed.webhooks.delivery import Webhooks
+from comfy_embed.webhooks.request import WebhookRequest
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,8 @@ class TaskService(TaskObserver):
             error = failure
         else:
             log.error("task %s: submitting failed", task_id, exc_info=failure)
-            error = ExecutionFailed(f"internal error while accepting the task: {failure!r}")
+            # The log line has the details; the answer and the log say no more.
+            error = ExecutionFailed("internal error while accepting the task")
         # Claimed, so the log ends with a final event all the same; a webhook's
         # delivery state lives in the task's folder.
         if webhook is not None and not registered:

@@ -17,6 +17,7 @@ import binascii
 import functools
 import logging
 import os
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,17 @@ log = logging.getLogger(__name__)
 def _resolved_dir(path: str) -> str:
     """An output folder, symlinks resolved (a handful per process: cached)."""
     return os.path.realpath(path)
+
+
+def _strict_b64decode(text: str) -> bytes:
+    """The bytes of canonical base64 only (binascii.Error otherwise), so that
+    encoding them again gives back the same text."""
+    if sys.version_info >= (3, 11):
+        return binascii.a2b_base64(text, strict_mode=True)
+    raw = base64.b64decode(text, validate=True)  # Python 3.10 has no strict_mode
+    if base64.b64encode(raw) != text.encode("ascii"):
+        raise binascii.Error("not canonical base64")
+    return raw
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -87,7 +99,7 @@ def split_blobs(event: dict[str, Any], root: str) -> tuple[dict[str, Any], bytes
             new_results.append(r)
             continue
         try:
-            raw = binascii.a2b_base64(text, strict_mode=True)
+            raw = _strict_b64decode(text)
         except (binascii.Error, ValueError):
             new_results.append(r)  # not canonical base64: keep it inline
             continue

@@ -1,8 +1,7 @@
-"""Webhooks: the end of a task (and optionally its progress) POSTed to a URL,
-signed the Standard Webhooks way, retried, and delivered by any instance.
+"""Delivering webhooks: the end of a task (and optionally its progress)
+POSTed to a URL, retried, and delivered by any instance (what is sent:
+:mod:`comfy_embed.webhooks.request`).
 
-A run names its webhook with ``?webhook=URL`` or ``extra_data.webhook`` in the
-ComfyUI envelope, or the server has a default (``COMFY_EMBED_WEBHOOK_URL``).
 The request is recorded in the task's folder of the shared task log when the
 task is accepted; once the final event is persisted, the delivery starts on
 the instance that ran the task. Every attempt is recorded beside the task's
@@ -22,154 +21,41 @@ every attempt; it is closed when the engine's task group closes.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import logging
 import random
 import time
 import uuid
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 import anyio
 import anyio.to_thread
 import httpx
 
 from comfy_embed.background import Background, Spawned
-from comfy_embed.config import webhook_secret_key as secret_key
+from comfy_embed.config import webhook_secret_key
 from comfy_embed.errors import WebhookRefused
 from comfy_embed.events import FINAL
 from comfy_embed.net import AddressPolicy, HttpClients, pinned_request
 from comfy_embed.tasklog.delivery import DeliveryLog
 from comfy_embed.tasklog.log import TaskLog
+from comfy_embed.webhooks.request import (
+    WebhookRequest,
+    dumps,
+    payload_body,
+    redact,
+    sign,
+)
 
 if TYPE_CHECKING:
     from comfy_embed.config import Settings
     from comfy_embed.tasks import Task
 
-__all__ = ["WebhookRequest", "Webhooks", "webhook_request", "envelope_webhook", "secret_key",
-           "sign", "payload_body", "EVENTS"]
+__all__ = ["Webhooks"]
 
 log = logging.getLogger(__name__)
 
-#: Event names of ``?webhook_events=``: the final event as ``completed`` or
-#: ``failed``, and ComfyUI's ``progress`` messages.
-EVENTS = ("completed", "failed", "progress")
-_FINAL_EVENTS = frozenset({"completed", "failed"})
-_TRUE = ("1", "true", "yes", "on")
-
-
-# ------------------------------------------------------------------ the request
-@dataclass(frozen=True)
-class WebhookRequest:
-    """Where a run's webhook goes and what it carries."""
-
-    url: str
-    #: Subset of :data:`EVENTS`.
-    events: frozenset[str] = _FINAL_EVENTS
-    #: Keep ``output.base64`` in the payload (dropped by default: OSS links only).
-    include_base64: bool = False
-
-    def to_record(self) -> dict[str, Any]:
-        return {"url": self.url, "events": sorted(self.events), "base64": self.include_base64}
-
-
-def webhook_request(query: Mapping[str, str], envelope_url: str | None,
-                    settings: "Settings") -> WebhookRequest | None:
-    """The run's webhook from ``?webhook=`` (first), the envelope's
-    ``extra_data.webhook``, or the server default; None without any.
-
-    ``?webhook_events=`` is a comma list of :data:`EVENTS`; the final events
-    not listed are not sent, unless only ``progress`` is listed (then it
-    adds to the default ``completed,failed``). ``?webhook_base64=1`` keeps
-    base64 outputs in the payload. Raises WebhookRefused on unknown events.
-    """
-    url = query.get("webhook") or envelope_url or settings.webhook_url
-    raw = query.get("webhook_events")
-    if not url:
-        if raw is not None:
-            raise WebhookRefused("webhook_events was given but no webhook URL "
-                                 "(?webhook=, extra_data.webhook or COMFY_EMBED_WEBHOOK_URL)")
-        return None
-    events = set(_FINAL_EVENTS)
-    if raw is not None:
-        names = {x.strip().lower() for x in raw.split(",") if x.strip()}
-        unknown = names - set(EVENTS)
-        if unknown:
-            raise WebhookRefused(f"webhook_events: unknown event {sorted(unknown)[0]!r} "
-                                 f"(expected a comma list of {', '.join(EVENTS)})")
-        events = names if names & _FINAL_EVENTS else names | _FINAL_EVENTS
-    return WebhookRequest(url=url, events=frozenset(events),
-                          include_base64=(query.get("webhook_base64") or "").lower() in _TRUE)
-
-
-def envelope_webhook(body: Any) -> tuple[Any, str | None]:
-    """``extra_data.webhook`` of a ComfyUI envelope (``{"prompt": ...,
-    "extra_data": {...}}``), read before the workflow is parsed.
-
-    Returns the body to parse (decoded, when it had to be decoded to look)
-    and the URL or None. A body that is not an envelope is returned as it
-    came, so the workflow parser reports its errors unchanged.
-    """
-    needle = b'"extra_data"' if isinstance(body, (bytes, bytearray)) else '"extra_data"'
-    if isinstance(body, (bytes, bytearray, str)):
-        if needle not in body:  # type: ignore[operator]
-            return body, None
-        try:
-            decoded = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return body, None  # the workflow parser reports it (nesting: 400)
-        if not isinstance(decoded, dict):
-            return body, None
-        body = decoded
-    if (not isinstance(body, dict) or not isinstance(body.get("prompt"), dict)
-            or not isinstance(body.get("extra_data"), dict)):
-        return body, None  # not an envelope (a bare graph may have a node "extra_data")
-    url = body["extra_data"].get("webhook")
-    if url is not None and not isinstance(url, str):
-        raise WebhookRefused("extra_data.webhook must be a URL string")
-    return body, url or None
-
-
-# ------------------------------------------------------------ signing, payload
-def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` value: ``v1,`` + base64 HMAC-SHA256 of
-    ``{id}.{timestamp}.{body}``."""
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(mac).decode("ascii")
-
-
-def payload_body(final: dict[str, Any], include_base64: bool = False) -> bytes:
-    """The JSON body of a final webhook: the ``serverless_api`` message, with
-    each ``output.base64`` dropped unless ``include_base64``."""
-    data = dict(final.get("data") or {})
-    if not include_base64 and data.get("results"):
-        results = []
-        for item in data["results"]:
-            output = item.get("output") if isinstance(item, dict) else None
-            if isinstance(output, dict) and "base64" in output:
-                item = {**item, "output": {k: v for k, v in output.items() if k != "base64"}}
-            results.append(item)
-        data["results"] = results
-    return _dumps({"type": final.get("type", FINAL), "data": data})
-
-
-def _dumps(value: Any) -> bytes:
-    # ASCII JSON: the signed bytes and the text a verifier decodes are the same.
-    return json.dumps(value, default=str, separators=(",", ":")).encode("ascii")
-
-
-def _redact(url: str) -> str:
-    """The URL without userinfo and query string (they may hold tokens)."""
-    try:
-        u = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError):
-        return "<invalid URL>"
-    port = f":{u.port}" if u.port else ""
-    return f"{u.scheme}://{u.host}{port}{u.path}"
 
 
 def _retry_after(value: str | None, now: float) -> float | None:
@@ -214,7 +100,7 @@ class Webhooks:
         self.tasklog = tasklog
         self._policy = AddressPolicy(settings.url_allowlist)
         self._clients = HttpClients(settings.webhook_timeout)
-        self._key = secret_key(settings.webhook_secret) if settings.webhook_secret else None
+        self._key = webhook_secret_key(settings.webhook_secret) if settings.webhook_secret else None
         self._clock = clock
         self._rng = rng
         #: Tasks registered here whose delivery has not started: (request, webhook id).
@@ -322,7 +208,7 @@ class Webhooks:
             phase = "retrying"
         next_try = (attempts[-1].get("next_try_at") if attempts and not done else None)
         return {"task_id": task_id, "webhook_id": request.get("id"),
-                "url": _redact(str(request.get("url", ""))), "events": request.get("events"),
+                "url": redact(str(request.get("url", ""))), "events": request.get("events"),
                 "state": phase, "attempts": attempts, "next_try_at": next_try,
                 "done": done, "lease": state["lease"]}
 
@@ -551,7 +437,7 @@ class Webhooks:
             if last is not None and now - last < interval:
                 continue
             last = now
-            body = _dumps({"type": "progress", "data": {**ev["data"], "task_id": task.task_id}})
+            body = dumps({"type": "progress", "data": {**ev["data"], "task_id": task.task_id}})
             sent = await self._send(request.url, f"{webhook_id}_progress_{seq}", body)
             if not sent.ok:
                 log.info("webhook of task %s: progress not delivered: %s", task.task_id,

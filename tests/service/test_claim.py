@@ -11,7 +11,7 @@ import pytest
 
 from comfy_embed.errors import StorageUnavailable, TaskIdConflict
 from comfy_embed.service.claim import Claim, Unclaimed
-from comfy_embed.webhooks.delivery import WebhookRequest
+from comfy_embed.webhooks.request import WebhookRequest
 
 pytestmark = pytest.mark.anyio
 

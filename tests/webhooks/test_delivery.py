@@ -24,9 +24,9 @@ from comfy_embed.config import Settings
 from comfy_embed.events import final_event
 from comfy_embed.tasklog.delivery import DeliveryLog
 from comfy_embed.tasklog.log import TaskLog
-from comfy_embed.webhooks.delivery import (
+from comfy_embed.webhooks.delivery import Webhooks
+from comfy_embed.webhooks.request import (
     WebhookRequest,
-    Webhooks,
     envelope_webhook,
     payload_body,
     secret_key,

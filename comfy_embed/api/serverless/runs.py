@@ -27,7 +27,7 @@ from comfy_embed.events import final_event
 from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.lifecycle import Handle, TaskService
 from comfy_embed.storage import credentials_from_headers
-from comfy_embed.webhooks.delivery import envelope_webhook, webhook_request
+from comfy_embed.webhooks.request import envelope_webhook, webhook_request
 
 __all__ = ["run", "validate", "status", "cancel", "webhook", "dumps",
            "error_headers", "run_options", "task_id_from", "since_param", "log_refused"]

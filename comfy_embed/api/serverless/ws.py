@@ -26,7 +26,7 @@ from comfy_embed.errors import (
 from comfy_embed.events import final_event
 from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.lifecycle import Handle, TaskService
-from comfy_embed.webhooks.delivery import envelope_webhook, webhook_request
+from comfy_embed.webhooks.request import envelope_webhook, webhook_request
 
 __all__ = ["serverless_ws"]
 
