@@ -104,7 +104,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     import uvicorn
 
-    from comfy_embed.api import create_app
+    from comfy_embed.api.app import ServerControl, create_app
     from comfy_embed.runtime import Engine
 
     if args.host:
@@ -112,7 +112,8 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.port:
         settings = settings.replace(port=args.port)
     engine = Engine(settings)
-    app = create_app(settings, engine)
+    control = ServerControl()
+    app = create_app(settings, engine, control)
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM/SIGINT drain like /pre-stop: new runs are refused (503) at
@@ -121,8 +122,8 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             engine.accepting = False
-            if getattr(app.state, "stop_requested_at", None) is None:
-                app.state.stop_requested_at = time.monotonic()
+            if control.stop_requested_at is None:
+                control.stop_requested_at = time.monotonic()
             super().handle_exit(sig, frame)
 
     # log_config=None: uvicorn's records go through the root handler set up
@@ -132,10 +133,10 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                             timeout_graceful_shutdown=max(1, round(settings.drain_seconds)))
     server = DrainingServer(config)
     # How the app stops the server itself (the memory guard, after draining).
-    app.state.stop_server = lambda: setattr(server, "should_exit", True)
+    control.stop_server = lambda: setattr(server, "should_exit", True)
     server.run()
     # Non-zero when the memory guard recycled the instance (guard.EXIT_RECYCLE).
-    return int(getattr(app.state, "exit_code", 0))
+    return control.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -222,3 +222,35 @@ def test_no_function_over_80_lines() -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and (n := (node.end_lineno or node.lineno) - node.lineno + 1) > 80]
     assert not long, long
+
+
+def _readme_layout() -> set[str]:
+    """The paths under ``comfy_embed/`` that the README's Layout block lists
+    (nesting read from the indentation, two spaces a level)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Layout"):]
+    block = block[block.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    stack: list[tuple[int, str]] = []
+    listed = set()
+    for line in block.splitlines():
+        name = line.strip().split(" ")[0] if line.strip() else ""
+        if not (name.endswith("/") or name.endswith(".py")):
+            continue
+        depth = len(line) - len(line.lstrip(" "))
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        path = "".join(n for _, n in stack) + name
+        listed.add(path)
+        if name.endswith("/"):
+            stack.append((depth, name))
+    return listed
+
+
+def test_readme_layout_lists_every_module() -> None:
+    listed = _readme_layout()
+    expected = {f"comfy_embed/{where}" for where, _ in sources()
+                if not where.endswith("/__init__.py") and not where.startswith("examples/")}
+    assert not expected - listed, f"README's Layout misses {sorted(expected - listed)}"
+    stale = {p for p in listed if p.startswith("comfy_embed/") and not (ROOT / p).exists()}
+    assert not stale, f"README's Layout lists what does not exist: {sorted(stale)}"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 from starlette.applications import Starlette
@@ -91,22 +92,36 @@ async def _warm_up(engine: Engine, settings: Settings, warm: anyio.Event) -> Non
         warm.set()
 
 
-async def _recycle(app: Starlette) -> None:
+@dataclasses.dataclass
+class ServerControl:
+    """What the app and the server hosting it tell each other (``comfy-embed
+    serve`` passes one to :func:`create_app`)."""
+
+    #: When SIGTERM/SIGINT arrived (monotonic), if it did: drain time counts from it.
+    stop_requested_at: float | None = None
+    #: How the app stops its server itself (the memory guard, after draining).
+    stop_server: Callable[[], None] | None = None
+    #: The process's exit status: EXIT_RECYCLE when the memory guard recycled it.
+    exit_code: int = 0
+
+
+async def _recycle(app: Starlette, control: ServerControl) -> None:
     """The memory guard tripped: drain, then stop the server; ``comfy-embed
-    serve`` exits with ``app.state.exit_code`` (guard.EXIT_RECYCLE)."""
+    serve`` exits with ``control.exit_code`` (guard.EXIT_RECYCLE)."""
     await drain_when_tripped(app.state.engine.guard, app.state.service.drain)
-    app.state.exit_code = EXIT_RECYCLE
-    stop = getattr(app.state, "stop_server", None)
-    if stop is not None:
-        stop()
+    control.exit_code = EXIT_RECYCLE
+    if control.stop_server is not None:
+        control.stop_server()
     else:  # hosted by something else: ask it to stop as a platform would
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, engine: Engine | None = None,
+               control: ServerControl | None = None) -> Starlette:
     """Build the app; ComfyUI boots in the background when the app starts."""
     settings = settings or Settings.from_env()
     engine = engine or Engine(settings)
+    control = control or ServerControl()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -123,11 +138,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             async with engine.background.open(), anyio.create_task_group() as tg:
                 tg.start_soon(_warm_up, engine, settings, app.state.warm)
                 tg.start_soon(service.upkeep)
-                tg.start_soon(_recycle, app)
+                tg.start_soon(_recycle, app, control)
                 yield
                 # SIGTERM/SIGINT: the server waited for open requests; now the
                 # rest of the grace period goes to background (async) tasks.
-                began = getattr(app.state, "stop_requested_at", None) or time.monotonic()
+                began = control.stop_requested_at or time.monotonic()
                 grace = max(0.0, settings.drain_seconds - (time.monotonic() - began))
                 await service.shutdown(grace)
                 tg.cancel_scope.cancel()
