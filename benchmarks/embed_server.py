@@ -166,7 +166,8 @@ def main() -> None:
     # As comfy_embed.cli.main does for `serve`.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
-    uvicorn.run(bench_app(create_app(settings)), host=settings.host, port=settings.port,
+    server = settings.server
+    uvicorn.run(bench_app(create_app(settings)), host=server.host, port=server.port,
                 log_level="info", timeout_graceful_shutdown=30)
 
 

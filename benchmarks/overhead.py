@@ -93,7 +93,7 @@ def _raw_runner(settings: Any) -> tuple[Callable[[dict[str, Any]], dict[str, Any
 
     # The heap setting that (b) and (c) boot with (comfy_embed.runtime), so
     # that (c) - (a) is the request path's cost alone, not glibc's page faults.
-    memory.keep_freed_heap(settings.heap_keep_bytes)
+    memory.keep_freed_heap(settings.observe.heap_keep_bytes)
     comfy = Comfy.boot(settings)
     ensure_tiny_checkpoint(comfy, settings)
     import execution  # ComfyUI's own module, importable once booted

@@ -128,9 +128,9 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     # log_config=None: uvicorn's records go through the root handler set up
     # in main() (text or JSON, with task ids), not its own formatters.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            log_config=None,
-                            timeout_graceful_shutdown=max(1, round(settings.drain_seconds)))
+    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
+                            log_level="info", log_config=None,
+                            timeout_graceful_shutdown=max(1, round(settings.server.drain_seconds)))
     server = DrainingServer(config)
     # How the app stops the server itself (the memory guard, after draining).
     control.stop_server = lambda: setattr(server, "should_exit", True)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The server logs to stdout (as FC and Kubernetes collect it); `run`
     # prints its result there, so its log goes to stderr.
-    configure_logging(settings.log_format,
+    configure_logging(settings.observe.log_format,
                       logging.INFO if args.cmd == "serve" else logging.WARNING,
                       sys.stdout if args.cmd == "serve" else sys.stderr)
     return {"run": _cmd_run, "serve": _cmd_serve, "demo": _cmd_demo}[args.cmd](args, settings)

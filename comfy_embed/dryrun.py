@@ -119,12 +119,12 @@ async def _mark_manifest_models(engine: "Engine", report: dict[str, Any]) -> Non
     """A missing model that the manifest fetches on first use says so (the
     run would download it; until then ComfyUI's own check still fails)."""
     s = engine.settings
-    if not report["missing_models"] or not s.models_manifest or s.models_fetch != "first_use":
+    if not report["missing_models"] or not s.models.manifest or s.models.fetch != "first_use":
         return
     from comfy_embed.inputs.models import load_manifest
 
     urls = {(e.folder, e.name): e.url
-            for e in await anyio.to_thread.run_sync(load_manifest, s.models_manifest)}
+            for e in await anyio.to_thread.run_sync(load_manifest, s.models.manifest)}
     for missing in report["missing_models"]:
         url = urls.get((missing["folder"], missing["name"]))
         if url:

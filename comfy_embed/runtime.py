@@ -85,19 +85,19 @@ _KEEP_FINISHED = 4
 def boot_comfy(settings: Settings) -> Comfy:
     """ComfyUI booted headless, with the tiny checkpoint built when asked
     for and the preload checkpoints loaded (on the executor thread)."""
-    if settings.models_manifest:
+    if settings.models.manifest:
         from comfy_embed.inputs.models import ensure_models, load_manifest
-        if settings.models_fetch == "startup":
+        if settings.models.fetch == "startup":
             # Before ComfyUI lists its model folders; /ready waits for this.
             ensure_models(settings)
         else:
-            load_manifest(settings.models_manifest)  # a bad manifest fails the boot
-    memory.keep_freed_heap(settings.heap_keep_bytes)  # 0: glibc's defaults
+            load_manifest(settings.models.manifest)  # a bad manifest fails the boot
+    memory.keep_freed_heap(settings.observe.heap_keep_bytes)  # 0: glibc's defaults
     comfy = Comfy.boot(settings)
-    if settings.tiny_checkpoint:
+    if settings.comfy.tiny_checkpoint:
         from comfy_embed._comfy.checkpoint import ensure_tiny_checkpoint
         ensure_tiny_checkpoint(comfy, settings)
-    for name in settings.preload:
+    for name in settings.comfy.preload:
         comfy.preload(name)
     return comfy
 
@@ -115,7 +115,7 @@ class Engine:
         #: Builds the backend on the executor thread (a fake stands in only
         #: in tests of the thread, queue and API mechanics).
         self._boot_backend = boot or boot_comfy
-        self.executor = Executor(self._boot, self.settings.max_queue)
+        self.executor = Executor(self._boot, self.settings.jobs.max_queue)
         self.metrics = Metrics()
         ex = self.executor
         self.metrics.bind_executor(lambda: ex.waiting, lambda: ex.running,
@@ -171,7 +171,7 @@ class Engine:
     def custom_nodes(self) -> dict[str, Any] | None:
         """Custom-node packs found at boot: ``{"loaded": [...], "failed":
         {name: error}}``; None when custom nodes are off or not booted."""
-        if not self.settings.custom_nodes or self._comfy is None:
+        if not self.settings.comfy.custom_nodes or self._comfy is None:
             return None
         packs = self._comfy.packs
         return {"loaded": [p.name for p in packs if p.loaded],
@@ -209,9 +209,9 @@ class Engine:
         self.executor.close()
 
     def store(self, name: str | None = None) -> Store:
-        """The store of backend ``name`` (default: ``settings.storage``, where
+        """The store of backend ``name`` (default: ``settings.store.backend``, where
         ``output_oss`` uploads), made once."""
-        name = name or self.settings.storage
+        name = name or self.settings.store.backend
         if name not in self._stores:
             self._stores[name] = open_store(name, self.settings)
         return self._stores[name]
@@ -221,11 +221,12 @@ class Engine:
         if self._fetcher is None:
             from comfy_embed.inputs.fetch import ImageFetcher
             from comfy_embed.storage import input_readers
-            s = self.settings
+            s, store = self.settings, self.settings.store
             self._fetcher = ImageFetcher(
                 s, self.comfy.input_dir, input_readers(
-                    s, oss=self.store("oss") if s.oss_bucket or s.oss_endpoint else None,
-                    s3=self.store("s3") if s.s3_bucket or s.s3_endpoint or s.storage == "s3" else None),
+                    s, oss=self.store("oss") if store.oss_bucket or store.oss_endpoint else None,
+                    s3=self.store("s3") if store.s3_bucket or store.s3_endpoint
+                    or store.backend == "s3" else None),
                 on_fetched=self.metrics.image_fetched)
             self.background.on_close(self._fetcher.aclose)  # its HTTP client, per loop
         return self._fetcher
@@ -386,7 +387,7 @@ class Engine:
             comfy = self.comfy
             server = getattr(comfy, "server", None)  # a test fake has none
             s = self.settings
-            first_use = bool(s.models_manifest) and s.models_fetch == "first_use"
+            first_use = bool(s.models.manifest) and s.models.fetch == "first_use"
             self._preparer = Preparer(
                 s, comfy, self.fetcher, on_inputs=self._materialised.add,
                 on_prompt=getattr(server, "trigger_on_prompt", None),
@@ -407,7 +408,7 @@ class Engine:
         names, downloaded (once across instances) before it is validated."""
         from comfy_embed.inputs.models import ensure_referenced, load_manifest
         s = self.settings
-        path = s.models_manifest
+        path = s.models.manifest
         if path is None:  # the preparer asks only when a manifest is set
             return
         if self._manifest is None:

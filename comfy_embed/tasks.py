@@ -103,7 +103,7 @@ class Task:
         #: Event n is ``_events[n - 1]``; None where a later event superseded it.
         self._events: list[dict[str, Any] | None] = []
         self._snapshot_at: int | None = None
-        self._max_events = engine.settings.max_task_events
+        self._max_events = engine.settings.tasklog.max_events
         self._kept = 0
         #: Events not kept because the task reached ``max_task_events``.
         self.dropped = 0
@@ -250,7 +250,7 @@ class Task:
         """Report and metrics, as the final event is built."""
         metrics = self.engine.metrics
         report = self.report.finish()
-        if self.engine.settings.task_report:
+        if self.engine.settings.observe.task_report:
             ev["data"]["report"] = report
         metrics.task_report(report)
         metrics.task_ended(None if self.error is None else self.error.type)
@@ -325,7 +325,7 @@ class Task:
 
     def _started(self) -> None:
         self.state = "running"
-        limit = self.engine.settings.run_timeout
+        limit = self.engine.settings.jobs.run_timeout
         if limit:
             self._timeout_handle = self._loop.call_later(
                 limit, self.engine.cancel, self.task_id, "timeout")
@@ -368,7 +368,7 @@ class Task:
                 self.report.mark_render(end=True)
                 self._close(results=results, outputs=collect_values(outcome.outputs))
             else:
-                self._close(_outcome_error(outcome, self.engine.settings.run_timeout))
+                self._close(_outcome_error(outcome, self.engine.settings.jobs.run_timeout))
         except anyio.get_cancelled_exc_class():
             # The instance is shutting down mid-upload: still one final event.
             self._close(TaskCancelled("the instance shut down before the result was assembled"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_embed.config import Settings, SettingsError
+from comfy_embed.config import _RULES, JobSettings, Settings, SettingsError, WebhookSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,34 +58,38 @@ def test_defaults_and_text_forms() -> None:
         "COMFY_EMBED_OSS_ENDPOINT_ALLOWLIST": "",   # empty list
         "COMFY_EMBED_BASE_DIR": "/srv/data",
     })
-    assert s.url_allowlist == ("a.example", "10.0.0.0/8", "b.example")
-    assert s.extra_model_paths == (Path("/x/a.yaml"), Path("/x/b.yaml"))
-    assert s.max_queue == 7 and s.custom_nodes and s.async_inline and not s.write_metadata
-    assert s.run_timeout is None and s.oss_link_expire is None
-    assert s.oss_prefix == "" and s.oss_endpoint_allowlist == ()
-    assert s.base_dir == Path("/srv/data") and s.input_path == Path("/srv/data/input")
+    assert s.inputs.url_allowlist == ("a.example", "10.0.0.0/8", "b.example")
+    assert s.comfy.extra_model_paths == (Path("/x/a.yaml"), Path("/x/b.yaml"))
+    assert s.jobs.max_queue == 7 and s.comfy.custom_nodes and s.server.async_inline
+    assert not s.comfy.write_metadata
+    assert s.jobs.run_timeout is None and s.store.oss_link_expire is None
+    assert s.store.oss_prefix == "" and s.store.oss_endpoint_allowlist == ()
+    assert s.comfy.base_dir == Path("/srv/data") and s.comfy.input_path == Path("/srv/data/input")
 
 
 def test_port_from_function_compute() -> None:
-    assert Settings.from_env({"FC_SERVER_PORT": "9100"}).port == 9100
-    assert Settings.from_env({"FC_SERVER_PORT": "9100", "COMFY_EMBED_PORT": "9200"}).port == 9200
-    assert Settings.from_env({"FC_SERVER_PORT": "9100"}, port=9300).port == 9300
+    assert Settings.from_env({"FC_SERVER_PORT": "9100"}).server.port == 9100
+    both = {"FC_SERVER_PORT": "9100", "COMFY_EMBED_PORT": "9200"}
+    assert Settings.from_env(both).server.port == 9200
+    assert Settings.from_env({"FC_SERVER_PORT": "9100"}, port=9300).server.port == 9300
 
 
 def test_keyword_construction_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMFY_EMBED_MAX_QUEUE", "3")
-    assert Settings().max_queue == 64
-    assert Settings.from_env().max_queue == 3
+    assert Settings().jobs.max_queue == 64
+    assert Settings.from_env().jobs.max_queue == 3
     s = Settings(base_dir="/tmp/b", max_queue=5)  # type: ignore[arg-type]
-    assert s.base_dir == Path("/tmp/b") and s.max_queue == 5
+    assert s.comfy.base_dir == Path("/tmp/b") and s.jobs.max_queue == 5
 
 
 def test_frozen_replace_checks_and_unknown_names() -> None:
     s = Settings(max_queue=5)
     with pytest.raises(ValueError):
-        s.max_queue = 6  # type: ignore[misc]
+        s.jobs.max_queue = 6  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        s.jobs = JobSettings()  # type: ignore[misc]
     r = s.replace(port=8001)
-    assert (r.port, r.max_queue, s.port) == (8001, 5, 9000)
+    assert (r.server.port, r.jobs.max_queue, s.server.port) == (8001, 5, 9000)
     assert r == Settings(max_queue=5, port=8001) and hash(r) == hash(Settings(max_queue=5, port=8001))
     with pytest.raises(SettingsError, match="COMFY_EMBED_MAX_QUEUE=-1: expected a number >= 1"):
         s.replace(max_queue=-1)
@@ -94,10 +98,12 @@ def test_frozen_replace_checks_and_unknown_names() -> None:
 
 
 def test_every_field_is_read_from_its_variable() -> None:
-    """A field added anywhere in the class is read and type-checked with no
-    more code: set each to a non-default value through the environment."""
-    for name, field in Settings.model_fields.items():
-        default = field.default
+    """A field added to any group is read and type-checked with no more
+    code: set each to a non-default value through its flat variable."""
+    for name, (group, field_name) in Settings.flat_fields().items():
+        group_model = Settings.model_fields[group].annotation
+        assert isinstance(group_model, type)
+        default = group_model.model_fields[field_name].default
         if default is None:
             continue  # none has no other value to try
         if isinstance(default, bool):
@@ -116,7 +122,61 @@ def test_every_field_is_read_from_its_variable() -> None:
         except SettingsError as e:  # read, and refused by the field's own check
             assert str(e).startswith(var + "="), (name, str(e))
             continue
-        assert getattr(s, name) != default, name
+        assert getattr(getattr(s, group), field_name) != default, name
+
+
+def test_grouped_access_and_derived_paths() -> None:
+    s = Settings.from_env({"COMFY_EMBED_WEBHOOK_MAX_ATTEMPTS": "3", "COMFY_EMBED_STORAGE": "s3",
+                           "COMFY_EMBED_OSS_BUCKET": "b", "COMFY_EMBED_MAX_TASK_EVENTS": "50",
+                           "COMFY_EMBED_TASK_LOG_DIR": "/logs", "COMFY_EMBED_BASE_DIR": "/d"})
+    assert s.webhooks.max_attempts == 3 and s.webhooks.backoff == 5.0
+    assert s.store.backend == "s3" and s.store.oss_bucket == "b"
+    assert s.tasklog.max_events == 50 and s.tasklog.dir == Path("/logs")
+    assert s.comfy.models_path == Path("/d/models") and s.task_log_path == Path("/logs")
+    assert Settings(base_dir="/d").task_log_path == Path("/d/output/serverless_api")
+
+
+def test_flat_keywords_route_to_their_groups() -> None:
+    """Flat names are the keywords; each lands in its group, and wins over
+    the same field of a group given whole in the same call."""
+    s = Settings(webhook_max_attempts=2, storage="s3", max_task_events=20, port=8001)
+    assert (s.webhooks.max_attempts, s.store.backend, s.tasklog.max_events) == (2, "s3", 20)
+    assert s.server.port == 8001 and s.server.host == "0.0.0.0"
+    whole = Settings(webhooks=WebhookSettings(timeout=3.0), webhook_max_attempts=4)
+    assert (whole.webhooks.timeout, whole.webhooks.max_attempts) == (3.0, 4)
+    assert Settings(jobs={"max_queue": 9}).jobs.max_queue == 9
+    # Keywords win over the environment, field by field within a group.
+    env = {"COMFY_EMBED_WEBHOOK_TIMEOUT": "7", "COMFY_EMBED_WEBHOOK_MAX_ATTEMPTS": "5"}
+    mixed = Settings.from_env(env, webhook_max_attempts=6)
+    assert (mixed.webhooks.timeout, mixed.webhooks.max_attempts) == (7.0, 6)
+    flat = Settings.flat_fields()
+    assert flat["webhook_max_attempts"] == ("webhooks", "max_attempts")
+    assert flat["storage"] == ("store", "backend") and flat["max_queue"] == ("jobs", "max_queue")
+    assert set(_RULES) <= set(flat)  # every check names a real setting
+
+
+def test_replace_changes_one_group_and_checks_it() -> None:
+    s = Settings(max_queue=5, webhook_timeout=3.0)
+    r = s.replace(webhook_max_attempts=2)
+    assert (r.webhooks.max_attempts, r.webhooks.timeout, r.jobs.max_queue) == (2, 3.0, 5)
+    assert r.jobs is s.jobs and s.webhooks.max_attempts == 8  # untouched groups are shared
+    assert s.replace(jobs=JobSettings(max_queue=7)).jobs.max_queue == 7
+    with pytest.raises(SettingsError, match="COMFY_EMBED_WEBHOOK_MAX_ATTEMPTS=0: expected"):
+        s.replace(webhook_max_attempts=0)
+    with pytest.raises(SettingsError, match="COMFY_EMBED_WEBHOOK_TIMEOUT='soon': .*valid number"):
+        s.replace(webhook_timeout="soon")
+
+
+def test_unknown_names_are_refused_clearly() -> None:
+    with pytest.raises(SettingsError, match=r"unknown setting 'webhook_max_attempt' "
+                                            r"\(did you mean 'webhook_max_attempts'\?\)"):
+        Settings(webhook_max_attempt=3)
+    with pytest.raises(SettingsError, match=r"unknown setting 'max_attempts'"):
+        Settings(max_attempts=3)  # a group's field name is not a flat name
+    with pytest.raises(SettingsError, match=r"unknown setting 'jobs.max_qeue'"):
+        Settings(jobs={"max_qeue": 3})
+    with pytest.raises(SettingsError, match=r"unknown setting 'colour'"):
+        Settings().replace(colour="blue")
 
 
 def test_server_refuses_to_start_on_a_bad_setting(tmp_path: Path) -> None:

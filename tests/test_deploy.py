@@ -23,7 +23,7 @@ from comfy_embed.runtime import Engine
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 K8S_VERSION = "1.30.0"
-SETTING_NAMES = {name.upper() for name in Settings.model_fields}
+SETTING_NAMES = {name.upper() for name in Settings.flat_fields()}
 
 
 def dockerfile_env() -> dict[str, str]:
@@ -61,11 +61,11 @@ def image_settings(extra: dict[str, str]) -> Settings:
 def test_dockerfile_serves_fc_port_from_data(routes: dict[str, set[str]]) -> None:
     env = dockerfile_env()
     settings = image_settings({})
-    assert env["FC_SERVER_PORT"] == "9000" and settings.port == 9000
-    assert settings.base_dir == Path("/data")
-    assert settings.models_path == Path("/data/models")
+    assert env["FC_SERVER_PORT"] == "9000" and settings.server.port == 9000
+    assert settings.comfy.base_dir == Path("/data")
+    assert settings.comfy.models_path == Path("/data/models")
     assert settings.task_log_path == Path("/data/output/serverless_api")
-    assert settings.comfyui_dir == Path("/app/vendor/ComfyUI")
+    assert settings.comfy.comfyui_dir == Path("/app/vendor/ComfyUI")
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^EXPOSE 9000$", text, re.M)
     assert re.search(r"^USER comfy$", text, re.M)
@@ -87,7 +87,7 @@ def test_fc_container_port_and_hooks(fc: dict[str, Any], routes: dict[str, set[s
     assert fc["runtime"] == "custom-container"
     port = fc["customContainerConfig"]["port"]
     # FC passes the configured port as FC_SERVER_PORT; the image defaults to it.
-    assert Settings.from_env({"FC_SERVER_PORT": str(port)}).port == port
+    assert Settings.from_env({"FC_SERVER_PORT": str(port)}).server.port == port
     assert str(port) == dockerfile_env()["FC_SERVER_PORT"]
     hooks = fc["instanceLifecycleConfig"]
     # FC's custom-container hooks: POST /initialize, GET /pre-stop.
@@ -103,16 +103,17 @@ def test_fc_environment_and_nas_agree_with_settings(fc: dict[str, Any]) -> None:
     nas = Path(mount["mountDir"])
     assert nas == Path("/mnt/auto/comfy")
     # Models and the shared task log are on the NAS, so every instance sees them.
-    for path in (settings.models_path, settings.input_path, settings.output_path,
+    folders = settings.comfy
+    for path in (folders.models_path, folders.input_path, folders.output_path,
                  settings.task_log_path):
         assert nas in path.parents, path
-    assert nas not in settings.temp_path.parents  # scratch stays local
+    assert nas not in folders.temp_path.parents  # scratch stays local
     assert fc["nasConfig"]["userId"] == fc["nasConfig"]["groupId"] == dockerfile_uid()
     # FC queues async calls and may freeze an answered instance: run inline.
-    assert settings.async_inline is True
+    assert settings.server.async_inline is True
     # A run ends (504, with a final event) before FC cuts the invocation off.
-    assert settings.run_timeout is not None and settings.run_timeout < fc["timeout"]
-    assert fc["instanceLifecycleConfig"]["preStop"]["timeout"] >= settings.run_timeout
+    assert settings.jobs.run_timeout is not None and settings.jobs.run_timeout < fc["timeout"]
+    assert fc["instanceLifecycleConfig"]["preStop"]["timeout"] >= settings.jobs.run_timeout
     assert fc["asyncInvokeConfig"]["asyncTask"] is True
     assert fc["gpuConfig"]["gpuMemorySize"] > 0 and fc["instanceConcurrency"] >= 1
 
@@ -167,14 +168,14 @@ def test_k8s_container_agrees_with_server(which: int, routes: dict[str, set[str]
     env = {e["name"]: e["value"] for e in container.get("env", [])}
     settings = image_settings(env)
     (port,) = container["ports"]
-    assert port["containerPort"] == settings.port == 9000
+    assert port["containerPort"] == settings.server.port == 9000
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         if probe in container:
             assert "GET" in routes[container[probe]["httpGet"]["path"]]
     (mount,) = container["volumeMounts"]
-    assert Path(mount["mountPath"]) == settings.base_dir
+    assert Path(mount["mountPath"]) == settings.comfy.base_dir
     assert Path(mount["mountPath"]) in settings.task_log_path.parents
     (volume,) = pod["volumes"]
     assert volume["name"] == mount["name"]
@@ -182,7 +183,7 @@ def test_k8s_container_agrees_with_server(which: int, routes: dict[str, set[str]
     assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert settings.run_timeout is not None
+    assert settings.jobs.run_timeout is not None
 
 
 def test_k8s_deployment_drains_before_stopping(routes: dict[str, set[str]]) -> None:

@@ -52,7 +52,7 @@ async def test_image_only_batch_two(engine: Engine) -> None:
 
 
 async def test_load_image_from_input_folder(engine: Engine, settings: Any) -> None:
-    sub = settings.input_path / "sub"
+    sub = settings.comfy.input_path / "sub"
     sub.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 6), (10, 20, 30)).save(sub / "x.png")
     graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "sub/x.png [input]"}},
@@ -225,7 +225,7 @@ async def test_cancel_between_dequeue_and_execute_is_not_lost(engine: Engine, ca
 
 
 async def test_failing_node_then_success(engine: Engine, settings: Any) -> None:
-    (settings.input_path / "broken.png").write_bytes(b"not a png at all")
+    (settings.comfy.input_path / "broken.png").write_bytes(b"not a png at all")
     graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "broken.png"}},
              "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "b", "images": ["1", 0]}}}
     with pytest.raises(ExecutionFailed) as info:

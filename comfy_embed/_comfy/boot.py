@@ -66,7 +66,7 @@ def defer_imports(s: Settings) -> list[str]:
     lazy_modules); the names deferred."""
     # Custom-node packs reach into these modules in ways nobody has
     # checked against the stand-ins: with packs on, import them for real.
-    if s.lazy_imports and not s.custom_nodes:
+    if s.comfy.lazy_imports and not s.comfy.custom_nodes:
         from comfy_embed._comfy.lazy_modules import install
         return install()
     return []
@@ -90,22 +90,22 @@ def configure_args(s: Settings) -> str:
     them at import time; the device chosen ("cuda" or "cpu")."""
     import comfy.options
     comfy.options.enable_args_parsing(False)
-    if s.device != "cpu":
+    if s.comfy.device != "cpu":
         _cuda_malloc_as_native()
     import torch
     from comfy.cli_args import LatentPreviewMethod, args
 
     cuda = torch.cuda.is_available()
-    if s.device == "cuda" and not cuda:
+    if s.comfy.device == "cuda" and not cuda:
         raise RuntimeError("COMFY_EMBED_DEVICE=cuda but no CUDA device is available")
-    device = "cuda" if (s.device in ("auto", "cuda") and cuda) else "cpu"
+    device = "cuda" if (s.comfy.device in ("auto", "cuda") and cuda) else "cpu"
     args.cpu = device == "cpu"
-    args.disable_all_custom_nodes = not s.custom_nodes
+    args.disable_all_custom_nodes = not s.comfy.custom_nodes
     args.disable_api_nodes = True
-    args.disable_metadata = not s.write_metadata
-    args.preview_method = (LatentPreviewMethod.Latent2RGB if s.preview == "latent2rgb"
+    args.disable_metadata = not s.comfy.write_metadata
+    args.preview_method = (LatentPreviewMethod.Latent2RGB if s.comfy.preview == "latent2rgb"
                            else LatentPreviewMethod.NoPreviews)
-    cache_kind, _, cache_n = s.cache.partition(":")
+    cache_kind, _, cache_n = s.comfy.cache.partition(":")
     args.cache_classic = cache_kind == "classic"
     args.cache_lru = int(cache_n or 0) if cache_kind == "lru" else 0
     args.cache_none = cache_kind == "none"
@@ -124,23 +124,23 @@ def set_folders(s: Settings) -> ModuleType:
     """Point ComfyUI's input, output, temp and model folders at the
     settings'; ComfyUI's ``folder_paths`` module."""
     import folder_paths
-    for path in (s.input_path, s.output_path, s.temp_path, s.models_path):
+    for path in (s.comfy.input_path, s.comfy.output_path, s.comfy.temp_path, s.comfy.models_path):
         path.mkdir(parents=True, exist_ok=True)
-    folder_paths.set_input_directory(str(s.input_path))
-    folder_paths.set_output_directory(str(s.output_path))
-    folder_paths.set_temp_directory(str(s.temp_path))
+    folder_paths.set_input_directory(str(s.comfy.input_path))
+    folder_paths.set_output_directory(str(s.comfy.output_path))
+    folder_paths.set_temp_directory(str(s.comfy.temp_path))
     for name in list(folder_paths.folder_names_and_paths):
         if name in ("custom_nodes",):
             continue
-        folder_paths.add_model_folder_path(name, str(s.models_path / name), is_default=True)
-    if s.tiny_checkpoint:
-        folder_paths.add_model_folder_path("checkpoints", str(Path(s.cache_dir)))
-    for folder in s.custom_nodes_dirs:
+        folder_paths.add_model_folder_path(name, str(s.comfy.models_path / name), is_default=True)
+    if s.comfy.tiny_checkpoint:
+        folder_paths.add_model_folder_path("checkpoints", str(Path(s.comfy.cache_dir)))
+    for folder in s.comfy.custom_nodes_dirs:
         folder_paths.add_model_folder_path("custom_nodes", str(Path(folder).resolve()))
     # Must precede `import nodes`, which puts comfy/ first on sys.path and
     # makes `utils` resolve to comfy/utils.py.
     import utils.extra_config
-    for yaml_path in s.extra_model_paths:
+    for yaml_path in s.comfy.extra_model_paths:
         utils.extra_config.load_extra_path_config(str(yaml_path))
     return folder_paths
 
@@ -151,7 +151,7 @@ def import_nodes(s: Settings, folder_paths: ModuleType, loop: asyncio.AbstractEv
     custom-node packs: ``(execution, nodes, packs)``. Their times go into
     ``seconds`` ("import", "nodes")."""
     prestartup: dict[str, bool] = {}
-    if s.custom_nodes:
+    if s.comfy.custom_nodes:
         # As native main.py does before it imports nodes.
         prestartup = run_prestartup_scripts(folder_paths.get_folder_paths("custom_nodes"))
 
@@ -170,7 +170,7 @@ def import_nodes(s: Settings, folder_paths: ModuleType, loop: asyncio.AbstractEv
         log.info("optional ComfyUI node modules not loaded (missing packages): %s",
                  ", ".join(sorted(quiet.failed)))
     packs: list[PackStatus] = []
-    if s.custom_nodes:
+    if s.comfy.custom_nodes:
         packs = load_packs(nodes, folder_paths.get_folder_paths("custom_nodes"),
                            prestartup, loop)
     seconds["nodes"] = time.perf_counter() - t2

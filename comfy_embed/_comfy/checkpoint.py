@@ -44,7 +44,7 @@ def ensure_tiny_checkpoint(comfy: Comfy, settings: Settings) -> Path:
     """Build the checkpoint unless the cache already has it (~2 s, ~290 MB).
 
     ``comfy`` is the booted ComfyUI whose model classes build it."""
-    path = Path(settings.cache_dir) / TINY_CHECKPOINT
+    path = Path(settings.comfy.cache_dir) / TINY_CHECKPOINT
     if not path.exists() or _COMPLETE_KEY not in _keys(path):
         t = time.perf_counter()
         build_tiny_checkpoint(path)

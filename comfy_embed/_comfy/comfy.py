@@ -84,10 +84,11 @@ class Comfy:
     def _boot(self) -> None:
         s = self.settings
         t0 = time.perf_counter()
-        boot.put_on_path(s.comfyui_dir)
+        boot.put_on_path(s.comfy.comfyui_dir)
         # Start reading the checkpoints to preload while the imports run.
-        boot.warm_page_cache([d / name for name in s.preload
-                              for d in (s.models_path / "checkpoints", Path(s.cache_dir))])
+        c = s.comfy
+        boot.warm_page_cache([d / name for name in c.preload
+                              for d in (c.models_path / "checkpoints", Path(c.cache_dir))])
         self.deferred_modules = boot.defer_imports(s)
         self.device = boot.configure_args(s)
         boot.use_stand_in_server()
@@ -100,7 +101,7 @@ class Comfy:
         import comfy.model_management
         self._execution, self._nodes, self._mm = execution, nodes, comfy.model_management
         self._folder_paths = folder_paths
-        self._progress.install(execution, s.progress_interval)
+        self._progress.install(execution, s.comfy.progress_interval)
         self.executor = boot.new_executor(execution, self.server)
         self.server.loop = self.loop
         self.boot_seconds["total"] = time.perf_counter() - t0

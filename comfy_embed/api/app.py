@@ -82,8 +82,8 @@ async def pre_freeze(request: Request) -> Response:
 async def _warm_up(engine: Engine, settings: Settings, warm: anyio.Event) -> None:
     try:
         await engine.wait_ready()
-        if settings.warmup_workflow:
-            graph = json.loads(settings.warmup_workflow.read_text())
+        if settings.jobs.warmup_workflow:
+            graph = json.loads(settings.jobs.warmup_workflow.read_text())
             await engine.run(graph, task_id="warmup")
             log.info("warm-up workflow done")
     except Exception:
@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         app.state.engine, app.state.service = engine, service
         app.state.warm = anyio.Event()
         app.state.folders = FolderProbe({"task log": settings.task_log_path,
-                                         "output": settings.output_path})
+                                         "output": settings.comfy.output_path})
         await service.recover()
         try:
             # The engine's group owns what outlives a request (results being
@@ -143,7 +143,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
                 # SIGTERM/SIGINT: the server waited for open requests; now the
                 # rest of the grace period goes to background (async) tasks.
                 began = control.stop_requested_at or time.monotonic()
-                grace = max(0.0, settings.drain_seconds - (time.monotonic() - began))
+                grace = max(0.0, settings.server.drain_seconds - (time.monotonic() - began))
                 await service.shutdown(grace)
                 tg.cancel_scope.cancel()
                 # Shutdown waited for what it could; whatever is left is cancelled.
@@ -172,7 +172,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     # Internal errors outermost (they catch the other middleware's too), then
     # API keys: nothing else runs for a refused request.
     middleware = [Middleware(InternalErrors)]
-    if settings.api_keys:
-        middleware.append(Middleware(ApiKeyAuth, keys=settings.api_keys))
+    if settings.safety.api_keys:
+        middleware.append(Middleware(ApiKeyAuth, keys=settings.safety.api_keys))
     middleware.append(Middleware(metrics.QueueDepthHeader))
     return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)

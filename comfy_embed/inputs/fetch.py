@@ -141,7 +141,7 @@ class ImageFetcher:
         scheme = self.readers.scheme(value)
         if scheme is not None:
             data = await self.readers.read(value, credentials,
-                                           max_bytes=self.settings.max_image_bytes)
+                                           max_bytes=self.settings.inputs.max_image_bytes)
             source = "url" if scheme in ("http", "https") else scheme
         elif value[:5].lower() == "data:":
             data, source = self._decode_data_uri(value), "base64"
@@ -177,8 +177,9 @@ class ImageFetcher:
     def _decode_base64(self, text: str, what: str) -> bytes:
         text = re.sub(r"\s+", "", text)
         # Refuse before decoding: base64 is 4 characters per 3 bytes.
-        if len(text) // 4 * 3 > self.settings.max_image_bytes:
-            raise ImageInputError(f"{what} is over the {self.settings.max_image_bytes} byte limit")
+        limit = self.settings.inputs.max_image_bytes
+        if len(text) // 4 * 3 > limit:
+            raise ImageInputError(f"{what} is over the {limit} byte limit")
         text += "=" * (-len(text) % 4)  # many clients drop the padding
         try:
             return base64.b64decode(text, validate=True)
@@ -216,7 +217,7 @@ class ImageFetcher:
 
     def _verify(self, data: bytes, source: str) -> str:
         """Return the file extension for ``data``, or raise if it is not a usable image."""
-        limit = self.settings.max_image_pixels
+        limit = self.settings.inputs.max_image_pixels
         try:
             # Image.open reads only the header, so the size check comes before
             # any pixel is decoded. Pillow's own bomb check (Image.MAX_IMAGE_PIXELS)

@@ -88,15 +88,15 @@ def probe(data: bytes, kind: str, source: str, settings: Settings) -> str:
                 raise ImageInputError(f"{source}: the {container} file has no {kind} stream")
             stream = streams[0]
             seconds = _duration(box, stream)
-            limit = settings.max_media_seconds
+            limit = settings.inputs.max_media_seconds
             if seconds is not None and seconds > limit:
                 raise ImageInputError(f"{source}: {kind} of {seconds:.1f}s is over the "
                                       f"{limit:g}s limit")
             if kind == "video":
                 w, h = stream.codec_context.width, stream.codec_context.height
-                if w * h > settings.max_image_pixels:
+                if w * h > settings.inputs.max_image_pixels:
                     raise ImageInputError(f"{source}: video frames of {w}x{h} are over the "
-                                          f"{settings.max_image_pixels} pixel limit")
+                                          f"{settings.inputs.max_image_pixels} pixel limit")
             # Decode one frame: a header alone does not prove the data is usable.
             for _ in box.decode(stream):
                 break

@@ -103,9 +103,9 @@ def _safe_name(name: str) -> bool:
 def ensure_models(settings: Settings) -> list[Path]:
     """Fetch every manifest model that is not in the models folder yet (blocking;
     called at boot). Raises ModelDownloadError for the first that fails."""
-    assert settings.models_manifest is not None
+    assert settings.models.manifest is not None
     try:
-        entries = load_manifest(settings.models_manifest)
+        entries = load_manifest(settings.models.manifest)
     except ValueError as e:
         raise ModelDownloadError(str(e)) from None
     owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -137,10 +137,10 @@ def ensure_referenced(settings: Settings, entries: list[ModelEntry],
 
 
 def _ensure(settings: Settings, entry: ModelEntry, owner: str) -> Path:
-    final = settings.models_path / entry.folder / entry.name
+    final = settings.comfy.models_path / entry.folder / entry.name
     final.parent.mkdir(parents=True, exist_ok=True)
     lock = final.parent / f".{final.name}.lock"
-    deadline = time.monotonic() + settings.model_fetch_timeout
+    deadline = time.monotonic() + settings.models.fetch_timeout
     waited = False
     while True:
         if final.exists():
@@ -156,12 +156,12 @@ def _ensure(settings: Settings, entry: ModelEntry, owner: str) -> Path:
                 return final
             finally:
                 _release(lock, owner)
-        if _stale(lock, settings.model_lock_seconds):
+        if _stale(lock, settings.models.lock_seconds):
             _take_over(lock, owner, entry)
             continue
         if time.monotonic() > deadline:
             raise ModelDownloadError(f"model {entry.label}: another instance holds {lock} "
-                                     f"for longer than {settings.model_fetch_timeout:g}s")
+                                     f"for longer than {settings.models.fetch_timeout:g}s")
         if not waited:
             log.info("model %s: another instance is downloading it; waiting", entry.label)
             waited = True
@@ -239,7 +239,7 @@ def _download(settings: Settings, entry: ModelEntry, final: Path, lock: Path, ow
     log.info("model %s: downloading %s", entry.label, entry.url)
     t0 = time.monotonic()
     try:
-        with _Renewer(lock, owner, max(settings.model_lock_seconds / 4, 0.25)):
+        with _Renewer(lock, owner, max(settings.models.lock_seconds / 4, 0.25)):
             digest, size = anyio.run(_fetch, settings, entry, part)
         if digest != entry.sha256:
             raise ModelDownloadError(f"model {entry.label} from {entry.url}: sha256 {digest} "
@@ -255,23 +255,23 @@ async def _fetch(settings: Settings, entry: ModelEntry, part: Path) -> tuple[str
     """Download ``entry`` into ``part``: the digest and size. Each download
     runs in a loop of its own (``anyio.run`` from a thread), so its client
     is its own too, with the process's one TLS context."""
-    policy = AddressPolicy(settings.url_allowlist)
+    policy = AddressPolicy(settings.inputs.url_allowlist)
 
     def refused(message: str) -> ModelDownloadError:
         return ModelDownloadError(f"model {entry.label}: {message}")
 
     def check_hop(url: str, host: str) -> None:
-        if not _host_allowed(host, settings.model_hosts):
+        if not _host_allowed(host, settings.models.hosts):
             raise refused(f"{url}: host {host} is not in COMFY_EMBED_MODEL_HOSTS")
 
     try:
-        with anyio.fail_after(settings.model_fetch_timeout):
-            async with new_client(settings.fetch_timeout) as client, follow(
-                    client, policy, entry.url, max_redirects=settings.max_redirects,
+        with anyio.fail_after(settings.models.fetch_timeout):
+            async with new_client(settings.inputs.fetch_timeout) as client, follow(
+                    client, policy, entry.url, max_redirects=settings.inputs.max_redirects,
                     error=refused, check_hop=check_hop) as (_, response):
                 return await _stream_to(response, part, entry)
     except TimeoutError:
-        raise refused(f"{entry.url}: timed out after {settings.model_fetch_timeout:g}s") from None
+        raise refused(f"{entry.url}: timed out after {settings.models.fetch_timeout:g}s") from None
     except httpx.HTTPError as e:
         raise refused(f"{entry.url}: {e or type(e).__name__}") from None
 

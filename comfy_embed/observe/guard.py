@@ -53,10 +53,10 @@ class MemoryGuard:
 
     def __init__(self, settings: Settings, free_cache: Callable[[], None],
                  on_trip: Callable[[str], None]) -> None:
-        self.max_rss = settings.max_rss_bytes
-        self.max_vram = settings.max_vram_bytes
-        self.oom_limit = settings.oom_recycle_after
-        self.gc_interval = settings.gc_interval
+        self.max_rss = settings.observe.max_rss_bytes
+        self.max_vram = settings.observe.max_vram_bytes
+        self.oom_limit = settings.observe.oom_recycle_after
+        self.gc_interval = settings.observe.gc_interval
         self._free_cache = free_cache
         self._on_trip = on_trip
         self.tripped = threading.Event()

@@ -157,8 +157,8 @@ class Preparer:
         body = copy.deepcopy(body) if isinstance(body, dict) else body
         s = self.settings
         request = parse_request(body, self._on_prompt if handlers else None,
-                                max_depth=s.max_json_depth)
-        check_nodes(request.prompt, max_nodes=s.max_nodes, denylist=s.node_denylist)
+                                max_depth=s.safety.max_json_depth)
+        check_nodes(request.prompt, max_nodes=s.safety.max_nodes, denylist=s.safety.node_denylist)
         return request
 
     async def prepare(self, body: Any, task_id: str, credentials: Credentials | None = None,

@@ -112,10 +112,10 @@ class TaskService(TaskObserver):
         self.engine = engine
         self.settings = settings
         # Resolved once: resolving costs a stat per path component, per claim.
-        self._output_path = str(settings.output_path)
+        self._output_path = str(settings.comfy.output_path)
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.tasklog = tasklog or TaskLog(settings.task_log_path, self.instance_id,
-                                          settings.lease_seconds)
+                                          settings.tasklog.lease_seconds)
         #: Ids this service claimed in the log and is submitting: its tasks to persist.
         self._claimed: set[str] = set()
         #: Tasks whose log this service writes (and whose lease it holds).
@@ -132,7 +132,7 @@ class TaskService(TaskObserver):
         self._hurry = 0
         #: The claim and the writes of each task's log: on the loop while the
         #: log's disk answers quickly (two thread wake-ups fewer per write).
-        self._io = BlockingCalls(settings.task_log_inline_seconds)
+        self._io = BlockingCalls(settings.tasklog.inline_seconds)
         engine.add_observer(self)
 
     def close(self) -> None:
@@ -260,7 +260,7 @@ class TaskService(TaskObserver):
         every ``task_log_flush_seconds`` while it runs, and the final event
         (with what precedes it) as soon as it exists. Only the final event
         is fsynced; the answer waits for it (``task.final_durable``)."""
-        interval = self.settings.task_log_flush_seconds
+        interval = self.settings.tasklog.flush_seconds
         written = 0
         last_flush = anyio.current_time()
         #: Seconds until the next try while the log refuses writes (a full disk).
@@ -427,11 +427,11 @@ class TaskService(TaskObserver):
                 for task_id in await anyio.to_thread.run_sync(self._renew, running):
                     self.engine.cancel(task_id)
             now = time.monotonic()
-            if now - last_recover > self.settings.lease_seconds / 2:
+            if now - last_recover > self.settings.tasklog.lease_seconds / 2:
                 last_recover = now
                 await self.recover()
                 await self.webhooks.resume_pending()
-            hours = self.settings.retention_hours
+            hours = self.settings.tasklog.retention_hours
             # Hourly-scale retention is checked every minute; a short one
             # (tests, scratch deployments) often enough to be honoured.
             if hours and now - last_prune > min(60.0, max(1.0, hours * 900)):
@@ -451,12 +451,12 @@ class TaskService(TaskObserver):
 
     async def _prune(self) -> None:
         s = self.settings
-        hours = s.retention_hours
+        hours = s.tasklog.retention_hours
         assert hours is not None
         try:
             await anyio.to_thread.run_sync(
-                lambda: prune(s.output_path, s.temp_path, self.tasklog, hours * 3600,
-                              input_dir=s.input_path))
+                lambda: prune(s.comfy.output_path, s.comfy.temp_path, self.tasklog, hours * 3600,
+                              input_dir=s.comfy.input_path))
         except Exception:
             log.exception("retention: pruning failed")
 

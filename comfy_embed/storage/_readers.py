@@ -84,10 +84,10 @@ class HttpReader:
     it is connected to; the whole read bounded by ``fetch_timeout``."""
 
     def __init__(self, settings: Settings) -> None:
-        self.timeout = settings.fetch_timeout
-        self.max_redirects = settings.max_redirects
-        self._policy = AddressPolicy(settings.url_allowlist)
-        self._clients = HttpClients(settings.fetch_timeout)
+        self.timeout = settings.inputs.fetch_timeout
+        self.max_redirects = settings.inputs.max_redirects
+        self._policy = AddressPolicy(settings.inputs.url_allowlist)
+        self._clients = HttpClients(settings.inputs.fetch_timeout)
 
     async def read(self, url: str, credentials: Credentials | None, max_bytes: int) -> bytes:
         """The body of ``url``'s 200 answer (``credentials`` are not sent)."""

@@ -91,10 +91,10 @@ class OssStore:
     # --- configuration --------------------------------------------------------
     def check(self) -> None:
         """Raise StorageError naming the missing setting, before any work."""
-        if not self.settings.oss_bucket:
+        if not self.settings.store.oss_bucket:
             raise StorageError("object storage bucket is not configured: set COMFY_EMBED_OSS_BUCKET")
         endpoint = self._endpoint()
-        if self.settings.oss_sign_v4 and not self.region(endpoint):
+        if self.settings.store.oss_sign_v4 and not self.region(endpoint):
             raise StorageError(f"V4 signing needs a region: set COMFY_EMBED_OSS_REGION "
                                f"(endpoint {endpoint} names none)")
 
@@ -112,24 +112,25 @@ class OssStore:
 
     def region(self, endpoint: str | None = None) -> str | None:
         """The signing region: derived from ``endpoint`` when it names one,
-        else ``settings.oss_region``, else derived from the configured endpoint."""
+        else ``settings.store.oss_region``, else derived from the configured endpoint."""
         derived = region_of(endpoint) if endpoint else None
-        region = derived or self.settings.oss_region or (
-            region_of(self.settings.oss_endpoint) if self.settings.oss_endpoint else None)
+        store = self.settings.store
+        region = derived or store.oss_region or (
+            region_of(store.oss_endpoint) if store.oss_endpoint else None)
         # Accept "oss-cn-hangzhou" as well as oss2's "cn-hangzhou".
         return region[4:] if region and region.startswith("oss-") else region
 
     def _endpoint(self) -> str:
-        if not self.settings.oss_endpoint:
+        if not self.settings.store.oss_endpoint:
             raise StorageError("object storage endpoint is not configured: "
                                "set COMFY_EMBED_OSS_ENDPOINT")
-        return self.settings.oss_endpoint
+        return self.settings.store.oss_endpoint
 
     def _bucket(self, name: str, endpoint: str, credentials: Credentials | None,
                 timeout: float | None = None) -> oss2.Bucket:
         provider = _ChainProvider(lambda: self.credentials(credentials))
         region = self.region(endpoint)
-        if self.settings.oss_sign_v4:
+        if self.settings.store.oss_sign_v4:
             if not region:
                 raise StorageError(f"V4 signing needs a region: set COMFY_EMBED_OSS_REGION "
                                    f"(endpoint {endpoint} names none)")
@@ -152,7 +153,7 @@ class OssStore:
         Returns ``{"region", "bucket", "object"}``, plus a signed GET ``url``
         and its ``expire`` time (ISO-8601 UTC) when a link lifetime is set.
         """
-        s = self.settings
+        s = self.settings.store
         if not s.oss_bucket:
             raise StorageError("object storage bucket is not configured: set COMFY_EMBED_OSS_BUCKET")
         endpoint = self._endpoint()
@@ -182,7 +183,7 @@ class OssStore:
 
     def _link_seconds(self, wanted: int, creds: Credentials) -> int:
         seconds = wanted
-        if self.settings.oss_sign_v4:
+        if self.settings.store.oss_sign_v4:
             seconds = min(seconds, MAX_V4_LINK_SECONDS)
         if creds.expiration is not None:
             left = (creds.expiration - datetime.now(timezone.utc)).total_seconds()
@@ -200,11 +201,11 @@ class OssStore:
         Refuses objects over ``max_bytes``, checking the declared length first
         and the bytes read while streaming.
         """
-        endpoint = allowed_endpoint(endpoint, self.settings.oss_endpoint,
-                                    self.settings.oss_endpoint_allowlist,
+        endpoint = allowed_endpoint(endpoint, self.settings.store.oss_endpoint,
+                                    self.settings.store.oss_endpoint_allowlist,
                                     "COMFY_EMBED_OSS_ENDPOINT_ALLOWLIST") or self._endpoint()
         self.credentials(credentials)
-        b = self._bucket(bucket, endpoint, credentials, timeout=self.settings.fetch_timeout)
+        b = self._bucket(bucket, endpoint, credentials, timeout=self.settings.inputs.fetch_timeout)
         where = f"oss://{bucket}/{key}"
 
         def read() -> bytes:

@@ -77,23 +77,23 @@ class S3Store:
     def check(self) -> None:
         """Raise StorageError naming the missing setting (or the missing extra)."""
         _sdk()
-        if not self.settings.s3_bucket:
+        if not self.settings.store.s3_bucket:
             raise StorageError("S3 bucket is not configured: set COMFY_EMBED_S3_BUCKET")
-        if self.settings.s3_endpoint:
-            _checked_endpoint(self.settings.s3_endpoint, "COMFY_EMBED_S3_ENDPOINT")
+        if self.settings.store.s3_endpoint:
+            _checked_endpoint(self.settings.store.s3_endpoint, "COMFY_EMBED_S3_ENDPOINT")
 
     def _bucket_name(self) -> str:
-        if not self.settings.s3_bucket:
+        if not self.settings.store.s3_bucket:
             raise StorageError("S3 bucket is not configured: set COMFY_EMBED_S3_BUCKET")
-        return self.settings.s3_bucket
+        return self.settings.store.s3_bucket
 
     def _endpoint_for(self, endpoint: str | None) -> str | None:
         """The endpoint URL to talk to: the configured one (None: AWS's own),
         or an allowlisted one (:func:`~comfy_embed.storage.base.allowed_endpoint`)."""
-        configured = self.settings.s3_endpoint
+        configured = self.settings.store.s3_endpoint
         if configured:
             _checked_endpoint(configured, "COMFY_EMBED_S3_ENDPOINT")
-        return allowed_endpoint(endpoint, configured, self.settings.s3_endpoint_allowlist,
+        return allowed_endpoint(endpoint, configured, self.settings.store.s3_endpoint_allowlist,
                                 "COMFY_EMBED_S3_ENDPOINT_ALLOWLIST")
 
     # --- clients ----------------------------------------------------------------
@@ -127,15 +127,15 @@ class S3Store:
                 config = bconfig.Config(
                     signature_version="s3v4",
                     retries={"mode": "standard", "total_max_attempts": _ATTEMPTS},
-                    connect_timeout=self.settings.fetch_timeout,
-                    read_timeout=max(self.settings.fetch_timeout, 60.0),
+                    connect_timeout=self.settings.inputs.fetch_timeout,
+                    read_timeout=max(self.settings.inputs.fetch_timeout, 60.0),
                     s3={"addressing_style": "path" if endpoint else "auto"},
                     # Newer botocore adds CRC checksums that many S3-compatible
                     # services reject; send them only where S3 requires them.
                     request_checksum_calculation="when_required",
                     response_checksum_validation="when_required")
                 client = session.client(
-                    "s3", region_name=self.settings.s3_region, endpoint_url=endpoint,
+                    "s3", region_name=self.settings.store.s3_region, endpoint_url=endpoint,
                     aws_access_key_id=key_id, aws_secret_access_key=secret,
                     aws_session_token=token, config=config)
                 self._clients[cache_key] = client
@@ -149,7 +149,7 @@ class S3Store:
         Returns ``{"region", "bucket", "object"}``, plus a presigned GET
         ``url`` and its ``expire`` time (ISO-8601 UTC) when a link lifetime is set.
         """
-        s = self.settings
+        s = self.settings.store
         _sdk()
         bucket = self._bucket_name()
         endpoint = self._endpoint_for(None)

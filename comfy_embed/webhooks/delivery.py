@@ -98,9 +98,10 @@ class Webhooks:
         self.settings = settings
         self.deliveries = DeliveryLog(tasklog)
         self.tasklog = tasklog
-        self._policy = AddressPolicy(settings.url_allowlist)
-        self._clients = HttpClients(settings.webhook_timeout)
-        self._key = webhook_secret_key(settings.webhook_secret) if settings.webhook_secret else None
+        self._policy = AddressPolicy(settings.inputs.url_allowlist)
+        self._clients = HttpClients(settings.webhooks.timeout)
+        secret = settings.webhooks.secret
+        self._key = webhook_secret_key(secret) if secret else None
         self._clock = clock
         self._rng = rng
         #: Tasks registered here whose delivery has not started: (request, webhook id).
@@ -179,7 +180,7 @@ class Webhooks:
         self._closed = True
         self._closing.set()  # deliveries waiting for their next try hand it back now
         deliveries = list(self._active.values())
-        with anyio.move_on_after(self.settings.webhook_timeout + 5):
+        with anyio.move_on_after(self.settings.webhooks.timeout + 5):
             while self._sending or self._active:
                 await self._settled.wait()
         # Ended deliveries may still be handing their lease back: wait for them too.
@@ -226,7 +227,7 @@ class Webhooks:
             follower = self._followers.get(task_id)
             if follower is not None:
                 # Progress first, then the final webhook (the follower ends at the final event).
-                with anyio.move_on_after(self.settings.webhook_timeout):
+                with anyio.move_on_after(self.settings.webhooks.timeout):
                     await follower.wait()
             await self._run(task_id, gen)
         except anyio.get_cancelled_exc_class():
@@ -253,7 +254,7 @@ class Webhooks:
 
     async def _run(self, task_id: str, gen: int) -> None:
         """Attempt, record, wait, until delivered or given up (or the lease is lost)."""
-        s = self.settings
+        s = self.settings.webhooks
         body: bytes | None = None
         while True:
             state = await anyio.to_thread.run_sync(self.deliveries.state, task_id)
@@ -285,16 +286,16 @@ class Webhooks:
             else:
                 # Reserved but no outcome: its sender died mid-attempt, or is
                 # still sending. Wait until that attempt has surely ended.
-                due = float(last.get("at") or now) + s.webhook_timeout + 1
+                due = float(last.get("at") or now) + s.timeout + 1
             first_at = float(attempts[0].get("at") or now) if attempts else now
-            if number > s.webhook_max_attempts:
+            if number > s.max_attempts:
                 await self._finish(task_id, "failed", number - 1,
                                    f"gave up after {number - 1} attempts")
                 return
-            if attempts and due > first_at + s.webhook_max_age:
+            if attempts and due > first_at + s.max_age:
                 await self._finish(task_id, "failed", number - 1,
                                    f"gave up: next try would be past the "
-                                   f"{s.webhook_max_age:g}s limit")
+                                   f"{s.max_age:g}s limit")
                 return
             if not await self._wait_until(task_id, gen, due):
                 log.info("webhook of task %s: %s", task_id, "handed back at shutdown"
@@ -317,23 +318,23 @@ class Webhooks:
                 return
 
     def _outcome(self, number: int, first_at: float, sent: _Sent) -> dict[str, Any]:
-        s = self.settings
+        s = self.settings.webhooks
         now = self._clock()
         record: dict[str, Any] = {"finished_at": now, "status": sent.status, "error": sent.error}
         if sent.ok:
             record["outcome"] = "delivered"
         elif not sent.retryable:
             record.update(outcome="failed", reason=f"not retried: {sent.status or sent.error}")
-        elif number >= s.webhook_max_attempts:
+        elif number >= s.max_attempts:
             record.update(outcome="failed", reason=f"gave up after {number} attempts")
         else:
             delay = self._backoff(number)
             if sent.retry_after is not None:
                 delay = max(delay, sent.retry_after)
-            if now + delay > first_at + s.webhook_max_age:
+            if now + delay > first_at + s.max_age:
                 record.update(outcome="failed", reason=(
                     f"gave up: next try in {delay:.0f}s would be past the "
-                    f"{s.webhook_max_age:g}s limit"))
+                    f"{s.max_age:g}s limit"))
             else:
                 record.update(outcome="retry", delay=delay, next_try_at=now + delay)
         return record
@@ -341,8 +342,8 @@ class Webhooks:
     def _backoff(self, number: int) -> float:
         """Exponential, with 'equal jitter': between half and all of
         base * 2**(n-1), so delays spread out yet still grow."""
-        s = self.settings
-        full = min(s.webhook_backoff * 2 ** (number - 1), s.webhook_backoff_max)
+        s = self.settings.webhooks
+        full = min(s.backoff * 2 ** (number - 1), s.backoff_max)
         return full / 2 + self._rng() * full / 2
 
     async def _finish(self, task_id: str, state: str, attempts: int, reason: str | None) -> None:
@@ -374,7 +375,7 @@ class Webhooks:
 
     async def _send(self, url: str, msg_id: str, body: bytes) -> _Sent:
         """One signed POST to the checked, pinned address."""
-        timeout = self.settings.webhook_timeout
+        timeout = self.settings.webhooks.timeout
         timestamp = int(self._clock())
         headers = {"Content-Type": "application/json", "User-Agent": "comfy-embed-webhooks",
                    "webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
@@ -426,7 +427,7 @@ class Webhooks:
             self._followers.pop(task.task_id, None)
 
     async def _progress(self, task: "Task", request: WebhookRequest, webhook_id: str) -> None:
-        interval = self.settings.webhook_progress_interval
+        interval = self.settings.webhooks.progress_interval
         last: float | None = None
         async for seq, ev in task.stream():
             if ev["type"] == FINAL:

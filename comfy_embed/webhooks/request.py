@@ -58,7 +58,7 @@ def webhook_request(query: Mapping[str, str], envelope_url: str | None,
     adds to the default ``completed,failed``). ``?webhook_base64=1`` keeps
     base64 outputs in the payload. Raises WebhookRefused on unknown events.
     """
-    url = query.get("webhook") or envelope_url or settings.webhook_url
+    url = query.get("webhook") or envelope_url or settings.webhooks.url
     raw = query.get("webhook_events")
     if not url:
         if raw is not None:

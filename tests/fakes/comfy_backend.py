@@ -56,7 +56,8 @@ class FakeComfy:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        for path in (settings.input_path, settings.output_path, settings.temp_path):
+        folders = settings.comfy
+        for path in (folders.input_path, folders.output_path, folders.temp_path):
             path.mkdir(parents=True, exist_ok=True)
         #: FakeWait nodes wait for this.
         self.gate = threading.Event()
@@ -80,11 +81,11 @@ class FakeComfy:
     # --- what the engine looks up ----------------------------------------------
     @property
     def input_dir(self) -> Path:
-        return self.settings.input_path
+        return self.settings.comfy.input_path
 
     def directory_of(self, kind: str) -> Path:
-        return {"output": self.settings.output_path, "temp": self.settings.temp_path,
-                "input": self.settings.input_path}[kind]
+        return {"output": self.settings.comfy.output_path, "temp": self.settings.comfy.temp_path,
+                "input": self.settings.comfy.input_path}[kind]
 
     def has_node(self, class_type: str) -> bool:
         return class_type in NODE_TYPES
@@ -180,7 +181,7 @@ class FakeComfy:
             send("progress", {"value": 2, "max": 2, "node": node_id})
         if kind == "FakeSave":
             sub, _, name = node["inputs"]["filename_prefix"].rpartition("/")
-            folder = self.settings.output_path / sub
+            folder = self.settings.comfy.output_path / sub
             folder.mkdir(parents=True, exist_ok=True)
             filename = f"{name}_00001_.png"
             Image.new("RGB", (2, 2), (10, 20, 30)).save(folder / filename)

@@ -81,7 +81,7 @@ class WhereLog(TaskLog):
 def _service(eng: Engine, tmp_path: Path, limit: float) -> tuple[TaskService, WhereLog]:
     """A service over a noting task log, with this inline limit."""
     tasklog = WhereLog(tmp_path / "log")
-    settings = eng.settings.model_copy(update={"task_log_inline_seconds": limit})
+    settings = eng.settings.replace(task_log_inline_seconds=limit)
     return TaskService(eng, settings, tasklog), tasklog
 
 

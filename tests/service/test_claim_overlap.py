@@ -38,9 +38,9 @@ def _other_instance_owns(app: App, task_id: str) -> Path:
     """Claim ``task_id`` as another instance sharing the log, with inputs of
     its own in this instance's (shared) input folder; returns one of them."""
     s = app.engine.settings
-    other = TaskLog(s.task_log_path, "other-instance", s.lease_seconds)
+    other = TaskLog(s.task_log_path, "other-instance", s.tasklog.lease_seconds)
     assert other.claim(task_id)
-    theirs = s.input_path / "serverless" / task_id / "theirs.png"
+    theirs = s.comfy.input_path / "serverless" / task_id / "theirs.png"
     theirs.parent.mkdir(parents=True)
     theirs.write_bytes(b"the other instance's input")
     return theirs
@@ -70,7 +70,7 @@ def test_new_task_with_image_input_runs_and_its_inputs_go(app: App) -> None:
     r = app.run(_graph_with_image(), headers={"X-Task-Id": "fresh-id"})
     assert r.status_code == 200, r.text
     assert final_of(r)["status"] == "success"
-    assert not (app.engine.settings.input_path / "serverless" / "fresh-id").exists()
+    assert not (app.engine.settings.comfy.input_path / "serverless" / "fresh-id").exists()
 
 
 def test_refused_graph_leaves_no_claim(app: App) -> None:

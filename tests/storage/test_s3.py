@@ -190,10 +190,10 @@ def test_settings_from_env() -> None:
                            "COMFY_EMBED_S3_ENDPOINT": "https://x.r2.cloudflarestorage.com",
                            "COMFY_EMBED_S3_LINK_EXPIRE": "3600",
                            "COMFY_EMBED_S3_ENDPOINT_ALLOWLIST": "a.example, b.example"})
-    assert (s.storage, s.s3_bucket, s.s3_link_expire) == ("s3", "b", 3600)
-    assert s.s3_endpoint == "https://x.r2.cloudflarestorage.com"
-    assert s.s3_endpoint_allowlist == ("a.example", "b.example")
-    assert s.s3_region is None and s.s3_prefix == "serverless-api-output"
+    assert (s.store.backend, s.store.s3_bucket, s.store.s3_link_expire) == ("s3", "b", 3600)
+    assert s.store.s3_endpoint == "https://x.r2.cloudflarestorage.com"
+    assert s.store.s3_endpoint_allowlist == ("a.example", "b.example")
+    assert s.store.s3_region is None and s.store.s3_prefix == "serverless-api-output"
 
 
 def test_without_boto3_asks_for_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

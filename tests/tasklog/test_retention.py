@@ -77,11 +77,11 @@ def test_prune_keeps_a_task_log_whose_webhook_is_not_delivered(tmp_path: Path) -
 
 
 def test_retention_setting_defaults_and_off() -> None:
-    assert Settings().retention_hours == 24.0
+    assert Settings().tasklog.retention_hours == 24.0
     for off in ("0", "none", "None", "off"):
-        hours = Settings.from_env({"COMFY_EMBED_RETENTION_HOURS": off}).retention_hours
+        hours = Settings.from_env({"COMFY_EMBED_RETENTION_HOURS": off}).tasklog.retention_hours
         assert not hours
-    assert Settings.from_env({"COMFY_EMBED_RETENTION_HOURS": "1.5"}).retention_hours == 1.5
+    assert Settings.from_env({"COMFY_EMBED_RETENTION_HOURS": "1.5"}).tasklog.retention_hours == 1.5
 
 
 def test_prune_looks_only_at_tasks_that_finished_long_enough_ago(

@@ -118,7 +118,7 @@ def _hooks(tmp_path: Path, instance: str = "here", **settings: Any) -> tuple[Web
     s = Settings(base_dir=tmp_path, url_allowlist=("127.0.0.1",), webhook_secret=SECRET,
                  **{"webhook_backoff": 0.05, "webhook_timeout": 0.5, "lease_seconds": 1.0,
                     **settings})
-    tasklog = TaskLog(tmp_path / "log", instance, lease_seconds=s.lease_seconds)
+    tasklog = TaskLog(tmp_path / "log", instance, lease_seconds=s.tasklog.lease_seconds)
     return Webhooks(s, tasklog), tasklog
 
 
@@ -165,7 +165,7 @@ async def test_attempt_cut_off_mid_send_is_retried_after_its_timeout(
     state = await _done(hooks, task_id)
     first, second = state["attempts"]
     assert "outcome" not in first and second["outcome"] == "delivered"
-    assert second["at"] >= reserved_at + hooks.settings.webhook_timeout
+    assert second["at"] >= reserved_at + hooks.settings.webhooks.timeout
     [call] = receiver.wait(path, 1)
     assert call.verified and call.webhook_id == state["webhook_id"]
 

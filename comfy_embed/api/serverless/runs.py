@@ -140,7 +140,7 @@ async def run(request: Request) -> Response:
         # Every parameter is checked before the body is read or a task starts.
         options = run_options(q, request.headers)
         since = since_param(q, request.headers) if stream else 0
-        body = await read_limited(request, settings.max_body_bytes)
+        body = await read_limited(request, settings.server.max_body_bytes)
         parsed, envelope_url = envelope_webhook(body)
         hook = webhook_request(q, envelope_url, settings)
         handle = await service.start(parsed, options, task_id=task_id, webhook=hook,
@@ -149,11 +149,11 @@ async def run(request: Request) -> Response:
         return _error_answer(e, task_id, stream)
     headers = {"X-Task-Id": task_id}
     is_async = request.headers.get("x-fc-invocation-type", "").lower() == "async"
-    if is_async and not settings.async_inline:
+    if is_async and not settings.server.async_inline:
         return _json({"task_id": task_id}, 202, headers)
     if stream:
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return StreamingResponse(_sse(handle, since, settings.sse_keepalive),
+        return StreamingResponse(_sse(handle, since, settings.server.sse_keepalive),
                                  media_type="text/event-stream",
                                  headers=headers)
     final = await handle.final()
@@ -165,7 +165,7 @@ async def validate(request: Request) -> Response:
     with ``{"valid": ...}`` whether or not the workflow is valid."""
     service: TaskService = request.app.state.service
     try:
-        body = await read_limited(request, service.settings.max_body_bytes)
+        body = await read_limited(request, service.settings.server.max_body_bytes)
     except PayloadTooLarge as e:
         return _json({"valid": False, "error": e.to_dict()}, status_for(e))
     try:

@@ -61,7 +61,7 @@ def _message_text(message: Message, limit: int) -> str:
 async def _start(service: TaskService, message: Message, query: Mapping[str, Any],
                  options: RunOptions, task_id: str, owner_key: str | None) -> Handle:
     """The task of one message; its ComfyEmbedError when refused."""
-    text = _message_text(message, service.settings.max_body_bytes)
+    text = _message_text(message, service.settings.server.max_body_bytes)
     parsed, envelope_url = envelope_webhook(text)
     hook = webhook_request(query, envelope_url, service.settings)
     return await service.start(parsed, options, task_id=task_id, webhook=hook,

@@ -169,7 +169,7 @@ def test_error_table(app: App, body: Any, params: str, headers: dict[str, str], 
 def test_queue_full_then_draining_answer_with_retry_after(app: App) -> None:
     app.submit_async(fake_graph("FakeWait"), "busy")
     assert app.comfy.running.wait(10)
-    for i in range(app.engine.settings.max_queue):
+    for i in range(app.engine.settings.jobs.max_queue):
         app.submit_async(fake_graph(), f"queued-{i}")
     full = app.run(fake_graph(), headers={"X-Task-Id": "one-too-many"})
     assert full.status_code == 429 and int(full.headers["retry-after"]) > 0
@@ -177,7 +177,7 @@ def test_queue_full_then_draining_answer_with_retry_after(app: App) -> None:
     # Refused work is not claimed: the same id can run once there is room.
     assert app.status("one-too-many") == []
     app.comfy.gate.set()
-    for i in range(app.engine.settings.max_queue):
+    for i in range(app.engine.settings.jobs.max_queue):
         assert app.wait_final(f"queued-{i}")[-1]["data"]["status"] == "success"
     assert final_of(app.run(fake_graph(), headers={"X-Task-Id": "one-too-many"}))["status"] == "success"
 
