@@ -145,7 +145,10 @@ def test_other_instance_answers_status_with_base64(
 @pytest.mark.anyio
 async def test_memory_keeps_one_snapshot(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     # 800 nodes: above the default limit of 400 (COMFY_EMBED_MAX_NODES, issue 9).
-    monkeypatch.setattr(engine, "settings", engine.settings.replace(max_nodes=1000))
+    # The preparer applies the request limits: it takes the raised one too.
+    raised = engine.settings.replace(max_nodes=1000)
+    monkeypatch.setattr(engine, "settings", raised)
+    monkeypatch.setattr(engine.preparer, "settings", raised)
     task = await engine.submit(wide_graph())
     final = await task.result()
     assert final["data"]["status"] == "success"
