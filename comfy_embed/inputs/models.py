@@ -6,7 +6,7 @@ Per model file, on the shared folder:
 
 - ``<name>`` appears only by an atomic rename of a fully downloaded, verified
   file (readers never see a partial model);
-- ``.<name>.lock`` is created exclusively (``O_EXCL``) by the one instance that
+- ``.<name>.lock`` is a lease (tasklog.leases), taken exclusively by the one instance that
   downloads; it renews the lock's mtime while it works. Others wait for the
   file; a lock not renewed for ``model_lock_seconds`` (a crashed downloader)
   is taken over by renaming it away, which exactly one waiter wins;
@@ -41,6 +41,7 @@ import httpx
 from comfy_embed.config import Settings
 from comfy_embed.errors import ModelDownloadError, node_error
 from comfy_embed.net import AddressPolicy, follow, new_client
+from comfy_embed.tasklog.leases import Leases
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def _ensure(settings: Settings, entry: ModelEntry, owner: str) -> Path:
     final = settings.comfy.models_path / entry.folder / entry.name
     final.parent.mkdir(parents=True, exist_ok=True)
     lock = final.parent / f".{final.name}.lock"
+    leases = Leases(owner, settings.models.lock_seconds)
     deadline = time.monotonic() + settings.models.fetch_timeout
     waited = False
     while True:
@@ -148,16 +150,19 @@ def _ensure(settings: Settings, entry: ModelEntry, owner: str) -> Path:
             if waited:
                 log.info("model %s: downloaded by another instance", entry.label)
             return final
-        if _acquire(lock, owner):
+        if leases.take(lock):
             try:
                 if final.exists():  # finished between our look and our lock
                     continue
-                _download(settings, entry, final, lock, owner)
+                _download(settings, entry, final, lock, leases)
                 return final
             finally:
-                _release(lock, owner)
-        if _stale(lock, settings.models.lock_seconds):
-            _take_over(lock, owner, entry)
+                leases.drop(lock)
+        if lock.exists() and not leases.live(lock):
+            holder = leases.break_expired(lock)
+            if holder is not None:
+                log.warning("model %s: taking over from a downloader that stopped (lock held "
+                            "by %s)", entry.label, holder)
             continue
         if time.monotonic() > deadline:
             raise ModelDownloadError(f"model {entry.label}: another instance holds {lock} "
@@ -169,60 +174,21 @@ def _ensure(settings: Settings, entry: ModelEntry, owner: str) -> Path:
 
 
 # --- the lock ---------------------------------------------------------------
-def _acquire(lock: Path, owner: str) -> bool:
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(owner)
-    return True
-
-
-def _owner(lock: Path) -> str | None:
-    try:
-        return lock.read_text()
-    except OSError:
-        return None
-
-
-def _release(lock: Path, owner: str) -> None:
-    if _owner(lock) == owner:
-        lock.unlink(missing_ok=True)
-
-
-def _stale(lock: Path, lease: float) -> bool:
-    try:
-        return time.time() - lock.stat().st_mtime > lease
-    except FileNotFoundError:
-        return False
-
-
-def _take_over(lock: Path, owner: str, entry: ModelEntry) -> None:
-    """Move a stale lock away; of several waiters, one rename wins, and each
-    then races for a fresh lock with O_EXCL as usual."""
-    aside = lock.with_name(f"{lock.name}.stale-{owner}")
-    try:
-        os.rename(lock, aside)
-    except FileNotFoundError:
-        return
-    log.warning("model %s: taking over from a downloader that stopped (lock held by %s)",
-                entry.label, aside.read_text(errors="replace") if aside.exists() else "?")
-    aside.unlink(missing_ok=True)
-
-
+# A download lock is a lease (comfy_embed/tasklog/leases.py): taken
+# exclusively, renewed while the download runs, dropped when it ends, and
+# broken by a waiter once its holder has not renewed it for lock_seconds.
 class _Renewer:
-    """Touches the lock while the download runs, so waiters see it alive."""
+    """Renews the lock while the download runs, so waiters see it alive."""
 
-    def __init__(self, lock: Path, owner: str, every: float) -> None:
-        self.lock, self.owner, self.every = lock, owner, every
+    def __init__(self, lock: Path, leases: Leases, every: float) -> None:
+        self.lock, self.leases, self.every = lock, leases, every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-lock", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            if _owner(self.lock) == self.owner:
-                os.utime(self.lock)
+            if self.leases.holder(self.lock) == self.leases.instance_id:
+                self.leases.renew(self.lock)
 
     def __enter__(self) -> "_Renewer":
         self._thread.start()
@@ -234,12 +200,13 @@ class _Renewer:
 
 
 # --- download and verification ----------------------------------------------
-def _download(settings: Settings, entry: ModelEntry, final: Path, lock: Path, owner: str) -> None:
-    part = final.parent / f".{final.name}.{owner}.part"
+def _download(settings: Settings, entry: ModelEntry, final: Path, lock: Path,
+              leases: Leases) -> None:
+    part = final.parent / f".{final.name}.{leases.instance_id}.part"
     log.info("model %s: downloading %s", entry.label, entry.url)
     t0 = time.monotonic()
     try:
-        with _Renewer(lock, owner, max(settings.models.lock_seconds / 4, 0.25)):
+        with _Renewer(lock, leases, max(settings.models.lock_seconds / 4, 0.25)):
             digest, size = anyio.run(_fetch, settings, entry, part)
         if digest != entry.sha256:
             raise ModelDownloadError(f"model {entry.label} from {entry.url}: sha256 {digest} "

@@ -6,8 +6,12 @@ renewal, so renewing is one ``utime`` and nobody rewrites the file. A lease
 not renewed for ``seconds`` has expired; a released one has mtime 0 (the
 epoch), so it is expired at once and can be told from one that lapsed.
 
-The task leases (``owner.json``, log.py) and the webhook delivery leases
-(``webhook.lease.NNNN``, delivery.py) are both such files.
+The task leases (``owner.json``, log.py), the webhook delivery leases
+(``webhook.lease.NNNN``, delivery.py) and the model download locks
+(``.<name>.lock``, comfy_embed/inputs/models.py) are all such files. A task
+lease stays when released (its file says who ran the task); a download lock
+is dropped (:meth:`Leases.drop`) and, when its holder died, broken
+(:meth:`Leases.break_expired`).
 """
 
 from __future__ import annotations
@@ -84,6 +88,27 @@ class Leases:
             self._touch(path, when=RELEASED)
         except FileNotFoundError:
             pass
+
+    def drop(self, path: Path) -> None:
+        """Delete the lease file if this instance holds it (a lock whose work is done)."""
+        if self.holder(path) == self.instance_id:
+            path.unlink(missing_ok=True)
+
+    def break_expired(self, path: Path) -> str | None:
+        """Move an expired lease out of the way so that :meth:`take` can
+        succeed again; of several instances breaking it at once, one rename
+        wins. The former holder (None if another instance won, or unknown)."""
+        aside = path.with_name(f"{path.name}.stale-{self.instance_id}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return None
+        try:
+            return self.holder(aside) or aside.read_text(errors="replace")
+        except OSError:
+            return None
+        finally:
+            aside.unlink(missing_ok=True)
 
     def renewed_at(self, path: Path) -> float:
         """When the lease was last renewed (:data:`RELEASED` once released);

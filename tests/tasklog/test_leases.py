@@ -28,6 +28,32 @@ def test_a_lease_is_taken_once(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["lease"]  # published: no temp file left
 
 
+def test_a_lock_is_dropped_by_its_holder_only(tmp_path: Path) -> None:
+    """The model download lock's way: the file goes when the work is done."""
+    clock = FakeClock()
+    a, b = Leases("a", 30, clock), Leases("b", 30, clock)
+    path = tmp_path / "model.lock"
+    assert a.take(path)
+    b.drop(path)
+    assert path.exists() and Leases.holder(path) == "a"
+    a.drop(path)
+    assert not path.exists() and b.take(path)
+
+
+def test_an_expired_lock_is_broken_by_one_waiter(tmp_path: Path) -> None:
+    clock = FakeClock()
+    dead, w1, w2 = Leases("dead", 2, clock), Leases("w1", 2, clock), Leases("w2", 2, clock)
+    path = tmp_path / "model.lock"
+    assert dead.take(path)
+    assert w1.live(path)  # renewed now: nobody may break it
+    clock.t += 3
+    assert not w1.live(path)
+    assert w1.break_expired(path) == "dead"  # the rename wins, the holder is named
+    assert w2.break_expired(path) is None  # the other waiter finds nothing to break
+    assert w2.take(path) and not w1.take(path)
+    assert sorted(os.listdir(tmp_path)) == ["model.lock"]  # nothing left aside
+
+
 def test_a_lease_in_a_folder_of_ones_own(tmp_path: Path) -> None:
     """The claim's way: a plain exclusive create, the lease starting at once."""
     leases = Leases("me", 30)  # the real clock: the file's creation is the renewal
