@@ -21,7 +21,8 @@ import time
 from typing import IO, Iterator
 
 __all__ = ["current_task", "task_context", "TaskIdFilter", "JsonFormatter",
-           "TEXT_FORMAT", "configure_logging"]
+           "TextFormatter", "escape_controls", "TEXT_FORMAT", "QUIET_LOGGERS",
+           "configure_logging"]
 
 #: The id of the task the current code works for (None: no task).
 current_task: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -29,6 +30,25 @@ current_task: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 #: The text format: the task id (``-`` when none) after the logger name.
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(task_id)s] %(message)s"
+
+
+#: Libraries whose INFO records carry what must not reach a log: httpx logs
+#: every request's full URL (webhook tokens, presigned signatures in the
+#: query string). They log at WARNING and above only.
+QUIET_LOGGERS: tuple[str, ...] = ("httpx", "httpcore")
+
+# Every character that ends a line for some reader (str.splitlines: \n \r
+# \v \f \x1c-\x1e \x85 \u2028 \u2029) or drives a terminal (the other C0
+# controls, DEL, C1), tab excepted.
+_CONTROLS = {c: (repr(chr(c))[1:-1] if c in (0x0a, 0x0d) else f"\\x{c:02x}")
+             for c in [*range(0x00, 0x09), *range(0x0a, 0x20), *range(0x7f, 0xa0)]}
+_CONTROLS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line: control characters and line separators as
+    escapes (a newline as ``\\n``), so a value cannot start a forged line."""
+    return text.translate(_CONTROLS)
 
 
 @contextlib.contextmanager
@@ -73,15 +93,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`, one line per record whatever logger made it:
+    control characters in the message, its arguments and a traceback are
+    escaped (a request path or a workflow value with a newline cannot forge a
+    record; a traceback reads as one line with ``\\n`` between its lines)."""
+
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record))
+
+
 def configure_logging(fmt: str = "text", level: int | str = logging.INFO,
                       stream: IO[str] | None = None) -> None:
     """Send every record (the root logger's, so ComfyUI's too) to ``stream``
-    (stdout by default), as ``text`` or ``json`` lines, with task ids."""
+    (stdout by default), as ``text`` or ``json`` lines, with task ids; one
+    line per record (:class:`TextFormatter`); :data:`QUIET_LOGGERS` at
+    WARNING."""
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.addFilter(TaskIdFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from comfy_embed.observe.logs import JsonFormatter, TaskIdFilter, task_context
 
@@ -85,3 +86,29 @@ def test_text_log_lines_carry_the_task_id(tmp_path: Path) -> None:
         server.stop()
     tagged = [x for x in server.log_path.read_text().splitlines() if "[log-text-1]" in x]
     assert any(" root [log-text-1] " in x for x in tagged), tagged
+
+
+# Issue 25, item 9, against a real server (the formatter's unit tests:
+# test_log_format.py).
+
+@pytest.mark.server
+def test_no_request_forges_a_log_line(tmp_path: Path) -> None:
+    """A newline in a URL path (keys on: refused; and uvicorn's access line)
+    and in a workflow value stay inside their record."""
+    server = Server(tmp_path, api_keys="k1")
+    try:
+        server.wait_ready(headers={"X-Api-Key": "k1"})
+        forged = "2026-01-01%2000:00:00,000%20WARNING%20comfy_embed%20[-]%20FORGED"
+        for path in (f"/api/serverless/status%0a{forged}", f"/nothing%0d%0a{forged}"):
+            requests.get(server.url + path, timeout=10)
+            requests.get(server.url + path, headers={"X-Api-Key": "k1"}, timeout=10)
+        graph = text_to_image(steps=1, seed=3)
+        for node in graph.values():
+            if "ckpt_name" in node["inputs"]:
+                node["inputs"]["ckpt_name"] = "x.safetensors\n2026-01-01 00:00:00,000 WARNING y FORGED"
+        server.run(graph, headers={"X-Api-Key": "k1"})
+    finally:
+        server.stop()
+    text = server.log_path.read_text()
+    assert "FORGED" in text  # the requests were logged ...
+    assert not [x for x in text.splitlines() if x.startswith("2026-01-01")], text[-3000:]
