@@ -7,6 +7,7 @@ Nothing here imports ComfyUI: node definitions come in as a look-up function
 from __future__ import annotations
 
 import json
+import posixpath
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -292,7 +293,19 @@ def _prefix_problem(value: Any) -> str | None:
         return "may not contain '..' (it would leave the task's output folder)"
     if any(len(p.encode("utf-8", "surrogatepass")) > _MAX_COMPONENT for p in parts):
         return f"has a folder or file name over {_MAX_COMPONENT} bytes"
+    if value and posixpath.normpath(value) == ".":
+        # ComfyUI normalises the joined prefix: "<task>/." would become the
+        # file name "<task>" in the output root, outside the task's folder.
+        return "names no file (it normalises to '.'; end it with a file name such as 'ComfyUI')"
     return None
+
+
+def _inside(prefix: str, subfolder: str) -> bool:
+    """Whether ComfyUI's ``get_save_image_path`` (folder_paths.py: the folder
+    is ``dirname(normpath(prefix))``) puts files for ``prefix`` inside
+    ``subfolder``; its ``%width%``-style variables only ever insert digits."""
+    folder = posixpath.dirname(posixpath.normpath(prefix))
+    return folder == subfolder or folder.startswith(subfolder + "/")
 
 
 def isolate_outputs(prompt: dict[str, Any], subfolder: str) -> None:
@@ -300,7 +313,10 @@ def isolate_outputs(prompt: dict[str, Any], subfolder: str) -> None:
     concurrent or repeated tasks never write into, or report, each other's
     files (ComfyUI numbers files by listing the folder, which is racy across
     processes sharing it). A prefix that could escape that folder (``..``,
-    absolute, a link) is refused with WorkflowInvalid naming node and input."""
+    absolute, a link, one that normalises to ``.``) is refused with
+    WorkflowInvalid naming node and input; ``subfolder`` must be a valid task id."""
+    if not valid_task_id(subfolder):
+        raise WorkflowInvalid("task id is not a plain folder name", type="invalid_task_id")
     errors: dict[str, Any] = {}
     for node_id, node in prompt.items():
         inputs = node.get("inputs", {})
@@ -313,7 +329,13 @@ def isolate_outputs(prompt: dict[str, Any], subfolder: str) -> None:
             errors.update(node_error(str(node_id), node.get("class_type", ""), "filename_prefix",
                                      f"filename_prefix {problem}", shown))
             continue
-        inputs["filename_prefix"] = f"{subfolder}/{value or 'ComfyUI'}"
+        prefix = f"{subfolder}/{value or 'ComfyUI'}"
+        if not _inside(prefix, subfolder):  # defence in depth: the checks above should catch it
+            errors.update(node_error(str(node_id), node.get("class_type", ""), "filename_prefix",
+                                     "filename_prefix would leave the task's output folder",
+                                     value[:200]))
+            continue
+        inputs["filename_prefix"] = prefix
     if errors:
         raise WorkflowInvalid("invalid workflow: " + "; ".join(
             f"node {k} ({v['class_type']}) input 'filename_prefix': {v['errors'][0]['message']}"

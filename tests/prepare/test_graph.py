@@ -114,7 +114,8 @@ def test_check_nodes_limit_and_denylist() -> None:
 @pytest.mark.parametrize("prefix, needle", [
     ("../victim/x", "'..'"), ("a/../../x", "'..'"), ("/etc/x", "relative"),
     (["5", 0], "literal string"), ("a\x00b", "NUL"), ("x" * 201, "over 200 bytes"),
-    ("y" * 2000, "over 1024"),
+    ("y" * 2000, "over 1024"), (".", "names no file"), ("./", "names no file"),
+    ("x/..", "'..'"), ("a/./..", "'..'"), ("/", "relative"), ("./.", "names no file"),
 ])
 def test_isolate_outputs_refuses_escapes(prefix: Any, needle: str) -> None:
     g = {"2": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix}}}
@@ -130,6 +131,26 @@ def test_isolate_outputs_keeps_plain_subfolders() -> None:
     isolate_outputs(g, "t")
     assert g["2"]["inputs"]["filename_prefix"] == "t/a/./b..c/x"
     assert g["3"]["inputs"]["filename_prefix"] == "t/ComfyUI"
+
+
+@pytest.mark.parametrize("prefix", ["", "x/./.", "a/", "./x", "%width%x", ".x", "...", "ComfyUI"])
+def test_isolate_outputs_every_kept_prefix_lands_in_the_task_folder(prefix: str) -> None:
+    # Issue 25 (6): what ComfyUI's get_save_image_path makes of the prefix
+    # (dirname of the normalised path) must be the task's folder or below it.
+    import posixpath
+    g = {"2": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix}}}
+    isolate_outputs(g, "ComfyUI")
+    joined = posixpath.normpath(g["2"]["inputs"]["filename_prefix"])
+    folder = posixpath.dirname(joined)
+    assert folder == "ComfyUI" or folder.startswith("ComfyUI/"), joined
+    assert posixpath.basename(joined) not in ("", ".", "..")
+
+
+def test_isolate_outputs_refuses_a_task_id_that_is_no_folder_name() -> None:
+    g = {"2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x"}}}
+    for bad in (".", "..", "a/b", ""):
+        with pytest.raises(WorkflowInvalid):
+            isolate_outputs(g, bad)
 
 
 def test_valid_task_id_bounds() -> None:

@@ -136,6 +136,49 @@ def test_4_task_id_then_runs_normally(server: Server) -> None:
     assert r.status_code == 200 and r.json()["data"]["status"] == "success", r.text
 
 
+# ------------------------------------------------------------------ issue 25 (6)
+@pytest.mark.parametrize("prefix", [".", "./", "./.", "x/..", "/"])
+def test_25_6_prefix_normalising_to_nothing_is_refused(server: Server, prefix: str) -> None:
+    # "." used to put "<task_id>_00001_.png" in the output root (ComfyUI takes
+    # dirname(normpath("<task>/."))), where retention never looks.
+    # With X-Task-Id: ComfyUI and batch 3 it overwrote ComfyUI_0000{1,2,3}_.png.
+    out = Path(server.log_path).parent / "output"
+    planted = {f"ComfyUI_0000{i}_.png": f"victim {i}".encode() for i in (1, 2, 3)}
+    for name, data in planted.items():
+        (out / name).write_bytes(data)
+    before = set(os.listdir(out))
+    g = image_only(batch=3)
+    g["3"]["inputs"]["filename_prefix"] = prefix
+    r = server.run(g, headers={"X-Task-Id": "ComfyUI"})
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert "node 3" in err["message"] and "filename_prefix" in err["message"]
+    assert err["node_errors"]["3"]["errors"][0]["extra_info"]["input_name"] == "filename_prefix"
+    assert set(os.listdir(out)) == before
+    for name, data in planted.items():
+        assert (out / name).read_bytes() == data
+
+
+def test_25_6_task_id_never_leaves_its_folder(server: Server) -> None:
+    # X-Task-Id: ComfyUI with batch 3 overwrote ComfyUI_0000{1,2,3}_.png in
+    # the output root; now every output is below <output>/<task_id>/.
+    out = Path(server.log_path).parent / "output"
+    planted = {f"ComfyUI_0000{i}_.png": f"victim {i}".encode() for i in (1, 2, 3)}
+    for name, data in planted.items():
+        (out / name).write_bytes(data)
+    for prefix in ("", "x/./.", "a/", "ComfyUI"):
+        g = image_only(batch=3)
+        g["3"]["inputs"]["filename_prefix"] = prefix
+        r = server.run(g, headers={"X-Task-Id": "ComfyUI"})
+        assert r.status_code == 200, (prefix, r.text)
+        for item in r.json()["data"]["results"]:
+            c = item["output"]["comfy"]
+            assert c["subfolder"] == "ComfyUI" or c["subfolder"].startswith("ComfyUI/"), c
+            assert (out / c["subfolder"] / c["filename"]).is_file()
+    for name, data in planted.items():
+        assert (out / name).read_bytes() == data
+
+
 # ------------------------------------------------------------------ case 8
 def test_8_malformed_parameters_are_400(server: Server) -> None:
     with requests.Session() as s:  # one keep-alive connection throughout
