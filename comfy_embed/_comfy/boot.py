@@ -122,7 +122,8 @@ def use_stand_in_server() -> None:
 
 def set_folders(s: Settings) -> ModuleType:
     """Point ComfyUI's input, output, temp and model folders at the
-    settings'; ComfyUI's ``folder_paths`` module."""
+    settings', and hold every file-name input to the input folder's allowed
+    part (see file_names); ComfyUI's ``folder_paths`` module."""
     import folder_paths
     for path in (s.comfy.input_path, s.comfy.output_path, s.comfy.temp_path, s.comfy.models_path):
         path.mkdir(parents=True, exist_ok=True)
@@ -137,6 +138,9 @@ def set_folders(s: Settings) -> ModuleType:
         folder_paths.add_model_folder_path("checkpoints", str(Path(s.comfy.cache_dir)))
     for folder in s.comfy.custom_nodes_dirs:
         folder_paths.add_model_folder_path("custom_nodes", str(Path(folder).resolve()))
+    # Before any node or pack imports these functions by name.
+    from comfy_embed._comfy import file_names
+    file_names.install(folder_paths)
     # Must precede `import nodes`, which puts comfy/ first on sys.path and
     # makes `utils` resolve to comfy/utils.py.
     import utils.extra_config

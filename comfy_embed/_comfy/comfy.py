@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from comfy_embed._comfy import boot
+from comfy_embed._comfy.file_names import granted_folders, granting
 from comfy_embed._comfy.packs import PackStatus
 from comfy_embed._comfy.progress import ProgressRelay
 from comfy_embed.config import Settings
 from comfy_embed.errors import WorkflowInvalid, node_error
 from comfy_embed.outcome import Outcome, Sink
+from comfy_embed.prepare.graph import media_inputs
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +183,9 @@ class Comfy:
         validates in its request handler (no worker-thread hand-off)."""
         self._check_node_types(prompt)
         checked = copy.deepcopy(prompt)
-        ok, error, outputs, node_errors = await self._execution.validate_prompt(
-            prompt_id, checked, targets)
+        with granting(self._grants(prompt)):
+            ok, error, outputs, node_errors = await self._execution.validate_prompt(
+                prompt_id, checked, targets)
         return self._answer(checked, bool(ok), error, list(outputs or []), dict(node_errors or {}))
 
     @staticmethod
@@ -221,13 +224,18 @@ class Comfy:
         """validate_prompt's answer, raising nothing: ``(checked copy, ok,
         error, outputs, node_errors)``."""
         checked = copy.deepcopy(prompt)
-        with self._validate_lock:
+        with self._validate_lock, granting(self._grants(prompt)):
             # Its own loop: the executor thread's loop is busy running graphs.
             if self._validate_loop is None:
                 self._validate_loop = asyncio.new_event_loop()
             ok, error, outputs, node_errors = self._validate_loop.run_until_complete(
                 self._execution.validate_prompt(prompt_id, checked, targets))
         return checked, bool(ok), error, list(outputs or []), dict(node_errors or {})
+
+    def _grants(self, prompt: dict[str, Any]) -> frozenset[str]:
+        """The ``serverless/`` folders this graph's own materialised inputs
+        are in: the only ones its file-name inputs may read (file_names)."""
+        return granted_folders(value for *_, value, _kind in media_inputs(prompt, self.input_specs))
 
     def input_options(self, class_type: str) -> dict[str, list[Any]]:
         """``{input_name: choices}`` of the node's combo (list) inputs."""
@@ -296,8 +304,9 @@ class Comfy:
         outcome: Outcome | None = None
         try:
             try:
-                self.loop.run_until_complete(
-                    ex.execute_async(prompt, prompt_id, extra, outputs))
+                with granting(self._grants(prompt)):
+                    self.loop.run_until_complete(
+                        ex.execute_async(prompt, prompt_id, extra, outputs))
             except _StoppedAtStart:
                 data: dict[str, Any] = {"prompt_id": prompt_id, "node_id": None,
                                         "node_type": None, "executed": [],
