@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import errno
 import logging
+import re
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
 import anyio
@@ -24,6 +27,7 @@ from comfy_embed.errors import (
     ExecutionFailed,
     OutOfMemory,
     RunTimeout,
+    StorageUnavailable,
     TaskCancelled,
 )
 from comfy_embed.events import (
@@ -368,7 +372,8 @@ class Task:
                 self.report.mark_render(end=True)
                 self._close(results=results, outputs=collect_values(outcome.outputs))
             else:
-                self._close(_outcome_error(outcome, self.engine.settings.jobs.run_timeout))
+                self._close(_outcome_error(outcome, self.engine.settings.jobs.run_timeout,
+                                           server_folders(self.engine.settings)))
         except anyio.get_cancelled_exc_class():
             # The instance is shutting down mid-upload: still one final event.
             self._close(TaskCancelled("the instance shut down before the result was assembled"))
@@ -384,8 +389,64 @@ class Task:
                                     quality=o.quality)
 
 
-def _outcome_error(outcome: Outcome, timeout: float | None) -> ComfyEmbedError:
+#: The OSError family as ComfyUI names it in ``exception_type``.
+_OS_ERRORS = frozenset({"OSError", "IOError", "PermissionError", "FileExistsError",
+                        "FileNotFoundError", "NotADirectoryError", "IsADirectoryError"})
+#: Errors that mean "this filesystem takes no file now", wherever they happen.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+_ERRNO = re.compile(r"\[Errno (\d+)\] ([^:]+)")
+
+
+def server_folders(settings: Settings) -> dict[str, Path]:
+    """The server's folders by role, longest path first (a folder inside
+    another is replaced before it): what :func:`scrub_paths` hides."""
+    c = settings.comfy
+    folders = {"<task log>": settings.task_log_path, "<output>": c.output_path,
+               "<input>": c.input_path, "<temp>": c.temp_path, "<models>": c.models_path,
+               "<base>": Path(c.base_dir).resolve()}
+    return dict(sorted(folders.items(), key=lambda kv: -len(str(kv[1]))))
+
+
+def scrub_paths(value: Any, folders: dict[str, Path]) -> Any:
+    """``value`` (a string, or lists/dicts of them) with every server folder
+    replaced by its role (``<output>/t1/x.png``): clients never see the
+    server's absolute paths."""
+    if isinstance(value, str):
+        for role, folder in folders.items():
+            value = value.replace(str(folder), role)
+        return value
+    if isinstance(value, list):
+        return [scrub_paths(v, folders) for v in value]
+    if isinstance(value, dict):
+        return {k: scrub_paths(v, folders) for k, v in value.items()}
+    return value
+
+
+def _storage_error(err: dict[str, Any], folders: dict[str, Path]) -> StorageUnavailable | None:
+    """An output node's OSError that says the output (or temp) folder takes
+    no file: StorageUnavailable (503), naming the folder by its role."""
+    if err.get("exception_type") not in _OS_ERRORS:
+        return None
+    msg = str(err.get("exception_message") or "")
+    m = _ERRNO.match(msg)
+    code, why = (int(m.group(1)), m.group(2).strip()) if m else (None, err["exception_type"])
+    for role, name in (("<output>", "output"), ("<temp>", "temp")):
+        folder = folders.get(role)
+        if folder is not None and (str(folder) in msg or code in _STORAGE_ERRNOS):
+            return StorageUnavailable(f"the {name} folder cannot take a file ({why}); retry later")
+    return None
+
+
+def _outcome_error(outcome: Outcome, timeout: float | None,
+                   folders: dict[str, Path] | None = None) -> ComfyEmbedError:
     err = dict(outcome.error or {})
+    if folders:
+        storage = _storage_error(err, folders)
+        if storage is not None:
+            log.warning("task: %s (%s: %s)", storage.message, err.get("exception_type"),
+                        err.get("exception_message"))
+            return storage
+        err = scrub_paths(err, folders)
     reason = err.pop("reason", None)
     if outcome.interrupted:
         if reason == "timeout":

@@ -7,10 +7,13 @@ is usable again: the probe writes, syncs and deletes a small file each time.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
 from pathlib import Path
+
+log = logging.getLogger("comfy_embed")
 
 __all__ = ["unusable_reason", "FolderProbe"]
 
@@ -19,7 +22,8 @@ _PROBE_BYTES = 4096
 
 
 def unusable_reason(folder: Path) -> str | None:
-    """Why ``folder`` cannot take a new file now (None: it can)."""
+    """Why ``folder`` cannot take a new file now, as the OS error's text
+    (None: it can). The path is left out: the caller names the folder."""
     probe = folder / f".probe-{uuid.uuid4().hex}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -30,7 +34,7 @@ def unusable_reason(folder: Path) -> str | None:
         finally:
             os.close(fd)
     except OSError as e:
-        return f"{folder}: {e.strerror or e}"
+        return e.strerror or type(e).__name__
     finally:
         try:
             probe.unlink()
@@ -49,14 +53,31 @@ class FolderProbe:
         self._reason: str | None = None
 
     def reason(self) -> str | None:
-        """The first unusable folder, as ``"<what> folder <path>: <error>"``, or None."""
+        """The first unusable folder, named by its role (public: ``/ready``
+        answers it), as ``"<what> folder not writable (<error>)"``, or None.
+        Its path goes to the server log, once each time the verdict changes."""
         now = time.monotonic()
         if now - self._checked_at >= self.interval:
-            self._reason = None
+            reason = None
             for what, folder in self.folders.items():
                 why = unusable_reason(folder)
                 if why:
-                    self._reason = f"{what} folder is not writable: {why}"
+                    reason = f"{what} folder not writable ({why})"
+                    if reason != self._reason:
+                        log.warning("%s folder %s is not writable: %s", what, folder, why)
                     break
+            self._reason = reason
             self._checked_at = now
+        return self._reason
+
+    def suspect(self) -> None:
+        """A write just failed: the next :meth:`reason` checks at once, and
+        until then :attr:`last` says the folders are unusable."""
+        self._checked_at = float("-inf")
+        if self._reason is None:
+            self._reason = "output folder not writable (a write failed)"
+
+    @property
+    def last(self) -> str | None:
+        """The cached verdict, with no filesystem call (None: usable when last checked)."""
         return self._reason

@@ -470,3 +470,67 @@ def test_7_api_keys(keyed: Server) -> None:
         assert ev["data"]["status"] == "success", ev
     finally:
         ws.close()
+
+
+# ------------------------------------------------------------------ issue 25 (12, 14)
+@pytest.fixture
+def unwritable_output(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
+    """A ready server whose output folder then stops taking files. Root
+    ignores permissions, so the folder is replaced by a plain file."""
+    out = tmp_path / "out"
+    s = Server(tmp_path / "ro", output_dir=out, task_log_dir=tmp_path / "logs")
+    try:
+        s.wait_ready()
+        shutil.rmtree(out)
+        out.write_bytes(b"not a folder")
+        yield s, out
+    finally:
+        s.stop()
+
+
+def test_25_12_unwritable_output_folder_is_503(unwritable_output: tuple[Server, Path]) -> None:
+    import time
+    s, out = unwritable_output
+    deadline = time.monotonic() + 30  # the probe's verdict is cached 2 s
+    while (r := requests.get(f"{s.url}/ready", timeout=10)).status_code == 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert r.status_code == 503 and r.json()["status"] == "unhealthy", r.text
+    # 14: the public reason names the folder by its role, not its path.
+    assert "output folder" in r.json()["reason"] and str(out) not in r.text, r.text
+    for params, headers in (("", {"X-Task-Id": "ro-1"}), ("?stream=1", {"X-Task-Id": "ro-2"}),
+                            ("", {"X-Task-Id": "ro-3", "X-Fc-Invocation-Type": "Async"})):
+        r = s.run(image_only(batch=1), params=params, headers=headers)
+        assert r.status_code == 503, (params, r.text)
+        assert "Retry-After" in r.headers
+        final = (json.loads(r.text.strip().removeprefix("data: ")) if params else r.json())
+        assert final["data"]["error"]["type"] == "storage_unavailable", r.text
+        assert str(tmp_root(s)) not in r.text, r.text  # 14: no absolute path
+    out.unlink()
+    out.mkdir()
+    deadline = time.monotonic() + 30
+    while requests.get(f"{s.url}/ready", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert_serves(s)
+
+
+def tmp_root(s: Server) -> Path:
+    return Path(s.log_path).parent.parent
+
+
+def test_25_12_write_failure_in_a_run_is_503(unwritable_output: tuple[Server, Path]) -> None:
+    # No /ready since the folder broke: the run itself meets the OSError
+    # (it used to be 500 with "[Errno 17] File exists: '/abs/path/...'").
+    s, out = unwritable_output
+    r = s.run(image_only(batch=1), headers={"X-Task-Id": "ro-run"})
+    assert r.status_code == 503, r.text
+    assert r.headers.get("Retry-After"), r.headers
+    err = error_of(r)
+    assert err["type"] == "storage_unavailable" and "output folder" in err["message"], err
+    assert str(tmp_root(s)) not in r.text, r.text
+    # The next run is refused before it is queued, and the status reads the same.
+    r = s.run(image_only(batch=1), headers={"X-Task-Id": "ro-run-2"})
+    assert r.status_code == 503 and error_of(r)["type"] == "storage_unavailable", r.text
+    final = s.wait_final("ro-run")[-1]
+    assert final["data"]["error"]["type"] == "storage_unavailable"
