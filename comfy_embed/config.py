@@ -155,6 +155,7 @@ _RULES: dict[str, _Rule] = {
     "max_nodes": ((lambda v: v >= 1), "at least 1"),
     "max_json_depth": ((lambda v: 8 <= v <= 500), "8-500"),
     "drain_seconds": ((lambda v: v >= 0), "0 or more seconds"),
+    "admin_key": ((lambda v: not v or len(v) >= 16), "at least 16 characters"),
     "retention_hours": ((lambda v: v >= 0), "hours >= 0, or none"),
     "webhook_url": ((lambda v: not v or _http_url(v)), "an http(s) URL"),
     "webhook_secret": ((lambda v: _webhook_secret(v)),
@@ -388,7 +389,7 @@ class TaskLogSettings(_Group):
 
 
 class SafetySettings(_Group):
-    """Safety (issue 9): bounds on one request, the node denylist, API keys."""
+    """Safety (issue 9): bounds on one request, the node denylist, keys."""
 
     #: Most nodes one workflow may have.
     max_nodes: int = 400
@@ -403,6 +404,8 @@ class SafetySettings(_Group):
     #: API keys (comma-separated); when set, every endpoint but /health needs
     #: one as ``Authorization: Bearer <key>`` or ``X-Api-Key: <key>``.
     api_keys: tuple[str, ...] = ()
+    #: Operator key for the lifecycle hooks, as ``X-Admin-Key`` (api/hooks.py).
+    admin_key: str | None = None
 
 
 class Settings(BaseSettings):

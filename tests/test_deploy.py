@@ -189,8 +189,12 @@ def test_k8s_container_agrees_with_server(which: int, routes: dict[str, set[str]
 def test_k8s_deployment_drains_before_stopping(routes: dict[str, set[str]]) -> None:
     pod = _pod_specs()[0]
     (container,) = pod["containers"]
-    pre_stop = container["lifecycle"]["preStop"]["httpGet"]["path"]
-    assert pre_stop == "/pre-stop" and "GET" in routes[pre_stop]
+    # /pre-stop answers direct loopback calls (api/hooks.py), not the
+    # kubelet's: the hook runs in the container and calls 127.0.0.1.
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    assert "'http://127.0.0.1:%s/pre-stop'" in command[2] and "GET" in routes["/pre-stop"]
+    assert "COMFY_EMBED_PORT" in command[2]
     env = {e["name"]: e["value"] for e in container["env"]}
     # The grace period outlasts a run, so preStop's drain is not cut short.
     assert pod["terminationGracePeriodSeconds"] > float(env["COMFY_EMBED_RUN_TIMEOUT"])

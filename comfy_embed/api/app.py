@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Callable
 
 import anyio
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -20,6 +21,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from comfy_embed.api import metrics, openapi, page
 from comfy_embed.api.auth import ApiKeyAuth
+from comfy_embed.api.hooks import LifecycleGuard
 from comfy_embed.api.middleware import InternalErrors
 from comfy_embed.api.serverless import runs, ws
 from comfy_embed.config import Settings
@@ -34,6 +36,10 @@ __all__ = ["create_app"]
 
 
 async def health(request: Request) -> Response:
+    # A drained instance (/pre-stop) takes no work again: liveness fails so
+    # that a platform that did not stop it restarts it (it also exits itself).
+    if getattr(request.app.state, "drained", False):
+        return JSONResponse({"status": "drained"}, 503)
     return JSONResponse({"status": "alive"})
 
 
@@ -66,9 +72,21 @@ async def initialize(request: Request) -> Response:
 
 async def pre_stop(request: Request) -> Response:
     """Function Compute calls this before stopping: accept nothing new,
-    finish running work (its log included), then answer."""
+    finish running work (its log included), then answer; the process then
+    stops as after SIGTERM's drain (a drained instance never takes work
+    again). Only the platform may call it (api/hooks.py)."""
     await request.app.state.service.drain()
-    return JSONResponse({"status": "drained"})
+    request.app.state.drained = True
+    return JSONResponse({"status": "drained"},
+                        background=BackgroundTask(_stop_drained, request.app.state.control))
+
+
+def _stop_drained(control: ServerControl) -> None:
+    """After /pre-stop's answer is sent: stop the server (``comfy-embed
+    serve`` exits 0). Hosted by something else, /health's 503 ends it."""
+    log.info("drained by /pre-stop: stopping")
+    if control.stop_server is not None:
+        control.stop_server()
 
 
 async def pre_freeze(request: Request) -> Response:
@@ -128,6 +146,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         engine.start()
         service = TaskService(engine, settings)
         app.state.engine, app.state.service = engine, service
+        app.state.control = control
         app.state.warm = anyio.Event()
         app.state.folders = FolderProbe({"task log": settings.task_log_path,
                                          "output": settings.comfy.output_path})
@@ -171,7 +190,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     ]
     # Internal errors outermost (they catch the other middleware's too), then
     # API keys: nothing else runs for a refused request.
-    middleware = [Middleware(InternalErrors)]
+    # The lifecycle hooks are the platform's, whatever API key a caller has.
+    middleware = [Middleware(InternalErrors),
+                  Middleware(LifecycleGuard, admin_key=settings.safety.admin_key)]
     if settings.safety.api_keys:
         middleware.append(Middleware(ApiKeyAuth, keys=settings.safety.api_keys))
     middleware.append(Middleware(metrics.QueueDepthHeader))

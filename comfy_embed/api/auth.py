@@ -28,11 +28,13 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitab
                    Awaitable[None]]
 
 #: The one list of paths that need no key: liveness and readiness for load
-#: balancers and orchestrators, the platform hooks that only wait or flush
-#: (/initialize, /pre-freeze; /pre-stop drains, so it keeps its key and
-#: SIGTERM drains anyway), the playground page (api/page.py) and the API docs
-#: (api/openapi.py): static documents; the API calls they make need a key.
+#: balancers and orchestrators, the platform's lifecycle hooks (/initialize,
+#: /pre-stop, /pre-freeze: an API key does not open them; api/hooks.py lets
+#: only the platform, loopback or the operator key through), the playground
+#: page (api/page.py) and the API docs (api/openapi.py): static documents;
+#: the API calls they make need a key.
 PUBLIC_PATHS: frozenset[str] = frozenset({"/health", "/ready", "/initialize", "/pre-freeze",
+                                          "/pre-stop",
                                           "/", "/playground", "/playground/examples",
                                           "/openapi.json", "/docs"})
 #: Path prefixes that need no key (static assets of the page and the docs).

@@ -313,8 +313,14 @@ def _task_paths(p: str) -> dict[str, Any]:
 def _platform_paths() -> dict[str, Any]:
     """Health, Function Compute's lifecycle hooks and metrics."""
     health = _json(_ref("Status"), "As named in `status`.")
+    # The hooks answer only the platform: FC's own calls, direct loopback, X-Admin-Key.
+    forbidden = _final("Not the platform: Function Compute's own call (its role's "
+                       "credentials), a direct loopback connection or `X-Admin-Key` "
+                       "(`COMFY_EMBED_ADMIN_KEY`).")
     return {
-        "/health": {"get": {"summary": "Alive", "responses": {"200": health}}},
+        "/health": {"get": {"summary": "Alive", "responses": {
+            "200": health, "503": _json(_ref("Status"), "`drained` by /pre-stop: the "
+                                        "instance is ending.")}}},
         "/ready": {"get": {
             "summary": "Booted and warm",
             "description": "`queue_depth`: tasks queued plus running (also the `X-Queue-Depth` "
@@ -324,11 +330,13 @@ def _platform_paths() -> dict[str, Any]:
                                        "(`reason`: the task-log or output folder is not "
                                        "writable).")}}},
         "/initialize": {"post": {"summary": "Function Compute: answers once warm",
-                                 "responses": {"200": health}}},
-        "/pre-stop": {k: {"summary": "Function Compute: drain (finish running work, accept none)",
-                          "responses": {"200": health}} for k in ("get", "post")},
+                                 "responses": {"200": health, "403": forbidden}}},
+        "/pre-stop": {k: {"summary": "Function Compute: drain (finish running work, accept "
+                                     "none), then the server exits",
+                          "responses": {"200": health, "403": forbidden}} for k in ("get", "post")},
         "/pre-freeze": {k: {"summary": "Function Compute: flush the task log",
-                            "responses": {"200": health}} for k in ("get", "post")},
+                            "responses": {"200": health, "403": forbidden}}
+                        for k in ("get", "post")},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "Text exposition format.",
             "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

@@ -61,7 +61,8 @@ def open_app(tmp_path: Path, **overrides: Any) -> Iterator[App]:
     boot, fake = FakeComfy.booter()
     engine = Engine(settings, boot=boot)
     try:
-        with TestClient(create_app(settings, engine)) as client:
+        # From loopback, as a platform hook on the instance (api/hooks.py).
+        with TestClient(create_app(settings, engine), client=("127.0.0.1", 50000)) as client:
             r = client.post("/initialize")
             assert r.status_code == 200, r.text
             yield App(client, engine, fake())
@@ -363,6 +364,9 @@ def test_pre_stop_drains_running_work(app: App) -> None:
         app.comfy.gate.set()
         stopper.join(20)
     assert answer and answer[0].status_code == 200 and answer[0].json() == {"status": "drained"}
+    # A drained instance ends: liveness fails (a served one also exits).
+    health = app.client.get("/health")
+    assert health.status_code == 503 and health.json() == {"status": "drained"}
     # Drained means the log is complete: the final event is already there.
     events = app.status("in-flight")
     assert events[-1]["type"] == "serverless_api" and events[-1]["data"]["status"] == "success"

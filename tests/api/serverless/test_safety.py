@@ -428,12 +428,17 @@ def test_7_api_keys(keyed: Server) -> None:
     # Probes carry no key: /ready answers without one.
     assert requests.get(f"{keyed.url}/ready", timeout=10).status_code == 200
     for method, path in (("get", "/metrics"), ("post", f"{API}/run"), ("get", f"{API}/status?task_id=x"),
-                         ("post", f"{API}/cancel?task_id=x"), ("get", "/pre-stop")):
+                         ("post", f"{API}/cancel?task_id=x")):
         r = requests.request(method, keyed.url + path, timeout=10)
         assert r.status_code == 401, (path, r.text)
         assert error_of(r)["type"] == "unauthorized"
         r = requests.request(method, keyed.url + path, headers={"X-Api-Key": "wrong"}, timeout=10)
         assert r.status_code == 401, path
+    # The lifecycle hooks are the platform's: a valid API key does not open
+    # /pre-stop to a remote caller (issue 25: tests/api/serverless/test_hooks.py).
+    r = requests.get(f"{keyed.url}/pre-stop", headers={**one, "X-Forwarded-For": "203.0.113.9"},
+                     timeout=10)
+    assert r.status_code == 403 and error_of(r)["type"] == "forbidden", r.text
     r = keyed.run(image_only(batch=1), headers={**one, "X-Task-Id": "owned-1"})
     assert r.status_code == 200, r.text
     # The creator reads it; another key sees nothing and cannot cancel or attach.

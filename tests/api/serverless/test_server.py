@@ -285,9 +285,9 @@ def test_pre_stop_drains(tmp_path: Path) -> None:
         assert d.status_code == 200
         # Running work finished before pre-stop answered.
         assert s.status(task_id)[-1]["data"]["status"] == "success"
-        assert requests.get(f"{s.url}/ready", timeout=5).status_code == 503
-        refused = s.run(image_only())
-        assert refused.status_code == 503 and "Retry-After" in refused.headers
+        # Drained for good: the server exits as after SIGTERM's drain (its
+        # readiness went 503 at once: tests/api/serverless/test_inprocess.py).
+        assert s.proc.wait(60) == 0, s.log()
     finally:
         s.stop()
 
