@@ -1,6 +1,10 @@
-"""Who may call the lifecycle hooks (``/initialize``, ``/pre-stop``,
-``/pre-freeze``): an ASGI middleware in front of them, independent of the
-API keys (a key holder is a client, not an operator).
+"""Who may call ``/pre-stop``, the one lifecycle hook that changes an
+instance for good (it drains it, then the server exits): an ASGI middleware
+in front of it, independent of the API keys (a key holder is a client, not
+an operator). ``/initialize`` (waits until warm) and ``/pre-freeze``
+(flushes the task log) change nothing, and Function Compute's initializer
+must never be refused (an instance whose initializer fails never starts),
+so they stay open as before.
 
 A hook call is allowed when it comes
 
@@ -36,8 +40,8 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
                    Awaitable[None]]
 
-#: The platform's lifecycle hooks.
-HOOK_PATHS: frozenset[str] = frozenset({"/initialize", "/pre-stop", "/pre-freeze"})
+#: The lifecycle hooks only the platform or the operator may call.
+HOOK_PATHS: frozenset[str] = frozenset({"/pre-stop"})
 
 #: Headers that say a proxy or FC's gateway relayed the request: its peer
 #: address is then the relay's, not the caller's.

@@ -330,12 +330,12 @@ def _platform_paths() -> dict[str, Any]:
                                        "(`reason`: the task-log or output folder is not "
                                        "writable).")}}},
         "/initialize": {"post": {"summary": "Function Compute: answers once warm",
-                                 "responses": {"200": health, "403": forbidden}}},
+                                 "responses": {"200": health}}},
         "/pre-stop": {k: {"summary": "Function Compute: drain (finish running work, accept "
                                      "none), then the server exits",
                           "responses": {"200": health, "403": forbidden}} for k in ("get", "post")},
         "/pre-freeze": {k: {"summary": "Function Compute: flush the task log",
-                            "responses": {"200": health, "403": forbidden}}
+                            "responses": {"200": health}}
                         for k in ("get", "post")},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "Text exposition format.",
