@@ -64,7 +64,7 @@ async def _run(settings: Settings, graph: Any, out: Path | None, want_base64: bo
         out.mkdir(parents=True, exist_ok=True)
         for r in final["data"]["results"]:
             c = r["output"]["comfy"]
-            src = Path(c["dir"]) / c["subfolder"] / c["filename"]
+            src = settings.comfy.output_path / c["dir"] / c["subfolder"] / c["filename"]
             shutil.copy2(src, out / c["filename"])
             r["output"]["copied_to"] = str(out / c["filename"])
     return final

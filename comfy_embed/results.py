@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import mimetypes
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -31,7 +32,10 @@ class OutputFile:
     filename: str
     subfolder: str
     type: str
+    #: The absolute folder (server side only: never sent to clients).
     dir: Path
+    #: ``dir`` relative to the output folder, as clients see it (``"."``).
+    rel_dir: str = "."
 
     @property
     def path(self) -> Path:
@@ -46,6 +50,7 @@ def collect_files(outputs: dict[str, Any], directory_of: Callable[[str], Path]) 
     """Every file entry (``{filename, subfolder, type}``) in every list of
     every node's UI output: images, batches, animations, video, audio."""
     files: list[OutputFile] = []
+    shown: dict[str, str] = {}
     for node_id in sorted(outputs, key=node_order):
         index = 0
         for value in (outputs[node_id] or {}).values():
@@ -54,11 +59,21 @@ def collect_files(outputs: dict[str, Any], directory_of: Callable[[str], Path]) 
             for item in value:
                 if isinstance(item, dict) and "filename" in item:
                     kind = item.get("type", "output")
+                    folder = directory_of(kind)
+                    if kind not in shown:
+                        shown[kind] = public_dir(folder, directory_of("output"))
                     files.append(OutputFile(node_id, index, item["filename"],
                                             item.get("subfolder", ""), kind,
-                                            directory_of(kind)))
+                                            folder, shown[kind]))
                     index += 1
     return files
+
+
+def public_dir(folder: Path, output_root: Path) -> str:
+    """``folder`` as ``output.comfy.dir`` shows it: relative to the output
+    folder, ``/``-separated (``"."`` for outputs, ``"../temp"`` say for
+    previews), so no server path reaches a client."""
+    return os.path.relpath(folder, output_root).replace(os.sep, "/")
 
 
 #: UI keys that only describe the files beside them (SaveAnimatedWEBP's flag).
@@ -131,7 +146,7 @@ def reencode(f: OutputFile, output_format: str, quality: int | None) -> OutputFi
         target = f.path.with_suffix("." + ext)
         options = {"quality": quality} if quality and pil_format != "PNG" else {}
         still.save(target, pil_format, **options)
-    return OutputFile(f.node_id, f.index, target.name, f.subfolder, f.type, f.dir)
+    return OutputFile(f.node_id, f.index, target.name, f.subfolder, f.type, f.dir, f.rel_dir)
 
 
 #: Outputs up to this size are base64-encoded on the event loop (well under
@@ -154,7 +169,7 @@ def _entries(files: list[OutputFile]) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     for f in files:
         out: dict[str, Any] = {"comfy": {"filename": f.filename, "type": f.type,
-                                         "subfolder": f.subfolder, "dir": str(f.dir)},
+                                         "subfolder": f.subfolder, "dir": f.rel_dir},
                                "media_type": f.media_type}
         entries.append({"node_id": f.node_id, "index": f.index, "output": out})
     return entries

@@ -30,6 +30,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/api/serverless/ws"
         base.mkdir(parents=True, exist_ok=True)
+        #: The output folder: what a result's ``comfy.dir`` is relative to.
+        self.output_dir = Path(env["output_dir"]) if "output_dir" in env else base / "output"
         self.log_path = base / f"server-{self.port}.log"
         full = {**os.environ, "COMFY_EMBED_BASE_DIR": str(base), "COMFY_EMBED_HOST": "127.0.0.1",
                 "COMFY_EMBED_PORT": str(self.port), "COMFY_EMBED_TINY_CHECKPOINT": "1",
@@ -55,6 +57,10 @@ class Server:
                 pass
             time.sleep(0.1)  # polling a process that is booting: bounded by the deadline
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.log()}")
+
+    def file_of(self, comfy: dict[str, Any]) -> Path:
+        """The file a result's ``output.comfy`` names on this server."""
+        return self.output_dir / comfy["dir"] / comfy["subfolder"] / comfy["filename"]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

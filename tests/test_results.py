@@ -86,7 +86,7 @@ async def test_render_base64_and_upload(tmp_path: Path) -> None:
             out = entry["output"]
             assert (entry["node_id"], entry["index"]) == (f.node_id, f.index)
             assert out["comfy"] == {"filename": f.filename, "type": "output", "subfolder": "",
-                                    "dir": str(tmp_path)}
+                                    "dir": "."}
             assert out["media_type"] == "image/png"
             assert base64.b64decode(out["base64"]["data"]) == f.path.read_bytes()
             assert oss.objects[("test-bucket", out["oss"]["object"])].data == f.path.read_bytes()

@@ -22,11 +22,21 @@ from tests.conftest import image_only, text_to_image
 pytestmark = pytest.mark.anyio
 
 
+#: The engine's output folder: what a result's ``comfy.dir`` is relative to.
+_OUTPUT: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _output_root(settings: Any) -> None:
+    _OUTPUT[:] = [settings.comfy.output_path]
+
+
 def files_of(final: dict[str, Any]) -> list[Path]:
     out = []
     for r in final["data"]["results"]:
         c = r["output"]["comfy"]
-        out.append(Path(c["dir"]) / c["subfolder"] / c["filename"])
+        assert not Path(c["dir"]).is_absolute(), c  # no server path for clients
+        out.append(_OUTPUT[0] / c["dir"] / c["subfolder"] / c["filename"])
     return out
 
 

@@ -115,7 +115,8 @@ class TaskService(TaskObserver):
         self._output_path = str(settings.comfy.output_path)
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.tasklog = tasklog or TaskLog(settings.task_log_path, self.instance_id,
-                                          settings.tasklog.lease_seconds)
+                                          settings.tasklog.lease_seconds,
+                                          output_root=settings.comfy.output_path)
         #: Ids this service claimed in the log and is submitting: its tasks to persist.
         self._claimed: set[str] = set()
         #: Tasks whose log this service writes (and whose lease it holds).

@@ -49,7 +49,8 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _output_file(out: dict[str, Any], raw: bytes, root: str) -> dict[str, Any] | None:
+def _output_file(out: dict[str, Any], raw: bytes, root: str, output_root: str | None
+                 ) -> dict[str, Any] | None:
     """A reference to the output file named by ``out["comfy"]`` if it holds
     exactly ``raw`` and lies in the output folder that holds the log
     ``root`` (resolved): every instance reading this log then reads the
@@ -59,7 +60,12 @@ def _output_file(out: dict[str, Any], raw: bytes, root: str) -> dict[str, Any] |
     if not isinstance(comfy, dict):
         return None
     try:
-        base = _resolved_dir(str(comfy["dir"]))
+        shown = str(comfy["dir"])
+        if not os.path.isabs(shown):  # relative to the output folder (what clients see)
+            if output_root is None:
+                return None
+            shown = os.path.join(output_root, shown)
+        base = _resolved_dir(shown)
         # normpath, not realpath: a realpath costs an lstat per component;
         # the bytes are compared below anyway.
         path = os.path.normpath(os.path.join(base, comfy["subfolder"], comfy["filename"]))
@@ -79,11 +85,14 @@ def _output_file(out: dict[str, Any], raw: bytes, root: str) -> dict[str, Any] |
             "crc32": zlib.crc32(raw)}
 
 
-def split_blobs(event: dict[str, Any], root: str) -> tuple[dict[str, Any], bytes]:
+def split_blobs(event: dict[str, Any], root: str, output_root: str | None = None
+                ) -> tuple[dict[str, Any], bytes]:
     """The final event without its base64 image data, and the data that must
     be copied as raw bytes; each ``base64`` output then says where its bytes
     are: in the output file (``file``, see :func:`_output_file`) or in the
-    copy (``blob``: offset and length). ``root``: the log root, resolved."""
+    copy (``blob``: offset and length). ``root``: the log root, resolved;
+    ``output_root``: the output folder, what a relative ``comfy.dir`` is
+    relative to (None: such outputs are copied)."""
     data = event.get("data")
     if not isinstance(data, dict) or not isinstance(results := data.get("results"), list):
         return event, b""
@@ -104,7 +113,7 @@ def split_blobs(event: dict[str, Any], root: str) -> tuple[dict[str, Any], bytes
             new_results.append(r)  # not canonical base64: keep it inline
             continue
         ref = {k: v for k, v in b64.items() if k != "data"}
-        pointer = _output_file(out, raw, root)
+        pointer = _output_file(out, raw, root, output_root)
         if pointer is not None:
             ref.update(pointer)
         else:

@@ -60,11 +60,12 @@ class TaskLog:
     """
 
     def __init__(self, root: Path, instance_id: str, lease_seconds: float = 30.0, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 output_root: Path | None = None) -> None:
         self.root = Path(root)
         #: This instance's leases: the tasks' here, and other features' (delivery.py).
         self.leases = Leases(instance_id, lease_seconds, clock)
-        self._writer = Writer(self.root, self._closed)
+        self._writer = Writer(self.root, self._closed, output_root)
         #: The tasks claimed and not final: what recover_orphans looks at.
         self.open_index = NameIndex(self.root, "open")
         #: The finished tasks by when they finished: what retention looks at.

@@ -49,7 +49,8 @@ class Writer:
     """Writes the segments and final files of the tasks under ``root``;
     ``closed(task_id)`` is called once a task's final event counted."""
 
-    def __init__(self, root: Path, closed: Callable[[str], None]) -> None:
+    def __init__(self, root: Path, closed: Callable[[str], None],
+                 output_root: Path | None = None) -> None:
         self.root = root
         self._closed = closed
         # Last seq of the chain as this instance last wrote it, per task: saves
@@ -58,6 +59,8 @@ class Writer:
         self._end: dict[str, int] = {}
         self._lock = threading.Lock()
         self._resolved_root: str | None = None
+        #: What a result's relative ``comfy.dir`` is relative to.
+        self._output_root = None if output_root is None else os.path.realpath(output_root)
 
     def started(self, task_id: str) -> None:
         """The task's folder is new, so its chain is empty: its first write
@@ -149,7 +152,7 @@ class Writer:
                 ) -> tuple[int, bool]:
         """Publish ``final``: ``event`` at ``seq``, with ``events`` from
         ``first`` on (the owner), or named by a placeholder (``first`` None)."""
-        stripped, blob = split_blobs(event, self._root())
+        stripped, blob = split_blobs(event, self._root(), self._output_root)
         blob_name = None
         if blob:
             blob_name = f"{FINAL_FILE}.{uuid.uuid4().hex}.blob"

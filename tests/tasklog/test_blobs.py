@@ -99,6 +99,29 @@ def test_output_file_referenced_not_copied(layout: tuple[Path, Path]) -> None:
                                                                              (2, event)]
 
 
+def test_relative_dir_is_resolved_against_the_output_folder(layout: tuple[Path, Path]) -> None:
+    # Issue 25 (14): clients see comfy.dir relative to the output folder
+    # ("."); the writer, told the output folder, still references the file.
+    out, root = layout
+    png = os.urandom(5000)
+    event = image_final("t", [save(out, "t", "a.png", png)])
+    event["data"]["results"][0]["output"]["comfy"]["dir"] = "."
+    tl = TaskLog(root, "i1", output_root=out)
+    tl.claim("t")
+    assert tl.extend("t", [(1, ev(1)), (2, event)]) == 2
+    assert sorted(os.listdir(root / "t")) == ["final", "owner.json"]  # no sidecar
+    stored = decode((root / "t" / "final").read_bytes())["event"]
+    assert stored["data"]["results"][0]["output"]["base64"]["file"] == "../t/a.png"
+    assert TaskLog(root, "i2").read("t") == [(1, ev(1)), (2, event)]
+    # Not told the output folder: the bytes are copied, still read back exactly.
+    tl2 = TaskLog(root, "i3")
+    tl2.claim("u")
+    event_u = image_final("u", [save(out, "u", "b.png", png)])
+    event_u["data"]["results"][0]["output"]["comfy"]["dir"] = "."
+    tl2.append("u", event_u)
+    assert TaskLog(root, "i2").read("u")[-1][1] == event_u
+
+
 def test_deleted_or_changed_output_reads_as_an_error(layout: tuple[Path, Path]) -> None:
     out, root = layout
     event = image_final("t", [save(out, "t", "a.png", b"first image"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -55,9 +54,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, oss: FakeOss) -> Iterator[S
         s.stop()
 
 
-def first_pixel(result: dict[str, Any]) -> list[int]:
-    c = result["output"]["comfy"]
-    with Image.open(Path(c["dir"], c["subfolder"], c["filename"])) as im:
+def first_pixel(server: Server, result: dict[str, Any]) -> list[int]:
+    with Image.open(server.file_of(result["output"]["comfy"])) as im:
         return list(im.convert("RGB").getpixel((0, 0)))
 
 
@@ -71,7 +69,7 @@ def ok(r: requests.Response) -> dict[str, Any]:
 # ------------------------------------------------------------------ inputs
 def test_url_input(server: Server, web: Web) -> None:
     data = ok(server.run(load_graph(f"{web.base}/ok.png")))
-    assert first_pixel(data["results"][0]) == [0, 255, 255]  # red inverted
+    assert first_pixel(server, data["results"][0]) == [0, 255, 255]  # red inverted
 
 
 @pytest.mark.parametrize("encode", [
@@ -80,7 +78,7 @@ def test_url_input(server: Server, web: Web) -> None:
 ])
 def test_base64_inputs(server: Server, encode: Any) -> None:
     data = ok(server.run(load_graph(encode(PNG))))
-    assert first_pixel(data["results"][0]) == [0, 255, 255]
+    assert first_pixel(server, data["results"][0]) == [0, 255, 255]
 
 
 def test_oss_input(server: Server, oss: FakeOss) -> None:
@@ -88,7 +86,7 @@ def test_oss_input(server: Server, oss: FakeOss) -> None:
     Image.new("RGB", (4, 4), (0, 0, 255)).save(buf, "PNG")
     oss.objects[("test-bucket", "inputs/blue.png")] = FakeObject(buf.getvalue(), "image/png")
     data = ok(server.run(load_graph("oss://test-bucket/inputs/blue.png")))
-    assert first_pixel(data["results"][0]) == [255, 255, 0]
+    assert first_pixel(server, data["results"][0]) == [255, 255, 0]
 
 
 @pytest.mark.parametrize("value, code, needle", [

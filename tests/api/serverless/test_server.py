@@ -70,8 +70,8 @@ def test_sync_run(server: Server) -> None:
     (res,) = data["results"]
     assert res["node_id"] == "9" and res["index"] == 0
     assert set(res["output"]["comfy"]) == {"filename", "type", "subfolder", "dir"}
-    assert Path(res["output"]["comfy"]["dir"], res["output"]["comfy"]["subfolder"],
-                res["output"]["comfy"]["filename"]).exists()
+    assert res["output"]["comfy"]["dir"] == "."  # relative to the output folder: no server path
+    assert server.file_of(res["output"]["comfy"]).exists()
     assert res["output"]["base64"]["data"].startswith("iVBORw0KGgo")
     assert "oss" not in res["output"]
 

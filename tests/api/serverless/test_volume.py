@@ -129,7 +129,7 @@ def test_other_instance_answers_status_with_base64(
         theirs = other.status(task_id)
         assert theirs == mine
         out = theirs[-1]["data"]["results"][0]["output"]
-        saved = Path(out["comfy"]["dir"], out["comfy"]["subfolder"], out["comfy"]["filename"])
+        saved = other.file_of(out["comfy"])
         assert base64.b64decode(out["base64"]["data"]) == saved.read_bytes()
         assert saved.read_bytes().startswith(b"\x89PNG")
         assert other.status(task_id, since=mine[-1]["id"] - 1) == mine[-1:]

@@ -140,7 +140,7 @@ def test_envelope_extra_data_reaches_nodes(server: Server) -> None:
                     "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
     assert r.status_code == 200, r.text
     c = r.json()["data"]["results"][0]["output"]["comfy"]
-    with Image.open(Path(c["dir"], c["subfolder"], c["filename"])) as im:
+    with Image.open(server.file_of(c)) as im:
         assert json.loads(im.info["workflow"]) == workflow  # as native SaveImage writes it
 
 
@@ -265,7 +265,7 @@ def test_video_input_and_outputs(server: Server, files: Files, source: str) -> N
     assert base64.b64decode(by_node["4"]["base64"]["data"])[:4] == b"\x1a\x45\xdf\xa3"
     assert by_node["5"]["media_type"] == "image/webp"
     c = by_node["2"]["comfy"]
-    with av.open(str(Path(c["dir"], c["subfolder"], c["filename"]))) as box:
+    with av.open(str(server.file_of(c))) as box:
         assert box.streams.video[0].codec_context.width == 32
         assert sum(1 for _ in box.decode(video=0)) == 6
 
