@@ -103,7 +103,10 @@ _SCHEMAS: dict[str, Any] = {
             "output": {"type": "object", "properties": {
                 "comfy": {"type": "object", "properties": {
                     "filename": {"type": "string"}, "type": {"type": "string"},
-                    "subfolder": {"type": "string"}, "dir": {"type": "string"}}},
+                    "subfolder": {"type": "string"},
+                    "dir": {"type": "string", "description":
+                            "The file's folder relative to the output folder ('.' for "
+                            "outputs): the file is <output>/<dir>/<subfolder>/<filename>."}}},
                 "media_type": {"type": "string"},
                 "base64": {"type": "object", "properties": {"data": {"type": "string"}}},
                 "oss": {"type": "object"},
