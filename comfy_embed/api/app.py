@@ -25,7 +25,6 @@ from comfy_embed.api.hooks import LifecycleGuard
 from comfy_embed.api.middleware import InternalErrors
 from comfy_embed.api.serverless import runs, ws
 from comfy_embed.config import Settings
-from comfy_embed.observe.folders import FolderProbe
 from comfy_embed.observe.guard import EXIT_RECYCLE, drain_when_tripped
 from comfy_embed.runtime import Engine
 from comfy_embed.service.lifecycle import TaskService
@@ -46,7 +45,7 @@ async def health(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     state = request.app.state
     # A full or read-only task-log/output folder: unhealthy until it recovers.
-    unusable = await anyio.to_thread.run_sync(state.folders.reason)
+    unusable = await anyio.to_thread.run_sync(state.service.folders.reason)
     if unusable:
         return JSONResponse({"status": "unhealthy", "reason": unusable}, 503)
     if state.engine.ready and state.warm.is_set() and state.engine.accepting:
@@ -148,8 +147,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         app.state.engine, app.state.service = engine, service
         app.state.control = control
         app.state.warm = anyio.Event()
-        app.state.folders = FolderProbe({"task log": settings.task_log_path,
-                                         "output": settings.comfy.output_path})
         await service.recover()
         try:
             # The engine's group owns what outlives a request (results being

@@ -33,10 +33,12 @@ from comfy_embed.errors import (
     NotAccepting,
     PayloadTooLarge,
     QueueFull,
+    StorageUnavailable,
     TaskIdConflict,
     WorkflowInvalid,
 )
 from comfy_embed.events import FINAL, coalesce_snapshots, final_event
+from comfy_embed.observe.folders import FolderProbe
 from comfy_embed.observe.logs import current_task
 from comfy_embed.prepare.options import DEFAULT_OPTIONS, RunOptions
 from comfy_embed.runtime import Engine, Task, TaskObserver
@@ -129,6 +131,10 @@ class TaskService(TaskObserver):
         #: Set (and replaced) whenever a writer wrote, failed or ended: flush() waits on it.
         self._wrote = anyio.Event()
         self.webhooks = Webhooks(settings, self.tasklog, engine.background.part("webhooks"))
+        #: Whether the task-log and output folders take a file (``/ready``,
+        #: and every start while the last verdict was bad).
+        self.folders = FolderProbe({"task log": settings.task_log_path,
+                                    "output": settings.comfy.output_path})
         #: While positive, persisters write at once instead of gathering.
         self._hurry = 0
         #: The claim and the writes of each task's log: on the loop while the
@@ -168,6 +174,7 @@ class TaskService(TaskObserver):
             return Handle(self, task_id, task=live)
         if not self.engine.accepting:
             raise NotAccepting("this instance is draining and accepts no new work")
+        await self._check_folders()
         if webhook is not None:
             await self.webhooks.check(webhook)
         claim = Claim(task_id, functools.partial(self._io.run, self._claim, task_id, owner_key),
@@ -184,6 +191,17 @@ class TaskService(TaskObserver):
         if isinstance(outcome, Task):
             return Handle(self, task_id, task=outcome)
         raise await self._not_queued(task_id, outcome, webhook, claim.registered)
+
+    async def _check_folders(self) -> None:
+        """StorageUnavailable while the folder probe last found a folder that
+        takes no file (``/ready`` or a task that failed writing found it). The
+        healthy path reads one attribute; only a bad verdict is checked again
+        (at most once per probe interval, off the loop), so recovery is seen."""
+        if self.folders.last is None:
+            return
+        why = await anyio.to_thread.run_sync(self.folders.reason)
+        if why:
+            raise StorageUnavailable(f"the {why}; retry later")
 
     async def _submit_while_claiming(self, body: Any, options: RunOptions,
                                      claim: Claim) -> Task | Exception:
@@ -313,6 +331,8 @@ class TaskService(TaskObserver):
                 self._tell_flush()
                 last_flush = anyio.current_time()
                 if ends:
+                    if _error_type(batch[-1][1]) == StorageUnavailable.type:
+                        self.folders.suspect()  # a write failed: refuse until it is checked
                     self.webhooks.finished(task.task_id)
                     return
         except Exception:
@@ -539,3 +559,8 @@ class TaskService(TaskObserver):
         await self.engine.wait_idle()
         await self._writers.drain()
         await self.webhooks.drain()
+
+
+def _error_type(final: dict[str, Any]) -> str | None:
+    error = (final.get("data") or {}).get("error")
+    return error.get("type") if isinstance(error, dict) else None

@@ -23,8 +23,18 @@ from typing import Any
 
 from comfy_embed.events import FINAL, dumps_bytes, final_event
 from comfy_embed.taskid import valid_task_id
-from comfy_embed.tasklog.files import (CANCEL, FINAL_FILE, KEY, OWNER, is_log_file, listdir,
-                                       publish, read, read_final, segment_seqs)
+from comfy_embed.tasklog.files import (
+    CANCEL,
+    FINAL_FILE,
+    KEY,
+    OWNER,
+    is_log_file,
+    listdir,
+    publish,
+    read,
+    read_final,
+    segment_seqs,
+)
 from comfy_embed.tasklog.index import DoneIndex, NameIndex
 from comfy_embed.tasklog.leases import RELEASED, Leases
 from comfy_embed.tasklog.reader import read_events

@@ -15,8 +15,17 @@ from typing import Any
 
 from comfy_embed.events import FINAL
 from comfy_embed.tasklog.blobs import inline_blobs
-from comfy_embed.tasklog.files import (LOCK_RE, FinalMarker, event_pairs, listdir, load, read,
-                                       read_final, segment_name, segment_seqs)
+from comfy_embed.tasklog.files import (
+    LOCK_RE,
+    FinalMarker,
+    event_pairs,
+    listdir,
+    load,
+    read,
+    read_final,
+    segment_name,
+    segment_seqs,
+)
 
 __all__ = ["read_events"]
 

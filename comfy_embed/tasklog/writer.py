@@ -28,9 +28,21 @@ from typing import Any
 
 from comfy_embed.events import FINAL
 from comfy_embed.tasklog.blobs import split_blobs
-from comfy_embed.tasklog.files import (FINAL_FILE, LOCK_RE, PLACEHOLDER, encode, event_pairs,
-                                       listdir, load, lock_name, publish, read, read_final,
-                                       segment_name, segment_seqs)
+from comfy_embed.tasklog.files import (
+    FINAL_FILE,
+    LOCK_RE,
+    PLACEHOLDER,
+    encode,
+    event_pairs,
+    listdir,
+    load,
+    lock_name,
+    publish,
+    read,
+    read_final,
+    segment_name,
+    segment_seqs,
+)
 
 __all__ = ["Pair", "Writer"]
 

@@ -10,14 +10,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from comfy_embed.observe.logs import TaskIdFilter, TextFormatter, configure_logging, escape_controls
-
-
-def _handler(stream: io.StringIO, formatter: logging.Formatter) -> logging.Handler:
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(TaskIdFilter())
-    handler.setFormatter(formatter)
-    return handler
+from comfy_embed.observe.logs import TextFormatter, configure_logging, escape_controls
+from tests.observe.test_logs import _handler
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import logging
 import uuid
 from typing import Any, AsyncIterator, Mapping
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -25,7 +24,6 @@ from comfy_embed.errors import (
     StorageUnavailable,
 )
 from comfy_embed.events import final_event
-from comfy_embed.observe.folders import FolderProbe
 from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.lifecycle import Handle, TaskService
 from comfy_embed.storage import credentials_from_headers
@@ -145,7 +143,6 @@ async def run(request: Request) -> Response:
         body = await read_limited(request, settings.server.max_body_bytes)
         parsed, envelope_url = envelope_webhook(body)
         hook = webhook_request(q, envelope_url, settings)
-        await _check_folders(request)
         handle = await service.start(parsed, options, task_id=task_id, webhook=hook,
                                      owner_key=key_hash_of(request.scope))
     except ComfyEmbedError as e:  # refused before queueing: the table says how
@@ -163,26 +160,7 @@ async def run(request: Request) -> Response:
     error = (final.get("data") or {}).get("error") or {}
     if error.get("type") == StorageUnavailable.type:
         headers["Retry-After"] = str(StorageUnavailable("").retry_after)
-        _folders_of(request).suspect()
     return _json(final, status_for_event(final), headers)
-
-
-def _folders_of(request: Request) -> FolderProbe:
-    probe: FolderProbe = request.app.state.folders
-    return probe
-
-
-async def _check_folders(request: Request) -> None:
-    """StorageUnavailable while the folder probe last found a folder that
-    takes no file (``/ready`` or a failed run found it). The healthy path
-    reads one attribute; only an unhealthy verdict is checked again (at most
-    once per probe interval, off the loop) so recovery is seen."""
-    probe = _folders_of(request)
-    if probe.last is None:
-        return
-    why = await anyio.to_thread.run_sync(probe.reason)
-    if why:
-        raise StorageUnavailable(f"the {why}; retry later")
 
 
 async def validate(request: Request) -> Response:
