@@ -85,32 +85,25 @@ def imports_of(path: Path) -> set[str]:
 
 def edges_of(path: Path) -> set[str]:
     """The modules of comfy_embed a file imports: ``from package import
-    module`` is an import of that module; a name that is not a module is an
-    import of the module it comes from."""
+    module`` is an import of that module, not of the package; a name that is
+    not a module is an import of the module it comes from."""
     known = modules()
-    found = set()
-    for name in imports_of(path):
-        if name in known and any(o.startswith(name + ".") and o in known
-                                 for o in imports_of(path)) and _only_modules(path, name):
-            continue
+    package = list(path.relative_to(ROOT).with_suffix("").parts)[:-1]
+
+    def owner(name: str) -> str:  # the nearest module a dotted name lies in
         while name and name not in known:
             name = name.rpartition(".")[0]
-        if name.startswith("comfy_embed.") and name != module_name(path):
-            found.add(name)
-    return found
+        return name
 
-
-def _only_modules(path: Path, package: str) -> bool:
-    """Whether every ``from <package> import ...`` of the file names modules."""
-    known = modules()
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)[:-1]
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            base = parts[:len(parts) - node.level + 1] if node.level else []
+        if isinstance(node, ast.Import):
+            found.update(owner(a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
-            if module == package and any(f"{module}.{a.name}" not in known for a in node.names):
-                return False
-    return True
+            found.update(owner(f"{module}.{a.name}") for a in node.names)
+    return {m for m in found if m.startswith("comfy_embed.") and m != module_name(path)}
 
 
 def floor_of(module: str) -> int:

@@ -1,4 +1,4 @@
-"""Issue 25 (12, 14): how a failed run's error reads to clients."""
+"""comfy_embed.tasks: how a failed run's error reads to clients (issue 25, items 12 and 14)."""
 
 from __future__ import annotations
 
