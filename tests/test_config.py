@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from comfy_embed.config import _RULES, JobSettings, Settings, SettingsError, WebhookSettings
+from comfy_embed.config import JobSettings, Settings, SettingsError, WebhookSettings
+from comfy_embed.config.rules import RULES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,7 +153,7 @@ def test_flat_keywords_route_to_their_groups() -> None:
     flat = Settings.flat_fields()
     assert flat["webhook_max_attempts"] == ("webhooks", "max_attempts")
     assert flat["storage"] == ("store", "backend") and flat["max_queue"] == ("jobs", "max_queue")
-    assert set(_RULES) <= set(flat)  # every check names a real setting
+    assert set(RULES) <= set(flat)  # every check names a real setting
 
 
 def test_replace_changes_one_group_and_checks_it() -> None:

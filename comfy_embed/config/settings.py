@@ -1,0 +1,122 @@
+"""Settings: the groups composed, flat names routed to them, built from
+keywords or (once, by ``from_env``) the environment."""
+
+from __future__ import annotations
+
+import os
+import types
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from comfy_embed.config.environment import EnvironmentSource
+from comfy_embed.config.groups import (
+    ComfySettings,
+    InputSettings,
+    JobSettings,
+    ModelSettings,
+    ObserveSettings,
+    SafetySettings,
+    ServerSettings,
+    StorageSettings,
+    TaskLogSettings,
+    WebhookSettings,
+)
+from comfy_embed.config.names import describe, flat_fields
+from comfy_embed.config.rules import SettingsError
+
+
+class Settings(BaseSettings):
+    """Everything configurable, one model per concern; see README for the
+    COMFY_EMBED_* names.
+
+    A field added to a group is read from ``COMFY_EMBED_<FLAT NAME>``, set by
+    its flat keyword and type-checked with no more code.
+    """
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+
+    comfy: ComfySettings = Field(default_factory=ComfySettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    inputs: InputSettings = Field(default_factory=InputSettings)
+    #: ``store``, not ``storage``: that flat name is the backend's (COMFY_EMBED_STORAGE).
+    store: StorageSettings = Field(default_factory=StorageSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    observe: ObserveSettings = Field(default_factory=ObserveSettings)
+    tasklog: TaskLogSettings = Field(default_factory=TaskLogSettings)
+    safety: SafetySettings = Field(default_factory=SafetySettings)
+
+    @property
+    def task_log_path(self) -> Path:
+        """The task log folder: ``COMFY_EMBED_TASK_LOG_DIR``, else <output>/serverless_api."""
+        return (self.tasklog.dir or self.comfy.output_path / "serverless_api").resolve()
+
+    @classmethod
+    def flat_fields(cls) -> Mapping[str, tuple[str, str]]:
+        """Every flat name (the ``COMFY_EMBED_<NAME>`` variable, lower-case, and
+        the keyword) -> (group, field): ``"webhook_max_attempts"`` ->
+        ``("webhooks", "max_attempts")``."""
+        return types.MappingProxyType(flat_fields(cls))
+
+    # --- pydantic hooks ----------------------------------------------------------
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise SettingsError(describe(type(self), e)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route(cls, data: Any) -> Any:
+        """Flat names into their groups: ``max_queue=5`` -> ``jobs={"max_queue": 5}``.
+        A flat name wins over its field in a group given whole in the same call."""
+        if not isinstance(data, dict):
+            return data
+        fields = flat_fields(cls)
+        routed = dict(data)
+        for flat in data.keys() & fields.keys():
+            (group, name), value = fields[flat], routed.pop(flat)
+            base = routed.get(group) or {}
+            if isinstance(base, BaseModel):
+                base = base.model_dump(by_alias=True)
+            if isinstance(base, Mapping):
+                routed[group] = {**{k: v for k, v in base.items() if k != name}, flat: value}
+        return routed
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keyword arguments only: the environment is read once, by from_env.
+        return (init_settings,)
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some settings changed, by flat name (``max_queue=3``) or
+        whole group (``jobs=...``); the changed groups are checked again."""
+        return type(self)(**{**{group: getattr(self, group) for group in type(self).model_fields},
+                             **changes})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read ``COMFY_EMBED_<FLAT NAME>`` (upper-case) for every setting, from
+        ``env`` (default: ``os.environ``).
+
+        ``FC_SERVER_PORT`` (Function Compute) sets the port when
+        ``COMFY_EMBED_PORT`` is absent. Keyword overrides win over both.
+        Raises SettingsError naming the variable of a bad value.
+        """
+        sources = (InitSettingsSource(cls, init_kwargs=overrides),
+                   EnvironmentSource(cls, os.environ if env is None else env))
+        return cls(_build_sources=(sources, overrides))
