@@ -29,13 +29,9 @@ from comfy_embed.config import Settings
 from comfy_embed.errors import (
     ComfyEmbedError,
     ExecutionFailed,
-    ImageInputError,
     NotAccepting,
-    PayloadTooLarge,
-    QueueFull,
     StorageUnavailable,
     TaskIdConflict,
-    WorkflowInvalid,
 )
 from comfy_embed.events import FINAL, coalesce_snapshots, final_event
 from comfy_embed.observe.folders import FolderProbe
@@ -232,19 +228,19 @@ class TaskService(TaskObserver):
                           webhook: WebhookRequest | None, registered: bool) -> ComfyEmbedError:
         """This request claimed ``task_id`` but the engine did not queue it:
         the claim undone or closed with a final event; the error to raise."""
-        if isinstance(failure, (QueueFull, NotAccepting)) or (webhook is None and isinstance(
-                failure, (WorkflowInvalid, ImageInputError, PayloadTooLarge))):
-            # Not run: nothing is left on disk (one folder per bad request
-            # would pile up), and a retry (corrected) can run it.
+        if isinstance(failure, ComfyEmbedError):
+            # A refusal (invalid graph or input, queue full, a model that
+            # cannot be fetched...): the caller reads it in this very answer,
+            # async calls included (202 comes only once queued). Nothing is
+            # left on disk (one folder per bad request would pile up), no
+            # webhook is sent (a flood of bad requests must not become a
+            # flood of outbound POSTs), and a corrected retry can run it.
             self.webhooks.forget(task_id)
             await self._io.run(self._discard, task_id)
             return failure
-        if isinstance(failure, ComfyEmbedError):
-            error = failure
-        else:
-            log.error("task %s: submitting failed", task_id, exc_info=failure)
-            # The log line has the details; the answer and the log say no more.
-            error = ExecutionFailed("internal error while accepting the task")
+        log.error("task %s: submitting failed", task_id, exc_info=failure)
+        # The log line has the details; the answer and the log say no more.
+        error = ExecutionFailed("internal error while accepting the task")
         # Claimed, so the log ends with a final event all the same; a webhook's
         # delivery state lives in the task's folder.
         if webhook is not None and not registered:

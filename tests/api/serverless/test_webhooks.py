@@ -87,23 +87,46 @@ def test_success_and_failure_deliveries(server: Server, receiver: Receiver) -> N
     assert call.payload["data"]["results"][0]["output"]["base64"] == \
         r.json()["data"]["results"][0]["output"]["base64"]
 
-    path, url = receiver.new_hook("failed")
-    bad = text_to_image()
-    bad["4"]["inputs"]["ckpt_name"] = "no-such-model.safetensors"
-    r = server.run(bad, f"?webhook={url}")
-    assert r.status_code == 400
-    [call] = receiver.wait(path, 1)
-    assert call.verified, call.error
-    assert call.payload["data"]["status"] == "error"
-    assert call.payload["data"]["error"] == r.json()["data"]["error"]
-
     # Only what webhook_events names is sent.
-    path, url = receiver.new_hook("only-completed")
-    r = server.run(bad, f"?webhook={url}&webhook_events=completed")
-    assert r.status_code == 400
+    path, url = receiver.new_hook("only-failed")
+    r = server.run(image_only(batch=1), f"?webhook={url}&webhook_events=failed")
+    assert r.status_code == 200, r.text
     state = wait_done(server, r.headers["X-Task-Id"])
     assert state["state"] == "skipped" and state["attempts"] == []
     assert receiver.at(path) == []
+
+
+def test_refused_requests_send_no_webhook(server: Server, receiver: Receiver) -> None:
+    # Issue 25 (8): 300 invalid requests with a webhook answering 500 made
+    # 900 POSTs. A refusal is answered in the HTTP response (async calls
+    # too: 202 comes only once queued), so it leaves no delivery.
+    path, url = receiver.new_hook("refused")
+    receiver.script(path, 500, 500, 500)
+    bad = text_to_image()
+    bad["4"]["inputs"]["ckpt_name"] = "no-such-model.safetensors"
+    unknown = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
+    url_input = {"1": {"class_type": "LoadImage", "inputs": {"image": "http://127.0.0.1:9/x.png"}},
+                 "2": {"class_type": "SaveImage",
+                       "inputs": {"filename_prefix": "x", "images": ["1", 0]}}}
+    refused = []
+    for graph, code, headers in ((bad, 400, {}), (unknown, 400, {}), (url_input, 422, {}),
+                                 (bad, 400, {"X-Fc-Invocation-Type": "Async"})):
+        r = server.run(graph, f"?webhook={url}", headers=headers)
+        assert r.status_code == code, r.text
+        refused.append(r.headers["X-Task-Id"])
+    for task_id in refused:
+        r = requests.get(f"{server.url}/api/serverless/webhook", params={"task_id": task_id},
+                         timeout=10)
+        assert r.status_code == 404 and r.json()["state"] == "none", r.text
+        assert server.status(task_id) == []
+    # A run accepted afterwards is delivered to the same hook: the only call
+    # it ever gets (deliveries go in order of their tasks' ends).
+    r = server.run(image_only(batch=1), f"?webhook={url}")
+    assert r.status_code == 200, r.text
+    [call] = receiver.wait(path, 1)
+    assert call.payload["data"]["task_id"] == r.headers["X-Task-Id"]
+    assert not any(c.payload and c.payload["data"]["task_id"] in refused
+                   for c in receiver.at(path))
 
 
 def test_500_twice_then_200_retries_with_growing_delays_and_one_id(
