@@ -77,7 +77,11 @@ class Claim:
         unusable log): it decides first, as if it had run before the submit."""
         error = self.error
         if isinstance(error, FileExistsError):
-            return TaskIdConflict(f"task id {self.task_id}: {error}; choose another task id")
+            # Worded as a taken id from another key is (lifecycle._check_owner):
+            # the caller learns the id is taken, not by what.
+            log.warning("task %s: refused: %s", self.task_id, error)
+            return TaskIdConflict(f"task id {self.task_id} is already in use; "
+                                  "choose another task id")
         if isinstance(error, OSError):
             log.warning("task %s: task log unusable: %s", self.task_id, error)
             return StorageUnavailable(f"the task log folder is not writable "

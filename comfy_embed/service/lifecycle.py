@@ -220,9 +220,13 @@ class TaskService(TaskObserver):
         return outcome
 
     async def _check_owner(self, task_id: str, owner_key: str | None) -> None:
-        """TaskIdConflict unless the caller may attach to the task (:meth:`may_access`)."""
+        """TaskIdConflict unless the caller may attach to the task (:meth:`may_access`).
+
+        The answer says only that the id is taken, never whose it is: ids are
+        one space shared by every key (and by every API dialect), so naming
+        the other key would tell a caller which ids other tenants use."""
         if not await self.may_access(task_id, owner_key):
-            raise TaskIdConflict(f"task id {task_id} belongs to a task created with another API key")
+            raise TaskIdConflict(f"task id {task_id} is already in use; choose another task id")
 
     async def _not_queued(self, task_id: str, failure: Exception,
                           webhook: WebhookRequest | None, registered: bool) -> ComfyEmbedError:

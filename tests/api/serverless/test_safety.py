@@ -450,6 +450,17 @@ def test_7_api_keys(keyed: Server) -> None:
     assert r.status_code == 404
     r = keyed.run(image_only(batch=1), headers={**two, "X-Task-Id": "owned-1"})
     assert r.status_code == 409 and error_of(r)["type"] == "task_id_conflict"
+    # Issue 25 (11): the answer says the id is taken, not that another key
+    # owns it: the same words as an id taken by a folder of the output folder.
+    taken = error_of(r)["message"]
+    assert "key" not in taken.lower() and taken == "task id owned-1 is already in use; choose another task id"
+    (Path(keyed.log_path).parent / "output" / "folder-11").mkdir()
+    r = keyed.run(image_only(batch=1), headers={**two, "X-Task-Id": "folder-11"})
+    assert r.status_code == 409
+    assert error_of(r)["message"] == taken.replace("owned-1", "folder-11")
+    # The owner's own retry still attaches to its task.
+    r = keyed.run(image_only(batch=1), headers={**one, "X-Task-Id": "owned-1"})
+    assert r.status_code == 200 and r.json()["data"]["status"] == "success"
     r = keyed.run(image_only(batch=1), headers=two)
     assert r.status_code == 200
     # Only a hash of the key is stored with the task.
