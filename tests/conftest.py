@@ -4,6 +4,7 @@ process-global), booted on CPU with folders under a temporary directory."""
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,14 @@ from comfy_embed import Settings, shared_engine
 from comfy_embed.runtime import Engine
 
 from tests.servers import Server
+
+# Settings(...) built in code take the COMFY_EMBED_* variables they do not set
+# (keywords > environment > defaults): the tests start from none of them, so
+# a variable set by CI or a developer's shell changes no test. Variables that
+# are not settings (COMFY_EMBED_TEST_BROWSER) stay.
+for _var in [v for v in os.environ if v == "FC_SERVER_PORT" or (
+        v.startswith("COMFY_EMBED_") and v[len("COMFY_EMBED_"):].lower() in Settings.flat_fields())]:
+    del os.environ[_var]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -3,13 +3,14 @@ value stops start-up with an error that names the variable."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from comfy_embed.config import JobSettings, Settings, SettingsError, WebhookSettings
+from comfy_embed.config import JobSettings, Settings, SettingsError, WebhookSettings, places
 from comfy_embed.config.rules import RULES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,12 +76,50 @@ def test_port_from_function_compute() -> None:
     assert Settings.from_env({"FC_SERVER_PORT": "9100"}, port=9300).server.port == 9300
 
 
-def test_keyword_construction_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keywords_over_environment_over_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings built in code merge with COMFY_EMBED_* field by field: a
+    keyword wins over its variable, which wins over the default."""
     monkeypatch.setenv("COMFY_EMBED_MAX_QUEUE", "3")
-    assert Settings().jobs.max_queue == 64
-    assert Settings.from_env().jobs.max_queue == 3
-    s = Settings(base_dir="/tmp/b", max_queue=5)  # type: ignore[arg-type]
-    assert s.comfy.base_dir == Path("/tmp/b") and s.jobs.max_queue == 5
+    monkeypatch.setenv("COMFY_EMBED_COMFYUI_DIR", "/opt/ComfyUI")
+    monkeypatch.setenv("COMFY_EMBED_WEBHOOK_TIMEOUT", "7")
+    monkeypatch.setenv("COMFY_EMBED_STORAGE", "s3")
+    s = Settings(base_dir="/tmp/b")  # type: ignore[arg-type]
+    assert (s.comfy.base_dir, s.comfy.comfyui_dir) == (Path("/tmp/b"), Path("/opt/ComfyUI"))
+    assert s.jobs.max_queue == 3 and s.server.port == 9000  # variable, then default
+    assert Settings(max_queue=5).jobs.max_queue == 5
+    assert Settings() == Settings.from_env() == Settings.from_env(os.environ)
+    # A group given whole sets only the fields it names; the rest still come
+    # from the environment (a model's unset fields, a dict by field name or alias).
+    whole = Settings(webhooks=WebhookSettings(max_attempts=2), store={"backend": "oss"},
+                     jobs={"run_timeout": 4})
+    assert (whole.webhooks.max_attempts, whole.webhooks.timeout) == (2, 7.0)
+    assert whole.store.backend == "oss" and (whole.jobs.max_queue, whole.jobs.run_timeout) == (3, 4)
+    assert Settings.from_env(os.environ, jobs=JobSettings(run_timeout=1)).jobs.max_queue == 3
+    # replace() copies: it reads no environment again.
+    monkeypatch.setenv("COMFY_EMBED_MAX_QUEUE", "9")
+    monkeypatch.setenv("COMFY_EMBED_DEVICE", "cpu")
+    r = s.replace(port=8001)
+    assert (r.jobs.max_queue, r.comfy.device, r.server.port) == (3, "auto", 8001)
+    # A bad variable is named, whatever keywords came with it.
+    monkeypatch.setenv("COMFY_EMBED_LEASE_SECONDS", "0")
+    with pytest.raises(SettingsError, match="COMFY_EMBED_LEASE_SECONDS=0.0: expected a number > 0"):
+        Settings(base_dir="/tmp/b")  # type: ignore[arg-type]
+
+
+def test_settings_from_a_mapping_ignore_the_process_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMFY_EMBED_MAX_QUEUE", "3")
+    assert Settings.from_env({}).jobs.max_queue == 64
+    assert Settings.from_env({"COMFY_EMBED_MAX_QUEUE": "4"}, base_dir="/b").jobs.max_queue == 4
+
+
+def test_the_tests_start_from_no_setting_variable() -> None:
+    """tests/conftest.py drops COMFY_EMBED_<setting> (CI's or a shell's) from
+    this process, so Settings(...) in tests mean the same everywhere; other
+    COMFY_EMBED_ variables (COMFY_EMBED_TEST_BROWSER) are not settings."""
+    flat = Settings.flat_fields()
+    assert not [v for v in os.environ if v.startswith("COMFY_EMBED_") and v[12:].lower() in flat]
+    assert "test_browser" not in flat and "skip_setup" not in flat
 
 
 def test_frozen_replace_checks_and_unknown_names() -> None:
@@ -188,3 +227,16 @@ def test_server_refuses_to_start_on_a_bad_setting(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "COMFY_EMBED_SSE_KEEPALIVE=0.0: expected a number > 0" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_default_places_follow_the_checkout() -> None:
+    """From this checkout ComfyUI is the submodule at the pinned commit and data
+    goes to <checkout>/data; an installed wheel (places.CHECKOUT false) looks in
+    the cache folder that `comfy-embed install-comfyui` fills, and in ./data."""
+    assert places.CHECKOUT
+    assert Settings.from_env({}).comfy.comfyui_dir == ROOT / "vendor" / "ComfyUI"
+    assert Settings.from_env({}).comfy.base_dir == ROOT / "data"
+    assert places.installed_comfyui(Path("/c")) == Path("/c/ComfyUI")
+    pinned = subprocess.run(["git", "ls-tree", "HEAD", "vendor/ComfyUI"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert pinned[1:3] == ["commit", places.COMFYUI_COMMIT]

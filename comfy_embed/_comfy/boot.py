@@ -22,6 +22,7 @@ from typing import Any
 from comfy_embed._comfy.log_filters import QuietImportFailures, ShortRecords
 from comfy_embed._comfy.packs import PackStatus, load_packs, run_prestartup_scripts
 from comfy_embed.config import Settings
+from comfy_embed.config.places import CHECKOUT, INSTALL_COMMAND
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,16 @@ __all__ = ["configure_args", "defer_imports", "import_nodes", "new_executor", "p
 
 
 def put_on_path(comfyui_dir: str | Path) -> None:
-    """Make ComfyUI's top-level modules importable, or say where it is missing."""
+    """Make ComfyUI's top-level modules importable, or say where it is missing
+    and both ways out: the setting, or installing it."""
     root = str(Path(comfyui_dir).resolve())
     if not os.path.isfile(os.path.join(root, "execution.py")):
-        raise RuntimeError(f"no ComfyUI at {root}: run `git submodule update --init`")
+        hint = (" (in this checkout: `git submodule update --init vendor/ComfyUI`)"
+                if CHECKOUT else "")
+        raise RuntimeError(
+            f"no ComfyUI at {root}: set COMFY_EMBED_COMFYUI_DIR (Settings(comfyui_dir=...)) to a "
+            f"ComfyUI folder, or run `{INSTALL_COMMAND}` to check out the ComfyUI that "
+            f"comfy-embed is tested with{hint}")
     if root not in sys.path:
         sys.path.insert(0, root)
 

@@ -12,15 +12,20 @@ Every field also has a flat name, unique across the groups: its
 checked beyond their types in one table (:data:`rules.RULES`, by flat name), and
 a bad value raises :class:`SettingsError` naming its variable, so a
 misconfigured instance stops at start-up instead of failing on a request.
-Keyword construction (``Settings(base_dir=...)``) reads no environment; only
-:meth:`Settings.from_env` does, once, through :class:`EnvironmentSource`.
+Each setting is, in this order: a keyword argument (``Settings(base_dir=...)``,
+or a field that a group given whole sets), else its ``COMFY_EMBED_*`` variable
+(:class:`EnvironmentSource` over ``os.environ``), else its default; so
+``Settings(base_dir=...)`` still takes ``COMFY_EMBED_COMFYUI_DIR``.
+:meth:`Settings.from_env` reads an explicit mapping instead (or ``os.environ``);
+:meth:`Settings.replace` copies and reads no environment.
 
 Text in the environment: lists are comma- (or semicolon-) separated; an
 empty value means none for a setting that may be none, ``""`` for text,
 an empty list, false for a switch, and is an error for a number or a
 required path; ``none`` or ``off`` is none for an optional number.
 
-The package: ``rules`` (the checks, and the helpers they share), ``groups``
+The package: ``rules`` (the checks, and the helpers they share), ``places``
+(default folders, checkout or installed wheel; the pinned ComfyUI), ``groups``
 (one model per concern), ``names`` (flat names, and errors that use them),
 ``environment`` (the ``COMFY_EMBED_*`` source) and ``settings`` (Settings).
 """

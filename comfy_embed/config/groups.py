@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from comfy_embed.config.places import CACHE_DIR, default_base_dir, default_comfyui_dir
 from comfy_embed.config.rules import (
     MB,
     PREFIX,
-    PROJECT_ROOT,
     RULES,
     SettingsError,
     flat_name,
@@ -39,15 +38,17 @@ class _Group(BaseModel):
 class ComfySettings(_Group):
     """ComfyUI, its folders and how it runs."""
 
-    comfyui_dir: Path = PROJECT_ROOT / "vendor" / "ComfyUI"
+    #: The checkout's vendor/ComfyUI, or where ``comfy-embed install-comfyui``
+    #: puts it for an installed wheel (config/places.py).
+    comfyui_dir: Path = default_comfyui_dir()
     #: Root for models/input/output/temp unless each is set (default: ./data).
-    base_dir: Path = PROJECT_ROOT / "data"
+    base_dir: Path = default_base_dir()
     models_dir: Path | None = None
     input_dir: Path | None = None
     output_dir: Path | None = None
     temp_dir: Path | None = None
     extra_model_paths: tuple[Path, ...] = ()
-    cache_dir: Path = Path(os.path.expanduser("~/.cache/comfy-embed"))
+    cache_dir: Path = CACHE_DIR
     #: "auto" (cuda when available), "cuda" or "cpu".
     device: str = "auto"
     #: "classic", "lru:<N>" or "none".
@@ -225,6 +226,16 @@ class TaskLogSettings(_Group):
     #: what the service recorded), and old temp files, are deleted
     #: (``0`` or ``none``: keep everything).
     retention_hours: float | None = 24.0
+    #: Longest ``?ttl=`` (seconds) a request may ask; None: the retention
+    #: period. A request may shorten its retention, never lengthen it.
+    max_ttl: float | None = None
+    #: "all": keep inputs and outputs for the retention period; "nothing":
+    #: delete them once the answer is delivered (or the webhook settled),
+    #: keeping only their hashes and sizes in the log (``?keep=`` per request).
+    keep: str = "all"
+    #: Whether deleting a task (DELETE, ``?ttl=``, keep nothing) also deletes
+    #: the objects its results uploaded to object storage.
+    delete_objects: bool = False
     #: Seconds between writes of a running task's events to the task log (one
     #: file per write); the final event is written at once.
     flush_seconds: float = Field(default=0.5, alias="task_log_flush_seconds")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import types
+import typing
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,15 +31,18 @@ from comfy_embed.config.groups import (
     WebhookSettings,
 )
 from comfy_embed.config.names import describe, flat_fields
-from comfy_embed.config.rules import SettingsError
+from comfy_embed.config.rules import SettingsError, flat_name
 
 
 class Settings(BaseSettings):
     """Everything configurable, one model per concern; see README for the
     COMFY_EMBED_* names.
 
-    A field added to a group is read from ``COMFY_EMBED_<FLAT NAME>``, set by
-    its flat keyword and type-checked with no more code.
+    Each setting comes from, in this order: a keyword argument (a flat name,
+    or a field a group given whole sets), else its ``COMFY_EMBED_<FLAT NAME>``
+    variable in ``os.environ``, else its default. So ``Settings(base_dir=...)``
+    still takes ``COMFY_EMBED_COMFYUI_DIR``. A field added to a group is read
+    from its variable, set by its flat keyword and type-checked with no more code.
     """
 
     model_config = SettingsConfigDict(frozen=True, extra="forbid")
@@ -99,14 +103,18 @@ class Settings(BaseSettings):
                                    dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Keyword arguments only: the environment is read once, by from_env.
-        return (init_settings,)
+        # Keywords over COMFY_EMBED_* over defaults, field by field.
+        kwargs = init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
+        return (InitSettingsSource(settings_cls, init_kwargs=explicit_fields(settings_cls, kwargs)),
+                EnvironmentSource(settings_cls, os.environ))
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some settings changed, by flat name (``max_queue=3``) or
-        whole group (``jobs=...``); the changed groups are checked again."""
-        return type(self)(**{**{group: getattr(self, group) for group in type(self).model_fields},
-                             **changes})
+        whole group (``jobs=...``); the changed groups are checked again. The
+        environment is not read again: the rest is this object's."""
+        values = {**{group: getattr(self, group) for group in type(self).model_fields}, **changes}
+        return type(self)(_build_sources=((InitSettingsSource(type(self), init_kwargs=values),),
+                                          values))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -115,8 +123,25 @@ class Settings(BaseSettings):
 
         ``FC_SERVER_PORT`` (Function Compute) sets the port when
         ``COMFY_EMBED_PORT`` is absent. Keyword overrides win over both.
-        Raises SettingsError naming the variable of a bad value.
+        Raises SettingsError naming the variable of a bad value. Without
+        ``env`` this is ``Settings(**overrides)``.
         """
-        sources = (InitSettingsSource(cls, init_kwargs=overrides),
+        sources = (InitSettingsSource(cls, init_kwargs=explicit_fields(cls, overrides)),
                    EnvironmentSource(cls, os.environ if env is None else env))
         return cls(_build_sources=(sources, overrides))
+
+
+def explicit_fields(settings_cls: type[BaseSettings], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments with each group given whole (a model or a dict) cut
+    down to the fields it sets, by flat name: the environment then fills in
+    the others field by field instead of losing to the group's defaults."""
+    out = dict(values)
+    for group, holder in settings_cls.model_fields.items():
+        value = out.get(group)
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_unset=True, by_alias=True)
+        if isinstance(value, Mapping):
+            fields = typing.cast("type[BaseModel]", holder.annotation).model_fields
+            out[group] = {flat_name(k, fields[k]) if k in fields else k: v
+                          for k, v in value.items()}
+    return out
