@@ -27,6 +27,9 @@ __all__ = [
     "InvalidParameter",
     "Unauthorized",
     "TaskIdConflict",
+    "MissingAsset",
+    "TaskDeleted",
+    "TaskRunning",
     "StorageUnavailable",
 ]
 
@@ -112,6 +115,13 @@ class InputPathInvalid(ImageInputError):
     link pointing outside) or names no file: a bad request, not a bad image."""
 
     type = "invalid_input_path"
+
+
+class MissingAsset(ImageInputError):
+    """A ``core/ASSET`` reference (Comfy API v2) names no asset the caller
+    may use: unknown, not ready, another owner's, or malformed."""
+
+    type = "missing_asset"
 
 
 class QueueFull(ComfyEmbedError):
@@ -215,6 +225,20 @@ class TaskIdConflict(ComfyEmbedError):
     """The task id names a task that another API key created."""
 
     type = "task_id_conflict"
+
+
+class TaskDeleted(ComfyEmbedError):
+    """The task was deleted (``DELETE /task``): only its tombstone is left,
+    and a retry with its id answers this instead of running it again."""
+
+    type = "task_deleted"
+
+
+class TaskRunning(ComfyEmbedError):
+    """The task did not stop in time to be deleted (a node that ignores
+    interrupts): retry the delete."""
+
+    type = "task_running"
 
 
 class StorageUnavailable(ComfyEmbedError):

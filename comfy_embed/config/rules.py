@@ -116,6 +116,8 @@ RULES: dict[str, _Rule] = {
     "drain_seconds": ((lambda v: v >= 0), "0 or more seconds"),
     "admin_key": ((lambda v: not v or len(v) >= 16), "at least 16 characters"),
     "retention_hours": ((lambda v: v >= 0), "hours >= 0, or none"),
+    "max_ttl": ((lambda v: v >= 0), "seconds >= 0, or none"),
+    "keep": _one_of("all", "nothing"),
     "webhook_url": ((lambda v: not v or _http_url(v)), "an http(s) URL"),
     "webhook_secret": ((lambda v: _webhook_secret(v)),
                        "any text, or whsec_ followed by base64 (not empty)"),

@@ -47,6 +47,11 @@ class Store(Protocol):
         refused once over ``max_bytes``."""
         ...
 
+    async def delete(self, bucket: str, key: str, credentials: Credentials | None = None) -> None:
+        """Delete an object this store uploaded (absent: no error), so that
+        links already signed for it stop working."""
+        ...
+
 
 def read_capped(read: Callable[[int], bytes], size: int | None, max_bytes: int | None,
                 where: str) -> bytes:

@@ -217,6 +217,14 @@ class OssStore:
 
         return await self._call(where, read)
 
+    async def delete(self, bucket: str, key: str, credentials: Credentials | None = None) -> None:
+        """Delete one object this store uploaded (deleting a missing one is no
+        error); a link signed for it then answers 404. Only the configured
+        endpoint is used: an upload never went elsewhere."""
+        self.credentials(credentials)
+        b = self._bucket(bucket, self._endpoint(), credentials)
+        await self._call(f"oss://{bucket}/{key}", lambda: b.delete_object(key))
+
     async def _call(self, where: str, fn: Callable[[], _T]) -> _T:
         """Run a blocking oss2 call in a thread; retry transient failures."""
         delay = _BACKOFF

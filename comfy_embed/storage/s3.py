@@ -205,6 +205,15 @@ class S3Store:
 
         return await self._call(where, read)
 
+    async def delete(self, bucket: str, key: str, credentials: Credentials | None = None) -> None:
+        """Delete one object this store uploaded (deleting a missing one is no
+        error); a link signed for it then answers 404. Only the configured
+        endpoint is used: an upload never went elsewhere."""
+        _sdk()
+        url = self._endpoint_for(None)
+        await self._call(f"s3://{bucket}/{key}", lambda: self._client(url, credentials)
+                         .delete_object(Bucket=bucket, Key=key))
+
     async def _call(self, where: str, fn: Callable[[], _T]) -> _T:
         """Run a blocking boto3 call in a thread; turn its failures into StorageError."""
         _, _, exc = _sdk()

@@ -10,7 +10,9 @@ An index names only the tasks a scan is about, one empty file per task:
 - ``<root>/@index/webhooks/<task_id>``: a webhook not yet done;
 - ``<root>/@index/done/<bucket>/<task_id>``: finished, by when (buckets of
   :data:`BUCKET_SECONDS`), so that retention looks only at tasks old
-  enough to delete instead of stat-ing every folder every minute.
+  enough to delete instead of stat-ing every folder every minute;
+- ``<root>/@index/expires/<bucket>/<task_id>``: tasks with a retention of
+  their own (``?ttl=``, keep nothing; expiry.py), by when they may expire.
 
 ``@`` is outside the task-id rule (taskid.py), so no task folder collides
 with it. An entry is added before the state it marks exists and dropped
@@ -87,8 +89,8 @@ class DoneIndex(_Index):
     """Finished tasks by the time they finished: ``done/<bucket>/<task_id>``,
     ``<bucket>`` being that time // :data:`BUCKET_SECONDS`."""
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root, "done")
+    def __init__(self, root: Path, name: str = "done") -> None:
+        super().__init__(root, name)
 
     def add(self, task_id: str, when: float, *, moving_from: NameIndex | None = None) -> None:
         """Index ``task_id`` as finished at ``when``; ``moving_from``: take its

@@ -19,11 +19,19 @@ from pathlib import Path
 
 from comfy_embed.taskid import valid_task_id
 from comfy_embed.tasklog.delivery import DeliveryLog
+from comfy_embed.tasklog.expiry import (
+    KEEP_NOTHING,
+    expiry_index,
+    finished_at,
+    read_policy,
+)
+from comfy_embed.tasklog.index import BUCKET_SECONDS
 from comfy_embed.tasklog.log import TaskLog
+from comfy_embed.tasklog.tombstone import Folders, Removal, final_of, scrub, strip
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prune"]
+__all__ = ["prune", "sweep"]
 
 #: Where materialised inputs go, under the input folder (inputs.SUBFOLDER;
 #: not imported, to keep this module free of the HTTP client).
@@ -117,3 +125,66 @@ def prune(output_dir: Path, temp_dir: Path, tasklog: TaskLog, max_age_seconds: f
     if removed:
         log.info("retention: removed %d finished tasks and temp files", removed)
     return removed
+
+
+def sweep(tasklog: TaskLog, folders: Folders, retention_seconds: float | None,
+          now: float | None = None) -> Removal:
+    """Delete what the expiry index says is due (expiry.py): a task with a
+    ``ttl`` of its own goes whole (log, outputs, inputs) at its end plus its
+    ttl; a keep-nothing task's inputs and outputs go at its end
+    (:func:`~comfy_embed.tasklog.tombstone.strip`), its log then following
+    the operator's retention. Either waits for the task's final event and
+    its webhook's outcome. Cheap when nothing is due: one listing of the
+    index. Blocking (a worker thread); the objects the removed results
+    uploaded are returned for the caller to delete."""
+    now = time.time() if now is None else now
+    index = expiry_index(tasklog)
+    deliveries = DeliveryLog(tasklog)
+    removal = Removal()
+    # The current bucket too: each task's own time is checked below, so the
+    # lag is the sweep's interval, not a bucket's width.
+    for bucket, task_ids in index.older_than(now + BUCKET_SECONDS):
+        for task_id in task_ids:
+            entry = bucket / task_id
+            if not (valid_task_id(task_id) and tasklog.exists(task_id)):
+                entry.unlink(missing_ok=True)
+                continue
+            end = finished_at(tasklog, task_id)
+            if end is None or deliveries.undelivered(task_id):
+                continue  # looked at again on the next sweep
+            policy = read_policy(tasklog, task_id)
+            seconds = policy.seconds(retention_seconds)
+            if seconds is None:
+                entry.unlink(missing_ok=True)
+                continue
+            due = end + seconds
+            if due > now:
+                if int(due // BUCKET_SECONDS) != int(bucket.name):
+                    index.add(task_id, due)
+                    entry.unlink(missing_ok=True)
+                continue
+            try:
+                if policy.keep == KEEP_NOTHING:
+                    done = strip(tasklog, task_id, folders)
+                else:
+                    done = Removal()
+                    _scrub_all(tasklog, task_id, folders, done)
+            except (OSError, ValueError) as e:
+                log.warning("retention: task %s: cannot delete it yet: %s", task_id, e)
+                continue
+            removal.files += done.files
+            removal.bytes += done.bytes
+            removal.objects.extend(done.objects)
+            entry.unlink(missing_ok=True)
+        try:
+            bucket.rmdir()
+        except OSError:
+            pass  # tasks still running or undelivered wait there
+    return removal
+
+
+def _scrub_all(tasklog: TaskLog, task_id: str, folders: Folders, removal: Removal) -> None:
+    """A ``ttl`` task at its expiry: outputs, inputs and its log folder."""
+    scrub(tasklog, task_id, folders, final_of(tasklog, task_id), removal)
+    log_root = tasklog.root.resolve()
+    _remove_tree(tasklog.task_dir(task_id).resolve(), log_root)

@@ -44,6 +44,8 @@ def test_a_new_backend_is_one_module(tmp_path: Path, monkeypatch: pytest.MonkeyP
         "    async def get_object(self, bucket, endpoint, key, credentials=None, max_bytes=None):\n"
         "        data = self.objects[key]\n"
         "        return read_capped(iter([data, b'']).__next__, len(data), max_bytes, key)\n"
+        "    async def delete(self, bucket, key, credentials=None):\n"
+        "        self.objects.pop(key, None)\n"
         "BACKEND = MemoryStore\n")
     monkeypatch.setattr(storage, "__path__", [*storage.__path__, str(tmp_path)])
     monkeypatch.delitem(sys.modules, "comfy_embed.storage.memory", raising=False)
