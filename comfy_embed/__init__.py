@@ -1,5 +1,12 @@
 """comfy-embed: ComfyUI workflows run headless, in-process, as a library or a
-serverless image API. Importing this package does not import ComfyUI."""
+serverless image API. Importing this package does not import ComfyUI.
+
+The public surface is ``__all__``: :func:`run_workflow` (blocking) and
+:class:`Engine` (async: submit, stream, result, cancel), :class:`Settings`,
+and the errors they raise, all subclasses of :class:`ComfyEmbedError`.
+ComfyUI is found through ``Settings.comfyui_dir`` (``COMFY_EMBED_COMFYUI_DIR``)
+or installed by ``comfy-embed install-comfyui``.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +25,10 @@ from comfy_embed.errors import (
     WorkflowInvalid,
 )
 from comfy_embed.runtime import Engine, Task, run_workflow, shared_engine
+from comfy_embed.version import __version__
 
 __all__ = [
-    "Settings", "Engine", "Task", "run_workflow", "shared_engine",
+    "__version__", "Settings", "Engine", "Task", "run_workflow", "shared_engine",
     "ComfyEmbedError", "WorkflowInvalid", "ImageInputError", "InputPathInvalid",
     "QueueFull", "NotAccepting", "ExecutionFailed", "TaskCancelled", "RunTimeout",
     "StorageError", "PayloadTooLarge",

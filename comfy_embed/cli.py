@@ -1,8 +1,9 @@
-"""``comfy-embed run workflow.json`` / ``comfy-embed serve`` / ``comfy-embed demo``."""
+"""``comfy-embed run workflow.json`` / ``serve`` / ``demo`` / ``install-comfyui`` / ``--version``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import shutil
@@ -14,9 +15,15 @@ from typing import Any
 import anyio
 
 from comfy_embed.config import Settings, SettingsError
-from comfy_embed.errors import ComfyEmbedError
+from comfy_embed.config.places import (
+    COMFYUI_COMMIT,
+    COMFYUI_REPOSITORY,
+    installed_comfyui,
+)
+from comfy_embed.errors import ComfyEmbedError, InstallError
 from comfy_embed.events import final_event
 from comfy_embed.observe.logs import configure_logging
+from comfy_embed.version import __version__
 
 __all__ = ["main"]
 
@@ -139,8 +146,31 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return control.exit_code
 
 
+def _cmd_install_comfyui(args: argparse.Namespace, settings: Settings) -> int:
+    """ComfyUI checked out into the cache folder (or --dir), its missing requirements installed."""
+    from comfy_embed.install import NOT_NEEDED, install_comfyui
+
+    folder = Path(args.dir) if args.dir else installed_comfyui(settings.comfy.cache_dir)
+    try:
+        done = install_comfyui(folder, args.commit, args.source, not args.no_requirements,
+                               say=lambda line: print(line, file=sys.stderr))
+    except InstallError as e:
+        print(f"comfy-embed install-comfyui: {e}", file=sys.stderr)
+        return 1
+    print(f"ComfyUI {done.commit} is in {done.folder}")
+    for name in done.left_out:
+        print(f"  not installed: {name} ({NOT_NEEDED[name]})")
+    if importlib.util.find_spec("torch") is None:
+        print("torch is not installed: pip install 'comfy-embed[torch]' (or your own CUDA build)")
+    if done.folder != settings.comfy.comfyui_dir.expanduser().resolve():
+        print(f"comfy-embed looks for ComfyUI in {settings.comfy.comfyui_dir}: set "
+              f"COMFY_EMBED_COMFYUI_DIR={done.folder} (or Settings(comfyui_dir=...)) to use this one")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="comfy-embed")
+    parser.add_argument("--version", action="version", version=f"comfy-embed {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_run = sub.add_parser("run", help="run one API-format workflow and print the result")
     p_run.add_argument("workflow")
@@ -154,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--out", default="demo-output")
     p_demo.add_argument("--size", type=int, default=256)
     p_demo.add_argument("--steps", type=int, default=8)
+    p_inst = sub.add_parser("install-comfyui",
+                            help="check ComfyUI out into the cache folder, with its requirements")
+    p_inst.add_argument("--commit", default=COMFYUI_COMMIT,
+                        help="the commit (default: the one comfy-embed is tested with)")
+    p_inst.add_argument("--from", dest="source", default=COMFYUI_REPOSITORY,
+                        help="a git URL or local path (a mirror) to clone from")
+    p_inst.add_argument("--dir", help="where to put it (default: <COMFY_EMBED_CACHE_DIR>/ComfyUI)")
+    p_inst.add_argument("--no-requirements", action="store_true",
+                        help="do not pip-install ComfyUI's missing requirements")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -165,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.observe.log_format,
                       logging.INFO if args.cmd == "serve" else logging.WARNING,
                       sys.stdout if args.cmd == "serve" else sys.stderr)
-    return {"run": _cmd_run, "serve": _cmd_serve, "demo": _cmd_demo}[args.cmd](args, settings)
+    commands = {"run": _cmd_run, "serve": _cmd_serve, "demo": _cmd_demo,
+                "install-comfyui": _cmd_install_comfyui}
+    return commands[args.cmd](args, settings)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ __all__ = [
     "TaskDeleted",
     "TaskRunning",
     "StorageUnavailable",
+    "InstallError",
 ]
 
 
@@ -67,7 +68,7 @@ class WorkflowInvalid(ComfyEmbedError):
     #: (tests/api/test_errors.py checks the code raises no other).
     TYPES: ClassVar[frozenset[str]] = frozenset({
         "invalid_prompt", "invalid_json", "invalid_task_id", "invalid_output_format",
-        "too_many_nodes", "node_denied", "prompt_no_outputs", "prompt_outputs_failed_validation",
+        "too_many_nodes", "node_denied", "output_too_large", "prompt_no_outputs", "prompt_outputs_failed_validation",
     })
 
     def __init__(self, message: str, *, type: str | None = None, **kw: Any) -> None:
@@ -250,3 +251,10 @@ class StorageUnavailable(ComfyEmbedError):
     def __init__(self, message: str, retry_after: int = 10) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class InstallError(ComfyEmbedError):
+    """``comfy-embed install-comfyui`` failed; the message names the step
+    (git clone, fetch, checkout, pip) and why. Never a request's error."""
+
+    type = "install_failed"

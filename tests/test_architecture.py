@@ -28,10 +28,12 @@ ROOMS = {"starlette": ("api/",), "oss2": ("storage/",), "boto3": ("storage/",),
 #: request path reads upwards: api -> service -> runtime -> tasks ->
 #: executor -> _comfy, with what they use below them.
 FLOORS: list[tuple[str, ...]] = [
+    # the version, read by pyproject.toml, the OpenAPI document and the CLI
+    ("version",),
     # the ground: settings, errors, event shapes, ids, background work
     ("config", "errors", "events", "taskid", "background", "examples", "net"),
     # leaf concerns that know nothing of a request's path
-    ("observe", "storage", "prepare", "tasklog"),
+    ("observe", "storage", "prepare", "tasklog", "assets"),
     ("results", "inputs"),
     ("outcome",),
     ("_comfy",),
@@ -41,6 +43,8 @@ FLOORS: list[tuple[str, ...]] = [
     ("dryrun", "webhooks"),
     ("service",),
     ("api",),
+    # installing ComfyUI for an installed wheel (comfy-embed install-comfyui)
+    ("install",),
     # entry points and the public surface
     ("cli", ""),
 ]

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from comfy_embed.config import JobSettings, Settings, SettingsError, WebhookSettings, places
+from comfy_embed.config import (
+    JobSettings,
+    Settings,
+    SettingsError,
+    WebhookSettings,
+    places,
+)
 from comfy_embed.config.rules import RULES
 
 ROOT = Path(__file__).resolve().parent.parent
