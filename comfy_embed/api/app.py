@@ -23,6 +23,7 @@ from comfy_embed.api import metrics, openapi, page
 from comfy_embed.api.auth import ApiKeyAuth
 from comfy_embed.api.hooks import LifecycleGuard
 from comfy_embed.api.middleware import InternalErrors
+from comfy_embed.api import v2
 from comfy_embed.api.serverless import runs, ws
 from comfy_embed.config import Settings
 from comfy_embed.observe.guard import EXIT_RECYCLE, drain_when_tripped
@@ -145,6 +146,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         engine.start()
         service = TaskService(engine, settings)
         app.state.engine, app.state.service = engine, service
+        v2.attach(app, service)  # Comfy API v2, over the same task service
         app.state.control = control
         app.state.warm = anyio.Event()
         await service.recover()
@@ -174,6 +176,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         Route(f"{prefix}/validate", runs.validate, methods=["POST"]),
         Route(f"{prefix}/status", runs.status, methods=["GET"]),
         Route(f"{prefix}/cancel", runs.cancel, methods=["POST"]),
+        Route(f"{prefix}/task", runs.delete, methods=["DELETE"]),
         Route(f"{prefix}/webhook", runs.webhook, methods=["GET"]),
         WebSocketRoute(f"{prefix}/ws", ws.serverless_ws),
         Route("/health", health, methods=["GET"]),
@@ -182,6 +185,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         Route("/pre-stop", pre_stop, methods=["GET", "POST"]),
         Route("/pre-freeze", pre_freeze, methods=["GET", "POST"]),
         Route("/metrics", metrics.metrics, methods=["GET"]),
+        *v2.routes(),  # Comfy API v2: /api/v2/jobs, /api/v2/assets
         *openapi.routes(),  # /openapi.json, /docs
         *page.routes(),  # the playground page at / (api/static/)
     ]

@@ -102,7 +102,11 @@ class ApiKeyAuth:
         error = Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or "
                              "'X-Api-Key: <key>'" if presented is None else "the API key is not valid")
         log.info("refused %s %s: %s", scope["type"], scope.get("path"), error.message)
-        body = json.dumps(final_event("", None, {}, error=error.to_dict())).encode()
+        if str(scope.get("path", "")).startswith("/api/v2/"):  # Comfy API v2's envelope
+            body = json.dumps({"error": {"code": error.type, "message": error.message,
+                                         "details": None}}).encode()
+        else:
+            body = json.dumps(final_event("", None, {}, error=error.to_dict())).encode()
         if scope["type"] == "websocket":
             await receive()  # websocket.connect
             await send({"type": "websocket.accept"})

@@ -247,11 +247,24 @@ class TaskLogSettings(_Group):
     max_events: int = Field(default=10_000, alias="max_task_events")
 
 
+class V2Settings(_Group):
+    """Comfy API v2 (``/api/v2/``): asset uploads and idempotency keys."""
+
+    #: Largest asset upload (the whole multipart body); more is 413.
+    asset_max_bytes: int = 100 * MB
+    #: How long an ``Idempotency-Key`` answer is replayed.
+    idempotency_hours: float = 24.0
+
+
 class SafetySettings(_Group):
     """Safety (issue 9): bounds on one request, the node denylist, keys."""
 
     #: Most nodes one workflow may have.
     max_nodes: int = 400
+    #: Most bytes of output one node's stated size may write (width x height
+    #: x batch_size/length/amount x 3, plus the PNG metadata per picture),
+    #: estimated at validation.
+    max_output_bytes: int = 2 * 1024 * MB
     #: Deepest nesting of JSON arrays/objects in a request body.
     max_json_depth: int = 64
     #: Node classes refused at validation (they write model files or read

@@ -28,6 +28,7 @@ from comfy_embed.config.groups import (
     ServerSettings,
     StorageSettings,
     TaskLogSettings,
+    V2Settings,
     WebhookSettings,
 )
 from comfy_embed.config.names import describe, flat_fields
@@ -58,6 +59,7 @@ class Settings(BaseSettings):
     observe: ObserveSettings = Field(default_factory=ObserveSettings)
     tasklog: TaskLogSettings = Field(default_factory=TaskLogSettings)
     safety: SafetySettings = Field(default_factory=SafetySettings)
+    v2: V2Settings = Field(default_factory=V2Settings)
 
     @property
     def task_log_path(self) -> Path:

@@ -36,6 +36,9 @@ class RunOptions:
     #: The caller's own storage credentials (Function Compute's request
     #: headers): used for ``oss://`` inputs and uploads instead of the server's.
     credentials: Credentials | None = None
+    #: Whose Comfy API v2 assets ``core/ASSET`` references may name (the
+    #: API key's hash, or "anonymous"); None: a run that takes none (FC API).
+    asset_owner: str | None = None
 
     @property
     def renders_inline(self) -> bool:

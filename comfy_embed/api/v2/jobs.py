@@ -1,0 +1,250 @@
+"""Comfy API v2 jobs: POST/GET /api/v2/jobs, GET /api/v2/jobs/{id},
+POST /api/v2/jobs/{id}/cancel, GET /api/v2/jobs/{id}/workflow."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response
+
+from comfy_embed import events
+from comfy_embed.api.auth import key_hash_of
+from comfy_embed.api.body import read_limited, whole_number
+from comfy_embed.api.v2.errors import (
+    V2Error,
+    envelope,
+    from_error,
+    json_response,
+    not_found,
+)
+from comfy_embed.errors import ComfyEmbedError
+from comfy_embed.prepare.options import RunOptions
+from comfy_embed.service.idempotency import IdempotencyStore, body_hash
+from comfy_embed.service.jobs import ANONYMOUS, JobService, JobView, expires_at
+from comfy_embed.service.jobview import OutputRef, file_path, iso, output_kind
+
+__all__ = [
+    "base_url",
+    "cancel_job",
+    "create_job",
+    "get_job",
+    "job_json",
+    "job_workflow",
+    "jobs_of",
+    "list_jobs",
+    "output_json",
+]
+
+#: Most labels one job may carry, and their sizes.
+_MAX_LABELS, _MAX_LABEL_KEY, _MAX_LABEL_VALUE = 16, 64, 512
+#: Body keys the spec reserves and refuses today.
+_RESERVED = ("webhook_url", "inputs")
+#: How long a content URL given in an answer is said to last.
+URL_SECONDS = 3600
+
+
+def jobs_of(request: Request) -> JobService:
+    return request.app.state.v2_jobs
+
+
+def base_url(request: Request) -> str:
+    """``scheme://host:port`` the client reached (SDKs need absolute URLs)."""
+    return str(request.base_url).rstrip("/")
+
+
+def output_json(ref: OutputRef, job_id: str, base: str, folders: dict[str, Any]) -> dict[str, Any]:
+    asset_id = ref.asset_id(job_id)
+    if ref.text is not None:
+        size = len(ref.text)
+    else:
+        try:
+            path = file_path(ref, folders)
+            size = path.stat().st_size if path is not None else 0
+        except OSError:
+            size = 0
+    return {"node_id": ref.node_id, "name": ref.name, "type": output_kind(ref.content_type),
+            "content_type": ref.content_type, "size_bytes": size, "id": asset_id, "hash": None,
+            "url": f"{base}/api/v2/assets/{asset_id}/content",
+            "url_expires_at": iso(time.time() + URL_SECONDS), "job_id": job_id}
+
+
+def job_json(view: JobView, base: str, request: Request) -> dict[str, Any]:
+    st, job_id = view.state, view.job_id
+    settings = request.app.state.service.settings
+    folders = request.app.state.v2_folders
+    path = f"/api/v2/jobs/{job_id}"
+    return {
+        "id": job_id, "status": st.status, "created_at": iso(view.record.created_at),
+        "started_at": iso(st.started_at), "completed_at": iso(st.completed_at),
+        "expires_at": iso(expires_at(settings.tasklog.retention_hours, st.completed_at,
+                                     view.record.created_at)),
+        "queue_position": st.queue_position, "progress": st.progress,
+        "outputs": [output_json(o, job_id, base, folders) for o in st.outputs],
+        "error": st.error, "metrics": st.metrics,
+        "urls": {"self": path, "events": f"{path}/events", "cancel": f"{path}/cancel"},
+        "metadata": view.record.metadata,
+    }
+
+
+def _check_body(parsed: Any) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, str]]:
+    """``(workflow, extra_data, metadata)`` of a POST /jobs body, or V2Error."""
+    if not isinstance(parsed, dict):
+        raise V2Error(422, "invalid_request", "the body must be a JSON object with 'workflow'")
+    for key in _RESERVED:
+        if key in parsed:
+            raise V2Error(422, "invalid_request", f"'{key}' is reserved and not supported yet",
+                          {"field": key})
+    workflow = parsed.get("workflow")
+    if not isinstance(workflow, dict) or not workflow:
+        raise V2Error(422, "invalid_workflow", "'workflow' must be a non-empty JSON object "
+                      "(an API-format graph)", {"field": "workflow"})
+    if isinstance(workflow.get("nodes"), list) and "links" in workflow:
+        raise V2Error(422, "workflow_format_ui", "this is a UI-format workflow (nodes/links): "
+                      "export it with 'Export (API)' and send that graph")
+    extra = parsed.get("extra_data")
+    if extra is not None and not isinstance(extra, dict):
+        raise V2Error(422, "invalid_request", "'extra_data' must be an object",
+                      {"field": "extra_data"})
+    return workflow, extra or None, _labels(parsed.get("metadata"))
+
+
+def _labels(raw: Any) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise V2Error(422, "metadata_invalid", "'metadata' must be an object of strings")
+    if len(raw) > _MAX_LABELS:
+        raise V2Error(422, "metadata_invalid",
+                      f"'metadata' has {len(raw)} labels; at most {_MAX_LABELS}")
+    for k, v in raw.items():
+        if not (isinstance(k, str) and 0 < len(k) <= _MAX_LABEL_KEY):
+            raise V2Error(422, "metadata_invalid", f"metadata key {str(k)[:80]!r} must be "
+                          f"1-{_MAX_LABEL_KEY} characters", {"key": str(k)[:80]})
+        if not (isinstance(v, str) and len(v) <= _MAX_LABEL_VALUE):
+            raise V2Error(422, "metadata_invalid", f"metadata[{k!r}] must be a string of at "
+                          f"most {_MAX_LABEL_VALUE} characters", {"key": k})
+    return dict(raw)
+
+
+async def create_job(request: Request) -> Response:
+    jobs = jobs_of(request)
+    settings = jobs.tasks.settings
+    owner = key_hash_of(request.scope)
+    try:
+        raw = await read_limited(request, settings.server.max_body_bytes)
+    except ComfyEmbedError as e:
+        return from_error(e)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= 255:
+        return envelope(400, "invalid_request", "Idempotency-Key must be 1-255 characters")
+    if key is None:
+        return await _create(request, jobs, raw, owner)
+    store: IdempotencyStore = request.app.state.v2_idempotency
+    who, fingerprint = owner or ANONYMOUS, body_hash(raw)
+    found = await anyio.to_thread.run_sync(store.begin, who, key, fingerprint)
+    if found.kind == "replay":
+        return Response(found.body, found.status, media_type="application/json",
+                        headers={**(found.headers or {}), "Idempotency-Replayed": "true"})
+    if found.kind == "reuse":
+        return envelope(422, "idempotency_key_reuse", "this Idempotency-Key was used with "
+                        "another request body")
+    if found.kind == "in_flight":
+        return envelope(409, "idempotency_conflict", "a request with this Idempotency-Key is "
+                        "still in flight; retry", headers={"Retry-After": "1"})
+    answer: Response | None = None
+    try:
+        answer = await _create(request, jobs, raw, owner)
+    finally:
+        if answer is not None and answer.status_code == 201:
+            await anyio.to_thread.run_sync(store.finish, who, key, fingerprint, 201,
+                                           bytes(answer.body), {"Location": answer.headers.get(
+                                               "location", "")})
+        else:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(store.abandon, who, key)
+    return answer
+
+
+async def _create(request: Request, jobs: JobService, raw: bytes,
+                  owner: str | None) -> Response:
+    try:
+        parsed = events.loads(raw)
+    except ValueError:
+        return envelope(400, "invalid_request", "the body is not JSON")
+    try:
+        workflow, extra, labels = _check_body(parsed)
+        view = await jobs.submit(workflow, extra_data=extra, metadata=labels, owner_key=owner,
+                                 options=RunOptions(asset_owner=owner or ANONYMOUS))
+    except V2Error as e:
+        return e.response()
+    except ComfyEmbedError as e:
+        return from_error(e)
+    body = job_json(view, base_url(request), request)
+    return json_response(body, 201, {"Location": body["urls"]["self"]})
+
+
+async def get_job(request: Request) -> Response:
+    view = await jobs_of(request).get(request.path_params["id"], key_hash_of(request.scope))
+    if view is None:
+        return not_found()
+    return json_response(job_json(view, base_url(request), request))
+
+
+async def cancel_job(request: Request) -> Response:
+    view = await jobs_of(request).cancel(request.path_params["id"], key_hash_of(request.scope))
+    if view is None:
+        return not_found()
+    return json_response(job_json(view, base_url(request), request))
+
+
+async def job_workflow(request: Request) -> Response:
+    graph = await jobs_of(request).workflow(request.path_params["id"],
+                                            key_hash_of(request.scope))
+    if graph is None:
+        return not_found()
+    return json_response({"workflow": graph, "format": "api"})
+
+
+def _filters(request: Request) -> tuple[dict[str, str], set[str]]:
+    labels: dict[str, str] = {}
+    for k, v in request.query_params.multi_items():
+        if k.startswith("metadata[") and k.endswith("]"):
+            name = k[len("metadata["):-1]
+            if not name or len(name) > _MAX_LABEL_KEY:
+                raise V2Error(400, "invalid_metadata_filter", f"bad metadata filter {k[:80]!r}")
+            labels[name] = v
+        elif k.startswith("metadata"):
+            raise V2Error(400, "invalid_metadata_filter",
+                          f"filter labels as metadata[<key>]=<value>; got {k[:80]!r}")
+    statuses = {s for raw in request.query_params.getlist("status") for s in raw.split(",") if s}
+    known = {"queued", "running", "succeeded", "canceling", "canceled", "failed", "expired"}
+    if statuses - known:
+        raise V2Error(400, "invalid_request", f"unknown status {sorted(statuses - known)[0]!r}")
+    return labels, statuses
+
+
+async def list_jobs(request: Request) -> Response:
+    jobs = jobs_of(request)
+    try:
+        limit = whole_number("limit", request.query_params.get("limit"), low=1, high=100,
+                             default=20) or 20
+        labels, statuses = _filters(request)
+        found, cursor = await jobs.page(key_hash_of(request.scope), limit=limit,
+                                        cursor=request.query_params.get("cursor") or None,
+                                        metadata=labels, statuses=statuses)
+    except V2Error as e:
+        return e.response()
+    except ComfyEmbedError as e:
+        return from_error(e)
+    base = base_url(request)
+    items = []
+    for view in found:
+        item = job_json(view, base, request)
+        item["create_time"] = item["created_at"]
+        item["update_time"] = item["completed_at"] or item["started_at"] or item["created_at"]
+        item["deployment_id"] = None
+        items.append(item)
+    return json_response({"jobs": items, "next_cursor": cursor})

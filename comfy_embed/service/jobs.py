@@ -1,0 +1,241 @@
+"""Comfy API v2 jobs over the task service: a job IS a task (its id is the
+task id, in the one id space of the FC API), run by :class:`TaskService`
+and read back from memory or the shared task log like any task.
+
+v2 adds, in the task's folder of the shared log: a ``v2job`` record (when it
+was created, its labels, its node count) and a ``v2workflow`` record (the
+graph as submitted, without ``extra_data``); and one empty file per job in
+``<log>/@v2/jobs/<owner>/`` named so that a listing is newest first, which
+is what ``GET /api/v2/jobs`` pages through. Nothing lives only in memory
+(the records it keeps in memory are immutable copies), so any instance
+sharing the folder answers for any job.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import time
+import uuid
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from comfy_embed import events as ev_json
+from comfy_embed.errors import InvalidParameter
+from comfy_embed.events import coalesce_snapshots
+from comfy_embed.prepare.options import RunOptions
+from comfy_embed.service.jobview import JobRecord, JobState, job_state
+from comfy_embed.service.lifecycle import TaskService
+from comfy_embed.taskid import valid_task_id
+
+__all__ = ["ANONYMOUS", "JobService", "JobView", "expires_at"]
+
+#: The owner of jobs and assets made with API keys off.
+ANONYMOUS = "anonymous"
+_RECORD = "v2job"
+_WORKFLOW = "v2workflow"
+#: Far enough ahead that ``created_ms`` sorts newest first as text.
+_EPOCH_MS = 10 ** 14
+_CACHE = 4096
+
+
+def expires_at(settings_hours: float | None, completed: float | None, created: float) -> float:
+    """When retention deletes the job (from its end, or its creation while it
+    runs); retention off: a hundred years on."""
+    base = completed if completed is not None else created
+    if not settings_hours:
+        return base + 100 * 365 * 86400
+    return base + settings_hours * 3600
+
+
+class JobView:
+    """One job as a GET answers it."""
+
+    def __init__(self, job_id: str, record: JobRecord, state: JobState) -> None:
+        self.job_id, self.record, self.state = job_id, record, state
+
+
+class JobService:
+    """Submits, reads, lists and cancels v2 jobs through a TaskService."""
+
+    def __init__(self, tasks: TaskService) -> None:
+        self.tasks = tasks
+        self.root: Path = tasks.tasklog.root
+        self.index = self.root / "@v2" / "jobs"
+        #: job id -> (owner hash or ANONYMOUS, record): both immutable once written.
+        self._known: OrderedDict[str, tuple[str, JobRecord]] = OrderedDict()
+        #: Jobs running here that a caller asked to cancel (the log has it too).
+        self._canceling: set[str] = set()
+
+    # ------------------------------------------------------------ submit
+    async def submit(self, workflow: dict[str, Any], *, extra_data: dict[str, Any] | None,
+                     metadata: dict[str, str], owner_key: str | None,
+                     options: RunOptions) -> JobView:
+        """Start the job (ComfyEmbedError when refused, as TaskService.start)."""
+        job_id = f"job_{uuid.uuid4().hex}"
+        body: dict[str, Any] = {"prompt": workflow}
+        if extra_data:
+            # Reaches nodes as ComfyUI's extra_data; never written anywhere.
+            body["extra_data"] = extra_data
+        record = JobRecord(job_id, time.time(), metadata, len(workflow))
+        await self.tasks.start(body, options, task_id=job_id, owner_key=owner_key)
+        owner = owner_key or ANONYMOUS
+        await anyio.to_thread.run_sync(self._write_records, record, workflow, owner)
+        self._remember(job_id, owner, record)
+        state = await self._state(job_id, record)
+        return JobView(job_id, record, state)
+
+    def _write_records(self, record: JobRecord, workflow: dict[str, Any], owner: str) -> None:
+        log = self.tasks.tasklog
+        log.put_record(record.job_id, _RECORD, record.to_json(), durable=True)
+        log.put_record(record.job_id, _WORKFLOW, zlib.compress(ev_json.dumps_bytes(workflow)))
+        folder = self.index / owner
+        name = f"{_EPOCH_MS - int(record.created_at * 1000):015d}-{record.job_id}"
+        try:
+            fd = os.open(folder / name, os.O_CREAT | os.O_WRONLY, 0o644)
+        except FileNotFoundError:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / name, os.O_CREAT | os.O_WRONLY, 0o644)
+        os.close(fd)
+
+    def _remember(self, job_id: str, owner: str, record: JobRecord) -> None:
+        self._known[job_id] = (owner, record)
+        self._known.move_to_end(job_id)
+        while len(self._known) > _CACHE:
+            self._known.popitem(last=False)
+
+    # -------------------------------------------------------------- read
+    def _load(self, job_id: str) -> tuple[str, JobRecord] | None:
+        """Owner and record from the log (blocking); None if no such task."""
+        log = self.tasks.tasklog
+        d = log.task_dir(job_id)
+        raw = log.get_record(job_id, _RECORD)
+        if raw is not None:
+            record = JobRecord.from_json(raw)
+        else:
+            try:  # a task made by the FC API: seen as a job too
+                record = JobRecord(job_id, os.stat(d).st_mtime)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+        return log.key_hash(job_id) or ANONYMOUS, record
+
+    async def _owned(self, job_id: str, owner_key: str | None) -> JobRecord | None:
+        """The job's record if it exists and the caller may see it."""
+        if not valid_task_id(job_id):
+            return None
+        known = self._known.get(job_id)
+        if known is None:
+            loaded = await anyio.to_thread.run_sync(self._load, job_id)
+            if loaded is None:
+                return None
+            known = loaded
+            if loaded[1].nodes_total:  # a v2 record: final, worth keeping
+                self._remember(job_id, *loaded)
+        owner, record = known
+        if owner_key is not None and owner != owner_key:
+            return None
+        return record
+
+    async def _state(self, job_id: str, record: JobRecord) -> JobState:
+        live = self.tasks.handle(job_id).task
+        if live is not None:
+            events = await self.tasks.read(job_id)
+            return job_state(events, record, cancel_requested=job_id in self._canceling)
+        self._canceling.discard(job_id)
+        return await anyio.to_thread.run_sync(self._state_from_log, job_id, record)
+
+    def _state_from_log(self, job_id: str, record: JobRecord) -> JobState:
+        log = self.tasks.tasklog
+        events = coalesce_snapshots(log.read(job_id))
+        final_at = None
+        if events and events[-1][1].get("type") == "serverless_api":
+            try:
+                final_at = os.stat(log.task_dir(job_id) / "final").st_mtime
+            except OSError:
+                pass
+        return job_state(events, record, cancel_requested=log.cancel_requested(job_id),
+                         final_at=final_at)
+
+    def cancel_pending(self, job_id: str) -> bool:
+        """Whether a caller of this instance asked to cancel the job."""
+        return job_id in self._canceling
+
+    async def get(self, job_id: str, owner_key: str | None) -> JobView | None:
+        record = await self._owned(job_id, owner_key)
+        if record is None:
+            return None
+        return JobView(job_id, record, await self._state(job_id, record))
+
+    async def workflow(self, job_id: str, owner_key: str | None) -> dict[str, Any] | None:
+        if await self._owned(job_id, owner_key) is None:
+            return None
+        raw = await anyio.to_thread.run_sync(self.tasks.tasklog.get_record, job_id, _WORKFLOW)
+        if raw is None:
+            return None
+        value = ev_json.loads(zlib.decompress(raw))
+        return value if isinstance(value, dict) else None
+
+    async def cancel(self, job_id: str, owner_key: str | None) -> JobView | None:
+        """Ask for cancellation (idempotent); the job as it stands."""
+        record = await self._owned(job_id, owner_key)
+        if record is None:
+            return None
+        outcome = await self.tasks.cancel(job_id)
+        if outcome == "cancelling":
+            self._canceling.add(job_id)
+            # Every instance sees the request (and shows `canceling`).
+            await anyio.to_thread.run_sync(self.tasks.tasklog.request_cancel, job_id)
+        return JobView(job_id, record, await self._state(job_id, record))
+
+    # -------------------------------------------------------------- list
+    async def page(self, owner_key: str | None, *, limit: int, cursor: str | None,
+                   metadata: dict[str, str], statuses: set[str]) -> tuple[list[JobView], str | None]:
+        """Newest first, ``limit`` at most, after ``cursor``; the next cursor."""
+        after = _decode_cursor(cursor) if cursor else None
+        names = await anyio.to_thread.run_sync(self._names, owner_key or ANONYMOUS)
+        found: list[JobView] = []
+        next_cursor = None
+        last = ""
+        for name in names:
+            if after is not None and name <= after:
+                continue
+            job_id = name.split("-", 1)[1]
+            view = await self.get(job_id, owner_key)
+            if view is None:
+                continue  # pruned by retention since
+            if any(view.record.metadata.get(k) != v for k, v in metadata.items()):
+                continue
+            if statuses and view.state.status not in statuses:
+                continue
+            if len(found) == limit:
+                next_cursor = _encode_cursor(last)
+                break
+            found.append(view)
+            last = name
+        return found, next_cursor
+
+    def _names(self, owner: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self.index / owner))
+        except FileNotFoundError:
+            return []
+
+
+def _encode_cursor(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        name = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidParameter("cursor is not a cursor this server gave", type="invalid_cursor")
+    head, _, job_id = name.partition("-")
+    if not (len(head) == 15 and head.isdigit() and valid_task_id(job_id)):
+        raise InvalidParameter("cursor is not a cursor this server gave", type="invalid_cursor")
+    return name

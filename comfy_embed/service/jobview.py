@@ -1,0 +1,319 @@
+"""A task's events seen as a Comfy API v2 job: status, queue position, the
+latest progress snapshot, outputs (each an asset), error, metrics in ms.
+
+Pure functions over the task's ``(seq, event)`` list (from memory or the
+shared task log) and the job's record: nothing here reads a file but the
+output files' sizes, so any instance computes the same view.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import mimetypes
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from comfy_embed.events import FINAL
+from comfy_embed.prepare.graph import node_order
+
+__all__ = [
+    "CANCELLED_TYPES",
+    "JobRecord",
+    "JobState",
+    "OutputRef",
+    "file_path",
+    "iso",
+    "job_state",
+    "output_asset_id",
+    "output_kind",
+    "parse_output_asset_id",
+    "text_content",
+]
+
+#: Error types of a task that was cancelled rather than failed.
+CANCELLED_TYPES = frozenset({"execution_interrupted", "cancelled"})
+_TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
+_OUT_PREFIX = "asset_out."
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix seconds as ISO-8601 UTC with a zone (``...Z``)."""
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What v2 records beside a task when it creates it (immutable)."""
+
+    job_id: str
+    created_at: float
+    metadata: dict[str, str] = field(default_factory=dict)
+    nodes_total: int = 0
+
+    def to_json(self) -> bytes:
+        return json.dumps({"id": self.job_id, "created_at": self.created_at,
+                           "metadata": self.metadata, "nodes_total": self.nodes_total}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> JobRecord:
+        d = json.loads(raw)
+        return cls(str(d["id"]), float(d["created_at"]), dict(d.get("metadata") or {}),
+                   int(d.get("nodes_total") or 0))
+
+
+def output_asset_id(job_id: str, node_id: str, index: str) -> str:
+    """The asset id of one output: it names its job, node and place, so any
+    instance finds the output from the id alone (no record per output)."""
+    return f"{_OUT_PREFIX}{job_id}.{node_id.encode().hex()}.{index}"
+
+
+def parse_output_asset_id(asset_id: str) -> tuple[str, str, str] | None:
+    """``(job_id, node_id, index)`` of an output asset id, else None."""
+    if not asset_id.startswith(_OUT_PREFIX):
+        return None
+    parts = asset_id[len(_OUT_PREFIX):].rsplit(".", 2)
+    if len(parts) != 3 or not parts[0]:
+        return None
+    try:
+        node_id = bytes.fromhex(parts[1]).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return parts[0], node_id, parts[2]
+
+
+def output_kind(content_type: str) -> str:
+    """The spec's normalised output type of a media type."""
+    major = content_type.split("/", 1)[0]
+    if major in ("image", "video", "audio"):
+        return major
+    if major == "text" or content_type == "application/json":
+        return "text"
+    return "file"
+
+
+def text_content(value: Any) -> bytes:
+    """A text output's bytes: strings joined by lines, anything else as JSON."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(value).encode()
+    if isinstance(value, str):
+        return value.encode()
+    return json.dumps(value, default=str).encode()
+
+
+@dataclass
+class OutputRef:
+    """One output of a job: a file (``rel`` path under a server folder) or a
+    text value; ``remote`` is its object-storage entry when uploaded."""
+
+    node_id: str
+    index: str
+    name: str
+    content_type: str
+    #: ``(folder role, relative path)``: role "output", "temp" or "input".
+    file: tuple[str, str] | None = None
+    text: bytes | None = None
+    remote: dict[str, Any] | None = None
+
+    def asset_id(self, job_id: str) -> str:
+        return output_asset_id(job_id, self.node_id, self.index)
+
+
+@dataclass
+class JobState:
+    """The view of one job at one moment (see :func:`job_state`)."""
+
+    status: str = "queued"
+    queue_position: int | None = 0
+    progress: dict[str, Any] | None = None
+    outputs: list[OutputRef] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    started_at: float | None = None
+    completed_at: float | None = None
+    metrics: dict[str, int | None] = field(default_factory=dict)
+    last_seq: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in _TERMINAL
+
+
+def _file_outputs(node_id: str, ui: dict[str, Any]) -> Iterable[OutputRef]:
+    """The files of one node's ``executed`` UI output, indexed as results are."""
+    index = 0
+    for value in ui.values():
+        if not isinstance(value, list):
+            continue
+        for item in value:
+            if isinstance(item, dict) and "filename" in item:
+                name = str(item["filename"])
+                role = str(item.get("type") or "output")
+                rel = "/".join(p for p in (str(item.get("subfolder") or ""), name) if p)
+                yield OutputRef(node_id, str(index), name, _guess(name), file=(role, rel))
+                index += 1
+
+
+def _guess(name: str) -> str:
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def _final_outputs(data: dict[str, Any]) -> list[OutputRef]:
+    """Outputs of a finished task: every result file, then every text value."""
+    found: list[OutputRef] = []
+    for r in data.get("results") or ():
+        out = r.get("output") or {}
+        comfy = out.get("comfy") or {}
+        name = str(comfy.get("filename", ""))
+        rel = "/".join(p for p in (str(comfy.get("dir") or "."), str(comfy.get("subfolder") or ""),
+                                   name) if p)
+        remote = next((out[k] for k in ("oss", "s3") if isinstance(out.get(k), dict)), None)
+        found.append(OutputRef(str(r.get("node_id")), str(r.get("index")), name,
+                               str(out.get("media_type") or _guess(name)),
+                               file=("output", rel), remote=remote))
+    values = data.get("outputs") or {}
+    for node_id in sorted(values, key=node_order):
+        for k, key in enumerate(sorted(values[node_id] or {})):
+            text = text_content(values[node_id][key])
+            found.append(OutputRef(str(node_id), f"t{k}", f"{key}.txt", "text/plain", text=text))
+    return found
+
+
+def _progress(state: dict[str, Any] | None, step: dict[str, Any] | None, total: int,
+              classes: dict[str, str], success: bool) -> dict[str, Any] | None:
+    """The spec's Progress snapshot from ComfyUI's latest ``progress_state``
+    (every node's state) and latest ``progress`` (the sampler's steps)."""
+    if state is None and step is None and not success:
+        return None
+    nodes = (state or {}).get("nodes") or {}
+    done = sum(1 for n in nodes.values() if isinstance(n, dict) and n.get("state") == "finished")
+    total = max(total, len(nodes), done, 1)
+    current = running = None
+    for node_id, n in nodes.items():
+        if isinstance(n, dict) and n.get("state") == "running":
+            current, running = str(n.get("display_node_id") or node_id), n
+    cur_step = steps = None
+    src = running or (step if step and not success else None)
+    if src is not None:
+        cur_step, steps = src.get("value"), src.get("max")
+        if current is None and src is step:
+            current = str(step.get("node")) if step.get("node") is not None else None
+    frac = (done + ((cur_step or 0) / steps if isinstance(steps, (int, float)) and steps else 0))
+    value = 1.0 if success else min(1.0, max(0.0, frac / total))
+    cls = classes.get(current or "") if current else None
+    message = None
+    if cls and isinstance(cur_step, (int, float)) and steps:
+        message = f"{cls} {int(cur_step)}/{int(steps)}"
+    return {"value": round(value, 4), "nodes_done": total if success else done,
+            "nodes_total": total, "current_node": None if success else current,
+            "current_node_class": None if success else cls,
+            "step": int(cur_step) if isinstance(cur_step, (int, float)) and not success else None,
+            "steps": int(steps) if isinstance(steps, (int, float)) and not success else None,
+            "message": None if success else message}
+
+
+def _ms(report: dict[str, Any], *keys: str) -> int | None:
+    total = 0.0
+    for key in keys:
+        value = report.get(key)
+        if not isinstance(value, (int, float)):
+            return None
+        total += value
+    return int(round(total * 1000))
+
+
+def _error(error: dict[str, Any]) -> dict[str, Any]:
+    """The spec's JobError of a final event's ``data.error``."""
+    node_errors = error.get("node_errors") or {}
+    node_id = error.get("node_id")
+    class_type = error.get("node_type") or error.get("class_type")
+    if node_id is None and isinstance(node_errors, dict) and node_errors:
+        node_id = next(iter(node_errors))
+        entry = node_errors[node_id]
+        class_type = class_type or (entry.get("class_type") if isinstance(entry, dict) else None)
+    tb = error.get("traceback")
+    return {"code": str(error.get("type") or "execution_error"),
+            "message": str(error.get("message") or ""),
+            "node_id": None if node_id is None else str(node_id),
+            "class_type": None if class_type is None else str(class_type),
+            "traceback": "".join(tb) if isinstance(tb, list) else tb if isinstance(tb, str) else None}
+
+
+def job_state(events: list[tuple[int, dict[str, Any]]], record: JobRecord | None, *,
+              classes: dict[str, str] | None = None, cancel_requested: bool = False,
+              final_at: float | None = None) -> JobState:
+    """Fold a task's events into its v2 view. ``classes``: node id -> class
+    (for progress messages); ``cancel_requested``: some instance asked to
+    cancel it; ``final_at``: when its final event was written (Unix s)."""
+    st = JobState()
+    total = record.nodes_total if record else 0
+    created = record.created_at if record else None
+    state: dict[str, Any] | None = None
+    step: dict[str, Any] | None = None
+    live: list[OutputRef] = []
+    for seq, ev in events:
+        st.last_seq = seq
+        kind, data = ev.get("type"), ev.get("data") or {}
+        if kind == "queue":
+            st.queue_position = int(data.get("position") or 0)
+        elif kind == "execution_start":
+            st.status, st.queue_position = "running", None
+            ts = data.get("timestamp")
+            st.started_at = ts / 1000 if isinstance(ts, (int, float)) else st.started_at
+        elif kind == "progress_state":
+            state = data
+        elif kind == "progress":
+            step = data
+        elif kind == "executed" and isinstance(data.get("output"), dict):
+            live.extend(_file_outputs(str(data.get("node")), data["output"]))
+        elif kind == FINAL:
+            _finish(st, data, created, final_at)
+    if not st.terminal:
+        st.outputs = live
+        if cancel_requested:
+            st.status = "canceling"
+    st.progress = _progress(state, step, total, classes or {}, st.status == "succeeded")
+    if st.status != "queued":
+        st.queue_position = None
+    return st
+
+
+def _finish(st: JobState, data: dict[str, Any], created: float | None,
+            final_at: float | None) -> None:
+    error = data.get("error")
+    if data.get("status") == "success":
+        st.status = "succeeded"
+    elif isinstance(error, dict) and error.get("type") in CANCELLED_TYPES:
+        st.status = "canceled"
+    else:
+        st.status = "failed"
+    if isinstance(error, dict) and st.status == "failed":
+        st.error = _error(error)
+    st.outputs = _final_outputs(data)
+    report = data.get("report") or {}
+    if isinstance(report, dict) and report:
+        st.metrics = {"queue_ms": _ms(report, "queued"), "execution_ms": _ms(report, "execution"),
+                      "total_ms": _ms(report, "end_to_end")}
+        if created is not None:
+            e2e = report.get("end_to_end")
+            if st.started_at is None and isinstance(report.get("execution"), (int, float)) \
+                    and report["execution"] > 0:
+                lead = sum(v for k in ("prepare", "validation", "queued")
+                           if isinstance(v := report.get(k), (int, float)))
+                st.started_at = created + lead
+            if isinstance(e2e, (int, float)):
+                st.completed_at = created + e2e
+    if st.completed_at is None:
+        st.completed_at = final_at if final_at is not None else created
+
+
+def file_path(ref: OutputRef, folders: dict[str, Path]) -> Path | None:
+    """Where an output file lies on this server (None: a text output)."""
+    if ref.file is None:
+        return None
+    role, rel = ref.file
+    return folders.get(role, folders["output"]) / rel
