@@ -236,6 +236,13 @@ class Engine:
         """The task registered under ``task_id`` (queued, running or recently finished)."""
         return self._tasks.get(task_id)
 
+    def forget(self, task_id: str) -> None:
+        """Drop a finished task from the registry (deleted: its results must
+        not outlive it in memory); a running one stays."""
+        task = self._tasks.get(task_id)
+        if task is not None and task.done:
+            del self._tasks[task_id]
+
     async def lookup(self, task_id: str) -> Task | None:
         """:meth:`get`, after waiting for a submit of this id that is still
         being prepared (None if that one was refused)."""

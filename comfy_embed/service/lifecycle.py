@@ -38,9 +38,12 @@ from comfy_embed.observe.folders import FolderProbe
 from comfy_embed.observe.logs import current_task
 from comfy_embed.prepare.options import DEFAULT_OPTIONS, RunOptions
 from comfy_embed.runtime import Engine, Task, TaskObserver
+from comfy_embed.storage import Credentials
 from comfy_embed.service.blocking import BlockingCalls
 from comfy_embed.service.claim import Claim
+from comfy_embed.service.retention import Retention
 from comfy_embed.taskid import check_task_id, valid_task_id
+from comfy_embed.tasklog.expiry import Policy
 from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasklog.retention import prune
 from comfy_embed.webhooks.delivery import Webhooks
@@ -136,6 +139,8 @@ class TaskService(TaskObserver):
         #: The claim and the writes of each task's log: on the loop while the
         #: log's disk answers quickly (two thread wake-ups fewer per write).
         self._io = BlockingCalls(settings.tasklog.inline_seconds)
+        #: Per-request retention, keep nothing, delete now (issue 29).
+        self.retention = Retention(self)
         engine.add_observer(self)
 
     def close(self) -> None:
@@ -145,7 +150,7 @@ class TaskService(TaskObserver):
     # ------------------------------------------------------------- running
     async def start(self, body: Any, options: RunOptions = DEFAULT_OPTIONS, *,
                     task_id: str | None = None, webhook: WebhookRequest | None = None,
-                    owner_key: str | None = None) -> Handle:
+                    owner_key: str | None = None, policy: Policy | None = None) -> Handle:
         """Start a task, or attach to it if this task id exists already (a
         retry: it never runs twice).
 
@@ -157,7 +162,8 @@ class TaskService(TaskObserver):
         its end (refused URL: WebhookRefused, before anything exists).
         ``owner_key`` (the hash of the caller's API key, when keys are
         configured) is recorded with a new task and must match to attach to
-        an existing one. ``options``: how the result is delivered.
+        an existing one. ``options``: how the result is delivered;
+        ``policy``: its own retention (Retention.policy).
         """
         task_id = task_id or uuid.uuid4().hex
         check_task_id(task_id)
@@ -167,7 +173,8 @@ class TaskService(TaskObserver):
         live = await self.engine.lookup(task_id)  # the engine's registry: one for all
         if live is not None:
             await self._check_owner(task_id, owner_key)
-            return Handle(self, task_id, task=live)
+            # A finished one is answered from the log: it may be deleted since.
+            return Handle(self, task_id, task=None if live.done else live)
         if not self.engine.accepting:
             raise NotAccepting("this instance is draining and accepts no new work")
         await self._check_folders()
@@ -185,6 +192,8 @@ class TaskService(TaskObserver):
             await self._check_owner(task_id, owner_key)
             return Handle(self, task_id)
         if isinstance(outcome, Task):
+            if policy is not None:
+                await self.retention.started(task_id, policy)
             return Handle(self, task_id, task=outcome)
         raise await self._not_queued(task_id, outcome, webhook, claim.registered)
 
@@ -266,9 +275,10 @@ class TaskService(TaskObserver):
     async def _close_with_error(self, task_id: str, error: ComfyEmbedError) -> None:
         """A claimed task that will not run: its final error event in the
         log, its lease released, its webhook (if any) on its way."""
+        final = final_event(task_id, None, {}, error=error.to_dict())
+        self.retention.stamp(task_id, final)
         try:
-            await self._io.run(
-                self.tasklog.append, task_id, final_event(task_id, None, {}, error=error.to_dict()))
+            await self._io.run(self.tasklog.append, task_id, final)
             await self._io.run(self.tasklog.release, task_id)
         except OSError as e:
             log.error("task %s has no final event (the task log is unwritable: %s)", task_id, e)
@@ -302,6 +312,7 @@ class TaskService(TaskObserver):
                     started = time.perf_counter()
                     try:
                         if ends:
+                            self.retention.stamp(task.task_id, batch[-1][1])
                             released = await self._io.run(self._write_final, task.task_id, batch)
                         else:
                             await self._io.run(self.tasklog.extend, task.task_id, batch)
@@ -437,6 +448,12 @@ class TaskService(TaskObserver):
             return "requested"
         return "unknown"
 
+    async def delete(self, task_id: str, owner_key: str | None,
+                     credentials: Credentials | None = None) -> dict[str, Any] | None:
+        """Delete a task now, leaving a tombstone (Retention.delete): None if
+        unknown or another key's; TaskRunning if it would not stop."""
+        return await self.retention.delete(task_id, owner_key, credentials)
+
     # ------------------------------------------------------------ upkeep
     async def upkeep(self) -> None:
         """Forever: renew leases of running tasks, act on cancel requests
@@ -458,6 +475,7 @@ class TaskService(TaskObserver):
             if hours and now - last_prune > min(60.0, max(1.0, hours * 900)):
                 last_prune = now
                 await self._prune()
+            await self.retention.sweep()  # ?ttl= and keep-nothing tasks, on time
             # A timer, not an event: leases are renewed on a clock, and cancel
             # requests and orphans are files other instances write in the
             # shared log, which notifies no one.

@@ -29,7 +29,7 @@ from comfy_embed.service.lifecycle import Handle, TaskService
 from comfy_embed.storage import credentials_from_headers
 from comfy_embed.webhooks.request import envelope_webhook, webhook_request
 
-__all__ = ["run", "validate", "status", "cancel", "webhook", "dumps",
+__all__ = ["run", "validate", "status", "cancel", "delete", "webhook", "dumps",
            "error_headers", "run_options", "task_id_from", "since_param", "log_refused"]
 
 log = logging.getLogger(__name__)
@@ -139,12 +139,13 @@ async def run(request: Request) -> Response:
     try:
         # Every parameter is checked before the body is read or a task starts.
         options = run_options(q, request.headers)
+        policy = service.retention.policy(q.get("ttl"), q.get("keep"))
         since = since_param(q, request.headers) if stream else 0
         body = await read_limited(request, settings.server.max_body_bytes)
         parsed, envelope_url = envelope_webhook(body)
         hook = webhook_request(q, envelope_url, settings)
         handle = await service.start(parsed, options, task_id=task_id, webhook=hook,
-                                     owner_key=key_hash_of(request.scope))
+                                     owner_key=key_hash_of(request.scope), policy=policy)
     except ComfyEmbedError as e:  # refused before queueing: the table says how
         return _error_answer(e, task_id, stream)
     headers = {"X-Task-Id": task_id}
@@ -211,6 +212,24 @@ async def cancel(request: Request) -> Response:
         outcome = await service.cancel(task_id)
     code = {"cancelling": 200, "requested": 202, "done": 409, "unknown": 404}[outcome]
     return JSONResponse({"task_id": task_id, "status": outcome}, code)
+
+
+async def delete(request: Request) -> Response:
+    """DELETE /task?task_id=: the task's inputs, outputs (and uploads, where
+    the operator allows it), webhook state and events deleted now, a running
+    one cancelled first; 200 with what was removed, 404 unknown (or another
+    key's), 409 still running after its cancel. A tombstone stays: a status
+    or a retry then answers 410 ``task_deleted``."""
+    service: TaskService = request.app.state.service
+    try:
+        task_id = task_id_param(request.query_params.get("task_id"))
+        outcome = await service.delete(task_id, key_hash_of(request.scope),
+                                       credentials_from_headers(request.headers))
+    except ComfyEmbedError as e:
+        return _param_error("delete", e, request.query_params.get("task_id") or "")
+    if outcome is None:
+        return _json({"task_id": task_id, "status": "unknown"}, 404)
+    return _json(outcome)
 
 
 async def webhook(request: Request) -> Response:
