@@ -69,6 +69,7 @@ class Comfy:
         self.deferred_modules: list[str] = []
         self.device = "cpu"
         self._specs: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {}
+        self._names: dict[str, frozenset[str]] = {}
         self._progress = ProgressRelay(self.server)
 
     # ------------------------------------------------------------------ boot
@@ -154,6 +155,26 @@ class Comfy:
                     out[name] = (kind, opts)
         self._specs[class_type] = out
         return out
+
+    def input_names(self, class_type: str) -> frozenset[str] | None:
+        """Every input name the node's INPUT_TYPES declares (required,
+        optional, hidden): the constants ComfyUI hands to the node. None for
+        an unknown class or one whose INPUT_TYPES fails (validation answers
+        for those)."""
+        cached = self._names.get(class_type)
+        if cached is not None:
+            return cached
+        cls = self._nodes.NODE_CLASS_MAPPINGS.get(class_type)
+        if cls is None:
+            return None
+        try:
+            spec = cls.INPUT_TYPES()
+        except Exception:  # logged by input_specs; validation reports the node
+            return None
+        names = frozenset(name for section in ("required", "optional", "hidden")
+                          for name in (spec.get(section) or {}))
+        self._names[class_type] = names
+        return names
 
     def is_loader(self, class_type: str) -> bool:
         """Whether a node loads a model: its CATEGORY is under ``loaders``

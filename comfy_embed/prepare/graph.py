@@ -16,6 +16,7 @@ from comfy_embed.errors import WorkflowInvalid, node_error
 from comfy_embed.taskid import valid_task_id  # re-exported: the rule lives in taskid
 
 __all__ = ["parse_workflow", "parse_request", "WorkflowRequest", "check_nodes",
+           "drop_unknown_constants", "check_output_bytes",
            "randomize_seeds", "image_inputs", "media_inputs", "media_kind", "isolate_outputs",
            "node_order", "valid_task_id", "SpecLookup"]
 
@@ -212,6 +213,84 @@ def check_nodes(prompt: dict[str, Any], *, max_nodes: int, denylist: tuple[str, 
             f"node {k} ({v['class_type']}) is not allowed on this server"
             for k, v in sorted(errors.items())[:10]),
             type="node_denied", node_errors=errors)
+
+
+def drop_unknown_constants(prompt: dict[str, Any],
+                           names: Callable[[str], frozenset[str] | None]) -> dict[str, list[str]]:
+    """Remove every constant input a node does not declare (``names(class_type)``:
+    its INPUT_TYPES' names; None: unknown class, left alone); return
+    ``{node_id: [removed names]}``.
+
+    ComfyUI hands a node only the constants its INPUT_TYPES declares and
+    ignores the rest, but the whole prompt, ignored values included, goes
+    into every output PNG's metadata: megabytes of unused text there cost
+    disk per image and change nothing. Links are kept even when undeclared:
+    ComfyUI passes them on (nodes with ``**kwargs`` read them).
+    """
+    removed: dict[str, list[str]] = {}
+    for node_id, node in prompt.items():
+        known = names(node["class_type"])
+        if known is None:
+            continue
+        inputs = node["inputs"]
+        unknown = [name for name, value in inputs.items()
+                   if name not in known and not _is_link(value)]
+        for name in unknown:
+            del inputs[name]
+        if unknown:
+            removed[str(node_id)] = unknown
+    return removed
+
+
+def _is_link(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+            and not isinstance(value[1], bool))
+
+
+#: Inputs that multiply a node's ``width`` x ``height`` into more pictures
+#: (images of a batch, frames of a video latent, repeats).
+_COUNT_INPUTS = ("batch_size", "length", "amount")
+
+
+def _literal_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_output_bytes(prompt: dict[str, Any], *, metadata_bytes: Callable[[], int],
+                       limit: int) -> None:
+    """Refuse a workflow whose node makes pictures that would write more than
+    ``limit`` bytes: for each node with literal ``width`` and ``height`` (and
+    ``batch_size``, ``length``, ``amount``), pictures x (3 bytes a pixel +
+    ``metadata_bytes()``, what each PNG embeds; asked once, only when a node
+    states a size). An estimate made before
+    anything runs, from the sizes a graph states; WorkflowInvalid naming the
+    node and the input that multiplies it."""
+    errors: dict[str, Any] = {}
+    metadata: int | None = None
+    for node_id, node in prompt.items():
+        inputs = node["inputs"]
+        width, height = _literal_int(inputs.get("width")), _literal_int(inputs.get("height"))
+        if width is None or height is None or width <= 0 or height <= 0:
+            continue
+        counts = {n: c for n in _COUNT_INPUTS if (c := _literal_int(inputs.get(n))) is not None}
+        pictures = 1
+        for count in counts.values():
+            pictures *= max(count, 1)
+        if metadata is None:
+            metadata = metadata_bytes()
+        estimate = pictures * (3 * width * height + metadata)
+        if estimate > limit:
+            name = next(iter(counts), "width")
+            shape = " x ".join([f"{name} {c}" for name, c in counts.items()] + [f"{width}x{height}"])
+            errors.update(node_error(
+                str(node_id), node["class_type"], name,
+                f"{shape} would write about {estimate} bytes of output; the limit is {limit} "
+                "(COMFY_EMBED_MAX_OUTPUT_BYTES)", inputs.get(name), type="output_too_large"))
+    if errors:
+        raise WorkflowInvalid("invalid workflow: " + "; ".join(
+            f"node {k} ({v['class_type']}) input '{v['errors'][0]['extra_info']['input_name']}': "
+            f"{v['errors'][0]['message']}" for k, v in sorted(errors.items())[:10]),
+            type="output_too_large", node_errors=errors)
 
 
 def randomize_seeds(prompt: dict[str, Any], specs: SpecLookup) -> dict[str, int]:

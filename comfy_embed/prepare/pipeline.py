@@ -17,6 +17,7 @@ through an :class:`InputFetcher` (``inputs.fetch.ImageFetcher`` is one).
 from __future__ import annotations
 
 import copy
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Protocol
@@ -29,6 +30,8 @@ from comfy_embed.observe.report import TaskReport, loader_nodes
 from comfy_embed.prepare.graph import (
     WorkflowRequest,
     check_nodes,
+    check_output_bytes,
+    drop_unknown_constants,
     isolate_outputs,
     media_inputs,
     parse_request,
@@ -53,11 +56,23 @@ Validated = tuple[dict[str, Any], list[str]]
 MediaRef = tuple[str, str, str, str, str]
 
 
+def _metadata_bytes(request: WorkflowRequest, written: bool) -> int:
+    """Bytes each output PNG embeds: the prompt and ``extra_pnginfo`` as JSON."""
+    if not written:
+        return 0
+    return (len(json.dumps(request.prompt))
+            + len(json.dumps(request.extra_data.get("extra_pnginfo") or {})))
+
+
 class NodeCatalog(Protocol):
     """What preparing asks of ComfyUI: node definitions and validation."""
 
     def input_specs(self, class_type: str) -> dict[str, tuple[Any, dict[str, Any]]]:
         """``{input_name: (type, options)}`` of a node class ({} if unknown)."""
+        ...
+
+    def input_names(self, class_type: str) -> frozenset[str] | None:
+        """Every input name the class declares (None: unknown class)."""
         ...
 
     def is_loader(self, class_type: str) -> bool:
@@ -149,7 +164,8 @@ class Preparer:
 
     def parse(self, body: Any, *, handlers: bool = True) -> WorkflowRequest:
         """The request (bare graph or native envelope) within the configured
-        limits (nesting, node count, denied node classes); WorkflowInvalid.
+        limits (nesting, node count, denied node classes, output bytes),
+        without the constant inputs its nodes do not declare; WorkflowInvalid.
 
         The caller's dict is copied, never rewritten. ``handlers=False``
         skips the packs' on-prompt handlers (the dry run: no side effects).
@@ -159,6 +175,9 @@ class Preparer:
         request = parse_request(body, self._on_prompt if handlers else None,
                                 max_depth=s.safety.max_json_depth)
         check_nodes(request.prompt, max_nodes=s.safety.max_nodes, denylist=s.safety.node_denylist)
+        drop_unknown_constants(request.prompt, self.nodes.input_names)
+        check_output_bytes(request.prompt, limit=s.safety.max_output_bytes,
+                           metadata_bytes=lambda: _metadata_bytes(request, s.comfy.write_metadata))
         return request
 
     async def prepare(self, body: Any, task_id: str, credentials: Credentials | None = None,

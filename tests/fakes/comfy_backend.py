@@ -93,6 +93,9 @@ class FakeComfy:
     def is_loader(self, class_type: str) -> bool:
         return False  # no fake node loads a model
 
+    def input_names(self, class_type: str) -> frozenset[str] | None:
+        return None  # inputs are left as sent
+
     def input_specs(self, class_type: str) -> dict[str, tuple[Any, dict[str, Any]]]:
         if class_type == "LoadImage":
             return {"image": (["x.png"], {"image_upload": True})}

@@ -40,6 +40,9 @@ class Catalog:
     def is_loader(self, class_type: str) -> bool:
         return class_type == "Loader"
 
+    def input_names(self, class_type: str) -> frozenset[str] | None:
+        return None  # inputs are left as sent
+
     def validate(self, prompt: dict[str, Any], prompt_id: str,
                  targets: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
         self.validated_on.append("thread" if threading.current_thread() is not threading.main_thread()

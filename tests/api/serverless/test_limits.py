@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import pytest
 import requests
+from PIL import Image
 
 from tests.conftest import image_only
 from tests.fakes.web_server import make_png
@@ -76,3 +77,43 @@ def test_4_validate_applies_the_denylist(server: Server) -> None:
     assert report["valid"] is False and report["error"]["type"] == "node_denied"
     assert "VAESave" in report["error"]["message"]
     assert report["node_errors"]["2"]["errors"][0]["extra_info"]["input_name"] == "class_type"
+
+
+# ------------------------------------------------------------------ item 3
+def test_3_unknown_inputs_never_reach_the_outputs(server: Server) -> None:
+    # An undeclared 1 MiB input used to be embedded in every output PNG
+    # (EmptyImage batch 64 + 4 MiB: 268 MB written in a second).
+    g = image_only(batch=3)
+    g["1"]["inputs"]["junk"] = "j" * 2**20
+    g["2"]["inputs"]["also_junk"] = {"nested": "x" * 1000}
+    r = server.run(g)
+    assert r.status_code == 200, r.text
+    results = r.json()["data"]["results"]
+    assert len(results) == 3
+    for result in results:
+        path = server.file_of(result["output"]["comfy"])
+        assert path.stat().st_size < 20_000, path.stat().st_size
+        with Image.open(path) as im:
+            prompt = json.loads(im.text["prompt"])
+        assert "junk" not in prompt["1"]["inputs"] and "also_junk" not in prompt["2"]["inputs"]
+        assert prompt["1"]["inputs"]["batch_size"] == 3  # declared inputs are kept
+
+
+def test_3_output_bytes_are_bounded_at_validation(server: Server) -> None:
+    # batch_size goes up to 4096: 4096 x 1024x1024 would be 12 GB of PNG.
+    g = image_only(batch=4096, size=1024)
+    r = server.run(g)
+    assert r.status_code == 400, r.text
+    err = r.json()["data"]["error"]
+    assert err["type"] == "output_too_large" and "MAX_OUTPUT_BYTES" in err["message"]
+    assert err["node_errors"]["1"]["errors"][0]["extra_info"]["input_name"] == "batch_size"
+    report = validate(server, g)
+    assert report["valid"] is False and report["error"]["type"] == "output_too_large"
+    # The metadata counts per picture: tiny images, but each would embed a
+    # 2 MB declared string (an unconnected node is still in the prompt).
+    g = image_only(batch=1200, size=8)
+    g["9"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "m" * 2_000_000}}
+    r = server.run(g)
+    assert r.status_code == 400, r.text
+    assert r.json()["data"]["error"]["type"] == "output_too_large"
+    assert_serves(server)
