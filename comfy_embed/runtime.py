@@ -340,7 +340,7 @@ class Engine:
         self._check_options(options)
         try:
             prepared = await self.preparer.prepare(graph, task_id, options.credentials, gate,
-                                                   report)
+                                                   report, asset_owner=options.asset_owner)
             task = Task(self, task_id, prepared.prompt_id, prepared.seeds, options, report=report)
             task.request = request = prepared.request
             job = Job(prompt_id=prepared.prompt_id, prompt=prepared.checked,

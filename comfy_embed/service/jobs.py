@@ -42,6 +42,8 @@ _WORKFLOW = "v2workflow"
 #: Far enough ahead that ``created_ms`` sorts newest first as text.
 _EPOCH_MS = 10 ** 14
 _CACHE = 4096
+#: The details of a refused cursor (the API answers ``invalid_cursor``).
+_CURSOR = {"parameter": "cursor"}
 
 
 def expires_at(settings_hours: float | None, completed: float | None, created: float) -> float:
@@ -226,6 +228,11 @@ class JobService:
             return []
 
 
+def is_bad_cursor(error: Exception) -> bool:
+    """Whether ``error`` refused a list cursor."""
+    return isinstance(error, InvalidParameter) and error.details == _CURSOR
+
+
 def _encode_cursor(name: str) -> str:
     return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
 
@@ -234,8 +241,8 @@ def _decode_cursor(cursor: str) -> str:
     try:
         name = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidParameter("cursor is not a cursor this server gave", type="invalid_cursor")
+        raise InvalidParameter("cursor is not a cursor this server gave", details=_CURSOR)
     head, _, job_id = name.partition("-")
     if not (len(head) == 15 and head.isdigit() and valid_task_id(job_id)):
-        raise InvalidParameter("cursor is not a cursor this server gave", type="invalid_cursor")
+        raise InvalidParameter("cursor is not a cursor this server gave", details=_CURSOR)
     return name

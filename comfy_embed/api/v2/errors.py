@@ -24,6 +24,7 @@ from comfy_embed.errors import (
     Unauthorized,
     WorkflowInvalid,
 )
+from comfy_embed.service.jobs import is_bad_cursor
 
 __all__ = ["V2Error", "envelope", "from_error", "json_response", "node_details", "not_found"]
 
@@ -104,7 +105,7 @@ def from_error(error: ComfyEmbedError) -> Response:
         if isinstance(error, cls):
             status, code = s, c
             break
-    if isinstance(error, InvalidParameter) and error.type == "invalid_cursor":
+    if is_bad_cursor(error):
         code = "invalid_cursor"
     details: dict[str, Any] | None = None
     if error.node_errors:
