@@ -229,7 +229,7 @@ def parse_sse(lines: Any) -> list[tuple[str, dict[str, Any]]]:
             continue
         else:
             field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
+            value = value.removeprefix(" ")
             assert field != "id", "the spec's stream carries no event ids"
             if field == "event":
                 name = value

@@ -7,8 +7,9 @@ from __future__ import annotations
 import io
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
@@ -55,6 +56,12 @@ def pixel(data: bytes) -> tuple[int, int, int]:
 
 def inverted(color: tuple[int, int, int]) -> tuple[int, int, int]:
     return (255 - color[0], 255 - color[1], 255 - color[2])
+
+
+def is_inverted(data: bytes, color: tuple[int, int, int]) -> bool:
+    """Whether the image holds ``color`` inverted (ComfyUI works in floats,
+    so a channel may round one off)."""
+    return all(abs(a - b) <= 1 for a, b in zip(pixel(data), inverted(color)))
 
 
 def long_graph(seed: int) -> dict[str, Any]:

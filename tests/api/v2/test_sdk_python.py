@@ -1,0 +1,169 @@
+"""Comfy API v2 through the official Python SDK (comfy-sdk 0.5.0), unchanged:
+a real server with real ComfyUI, the SDK pointed at it through
+``COMFY_BASE_URL`` and authenticated with ``api_key`` as its docs say."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from comfy_sdk import AsyncComfy, Comfy
+from comfy_sdk.events import OutputReady, Progress, StatusChange
+from comfy_sdk.exceptions import InvalidWorkflow, MissingAsset, NotFound
+
+from tests.api.v2.sdkflows import (
+    LOAD,
+    SAVE,
+    invert_graph,
+    is_inverted,
+    long_graph,
+    random_color,
+    wait_until,
+    write_png,
+)
+from tests.conftest import image_only
+from tests.servers import Server
+
+KEY = "v2-sdk-key-" + "a" * 24
+OTHER_KEY = "v2-sdk-key-" + "b" * 24
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = Server(tmp_path_factory.mktemp("v2sdk"), api_keys=f"{KEY},{OTHER_KEY}")
+    try:
+        yield s.wait_ready()
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def base_url(server: Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The SDK's documented way to target a deployment: COMFY_BASE_URL."""
+    monkeypatch.setenv("COMFY_BASE_URL", server.url)
+    monkeypatch.delenv("COMFY_API_KEY", raising=False)
+    return server.url
+
+
+def test_sync_flow_run_dedup_events_outputs_workflow(base_url: str, tmp_path: Path) -> None:
+    color = random_color()
+    photo = write_png(tmp_path / "photo.png", color)
+    wf_path = tmp_path / "workflow_api.json"
+    wf_path.write_text(json.dumps(invert_graph()))
+    with Comfy(api_key=KEY) as client:
+        wf = client.workflows.from_file(wf_path)
+        asset = client.assets.from_file(photo)
+        wf.set_input(LOAD, "image", asset)
+        job = client.run(wf, timeout=180)
+        assert job.status == "succeeded"
+        assert asset.created_new is True and asset.hash.startswith("blake3:")
+        (out,) = job.get_outputs(SAVE)
+        assert out.type == "image" and out.content_type == "image/png"
+        data = out.to_bytes()
+        assert len(data) == out.size_bytes and is_inverted(data, color)
+        assert out.to_bytes(range=(0, 7)) == data[:8]  # the PNG signature, by Range
+
+        # The same bytes again: the SDK finds them by hash and uploads nothing.
+        again = client.assets.from_file(shutil.copy(photo, tmp_path / "again.png"))
+        wf2 = client.workflows.from_json(invert_graph("v2sdk-again"))
+        wf2.set_input(LOAD, "image", again)
+        job2 = client.submit(wf2)
+        assert again.created_new is False and again.hash == asset.hash
+        events = list(job2.events())
+        assert isinstance(events[0], StatusChange)
+        assert isinstance(events[-1], StatusChange) and events[-1].status == "succeeded"
+        assert all(0 <= e.value <= 1 for e in events if isinstance(e, Progress))
+        streamed = [e.output.id for e in events if isinstance(e, OutputReady)]
+        job2.wait(timeout=60)
+        (out2,) = job2.get_outputs(SAVE)
+        assert set(streamed) <= {out2.id}
+        assert is_inverted(out2.to_bytes(), color)
+
+        # The workflow behind a job, and the job rehydrated by id.
+        behind = client.jobs.get(job.id).get_workflow()
+        assert behind.format == "api"
+        assert {n: behind.graph[n]["class_type"] for n in behind.graph} == {
+            LOAD: "LoadImage", "2": "ImageInvert", SAVE: "SaveImage"}
+
+
+def test_list_jobs_filters_by_labels_newest_first_across_pages(base_url: str) -> None:
+    tag = uuid.uuid4().hex[:12]
+    with Comfy(api_key=KEY) as client:
+        first = client.submit(client.workflows.from_json(image_only(batch=1, color=1)),
+                              metadata={"suite": tag})
+        second = client.submit(client.workflows.from_json(image_only(batch=1, color=2)),
+                               metadata={"suite": tag, "n": "2"})
+        assert second.metadata == {"suite": tag, "n": "2"}
+        listed = list(client.list_jobs(metadata={"suite": tag}))
+        assert [s.id for s in listed] == [second.id, first.id]
+        paged = list(client.list_jobs(metadata={"suite": tag}, limit=1))
+        assert [s.id for s in paged] == [second.id, first.id]
+        assert [s.id for s in client.list_jobs(metadata={"suite": tag, "n": "2"})] == [second.id]
+        assert listed[0].metadata == {"suite": tag, "n": "2"}
+        first.wait(timeout=120)
+        second.wait(timeout=120)
+
+
+def test_cancel_a_running_job(base_url: str) -> None:
+    with Comfy(api_key=KEY) as client:
+        job = client.submit(client.workflows.from_json(long_graph(seed=23)))
+        wait_until(lambda: job.refresh().status == "running", "the job to run")
+        job.cancel()
+        assert job.status in ("canceling", "canceled")
+        job.wait(timeout=120)
+        assert job.status == "canceled"
+        assert job.cancel().status == "canceled"  # idempotent on a finished job
+
+
+def test_another_key_sees_nothing_and_bad_input_raises_typed_errors(base_url: str) -> None:
+    with Comfy(api_key=KEY) as owner, Comfy(api_key=OTHER_KEY) as other:
+        job = owner.submit(owner.workflows.from_json(image_only(batch=1, color=3)))
+        with pytest.raises(NotFound):
+            other.jobs.get(job.id)
+        assert job.id not in {s.id for s in other.list_jobs()}
+        job.wait(timeout=120)
+
+        broken = image_only(batch=1)
+        del broken["3"]["inputs"]["images"]
+        with pytest.raises(InvalidWorkflow) as invalid:
+            owner.submit(owner.workflows.from_json(broken))
+        assert "3" in str(invalid.value) and "images" in str(invalid.value)
+
+        ghost = owner.workflows.from_json(invert_graph())
+        ghost.set_input(LOAD, "image", {"__type": "core/ASSET", "info": {"id": str(uuid.uuid4())}})
+        with pytest.raises(MissingAsset):
+            owner.submit(ghost)
+
+
+@pytest.mark.anyio
+async def test_async_flow(base_url: str, tmp_path: Path) -> None:
+    color = random_color()
+    photo = write_png(tmp_path / "async.png", color)
+    async with AsyncComfy(api_key=KEY) as client:
+        wf = client.workflows.from_json(invert_graph("v2sdk-async"))
+        asset = client.assets.from_file(photo)
+        wf.set_input(LOAD, "image", asset)
+        job = await client.run(wf, timeout=180)
+        (out,) = job.get_outputs(SAVE)
+        assert is_inverted(await out.to_bytes(), color)
+
+        again = client.assets.from_file(photo)
+        wf2 = client.workflows.from_json(invert_graph("v2sdk-async2"))
+        wf2.set_input(LOAD, "image", again)
+        job2 = await client.submit(wf2)
+        assert again.created_new is False and again.hash == asset.hash
+        seen = [e async for e in job2.events()]
+        assert seen[-1].status == "succeeded"  # type: ignore[union-attr]
+        await job2.wait(timeout=60)
+        assert is_inverted(await job2.get_outputs(SAVE)[0].to_bytes(), color)
+        assert (await job2.get_workflow()).format == "api"
+        assert job2.id in [s.id async for s in client.list_jobs(limit=5)]
+
+        long = await client.submit(client.workflows.from_json(long_graph(seed=29)))
+        await long.cancel()
+        await long.wait(timeout=120)
+        assert long.status == "canceled"
