@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
 
+from comfy_embed.config import Settings
 from comfy_embed.errors import InvalidParameter, StorageError, TaskRunning
 from comfy_embed.events import FINAL
+from comfy_embed.runtime import Engine
 from comfy_embed.storage import Credentials
 from comfy_embed.taskid import valid_task_id
 from comfy_embed.tasklog.expiry import (
@@ -33,11 +35,9 @@ from comfy_embed.tasklog.expiry import (
     task_expires_at,
     write_policy,
 )
+from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasklog.retention import sweep
 from comfy_embed.tasklog.tombstone import Folders, Removal, bury
-
-if TYPE_CHECKING:
-    from comfy_embed.service.lifecycle import TaskService
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,24 @@ __all__ = ["Retention"]
 _CANCEL_WAIT = 30.0
 
 
+class _Service(Protocol):
+    """What Retention uses of its TaskService (lifecycle.py, which imports this)."""
+
+    settings: Settings
+    tasklog: TaskLog
+    engine: Engine
+
+    async def may_access(self, task_id: str, owner_key: str | None) -> bool: ...
+
+    async def cancel(self, task_id: str) -> str: ...
+
+    def handle(self, task_id: str) -> Any: ...
+
+
 class Retention:
     """A service's retention work: policies, ``expires_at``, sweeps, deletes."""
 
-    def __init__(self, service: "TaskService") -> None:
+    def __init__(self, service: _Service) -> None:
         self.service = service
         s = service.settings
         hours = s.tasklog.retention_hours
