@@ -246,3 +246,20 @@ def test_default_places_follow_the_checkout() -> None:
     pinned = subprocess.run(["git", "ls-tree", "HEAD", "vendor/ComfyUI"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.split()
     assert pinned[1:3] == ["commit", places.COMFYUI_COMMIT]
+
+
+def test_an_installed_wheel_finds_comfyui_in_the_cache_folder(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a checkout, COMFY_EMBED_CACHE_DIR moves the ComfyUI that
+    install-comfyui put there, unless COMFY_EMBED_COMFYUI_DIR names another."""
+    monkeypatch.setattr(places, "CHECKOUT", False)
+    moved = Settings.from_env({"COMFY_EMBED_CACHE_DIR": "/c"})
+    assert moved.comfy.comfyui_dir == Path("/c/ComfyUI")
+    named = {"COMFY_EMBED_CACHE_DIR": "/c", "COMFY_EMBED_COMFYUI_DIR": "/opt/ComfyUI"}
+    assert Settings.from_env(named).comfy.comfyui_dir == Path("/opt/ComfyUI")
+    monkeypatch.setenv("COMFY_EMBED_COMFYUI_DIR", "/opt/ComfyUI")
+    assert Settings(cache_dir="/c").comfy.comfyui_dir == Path("/opt/ComfyUI")  # type: ignore[arg-type]
+    assert Settings(cache_dir="/c").replace(port=1).comfy.comfyui_dir == Path("/opt/ComfyUI")  # type: ignore[arg-type]
+    monkeypatch.setattr(places, "CHECKOUT", True)
+    assert Settings.from_env({"COMFY_EMBED_CACHE_DIR": "/c"}).comfy.comfyui_dir == (
+        ROOT / "vendor" / "ComfyUI")

@@ -153,14 +153,23 @@ def test_the_page_the_readme_points_at_is_served(served: tuple[str, int]) -> Non
     assert "comfy-embed playground" in page.text
 
 
-def test_library_snippet_runs_as_written() -> None:
+def test_library_snippet_runs_as_written(tmp_path: Path) -> None:
+    """From a folder outside the checkout, as in someone else's project; the
+    base folder comes from the environment although the snippet passes a
+    Settings of its own (keywords and COMFY_EMBED_* merge). CI runs the same
+    snippet against the built wheel in a fresh environment (scripts/wheel-check)."""
     snippet = readme_blocks()["library"]
-    out = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, env=clean_env(),
+    assert "comfy_embed/" not in snippet  # nothing read from the checkout's files
+    env = clean_env(COMFY_EMBED_BASE_DIR=str(tmp_path / "data"))
+    out = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     status, rest = out.stdout.strip().splitlines()[-1].split(" ", 1)
     assert status == "success"
     assert re.match(r"\{'3': \d+\} ComfyUI_\d{5}_\.png$", rest), rest
+    name = rest.rsplit(" ", 1)[1]
+    (written,) = (tmp_path / "data" / "output").rglob(name)  # in the task's own folder
+    assert written.read_bytes().startswith(PNG)
 
 
 def test_cli_command_runs_as_written(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from comfy_embed.version import __version__
+
 __all__ = ["document", "routes"]
 
 _DOCS = Path(__file__).resolve().parent / "static" / "docs"
@@ -151,6 +153,8 @@ _SCHEMAS: dict[str, Any] = {
                     "results": {"type": "array", "items": _ref("Result")},
                     "outputs": {"type": "object"},
                     "execution_time": {"type": "number"},
+                    "expires_at": {"type": ["string", "null"], "format": "date-time",
+                                   "description": "When the task's data is deleted (UTC)."},
                     "error": _ref("Error"),
                     "report": _ref("Report"),
                 },
@@ -159,6 +163,10 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Accepted": {"type": "object", "required": ["task_id"],
                  "properties": {"task_id": {"type": "string"}}},
+    "DeleteAnswer": {"type": "object", "required": ["task_id", "status"], "properties": {
+        "task_id": {"type": "string"}, "status": {"enum": ["deleted", "unknown"]},
+        "files": {"type": "integer"}, "bytes": {"type": "integer"},
+        "objects": {"type": "object"}}},
     "CancelAnswer": {"type": "object", "required": ["task_id", "status"], "properties": {
         "task_id": {"type": "string"},
         "status": {"enum": ["cancelling", "requested", "done", "unknown"]}}},
@@ -178,6 +186,8 @@ _RUN_ERRORS = {
     "401": _final("API keys are configured and none, or a wrong one, was sent.", True),
     "409": _final("Cancelled (`execution_interrupted`), or the task id belongs to another "
                   "API key or names an existing output folder (`task_id_conflict`).", True),
+    "410": _final("The task id names a deleted task (`task_deleted`): it does not run again.",
+                  True),
     "413": _final("Body over the size limit.", True),
     "422": _final("Unusable image input.", True),
     "429": _final("Queue full; see `Retry-After`.", True),
@@ -235,6 +245,12 @@ def _run_paths(p: str) -> dict[str, Any]:
                        "JPEG/WebP quality."),
                 _query("webhook", {"type": "string", "format": "uri"},
                        "Deliver the task's end (signed) to this URL."),
+                _query("ttl", {"type": "integer", "minimum": 0},
+                       "Delete the task this many seconds after it ends (at most the "
+                       "server's COMFY_EMBED_MAX_TTL and retention period)."),
+                _query("keep", {"enum": ["all", "nothing"]},
+                       "`nothing`: delete inputs and outputs once the answer is delivered, "
+                       "keeping only their hashes and sizes."),
                 _query("webhook_events", {"type": "string"}, "Comma-separated events to deliver."),
                 _header("X-Fc-Async-Task-Id", "Task id (first present of these four)."),
                 _header("X-Fc-Trace-Id", "Task id."),
@@ -283,6 +299,19 @@ def _task_paths(p: str) -> dict[str, Any]:
                 "202": _json(_ref("CancelAnswer"), "Requested from the instance that runs it."),
                 "404": _json(_ref("CancelAnswer"), "Unknown task."),
                 "409": _json(_ref("CancelAnswer"), "Already done."),
+                **_BAD_PARAM,
+            },
+        }},
+        f"{p}/task": {"delete": {
+            "summary": "Delete a task now",
+            "description": "Cancels it if it runs, deletes its inputs, outputs (and uploads, "
+                           "with COMFY_EMBED_DELETE_OBJECTS), webhook state and events; a "
+                           "tombstone answers later status calls and retries (410).",
+            "parameters": [_TASK_Q],
+            "responses": {
+                "200": _json(_ref("DeleteAnswer"), "Deleted (again: nothing more to do)."),
+                "404": _json(_ref("DeleteAnswer"), "Unknown task, or another API key's."),
+                "409": _final("Still running after its cancel: retry."),
                 **_BAD_PARAM,
             },
         }},
@@ -383,7 +412,7 @@ def _page_paths() -> dict[str, Any]:
     }
 
 
-def document(version: str = "0.1.0") -> dict[str, Any]:
+def document(version: str = __version__) -> dict[str, Any]:
     """The OpenAPI 3.1 document (a new dict each call)."""
     return {
         "openapi": "3.1.0",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from comfy_embed.config import places
 from comfy_embed.config.places import CACHE_DIR, default_base_dir, default_comfyui_dir
 from comfy_embed.config.rules import (
     MB,
@@ -73,6 +74,16 @@ class ComfySettings(_Group):
     #: node); the last one before the end of a run is always sent.
     progress_interval: float = 0.5
 
+    @model_validator(mode="after")
+    def _comfyui_in_cache(self) -> ComfySettings:
+        # An installed wheel's ComfyUI is where install-comfyui put it: in the
+        # cache folder, which COMFY_EMBED_CACHE_DIR moves. Not recorded as set,
+        # so a variable still fills it in (Settings merges field by field).
+        if not places.CHECKOUT and {"cache_dir", "comfyui_dir"} & self.model_fields_set == {
+                "cache_dir"}:
+            object.__setattr__(self, "comfyui_dir", places.installed_comfyui(self.cache_dir))
+        return self
+
     @property
     def models_path(self) -> Path:
         return (self.models_dir or self.base_dir / "models").resolve()
@@ -123,6 +134,13 @@ class InputSettings(_Group):
     max_media_seconds: float = 600.0
     fetch_timeout: float = 20.0
     max_redirects: int = 5
+    #: Most URL inputs (http(s), oss://, s3://) one request may name.
+    max_url_inputs: int = 16
+    #: Most bytes one request's URL and inline inputs may bring, all together.
+    max_request_input_bytes: int = 200 * MB
+    #: URL inputs fetched at once by an instance, all requests together
+    #: (each streams to a file of the input folder, never whole in memory).
+    fetch_concurrency: int = 8
     #: Hosts / CIDRs that URL inputs may reach even if private or loopback.
     url_allowlist: tuple[str, ...] = ()
 
