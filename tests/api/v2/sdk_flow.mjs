@@ -1,7 +1,7 @@
 // The documented flow of the official TypeScript SDK (@comfyorg/sdk), run
 // unchanged by node against a real comfy-embed server. The SDK reads its
-// target and key from COMFY_BASE_URL and COMFY_API_KEY, as its README says;
-// COMFY_SDK_ENTRY is the installed package's entry file (scripts/node puts
+// target from COMFY_BASE_URL and takes the key as `new Comfy({ apiKey })`, as
+// its README says (the key comes from COMFY_API_KEY here); COMFY_SDK_ENTRY is the installed package's entry file (scripts/node puts
 // it outside the repository). Arguments: photo.png, workflow_api.json (its
 // node "1" is a LoadImage, "3" a SaveImage), a long workflow to cancel, and
 // a folder for the outputs. Prints one JSON summary line on stdout; the
@@ -12,7 +12,7 @@ import { pathToFileURL } from "node:url";
 
 const { Comfy } = await import(pathToFileURL(process.env.COMFY_SDK_ENTRY).href);
 const [photo, workflowPath, longPath, outDir] = process.argv.slice(2);
-const client = new Comfy();
+const client = new Comfy({ apiKey: process.env.COMFY_API_KEY });
 
 // run: a workflow from a file, an asset from a file set on an input.
 const wf = await client.workflows.fromFile(workflowPath);
