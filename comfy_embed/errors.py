@@ -68,7 +68,8 @@ class WorkflowInvalid(ComfyEmbedError):
     #: (tests/api/test_errors.py checks the code raises no other).
     TYPES: ClassVar[frozenset[str]] = frozenset({
         "invalid_prompt", "invalid_json", "invalid_task_id", "invalid_output_format",
-        "too_many_nodes", "node_denied", "output_too_large", "prompt_no_outputs", "prompt_outputs_failed_validation",
+        "too_many_nodes", "node_denied", "output_too_large", "too_many_url_inputs",
+        "prompt_no_outputs", "prompt_outputs_failed_validation",
     })
 
     def __init__(self, message: str, *, type: str | None = None, **kw: Any) -> None:

@@ -91,6 +91,8 @@ RULES: dict[str, _Rule] = {
     "sse_keepalive": _number(0, closed=False),
     "max_image_bytes": _number(1), "max_image_pixels": _number(1),
     "fetch_timeout": _number(0, closed=False), "max_redirects": _number(0, 100),
+    "max_url_inputs": _number(0), "max_request_input_bytes": _number(1),
+    "fetch_concurrency": _number(1, 1024),
     "oss_link_expire": _number(1), "s3_link_expire": _number(1),
     "device": _one_of("auto", "cuda", "cpu"),
     "cache": ((lambda v: v in ("classic", "none") or (v.startswith("lru:") and v[4:].isdigit())),

@@ -13,13 +13,16 @@ name in ``<input>/serverless/``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import logging
 import os
 import re
 import tempfile
+import weakref
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -31,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from comfy_embed.config import Settings
 from comfy_embed.errors import ImageInputError, InputPathInvalid
 from comfy_embed.inputs import media
+from comfy_embed.prepare.pipeline import InputBudget
 from comfy_embed.storage import Readers, input_readers
 
 if TYPE_CHECKING:
@@ -127,9 +131,12 @@ class ImageFetcher:
         self.on_fetched = on_fetched
         self.input_dir = Path(input_dir).resolve()
         self.readers = readers if readers is not None else input_readers(settings)
+        self._limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                                  anyio.CapacityLimiter] = weakref.WeakKeyDictionary()
 
     async def materialise(self, value: str, credentials: "Credentials | None" = None,
-                          kind: str = "image", folder: str | None = None) -> str:
+                          kind: str = "image", folder: str | None = None,
+                          budget: InputBudget | None = None) -> str:
         """Return the string to put in the workflow's ``image`` input (or
         audio / video input, with ``kind``).
 
@@ -137,13 +144,12 @@ class ImageFetcher:
         ``s3://`` and base64 are fetched or decoded, verified and written to
         ``serverless/[<folder>/]<sha256>.<ext>``, which is returned. A
         per-task ``folder`` keeps one caller's images out of another's reach.
+        Bytes fetched or decoded are charged to ``budget`` (the request's).
         """
         scheme = self.readers.scheme(value)
         if scheme is not None:
-            data = await self.readers.read(value, credentials,
-                                           max_bytes=self.settings.inputs.max_image_bytes)
-            source = "url" if scheme in ("http", "https") else scheme
-        elif value[:5].lower() == "data:":
+            return await self._fetch(value, scheme, credentials, kind, folder, budget)
+        if value[:5].lower() == "data:":
             data, source = self._decode_data_uri(value), "base64"
         elif _looks_base64(value) or (kind != "image" and media.looks_base64(value)):
             data, source = self._decode_base64(value.strip(), f"base64 {kind}"), "base64"
@@ -151,9 +157,58 @@ class ImageFetcher:
             check_name_text(value)  # bounded and linear, before a thread or a path lookup
             await anyio.to_thread.run_sync(self._check_name, value)
             return value
+        if budget is not None:
+            budget.charge(len(data))
         if self.on_fetched is not None:
             self.on_fetched(source, len(data))
         return await anyio.to_thread.run_sync(self._store, data, _describe(value, kind), kind, folder)
+
+    async def _fetch(self, url: str, scheme: str, credentials: "Credentials | None", kind: str,
+                     folder: str | None, budget: InputBudget | None) -> str:
+        """Read ``url`` into a temporary file of its folder, hashing as it
+        arrives, then verify the file and give it its content-hash name.
+
+        At most ``fetch_concurrency`` reads run at once on this instance
+        (all requests together), and no body is ever whole in memory: many
+        URL inputs cost disk (each at most ``max_image_bytes``), not RAM.
+        """
+        relative = f"{SUBFOLDER}/{folder}" if folder else SUBFOLDER
+        directory = self.input_dir / relative
+        async with self._limiter():
+            await anyio.to_thread.run_sync(functools.partial(directory.mkdir, parents=True,
+                                                             exist_ok=True))
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+            size = 0
+            digest = hashlib.sha256()
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    def write(chunk: bytes) -> None:
+                        nonlocal size
+                        if budget is not None:
+                            budget.charge(len(chunk))
+                        size += len(chunk)
+                        digest.update(chunk)
+                        f.write(chunk)
+
+                    await self.readers.read_into(url, credentials, write=write,
+                                                 max_bytes=self.settings.inputs.max_image_bytes)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        if self.on_fetched is not None:
+            self.on_fetched("url" if scheme in ("http", "https") else scheme, size)
+        return await anyio.to_thread.run_sync(self._store_file, Path(tmp), digest.hexdigest(),
+                                              _describe(url, kind), kind, relative)
+
+    def _limiter(self) -> anyio.CapacityLimiter:
+        """The running loop's limiter of concurrent fetches (a limiter
+        belongs to one loop; ``run_workflow`` runs one loop per call)."""
+        loop = asyncio.get_running_loop()
+        limiter = self._limiters.get(loop)
+        if limiter is None:
+            limiter = self._limiters[loop] = anyio.CapacityLimiter(
+                self.settings.inputs.fetch_concurrency)
+        return limiter
 
     async def aclose(self) -> None:
         """Close the running loop's HTTP client (a later fetch opens another)."""
@@ -215,14 +270,27 @@ class ImageFetcher:
         logger.debug("materialised %s as %s/%s", source, relative, name)
         return f"{relative}/{name}"
 
-    def _verify(self, data: bytes, source: str) -> str:
+    def _store_file(self, tmp: Path, digest: str, source: str, kind: str, relative: str) -> str:
+        """Verify the fetched file ``tmp`` and rename it to its content-hash
+        name in its folder (in a thread); ``tmp`` is gone either way."""
+        try:
+            ext = (self._verify(tmp, source) if kind == "image"
+                   else media.probe(tmp, kind, source, self.settings))
+            name = f"{digest}.{ext}"
+            os.replace(tmp, tmp.parent / name)  # content-addressed: same name, same bytes
+        finally:
+            tmp.unlink(missing_ok=True)
+        logger.debug("materialised %s as %s/%s", source, relative, name)
+        return f"{relative}/{name}"
+
+    def _verify(self, data: bytes | Path, source: str) -> str:
         """Return the file extension for ``data``, or raise if it is not a usable image."""
         limit = self.settings.inputs.max_image_pixels
         try:
             # Image.open reads only the header, so the size check comes before
             # any pixel is decoded. Pillow's own bomb check (Image.MAX_IMAGE_PIXELS)
             # is process-wide and left alone; its error/warning is caught below.
-            with Image.open(BytesIO(data), formats=_FORMATS) as im:
+            with Image.open(_opened(data), formats=_FORMATS) as im:
                 width, height = im.size
                 frames = getattr(im, "n_frames", 1)
                 fmt = im.format or ""
@@ -233,7 +301,7 @@ class ImageFetcher:
                         + (f"x{frames} frames" if frames > 1 else "")
                         + f" is over the {limit} pixel limit")
                 im.verify()
-            with Image.open(BytesIO(data), formats=_FORMATS) as im:
+            with Image.open(_opened(data), formats=_FORMATS) as im:
                 im.load()
         except ImageInputError:
             raise
@@ -245,6 +313,11 @@ class ImageFetcher:
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageInputError(f"{source}: broken image data ({e})") from None
         return _EXT.get(fmt, fmt.lower())
+
+
+def _opened(data: bytes | Path) -> BytesIO | Path:
+    """What Pillow opens: bytes in memory, or a file by its path."""
+    return BytesIO(data) if isinstance(data, bytes) else data
 
 
 def _describe(value: str, kind: str = "image") -> str:

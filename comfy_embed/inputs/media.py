@@ -13,6 +13,7 @@ import base64
 import binascii
 import re
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from comfy_embed.config import Settings
@@ -69,11 +70,16 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def probe(data: bytes, kind: str, source: str, settings: Settings) -> str:
-    """Check that ``data`` is real ``kind`` ("audio" or "video") within the
-    limits (duration, frame size); return the file extension to store it under.
-    Raises ImageInputError (the input-error type for every media kind)."""
-    container = sniff(data)
+def probe(data: bytes | Path, kind: str, source: str, settings: Settings) -> str:
+    """Check that ``data`` (bytes, or a file) is real ``kind`` ("audio" or
+    "video") within the limits (duration, frame size); return the file
+    extension to store it under. Raises ImageInputError (the input-error
+    type for every media kind)."""
+    if isinstance(data, Path):
+        with open(data, "rb") as f:
+            container = sniff(f.read(16))
+    else:
+        container = sniff(data)
     allowed = _AUDIO_CONTAINERS if kind == "audio" else _VIDEO_CONTAINERS
     if container is None or container not in allowed:
         names = ", ".join(_CONTAINERS[c][1] for c in allowed)
@@ -82,7 +88,7 @@ def probe(data: bytes, kind: str, source: str, settings: Settings) -> str:
     import av  # FFmpeg; imported here so that image-only use never loads it
 
     try:
-        with av.open(BytesIO(data), mode="r", format=demuxer) as box:
+        with av.open(_opened(data), mode="r", format=demuxer) as box:
             streams = box.streams.audio if kind == "audio" else box.streams.video
             if not streams:
                 raise ImageInputError(f"{source}: the {container} file has no {kind} stream")
@@ -117,11 +123,16 @@ def _duration(box: Any, stream: Any) -> float | None:
     return None
 
 
-def _webm_codecs(data: bytes) -> bool:
+def _opened(data: bytes | Path) -> BytesIO | str:
+    """What FFmpeg opens: bytes in memory, or a file by its path."""
+    return BytesIO(data) if isinstance(data, bytes) else str(data)
+
+
+def _webm_codecs(data: bytes | Path) -> bool:
     """WebM proper carries only VP8/VP9/AV1 and Vorbis/Opus; other Matroska
     files keep the .mkv extension so that players and nodes open them right."""
     import av
 
-    with av.open(BytesIO(data), mode="r", format="matroska,webm") as box:
+    with av.open(_opened(data), mode="r", format="matroska,webm") as box:
         names = {s.codec_context.name for s in box.streams if s.codec_context is not None}
     return names <= {"vp8", "vp9", "av1", "vorbis", "opus"}

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 import anyio
 
 from comfy_embed.config import Settings
-from comfy_embed.errors import ImageInputError
+from comfy_embed.errors import ImageInputError, WorkflowInvalid, node_error
 from comfy_embed.assets.store import AssetStore
 from comfy_embed.observe.report import TaskReport, loader_nodes
 from comfy_embed.prepare.assetrefs import asset_refs, resolve_assets
@@ -41,8 +41,11 @@ from comfy_embed.prepare.graph import (
 )
 from comfy_embed.storage.credentials import Credentials
 
-__all__ = ["INLINE_VALIDATION_NODES", "InputFetcher", "NodeCatalog", "Prepared", "Preparer",
-           "WriteGate"]
+__all__ = ["INLINE_VALIDATION_NODES", "InputBudget", "InputFetcher", "NodeCatalog", "Prepared",
+           "Preparer", "WriteGate"]
+
+#: Schemes of URL inputs (what a fetcher reads over the network or from a store).
+_URL_SCHEMES = ("http://", "https://", "oss://", "s3://")
 
 #: Graphs up to this many nodes are validated on the event loop, as native
 #: ComfyUI validates every graph. ComfyUI's check is pure Python (tens of
@@ -93,12 +96,30 @@ class NodeCatalog(Protocol):
         ...
 
 
+class InputBudget:
+    """The bytes one request's inputs may bring in all, charged as they
+    arrive; over it, ImageInputError (every input of the request shares one)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def charge(self, size: int) -> None:
+        """Count ``size`` more bytes; ImageInputError once over the limit."""
+        self.used += size
+        if self.used > self.limit:
+            raise ImageInputError(f"the request's inputs are over {self.limit} bytes in all "
+                                  "(COMFY_EMBED_MAX_REQUEST_INPUT_BYTES)")
+
+
 class InputFetcher(Protocol):
     """Turns a media input's value (URL, ``oss://``, base64, file name) into
-    a checked file name in the input folder; ImageInputError when it cannot."""
+    a checked file name in the input folder; ImageInputError when it cannot.
+    The bytes it brings are charged to ``budget``."""
 
     async def materialise(self, value: str, credentials: Credentials | None = None,
-                          kind: str = "image", folder: str | None = None) -> str: ...
+                          kind: str = "image", folder: str | None = None,
+                          budget: InputBudget | None = None) -> str: ...
 
 
 class WriteGate:
@@ -232,15 +253,17 @@ class Preparer:
         refs = list(media_inputs(prompt, self.nodes.input_specs) if refs is None else refs)
         if not refs:
             return
+        self._check_url_count(refs)
         if self._on_inputs is not None:
             self._on_inputs(folder)
         fetcher = self._fetcher()
         errors: list[ImageInputError] = []
+        budget = InputBudget(self.settings.inputs.max_request_input_bytes)
 
         async def one(node_id: str, class_type: str, name: str, value: str, kind: str) -> None:
             try:
                 prompt[node_id]["inputs"][name] = await fetcher.materialise(
-                    value, credentials, kind=kind, folder=folder)
+                    value, credentials, kind=kind, folder=folder, budget=budget)
             except ImageInputError as e:
                 errors.append(e.at(node_id, class_type, name, value))
 
@@ -252,6 +275,21 @@ class Preparer:
             for other in errors[1:]:
                 first.node_errors.update(other.node_errors)
             raise first
+
+    def _check_url_count(self, refs: list[MediaRef]) -> None:
+        """Refuse, before anything is fetched, a request naming more URL
+        inputs than ``max_url_inputs`` (each may bring up to the input cap)."""
+        limit = self.settings.inputs.max_url_inputs
+        urls = [ref for ref in refs if ref[3][:8].lower().startswith(_URL_SCHEMES)]
+        if len(urls) <= limit:
+            return
+        errors: dict[str, Any] = {}
+        for node_id, class_type, name, value, _ in urls:
+            errors.update(node_error(node_id, class_type, name, "one of too many URL inputs",
+                                     value[:200], type="too_many_url_inputs"))
+        raise WorkflowInvalid(f"the workflow names {len(urls)} URL inputs; the limit is {limit} "
+                              "(COMFY_EMBED_MAX_URL_INPUTS)", type="too_many_url_inputs",
+                              node_errors=errors)
 
     async def validate(self, prompt: dict[str, Any], prompt_id: str,
                        targets: list[str] | None = None) -> Validated:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import anyio
 import httpx
@@ -28,7 +28,10 @@ from comfy_embed.net import AddressPolicy, HttpClients, follow
 from comfy_embed.storage.base import Store
 from comfy_embed.storage.credentials import Credentials
 
-__all__ = ["Reader", "Readers", "HttpReader", "OssReader", "S3Reader", "input_readers"]
+__all__ = ["Reader", "Readers", "HttpReader", "OssReader", "S3Reader", "input_readers", "Write"]
+
+#: Takes each chunk of a body as it arrives (may raise to stop the read).
+Write = Callable[[bytes], None]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,20 @@ class Readers:
             raise ImageInputError(f"{url}: no reader for this kind of URL")
         return await self._readers[scheme].read(url, credentials, max_bytes)
 
+    async def read_into(self, url: str, credentials: Credentials | None = None, *,
+                        max_bytes: int, write: Write) -> None:
+        """The bytes ``url`` names, handed to ``write`` as they arrive (an
+        HTTP body is never held whole in memory), refused once over ``max_bytes``."""
+        scheme = self.scheme(url)
+        if scheme is None:
+            raise ImageInputError(f"{url}: no reader for this kind of URL")
+        reader = self._readers[scheme]
+        streaming = getattr(reader, "read_into", None)
+        if streaming is not None:
+            await streaming(url, credentials, max_bytes, write)
+        else:
+            write(await reader.read(url, credentials, max_bytes))
+
     async def aclose(self) -> None:
         """Close what the readers hold for the running loop (HTTP clients)."""
         for reader in {id(r): r for r in self._readers.values()}.values():
@@ -91,12 +108,19 @@ class HttpReader:
 
     async def read(self, url: str, credentials: Credentials | None, max_bytes: int) -> bytes:
         """The body of ``url``'s 200 answer (``credentials`` are not sent)."""
+        chunks: list[bytes] = []
+        await self.read_into(url, credentials, max_bytes, chunks.append)
+        return b"".join(chunks)
+
+    async def read_into(self, url: str, credentials: Credentials | None, max_bytes: int,
+                        write: Write) -> None:
+        """The body of ``url``'s 200 answer, chunk by chunk into ``write``."""
         try:
             with anyio.fail_after(self.timeout):
                 async with follow(self._clients.get(), self._policy, url,
                                   max_redirects=self.max_redirects, error=ImageInputError,
                                   headers={"Accept": "image/*"}) as (final, response):
-                    return await _read_capped(response, final, max_bytes)
+                    await _read_capped(response, final, max_bytes, write)
         except (TimeoutError, httpx.TimeoutException):
             raise ImageInputError(f"{url}: timed out after {self.timeout:g}s") from None
         except httpx.HTTPError as e:
@@ -107,18 +131,17 @@ class HttpReader:
         await self._clients.aclose()
 
 
-async def _read_capped(response: httpx.Response, url: str, cap: int) -> bytes:
+async def _read_capped(response: httpx.Response, url: str, cap: int, write: Write) -> None:
+    # A declared length over the cap is refused before a byte of the body is read.
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
         raise ImageInputError(f"{url}: {declared} bytes is over the {cap} byte limit")
-    chunks: list[bytes] = []
     total = 0
     async for chunk in response.aiter_bytes(_CHUNK):
         total += len(chunk)
         if total > cap:  # the body may be longer than declared, or undeclared
             raise ImageInputError(f"{url}: over the {cap} byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        write(chunk)
 
 
 class _StoreReader:

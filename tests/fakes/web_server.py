@@ -37,6 +37,19 @@ Image.new("RGB", (5, 5), "blue").save(JPEG_BUF, "JPEG")
 JPEG = JPEG_BUF.getvalue()
 
 
+def noise_png(side: int = 150, seed: int = 7) -> bytes:
+    """A PNG of random pixels: about 3 bytes a pixel whatever the compression."""
+    import random
+
+    rng = random.Random(seed)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (side, side), rng.randbytes(side * side * 3)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+NOISE = noise_png()
+
+
 class Web:
     """Routes of the test web server; ``requests`` records (host header, path)."""
 
@@ -44,6 +57,21 @@ class Web:
         self.release = threading.Event()  # lets the slow handler finish at teardown
         self.requests: list[tuple[str, str]] = []
         self.base = ""
+        #: ``/held*`` requests being answered now, and the most at once.
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self._lock = threading.Lock()
+        #: Bytes of body written by ``/endless`` and ``/huge-declared.png`` answers.
+        self.streamed = 0
+
+    def enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
 
 def _serve(web: Web, host: str) -> ThreadingHTTPServer:
@@ -78,6 +106,25 @@ def _serve(web: Web, host: str) -> ThreadingHTTPServer:
                 self._send(200, b"\0" * 50_000)
             elif p == "/big-undeclared.png":  # HTTP/1.0: body ends when the connection closes
                 self._send(200, PNG + b"\0" * 50_000, length=False)
+            elif p.startswith("/noise.png"):
+                self._send(200, NOISE)
+            elif p.startswith("/held"):  # held open a moment, to overlap with others
+                web.enter()
+                try:
+                    web.release.wait(0.4)
+                    self._send(200, PNG)
+                finally:
+                    web.leave()
+            elif p in ("/endless", "/huge-declared.png"):
+                # Zeros until the client hangs up (declared as 1 GB, or undeclared).
+                headers = {"Content-Length": "1000000000"} if p != "/endless" else {}
+                self._send(200, b"", headers=headers, length=False)
+                try:
+                    for _ in range(100_000):
+                        self.wfile.write(b"\0" * 65536)
+                        web.streamed += 65536
+                except OSError:
+                    pass
             elif p == "/text":
                 self._send(200, b"hello, not an image", "text/plain")
             elif p == "/bomb.png":

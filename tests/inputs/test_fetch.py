@@ -95,7 +95,8 @@ async def test_url_failures(web: Web, input_dir: Path, path: str, match: str) ->
     with pytest.raises(ImageInputError, match=match) as info:
         await fetcher(input_dir, max_image_bytes=10_000).materialise(url)
     assert url in str(info.value) or path == "/loop"
-    assert not (input_dir / "serverless").exists()
+    # Nothing left on disk: the partial download is removed (its folder may stay).
+    assert not [p for p in (input_dir / "serverless").rglob("*") if not p.is_dir()]
 
 
 @pytest.mark.anyio

@@ -17,7 +17,7 @@ from comfy_embed.errors import ImageInputError, WorkflowInvalid
 from comfy_embed.observe.report import TaskReport
 from comfy_embed.prepare import pipeline
 from comfy_embed.prepare.options import DEFAULT_OPTIONS, RunOptions
-from comfy_embed.prepare.pipeline import Preparer, WriteGate
+from comfy_embed.prepare.pipeline import InputBudget, Preparer, WriteGate
 from comfy_embed.storage.credentials import Credentials
 
 pytestmark = pytest.mark.anyio
@@ -61,8 +61,11 @@ class Fetcher:
         self.calls: list[tuple[str, Any, str, str | None]] = []
 
     async def materialise(self, value: str, credentials: Credentials | None = None,
-                          kind: str = "image", folder: str | None = None) -> str:
+                          kind: str = "image", folder: str | None = None,
+                          budget: InputBudget | None = None) -> str:
         self.calls.append((value, credentials, kind, folder))
+        if budget is not None:
+            budget.charge(len(value))
         if value.startswith("bad"):
             raise ImageInputError(f"cannot read {value}")
         return f"serverless/{folder}/{value.rsplit('/', 1)[-1]}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -13,7 +15,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import image_only
-from tests.fakes.web_server import make_png
+from tests.fakes.web_server import NOISE, Web, make_png, serve_web
 from tests.servers import Server
 
 API = "/api/serverless"
@@ -117,3 +119,92 @@ def test_3_output_bytes_are_bounded_at_validation(server: Server) -> None:
     assert r.status_code == 400, r.text
     assert r.json()["data"]["error"]["type"] == "output_too_large"
     assert_serves(server)
+
+
+# ------------------------------------------------------------------ item 2
+@pytest.fixture(scope="module")
+def web() -> Iterator[Web]:
+    with serve_web() as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def fetching(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = Server(tmp_path_factory.mktemp("fetching"), url_allowlist="127.0.0.1",
+               max_url_inputs=4, max_image_bytes=100_000, max_request_input_bytes=150_000,
+               fetch_concurrency=2)
+    try:
+        yield s.wait_ready()
+    finally:
+        s.stop()
+
+
+def loaders(*urls: str) -> dict[str, Any]:
+    """One LoadImage per URL; only the first reaches an output (the others
+    need not: they are fetched all the same)."""
+    g: dict[str, Any] = {str(i + 1): {"class_type": "LoadImage", "inputs": {"image": url}}
+                         for i, url in enumerate(urls)}
+    g["99"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "x", "images": ["1", 0]}}
+    return g
+
+
+def left_in_inputs(server: Server) -> list[Path]:
+    folder = server.output_dir.parent / "input" / "serverless"
+    return [p for p in folder.rglob("*") if not p.is_dir()] if folder.exists() else []
+
+
+def test_2_too_many_url_inputs_are_refused_before_any_fetch(fetching: Server, web: Web) -> None:
+    # 400 URL inputs used to be admitted (each buffered up to 50 MB at once).
+    urls = [f"{web.base}/noise.png?many={i}" for i in range(5)]
+    r = fetching.run(loaders(*urls))
+    assert r.status_code == 400, r.text
+    err = r.json()["data"]["error"]
+    assert err["type"] == "too_many_url_inputs" and "MAX_URL_INPUTS" in err["message"]
+    assert "5 URL inputs" in err["message"] and set(err["node_errors"]) == {"1", "2", "3", "4", "5"}
+    assert not [path for _, path in web.requests if "many=" in path]
+    report = validate(fetching, loaders(*urls))
+    assert report["valid"] is False and report["error"]["type"] == "too_many_url_inputs"
+
+
+def test_2_a_request_s_inputs_share_one_byte_budget(fetching: Server, web: Web) -> None:
+    # Each noise PNG is under the 100 KB input cap; three are over the
+    # request's 150 KB.
+    assert 50_000 < len(NOISE) < 100_000
+    r = fetching.run(loaders(*[f"{web.base}/noise.png?budget={i}" for i in range(3)]))
+    assert r.status_code == 422, r.text
+    err = r.json()["data"]["error"]
+    assert "MAX_REQUEST_INPUT_BYTES" in err["message"] and "150000 bytes in all" in err["message"]
+    assert left_in_inputs(fetching) == []
+    r = fetching.run(loaders(f"{web.base}/noise.png?budget=one"))
+    assert r.status_code == 200, r.text
+
+
+def test_2_bodies_over_the_cap_stop_early(fetching: Server, web: Web) -> None:
+    # A declared length over the cap is refused before the body is read.
+    r = fetching.run(loaders(f"{web.base}/huge-declared.png"))
+    assert r.status_code == 422, r.text
+    assert "1000000000 bytes is over the 100000 byte limit" in r.json()["data"]["error"]["message"]
+    # An undeclared body stops at the cap, and its partial file is removed.
+    r = fetching.run(loaders(f"{web.base}/endless"))
+    assert r.status_code == 422, r.text
+    assert "over the 100000 byte limit" in r.json()["data"]["error"]["message"]
+    assert left_in_inputs(fetching) == []
+
+
+def test_2_fetches_are_bounded_per_instance(fetching: Server, web: Web) -> None:
+    # Two requests of two held URLs each: at most fetch_concurrency (2)
+    # are read at once on the instance (it was every input of every request).
+    web.most_in_flight = 0
+    results: list[int] = []
+
+    def one(tag: str) -> None:
+        r = fetching.run(loaders(f"{web.base}/held?{tag}a", f"{web.base}/held?{tag}b"))
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in ("x", "y")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [200, 200]
+    assert web.most_in_flight == 2
