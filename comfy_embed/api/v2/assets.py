@@ -88,6 +88,8 @@ async def upload(request: Request) -> Response:
     hasher: Hasher | None = None
     try:
         file = form.get("file")
+        if not form:  # python-multipart drops a part cut short (no closing boundary)
+            return envelope(400, "invalid_request", "malformed multipart body: no complete part")
         if not isinstance(file, UploadFile):
             return envelope(422, "invalid_request", "the 'file' part is missing",
                             {"field": "file"})
