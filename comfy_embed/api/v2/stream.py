@@ -51,13 +51,16 @@ async def _stream(jobs: JobService, view: JobView, base: str, folders: dict[str,
     seen = await jobs.tasks.read(job_id)
     st = job_state(seen, view.record, cancel_requested=canceling) if seen else view.state
     sent_outputs: set[str] = set()
-    yield _frame("status", {"status": st.status, "queue_position": st.queue_position})
+    status = _frame("status", {"status": st.status, "queue_position": st.queue_position})
+    if not st.terminal:
+        yield status
     if st.progress is not None:
         yield _frame("progress", st.progress)
     for ref in st.outputs:
         sent_outputs.add(ref.asset_id(job_id))
         yield _frame("output", output_json(ref, job_id, base, folders))
-    if st.terminal:
+    if st.terminal:  # the stream ends with the terminal status
+        yield status
         return
     last = (st.status, st.queue_position, st.progress)
     handle = jobs.tasks.handle(job_id)

@@ -137,8 +137,9 @@ def test_other_instance_answers(a: Server, b: Server) -> None:
     done = wait(b, job["id"])
     assert done["status"] == "succeeded"
     frames = sse(b, job["id"])
-    assert frames[0] == ("status", {"status": "succeeded", "queue_position": None})
-    assert [n for n, _ in frames].count("output") == 1
+    # A finished job's snapshot: its progress and outputs, its terminal status last.
+    assert frames[-1] == ("status", {"status": "succeeded", "queue_position": None})
+    assert [n for n, _ in frames] == ["progress", "output", "status"]
     wf = httpx.get(f"{b.url}/api/v2/jobs/{job['id']}/workflow", headers=AUTH).json()
     assert wf == {"workflow": graph, "format": "api"}
     out = done["outputs"][0]
