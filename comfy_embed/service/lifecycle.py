@@ -192,8 +192,7 @@ class TaskService(TaskObserver):
             await self._check_owner(task_id, owner_key)
             return Handle(self, task_id)
         if isinstance(outcome, Task):
-            if policy is not None:
-                await self.retention.started(task_id, policy)
+            await self.retention.started(task_id, policy)
             return Handle(self, task_id, task=outcome)
         raise await self._not_queued(task_id, outcome, webhook, claim.registered)
 

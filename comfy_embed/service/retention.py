@@ -100,8 +100,12 @@ class Retention:
                     "seconds (COMFY_EMBED_MAX_TTL, or the retention period)")
         return Policy(seconds, keep)
 
-    async def started(self, task_id: str, policy: Policy) -> None:
-        """Record a started task's own policy (nothing for the default one)."""
+    async def started(self, task_id: str, policy: Policy | None) -> None:
+        """Record a started task's own policy (None: the operator's
+        ``COMFY_EMBED_KEEP``, for surfaces that ask none); nothing is written
+        for the default one."""
+        if policy is None:
+            policy = Policy(None, self.service.settings.tasklog.keep)
         if policy.is_default:
             return
         self._policies[task_id] = policy
