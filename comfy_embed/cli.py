@@ -159,7 +159,7 @@ def _cmd_install_comfyui(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     print(f"ComfyUI {done.commit} is in {done.folder}")
     for name in done.left_out:
-        print(f"  not installed: {name} ({NOT_NEEDED[name]})")
+        print(f"  left out: {name} ({NOT_NEEDED[name]})")
     if importlib.util.find_spec("torch") is None:
         print("torch is not installed: pip install 'comfy-embed[torch]' (or your own CUDA build)")
     if done.folder != settings.comfy.comfyui_dir.expanduser().resolve():

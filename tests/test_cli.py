@@ -59,7 +59,7 @@ def test_install_comfyui_then_run_on_it(tmp_path: Path) -> None:
     assert inst.returncode == 0, inst.stderr
     folder = tmp_path / "cache" / "ComfyUI"
     assert f"ComfyUI a125cd84b054a57729b5eecab930ca9408719832 is in {folder}" in inst.stdout
-    assert "not installed: comfyui-frontend-package (the web UI" in inst.stdout
+    assert "left out: comfyui-frontend-package (the web UI" in inst.stdout
     # From this checkout the default is the submodule: the CLI says how to use this one.
     assert f"set COMFY_EMBED_COMFYUI_DIR={folder}" in inst.stdout
 

@@ -76,8 +76,11 @@ def test_readme_has_the_marked_blocks() -> None:
     assert commands(blocks["serve"]) == ["scripts/serve"]
     assert commands(blocks["demo"]) == ["scripts/demo"]
     assert commands(blocks["tests"]) == ["scripts/test"]
-    # .ci/run is what CI runs: the same test command.
-    assert "scripts/test" in (ROOT / ".ci" / "run").read_text()
+    # .ci/run is what CI runs: the same test command, and the library snippet
+    # against the built wheel in a fresh environment.
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "scripts/test" in ci and "scripts/wheel-check" in ci
+    assert "readme-test:\\s*library" in (ROOT / "scripts" / "wheel-check").read_text()
 
 
 @pytest.fixture(scope="module")
