@@ -71,7 +71,7 @@ from comfy_embed.taskid import check_task_id, valid_task_id
 from comfy_embed.tasks import Task, TaskObserver
 
 if TYPE_CHECKING:
-    from comfy_embed.inputs.models import ModelEntry
+    from comfy_embed.inputs.models import FirstUse
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Engine:
         self._stores: dict[str, Store] = {}
         self._fetcher: Any = None
         self._preparer: Preparer | None = None
-        self._manifest: list[ModelEntry] | None = None
+        self._manifest: FirstUse | None = None
         #: Events of :meth:`wait_idle` callers, set when a job ends or a
         #: preparation does (each caller's own: the engine may serve several loops in turn).
         self._idle_waiters: set[anyio.Event] = set()
@@ -413,15 +413,14 @@ class Engine:
     async def _fetch_models(self, prompt: dict[str, Any]) -> None:
         """With ``models_fetch=first_use``: the manifest models this workflow
         names, downloaded (once across instances) before it is validated."""
-        from comfy_embed.inputs.models import ensure_referenced, load_manifest
+        from comfy_embed.inputs.models import FirstUse, load_manifest
         s = self.settings
         path = s.models.manifest
         if path is None:  # the preparer asks only when a manifest is set
             return
         if self._manifest is None:
-            self._manifest = await anyio.to_thread.run_sync(load_manifest, path)
-        manifest = self._manifest
-        await anyio.to_thread.run_sync(ensure_referenced, s, manifest, prompt)
+            self._manifest = FirstUse(s, await anyio.to_thread.run_sync(load_manifest, path))
+        await self._manifest.ensure(prompt)
 
     def _remember(self, task: Task) -> None:
         self._tasks[task.task_id] = task

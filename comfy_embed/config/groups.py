@@ -206,6 +206,11 @@ class ModelSettings(_Group):
     lock_seconds: float = Field(default=30.0, alias="model_lock_seconds")
     #: Seconds a manifest download may take.
     fetch_timeout: float = Field(default=3600.0, alias="model_fetch_timeout")
+    #: Most bytes a manifest download may write when its entry gives no ``size``.
+    max_bytes: int = Field(default=64 * 1024 * MB, alias="model_max_bytes")
+    #: Seconds a first-use download that failed (its sha256, its size, the
+    #: network) is answered from memory instead of being downloaded again.
+    retry_seconds: float = Field(default=300.0, alias="model_retry_seconds")
     #: "startup": fetch every manifest model before /ready; "first_use": when
     #: a submitted workflow first names it (the request waits).
     fetch: str = Field(default="startup", alias="models_fetch")

@@ -108,6 +108,7 @@ RULES: dict[str, _Rule] = {
     "max_media_seconds": ((lambda v: v > 0), "a positive number"),
     "model_lock_seconds": ((lambda v: v >= 1), "at least 1"),
     "model_fetch_timeout": ((lambda v: v > 0), "a positive number"),
+    "model_max_bytes": _number(1), "model_retry_seconds": _number(0),
     "models_fetch": _one_of("startup", "first_use"),
     "task_log_flush_seconds": ((lambda v: 0 <= v <= 60), "0 to 60"),
     "task_log_inline_seconds": ((lambda v: 0 <= v <= 0.1), "0 to 0.1"),

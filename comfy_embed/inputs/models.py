@@ -1,4 +1,4 @@
-"""Models by URL: a manifest of ``{url, sha256, folder, name}`` entries fetched
+"""Models by URL: a manifest of ``{url, sha256, folder, name, size?}`` entries fetched
 into the models folder at start-up, once, even when many instances share that
 folder (a NAS).
 
@@ -11,7 +11,10 @@ Per model file, on the shared folder:
   file; a lock not renewed for ``model_lock_seconds`` (a crashed downloader)
   is taken over by renaming it away, which exactly one waiter wins;
 - ``.<name>.<owner>.part`` is the download in progress, hashed as it streams;
-  a SHA-256 mismatch deletes it and fails with the model named;
+  a SHA-256 mismatch deletes it and fails with the model named. It never
+  grows past the entry's ``size`` (else ``model_max_bytes``): a declared
+  ``Content-Length`` over it is refused before the body is read, a body
+  that streams past it is cut there and deleted;
 - ``.<name>.sha256`` records the verified hash, size and mtime, so a restart
   does not hash gigabytes again.
 
@@ -22,6 +25,7 @@ set, on every hop too.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -31,6 +35,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -45,8 +50,7 @@ from comfy_embed.tasklog.leases import Leases
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelEntry", "ModelDownloadError", "load_manifest", "ensure_models",
-           "ensure_referenced"]
+__all__ = ["ModelEntry", "ModelDownloadError", "load_manifest", "ensure_models", "FirstUse"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FOLDER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -61,6 +65,9 @@ class ModelEntry:
     sha256: str
     folder: str
     name: str
+    #: The file's size in bytes when the manifest says it (the download must
+    #: be exactly this long), else None (bounded by ``model_max_bytes``).
+    size: int | None = None
 
     @property
     def label(self) -> str:
@@ -91,7 +98,10 @@ def load_manifest(path: Path) -> list[ModelEntry]:
             raise ValueError(f"{where}: folder must be a plain folder name such as checkpoints")
         if not isinstance(name, str) or not _safe_name(name):
             raise ValueError(f"{where}: name must be a relative file name without '..'")
-        entries.append(ModelEntry(url, sha.lower(), folder, name))
+        size = item.get("size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"{where}: size must be a positive number of bytes")
+        entries.append(ModelEntry(url, sha.lower(), folder, name, size))
     return entries
 
 
@@ -113,28 +123,81 @@ def ensure_models(settings: Settings) -> list[Path]:
     return [_ensure(settings, entry, owner) for entry in entries]
 
 
-def ensure_referenced(settings: Settings, entries: list[ModelEntry],
-                      prompt: dict[str, Any]) -> list[Path]:
-    """Fetch the manifest models that ``prompt`` names in its inputs (the
-    ``first_use`` mode; blocking, run off the event loop). A failure names
-    the node and input as well as the model."""
-    owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    by_name: dict[str, list[ModelEntry]] = {}
-    for entry in entries:
-        by_name.setdefault(entry.name, []).append(entry)
-    done: list[Path] = []
-    for node_id, node in prompt.items():
-        for input_name, value in (node.get("inputs") or {}).items():
-            for entry in by_name.get(value, []) if isinstance(value, str) else []:
-                try:
-                    done.append(_ensure(settings, entry, owner))
-                except ModelDownloadError as e:
+class FirstUse:
+    """Models fetched when a workflow first names them (``first_use``), for
+    one engine.
+
+    In this process one download per model runs at a time, in a worker
+    thread of its own limiter (at most ``_DOWNLOADERS`` at once): requests
+    naming a model being downloaded wait on an event, holding no thread, so
+    the threads that answer ``/status`` and the task log stay free. A
+    download that failed (sha256, size, network) is answered from memory for
+    ``model_retry_seconds``, not downloaded again by every request.
+    """
+
+    def __init__(self, settings: Settings, entries: list[ModelEntry]) -> None:
+        self.settings = settings
+        self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._by_name: dict[str, list[ModelEntry]] = {}
+        for entry in entries:
+            self._by_name.setdefault(entry.name, []).append(entry)
+        #: label -> (monotonic time, error) of the last failed download.
+        self._failed: dict[str, tuple[float, ModelDownloadError]] = {}
+        #: Per event loop (run_workflow runs one per call): the downloads
+        #: running (label -> set when it ends) and the downloaders' limiter.
+        self._running: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, anyio.Event]] = weakref.WeakKeyDictionary()
+        self._limiters: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, anyio.CapacityLimiter] = weakref.WeakKeyDictionary()
+
+    async def ensure(self, prompt: dict[str, Any]) -> None:
+        """Every manifest model ``prompt`` names, present and verified; a
+        failure is a ModelDownloadError naming the node and input too."""
+        for node_id, node in prompt.items():
+            for input_name, value in (node.get("inputs") or {}).items():
+                for entry in self._by_name.get(value, []) if isinstance(value, str) else []:
+                    try:
+                        await self._one(entry)
+                    except ModelDownloadError as e:
+                        raise ModelDownloadError(
+                            f"node {node_id} ({node.get('class_type')}) input '{input_name}': {e}",
+                            node_errors=node_error(node_id, str(node.get("class_type")),
+                                                   input_name, str(e), value,
+                                                   type="model_download_error")) from None
+
+    async def _one(self, entry: ModelEntry) -> None:
+        loop = asyncio.get_running_loop()
+        running = self._running.setdefault(loop, {})
+        while True:
+            failed = self._failed.get(entry.label)
+            if failed is not None:
+                ago = time.monotonic() - failed[0]
+                if ago < self.settings.models.retry_seconds:
                     raise ModelDownloadError(
-                        f"node {node_id} ({node.get('class_type')}) input '{input_name}': {e}",
-                        node_errors=node_error(node_id, str(node.get("class_type")), input_name,
-                                               str(e), value, type="model_download_error")
-                    ) from None
-    return done
+                        f"{failed[1].message} (failed {ago:.0f}s ago; not tried again for "
+                        f"COMFY_EMBED_MODEL_RETRY_SECONDS={self.settings.models.retry_seconds:g})")
+                del self._failed[entry.label]
+            other = running.get(entry.label)
+            if other is None:
+                break
+            await other.wait()  # another request's download: wait without a thread
+        done = running[entry.label] = anyio.Event()
+        limiter = self._limiters.get(loop)
+        if limiter is None:
+            limiter = self._limiters[loop] = anyio.CapacityLimiter(_DOWNLOADERS)
+        try:
+            await anyio.to_thread.run_sync(_ensure, self.settings, entry, self._owner,
+                                           limiter=limiter)
+        except ModelDownloadError as e:
+            self._failed[entry.label] = (time.monotonic(), e)
+            raise
+        finally:
+            del running[entry.label]
+            done.set()
+
+
+#: Downloads of first-use models running at once in a process (threads).
+_DOWNLOADERS = 4
 
 
 def _ensure(settings: Settings, entry: ModelEntry, owner: str) -> Path:
@@ -236,23 +299,33 @@ async def _fetch(settings: Settings, entry: ModelEntry, part: Path) -> tuple[str
             async with new_client(settings.inputs.fetch_timeout) as client, follow(
                     client, policy, entry.url, max_redirects=settings.inputs.max_redirects,
                     error=refused, check_hop=check_hop) as (_, response):
-                return await _stream_to(response, part, entry)
+                return await _stream_to(response, part, entry,
+                                        entry.size or settings.models.max_bytes)
     except TimeoutError:
         raise refused(f"{entry.url}: timed out after {settings.models.fetch_timeout:g}s") from None
     except httpx.HTTPError as e:
         raise refused(f"{entry.url}: {e or type(e).__name__}") from None
 
 
-async def _stream_to(response: httpx.Response, part: Path, entry: ModelEntry) -> tuple[str, int]:
-    total = int(response.headers.get("content-length", "0") or 0)
+async def _stream_to(response: httpx.Response, part: Path, entry: ModelEntry,
+                     bound: int) -> tuple[str, int]:
+    declared = response.headers.get("content-length", "")
+    total = int(declared) if declared.isdigit() else 0
+    what = "the manifest's size" if entry.size is not None else "COMFY_EMBED_MODEL_MAX_BYTES"
+    if total > bound or (entry.size is not None and declared.isdigit() and total != entry.size):
+        raise ModelDownloadError(f"model {entry.label} from {entry.url}: Content-Length {total} "
+                                 f"does not fit {what} ({bound} bytes); refused before reading")
     digest = hashlib.sha256()
     size = 0
     last_log = time.monotonic()
     with open(part, "wb") as f:
         async for chunk in response.aiter_bytes(_CHUNK):
+            size += len(chunk)
+            if size > bound:
+                raise ModelDownloadError(f"model {entry.label} from {entry.url}: over {what} "
+                                         f"({bound} bytes); stopped and deleted")
             digest.update(chunk)
             await anyio.to_thread.run_sync(f.write, chunk)
-            size += len(chunk)
             if time.monotonic() - last_log > 5:
                 last_log = time.monotonic()
                 pct = f" ({100 * size // total}%)" if total else ""

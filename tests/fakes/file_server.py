@@ -19,6 +19,10 @@ class Files:
         self.files: dict[str, bytes] = {}
         self.hits: dict[str, int] = {}
         self.chunk_delay = 0.0
+        #: Paths answered without Content-Length (the body ends when the connection does).
+        self.undeclared: set[str] = set()
+        #: Paths whose answer waits until their event is set.
+        self.holds: dict[str, threading.Event] = {}
         self.base = ""
         self._lock = threading.Lock()
 
@@ -44,9 +48,13 @@ def serve_files(host: str = "127.0.0.1") -> Iterator[Files]:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            hold = files.holds.get(self.path)
+            if hold is not None:
+                hold.wait(120)
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(body)))
+            if self.path not in files.undeclared:
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             for i in range(0, len(body), 65536):
                 try:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +20,7 @@ from comfy_embed.errors import ModelDownloadError
 from comfy_embed.inputs.models import ensure_models, load_manifest
 from tests.fakes.file_server import Files, serve_files
 
+from tests.conftest import image_only
 from tests.servers import Server
 
 MODEL = random.Random(7).randbytes(3 * 1024 * 1024)
@@ -207,5 +209,100 @@ def test_first_use_fetches_when_a_workflow_names_the_model(tmp_path: Path, files
         assert "node 2 (LoraLoaderModelOnly) input 'lora_name'" in err["message"]
         assert "loras/bad.safetensors" in err["message"] and "does not match" in err["message"]
         assert err["node_errors"]["2"]["errors"][0]["extra_info"]["input_name"] == "lora_name"
+    finally:
+        s.stop()
+
+
+# ------------------------------------------------- issue 25 (7, 13), real servers
+def lora_graph(lora_name: str) -> dict[str, Any]:
+    return {"1": {"class_type": "CheckpointLoaderSimple",
+                  "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+            "2": {"class_type": "LoraLoaderModelOnly",
+                  "inputs": {"model": ["1", 0], "lora_name": lora_name, "strength_model": 1.0}},
+            "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+
+
+def test_first_use_failures_are_remembered_and_waiters_hold_no_thread(
+        tmp_path: Path, files: Files) -> None:
+    from safetensors.torch import save
+
+    lora = save({})
+    files.files["/bad.safetensors"] = lora + b" " * 1_000_000
+    files.files["/held.safetensors"] = lora
+    release = files.holds["/held.safetensors"] = threading.Event()
+    path = manifest(tmp_path, [
+        {"url": files.base + "/bad.safetensors", "sha256": sha(lora), "folder": "loras",
+         "name": "bad.safetensors"},
+        {"url": files.base + "/held.safetensors", "sha256": sha(lora), "folder": "loras",
+         "name": "held.safetensors"}])
+    s = Server(tmp_path / "remember", models_manifest=path, models_fetch="first_use",
+               url_allowlist="127.0.0.1")
+    try:
+        s.wait_ready()
+        # A download that failed its sha256 used to be downloaded again, whole,
+        # by every request naming it (5 requests, 5 downloads).
+        for i in range(5):
+            r = s.run(lora_graph("bad.safetensors"))
+            assert r.status_code == 502, r.text
+            message = r.json()["data"]["error"]["message"]
+            assert "does not match" in message
+            assert i == 0 or "not tried again for COMFY_EMBED_MODEL_RETRY_SECONDS" in message
+        assert files.count("/bad.safetensors") == 1
+
+        # 45 requests wait on one download that does not end (more than the
+        # 40 worker threads that used to be held, one per waiting request)...
+        done = s.run(image_only(batch=1))
+        assert done.status_code == 200
+        answers: list[int] = []
+        waiting = [threading.Thread(target=lambda: answers.append(
+            s.run(lora_graph("held.safetensors")).status_code)) for _ in range(45)]
+        for t in waiting:
+            t.start()
+        deadline = time.monotonic() + 60
+        while files.count("/held.safetensors") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)  # until the download has started
+        # ... and the status of a finished task, read through a worker
+        # thread, still answers meanwhile.
+        events = s.status(done.headers["X-Task-Id"])
+        assert events[-1]["type"] == "serverless_api" and not release.is_set()
+        release.set()
+        for t in waiting:
+            t.join(120)
+        assert answers == [200] * 45
+        assert files.count("/held.safetensors") == 1
+    finally:
+        release.set()
+        s.stop()
+
+
+def test_manifest_downloads_are_bounded_in_size(tmp_path: Path, files: Files) -> None:
+    # 600 MiB used to reach the disk before the sha check refused it.
+    files.files["/declared.bin"] = MODEL
+    files.files["/undeclared.bin"] = MODEL
+    files.undeclared.add("/undeclared.bin")
+    models = tmp_path / "models"
+    path = manifest(tmp_path, [
+        # The manifest says 1000 bytes; the server declares 3 MiB.
+        {"url": files.base + "/declared.bin", "sha256": sha(MODEL), "folder": "loras",
+         "name": "declared.safetensors", "size": 1000},
+        # No size: COMFY_EMBED_MODEL_MAX_BYTES (1 MB) bounds the undeclared body.
+        {"url": files.base + "/undeclared.bin", "sha256": sha(MODEL), "folder": "loras",
+         "name": "undeclared.safetensors"}])
+    s = Server(tmp_path / "bounded", models_dir=models, models_manifest=path,
+               models_fetch="first_use", url_allowlist="127.0.0.1", model_max_bytes=1_000_000)
+    try:
+        s.wait_ready()
+        r = s.run(lora_graph("declared.safetensors"))
+        assert r.status_code == 502, r.text
+        message = r.json()["data"]["error"]["message"]
+        assert "Content-Length 3145728 does not fit the manifest's size (1000 bytes)" in message
+        assert "refused before reading" in message
+        r = s.run(lora_graph("undeclared.safetensors"))
+        assert r.status_code == 502, r.text
+        message = r.json()["data"]["error"]["message"]
+        assert "over COMFY_EMBED_MODEL_MAX_BYTES (1000000 bytes); stopped" in message
+        assert not list((models / "loras").glob("*.safetensors"))
+        assert leftovers(models) == []
     finally:
         s.stop()
