@@ -432,6 +432,8 @@ class TaskService(TaskObserver):
                 events.pop()
             return coalesce_snapshots(events)
         events = await anyio.to_thread.run_sync(self.tasklog.read, task_id, since)
+        if events and events[-1][1]["type"] == FINAL:  # a final of another writer
+            await self.retention.fill(task_id, events[-1][1])
         return coalesce_snapshots(events)
 
     async def cancel(self, task_id: str) -> str:

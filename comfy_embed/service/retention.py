@@ -126,6 +126,13 @@ class Retention:
         return await anyio.to_thread.run_sync(
             task_expires_at, self.service.tasklog, task_id, self.retention_seconds)
 
+    async def fill(self, task_id: str, final: dict[str, Any]) -> None:
+        """Give a final read from the log its ``expires_at`` when its writer
+        put none there (a lost task closed by recovery, a tombstone)."""
+        data = final.get("data")
+        if isinstance(data, dict) and "expires_at" not in data:
+            data["expires_at"] = await self.expires_at(task_id)
+
     # ------------------------------------------------------------- upkeep
     async def sweep(self) -> None:
         """Delete what is due in the expiry index (any instance's tasks)."""

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 DELETED = "task_deleted"
 #: The error type in place of a deleted output's data (keep nothing).
 OUTPUT_DELETED = "output_deleted"
+#: The record an instance takes to strip a task (keep nothing), alone.
+_STRIPPING = "stripping"
 #: Where materialised inputs go, under the input folder (as retention.py).
 _INPUT_SUBFOLDER = "serverless"
 
@@ -279,7 +281,8 @@ def strip(tasklog: TaskLog, task_id: str, folders: Folders) -> Removal:
     seq, event = events[-1]
     data = dict(event.get("data") or {})
     removal = Removal()
-    if data.get("kept") == "nothing":
+    # One instance strips it: two at once would hash files the other deleted.
+    if data.get("kept") == "nothing" or not tasklog.put_record(task_id, _STRIPPING, b""):
         return removal
     data["results"] = [_stripped(r, folders) for r in _results(event)]
     data["inputs"] = _input_digests(folders, task_id)
@@ -287,5 +290,5 @@ def strip(tasklog: TaskLog, task_id: str, folders: Folders) -> Removal:
     data["kept"] = "nothing"
     scrub(tasklog, task_id, folders, event, removal)
     _replace_final(tasklog, task_id, seq, {**event, "data": data})
-    _clear_log(tasklog, task_id, {KEY, FINAL_FILE, RECORD}, removal)
+    _clear_log(tasklog, task_id, {KEY, FINAL_FILE, RECORD, _STRIPPING}, removal)
     return removal

@@ -24,7 +24,9 @@ import requests
 from PIL import Image
 
 from tests.api.serverless.test_images import load_graph
+from tests.conftest import text_to_image
 from tests.fakes.moto_s3 import serve_s3
+from tests.fakes.webhook_receiver import SECRET, Receiver, serve_receiver
 from tests.servers import Server
 
 API = "/api/serverless"
@@ -55,7 +57,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory, s3: str) -> Iterator[tuple[Se
     base = tmp_path_factory.mktemp("retention")
     env = dict(raw_env=AWS, storage="s3", s3_bucket=BUCKET, s3_endpoint=s3,
                s3_region="us-east-1", s3_link_expire=300, delete_objects=1, max_ttl=600,
-               api_keys=f"{ONE['X-Api-Key']},{TWO['X-Api-Key']}")
+               api_keys=f"{ONE['X-Api-Key']},{TWO['X-Api-Key']}",
+               url_allowlist="127.0.0.1", webhook_secret=SECRET, webhook_backoff=2)
     a = Server(base, **env)  # type: ignore[arg-type]
     try:
         a.wait_ready(headers=ONE)
@@ -66,6 +69,12 @@ def pair(tmp_path_factory: pytest.TempPathFactory, s3: str) -> Iterator[tuple[Se
             b.stop()
     finally:
         a.stop()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    with serve_receiver() as r:
+        yield r
 
 
 def bucket_objects(endpoint: str) -> dict[str, bytes]:
@@ -212,3 +221,38 @@ def test_ttl_deletes_on_time_and_is_bounded(pair: tuple[Server, Server], s3: str
     assert over.status_code == 400 and "ttl" in over.json()["data"]["error"]["message"]
     bad = run(a, image, "ttl-3", "&keep=some")
     assert bad.status_code == 400 and "keep" in bad.json()["data"]["error"]["message"]
+
+
+def test_keep_nothing_waits_for_the_webhook(pair: tuple[Server, Server], s3: str,
+                                            receiver: Receiver) -> None:
+    a, _ = pair
+    path, url = receiver.new_hook("keep-nothing")
+    receiver.script(path, 500, 200)  # acknowledged on the second attempt
+    image = unique_png()
+    r = run(a, image, "keep-hook", f"&keep=nothing&webhook={url}&webhook_base64=1")
+    assert r.status_code == 200, r.text
+    output = base64.b64decode(r.json()["data"]["results"][0]["output"]["base64"]["data"])
+    receiver.wait(path, 1)
+    # Not acknowledged yet: the outputs stay for the next attempt.
+    assert holders(_base(a), s3, [output])
+    _, second = receiver.wait(path, 2)
+    assert second.verified, second.error
+    sent = second.payload["data"]["results"][0]["output"]["base64"]["data"]
+    assert base64.b64decode(sent) == output
+    assert wait_until(lambda: not holders(_base(a), s3, [image, output]))
+
+
+def test_delete_cancels_a_running_task(pair: tuple[Server, Server]) -> None:
+    a, b = pair
+    r = a.run(text_to_image(steps=400), headers={**ONE, "X-Task-Id": "del-running",
+                                                  "X-Fc-Invocation-Type": "Async"})
+    assert r.status_code == 202, r.text
+    assert wait_until(lambda: any(ev["type"] == "progress"
+                                  for ev in status(a, "del-running")), timeout=120)
+    r = delete(b, "del-running")  # the other instance asks the owner to cancel
+    assert r.status_code == 200, r.text
+    for server in (a, b):
+        (final,) = status(server, "del-running")
+        assert final["data"]["error"]["type"] == "task_deleted"
+        assert final["data"]["deleted"]["error_type"] == "execution_interrupted"
+    assert not (a.output_dir / "del-running").exists()
