@@ -173,8 +173,9 @@ class TaskService(TaskObserver):
         live = await self.engine.lookup(task_id)  # the engine's registry: one for all
         if live is not None:
             await self._check_owner(task_id, owner_key)
-            # A finished one is answered from the log: it may be deleted since.
-            return Handle(self, task_id, task=None if live.done else live)
+            # A finished one whose data was deleted since is answered from the log.
+            erased = live.done and await self.retention.erased(task_id)
+            return Handle(self, task_id, task=None if erased else live)
         if not self.engine.accepting:
             raise NotAccepting("this instance is draining and accepts no new work")
         await self._check_folders()

@@ -37,7 +37,7 @@ from comfy_embed.tasklog.expiry import (
 )
 from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasklog.retention import sweep
-from comfy_embed.tasklog.tombstone import Folders, Removal, bury
+from comfy_embed.tasklog.tombstone import Folders, Removal, bury, erased
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,10 @@ class Retention:
         data = final.get("data")
         if isinstance(data, dict) and "expires_at" not in data:
             data["expires_at"] = await self.expires_at(task_id)
+
+    async def erased(self, task_id: str) -> bool:
+        """Whether the task's data was deleted (on any instance)."""
+        return await anyio.to_thread.run_sync(erased, self.service.tasklog, task_id)
 
     # ------------------------------------------------------------- upkeep
     async def sweep(self) -> None:

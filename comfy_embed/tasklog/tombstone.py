@@ -36,8 +36,8 @@ from comfy_embed.tasklog.files import FINAL_FILE, KEY, encode, fsync_dir, read_f
 from comfy_embed.tasklog.index import BUCKET_SECONDS
 from comfy_embed.tasklog.log import TaskLog
 
-__all__ = ["Folders", "Removal", "bury", "strip", "scrub", "final_of", "DELETED",
-           "OUTPUT_DELETED"]
+__all__ = ["Folders", "Removal", "bury", "strip", "scrub", "final_of", "erased", "ERASED",
+           "DELETED", "OUTPUT_DELETED"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 DELETED = "task_deleted"
 #: The error type in place of a deleted output's data (keep nothing).
 OUTPUT_DELETED = "output_deleted"
-#: The record an instance takes to strip a task (keep nothing), alone.
-_STRIPPING = "stripping"
+#: The record of a task whose data was deleted (buried or stripped): an
+#: instance holding the finished task in memory answers from the log then.
+#: Its exclusive creation also lets one instance alone strip a task.
+ERASED = "erased"
 #: Where materialised inputs go, under the input folder (as retention.py).
 _INPUT_SUBFOLDER = "serverless"
 
@@ -185,6 +187,11 @@ def _times(d: Path) -> tuple[float | None, float | None]:
     return created, finished
 
 
+def erased(tasklog: TaskLog, task_id: str) -> bool:
+    """Whether the task's data was deleted (:func:`bury` or :func:`strip`)."""
+    return tasklog.has_record(task_id, ERASED)
+
+
 def final_of(tasklog: TaskLog, task_id: str, stored: dict[str, Any] | None = None
              ) -> dict[str, Any] | None:
     """The task's final event as stored (base64 data left out), or None."""
@@ -217,6 +224,7 @@ def bury(tasklog: TaskLog, task_id: str, folders: Folders, now: float | None = N
     if error is not None and error.get("type") == DELETED:
         return removal  # already a tombstone
     created, finished = _times(d)
+    tasklog.put_record(task_id, ERASED, b"")
     scrub(tasklog, task_id, folders, event, removal)
     tomb = final_event(task_id, data.get("prompt_id"), {}, error={
         "type": DELETED, "node_errors": {},
@@ -225,7 +233,7 @@ def bury(tasklog: TaskLog, task_id: str, folders: Folders, now: float | None = N
         "status": data.get("status"), "error_type": (error or {}).get("type"),
         "created_at": created, "finished_at": finished, "deleted_at": now}
     _replace_final(tasklog, task_id, marker.seq, tomb)
-    _clear_log(tasklog, task_id, {KEY, FINAL_FILE}, removal)
+    _clear_log(tasklog, task_id, {KEY, FINAL_FILE, ERASED}, removal)
     # Retention keeps the tombstone for its period from now: move its entry.
     if finished is not None:
         old = tasklog.done_index.folder / str(int(finished // BUCKET_SECONDS)) / task_id
@@ -282,7 +290,7 @@ def strip(tasklog: TaskLog, task_id: str, folders: Folders) -> Removal:
     data = dict(event.get("data") or {})
     removal = Removal()
     # One instance strips it: two at once would hash files the other deleted.
-    if data.get("kept") == "nothing" or not tasklog.put_record(task_id, _STRIPPING, b""):
+    if data.get("kept") == "nothing" or not tasklog.put_record(task_id, ERASED, b""):
         return removal
     data["results"] = [_stripped(r, folders) for r in _results(event)]
     data["inputs"] = _input_digests(folders, task_id)
@@ -290,5 +298,5 @@ def strip(tasklog: TaskLog, task_id: str, folders: Folders) -> Removal:
     data["kept"] = "nothing"
     scrub(tasklog, task_id, folders, event, removal)
     _replace_final(tasklog, task_id, seq, {**event, "data": data})
-    _clear_log(tasklog, task_id, {KEY, FINAL_FILE, RECORD, _STRIPPING}, removal)
+    _clear_log(tasklog, task_id, {KEY, FINAL_FILE, RECORD, ERASED}, removal)
     return removal

@@ -64,7 +64,7 @@ def test_bury_leaves_only_a_tombstone(tmp_path: Path) -> None:
     assert not (folders.input / "serverless" / "t1").exists()
     assert not (folders.temp / "preview_00001_.png").exists()
     assert (folders.output / "user.png").exists()
-    assert sorted(p.name for p in tl.task_dir("t1").iterdir()) == ["final", "owner_key"]
+    assert sorted(p.name for p in tl.task_dir("t1").iterdir()) == ["erased", "final", "owner_key"]
     assert tl.key_hash("t1") == "hash-of-key"
     assert "t1" not in DeliveryLog(tl).pending()
     ((seq, ev),) = tl.read("t1")
