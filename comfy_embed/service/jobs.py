@@ -18,14 +18,12 @@ import binascii
 import os
 import time
 import uuid
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from comfy_embed import events as ev_json
 from comfy_embed.errors import InvalidParameter
 from comfy_embed.events import coalesce_snapshots
 from comfy_embed.prepare.options import RunOptions
@@ -38,7 +36,8 @@ __all__ = ["ANONYMOUS", "JobService", "JobView", "expires_at"]
 #: The owner of jobs and assets made with API keys off.
 ANONYMOUS = "anonymous"
 _RECORD = "v2job"
-_WORKFLOW = "v2workflow"
+#: The final error type of a task deleted on request (issue 29's tombstone).
+_DELETED = "task_deleted"
 #: Far enough ahead that ``created_ms`` sorts newest first as text.
 _EPOCH_MS = 10 ** 14
 _CACHE = 4096
@@ -84,18 +83,18 @@ class JobService:
         if extra_data:
             # Reaches nodes as ComfyUI's extra_data; never written anywhere.
             body["extra_data"] = extra_data
-        record = JobRecord(job_id, time.time(), metadata, len(workflow))
+        record = JobRecord.of(job_id, time.time(), metadata, workflow)
         await self.tasks.start(body, options, task_id=job_id, owner_key=owner_key)
         owner = owner_key or ANONYMOUS
-        await anyio.to_thread.run_sync(self._write_records, record, workflow, owner)
+        await self.tasks._io.run(self._write_records, record, workflow, owner)
         self._remember(job_id, owner, record)
         state = await self._state(job_id, record)
-        return JobView(job_id, record, state)
+        return JobView(job_id, record, state or JobState())
 
     def _write_records(self, record: JobRecord, workflow: dict[str, Any], owner: str) -> None:
         log = self.tasks.tasklog
-        log.put_record(record.job_id, _RECORD, record.to_json(), durable=True)
-        log.put_record(record.job_id, _WORKFLOW, zlib.compress(ev_json.dumps_bytes(workflow)))
+        # Not fsynced, as the task's own claim is not: only final events are.
+        log.put_record(record.job_id, _RECORD, record.to_json(workflow))
         folder = self.index / owner
         name = f"{_EPOCH_MS - int(record.created_at * 1000):015d}-{record.job_id}"
         try:
@@ -116,9 +115,12 @@ class JobService:
         """Owner and record from the log (blocking); None if no such task."""
         log = self.tasks.tasklog
         d = log.task_dir(job_id)
-        raw = log.get_record(job_id, _RECORD)
+        try:
+            raw = log.get_record(job_id, _RECORD)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
         if raw is not None:
-            record = JobRecord.from_json(raw)
+            record = JobRecord.parse(raw)[0]
         else:
             try:  # a task made by the FC API: seen as a job too
                 record = JobRecord(job_id, os.stat(d).st_mtime)
@@ -143,17 +145,20 @@ class JobService:
             return None
         return record
 
-    async def _state(self, job_id: str, record: JobRecord) -> JobState:
+    async def _state(self, job_id: str, record: JobRecord) -> JobState | None:
         live = self.tasks.handle(job_id).task
         if live is not None:
             events = await self.tasks.read(job_id)
             return job_state(events, record, cancel_requested=job_id in self._canceling)
         self._canceling.discard(job_id)
-        return await anyio.to_thread.run_sync(self._state_from_log, job_id, record)
+        state = await anyio.to_thread.run_sync(self._state_from_log, job_id, record)
+        return state
 
-    def _state_from_log(self, job_id: str, record: JobRecord) -> JobState:
+    def _state_from_log(self, job_id: str, record: JobRecord) -> JobState | None:
         log = self.tasks.tasklog
         events = coalesce_snapshots(log.read(job_id))
+        if not events and not log.exists(job_id):
+            return None  # pruned by retention (or never was)
         final_at = None
         if events and events[-1][1].get("type") == "serverless_api":
             try:
@@ -171,16 +176,29 @@ class JobService:
         record = await self._owned(job_id, owner_key)
         if record is None:
             return None
-        return JobView(job_id, record, await self._state(job_id, record))
+        state = await self._state(job_id, record)
+        if state is None or (state.error or {}).get("code") == _DELETED:
+            self._known.pop(job_id, None)  # gone: deleted, or pruned by retention
+            return None
+        return JobView(job_id, record, state)
+
+    async def delete(self, job_id: str, owner_key: str | None) -> bool:
+        """Delete the job now (issue 29's task delete: cancelled if it runs,
+        its inputs, outputs and events removed); False if unknown or not yours."""
+        if await self.get(job_id, owner_key) is None:
+            return False
+        done = await self.tasks.delete(job_id, owner_key)
+        self._known.pop(job_id, None)
+        return done is not None
 
     async def workflow(self, job_id: str, owner_key: str | None) -> dict[str, Any] | None:
         if await self._owned(job_id, owner_key) is None:
             return None
-        raw = await anyio.to_thread.run_sync(self.tasks.tasklog.get_record, job_id, _WORKFLOW)
-        if raw is None:
+        try:
+            raw = await anyio.to_thread.run_sync(self.tasks.tasklog.get_record, job_id, _RECORD)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        value = ev_json.loads(zlib.decompress(raw))
-        return value if isinstance(value, dict) else None
+        return JobRecord.parse(raw)[1] if raw is not None else None
 
     async def cancel(self, job_id: str, owner_key: str | None) -> JobView | None:
         """Ask for cancellation (idempotent); the job as it stands."""
@@ -192,7 +210,7 @@ class JobService:
             self._canceling.add(job_id)
             # Every instance sees the request (and shows `canceling`).
             await anyio.to_thread.run_sync(self.tasks.tasklog.request_cancel, job_id)
-        return JobView(job_id, record, await self._state(job_id, record))
+        return await self.get(job_id, owner_key)
 
     # -------------------------------------------------------------- list
     async def page(self, owner_key: str | None, *, limit: int, cursor: str | None,

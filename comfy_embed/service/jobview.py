@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import mimetypes
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,16 +56,31 @@ class JobRecord:
     created_at: float
     metadata: dict[str, str] = field(default_factory=dict)
     nodes_total: int = 0
-
-    def to_json(self) -> bytes:
-        return json.dumps({"id": self.job_id, "created_at": self.created_at,
-                           "metadata": self.metadata, "nodes_total": self.nodes_total}).encode()
+    #: node id -> class_type (progress messages name the class).
+    classes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, raw: bytes) -> JobRecord:
-        d = json.loads(raw)
-        return cls(str(d["id"]), float(d["created_at"]), dict(d.get("metadata") or {}),
-                   int(d.get("nodes_total") or 0))
+    def of(cls, job_id: str, created_at: float, metadata: dict[str, str],
+           workflow: dict[str, Any]) -> JobRecord:
+        classes = {str(k): str(v.get("class_type", "")) for k, v in workflow.items()
+                   if isinstance(v, dict)}
+        return cls(job_id, created_at, metadata, len(workflow), classes)
+
+    def to_json(self, workflow: dict[str, Any]) -> bytes:
+        """The record file: this, and the workflow as submitted."""
+        return zlib.compress(json.dumps({
+            "id": self.job_id, "created_at": self.created_at, "metadata": self.metadata,
+            "nodes_total": self.nodes_total, "classes": self.classes,
+            "workflow": workflow}, default=str).encode())
+
+    @classmethod
+    def parse(cls, raw: bytes) -> tuple[JobRecord, dict[str, Any]]:
+        """The record and the workflow of a record file."""
+        d = json.loads(zlib.decompress(raw))
+        record = cls(str(d["id"]), float(d["created_at"]), dict(d.get("metadata") or {}),
+                     int(d.get("nodes_total") or 0), dict(d.get("classes") or {}))
+        workflow = d.get("workflow")
+        return record, workflow if isinstance(workflow, dict) else {}
 
 
 def output_asset_id(job_id: str, node_id: str, index: str) -> str:
@@ -137,6 +153,8 @@ class JobState:
     completed_at: float | None = None
     metrics: dict[str, int | None] = field(default_factory=dict)
     last_seq: int = 0
+    #: The final event's ``expires_at`` (issue 29's stamp), when it has one.
+    expires_at: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -276,7 +294,8 @@ def job_state(events: list[tuple[int, dict[str, Any]]], record: JobRecord | None
         st.outputs = live
         if cancel_requested:
             st.status = "canceling"
-    st.progress = _progress(state, step, total, classes or {}, st.status == "succeeded")
+    st.progress = _progress(state, step, total, classes or (record.classes if record else {}),
+                            st.status == "succeeded")
     if st.status != "queued":
         st.queue_position = None
     return st
@@ -294,6 +313,8 @@ def _finish(st: JobState, data: dict[str, Any], created: float | None,
     if isinstance(error, dict) and st.status == "failed":
         st.error = _error(error)
     st.outputs = _final_outputs(data)
+    if isinstance(data.get("expires_at"), str):
+        st.expires_at = data["expires_at"]
     report = data.get("report") or {}
     if isinstance(report, dict) and report:
         st.metrics = {"queue_ms": _ms(report, "queued"), "execution_ms": _ms(report, "execution"),

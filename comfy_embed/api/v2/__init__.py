@@ -36,6 +36,7 @@ def routes() -> list[Any]:
         Route(f"{p}/jobs", jobs.create_job, methods=["POST"]),
         Route(f"{p}/jobs", jobs.list_jobs, methods=["GET"]),
         Route(f"{p}/jobs/{{id}}", jobs.get_job, methods=["GET"]),
+        Route(f"{p}/jobs/{{id}}", jobs.delete_job, methods=["DELETE"]),
         Route(f"{p}/jobs/{{id}}/events", stream.job_events, methods=["GET"]),
         Route(f"{p}/jobs/{{id}}/cancel", jobs.cancel_job, methods=["POST"]),
         Route(f"{p}/jobs/{{id}}/workflow", jobs.job_workflow, methods=["GET"]),

@@ -21,6 +21,7 @@ from comfy_embed.errors import (
     StorageError,
     StorageUnavailable,
     TaskIdConflict,
+    TaskRunning,
     Unauthorized,
     WorkflowInvalid,
 )
@@ -93,6 +94,7 @@ _TABLE: list[tuple[type[ComfyEmbedError], int, str]] = [
     (PayloadTooLarge, 413, "payload_too_large"),
     (Unauthorized, 401, "unauthorized"),
     (TaskIdConflict, 409, "conflict"),
+    (TaskRunning, 409, "job_running"),
     (ModelDownloadError, 502, "model_download_error"),
     (StorageError, 502, "storage_error"),
 ]

@@ -79,8 +79,9 @@ def job_json(view: JobView, base: str, request: Request) -> dict[str, Any]:
     return {
         "id": job_id, "status": st.status, "created_at": iso(view.record.created_at),
         "started_at": iso(st.started_at), "completed_at": iso(st.completed_at),
-        "expires_at": iso(expires_at(settings.tasklog.retention_hours, st.completed_at,
-                                     view.record.created_at)),
+        # The final's own (issue 29: the task's ttl or the retention), else an estimate.
+        "expires_at": st.expires_at or iso(expires_at(settings.tasklog.retention_hours,
+                                                      st.completed_at, view.record.created_at)),
         "queue_position": st.queue_position, "progress": st.progress,
         "outputs": [output_json(o, job_id, base, folders) for o in st.outputs],
         "error": st.error, "metrics": st.metrics,
@@ -198,6 +199,17 @@ async def cancel_job(request: Request) -> Response:
     if view is None:
         return not_found()
     return json_response(job_json(view, base_url(request), request))
+
+
+async def delete_job(request: Request) -> Response:
+    """DELETE /api/v2/jobs/{id} (an extension, as DELETE /api/serverless/task):
+    cancelled if it runs, its inputs, outputs and events deleted; 204."""
+    try:
+        done = await jobs_of(request).delete(request.path_params["id"],
+                                             key_hash_of(request.scope))
+    except ComfyEmbedError as e:
+        return from_error(e)
+    return Response(status_code=204) if done else not_found()
 
 
 async def job_workflow(request: Request) -> Response:

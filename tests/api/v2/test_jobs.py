@@ -232,3 +232,20 @@ def test_partner_key_is_never_stored_or_logged(a: Server, shared: Path) -> None:
             checked += 1
     assert checked > 3
     assert secret not in a.log()
+
+
+def test_delete_job(a: Server, b: Server) -> None:
+    """DELETE /api/v2/jobs/{id} (issue 29's delete): gone on every instance."""
+    job = submit(a, image_only(batch=1), metadata={"del": "1"})
+    done = wait(a, job["id"])
+    final = httpx.get(f"{a.url}/api/serverless/status", params={"task_id": job["id"]},
+                      headers=AUTH).json()[-1]
+    assert done["expires_at"] == final["data"]["expires_at"]  # the one rule of issue 29
+    assert httpx.delete(f"{b.url}/api/v2/jobs/{job['id']}", headers=OTHER).status_code == 404
+    assert httpx.delete(f"{b.url}/api/v2/jobs/{job['id']}", headers=AUTH).status_code == 204
+    for server in (a, b):
+        r = httpx.get(f"{server.url}/api/v2/jobs/{job['id']}", headers=AUTH)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert httpx.get(done["outputs"][0]["url"], headers=AUTH).status_code == 404
+    listed = httpx.get(f"{a.url}/api/v2/jobs", params={"metadata[del]": "1"}, headers=AUTH)
+    assert listed.json()["jobs"] == []
