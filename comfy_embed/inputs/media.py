@@ -34,11 +34,20 @@ _AUDIO_CONTAINERS = ("wav", "mp3", "flac", "ogg", "mp4", "webm")
 _VIDEO_CONTAINERS = ("mp4", "webm", "gif", "avi", "webp")
 
 
+#: A value this long made only of base64 characters is read as base64 even
+#: without a known signature (then refused as not audio/video, 422), not as a
+#: file name: no file name of the input folder looks like that.
+_SURELY_BASE64 = 256
+
+
 def looks_base64(value: str) -> bool:
     """True when ``value`` is base64 of an audio or video container (its
-    first 12 bytes carry a known signature)."""
+    first 12 bytes carry a known signature), or :data:`_SURELY_BASE64`
+    characters or more of the base64 alphabet."""
     if len(value) < 64 or _B64_CHARS.fullmatch(value[:4096]) is None:
         return False
+    if len(value) >= _SURELY_BASE64:
+        return True
     try:
         head = base64.b64decode(re.sub(r"\s+", "", value[:64])[:16])
     except (binascii.Error, ValueError):

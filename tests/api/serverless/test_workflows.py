@@ -297,6 +297,9 @@ def test_media_outputs_upload_to_object_storage(server: Server, files: Files) ->
     ("video", "wav", "base64 video: not video"),
     ("video", "truncated", "video"),
     ("audio", "private", "refused"),
+    # Issue 25: raw base64 without a known signature was read as a file name (400).
+    ("audio", "raw", "base64 audio: not audio"),
+    ("video", "raw", "base64 video: not video"),
 ])
 def test_bad_media_inputs_are_named(server: Server, files: Files, graph: str, value: str,
                                     needle: str) -> None:
@@ -305,7 +308,8 @@ def test_bad_media_inputs_are_named(server: Server, files: Files, graph: str, va
          "playlist": files.base + "/playlist.m3u8",
          "wav": b64(files.files["/tone.wav"]),
          "truncated": b64(files.files["/clip.mp4"][:200]),
-         "private": "http://10.0.0.1/x.wav"}[value]
+         "private": "http://10.0.0.1/x.wav",
+         "raw": b64(b"plain text, base64-encoded, no audio or video signature " * 8)}[value]
     g = audio_graph(v) if graph == "audio" else video_graph(v)
     r = server.run(g)
     assert r.status_code == 422, r.text
