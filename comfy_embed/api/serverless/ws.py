@@ -26,6 +26,7 @@ from comfy_embed.errors import (
 from comfy_embed.events import final_event
 from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.lifecycle import Handle, TaskService
+from comfy_embed.tasklog.expiry import Policy
 from comfy_embed.webhooks.request import envelope_webhook, webhook_request
 
 __all__ = ["serverless_ws"]
@@ -59,13 +60,14 @@ def _message_text(message: Message, limit: int) -> str:
 
 
 async def _start(service: TaskService, message: Message, query: Mapping[str, Any],
-                 options: RunOptions, task_id: str, owner_key: str | None) -> Handle:
+                 options: RunOptions, task_id: str, owner_key: str | None,
+                 policy: Policy) -> Handle:
     """The task of one message; its ComfyEmbedError when refused."""
     text = _message_text(message, service.settings.server.max_body_bytes)
     parsed, envelope_url = envelope_webhook(text)
     hook = webhook_request(query, envelope_url, service.settings)
     return await service.start(parsed, options, task_id=task_id, webhook=hook,
-                               owner_key=owner_key)
+                               owner_key=owner_key, policy=policy)
 
 
 async def serverless_ws(ws: WebSocket) -> None:
@@ -76,6 +78,7 @@ async def serverless_ws(ws: WebSocket) -> None:
     try:
         try:
             opts = run_options(q, ws.headers)
+            policy = service.retention.policy(q.get("ttl"), q.get("keep"))
             resume = task_id_param(q.get("task_id"), required=False)
             since = since_param(q)
         except InvalidParameter as e:
@@ -91,7 +94,7 @@ async def serverless_ws(ws: WebSocket) -> None:
                 return
             task_id = uuid.uuid4().hex
             try:
-                handle = await _start(service, message, q, opts, task_id, owner_key)
+                handle = await _start(service, message, q, opts, task_id, owner_key, policy)
             except ComfyEmbedError as e:  # this message is refused; the connection goes on
                 await _send_error(ws, task_id, e)
                 continue

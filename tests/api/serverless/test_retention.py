@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import time
 import zlib
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 import boto3
 import pytest
 import requests
+import websocket
 from PIL import Image
 
 from tests.api.serverless.test_images import load_graph
@@ -256,3 +258,30 @@ def test_delete_cancels_a_running_task(pair: tuple[Server, Server]) -> None:
         assert final["data"]["error"]["type"] == "task_deleted"
         assert final["data"]["deleted"]["error_type"] == "execution_interrupted"
     assert not (a.output_dir / "del-running").exists()
+
+
+def test_websocket_takes_ttl_and_keep(pair: tuple[Server, Server], s3: str) -> None:
+    a, b = pair
+    header = [f"X-Api-Key: {ONE['X-Api-Key']}"]
+    ws = websocket.create_connection(f"{a.ws_url}?keep=nothing&output_base64=1",
+                                     header=header, timeout=60)
+    try:
+        image = unique_png()
+        ws.send(json.dumps(load_graph(base64.b64encode(image).decode())))
+        while (ev := json.loads(ws.recv()))["type"] != "serverless_api":
+            pass
+    finally:
+        ws.close()
+    data = ev["data"]
+    output = base64.b64decode(data["results"][0]["output"]["base64"]["data"])
+    assert data["expires_at"].endswith("Z")
+    assert wait_until(lambda: not holders(_base(a), s3, [image, output]))
+    kept = status(b, data["task_id"])[-1]["data"]["results"][0]["output"]
+    assert kept["error"]["type"] == "output_deleted"
+    bad = websocket.create_connection(f"{a.ws_url}?ttl=soon", header=header, timeout=60)
+    try:
+        ev = json.loads(bad.recv())
+        assert ev["data"]["error"]["type"] == "invalid_parameter"
+        assert "ttl" in ev["data"]["error"]["message"]
+    finally:
+        bad.close()
