@@ -31,7 +31,7 @@ from typing import Any
 
 from comfy_embed.events import FINAL, final_event
 from comfy_embed.tasklog.delivery import DeliveryLog
-from comfy_embed.tasklog.expiry import RECORD
+from comfy_embed.tasklog.expiry import RECORD, iso
 from comfy_embed.tasklog.files import FINAL_FILE, KEY, encode, fsync_dir, read_final
 from comfy_embed.tasklog.index import BUCKET_SECONDS
 from comfy_embed.tasklog.log import TaskLog
@@ -231,7 +231,7 @@ def bury(tasklog: TaskLog, task_id: str, folders: Folders, now: float | None = N
         "message": f"task {task_id} was deleted: its inputs, outputs and events are gone"})
     tomb["data"]["deleted"] = {
         "status": data.get("status"), "error_type": (error or {}).get("type"),
-        "created_at": created, "finished_at": finished, "deleted_at": now}
+        "created_at": iso(created), "finished_at": iso(finished), "deleted_at": iso(now)}
     _replace_final(tasklog, task_id, marker.seq, tomb)
     _clear_log(tasklog, task_id, {KEY, FINAL_FILE, ERASED}, removal)
     # Retention keeps the tombstone for its period from now: move its entry.

@@ -70,7 +70,7 @@ def test_bury_leaves_only_a_tombstone(tmp_path: Path) -> None:
     ((seq, ev),) = tl.read("t1")
     assert ev["data"]["error"]["type"] == DELETED
     assert ev["data"]["deleted"]["status"] == "success"
-    assert ev["data"]["deleted"]["deleted_at"] == 1_000.0
+    assert ev["data"]["deleted"]["deleted_at"] == "1970-01-01T00:16:40Z"
     assert ev["data"]["results"] == [] and ev["data"]["seeds"] == {}
     # Twice: nothing more.
     again = bury(tl, "t1", folders)
