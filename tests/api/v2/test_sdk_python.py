@@ -139,6 +139,48 @@ def test_another_key_sees_nothing_and_bad_input_raises_typed_errors(base_url: st
             owner.submit(ghost)
 
 
+def test_every_output_kind_reaches_the_sdk(base_url: str) -> None:
+    """Images (PNG, animated WebP, previews), video, audio, text and latents:
+    each an output the SDK downloads, typed by the spec's OutputType."""
+    graph = {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 32, "height": 32, "batch_size": 2, "color": 0x0000FF}},
+        "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "kinds", "images": ["1", 0]}},
+        "3": {"class_type": "SaveAnimatedWEBP",
+              "inputs": {"images": ["1", 0], "filename_prefix": "kinds", "fps": 6.0,
+                         "lossless": False, "quality": 80, "method": "default"}},
+        "4": {"class_type": "SaveWEBM", "inputs": {"images": ["1", 0], "filename_prefix": "kinds",
+                                                   "codec": "vp9", "fps": 6.0, "crf": 32.0}},
+        "5": {"class_type": "EmptyAudio", "inputs": {"duration": 0.25, "sample_rate": 8000,
+                                                     "channels": 1}},
+        "6": {"class_type": "SaveAudio", "inputs": {"audio": ["5", 0], "filename_prefix": "kinds"}},
+        "7": {"class_type": "PreviewAny", "inputs": {"source": "a text output"}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64,
+                                                           "batch_size": 1}},
+        "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0],
+                                                      "filename_prefix": "kinds"}},
+    }
+    magic = {"image/png": b"\x89PNG", "image/webp": b"RIFF", "video/webm": b"\x1aE\xdf\xa3",
+             "audio/flac": b"fLaC"}
+    with Comfy(api_key=KEY) as client:
+        job = client.run(client.workflows.from_json(graph), timeout=300)
+        kinds: dict[str, set[tuple[str, str]]] = {}
+        for out in job.outputs:
+            data = out.to_bytes()
+            assert len(data) == out.size_bytes > 0, out
+            assert data.startswith(magic.get(out.content_type, b"")), (out, data[:8])
+            kinds.setdefault(out.node_id, set()).add((out.type, out.content_type))
+        assert [o.to_bytes() for o in job.get_outputs("7")] == [b"a text output"]
+    assert kinds["2"] == kinds["8"] == {("image", "image/png")}
+    assert len(job.get_outputs("2")) == len(job.get_outputs("8")) == 2
+    assert kinds["3"] == {("image", "image/webp")}
+    assert kinds["4"] == {("video", "video/webm")}
+    assert kinds["6"] == {("audio", "audio/flac")}
+    assert kinds["7"] == {("text", "text/plain")}
+    assert len(job.get_outputs("10")) == 1
+
+
 @pytest.mark.anyio
 async def test_async_flow(base_url: str, tmp_path: Path) -> None:
     color = random_color()
