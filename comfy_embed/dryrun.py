@@ -14,12 +14,14 @@ from __future__ import annotations
 import difflib
 import os
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from comfy_embed.errors import ComfyEmbedError, WorkflowInvalid
 from comfy_embed.storage.credentials import Credentials
+from comfy_embed.tasks import scrub_paths, server_folders
 
 if TYPE_CHECKING:
     from comfy_embed.runtime import Engine
@@ -63,7 +65,7 @@ async def dry_run(engine: "Engine", body: Any,
         {"node_id": nid, "class_type": node["class_type"]}
         for nid, node in prompt.items() if not comfy.has_node(node["class_type"])]
     files = await anyio.to_thread.run_sync(comfy.model_files)
-    _models(report, prompt, comfy, files)
+    _models(report, prompt, comfy, files, server_folders(engine.settings))
     await _mark_manifest_models(engine, report)
 
     errors: list[ComfyEmbedError] = []
@@ -132,7 +134,7 @@ async def _mark_manifest_models(engine: "Engine", report: dict[str, Any]) -> Non
 
 
 def _models(report: dict[str, Any], prompt: dict[str, Any], comfy: Any,
-            files: dict[str, list[str]]) -> None:
+            files: dict[str, list[str]], roles: dict[str, Path]) -> None:
     """Fill ``models`` (files the run would load) and ``missing_models``."""
     for node_id, node in prompt.items():
         options = comfy.input_options(node["class_type"])
@@ -147,11 +149,22 @@ def _models(report: dict[str, Any], prompt: dict[str, Any], comfy: Any,
             if value in options[name] or value in files.get(folder, []):
                 path = comfy.model_path(folder, value)
                 size = os.path.getsize(path) if path and os.path.exists(path) else None
-                report["models"].append({**where, "path": path, "bytes": size})
+                report["models"].append({**where, "path": _shown(path, folder, value, roles),
+                                         "bytes": size})
             else:
                 choices = [c for c in files.get(folder) or options[name] if isinstance(c, str)]
                 report["missing_models"].append(
                     {**where, "closest": difflib.get_close_matches(value, choices, n=3, cutoff=0.3)})
+
+
+def _shown(path: str | None, folder: str, name: str, roles: dict[str, Path]) -> str | None:
+    """A model's path as a client may see it: under a server folder by its
+    role (``<models>/checkpoints/x``), elsewhere (extra model paths, the
+    cache) by its model folder (``<checkpoints>/x``); never absolute."""
+    if path is None:
+        return None
+    shown = scrub_paths(path, roles)
+    return shown if not os.path.isabs(shown) else f"<{folder}>/{name}"
 
 
 def _folder_of(name: str, options: list[Any], files: dict[str, list[str]]) -> str | None:

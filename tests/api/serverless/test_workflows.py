@@ -159,6 +159,10 @@ def test_validate_names_missing_nodes_and_suggests_models(server: Server) -> Non
     assert report["valid"] is False
     assert report["missing_nodes"] == [{"node_id": "10", "class_type": "NoSuchNode"}]
     assert "node 10 (NoSuchNode) does not exist" in report["error"]["message"]
+    # ComfyUI's check stops at the missing node: it is the only one named in
+    # node_errors (the README's example says so), the checkpoint is under
+    # missing_models, and no output is listed.
+    assert list(report["node_errors"]) == ["10"] and report["outputs"] == []
     assert report["node_errors"]["10"]["class_type"] == "NoSuchNode"
     (missing,) = report["missing_models"]
     assert missing["node_id"] == "4" and missing["input"] == "ckpt_name"
@@ -180,7 +184,12 @@ def test_validate_a_runnable_workflow_runs_nothing(server: Server) -> None:
     assert report["outputs"] == ["9"]
     (model,) = report["models"]
     assert model["name"] == "tiny-sd15.safetensors" and model["folder"] == "checkpoints"
-    assert Path(model["path"]).is_file() and model["bytes"] == Path(model["path"]).stat().st_size
+    # No absolute server path (issue 25, 14): the tiny checkpoint lives in
+    # the cache folder, outside the server's folders, so it is named by its
+    # model folder.
+    assert model["path"] == "<checkpoints>/tiny-sd15.safetensors", model
+    cached = Path.home() / ".cache" / "comfy-embed" / "tiny-sd15.safetensors"
+    assert model["bytes"] == cached.stat().st_size
     out = Path(server.log_path).parent / "output"
     assert not list(out.rglob("dry-run-only*"))  # nothing executed
     assert server.log_path.read_text().count("queued as prompt") == queued
