@@ -26,7 +26,7 @@ from tests.api.v2.sdkflows import (
     random_color,
     wait_until,
 )
-from tests.conftest import image_only
+from tests.conftest import image_only, text_to_image
 from tests.servers import Server
 
 KEY = "v2-conf-key-" + "d" * 24
@@ -205,6 +205,19 @@ def test_stream_of_a_finished_job_ends_with_its_status(api: Api) -> None:
     frames = api.events(job["id"])
     assert frames[-1] == ("status", {"status": "succeeded", "queue_position": None}), frames
     assert [name for name, _ in frames].count("status") == 1, frames
+
+
+def test_progress_frames_carry_node_and_step_detail(api: Api) -> None:
+    job = api("POST", "/jobs", json={"workflow": text_to_image(steps=6, size=64, seed=61)}).json()
+    frames = api.events(job["id"])  # every frame validated against the catalogue
+    steps = [d for n, d in frames if n == "progress" and d.get("step")]
+    assert steps and all(d["current_node_class"] == "KSampler" and d["steps"] == 6 for d in steps)
+    values = [d["value"] for n, d in frames if n == "progress"]
+    assert values == sorted(values) and values[-1] == 1.0
+    assert frames[-1] == ("status", {"status": "succeeded", "queue_position": None})
+    done = api.finish(job["id"])
+    assert done["progress"]["value"] == 1.0 and done["outputs"]
+    assert set(done["metrics"]) >= {"queue_ms", "execution_ms"}
 
 
 def test_refusals(api: Api) -> None:
