@@ -106,7 +106,15 @@ class Engine:
     """ComfyUI in this process, behind one executor thread.
 
     ``start()`` boots ComfyUI on the executor thread in the background;
-    ``await wait_ready()`` (or ``ready``) tells when it can run work.
+    ``await wait_ready()`` (or ``ready``) tells when it can run work, and
+    raises NotAccepting if the boot failed (the message says why: no ComfyUI
+    at ``comfyui_dir`` names COMFY_EMBED_COMFYUI_DIR and ``comfy-embed
+    install-comfyui``). ``await submit(graph, RunOptions(...))`` returns a
+    :class:`Task` (``stream()``, ``await result()``, ``cancel()``) or raises
+    what :func:`run_workflow` raises for a refused request (WorkflowInvalid,
+    ImageInputError, PayloadTooLarge, QueueFull, NotAccepting); ``await
+    task.result()`` raises the run's error (ExecutionFailed, TaskCancelled,
+    RunTimeout, StorageError...). ``close()`` stops the executor.
     """
 
     def __init__(self, settings: Settings | None = None,
@@ -478,9 +486,18 @@ def run_workflow(graph: Any, *, settings: Settings | None = None, task_id: str |
     ``options`` are :class:`RunOptions`' fields (``output_base64``,
     ``output_oss``, ``output_format``, ``quality``, ``credentials``): the
     library's edge, where they become one RunOptions (an unknown name is a
-    TypeError). Raises the typed error (WorkflowInvalid, ExecutionFailed,
-    ...) when the run fails. Do not call from inside a running event loop:
-    use ``await Engine.run`` there.
+    TypeError). Do not call from inside a running event loop: use
+    ``await Engine.run`` there.
+
+    Raises a :class:`~comfy_embed.errors.ComfyEmbedError` subclass, whose
+    ``type``, ``message`` and ``node_errors`` are the final message's
+    ``data.error``: WorkflowInvalid (not a runnable graph: node and input
+    named), ImageInputError / InputPathInvalid / MissingAsset (an unusable
+    media input), PayloadTooLarge, QueueFull, NotAccepting (ComfyUI failed to
+    boot, e.g. no ComfyUI at ``comfyui_dir``: the message names
+    COMFY_EMBED_COMFYUI_DIR and ``comfy-embed install-comfyui``; or draining),
+    ExecutionFailed / OutOfMemory (a node failed), TaskCancelled, RunTimeout,
+    StorageError (an upload).
     """
     engine = shared_engine(settings)
     run_options = RunOptions(**options)
