@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from comfy_sdk import AsyncComfy, Comfy
 from comfy_sdk.events import OutputReady, Progress, StatusChange
-from comfy_sdk.exceptions import InvalidWorkflow, MissingAsset, NotFound
+from comfy_sdk.exceptions import InvalidWorkflow, JobFailed, MissingAsset, NotFound
 
 from tests.api.v2.sdkflows import (
     LOAD,
@@ -179,6 +179,26 @@ def test_every_output_kind_reaches_the_sdk(base_url: str) -> None:
     assert kinds["6"] == {("audio", "audio/flac")}
     assert kinds["7"] == {("text", "text/plain")}
     assert len(job.get_outputs("10")) == 1
+
+
+def test_a_node_failing_at_run_time_is_job_failed_naming_it(base_url: str) -> None:
+    graph = {  # valid, but ImageToMask's alpha channel of an RGB image fails while running
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1,
+                                                     "color": 0}},
+        "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "alpha"}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "fail", "images": ["3", 0]}},
+    }
+    with Comfy(api_key=KEY) as client:
+        with pytest.raises(JobFailed) as failed:
+            client.run(client.workflows.from_json(graph), timeout=120)
+        error = failed.value.error
+        assert error.node_id == "2" and error.class_type == "ImageToMask"
+        assert error.code and "IndexError" in error.message
+        job = client.submit(client.workflows.from_json(graph))
+        events = list(client.jobs.get(job.id).events())
+        assert events[-1] == StatusChange(status="failed", queue_position=None)
+        assert job.wait(timeout=60).status == "failed" and job.error.node_id == "2"
 
 
 @pytest.mark.anyio
