@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from comfy_sdk import AsyncComfy, Comfy
 from comfy_sdk.events import OutputReady, Progress, StatusChange
 from comfy_sdk.exceptions import InvalidWorkflow, JobFailed, MissingAsset, NotFound
@@ -21,6 +22,7 @@ from tests.api.v2.sdkflows import (
     invert_graph,
     is_inverted,
     long_graph,
+    png_bytes,
     random_color,
     wait_until,
     write_png,
@@ -199,6 +201,32 @@ def test_a_node_failing_at_run_time_is_job_failed_naming_it(base_url: str) -> No
         events = list(client.jobs.get(job.id).events())
         assert events[-1] == StatusChange(status="failed", queue_position=None)
         assert job.wait(timeout=60).status == "failed" and job.error.node_id == "2"
+
+
+def test_asset_handles_download_urls_rehydrate_and_delete(base_url: str, tmp_path: Path) -> None:
+    color = random_color()
+    with Comfy(api_key=KEY) as client:
+        asset = client.assets.from_bytes(png_bytes(color), filename="bytes.png")
+        asset_id = asset.commit()
+        url = asset.get_download_url()
+        assert url.url.startswith(base_url) and url.url.endswith(f"/assets/{asset_id}/content")
+        fetched = requests.get(url.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        assert fetched.content == png_bytes(color)
+        again = client.assets.get(asset_id)
+        assert (again.id, again.hash, again.file_path) == (asset_id, asset.hash, "bytes.png")
+
+        wf = client.workflows.from_json(invert_graph("v2sdk-url"))
+        wf.set_input(LOAD, "image", again)
+        (out,) = client.run(wf, timeout=180).get_outputs(SAVE)
+        assert out.get_download_url().url.endswith(f"/assets/{out.id}/content")
+        saved = out.to_file(tmp_path / "out.png")
+        assert is_inverted(saved.read_bytes(), color)
+
+        client.assets.delete(asset_id)
+        with pytest.raises(NotFound):
+            client.assets.get(asset_id)
+        with pytest.raises(NotFound):
+            client.assets.delete(asset_id)
 
 
 @pytest.mark.anyio
