@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from comfy_embed.api.v2 import openapi as v2_openapi
 from comfy_embed.version import __version__
 
 __all__ = ["document", "routes"]
@@ -423,8 +424,8 @@ def document(version: str = __version__) -> dict[str, Any]:
                            "and view merged into one call. Every answer carries "
                            "`X-Queue-Depth`.",
         },
-        "paths": _paths(),
-        "components": {"schemas": _SCHEMAS},
+        "paths": {**_paths(), **v2_openapi.paths()},  # + Comfy API v2 (api/v2/openapi.py)
+        "components": {"schemas": {**_SCHEMAS, **v2_openapi.schemas()}},
     }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mimetypes
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,6 +31,9 @@ from comfy_embed.service.jobview import OutputRef, file_path, iso, parse_output_
 __all__ = ["by_hash", "content", "delete_asset", "from_hash", "get_asset", "upload"]
 
 _MAX_TEXT_FIELD = 4096
+#: A media type as it may go into a Content-Type header (ASCII, no controls).
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+                         r"(;[ -~]{0,120})?")
 
 
 def _store(request: Request) -> AssetStore:
@@ -103,7 +107,10 @@ async def upload(request: Request) -> Response:
             return envelope(422, "invalid_request", "expected_hash must be blake3:<64 hex>",
                             {"field": "expected_hash"})
         content_type = str(fields["content_type"] or file.content_type or
-                           "application/octet-stream")[:255]
+                           "application/octet-stream")
+        if not _MEDIA_TYPE.fullmatch(content_type):
+            return envelope(422, "invalid_request", "content_type must be a media type such as "
+                            "image/png", {"field": "content_type"})
         path = str(fields["file_path"] or file.filename or "")[:1024] or None
         tags = [t for t in form.getlist("tags") if isinstance(t, str)][:32]
         hasher = await anyio.to_thread.run_sync(Hasher, store)
@@ -142,6 +149,9 @@ async def from_hash(request: Request) -> Response:
     size = (await anyio.to_thread.run_sync(os.stat, store.blob_path(digest))).st_size
     path = body.get("file_path") if isinstance(body.get("file_path"), str) else None
     content_type = body.get("content_type") if isinstance(body.get("content_type"), str) else None
+    if content_type is not None and not _MEDIA_TYPE.fullmatch(content_type):
+        return envelope(422, "invalid_request", "content_type must be a media type such as "
+                        "image/png", {"field": "content_type"})
     if content_type is None:
         content_type = mimetypes.guess_type(path or "")[0] or "application/octet-stream"
     tags = [t for t in body.get("tags") or () if isinstance(t, str)][:32]
