@@ -38,12 +38,14 @@ ARG EXTRAS=torch
 
 WORKDIR /app
 # Dependencies from pyproject.toml alone (a stub package stands in for the
-# code), so that editing the code does not reinstall torch.
+# code, with the files its metadata names: the version module, README,
+# LICENSE), so that editing the code does not reinstall torch.
 COPY pyproject.toml ./
-RUN mkdir comfy_embed && touch comfy_embed/__init__.py README.md \
+RUN mkdir comfy_embed && touch comfy_embed/__init__.py README.md LICENSE \
+    && echo '__version__ = "0"' > comfy_embed/version.py \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check ".[${EXTRAS}]" \
     && /opt/venv/bin/pip uninstall -y -q comfy-embed \
-    && rm -rf comfy_embed README.md build ./*.egg-info
+    && rm -rf comfy_embed README.md LICENSE build ./*.egg-info
 
 # Extra packages, e.g. what baked-in custom nodes need (see deploy/README.md).
 ARG EXTRA_PIP=""
