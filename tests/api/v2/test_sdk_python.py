@@ -229,6 +229,25 @@ def test_asset_handles_download_urls_rehydrate_and_delete(base_url: str, tmp_pat
             client.assets.delete(asset_id)
 
 
+def test_the_partner_api_key_is_never_stored_nor_logged(base_url: str, server: Server) -> None:
+    """``submit(api_key=...)`` sends ``extra_data.api_key_comfy_org``: it must
+    not reach the job, its workflow, the task log, the outputs or the log."""
+    secret = "partner-secret-" + uuid.uuid4().hex
+    with Comfy(api_key=KEY) as client:
+        job = client.submit(client.workflows.from_json(image_only(batch=1, color=9)),
+                            api_key=secret)
+        job.wait(timeout=120)
+        assert job.status == "succeeded"
+        assert secret not in json.dumps(job.get_workflow().graph)
+        seen = requests.get(f"{base_url}/api/v2/jobs/{job.id}", timeout=30,
+                            headers={"Authorization": f"Bearer {KEY}"}).text
+        assert secret not in seen
+        assert secret not in json.dumps(job.get_outputs("3")[0].to_bytes().decode("latin-1"))
+    files = [p for p in Path(server.log_path).parent.rglob("*") if p.is_file()]
+    assert any(job.id.encode() in p.read_bytes() for p in files)  # the scan sees the task log
+    assert [p for p in files if secret.encode() in p.read_bytes()] == []
+
+
 @pytest.mark.anyio
 async def test_async_flow(base_url: str, tmp_path: Path) -> None:
     color = random_color()
