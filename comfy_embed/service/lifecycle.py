@@ -183,7 +183,10 @@ class TaskService(TaskObserver):
             await self.webhooks.check(webhook)
         claim = Claim(task_id, functools.partial(self._io.run, self._claim, task_id, owner_key),
                       webhook=webhook, webhooks=self.webhooks, claimed_ids=self._claimed)
+        policy = self.retention.expect(task_id, policy)  # before the task can end
         outcome = await self._submit_while_claiming(body, options, claim)
+        if not (isinstance(outcome, Task) and claim.claimed and claim.error is None):
+            self.retention.forget(task_id)  # not run here: refused, known, or closed
         refusal = claim.refusal()
         if refusal is not None:
             raise refusal from claim.error

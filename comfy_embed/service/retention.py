@@ -100,15 +100,26 @@ class Retention:
                     "seconds (COMFY_EMBED_MAX_TTL, or the retention period)")
         return Policy(seconds, keep)
 
-    async def started(self, task_id: str, policy: Policy | None) -> None:
-        """Record a started task's own policy (None: the operator's
-        ``COMFY_EMBED_KEEP``, for surfaces that ask none); nothing is written
-        for the default one."""
+    def expect(self, task_id: str, policy: Policy | None) -> Policy:
+        """The policy of a task about to be submitted (None: the operator's
+        ``COMFY_EMBED_KEEP``, for surfaces that ask none), kept in memory for
+        :meth:`stamp` before the task can end; :meth:`forget` it if the task
+        does not run here."""
         if policy is None:
             policy = Policy(None, self.service.settings.tasklog.keep)
+        if not policy.is_default:
+            self._policies[task_id] = policy
+        return policy
+
+    def forget(self, task_id: str) -> None:
+        """The task expected did not run here (refused, or a known one)."""
+        self._policies.pop(task_id, None)
+
+    async def started(self, task_id: str, policy: Policy) -> None:
+        """Record a started task's own policy in the log, where every
+        instance's sweep finds it (nothing for the default one)."""
         if policy.is_default:
             return
-        self._policies[task_id] = policy
         await anyio.to_thread.run_sync(write_policy, self.service.tasklog, task_id, policy,
                                        time.time())
 
