@@ -16,20 +16,36 @@ from comfy_embed.errors import (
     ExecutionFailed,
     ImageInputError,
     InputPathInvalid,
+    InstallError,
+    InvalidParameter,
+    MissingAsset,
+    ModelDownloadError,
     NotAccepting,
+    OutOfMemory,
     PayloadTooLarge,
     QueueFull,
     RunTimeout,
     StorageError,
+    StorageUnavailable,
     TaskCancelled,
+    TaskDeleted,
+    TaskIdConflict,
+    TaskLost,
+    TaskRunning,
+    Unauthorized,
+    WebhookRefused,
     WorkflowInvalid,
 )
+from comfy_embed.prepare.options import RunOptions
 from comfy_embed.runtime import Engine, Task, run_workflow, shared_engine
 from comfy_embed.version import __version__
 
 __all__ = [
-    "__version__", "Settings", "Engine", "Task", "run_workflow", "shared_engine",
-    "ComfyEmbedError", "WorkflowInvalid", "ImageInputError", "InputPathInvalid",
-    "QueueFull", "NotAccepting", "ExecutionFailed", "TaskCancelled", "RunTimeout",
-    "StorageError", "PayloadTooLarge",
+    "__version__", "Settings", "Engine", "Task", "RunOptions", "run_workflow", "shared_engine",
+    # every error comfy-embed raises (comfy_embed.errors), one hierarchy
+    "ComfyEmbedError", "WorkflowInvalid", "ImageInputError", "InputPathInvalid", "MissingAsset",
+    "QueueFull", "NotAccepting", "ExecutionFailed", "OutOfMemory", "TaskLost", "TaskCancelled",
+    "RunTimeout", "StorageError", "StorageUnavailable", "PayloadTooLarge", "ModelDownloadError",
+    "WebhookRefused", "InvalidParameter", "Unauthorized", "TaskIdConflict", "TaskDeleted",
+    "TaskRunning", "InstallError",
 ]
