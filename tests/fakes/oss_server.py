@@ -355,6 +355,10 @@ class _Handler(BaseHTTPRequestHandler):
                 oss.objects[(bucket, key)] = obj
             return self._reply(200, headers={"ETag": f'"{obj.etag}"',
                                              "x-oss-hash-crc64ecma": str(_crc64(body))})
+        if method == "DELETE":  # OSS answers 204 whether or not the object existed
+            with oss._lock:
+                oss.objects.pop((bucket, key), None)
+            return self._reply(204, send_body=False)
         with oss._lock:
             found = oss.objects.get((bucket, key))
         if found is None:
@@ -372,3 +376,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")

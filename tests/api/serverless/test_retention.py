@@ -28,6 +28,7 @@ from PIL import Image
 from tests.api.serverless.test_images import load_graph
 from tests.conftest import text_to_image
 from tests.fakes.moto_s3 import serve_s3
+from tests.fakes.oss_server import FakeOss
 from tests.fakes.webhook_receiver import SECRET, Receiver, serve_receiver
 from tests.servers import Server
 
@@ -91,10 +92,15 @@ def bucket_objects(endpoint: str) -> dict[str, bytes]:
     return found
 
 
-def holders(root: Path, endpoint: str, needles: list[bytes]) -> list[str]:
-    """Every file under ``root`` and object in the bucket holding one of
-    ``needles`` (raw or base64), zlib files read decompressed as well."""
-    forms = [n for raw in needles for n in (raw, base64.b64encode(raw))]
+def forms_of(needles: list[bytes]) -> list[bytes]:
+    return [n for raw in needles for n in (raw, base64.b64encode(raw))]
+
+
+def holders(root: Path, endpoint: str | None, needles: list[bytes]) -> list[str]:
+    """Every file under ``root`` and object in the S3 bucket (``endpoint``)
+    holding one of ``needles`` (raw or base64), zlib files read
+    decompressed as well."""
+    forms = forms_of(needles)
     found = []
     for dirpath, _, names in os.walk(root):
         for name in names:
@@ -110,7 +116,7 @@ def holders(root: Path, endpoint: str, needles: list[bytes]) -> list[str]:
                 pass
             if any(f in t for f in forms for t in texts):
                 found.append(str(path))
-    for key, body in bucket_objects(endpoint).items():
+    for key, body in (bucket_objects(endpoint) if endpoint else {}).items():
         if any(f in body for f in forms):
             found.append(f"s3://{BUCKET}/{key}")
     return found
@@ -285,3 +291,29 @@ def test_websocket_takes_ttl_and_keep(pair: tuple[Server, Server], s3: str) -> N
         assert "ttl" in ev["data"]["error"]["message"]
     finally:
         bad.close()
+
+
+def test_delete_removes_oss_objects(tmp_path: Path) -> None:
+    """The same with OSS (the local stand-in): the object and its signed link go."""
+    with FakeOss(keys={"oss-key-id": "oss-key-secret"}) as oss:
+        s = Server(tmp_path, raw_env={"OSS_ACCESS_KEY_ID": "oss-key-id",
+                                      "OSS_ACCESS_KEY_SECRET": "oss-key-secret"},
+                   oss_bucket="test-bucket", oss_endpoint=oss.endpoint, oss_region="cn-hangzhou",
+                   oss_link_expire=600, delete_objects=1)
+        try:
+            s.wait_ready()
+            image = unique_png()
+            r = s.run(load_graph(base64.b64encode(image).decode()),
+                      "?output_base64=1&output_oss=1", headers={"X-Task-Id": "oss-1"})
+            assert r.status_code == 200, r.text
+            out = r.json()["data"]["results"][0]["output"]
+            output = base64.b64decode(out["base64"]["data"])
+            assert requests.get(out["oss"]["url"], timeout=10).content == output
+            r = delete(s, "oss-1", {})
+            assert r.status_code == 200 and r.json()["objects"]["deleted"] == 1, r.text
+            assert requests.get(out["oss"]["url"], timeout=10).status_code == 404
+            assert not any(f in o.data for o in oss.objects.values()
+                           for f in forms_of([image, output]))
+            assert holders(tmp_path, None, [image, output]) == []
+        finally:
+            s.stop()
