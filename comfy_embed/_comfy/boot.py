@@ -108,7 +108,7 @@ def configure_args(s: Settings) -> str:
     device = "cuda" if (s.comfy.device in ("auto", "cuda") and cuda) else "cpu"
     args.cpu = device == "cpu"
     args.disable_all_custom_nodes = not s.comfy.custom_nodes
-    args.disable_api_nodes = True
+    args.disable_api_nodes = not s.comfy.api_nodes
     args.disable_metadata = not s.comfy.write_metadata
     args.preview_method = (LatentPreviewMethod.Latent2RGB if s.comfy.preview == "latent2rgb"
                            else LatentPreviewMethod.NoPreviews)
@@ -176,7 +176,7 @@ def import_nodes(s: Settings, folder_paths: ModuleType, loop: asyncio.AbstractEv
         seconds["import"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         loop.run_until_complete(
-            nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+            nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=s.comfy.api_nodes))
     if quiet.failed:
         log.info("optional ComfyUI node modules not loaded (missing packages): %s",
                  ", ".join(sorted(quiet.failed)))

@@ -55,6 +55,10 @@ class ComfySettings(_Group):
     #: "classic", "lru:<N>" or "none".
     cache: str = "classic"
     custom_nodes: bool = False
+    #: Load ComfyUI's API (partner) nodes (comfy_api_nodes/: OpenAI, Kling,
+    #: ...), which call paid services with the key a request's
+    #: ``extra_data.api_key_comfy_org`` carries.
+    api_nodes: bool = False
     #: Extra custom_nodes folders (besides <comfyui_dir>/custom_nodes), loaded
     #: when ``custom_nodes`` is on.
     custom_nodes_dirs: tuple[Path, ...] = ()

@@ -175,6 +175,22 @@ def test_validate_names_missing_nodes_and_suggests_models(server: Server) -> Non
     assert report["node_errors"]["4"]["errors"][0]["extra_info"]["input_name"] == "ckpt_name"
 
 
+def test_api_nodes_load_only_when_enabled(server: Server, tmp_path: Path) -> None:
+    # Issue 25: ComfyUI's API (partner) nodes were never loaded, and nothing
+    # said so; COMFY_EMBED_API_NODES=1 loads them.
+    graph = {"1": {"class_type": "OpenAIDalle3", "inputs": {"prompt": "a cat"}},
+             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}
+    report = validate(server, graph)
+    assert report["missing_nodes"] == [{"node_id": "1", "class_type": "OpenAIDalle3"}]
+    with_api = Server(tmp_path / "api-nodes", api_nodes=1)
+    try:
+        report = validate(with_api.wait_ready(), graph)
+        assert report["missing_nodes"] == [], report
+        assert "1" not in report["node_errors"], report
+    finally:
+        with_api.stop()
+
+
 def test_validate_a_runnable_workflow_runs_nothing(server: Server) -> None:
     graph = text_to_image(steps=2)
     graph["9"]["inputs"]["filename_prefix"] = "dry-run-only"
