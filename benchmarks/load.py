@@ -8,7 +8,10 @@ phases with the same clients:
   mixed     the same good requests interleaved with bad ones (malformed and
             deeply nested JSON, 5,000-digit integers, 800 KB file names,
             ``../`` prefixes, denied nodes, too many nodes, bad parameters
-            and task ids, unknown nodes), ``--duration`` seconds.
+            and task ids, unknown nodes; issue 25's: 40 URL inputs, a
+            4096-picture batch with a 1 MB undeclared input, /validate of
+            100,000 nodes and of VAESave, a '.' prefix, WebcamCapture
+            reading another task's output), ``--duration`` seconds.
 
 Per phase: requests, unexpected answers ("errors": a 5xx, a dropped
 connection, a bad request not answered 4xx, a good one not answered 200),
@@ -150,9 +153,47 @@ class Load:
             self.check_final(tid)
         return r.status_code
 
+    def _validate(self, body: dict[str, Any]) -> int:
+        """A dry run: 200 with ``valid`` false counts as the refusal it is."""
+        r = self.s.post(f"{self.url}{API}/validate", json=body, timeout=60)
+        if r.status_code != 200:
+            return r.status_code
+        return 400 if r.json()["valid"] is False else 200
+
+    def bad_round3(self, choice: int) -> int:
+        """Issue 25's cases (hostile callers, round 3)."""
+        g = common.image_graph(1, size=64)
+        if choice == 0:  # too many URL inputs: refused before any is fetched
+            urls = {str(10 + i): {"class_type": "LoadImage",
+                                  "inputs": {"image": f"http://10.0.0.{i}/x.png"}} for i in range(40)}
+            return self._bad_body(json.dumps({**g, **urls}).encode())
+        if choice == 1:  # a batch whose output would fill the disk
+            g["1"]["inputs"].update(batch_size=4096, width=1024, height=1024)
+            g["1"]["inputs"]["junk"] = "j" * 1_000_000
+            return self._bad_body(json.dumps(g).encode())
+        if choice == 2:  # /validate applies the node limit
+            return self._validate({str(i): {"class_type": "EmptyImage", "inputs": {}}
+                                   for i in range(100_000)})
+        if choice == 3:  # /validate applies the denylist
+            return self._validate({
+                "1": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
+                "2": {"class_type": "VAESave", "inputs": {"vae": ["1", 0], "filename_prefix": "v"}}})
+        if choice == 4:  # a prefix that normalises to the output root
+            g["3"]["inputs"]["filename_prefix"] = "."
+            return self._bad_body(json.dumps(g).encode())
+        # another task's output through a node without an upload marker
+        return self._bad_body(json.dumps({
+            "1": {"class_type": "WebcamCapture",
+                  "inputs": {"image": "victim/ComfyUI_00001_.png [output]", "width": 0,
+                             "height": 0, "capture_on_queue": False}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}).encode(),
+            "?output_base64=1")
+
     def bad(self) -> int:
         g = common.image_graph(1, size=64)
-        choice = self.rng.randrange(11)
+        choice = self.rng.randrange(17)
+        if choice >= 11:
+            return self.bad_round3(choice - 11)
         if choice == 0:
             return self._bad_body(b"{bad json")
         if choice == 1:
