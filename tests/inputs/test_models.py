@@ -18,9 +18,8 @@ import requests
 from comfy_embed import Settings
 from comfy_embed.errors import ModelDownloadError
 from comfy_embed.inputs.models import ensure_models, load_manifest
-from tests.fakes.file_server import Files, serve_files
-
 from tests.conftest import image_only
+from tests.fakes.file_server import Files, serve_files
 from tests.servers import Server
 
 MODEL = random.Random(7).randbytes(3 * 1024 * 1024)

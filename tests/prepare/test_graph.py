@@ -176,3 +176,47 @@ def test_one_task_id_rule_everywhere() -> None:
         if bad:
             with pytest.raises(InvalidParameter, match=TASK_ID_RULE):
                 task_id_param(bad)
+
+
+# ------------------------------------------------------------------ issue 25 (3)
+from comfy_embed.prepare.graph import check_output_bytes, drop_unknown_constants  # noqa: E402
+
+
+def test_drop_unknown_constants_keeps_declared_inputs_and_links() -> None:
+    prompt = {"1": {"class_type": "Known", "inputs": {"width": 8, "junk": "x" * 100,
+                                                      "extra_link": ["2", 0], "hidden_id": "h"}},
+              "2": {"class_type": "Unknown", "inputs": {"anything": 1}}}
+    names = {"Known": frozenset({"width", "hidden_id"})}
+    removed = drop_unknown_constants(prompt, names.get)
+    assert removed == {"1": ["junk"]}
+    assert prompt["1"]["inputs"] == {"width": 8, "extra_link": ["2", 0], "hidden_id": "h"}
+    assert prompt["2"]["inputs"] == {"anything": 1}  # unknown class: left to validation
+
+
+def test_check_output_bytes_multiplies_sizes_and_metadata() -> None:
+    def graph(**inputs: Any) -> dict[str, Any]:
+        return {"5": {"class_type": "EmptyLatentImage", "inputs": inputs}}
+
+    asked: list[int] = []
+
+    def metadata() -> int:
+        asked.append(1)
+        return 1000
+
+    check_output_bytes({"1": {"class_type": "X", "inputs": {"text": "t"}}},
+                       metadata_bytes=metadata, limit=1)
+    assert asked == []  # no node states a size: the prompt is not measured
+    check_output_bytes(graph(width=64, height=64, batch_size=2), metadata_bytes=metadata,
+                       limit=2 * (3 * 64 * 64 + 1000))
+    with pytest.raises(WorkflowInvalid) as info:
+        check_output_bytes(graph(width=64, height=64, batch_size=3), metadata_bytes=metadata,
+                           limit=2 * (3 * 64 * 64 + 1000))
+    assert info.value.type == "output_too_large"
+    entry = info.value.node_errors["5"]["errors"][0]
+    assert entry["extra_info"]["input_name"] == "batch_size" and entry["type"] == "output_too_large"
+    with pytest.raises(WorkflowInvalid, match="length 10 x 8x8"):
+        check_output_bytes(graph(width=8, height=8, length=10), metadata_bytes=lambda: 0,
+                           limit=1000)
+    # Links and booleans are not sizes.
+    check_output_bytes(graph(width=["1", 0], height=True, batch_size=4096),
+                       metadata_bytes=metadata, limit=1)

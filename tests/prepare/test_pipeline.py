@@ -177,3 +177,11 @@ def test_run_options_are_frozen_and_say_when_a_result_needs_no_awaiting() -> Non
     with pytest.raises(AttributeError):
         DEFAULT_OPTIONS.output_base64 = True  # type: ignore[misc]
     assert "secret" not in repr(RunOptions(credentials=Credentials("id", "secret")))
+
+
+def test_one_budget_for_all_of_a_requests_inputs() -> None:
+    budget = InputBudget(10)
+    budget.charge(6)
+    budget.charge(4)
+    with pytest.raises(ImageInputError, match="over 10 bytes in all"):
+        budget.charge(1)
