@@ -281,6 +281,9 @@ class V2Settings(_Group):
     asset_max_bytes: int = 100 * MB
     #: How long an ``Idempotency-Key`` answer is replayed.
     idempotency_hours: float = 24.0
+    #: Upload v2 jobs' outputs to the configured object storage
+    #: (``COMFY_EMBED_STORAGE``); their content is then a 302 to a fresh signed URL.
+    v2_outputs_to_storage: bool = False
 
 
 class SafetySettings(_Group):

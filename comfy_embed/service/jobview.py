@@ -135,6 +135,8 @@ class OutputRef:
     file: tuple[str, str] | None = None
     text: bytes | None = None
     remote: dict[str, Any] | None = None
+    #: The store that holds ``remote`` ("oss", "s3": the result's key).
+    store: str | None = None
 
     def asset_id(self, job_id: str) -> str:
         return output_asset_id(job_id, self.node_id, self.index)
@@ -189,10 +191,10 @@ def _final_outputs(data: dict[str, Any]) -> list[OutputRef]:
         name = str(comfy.get("filename", ""))
         rel = "/".join(p for p in (str(comfy.get("dir") or "."), str(comfy.get("subfolder") or ""),
                                    name) if p)
-        remote = next((out[k] for k in ("oss", "s3") if isinstance(out.get(k), dict)), None)
+        store = next((k for k in ("oss", "s3") if isinstance(out.get(k), dict)), None)
         found.append(OutputRef(str(r.get("node_id")), str(r.get("index")), name,
-                               str(out.get("media_type") or _guess(name)),
-                               file=("output", rel), remote=remote))
+                               str(out.get("media_type") or _guess(name)), file=("output", rel),
+                               remote=out[store] if store else None, store=store))
     values = data.get("outputs") or {}
     for node_id in sorted(values, key=node_order):
         for k, key in enumerate(sorted(values[node_id] or {})):

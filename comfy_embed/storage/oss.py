@@ -181,6 +181,21 @@ class OssStore:
             out["expire"] = expire.strftime("%Y-%m-%dT%H:%M:%SZ")
         return out
 
+    async def sign(self, bucket: str, key: str, credentials: Credentials | None = None
+                   ) -> str | None:
+        """A fresh signed GET URL of an object this store uploaded (None when
+        no link lifetime is configured). Comfy API v2 redirects there."""
+        s = self.settings.store
+        if not s.oss_link_expire:
+            return None
+        seconds = self._link_seconds(s.oss_link_expire, self.credentials(credentials))
+        signer = self._bucket(bucket, s.oss_public_endpoint or self._endpoint(), credentials)
+        try:
+            return str(await anyio.to_thread.run_sync(
+                lambda: signer.sign_url("GET", key, seconds, slash_safe=True)))
+        except (oss2.exceptions.OssError, ValueError) as e:
+            raise StorageError(f"oss://{bucket}/{key}: signing a link failed: {e}") from e
+
     def _link_seconds(self, wanted: int, creds: Credentials) -> int:
         seconds = wanted
         if self.settings.store.oss_sign_v4:

@@ -182,6 +182,20 @@ class S3Store:
             out["expire"] = expire.strftime("%Y-%m-%dT%H:%M:%SZ")
         return out
 
+    async def sign(self, bucket: str, key: str, credentials: Credentials | None = None
+                   ) -> str | None:
+        """A fresh presigned GET URL of an object this store uploaded (None
+        when no link lifetime is configured). Comfy API v2 redirects there."""
+        s = self.settings.store
+        if not s.s3_link_expire:
+            return None
+        _sdk()
+        url = self._endpoint_for(None)
+        seconds = min(s.s3_link_expire, MAX_PRESIGN_SECONDS)
+        return str(await self._call(f"s3://{bucket}/{key}: signing a link", lambda: self._client(
+            url, credentials).generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=seconds)))
+
     async def get_object(self, bucket: str, endpoint: str | None, key: str,
                          credentials: Credentials | None = None,
                          max_bytes: int | None = None) -> bytes:

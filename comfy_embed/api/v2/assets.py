@@ -5,6 +5,7 @@ name the job and the output (service/jobview.py), and read through the job."""
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 import os
 import re
@@ -23,10 +24,12 @@ from comfy_embed.api.body import read_limited
 from comfy_embed.api.v2.errors import envelope, json_response, not_found
 from comfy_embed.api.v2.jobs import URL_SECONDS, base_url, jobs_of, output_json
 from comfy_embed.assets.store import AssetRecord, AssetStore, Hasher, parse_hash
-from comfy_embed.errors import ComfyEmbedError, PayloadTooLarge
+from comfy_embed.errors import ComfyEmbedError, PayloadTooLarge, StorageError
 from comfy_embed.events import loads
 from comfy_embed.service.jobs import ANONYMOUS
 from comfy_embed.service.jobview import OutputRef, file_path, iso, parse_output_asset_id
+
+log = logging.getLogger(__name__)
 
 __all__ = ["by_hash", "content", "delete_asset", "from_hash", "get_asset", "upload"]
 
@@ -269,6 +272,22 @@ def _serve(request: Request, path: str | None, data: bytes | None, content_type:
                              media_type=content_type)
 
 
+async def _signed(request: Request, ref: OutputRef) -> str | None:
+    """A fresh signed URL of an uploaded output, else the one signed at upload."""
+    remote = ref.remote or {}
+    sign = getattr(request.app.state.engine.store(ref.store), "sign", None)
+    if sign is not None and remote.get("bucket") and remote.get("object"):
+        try:
+            url = await sign(remote["bucket"], remote["object"])
+        except StorageError as e:
+            log.warning("signing a link to %s failed: %s", remote.get("object"), e)
+        else:
+            if isinstance(url, str):
+                return url
+    old = remote.get("url")
+    return old if isinstance(old, str) else None
+
+
 async def content(request: Request) -> Response:
     asset_id = request.path_params["id"]
     found = await _output(request, asset_id)
@@ -276,9 +295,10 @@ async def content(request: Request) -> Response:
         _, ref = found
         if ref.text is not None:
             return _serve(request, None, ref.text, ref.content_type)
-        if ref.remote and isinstance(ref.remote.get("url"), str):
-            # The bytes were uploaded to object storage: send the client there.
-            return RedirectResponse(ref.remote["url"], 302)
+        if ref.remote:  # uploaded to object storage: send the client there
+            url = await _signed(request, ref)
+            if url is not None:
+                return RedirectResponse(url, 302)
         path = file_path(ref, request.app.state.v2_folders)
         if path is None or not await anyio.to_thread.run_sync(path.is_file):
             return not_found("asset content")

@@ -178,7 +178,9 @@ async def _create(request: Request, jobs: JobService, raw: bytes,
     try:
         workflow, extra, labels = _check_body(parsed)
         view = await jobs.submit(workflow, extra_data=extra, metadata=labels, owner_key=owner,
-                                 options=RunOptions(asset_owner=owner or ANONYMOUS))
+                                 options=RunOptions(
+                                     output_oss=jobs.tasks.settings.v2.v2_outputs_to_storage,
+                                     asset_owner=owner or ANONYMOUS))
     except V2Error as e:
         return e.response()
     except ComfyEmbedError as e:
@@ -234,7 +236,7 @@ def _filters(request: Request) -> tuple[dict[str, str], set[str]]:
     statuses = {s for raw in request.query_params.getlist("status") for s in raw.split(",") if s}
     known = {"queued", "running", "succeeded", "canceling", "canceled", "failed", "expired"}
     if statuses - known:
-        raise V2Error(400, "invalid_request", f"unknown status {sorted(statuses - known)[0]!r}")
+        raise V2Error(400, "invalid_request", f"unknown status {min(statuses - known)!r}")
     return labels, statuses
 
 

@@ -15,6 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.conftest import image_only
+from tests.fakes.moto_s3 import serve_s3
 from tests.servers import Server
 
 KEY, OTHER_KEY = "asset-key-one", "asset-key-two"
@@ -204,3 +206,39 @@ def test_bad_core_asset_reference_is_missing_asset(a: Server, case: str) -> None
     assert error["details"]["node_errors"]["1"][0]["field"] == "image"
     listed = httpx.get(f"{a.url}/api/v2/jobs", headers=headers).json()["jobs"]
     assert all(j["status"] != "queued" for j in listed)  # nothing was queued for it
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Outputs of v2 jobs uploaded to an S3 bucket (a local moto server)."""
+    with serve_s3("v2-out", {}) as endpoint:
+        s = Server(tmp_path_factory.mktemp("s3"), raw_env={
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_EC2_METADATA_DISABLED": "true"}, storage="s3", s3_bucket="v2-out",
+            s3_endpoint=endpoint, s3_region="us-east-1", s3_link_expire=300,
+            v2_outputs_to_storage=1)
+        try:
+            yield s.wait_ready()
+        finally:
+            s.stop()
+
+
+def test_output_in_object_storage_is_a_redirect(s3_server: Server) -> None:
+    r = httpx.post(f"{s3_server.url}/api/v2/jobs", json={"workflow": image_only(batch=1)},
+                   timeout=60)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{s3_server.url}/api/v2/jobs/{job_id}").json()
+        if job["status"] in {"succeeded", "failed"}:
+            break
+        time.sleep(0.1)
+    assert job["status"] == "succeeded", job
+    content = job["outputs"][0]["url"]
+    first = httpx.get(content)
+    assert first.status_code == 302
+    location = first.headers["location"]
+    assert "v2-out" in location and "Signature" in location  # a presigned S3 URL
+    body = httpx.get(location).content
+    assert body[:8] == b"\x89PNG\r\n\x1a\n" and len(body) == job["outputs"][0]["size_bytes"]
