@@ -115,9 +115,9 @@ def _serve(web: Web, host: str) -> ThreadingHTTPServer:
                     self._send(200, PNG)
                 finally:
                     web.leave()
-            elif p in ("/endless", "/huge-declared.png"):
+            elif p.split("?")[0] in ("/endless", "/huge-declared.png"):
                 # Zeros until the client hangs up (declared as 1 GB, or undeclared).
-                headers = {"Content-Length": "1000000000"} if p != "/endless" else {}
+                headers = {"Content-Length": "1000000000"} if p.startswith("/huge") else {}
                 self._send(200, b"", headers=headers, length=False)
                 try:
                     for _ in range(100_000):
