@@ -122,7 +122,7 @@ class Conformance:
                 return template
         raise AssertionError(f"{method} {path} is no operation of the spec nor of the SDKs")
 
-    def check(self, resp: requests.Response) -> None:
+    def check(self, resp: Any) -> None:
         """Validate a fully read response (not an SSE stream: see check_sse)."""
         method = str(resp.request.method)
         template = self.route(method, str(resp.request.url))
@@ -195,8 +195,19 @@ class Conformance:
             "next_cursor": {"type": "string", "nullable": True}}}
         self.validate(body, page, where)
 
+    def check_recorded(self, exchanges: list[Any]) -> set[str]:
+        """Validate exchanges a RecordingProxy kept (SSE or not); the
+        operations they reached."""
+        for exchange in exchanges:
+            if exchange.headers.get("content-type", "").startswith("text/event-stream"):
+                self.check_sse(exchange)
+            else:
+                self.check(exchange)
+        return {f"{e.request.method} {self.route(e.request.method, e.request.url)}"
+                for e in exchanges}
+
     # ------------------------------------------------------------ SSE
-    def check_sse(self, resp: requests.Response) -> list[tuple[str, dict[str, Any]]]:
+    def check_sse(self, resp: Any) -> list[tuple[str, dict[str, Any]]]:
         """Read a whole event stream (it ends after the terminal status) and
         validate every frame against the spec's x-sse-events catalogue."""
         where = f"GET /api/v2/jobs/{{id}}/events -> {resp.status_code}"

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from blake3 import blake3
+from comfy_sdk import Comfy
 from openapi_spec_validator import validate as validate_spec
 
 from tests.api.v2.conformance import SDK_ONLY, Conformance
+from tests.api.v2.recorder import RecordingProxy
 from tests.api.v2.sdkflows import (
     LOAD,
     SAVE,
@@ -258,6 +261,37 @@ def test_idempotency_and_queue_full(api: Api) -> None:
     for r in answers:
         if r.status_code == 201:
             api.finish(r.json()["id"])
+
+
+def test_the_python_sdk_flow_conforms(server: Server, conf: Conformance, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """comfy-sdk's own flow, through a recording proxy: every answer it got."""
+    color = random_color()
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes(color))
+    with RecordingProxy(server.url) as proxy:
+        monkeypatch.setenv("COMFY_BASE_URL", proxy.url)
+        with Comfy(api_key=KEY) as client:
+            wf = client.workflows.from_json(invert_graph("v2conf-sdk"))
+            wf.set_input(LOAD, "image", client.assets.from_file(photo))
+            job = client.submit(wf, metadata={"via": "proxy"})
+            list(job.events())
+            (out,) = job.wait(timeout=120).get_outputs(SAVE)
+            assert is_inverted(out.to_bytes(), color) and len(out.to_bytes(range=(0, 3))) == 4
+            again = client.assets.from_file(photo)
+            again.commit()
+            assert again.created_new is False
+            assert client.jobs.get(job.id).get_workflow().format == "api"
+            assert job.id in [s.id for s in client.list_jobs(metadata={"via": "proxy"})]
+            long = client.submit(client.workflows.from_json(long_graph(seed=53)))
+            long.cancel()
+            assert long.wait(timeout=120).status == "canceled"
+            client.assets.delete(again.commit())
+        reached = conf.check_recorded(proxy.v2())
+    assert {"POST /api/v2/jobs", "GET /api/v2/jobs/{id}/events", "POST /api/v2/assets",
+            "HEAD /api/v2/assets/by-hash/{hash}", "POST /api/v2/assets/from-hash",
+            "GET /api/v2/assets/{id}/content", "GET /api/v2/jobs/{id}/workflow", "GET /api/v2/jobs",
+            "POST /api/v2/jobs/{id}/cancel", "DELETE /api/v2/assets/{id}"} <= reached, reached
 
 
 def test_every_operation_was_reached(conf: Conformance) -> None:

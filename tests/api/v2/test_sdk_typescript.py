@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.api.v2.conformance import Conformance
+from tests.api.v2.recorder import RecordingProxy
 from tests.api.v2.sdkflows import (
     invert_graph,
     is_inverted,
@@ -58,7 +60,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         s.stop()
 
 
-def run_flow(node: Path, server: Server, tmp_path: Path,
+def run_flow(node: Path, server: Server, base_url: str, tmp_path: Path,
              color: tuple[int, int, int]) -> dict[str, Any]:
     photo = tmp_path / "photo.png"
     photo.write_bytes(png_bytes(color))
@@ -66,7 +68,7 @@ def run_flow(node: Path, server: Server, tmp_path: Path,
     workflow.write_text(json.dumps(invert_graph("v2ts")))
     long = tmp_path / "long.json"
     long.write_text(json.dumps(long_graph(seed=31)))
-    env = {**os.environ, "COMFY_BASE_URL": server.url, "COMFY_API_KEY": KEY,
+    env = {**os.environ, "COMFY_BASE_URL": base_url, "COMFY_API_KEY": KEY,
            "COMFY_SDK_ENTRY": str(SDK_ENTRY)}
     done = subprocess.run([node, FLOW, photo, workflow, long, tmp_path], env=env, check=False,
                           capture_output=True, text=True, timeout=600)
@@ -78,7 +80,15 @@ def run_flow(node: Path, server: Server, tmp_path: Path,
 def test_typescript_sdk_flow(server: Server, tmp_path: Path) -> None:
     node = node_22()
     color = random_color()
-    r = run_flow(node, server, tmp_path, color)
+    conf = Conformance()
+    with RecordingProxy(server.url) as proxy:  # every answer the SDK got, validated below
+        r = run_flow(node, server, proxy.url, tmp_path, color)
+        recorded = proxy.v2()
+    reached = conf.check_recorded(recorded)
+    assert {"POST /api/v2/jobs", "GET /api/v2/jobs/{id}/events", "POST /api/v2/assets",
+            "HEAD /api/v2/assets/by-hash/{hash}", "POST /api/v2/assets/from-hash",
+            "GET /api/v2/assets/{id}/content", "GET /api/v2/jobs/{id}/workflow",
+            "POST /api/v2/jobs/{id}/cancel"} <= reached, reached
 
     assert r["job"]["status"] == "succeeded" and r["job"]["outputType"] == "image"
     run_png = (tmp_path / "run.png").read_bytes()
