@@ -27,8 +27,18 @@ from comfy_embed.tasklog.files import FINAL_FILE
 from comfy_embed.tasklog.index import DoneIndex
 from comfy_embed.tasklog.log import TaskLog
 
-__all__ = ["Policy", "KEEP_ALL", "KEEP_NOTHING", "RECORD", "expires_at", "iso",
-           "expiry_index", "write_policy", "read_policy", "task_expires_at"]
+__all__ = [
+    "KEEP_ALL",
+    "KEEP_NOTHING",
+    "RECORD",
+    "Policy",
+    "expires_at",
+    "expiry_index",
+    "iso",
+    "read_policy",
+    "task_expires_at",
+    "write_policy",
+]
 
 KEEP_ALL = "all"
 KEEP_NOTHING = "nothing"

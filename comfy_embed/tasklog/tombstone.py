@@ -36,8 +36,18 @@ from comfy_embed.tasklog.files import FINAL_FILE, KEY, encode, fsync_dir, read_f
 from comfy_embed.tasklog.index import BUCKET_SECONDS
 from comfy_embed.tasklog.log import TaskLog
 
-__all__ = ["Folders", "Removal", "bury", "strip", "scrub", "final_of", "erased", "ERASED",
-           "DELETED", "OUTPUT_DELETED"]
+__all__ = [
+    "DELETED",
+    "ERASED",
+    "OUTPUT_DELETED",
+    "Folders",
+    "Removal",
+    "bury",
+    "erased",
+    "final_of",
+    "scrub",
+    "strip",
+]
 
 log = logging.getLogger(__name__)
 

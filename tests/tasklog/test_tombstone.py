@@ -67,7 +67,7 @@ def test_bury_leaves_only_a_tombstone(tmp_path: Path) -> None:
     assert sorted(p.name for p in tl.task_dir("t1").iterdir()) == ["erased", "final", "owner_key"]
     assert tl.key_hash("t1") == "hash-of-key"
     assert "t1" not in DeliveryLog(tl).pending()
-    ((seq, ev),) = tl.read("t1")
+    ((_, ev),) = tl.read("t1")
     assert ev["data"]["error"]["type"] == DELETED
     assert ev["data"]["deleted"]["status"] == "success"
     assert ev["data"]["deleted"]["deleted_at"] == "1970-01-01T00:16:40Z"

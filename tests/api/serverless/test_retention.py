@@ -15,9 +15,10 @@ import json
 import os
 import time
 import zlib
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -58,14 +59,15 @@ def s3() -> Iterator[str]:
 def pair(tmp_path_factory: pytest.TempPathFactory, s3: str) -> Iterator[tuple[Server, Server]]:
     """Two instances on one folder (outputs, inputs, task log)."""
     base = tmp_path_factory.mktemp("retention")
-    env = dict(raw_env=AWS, storage="s3", s3_bucket=BUCKET, s3_endpoint=s3,
-               s3_region="us-east-1", s3_link_expire=300, delete_objects=1, max_ttl=600,
-               api_keys=f"{ONE['X-Api-Key']},{TWO['X-Api-Key']}",
-               url_allowlist="127.0.0.1", webhook_secret=SECRET, webhook_backoff=2)
-    a = Server(base, **env)  # type: ignore[arg-type]
+    env: dict[str, Any] = {
+        "raw_env": AWS, "storage": "s3", "s3_bucket": BUCKET, "s3_endpoint": s3,
+        "s3_region": "us-east-1", "s3_link_expire": 300, "delete_objects": 1, "max_ttl": 600,
+        "api_keys": f"{ONE['X-Api-Key']},{TWO['X-Api-Key']}",
+        "url_allowlist": "127.0.0.1", "webhook_secret": SECRET, "webhook_backoff": 2}
+    a = Server(base, **env)
     try:
         a.wait_ready(headers=ONE)
-        b = Server(base, **env)  # type: ignore[arg-type]
+        b = Server(base, **env)
         try:
             yield a, b.wait_ready(headers=ONE)
         finally:
