@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 #: Sub-folder of the input folder that materialised images go to.
 SUBFOLDER = "serverless"
+#: A fetched body is written to its file in pieces of this size (each one
+#: write in a worker thread: the input folder may be a slow network mount).
+_WRITE_BYTES = 1024 * 1024
 
 # Formats LoadImage handles. Restricting Image.open to them keeps Pillow away
 # from plugins that shell out or parse exotic containers (EPS runs Ghostscript).
@@ -180,18 +183,23 @@ class ImageFetcher:
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
             size = 0
             digest = hashlib.sha256()
+            pending = bytearray()
             try:
                 with os.fdopen(fd, "wb") as f:
-                    def write(chunk: bytes) -> None:
+                    async def write(chunk: bytes) -> None:
                         nonlocal size
                         if budget is not None:
                             budget.charge(len(chunk))
                         size += len(chunk)
                         digest.update(chunk)
-                        f.write(chunk)
+                        pending.extend(chunk)
+                        if len(pending) >= _WRITE_BYTES:  # to disk off the loop, 1 MiB at a time
+                            await anyio.to_thread.run_sync(f.write, bytes(pending))
+                            pending.clear()
 
                     await self.readers.read_into(url, credentials, write=write,
                                                  max_bytes=self.settings.inputs.max_image_bytes)
+                    await anyio.to_thread.run_sync(f.write, bytes(pending))
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise

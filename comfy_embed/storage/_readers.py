@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Callable, Mapping, Protocol
+from typing import Awaitable, Callable, Mapping, Protocol
 
 import anyio
 import httpx
@@ -31,7 +31,7 @@ from comfy_embed.storage.credentials import Credentials
 __all__ = ["Reader", "Readers", "HttpReader", "OssReader", "S3Reader", "input_readers", "Write"]
 
 #: Takes each chunk of a body as it arrives (may raise to stop the read).
-Write = Callable[[bytes], None]
+Write = Callable[[bytes], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Readers:
         if streaming is not None:
             await streaming(url, credentials, max_bytes, write)
         else:
-            write(await reader.read(url, credentials, max_bytes))
+            await write(await reader.read(url, credentials, max_bytes))
 
     async def aclose(self) -> None:
         """Close what the readers hold for the running loop (HTTP clients)."""
@@ -109,7 +109,11 @@ class HttpReader:
     async def read(self, url: str, credentials: Credentials | None, max_bytes: int) -> bytes:
         """The body of ``url``'s 200 answer (``credentials`` are not sent)."""
         chunks: list[bytes] = []
-        await self.read_into(url, credentials, max_bytes, chunks.append)
+
+        async def collect(chunk: bytes) -> None:
+            chunks.append(chunk)
+
+        await self.read_into(url, credentials, max_bytes, collect)
         return b"".join(chunks)
 
     async def read_into(self, url: str, credentials: Credentials | None, max_bytes: int,
@@ -141,7 +145,7 @@ async def _read_capped(response: httpx.Response, url: str, cap: int, write: Writ
         total += len(chunk)
         if total > cap:  # the body may be longer than declared, or undeclared
             raise ImageInputError(f"{url}: over the {cap} byte limit")
-        write(chunk)
+        await write(chunk)
 
 
 class _StoreReader:
