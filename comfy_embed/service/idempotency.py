@@ -89,10 +89,9 @@ class IdempotencyStore:
         payload = json.dumps({"state": "done", "fingerprint": fingerprint, "at": time.time(),
                               "status": status, "body": body.decode(), "headers": headers})
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        # Not fsynced, as the task's own claim is not (only final events are).
         with open(tmp, "w") as f:
             f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def abandon(self, owner: str, key: str) -> None:

@@ -19,8 +19,9 @@ import os
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -31,7 +32,9 @@ from comfy_embed.service.jobview import JobRecord, JobState, job_state
 from comfy_embed.service.lifecycle import TaskService
 from comfy_embed.taskid import valid_task_id
 
-__all__ = ["ANONYMOUS", "JobService", "JobView", "expires_at"]
+__all__ = ["ANONYMOUS", "JobService", "JobView", "expires_at", "is_bad_cursor"]
+
+_T = TypeVar("_T")
 
 #: The owner of jobs and assets made with API keys off.
 ANONYMOUS = "anonymous"
@@ -86,7 +89,7 @@ class JobService:
         record = JobRecord.of(job_id, time.time(), metadata, workflow)
         await self.tasks.start(body, options, task_id=job_id, owner_key=owner_key)
         owner = owner_key or ANONYMOUS
-        await self.tasks._io.run(self._write_records, record, workflow, owner)
+        await self.run_io(self._write_records, record, workflow, owner)
         self._remember(job_id, owner, record)
         state = await self._state(job_id, record)
         return JobView(job_id, record, state or JobState())
@@ -167,6 +170,11 @@ class JobService:
                 pass
         return job_state(events, record, cancel_requested=log.cancel_requested(job_id),
                          final_at=final_at)
+
+    async def run_io(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """A small blocking file operation where the service runs its claims:
+        on the loop while the log's disk answers quickly, else in a thread."""
+        return await self.tasks._io.run(fn, *args)
 
     def cancel_pending(self, job_id: str) -> bool:
         """Whether a caller of this instance asked to cancel the job."""

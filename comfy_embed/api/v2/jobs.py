@@ -145,7 +145,7 @@ async def create_job(request: Request) -> Response:
         return await _create(request, jobs, raw, owner)
     store: IdempotencyStore = request.app.state.v2_idempotency
     who, fingerprint = owner or ANONYMOUS, body_hash(raw)
-    found = await anyio.to_thread.run_sync(store.begin, who, key, fingerprint)
+    found = await jobs.run_io(store.begin, who, key, fingerprint)
     if found.kind == "replay":
         return Response(found.body, found.status, media_type="application/json",
                         headers={**(found.headers or {}), "Idempotency-Replayed": "true"})
@@ -160,12 +160,12 @@ async def create_job(request: Request) -> Response:
         answer = await _create(request, jobs, raw, owner)
     finally:
         if answer is not None and answer.status_code == 201:
-            await anyio.to_thread.run_sync(store.finish, who, key, fingerprint, 201,
+            await jobs.run_io(store.finish, who, key, fingerprint, 201,
                                            bytes(answer.body), {"Location": answer.headers.get(
                                                "location", "")})
         else:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(store.abandon, who, key)
+                await jobs.run_io(store.abandon, who, key)
     return answer
 
 
