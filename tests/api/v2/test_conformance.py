@@ -35,6 +35,7 @@ from tests.servers import Server
 KEY = "v2-conf-key-" + "d" * 24
 OTHER_KEY = "v2-conf-key-" + "e" * 24
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
+LIMIT = 300_000  # COMFY_EMBED_ASSET_MAX_BYTES of the server
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def conf() -> Conformance:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = Server(tmp_path_factory.mktemp("v2conf"), api_keys=f"{KEY},{OTHER_KEY}", max_queue=1)
+    s = Server(tmp_path_factory.mktemp("v2conf"), api_keys=f"{KEY},{OTHER_KEY}", max_queue=1,
+               asset_max_bytes=LIMIT)
     try:
         yield s.wait_ready()
     finally:
@@ -148,6 +150,10 @@ def test_assets(api: Api) -> None:
     no_file = api("POST", "/assets", files={"content_type": (None, "image/png"),
                                             "file_path": (None, "x.png")})
     assert no_file.status_code == 422, no_file.text
+    huge = png_bytes(random_color()) + bytes(LIMIT)
+    too_big = api.upload(huge, "huge.png")
+    assert too_big.status_code in (413, 422), too_big.text
+    assert api("HEAD", f"/assets/by-hash/{b3(huge)}").status_code == 404  # nothing kept
     unknown = api("POST", "/assets/from-hash", json={"hash": b3(b"never uploaded")})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "blob_not_found"
     assert api("GET", f"/assets/{uuid.uuid4()}").status_code == 404
