@@ -28,6 +28,7 @@ from tests.api.v2.sdkflows import (
     write_png,
 )
 from tests.conftest import image_only
+from tests.fakes.moto_s3 import serve_s3
 from tests.servers import Server
 
 KEY = "v2-sdk-key-" + "a" * 24
@@ -246,6 +247,40 @@ def test_the_partner_api_key_is_never_stored_nor_logged(base_url: str, server: S
     files = [p for p in Path(server.log_path).parent.rglob("*") if p.is_file()]
     assert any(job.id.encode() in p.read_bytes() for p in files)  # the scan sees the task log
     assert [p for p in files if secret.encode() in p.read_bytes()] == []
+
+
+@pytest.fixture(scope="module")
+def bucket_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """v2 outputs uploaded to an S3 bucket (a local moto server, another origin)."""
+    with serve_s3("v2-sdk-out", {}) as endpoint:
+        s = Server(tmp_path_factory.mktemp("v2sdk-s3"), api_keys=KEY, raw_env={
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_EC2_METADATA_DISABLED": "true"}, storage="s3", s3_bucket="v2-sdk-out",
+            s3_endpoint=endpoint, s3_region="us-east-1", s3_link_expire=300,
+            v2_outputs_to_storage=1)
+        try:
+            yield s.wait_ready()
+        finally:
+            s.stop()
+
+
+def test_outputs_in_a_bucket_download_through_the_redirect(
+        bucket_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK follows the content endpoint's 302 to a presigned URL (without
+    its bearer key: another origin) and hands that URL out as the download URL."""
+    monkeypatch.setenv("COMFY_BASE_URL", bucket_server.url)
+    with Comfy(api_key=KEY) as client:
+        job = client.run(client.workflows.from_json(image_only(batch=2, color=0x00FF00)),
+                         timeout=180)
+        outs = job.get_outputs("3")
+        assert len(outs) == 2
+        for out in outs:
+            data = out.to_bytes()
+            assert data.startswith(b"\x89PNG") and len(data) == out.size_bytes
+            assert out.to_bytes(range=(1, 3)) == data[1:4]
+            url = out.get_download_url().url
+            assert not url.startswith(bucket_server.url) and "v2-sdk-out" in url
+            assert requests.get(url, timeout=30).content == data  # self-authorizing
 
 
 @pytest.mark.anyio
