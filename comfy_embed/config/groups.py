@@ -291,9 +291,9 @@ class SafetySettings(_Group):
 
     #: Most nodes one workflow may have.
     max_nodes: int = 400
-    #: Most bytes of output one node's stated size may write (width x height
-    #: x batch_size/length/amount x 3, plus the PNG metadata per picture),
-    #: estimated at validation.
+    #: Most bytes of output the sizes a workflow states may write, all nodes
+    #: together (width x height x batch_size/length/amount x 3, plus the PNG
+    #: metadata per picture), estimated at validation.
     max_output_bytes: int = 2 * 1024 * MB
     #: Deepest nesting of JSON arrays/objects in a request body.
     max_json_depth: int = 64

@@ -258,14 +258,15 @@ def _literal_int(value: Any) -> int | None:
 
 def check_output_bytes(prompt: dict[str, Any], *, metadata_bytes: Callable[[], int],
                        limit: int) -> None:
-    """Refuse a workflow whose node makes pictures that would write more than
-    ``limit`` bytes: for each node with literal ``width`` and ``height`` (and
-    ``batch_size``, ``length``, ``amount``), pictures x (3 bytes a pixel +
-    ``metadata_bytes()``, what each PNG embeds; asked once, only when a node
-    states a size). An estimate made before
-    anything runs, from the sizes a graph states; WorkflowInvalid naming the
-    node and the input that multiplies it."""
-    errors: dict[str, Any] = {}
+    """Refuse a workflow whose nodes make pictures that would write more
+    than ``limit`` bytes in all: for each node with literal ``width`` and
+    ``height`` (and ``batch_size``, ``length``, ``amount``), pictures x (3
+    bytes a pixel + ``metadata_bytes()``, what each PNG embeds; asked once,
+    only when a node states a size), summed over the nodes (a chain that
+    resizes is counted at each step: an estimate made before anything runs,
+    on the safe side). WorkflowInvalid naming each such node and the input
+    that multiplies it."""
+    sized: list[tuple[str, str, str, str, int]] = []
     metadata: int | None = None
     for node_id, node in prompt.items():
         inputs = node["inputs"]
@@ -278,19 +279,25 @@ def check_output_bytes(prompt: dict[str, Any], *, metadata_bytes: Callable[[], i
             pictures *= max(count, 1)
         if metadata is None:
             metadata = metadata_bytes()
-        estimate = pictures * (3 * width * height + metadata)
-        if estimate > limit:
-            name = next(iter(counts), "width")
-            shape = " x ".join([f"{name} {c}" for name, c in counts.items()] + [f"{width}x{height}"])
-            errors.update(node_error(
-                str(node_id), node["class_type"], name,
-                f"{shape} would write about {estimate} bytes of output; the limit is {limit} "
-                "(COMFY_EMBED_MAX_OUTPUT_BYTES)", inputs.get(name), type="output_too_large"))
-    if errors:
-        raise WorkflowInvalid("invalid workflow: " + "; ".join(
-            f"node {k} ({v['class_type']}) input '{v['errors'][0]['extra_info']['input_name']}': "
-            f"{v['errors'][0]['message']}" for k, v in sorted(errors.items())[:10]),
-            type="output_too_large", node_errors=errors)
+        shape = " x ".join([f"{n} {c}" for n, c in counts.items()] + [f"{width}x{height}"])
+        sized.append((str(node_id), node["class_type"], next(iter(counts), "width"), shape,
+                      pictures * (3 * width * height + metadata)))
+    total = sum(estimate for *_, estimate in sized)
+    if total <= limit:
+        return
+    errors: dict[str, Any] = {}
+    for node_id, class_type, name, shape, estimate in sized:
+        errors.update(node_error(
+            node_id, class_type, name,
+            f"{shape} would write about {estimate} bytes of output (the workflow: {total}); "
+            f"the limit is {limit} (COMFY_EMBED_MAX_OUTPUT_BYTES)",
+            prompt[node_id]["inputs"].get(name), type="output_too_large"))
+    biggest = sorted(sized, key=lambda s: -s[4])[:5]
+    raise WorkflowInvalid(
+        f"the workflow would write about {total} bytes of output; the limit is {limit} "
+        "(COMFY_EMBED_MAX_OUTPUT_BYTES): " + "; ".join(
+            f"node {n} ({c}) input '{i}': {shape}" for n, c, i, shape, _ in biggest),
+        type="output_too_large", node_errors=errors)
 
 
 def randomize_seeds(prompt: dict[str, Any], specs: SpecLookup) -> dict[str, int]:

@@ -217,6 +217,12 @@ def test_check_output_bytes_multiplies_sizes_and_metadata() -> None:
     with pytest.raises(WorkflowInvalid, match="length 10 x 8x8"):
         check_output_bytes(graph(width=8, height=8, length=10), metadata_bytes=lambda: 0,
                            limit=1000)
+    # Nodes add up: each within the limit, together over it.
+    two = {**graph(width=64, height=64, batch_size=2),
+           "6": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}}}
+    with pytest.raises(WorkflowInvalid, match="the workflow would write about") as info:
+        check_output_bytes(two, metadata_bytes=metadata, limit=3 * (3 * 64 * 64 + 1000))
+    assert set(info.value.node_errors) == {"5", "6"}
     # Links and booleans are not sizes.
     check_output_bytes(graph(width=["1", 0], height=True, batch_size=4096),
                        metadata_bytes=metadata, limit=1)

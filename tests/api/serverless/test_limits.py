@@ -118,6 +118,16 @@ def test_3_output_bytes_are_bounded_at_validation(server: Server) -> None:
     r = server.run(g)
     assert r.status_code == 400, r.text
     assert r.json()["data"]["error"]["type"] == "output_too_large"
+    # Many nodes, each within the limit, add up (a 1 MB graph of 10,000
+    # nodes used to leave 5.7 GB).
+    many = {str(i): {"class_type": "EmptyImage",
+                     "inputs": {"width": 256, "height": 256, "batch_size": 128, "color": i}}
+            for i in range(1, 101)}
+    many["999"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "m", "images": ["1", 0]}}
+    r = server.run(many)
+    assert r.status_code == 400, r.text
+    err = r.json()["data"]["error"]
+    assert err["type"] == "output_too_large" and len(err["node_errors"]) == 100
     assert_serves(server)
 
 
