@@ -45,7 +45,6 @@ from comfy_embed.service.retention import Retention
 from comfy_embed.taskid import check_task_id, valid_task_id
 from comfy_embed.tasklog.expiry import Policy
 from comfy_embed.tasklog.log import TaskLog
-from comfy_embed.tasklog.retention import prune
 from comfy_embed.webhooks.delivery import Webhooks
 from comfy_embed.webhooks.request import WebhookRequest
 
@@ -494,15 +493,7 @@ class TaskService(TaskObserver):
         return [task_id for task_id in running if self.tasklog.cancel_requested(task_id)]
 
     async def _prune(self) -> None:
-        s = self.settings
-        hours = s.tasklog.retention_hours
-        assert hours is not None
-        try:
-            await anyio.to_thread.run_sync(
-                lambda: prune(s.comfy.output_path, s.comfy.temp_path, self.tasklog, hours * 3600,
-                              input_dir=s.comfy.input_path))
-        except Exception:
-            log.exception("retention: pruning failed")
+        await self.retention.prune()
 
     async def recover(self) -> list[str]:
         """Give a final event to tasks whose owner died (lease expired)."""

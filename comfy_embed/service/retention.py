@@ -36,7 +36,7 @@ from comfy_embed.tasklog.expiry import (
     write_policy,
 )
 from comfy_embed.tasklog.log import TaskLog
-from comfy_embed.tasklog.retention import sweep
+from comfy_embed.tasklog.retention import prune, sweep
 from comfy_embed.tasklog.tombstone import Folders, Removal, bury, erased
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,24 @@ class Retention:
         return await anyio.to_thread.run_sync(erased, self.service.tasklog, task_id)
 
     # ------------------------------------------------------------- upkeep
+    async def prune(self) -> None:
+        """The operator's retention (every minute): finished tasks past the
+        retention period go, with their uploads where the operator allows it."""
+        s = self.service.settings
+        if self.retention_seconds is None:
+            return
+        seconds = self.retention_seconds
+        uploads: list[tuple[str, dict[str, Any]]] | None = (
+            [] if s.tasklog.delete_objects else None)
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: prune(s.comfy.output_path, s.comfy.temp_path, self.service.tasklog,
+                              seconds, input_dir=s.comfy.input_path, uploads=uploads))
+        except Exception:
+            log.exception("retention: pruning failed")
+        if uploads:
+            await self._delete_objects(Removal(objects=uploads), None)
+
     async def sweep(self) -> None:
         """Delete what is due in the expiry index (any instance's tasks)."""
         try:

@@ -16,6 +16,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from comfy_embed.taskid import valid_task_id
 from comfy_embed.tasklog.delivery import DeliveryLog
@@ -27,7 +28,14 @@ from comfy_embed.tasklog.expiry import (
 )
 from comfy_embed.tasklog.index import BUCKET_SECONDS
 from comfy_embed.tasklog.log import TaskLog
-from comfy_embed.tasklog.tombstone import Folders, Removal, final_of, scrub, strip
+from comfy_embed.tasklog.tombstone import (
+    Folders,
+    Removal,
+    final_of,
+    scrub,
+    scrub_uploads,
+    strip,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,8 @@ def _remove_tree(path: Path, root: Path) -> bool:
 
 
 def prune(output_dir: Path, temp_dir: Path, tasklog: TaskLog, max_age_seconds: float,
-          now: float | None = None, input_dir: Path | None = None) -> int:
+          now: float | None = None, input_dir: Path | None = None,
+          uploads: list[tuple[str, dict[str, Any]]] | None = None) -> int:
     """Delete, when older than ``max_age_seconds``: finished tasks that the
     task log records and whose webhook (if any) is delivered (their log,
     ``<output>/<task_id>/`` and ``<input>/serverless/<task_id>/``), and temp
@@ -64,7 +73,10 @@ def prune(output_dir: Path, temp_dir: Path, tasklog: TaskLog, max_age_seconds: f
     The task log's done index (index.py) names the tasks that finished
     long enough ago, so a log of many recent tasks costs a listing of its
     buckets, not a stat per folder every minute. A log from before the
-    index is scanned in full once, which indexes the tasks it keeps."""
+    index is scanned in full once, which indexes the tasks it keeps.
+    ``uploads``: where given, the object-storage entries of the removed
+    tasks' results are added to it (for the caller to delete; one read of
+    each removed task's final event)."""
     cutoff = (time.time() if now is None else now) - max_age_seconds
     removed = 0
     log_root = tasklog.root.resolve()
@@ -82,6 +94,10 @@ def prune(output_dir: Path, temp_dir: Path, tasklog: TaskLog, max_age_seconds: f
         if not (_old(d, cutoff) and tasklog.is_final(task_id)
                 and not deliveries.undelivered(task_id)):
             return False
+        if uploads is not None:
+            found = Removal()
+            scrub_uploads(final_of(tasklog, task_id), found)
+            uploads.extend(found.objects)
         out = output_dir / task_id
         if out.resolve() != log_root:
             _remove_tree(out, output_dir)

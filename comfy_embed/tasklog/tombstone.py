@@ -46,6 +46,7 @@ __all__ = [
     "erased",
     "final_of",
     "scrub",
+    "scrub_uploads",
     "strip",
 ]
 
@@ -133,6 +134,14 @@ def _objects(out: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(k, v) for k, v in out.items()
             if isinstance(v, dict) and isinstance(v.get("bucket"), str)
             and isinstance(v.get("object"), str)]
+
+
+def scrub_uploads(event: dict[str, Any] | None, removal: Removal) -> None:
+    """Add the uploads a final ``event``'s results name to ``removal.objects``."""
+    for r in _results(event):
+        out = r.get("output")
+        if isinstance(out, dict):
+            removal.objects.extend(_objects(out))
 
 
 def _digest(raw: bytes) -> dict[str, Any]:

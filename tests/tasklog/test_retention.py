@@ -134,3 +134,23 @@ def test_a_log_from_before_the_done_index_is_scanned_once(tmp_path: Path) -> Non
     # "young" is indexed by its folder's time: found once it is old enough.
     assert prune(out, temp, tl, 3600, now=time.time() + 3600 + 2 * BUCKET_SECONDS) == 1
     assert not (tl.root / "young").exists()
+
+
+def test_prune_hands_back_the_uploads_of_removed_tasks(tmp_path: Path) -> None:
+    out, temp = tmp_path / "output", tmp_path / "temp"
+    temp.mkdir(parents=True)
+    tl = TaskLog(out / "serverless_api", "me")
+    upload = {"bucket": "b", "object": "serverless-api-output/1.png", "url": "http://x"}
+    for task_id, results in (("old", [{"node_id": "1", "index": 0, "output": {"s3": upload}}]),
+                             ("fresh", [{"node_id": "1", "index": 0, "output": {"oss": upload}}])):
+        tl.claim(task_id)
+        tl.append(task_id, final_event(task_id, None, {}, results))
+    # "old" finished two hours ago: its folder and its done-index entry say so.
+    age(tl.task_dir("old"), 7200)
+    for bucket in tl.done_index.folder.iterdir():
+        (bucket / "old").unlink(missing_ok=True)
+    tl.done_index.add("old", time.time() - 7200)
+    uploads: list[tuple[str, dict[str, object]]] = []
+    assert prune(out, temp, tl, 3600, uploads=uploads) == 1
+    assert uploads == [("s3", upload)]
+    assert not tl.exists("old") and tl.exists("fresh")
