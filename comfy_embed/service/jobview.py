@@ -103,8 +103,10 @@ def parse_output_asset_id(asset_id: str) -> tuple[str, str, str] | None:
     return parts[0], node_id, parts[2]
 
 
-def output_kind(content_type: str) -> str:
-    """The spec's normalised output type of a media type."""
+def output_kind(content_type: str, name: str = "") -> str:
+    """The spec's normalised output type of a media type (and file name)."""
+    if name.endswith(".latent"):  # SaveLatent's safetensors file
+        return "latent"
     major = content_type.split("/", 1)[0]
     if major in ("image", "video", "audio"):
         return major
@@ -157,6 +159,8 @@ class JobState:
     last_seq: int = 0
     #: The final event's ``expires_at`` (issue 29's stamp), when it has one.
     expires_at: str | None = None
+    #: When a task of the FC API (no v2 record) was submitted, from its report.
+    created_at: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -291,7 +295,7 @@ def job_state(events: list[tuple[int, dict[str, Any]]], record: JobRecord | None
         elif kind == "executed" and isinstance(data.get("output"), dict):
             live.extend(_file_outputs(str(data.get("node")), data["output"]))
         elif kind == FINAL:
-            _finish(st, data, created, final_at)
+            _finish(st, data, created, final_at, bool(record and record.nodes_total))
     if not st.terminal:
         st.outputs = live
         if cancel_requested:
@@ -304,7 +308,7 @@ def job_state(events: list[tuple[int, dict[str, Any]]], record: JobRecord | None
 
 
 def _finish(st: JobState, data: dict[str, Any], created: float | None,
-            final_at: float | None) -> None:
+            final_at: float | None, v2: bool) -> None:
     error = data.get("error")
     if data.get("status") == "success":
         st.status = "succeeded"
@@ -332,6 +336,10 @@ def _finish(st: JobState, data: dict[str, Any], created: float | None,
                 st.completed_at = created + e2e
     if st.completed_at is None:
         st.completed_at = final_at if final_at is not None else created
+    e2e = report.get("end_to_end") if isinstance(report, dict) else None
+    if v2 is False and final_at is not None and isinstance(e2e, (int, float)):
+        # A task of the FC API (no v2 record): submitted end_to_end before its final.
+        st.created_at, st.completed_at = final_at - e2e, final_at
 
 
 def file_path(ref: OutputRef, folders: dict[str, Path]) -> Path | None:

@@ -125,7 +125,11 @@ async def upload(request: Request) -> Response:
                             f"{expected}; nothing was stored",
                             {"expected": expected, "computed": f"blake3:{digest}"})
         size = hasher.size
-        created = await anyio.to_thread.run_sync(store.keep_blob, hasher, digest)
+        # created_new says whether the caller had these bytes here before,
+        # never whether someone else had (dedup is per blob, the answer per owner).
+        known = await anyio.to_thread.run_sync(store.may_mint, _owner(request), digest)
+        await anyio.to_thread.run_sync(store.keep_blob, hasher, digest)
+        created = not known
         hasher = None
         record = await anyio.to_thread.run_sync(store.mint, _owner(request), digest, size,
                                                 content_type, path, tags)

@@ -65,7 +65,8 @@ def output_json(ref: OutputRef, job_id: str, base: str, folders: dict[str, Any])
             size = path.stat().st_size if path is not None else 0
         except OSError:
             size = 0
-    return {"node_id": ref.node_id, "name": ref.name, "type": output_kind(ref.content_type),
+    return {"node_id": ref.node_id, "name": ref.name,
+            "type": output_kind(ref.content_type, ref.name),
             "content_type": ref.content_type, "size_bytes": size, "id": asset_id, "hash": None,
             "url": f"{base}/api/v2/assets/{asset_id}/content",
             "url_expires_at": iso(time.time() + URL_SECONDS), "job_id": job_id}
@@ -76,8 +77,11 @@ def job_json(view: JobView, base: str, request: Request) -> dict[str, Any]:
     settings = request.app.state.service.settings
     folders = request.app.state.v2_folders
     path = f"/api/v2/jobs/{job_id}"
+    created = st.created_at or view.record.created_at
+    if st.started_at is not None:
+        created = min(created, st.started_at)
     return {
-        "id": job_id, "status": st.status, "created_at": iso(view.record.created_at),
+        "id": job_id, "status": st.status, "created_at": iso(created),
         "started_at": iso(st.started_at), "completed_at": iso(st.completed_at),
         # The final's own (issue 29: the task's ttl or the retention), else an estimate.
         "expires_at": st.expires_at or iso(expires_at(settings.tasklog.retention_hours,

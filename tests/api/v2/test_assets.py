@@ -104,6 +104,19 @@ def test_upload_dedup_and_hash_lookups(a: Server, b: Server) -> None:
     assert unknown.status_code == 404
 
 
+
+def test_created_new_does_not_reveal_another_owners_bytes(a: Server, shared: Path) -> None:
+    data = png((3, 1, 4), size=24)
+    assert upload(a, data).json()["created_new"] is True
+    blobs = blob_files(shared)
+    # Another key sending the same bytes learns nothing: new to it (stored once).
+    theirs = upload(a, data, headers=OTHER)
+    assert theirs.status_code == 201 and theirs.json()["created_new"] is True
+    assert blob_files(shared) == blobs
+    again = upload(a, data, headers=OTHER)
+    assert again.status_code == 200 and again.json()["created_new"] is False
+
+
 def test_get_content_range_and_delete(a: Server, b: Server) -> None:
     data = png((9, 8, 7), size=32)
     asset = upload(a, data).json()
