@@ -12,6 +12,7 @@ import pytest
 
 from comfy_embed.config import (
     JobSettings,
+    ServerSettings,
     Settings,
     SettingsError,
     WebhookSettings,
@@ -106,10 +107,17 @@ def test_keywords_over_environment_over_defaults(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("COMFY_EMBED_DEVICE", "cpu")
     r = s.replace(port=8001)
     assert (r.jobs.max_queue, r.comfy.device, r.server.port) == (3, "auto", 8001)
-    # A bad variable is named, whatever keywords came with it.
+    # A bad variable is named, whatever other keywords came with it; one that
+    # a keyword replaces is not read at all.
     monkeypatch.setenv("COMFY_EMBED_LEASE_SECONDS", "0")
+    monkeypatch.setenv("COMFY_EMBED_PORT", "")
     with pytest.raises(SettingsError, match="COMFY_EMBED_LEASE_SECONDS=0.0: expected a number > 0"):
-        Settings(base_dir="/tmp/b")  # type: ignore[arg-type]
+        Settings(base_dir="/tmp/b", port=1)  # type: ignore[arg-type]
+    with pytest.raises(SettingsError, match="COMFY_EMBED_PORT='': empty"):
+        Settings(lease_seconds=5)
+    assert Settings(lease_seconds=5, port=1).tasklog.lease_seconds == 5
+    assert Settings(tasklog={"lease_seconds": 5}, server=ServerSettings(port=2)).server.port == 2
+    assert Settings.from_env(os.environ, lease_seconds=5, port=1).server.port == 1
 
 
 def test_settings_from_a_mapping_ignore_the_process_environment(

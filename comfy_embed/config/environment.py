@@ -5,7 +5,7 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
@@ -21,9 +21,12 @@ class EnvironmentSource(PydanticBaseSettingsSource):
     """The settings set in an environment mapping: each ``COMFY_EMBED_<FLAT NAME>``
     present, in the text forms of this module's docstring, as one dict per group."""
 
-    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str],
+                 skip: Collection[str] = ()) -> None:
         super().__init__(settings_cls)
         self.env = env
+        #: Flat names set by keyword: their variables are not read (nor refused).
+        self.skip = frozenset(skip)
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         """The text set for the flat name ``field_name``, and the variable it came from."""
@@ -39,6 +42,8 @@ class EnvironmentSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         groups: dict[str, dict[str, object]] = {}
         for group, _, flat, field in group_fields(self.settings_cls):
+            if flat in self.skip:
+                continue
             raw, var, _ = self.get_field_value(field, flat)
             if raw is None:
                 continue

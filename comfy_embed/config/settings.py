@@ -107,8 +107,9 @@ class Settings(BaseSettings):
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Keywords over COMFY_EMBED_* over defaults, field by field.
         kwargs = init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
-        return (InitSettingsSource(settings_cls, init_kwargs=explicit_fields(settings_cls, kwargs)),
-                EnvironmentSource(settings_cls, os.environ))
+        given = explicit_fields(settings_cls, kwargs)
+        return (InitSettingsSource(settings_cls, init_kwargs=given),
+                EnvironmentSource(settings_cls, os.environ, skip=keyword_names(given)))
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some settings changed, by flat name (``max_queue=3``) or
@@ -128,8 +129,10 @@ class Settings(BaseSettings):
         Raises SettingsError naming the variable of a bad value. Without
         ``env`` this is ``Settings(**overrides)``.
         """
-        sources = (InitSettingsSource(cls, init_kwargs=explicit_fields(cls, overrides)),
-                   EnvironmentSource(cls, os.environ if env is None else env))
+        given = explicit_fields(cls, overrides)
+        sources = (InitSettingsSource(cls, init_kwargs=given),
+                   EnvironmentSource(cls, os.environ if env is None else env,
+                                     skip=keyword_names(given)))
         return cls(_build_sources=(sources, overrides))
 
 
@@ -147,3 +150,12 @@ def explicit_fields(settings_cls: type[BaseSettings], values: Mapping[str, Any])
             out[group] = {flat_name(k, fields[k]) if k in fields else k: v
                           for k, v in value.items()}
     return out
+
+
+def keyword_names(given: Mapping[str, Any]) -> set[str]:
+    """The flat names that keywords (after :func:`explicit_fields`) set."""
+    names = {name for name, value in given.items() if not isinstance(value, Mapping)}
+    for value in given.values():
+        if isinstance(value, Mapping):
+            names.update(value)
+    return names
