@@ -261,6 +261,12 @@ def test_idempotency_and_queue_full(api: Api) -> None:
                for i in range(3)]
     full = [r for r in answers if r.status_code == 429]
     assert full and full[0].json()["error"]["code"] == "queue_full"
+    waiting = [r.json() for r in answers if r.status_code == 201]
+    assert waiting, "the queue took nothing while the long job ran"
+    for job in waiting:
+        seen = api("GET", f"/jobs/{job['id']}").json()
+        assert seen["status"] == "queued" and isinstance(seen["queue_position"], int), seen
+        assert seen["started_at"] is None
     canceling = api("POST", f"/jobs/{long['id']}/cancel").json()
     assert canceling["status"] in ("canceling", "canceled")
     assert api.finish(long["id"])["status"] == "canceled"
