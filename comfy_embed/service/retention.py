@@ -76,6 +76,8 @@ class Retention:
                         else min(limit, self.retention_seconds))
         if self.max_ttl is None:
             self.max_ttl = self.retention_seconds
+        #: The policy of a task that asks none (``COMFY_EMBED_KEEP``).
+        self.default = Policy(None, s.tasklog.keep)
         #: The policies of the tasks this instance runs, until their final is stamped.
         self._policies: dict[str, Policy] = {}
         self.folders = Folders(s.comfy.output_path.resolve(), s.comfy.temp_path.resolve(),
@@ -106,7 +108,7 @@ class Retention:
         :meth:`stamp` before the task can end; :meth:`forget` it if the task
         does not run here."""
         if policy is None:
-            policy = Policy(None, self.service.settings.tasklog.keep)
+            policy = self.default
         if not policy.is_default:
             self._policies[task_id] = policy
         return policy
