@@ -31,6 +31,7 @@ from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.jobview import JobRecord, JobState, job_state
 from comfy_embed.service.lifecycle import TaskService
 from comfy_embed.taskid import valid_task_id
+from comfy_embed.webhooks.request import WebhookRequest
 
 __all__ = ["ANONYMOUS", "JobService", "JobView", "expires_at", "is_bad_cursor"]
 
@@ -79,7 +80,7 @@ class JobService:
     # ------------------------------------------------------------ submit
     async def submit(self, workflow: dict[str, Any], *, extra_data: dict[str, Any] | None,
                      metadata: dict[str, str], owner_key: str | None,
-                     options: RunOptions) -> JobView:
+                     options: RunOptions, webhook: WebhookRequest | None = None) -> JobView:
         """Start the job (ComfyEmbedError when refused, as TaskService.start)."""
         job_id = f"job_{uuid.uuid4().hex}"
         body: dict[str, Any] = {"prompt": workflow}
@@ -87,7 +88,8 @@ class JobService:
             # Reaches nodes as ComfyUI's extra_data; never written anywhere.
             body["extra_data"] = extra_data
         record = JobRecord.of(job_id, time.time(), metadata, workflow)
-        await self.tasks.start(body, options, task_id=job_id, owner_key=owner_key)
+        await self.tasks.start(body, options, task_id=job_id, owner_key=owner_key,
+                               webhook=webhook)
         owner = owner_key or ANONYMOUS
         await self.run_io(self._write_records, record, workflow, owner)
         self._remember(job_id, owner, record)

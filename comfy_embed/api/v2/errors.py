@@ -23,6 +23,7 @@ from comfy_embed.errors import (
     TaskIdConflict,
     TaskRunning,
     Unauthorized,
+    WebhookRefused,
     WorkflowInvalid,
 )
 from comfy_embed.service.jobs import is_bad_cursor
@@ -86,6 +87,7 @@ def node_details(node_errors: dict[str, Any]) -> dict[str, Any]:
 _TABLE: list[tuple[type[ComfyEmbedError], int, str]] = [
     (MissingAsset, 422, "missing_asset"),
     (InvalidParameter, 400, "invalid_request"),
+    (WebhookRefused, 422, "invalid_request"),
     (WorkflowInvalid, 422, "invalid_workflow"),
     (ImageInputError, 422, "invalid_workflow"),
     (QueueFull, 429, "queue_full"),

@@ -25,6 +25,7 @@ from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.idempotency import IdempotencyStore, body_hash
 from comfy_embed.service.jobs import ANONYMOUS, JobService, JobView, expires_at
 from comfy_embed.service.jobview import OutputRef, file_path, iso, output_kind
+from comfy_embed.webhooks.request import webhook_request
 
 __all__ = [
     "base_url",
@@ -181,7 +182,12 @@ async def _create(request: Request, jobs: JobService, raw: bytes,
         return envelope(400, "invalid_request", "the body is not JSON")
     try:
         workflow, extra, labels = _check_body(parsed)
+        # Webhooks as for FC tasks: extra_data.webhook, else COMFY_EMBED_WEBHOOK_URL.
+        hook_url = (extra or {}).get("webhook")
+        hook = webhook_request({}, hook_url if isinstance(hook_url, str) else None,
+                               jobs.tasks.settings)
         view = await jobs.submit(workflow, extra_data=extra, metadata=labels, owner_key=owner,
+                                 webhook=hook,
                                  options=RunOptions(
                                      output_oss=jobs.tasks.settings.v2.v2_outputs_to_storage,
                                      asset_owner=owner or ANONYMOUS))

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import image_only, text_to_image
+from tests.fakes.webhook_receiver import SECRET, Receiver, serve_receiver
 from tests.servers import Server
 
 KEY, OTHER_KEY = "key-one", "key-two"
@@ -30,7 +31,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _server(base: Path, shared: Path) -> Server:
     # One output folder for both: the task log lies in it, as a fleet shares /data.
     return Server(base, api_keys=f"{KEY},{OTHER_KEY}", task_log_dir=shared / "output" / "log",
-                  output_dir=shared / "output", lease_seconds=3)
+                  output_dir=shared / "output", lease_seconds=3, url_allowlist="127.0.0.1",
+                  webhook_secret=SECRET)
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +251,25 @@ def test_delete_job(a: Server, b: Server) -> None:
         assert httpx.get(done["outputs"][0]["url"], headers=AUTH).status_code == 404
     listed = httpx.get(f"{a.url}/api/v2/jobs", params={"metadata[del]": "1"}, headers=AUTH)
     assert listed.json()["jobs"] == []
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    with serve_receiver() as r:
+        yield r
+
+
+def test_webhook_as_for_fc_tasks(a: Server, receiver: Receiver) -> None:
+    """A v2 job's end is delivered as an FC task's is (signed, from the log)."""
+    path, url = receiver.new_hook("v2")
+    job = submit(a, image_only(batch=1), extra_data={"webhook": url})
+    [call] = receiver.wait(path, 1)
+    assert call.verified, call.error
+    assert call.payload["data"]["task_id"] == job["id"]
+    assert call.payload["data"]["status"] == "success"
+    state = httpx.get(f"{a.url}/api/serverless/webhook", params={"task_id": job["id"]},
+                      headers=AUTH).json()
+    assert state["state"] == "delivered"
+    refused = httpx.post(f"{a.url}/api/v2/jobs", headers=AUTH, json={
+        "workflow": image_only(batch=1), "extra_data": {"webhook": "http://169.254.169.254/x"}})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_request"
