@@ -83,6 +83,15 @@ def test_readme_has_the_marked_blocks() -> None:
     assert "readme-test:\\s*library" in (ROOT / "scripts" / "wheel-check").read_text()
 
 
+def test_use_it_in_your_project_names_both_ways_to_get_comfyui() -> None:
+    text = README.read_text()
+    section = text[text.index("## Use it in your project"):]
+    section = section[:section.index("\n## ", 1)]
+    assert "comfy-embed install-comfyui" in section and "--from URL-or-path" in section
+    assert "COMFY_EMBED_COMFYUI_DIR=" in section and "Settings(comfyui_dir=...)" in section
+    assert "scripts/wheel-check" in section and "## Licence" in text
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """``scripts/serve`` exactly as the README says, on a free port."""
