@@ -26,7 +26,7 @@ from comfy_embed.api.v2.jobs import URL_SECONDS, base_url, jobs_of, output_json
 from comfy_embed.assets.store import AssetRecord, AssetStore, Hasher, parse_hash
 from comfy_embed.errors import ComfyEmbedError, PayloadTooLarge, StorageError
 from comfy_embed.events import loads
-from comfy_embed.service.jobs import ANONYMOUS
+from comfy_embed.service.jobs import ANONYMOUS, JobView
 from comfy_embed.service.jobview import OutputRef, file_path, iso, parse_output_asset_id
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,8 @@ async def _record(request: Request, asset_id: str) -> AssetRecord | None:
     return record
 
 
-async def _output(request: Request, asset_id: str) -> tuple[str, OutputRef] | None:
+async def _output(request: Request, asset_id: str) -> tuple[JobView, OutputRef] | None:
+    """The job and output an output asset id names (None: not one, or not yours)."""
     parsed = parse_output_asset_id(asset_id)
     if parsed is None:
         return None
@@ -192,7 +193,7 @@ async def _output(request: Request, asset_id: str) -> tuple[str, OutputRef] | No
         return None
     for ref in view.state.outputs:
         if ref.node_id == node_id and ref.index == index:
-            return job_id, ref
+            return view, ref
     return None
 
 
@@ -201,13 +202,16 @@ async def get_asset(request: Request) -> Response:
     base = base_url(request)
     found = await _output(request, asset_id)
     if found is not None:
-        job_id, ref = found
-        out = output_json(ref, job_id, base, request.app.state.v2_folders)
+        view, ref = found
+        out = output_json(ref, view.job_id, base, request.app.state.v2_folders)
+        st = view.state
         return json_response({"id": asset_id, "hash": None, "size_bytes": out["size_bytes"],
                               "content_type": ref.content_type, "file_path": ref.name,
-                              "created_at": iso(time.time()), "url": out["url"],
-                              "url_expires_at": out["url_expires_at"], "job_id": job_id,
-                              "expires_at": None, "tags": ["output"]})
+                              "created_at": iso(st.completed_at or st.started_at or
+                                                view.record.created_at),
+                              "url": out["url"], "url_expires_at": out["url_expires_at"],
+                              "job_id": view.job_id, "expires_at": st.expires_at,
+                              "tags": ["output"]})
     record = await _record(request, asset_id)
     if record is None:
         return not_found("asset")
