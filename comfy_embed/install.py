@@ -82,7 +82,14 @@ def checkout(folder: Path, commit: str = COMFYUI_COMMIT, source: str = COMFYUI_R
     """Clone ``source`` into ``folder`` (unless it is a clone already), fetch
     ``commit`` if missing, and check it out; the full commit id."""
     source = _source(source)
-    if not (folder / ".git").exists():
+    if (folder / ".git").exists():
+        # Someone's own ComfyUI (--dir): never overwrite their edits.
+        changed = _git("status", "--porcelain", "--untracked-files=no", cwd=folder)
+        if changed:
+            raise InstallError(f"{folder} has local changes ({changed.splitlines()[0].strip()}"
+                               f"{', ...' if len(changed.splitlines()) > 1 else ''}): commit or "
+                               "discard them, or choose another folder (--dir)")
+    else:
         if folder.exists() and any(folder.iterdir()):
             raise InstallError(f"{folder} exists and is not a git checkout: choose another "
                                "folder (--dir) or empty it")

@@ -30,10 +30,15 @@ def test_checks_out_the_pinned_commit_and_needs_no_more_requirements(tmp_path: P
     assert said == [f"cloning {SUBMODULE} into {done.folder}"]
     # Again: nothing cloned or fetched, the commit checked out again.
     said.clear()
-    (done.folder / "nodes.py").write_text("changed")
+    (done.folder / "custom_nodes" / "my_pack.py").write_text("")  # untracked: kept
     again = install_comfyui(done.folder, source=str(SUBMODULE), say=said.append)
     assert again.commit == COMFYUI_COMMIT and said == []
-    assert (done.folder / "nodes.py").read_text() != "changed"
+    assert (done.folder / "custom_nodes" / "my_pack.py").is_file()
+    # Edits to ComfyUI's own files are never overwritten.
+    (done.folder / "nodes.py").write_text("changed")
+    with pytest.raises(InstallError, match=r"has local changes \(M nodes.py\): commit or discard"):
+        install_comfyui(done.folder, source=str(SUBMODULE), say=said.append)
+    assert (done.folder / "nodes.py").read_text() == "changed"
 
 
 def test_refusals_name_what_failed(tmp_path: Path) -> None:
