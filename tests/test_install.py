@@ -54,6 +54,13 @@ def test_refusals_name_what_failed(tmp_path: Path) -> None:
         install_comfyui(tmp_path / "d", source=str(tmp_path / "no-such-repo"), say=lambda _: None)
 
 
+def test_without_git_the_error_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(InstallError, match="git is not installed: comfy-embed install-comfyui"):
+        install_comfyui(tmp_path / "ComfyUI", say=lambda _: None)
+    assert not (tmp_path / "ComfyUI").exists()
+
+
 def test_requirements_met_missing_and_left_out(tmp_path: Path) -> None:
     req = tmp_path / "requirements.txt"
     req.write_text("comfyui-frontend-package==1.27.10\ntorch\nnumpy>=1.25.0\n"
