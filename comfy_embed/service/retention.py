@@ -122,8 +122,12 @@ class Retention:
         instance's sweep finds it (nothing for the default one)."""
         if policy.is_default:
             return
-        await anyio.to_thread.run_sync(write_policy, self.service.tasklog, task_id, policy,
-                                       time.time())
+        try:
+            await anyio.to_thread.run_sync(write_policy, self.service.tasklog, task_id, policy,
+                                           time.time())
+        except OSError as e:  # the task runs all the same: never a 500 for it
+            log.error("task %s: cannot record its retention (%s): it follows the "
+                      "operator's retention", task_id, e)
 
     def stamp(self, task_id: str, final: dict[str, Any]) -> None:
         """Put ``expires_at`` in a final event about to be written (the answer,
