@@ -101,6 +101,25 @@ class IdempotencyStore:
         except FileNotFoundError:
             pass
 
+    def prune(self, now: float | None = None) -> int:
+        """Delete the records past their lifetime (and temporary files a
+        crash left); how many. One listing and a stat per record: run it
+        rarely (JobService does, about hourly), in a worker thread."""
+        cutoff = (time.time() if now is None else now) - self.seconds - self.stale
+        removed = 0
+        try:
+            entries = list(os.scandir(self.folder))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
     def _create(self, path: Path, record: dict[str, Any]) -> bool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

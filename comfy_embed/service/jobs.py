@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import time
 import uuid
@@ -28,6 +29,7 @@ import anyio
 from comfy_embed.errors import InvalidParameter
 from comfy_embed.events import coalesce_snapshots
 from comfy_embed.prepare.options import RunOptions
+from comfy_embed.service.idempotency import IdempotencyStore
 from comfy_embed.service.jobview import JobRecord, JobState, job_state
 from comfy_embed.service.lifecycle import TaskService
 from comfy_embed.taskid import valid_task_id
@@ -37,6 +39,8 @@ __all__ = ["ANONYMOUS", "JobService", "JobView", "expires_at", "is_bad_cursor"]
 
 _T = TypeVar("_T")
 
+log = logging.getLogger(__name__)
+
 #: The owner of jobs and assets made with API keys off.
 ANONYMOUS = "anonymous"
 _RECORD = "v2job"
@@ -45,6 +49,8 @@ _DELETED = "task_deleted"
 #: Far enough ahead that ``created_ms`` sorts newest first as text.
 _EPOCH_MS = 10 ** 14
 _CACHE = 4096
+#: How often an instance clears old idempotency records and list entries.
+_SWEEP_SECONDS = 3600.0
 #: The details of a refused cursor (the API answers ``invalid_cursor``).
 _CURSOR = {"parameter": "cursor"}
 
@@ -76,6 +82,9 @@ class JobService:
         self._known: OrderedDict[str, tuple[str, JobRecord]] = OrderedDict()
         #: Jobs running here that a caller asked to cancel (the log has it too).
         self._canceling: set[str] = set()
+        #: When this instance last cleared out old idempotency records and
+        #: list entries (monotonic); see :meth:`housekeeping`.
+        self._swept = time.monotonic()
 
     # ------------------------------------------------------------ submit
     async def submit(self, workflow: dict[str, Any], *, extra_data: dict[str, Any] | None,
@@ -221,6 +230,41 @@ class JobService:
             # Every instance sees the request (and shows `canceling`).
             await anyio.to_thread.run_sync(self.tasks.tasklog.request_cancel, job_id)
         return await self.get(job_id, owner_key)
+
+    def housekeeping(self, idempotency: IdempotencyStore) -> None:
+        """About hourly, on a request's way: in the background, delete the
+        idempotency records past their lifetime and the list entries of
+        jobs retention deleted (any instance may: they are shared files)."""
+        now = time.monotonic()
+        if now - self._swept < _SWEEP_SECONDS:
+            return
+        self._swept = now
+        background = self.tasks.engine.background
+        if background.attached:
+            background.spawn(self._sweep, idempotency, name="comfy api v2 housekeeping")
+
+    async def _sweep(self, idempotency: IdempotencyStore) -> None:
+        try:
+            await anyio.to_thread.run_sync(idempotency.prune)
+            await anyio.to_thread.run_sync(self._drop_gone)
+        except OSError as e:
+            log.warning("v2 housekeeping: %s", e)
+
+    def _drop_gone(self) -> None:
+        """List entries whose task folder is gone (retention, deletes)."""
+        log_ = self.tasks.tasklog
+        try:
+            owners = list(os.scandir(self.index))
+        except FileNotFoundError:
+            return
+        for owner in owners:
+            for name in os.listdir(owner.path):
+                job_id = name.split("-", 1)[-1]
+                if valid_task_id(job_id) and not log_.exists(job_id):
+                    try:
+                        os.unlink(os.path.join(owner.path, name))
+                    except FileNotFoundError:
+                        pass
 
     # -------------------------------------------------------------- list
     async def page(self, owner_key: str | None, *, limit: int, cursor: str | None,

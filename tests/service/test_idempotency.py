@@ -3,6 +3,7 @@ and a pending record whose instance died."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from comfy_embed.service.idempotency import IdempotencyStore, body_hash
@@ -42,3 +43,14 @@ def test_abandon_frees_the_key(tmp_path: Path) -> None:
     assert store.begin("o", "k", body_hash(b"bad"), now=0).kind == "new"
     store.abandon("o", "k")
     assert store.begin("o", "k", body_hash(b"good"), now=1).kind == "new"
+
+
+def test_prune_deletes_only_records_past_their_lifetime(tmp_path: Path) -> None:
+    store = IdempotencyStore(tmp_path, hours=1, stale_seconds=60)
+    store.begin("o", "old", body_hash(b"1"))
+    store.begin("o", "new", body_hash(b"2"))
+    old = store._path("o", "old")
+    os.utime(old, (0, 0))  # written long ago
+    assert store.prune() == 1
+    assert not old.exists() and store._path("o", "new").exists()
+    assert IdempotencyStore(tmp_path / "none", hours=1, stale_seconds=1).prune() == 0

@@ -149,6 +149,7 @@ async def create_job(request: Request) -> Response:
     if key is None:
         return await _create(request, jobs, raw, owner)
     store: IdempotencyStore = request.app.state.v2_idempotency
+    jobs.housekeeping(store)
     who, fingerprint = owner or ANONYMOUS, body_hash(raw)
     found = await jobs.run_io(store.begin, who, key, fingerprint)
     if found.kind == "replay":
