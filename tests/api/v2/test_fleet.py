@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,33 @@ def test_idempotency_key_retried_on_b_replays_a(a: Server, b: Server) -> None:
     reuse = requests.post(f"{b.url}/api/v2/jobs", json=changed, headers=key, timeout=60)
     conf.check(reuse)
     assert reuse.status_code == 422 and reuse.json()["error"]["code"] == "idempotency_key_reuse"
+
+
+def test_concurrent_retries_on_both_instances_make_one_job(a: Server, b: Server) -> None:
+    """The same Idempotency-Key sent to A and B at once: one job; every other
+    answer is its replay or 409 idempotency_conflict with Retry-After."""
+    conf = Conformance()
+    tag = uuid.uuid4().hex[:12]
+    key = {**AUTH, "Idempotency-Key": str(uuid.uuid4())}
+    body = {"workflow": image_only(batch=1, color=0x778899), "metadata": {"race": tag}}
+
+    def post(server: Server) -> requests.Response:
+        return requests.post(f"{server.url}/api/v2/jobs", json=body, headers=key, timeout=60)
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(post, [a, b] * 3))
+    for r in answers:
+        conf.check(r)
+    assert {r.status_code for r in answers} <= {201, 409}, [r.text for r in answers]
+    created = {r.json()["id"] for r in answers if r.status_code == 201}
+    assert len(created) == 1
+    for r in answers:
+        if r.status_code == 409:
+            assert r.json()["error"]["code"] == "idempotency_conflict"
+            assert int(r.headers["Retry-After"]) >= 1
+    listed = requests.get(f"{b.url}/api/v2/jobs", params={"metadata[race]": tag}, headers=AUTH,
+                          timeout=60).json()["jobs"]
+    assert [j["id"] for j in listed] == list(created)
 
 
 def _frames(resp: requests.Response) -> Iterator[tuple[str, dict[str, Any]]]:
