@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
@@ -84,14 +85,16 @@ async def upload(request: Request) -> Response:
         return envelope(413, "payload_too_large", f"the upload of {declared} bytes is over the "
                         f"limit of {limit} bytes (COMFY_EMBED_ASSET_MAX_BYTES)")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return envelope(415, "invalid_request", "send the asset as multipart/form-data")
+        return envelope(400, "invalid_request", "send the asset as multipart/form-data")
     limited = Request(request.scope, _Limited(request, limit))
     try:
         form = await limited.form(max_files=1, max_fields=64, max_part_size=_MAX_TEXT_FIELD)
     except PayloadTooLarge as e:
         return envelope(413, "payload_too_large", e.message)
-    except (MultiPartException, ValueError) as e:
-        return envelope(400, "invalid_request", f"malformed multipart body: {e}")
+    except (MultiPartException, HTTPException, ValueError) as e:
+        # Starlette answers a parse error with an HTTPException of its own.
+        why = e.detail if isinstance(e, HTTPException) else e
+        return envelope(400, "invalid_request", f"malformed multipart body: {why}")
     hasher: Hasher | None = None
     try:
         file = form.get("file")
@@ -147,7 +150,7 @@ async def from_hash(request: Request) -> Response:
     except (ComfyEmbedError, ValueError):
         return envelope(400, "invalid_request", "send a JSON object {\"hash\": \"blake3:...\"}")
     if not isinstance(body, dict) or not isinstance(body.get("hash"), str):
-        return envelope(422, "invalid_request", "'hash' (blake3:<hex>) is required",
+        return envelope(400, "invalid_request", "'hash' (blake3:<hex>) is required",
                         {"field": "hash"})
     digest = parse_hash(body["hash"])
     store, owner = _store(request), _owner(request)

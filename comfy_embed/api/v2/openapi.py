@@ -179,10 +179,10 @@ def _asset_paths() -> dict[str, Any]:
                     "tags": {"type": "array", "items": {"type": "string"}}}}}}},
             "responses": {"201": _json("V2Asset", "New bytes stored."),
                           "200": _json("V2Asset", "Bytes already here: a new asset over them."),
-                          "400": _err("Malformed multipart."), **_AUTH,
+                          "400": _err("`invalid_request`: not multipart, or malformed."),
+                          **_AUTH,
                           "409": _err("`hash_mismatch`: nothing stored."),
                           "413": _err("`payload_too_large` (COMFY_EMBED_ASSET_MAX_BYTES)."),
-                          "415": _err("Not multipart/form-data."),
                           "422": _err("No `file` part, or a bad `expected_hash`.")}}},
         f"{_P}/assets/from-hash": {"post": {
             "summary": "A new asset over bytes this caller uploaded before",
@@ -190,8 +190,8 @@ def _asset_paths() -> dict[str, Any]:
                 "type": "object", "required": ["hash"], "properties": {
                     "hash": {"type": "string"}, "file_path": {"type": "string"},
                     "tags": {"type": "array", "items": {"type": "string"}}}}}}},
-            "responses": {"201": asset, "400": _err("Not JSON."), **_AUTH,
-                          "404": _err("`blob_not_found`."), "422": _err("No `hash`.")}}},
+            "responses": {"201": asset, "400": _err("Not JSON, or no `hash`."), **_AUTH,
+                          "404": _err("`blob_not_found`.")}}},
         f"{_P}/assets/by-hash/{{hash}}": {"head": {
             "summary": "Whether this caller may mint from these bytes",
             "parameters": [{"name": "hash", "in": "path", "required": True,

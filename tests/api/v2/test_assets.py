@@ -155,6 +155,15 @@ def test_refused_uploads_leave_nothing(a: Server, shared: Path) -> None:
         **AUTH, "Content-Type": "multipart/form-data; boundary=xyz"},
         content=b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nabc")
     assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_request"
+    for content_type, body in [("multipart/form-data", b"x"),
+                               ("multipart/form-data; boundary=x", b"--x\r\nnot a part at all"),
+                               ("application/json", b"hello")]:
+        r = httpx.post(f"{a.url}/api/v2/assets", headers={**AUTH, "Content-Type": content_type},
+                       content=body)
+        assert r.status_code == 400, (content_type, r.text)
+        assert r.json()["error"]["code"] == "invalid_request"
+    no_hash = httpx.post(f"{a.url}/api/v2/assets/from-hash", headers=AUTH, json={})
+    assert no_hash.status_code == 400 and no_hash.json()["error"]["code"] == "invalid_request"
     no_file = httpx.post(f"{a.url}/api/v2/assets", headers=AUTH,
                          data={"content_type": "image/png"}, files={"other": ("x", b"1")})
     assert no_file.status_code == 422 and "file" in no_file.json()["error"]["message"]
