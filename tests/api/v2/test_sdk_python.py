@@ -283,6 +283,33 @@ def test_outputs_in_a_bucket_download_through_the_redirect(
             assert requests.get(url, timeout=30).content == data  # self-authorizing
 
 
+def test_a_saved_latent_is_a_latent_output(base_url: str) -> None:
+    """The spec's OutputType has ``latent`` for SaveLatent's ``.latent`` file."""
+    graph = {"1": {"class_type": "EmptyLatentImage",
+                   "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+             "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0],
+                                                          "filename_prefix": "latent"}}}
+    with Comfy(api_key=KEY) as client:
+        (out,) = client.run(client.workflows.from_json(graph), timeout=120).get_outputs("2")
+        assert out.type == "latent" and out.name.endswith(".latent"), (out.type, out.content_type)
+        assert len(out.to_bytes()) == out.size_bytes > 0
+
+
+def test_created_new_is_per_caller(base_url: str) -> None:
+    """Bytes another key uploaded are new to this one: created_new says nothing
+    about other accounts (not found and not yours look the same)."""
+    data = png_bytes(random_color())
+    with Comfy(api_key=KEY) as owner, Comfy(api_key=OTHER_KEY) as other:
+        first = owner.assets.from_bytes(data, filename="mine.png")
+        first.commit()
+        theirs = other.assets.from_bytes(data, filename="mine.png")
+        theirs.commit()
+        again = other.assets.from_bytes(data, filename="again.png")
+        again.commit()
+    assert (first.created_new, theirs.created_new, again.created_new) == (True, True, False)
+    assert first.hash == theirs.hash == again.hash and first.id != theirs.id
+
+
 @pytest.mark.anyio
 async def test_async_flow(base_url: str, tmp_path: Path) -> None:
     color = random_color()
