@@ -65,5 +65,9 @@ class InternalErrors(HttpMiddleware):
                 return
             task_id = task_id_from(Headers(scope=scope))
             error = ExecutionFailed("internal error; the server log has the details")
-            body = dumps_bytes(final_event(task_id, None, {}, error=error.to_dict()))
+            if str(scope.get("path", "")).startswith("/api/v2/"):  # Comfy API v2's envelope
+                body = dumps_bytes({"error": {"code": "internal_error", "message": error.message,
+                                              "details": None}})
+            else:
+                body = dumps_bytes(final_event(task_id, None, {}, error=error.to_dict()))
             await Response(body, 500, media_type="application/json")(scope, receive, send)

@@ -35,7 +35,7 @@ async def broken_stream(request: Request) -> Response:
 
 @pytest.fixture
 def client() -> TestClient:
-    app = Starlette(routes=[Route("/boom", boom), Route("/fine", fine),
+    app = Starlette(routes=[Route("/boom", boom), Route("/api/v2/boom", boom), Route("/fine", fine),
                             Route("/stream", broken_stream)],
                     middleware=[Middleware(InternalErrors)])
     # Raising server exceptions on: a re-raised error would fail the test.
@@ -68,3 +68,10 @@ def test_an_error_after_the_answer_began_ends_the_stream_and_is_logged_once(
     assert "secret" not in r.text
     (record,) = _error_records(caplog)
     assert "/stream" in record.getMessage()
+
+
+def test_comfy_api_v2_paths_get_its_error_envelope(client: TestClient) -> None:
+    r = client.get("/api/v2/boom")
+    assert r.status_code == 500 and "secret" not in r.text
+    assert r.json() == {"error": {"code": "internal_error", "details": None,
+                                  "message": "internal error; the server log has the details"}}
