@@ -229,6 +229,19 @@ def test_progress_frames_carry_node_and_step_detail(api: Api) -> None:
     assert set(done["metrics"]) >= {"queue_ms", "execution_ms"}
 
 
+def test_an_fc_task_is_a_v2_job(api: Api, server: Server) -> None:
+    """One id space: a task run through the FC API reads as a v2 job, in order."""
+    task_id = f"fc-{uuid.uuid4().hex}"
+    r = server.run(image_only(batch=1, color=0x0F0F0F), headers={
+        "X-Task-Id": task_id, "Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+    job = api("GET", f"/jobs/{task_id}").json()
+    assert job["id"] == task_id and job["status"] == "succeeded"
+    assert job["created_at"] <= job["started_at"] <= job["completed_at"] < job["expires_at"]
+    (out,) = job["outputs"]
+    assert api("GET", f"/assets/{out['id']}/content").content.startswith(b"\x89PNG")
+
+
 def test_refusals(api: Api) -> None:
     ui = api("POST", "/jobs", json={"workflow": {"nodes": [], "links": [], "last_node_id": 0}})
     assert ui.status_code == 422 and ui.json()["error"]["code"] == "workflow_format_ui"
