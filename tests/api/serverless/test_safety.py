@@ -117,15 +117,17 @@ def test_3_callers_cannot_read_each_others_inputs(server: Server) -> None:
                                     "a/../../x", ["10", 0]])
 def test_4_filename_prefix_cannot_escape(server: Server, prefix: Any) -> None:
     g = image_only(batch=1)
-    g["2"]["inputs"]["filename_prefix"] = prefix
+    # Node 3 is the SaveImage (node 2, ImageInvert, declares no filename_prefix:
+    # one given to it is dropped before validation, as ComfyUI ignores it).
+    g["3"]["inputs"]["filename_prefix"] = prefix
     if isinstance(prefix, list):
         g["10"] = {"class_type": "PrimitiveString", "inputs": {"value": "../victim-4/x"}}
     before = log_folders(server)
     r = server.run(g, headers={"X-Task-Id": "t4"})
     assert r.status_code == 400, r.text
     err = error_of(r)
-    assert "filename_prefix" in err["message"] and "node 2" in err["message"]
-    assert err["node_errors"]["2"]["errors"][0]["extra_info"]["input_name"] == "filename_prefix"
+    assert "filename_prefix" in err["message"] and "node 3" in err["message"]
+    assert err["node_errors"]["3"]["errors"][0]["extra_info"]["input_name"] == "filename_prefix"
     assert log_folders(server) == before  # nothing planted in the task log
     out = Path(server.log_path).parent / "output"
     assert not (out / "victim-4").exists() and not (out / "serverless_api" / "t4" / "x").exists()
