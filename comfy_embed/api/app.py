@@ -19,11 +19,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from comfy_embed.api import metrics, openapi, page
+from comfy_embed.api import metrics, openapi, page, v2
 from comfy_embed.api.auth import ApiKeyAuth
 from comfy_embed.api.hooks import LifecycleGuard
 from comfy_embed.api.middleware import InternalErrors
-from comfy_embed.api import v2
 from comfy_embed.api.serverless import runs, ws
 from comfy_embed.config import Settings
 from comfy_embed.observe.guard import EXIT_RECYCLE, drain_when_tripped
@@ -197,4 +196,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     if settings.safety.api_keys:
         middleware.append(Middleware(ApiKeyAuth, keys=settings.safety.api_keys))
     middleware.append(Middleware(metrics.QueueDepthHeader))
-    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
+                     exception_handlers=v2.exception_handlers())

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
-from comfy_embed.api.v2 import assets, jobs, stream
+from comfy_embed.api.v2 import assets, errors, jobs, stream
 from comfy_embed.assets.store import AssetStore
 from comfy_embed.service.idempotency import IdempotencyStore
 from comfy_embed.service.jobs import JobService
@@ -28,6 +29,11 @@ def attach(app: Starlette, service: TaskService) -> None:
     app.state.v2_assets = AssetStore(service.tasklog.root)
     app.state.v2_folders = {"output": s.comfy.output_path, "temp": s.comfy.temp_path,
                             "input": s.comfy.input_path}
+
+
+def exception_handlers() -> dict[Any, Any]:
+    """Starlette's refusals under /api/v2/ in the envelope (the app's handlers)."""
+    return {HTTPException: errors.http_exception}
 
 
 def routes() -> list[Any]:

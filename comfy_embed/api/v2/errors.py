@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from starlette.responses import Response
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 
 from comfy_embed import events
 from comfy_embed.errors import (
@@ -123,3 +125,16 @@ def from_error(error: ComfyEmbedError) -> Response:
     message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
     log.info("v2 refused: %d %s (%s): %s", status, code, error.type, message)
     return envelope(status, code, error.message, details, headers)
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (an unknown path, a method not allowed): the
+    envelope under /api/v2/, Starlette's plain text elsewhere, as before."""
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/api/v2/"):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code,
+                                                                 "invalid_request")
+        return envelope(exc.status_code, code, str(exc.detail), None, dict(exc.headers or {}))
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return PlainTextResponse(exc.detail, exc.status_code, headers=exc.headers)

@@ -132,3 +132,12 @@ def test_queue_full_is_429_with_retry_after(server: Server) -> None:
             time.sleep(0.05)
         assert job["status"] == "canceled"
     assert_serves(server)
+
+
+def test_unknown_paths_and_methods_answer_the_envelope(server: Server) -> None:
+    error_of(httpx.get(f"{server.url}/api/v2/nope", headers=AUTH), 404, "not_found")
+    r = httpx.put(f"{server.url}/api/v2/jobs", headers=AUTH)
+    error_of(r, 405, "method_not_allowed")
+    assert "POST" in r.headers["allow"]
+    # The FC API's answers stay as they were.
+    assert httpx.get(f"{server.url}/nope", headers=AUTH).text == "Not Found"
