@@ -320,6 +320,9 @@ def test_the_python_sdk_flow_conforms(server: Server, conf: Conformance, tmp_pat
 
 
 def test_every_operation_was_reached(conf: Conformance) -> None:
+    """Runs last: the tests above, together, reach every operation."""
+    if not conf.checked:
+        pytest.skip("checks what the other tests of this module reached: run them with it")
     reached = {w.rsplit(" -> ", 1)[0] for w in conf.checked}
     spec_ops = {f"{m.upper()} {p}" for p, ops in conf.spec["paths"].items() for m in ops
                 if m in ("get", "post", "head", "delete")}
