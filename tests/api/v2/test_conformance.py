@@ -106,6 +106,25 @@ def test_the_vendored_spec_is_valid_openapi(conf: Conformance) -> None:
     assert conf.spec["info"]["title"] == "Comfy API v2"
 
 
+def test_the_served_openapi_describes_the_official_operations(server: Server,
+                                                               conf: Conformance) -> None:
+    """/openapi.json has every operation of the official spec, and its v2
+    schemas require and describe at least what the official ones do."""
+    doc = requests.get(server.url + "/openapi.json", timeout=30).json()
+    for path, ops in conf.spec["paths"].items():
+        for method, op in ops.items():
+            if method in ("get", "post", "head", "delete"):
+                served = doc["paths"][path][method]["responses"]
+                main = next(c for c in op["responses"] if c.startswith("2"))  # the first listed
+                assert main in served, (method, path, main, sorted(served))
+    schemas = doc["components"]["schemas"]
+    for name in ("Job", "Output", "Asset", "Progress"):
+        official = conf.spec["components"]["schemas"][name]
+        mine = next(schemas[n] for n in (name, "V2" + name) if n in schemas)
+        assert set(official["required"]) <= set(mine["required"]), name
+        assert set(official["properties"]) <= set(mine["properties"]), name
+
+
 def test_the_validator_refuses_what_the_sdk_cannot_read(conf: Conformance) -> None:
     output = {"node_id": "3", "name": "a.png", "type": "image", "content_type": "image/png",
               "size_bytes": 3, "id": "x", "hash": None,
