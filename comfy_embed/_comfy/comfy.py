@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 from comfy_embed._comfy import boot
 from comfy_embed._comfy.file_names import granted_folders, granting
@@ -69,7 +69,7 @@ class Comfy:
         self.deferred_modules: list[str] = []
         self.device = "cpu"
         self._specs: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {}
-        self._names: dict[str, frozenset[str]] = {}
+        self._names: dict[str, _Declared] = {}
         self._progress = ProgressRelay(self.server)
 
     # ------------------------------------------------------------------ boot
@@ -156,11 +156,13 @@ class Comfy:
         self._specs[class_type] = out
         return out
 
-    def input_names(self, class_type: str) -> frozenset[str] | None:
-        """Every input name the node's INPUT_TYPES declares (required,
-        optional, hidden): the constants ComfyUI hands to the node. None for
-        an unknown class or one whose INPUT_TYPES fails (validation answers
-        for those)."""
+    def input_names(self, class_type: str) -> Container[str] | None:
+        """The input names the node's INPUT_TYPES declares (required,
+        optional, hidden), asked as ComfyUI's ``get_input_info`` asks them:
+        ``name in section``, so a pack's section that admits any name (a
+        dict whose ``__contains__`` says yes, as rgthree's flexible inputs
+        are) admits it here too. None for an unknown class or one whose
+        INPUT_TYPES fails (validation answers for those)."""
         cached = self._names.get(class_type)
         if cached is not None:
             return cached
@@ -171,8 +173,9 @@ class Comfy:
             spec = cls.INPUT_TYPES()
         except Exception:  # logged by input_specs; validation reports the node
             return None
-        names = frozenset(name for section in ("required", "optional", "hidden")
-                          for name in (spec.get(section) or {}))
+        # Not ``or {}``: a section that admits any name may be an empty dict.
+        names = _Declared([spec[section] for section in ("required", "optional", "hidden")
+                           if spec.get(section) is not None])
         self._names[class_type] = names
         return names
 
@@ -372,6 +375,17 @@ class Comfy:
         outcome = self.execute(prompt, "preload-" + uuid.uuid4().hex, [node], lambda e, d: None)
         if not outcome.success:
             raise RuntimeError(f"preloading {checkpoint} failed: {outcome.error}")
+
+
+class _Declared:
+    """A node's declared input names: in it when one of its INPUT_TYPES
+    sections says so (``name in section``, the section's own test)."""
+
+    def __init__(self, sections: list[Any]) -> None:
+        self._sections = sections
+
+    def __contains__(self, name: object) -> bool:
+        return any(name in section for section in self._sections)
 
 
 class _StoppedAtStart(Exception):

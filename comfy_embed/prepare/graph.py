@@ -10,7 +10,7 @@ import json
 import posixpath
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Container, Iterator
 
 from comfy_embed.errors import WorkflowInvalid, node_error
 from comfy_embed.taskid import valid_task_id  # re-exported: the rule lives in taskid
@@ -216,7 +216,7 @@ def check_nodes(prompt: dict[str, Any], *, max_nodes: int, denylist: tuple[str, 
 
 
 def drop_unknown_constants(prompt: dict[str, Any],
-                           names: Callable[[str], frozenset[str] | None]) -> dict[str, list[str]]:
+                           names: Callable[[str], Container[str] | None]) -> dict[str, list[str]]:
     """Remove every constant input a node does not declare (``names(class_type)``:
     its INPUT_TYPES' names; None: unknown class, left alone); return
     ``{node_id: [removed names]}``.

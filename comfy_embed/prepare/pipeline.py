@@ -20,7 +20,7 @@ import copy
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, Protocol
+from typing import Any, Awaitable, Callable, Container, Iterable, Protocol
 
 import anyio
 
@@ -76,8 +76,9 @@ class NodeCatalog(Protocol):
         """``{input_name: (type, options)}`` of a node class ({} if unknown)."""
         ...
 
-    def input_names(self, class_type: str) -> frozenset[str] | None:
-        """Every input name the class declares (None: unknown class)."""
+    def input_names(self, class_type: str) -> Container[str] | None:
+        """The input names the class declares, as ComfyUI asks them
+        (``name in ...``); None: unknown class."""
         ...
 
     def is_loader(self, class_type: str) -> bool:

@@ -175,6 +175,20 @@ def test_validate_names_missing_nodes_and_suggests_models(server: Server) -> Non
     assert report["node_errors"]["4"]["errors"][0]["extra_info"]["input_name"] == "ckpt_name"
 
 
+def test_undeclared_constants_reach_nodes_that_admit_any_name(server: Server) -> None:
+    # Issue 25 (3) drops constants a node does not declare, asking as ComfyUI
+    # does ("name in section"): a pack's section that admits any name (rgthree's
+    # Power Lora Loader) keeps them; other nodes lose theirs.
+    graph = {"1": {"class_type": "EmbedTestFlexible",
+                   "inputs": {"lora_1": {"on": True, "lora": "a.safetensors"}, "extra": "v"}},
+             "2": {"class_type": "EmbedTestEcho", "inputs": {"text": "t", "junk": "x" * 1000}}}
+    r = server.run(graph)
+    assert r.status_code == 200, r.text
+    outputs = r.json()["data"]["outputs"]
+    assert outputs["1"]["text"] == ["extra=v", "lora_1={'on': True, 'lora': 'a.safetensors'}"]
+    assert outputs["2"]["text"] == ["t"]
+
+
 def test_api_nodes_load_only_when_enabled(server: Server, tmp_path: Path) -> None:
     # Issue 25: ComfyUI's API (partner) nodes were never loaded, and nothing
     # said so; COMFY_EMBED_API_NODES=1 loads them.

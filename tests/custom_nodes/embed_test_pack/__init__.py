@@ -90,5 +90,33 @@ class EmbedTestEcho:
                        "odd": [ValueError("odd")]}, "result": (text,)}
 
 
-NODE_CLASS_MAPPINGS = {"EmbedTestEcho": EmbedTestEcho}
-NODE_DISPLAY_NAME_MAPPINGS = {"EmbedTestEcho": "Embed test echo"}
+class AnyName(dict):
+    """An input section that admits any name, as rgthree's
+    FlexibleOptionalInputType does (Power Lora Loader's ``lora_1``, ...)."""
+
+    def __contains__(self, key):
+        return True
+
+    def __getitem__(self, key):
+        return ("*",)
+
+
+class EmbedTestFlexible:
+    """Takes inputs of any name (constants included) and echoes them."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}, "optional": AnyName()}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "embed_test"
+
+    def run(self, **kwargs):
+        return {"ui": {"text": [f"{k}={kwargs[k]}" for k in sorted(kwargs)]}}
+
+
+NODE_CLASS_MAPPINGS = {"EmbedTestEcho": EmbedTestEcho, "EmbedTestFlexible": EmbedTestFlexible}
+NODE_DISPLAY_NAME_MAPPINGS = {"EmbedTestEcho": "Embed test echo",
+                              "EmbedTestFlexible": "Embed test flexible"}
