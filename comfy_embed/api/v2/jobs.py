@@ -135,6 +135,20 @@ def _labels(raw: Any) -> dict[str, str]:
     return dict(raw)
 
 
+def _fingerprint(raw: bytes) -> str:
+    """What makes two submissions "the same request" for an Idempotency-Key:
+    the body without ``extra_data`` (it carries partner keys, which nothing
+    stored may be derived from; newer Comfy specs exclude it too)."""
+    try:
+        parsed = events.loads(raw)
+    except ValueError:
+        return body_hash(raw)
+    if isinstance(parsed, dict) and "extra_data" in parsed:
+        parsed = {k: v for k, v in parsed.items() if k != "extra_data"}
+        return body_hash(b"v2:" + events.dumps_bytes(parsed))
+    return body_hash(raw)
+
+
 async def create_job(request: Request) -> Response:
     jobs = jobs_of(request)
     settings = jobs.tasks.settings
@@ -150,7 +164,7 @@ async def create_job(request: Request) -> Response:
         return await _create(request, jobs, raw, owner)
     store: IdempotencyStore = request.app.state.v2_idempotency
     jobs.housekeeping(store)
-    who, fingerprint = owner or ANONYMOUS, body_hash(raw)
+    who, fingerprint = owner or ANONYMOUS, _fingerprint(raw)
     found = await jobs.run_io(store.begin, who, key, fingerprint)
     if found.kind == "replay":
         return Response(found.body, found.status, media_type="application/json",

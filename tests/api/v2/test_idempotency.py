@@ -143,3 +143,16 @@ def test_a_refused_request_keeps_no_record(a: Server) -> None:
     fixed = post(a, {"workflow": image_only(batch=1)}, key)
     assert fixed.status_code == 201, fixed.text
     assert "idempotency-replayed" not in fixed.headers
+
+
+def test_extra_data_is_not_part_of_the_request_identity(a: Server) -> None:
+    """A retry with another partner key replays: extra_data carries secrets,
+    and nothing stored is derived from it (newer Comfy specs say the same)."""
+    key = str(uuid.uuid4())
+    first = post(a, {"workflow": image_only(batch=1), "extra_data": {"api_key_comfy_org": "s1"}},
+                 key)
+    assert first.status_code == 201
+    again = post(a, {"workflow": image_only(batch=1), "extra_data": {"api_key_comfy_org": "s2"}},
+                 key)
+    assert again.status_code == 201 and again.headers["idempotency-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
