@@ -27,12 +27,13 @@ from typing import Any, TypeVar
 import anyio
 
 from comfy_embed.errors import InvalidParameter
-from comfy_embed.events import coalesce_snapshots
+from comfy_embed.events import FINAL, coalesce_snapshots
 from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.idempotency import IdempotencyStore
 from comfy_embed.service.jobview import JobRecord, JobState, job_state
 from comfy_embed.service.lifecycle import TaskService
 from comfy_embed.taskid import valid_task_id
+from comfy_embed.tasklog.files import FINAL_FILE
 from comfy_embed.webhooks.request import WebhookRequest
 
 __all__ = ["ANONYMOUS", "JobService", "JobView", "expires_at", "is_bad_cursor"]
@@ -100,7 +101,12 @@ class JobService:
         await self.tasks.start(body, options, task_id=job_id, owner_key=owner_key,
                                webhook=webhook)
         owner = owner_key or ANONYMOUS
-        await self.run_io(self._write_records, record, workflow, owner)
+        try:
+            await self.run_io(self._write_records, record, workflow, owner)
+        except OSError as e:
+            # The job runs all the same (a retry would run it twice): it reads
+            # as a task without labels or workflow, and is not listed.
+            log.warning("job %s: cannot write its v2 record: %s", job_id, e)
         self._remember(job_id, owner, record)
         state = await self._state(job_id, record)
         return JobView(job_id, record, state or JobState())
@@ -174,9 +180,9 @@ class JobService:
         if not events and not log.exists(job_id):
             return None  # pruned by retention (or never was)
         final_at = None
-        if events and events[-1][1].get("type") == "serverless_api":
+        if events and events[-1][1].get("type") == FINAL:
             try:
-                final_at = os.stat(log.task_dir(job_id) / "final").st_mtime
+                final_at = os.stat(log.task_dir(job_id) / FINAL_FILE).st_mtime
             except OSError:
                 pass
         return job_state(events, record, cancel_requested=log.cancel_requested(job_id),

@@ -3,6 +3,7 @@ POST /api/v2/jobs/{id}/cancel, GET /api/v2/jobs/{id}/workflow."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -38,6 +39,8 @@ __all__ = [
     "list_jobs",
     "output_json",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Most labels one job may carry, and their sizes.
 _MAX_LABELS, _MAX_LABEL_KEY, _MAX_LABEL_VALUE = 16, 64, 512
@@ -139,6 +142,8 @@ def _fingerprint(raw: bytes) -> str:
     """What makes two submissions "the same request" for an Idempotency-Key:
     the body without ``extra_data`` (it carries partner keys, which nothing
     stored may be derived from; newer Comfy specs exclude it too)."""
+    if b'"extra_data"' not in raw:  # the common case: no second parse
+        return body_hash(raw)
     try:
         parsed = events.loads(raw)
     except ValueError:
@@ -179,14 +184,23 @@ async def create_job(request: Request) -> Response:
     try:
         answer = await _create(request, jobs, raw, owner)
     finally:
-        if answer is not None and answer.status_code == 201:
-            await jobs.run_io(store.finish, who, key, fingerprint, 201,
-                                           bytes(answer.body), {"Location": answer.headers.get(
-                                               "location", "")})
-        else:
-            with anyio.CancelScope(shield=True):
-                await jobs.run_io(store.abandon, who, key)
+        with anyio.CancelScope(shield=True):
+            await _record_answer(jobs, store, who, key, fingerprint, answer)
     return answer
+
+
+async def _record_answer(jobs: JobService, store: IdempotencyStore, who: str, key: str,
+                         fingerprint: str, answer: Response | None) -> None:
+    """Keep a 201 to replay; forget the key after anything else (a refused
+    request records nothing: a corrected retry with the same key runs)."""
+    try:
+        if answer is not None and answer.status_code == 201:
+            await jobs.run_io(store.finish, who, key, fingerprint, 201, bytes(answer.body),
+                              {"Location": answer.headers.get("location", "")})
+        else:
+            await jobs.run_io(store.abandon, who, key)
+    except OSError as e:  # the job stands; a retry then finds the key pending, then stale
+        log.warning("Idempotency-Key record not written: %s", e)
 
 
 async def _create(request: Request, jobs: JobService, raw: bytes,
