@@ -27,8 +27,24 @@ from comfy_embed.service.jobview import job_state
 __all__ = ["job_events"]
 
 
+#: Event types of which only the latest counts for the view.
+_SNAPSHOTS = frozenset({"progress", "progress_state"})
+
+
 def _frame(name: str, data: Any) -> str:
     return f"event: {name}\ndata: {events.dumps(data)}\n\n"
+
+
+def _kept(seen: list[tuple[int, dict[str, Any]]], pair: tuple[int, dict[str, Any]]
+          ) -> list[tuple[int, dict[str, Any]]]:
+    """The events the job's view needs, with ``pair``: a snapshot (``progress``,
+    ``progress_state``) replaces the one before it, so a long run's stream
+    does not fold every step again on each event."""
+    kind = pair[1].get("type")
+    if kind in _SNAPSHOTS:
+        seen = [p for p in seen if p[1].get("type") != kind]
+    seen.append(pair)
+    return seen
 
 
 async def job_events(request: Request) -> Response:
@@ -48,7 +64,7 @@ async def _stream(jobs: JobService, view: JobView, base: str, folders: dict[str,
                   keepalive: float) -> AsyncIterator[str]:
     job_id = view.job_id
     canceling = view.state.status == "canceling"
-    seen = await jobs.tasks.read(job_id)
+    seen = list(await jobs.tasks.read(job_id))
     st = job_state(seen, view.record, cancel_requested=canceling) if seen else view.state
     sent_outputs: set[str] = set()
     status = _frame("status", {"status": st.status, "queue_position": st.queue_position})
@@ -80,7 +96,7 @@ async def _stream(jobs: JobService, view: JobView, base: str, folders: dict[str,
                 pair = None
             pending = None
             if pair is not None:
-                seen = events.coalesce_snapshots([*seen, pair])
+                seen = _kept(seen, pair)
                 kind = pair[1].get("type")
                 if kind == "execution_error":
                     data = pair[1].get("data") or {}
