@@ -6,7 +6,8 @@ links from the Host header, which the proxy passes on, so links lead back
 through the proxy).
 
 Bodies are relayed as they arrive (event streams stay live); an exchange is
-recorded once its body has ended.
+recorded when its answer starts and holds the whole body once the client has
+seen it end.
 """
 
 from __future__ import annotations
@@ -77,22 +78,25 @@ class RecordingProxy:
                 with requests.request(self.command, proxy.upstream + self.path, data=body,
                                       headers=headers, stream=True, allow_redirects=False,
                                       timeout=600) as up:
-                    self.send_response(up.status_code)
                     kept = {k: v for k, v in up.headers.items() if k.lower() not in _HOP}
+                    # Kept before the client can see the answer end: a body ends only when
+                    # this connection closes (after the last chunk is added below), and a
+                    # 204 or a HEAD answer has none.
+                    exchange = Exchange(self.command, proxy.url + self.path, up.status_code,
+                                        kept, b"")
+                    with proxy._lock:
+                        proxy.exchanges.append(exchange)
+                    self.send_response(up.status_code)
                     for k, v in kept.items():
                         self.send_header(k, v)
                     self.send_header("Connection", "close")  # the body ends with the connection
                     self.end_headers()
-                    chunks = []
                     if self.command != "HEAD":
                         for chunk in up.raw.stream(65536, decode_content=False):
-                            chunks.append(chunk)
+                            exchange.content += chunk
                             self.wfile.write(chunk)
                             self.wfile.flush()
                     self.close_connection = True
-                    with proxy._lock:
-                        proxy.exchanges.append(Exchange(self.command, proxy.url + self.path,
-                                                        up.status_code, kept, b"".join(chunks)))
 
             do_GET = do_POST = do_HEAD = do_DELETE = do_PUT = _relay
 
@@ -100,7 +104,7 @@ class RecordingProxy:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> RecordingProxy:
+    def __enter__(self) -> RecordingProxy:  # noqa: PYI034
         self._thread.start()
         return self
 
