@@ -6,6 +6,10 @@ of the SDKs."""
 
 from __future__ import annotations
 
+import base64
+import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +21,8 @@ from blake3 import blake3
 from comfy_sdk import Comfy
 from openapi_spec_validator import validate as validate_spec
 
-from tests.api.v2.conformance import SDK_ONLY, Conformance
-from tests.api.v2.recorder import RecordingProxy
+from tests.api.v2.conformance import SDK_ONLY, SPEC_PATH, Conformance
+from tests.api.v2.recorder import Exchange, RecordingProxy
 from tests.api.v2.sdkflows import (
     LOAD,
     SAVE,
@@ -336,6 +340,58 @@ def test_the_python_sdk_flow_conforms(server: Server, conf: Conformance, tmp_pat
             "HEAD /api/v2/assets/by-hash/{hash}", "POST /api/v2/assets/from-hash",
             "GET /api/v2/assets/{id}/content", "GET /api/v2/jobs/{id}/workflow", "GET /api/v2/jobs",
             "POST /api/v2/jobs/{id}/cancel", "DELETE /api/v2/assets/{id}"} <= reached, reached
+
+
+def test_malformed_uploads_answer_the_spec_envelope(api: Api) -> None:
+    """A body that is no multipart, or not multipart at all, is refused with
+    the spec's ErrorEnvelope: 422 (declared) or 400 invalid_request (the
+    envelope catalogue's code for a malformed request); Conformance checks it."""
+    garbage = api("POST", "/assets", data=b"--x\r\nnot a part at all",
+                  headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert garbage.status_code in (400, 422) and garbage.json()["error"]["code"], garbage.text
+    not_form = api("POST", "/assets", data=b"hello", headers={"Content-Type": "application/json"})
+    assert not_form.status_code in (400, 422) and not_form.json()["error"]["code"], not_form.text
+
+
+def test_schemathesis_fuzzing_of_the_official_spec(server: Server, conf: Conformance,
+                                                   tmp_path: Path) -> None:
+    """schemathesis drives the official spec (fixed seed) against the server:
+    no 5xx, and every answer it got (its HAR report) passes the validator."""
+    har = tmp_path / "fuzz.har"
+    cmd = [str(Path(sys.executable).parent / "st"), "run", str(SPEC_PATH), "--url", server.url,
+           "--header", f"Authorization: Bearer {KEY}", "--checks", "not_a_server_error",
+           "--max-examples", "5", "--seed", "1", "--workers", "1", "--request-timeout", "60",
+           "--phases", "examples,coverage,fuzzing", "--report", "har",
+           "--report-har-path", str(har)]
+    # cwd: schemathesis keeps a cache folder where it runs.
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    entries = json.loads(har.read_text())["log"]["entries"]
+    assert len(entries) > 50
+    failures = []
+    for entry in entries:
+        exchange = har_exchange(entry)
+        try:
+            conf.route(exchange.request.method, exchange.request.url)
+        except AssertionError:  # a method the spec has not there: 405, or the envelope
+            if exchange.status_code != 405:
+                conf.validate(exchange.json(), conf.schema("ErrorEnvelope"), repr(exchange))
+            continue
+        try:
+            conf.check(exchange)  # type: ignore[arg-type]
+        except AssertionError as e:
+            failures.append(f"{str(e).splitlines()[0]}: {entry['response']['content'].get('text', '')[:200]}")
+    assert not failures, "\n".join(sorted(set(failures)))
+
+
+def har_exchange(entry: dict[str, Any]) -> Exchange:
+    content = entry["response"]["content"]
+    body = content.get("text", "") or ""
+    raw = base64.b64decode(body) if content.get("encoding") == "base64" else body.encode()
+    headers = {h["name"]: h["value"] for h in entry["response"]["headers"]}
+    return Exchange(entry["request"]["method"], entry["request"]["url"],
+                    entry["response"]["status"], headers, raw)
 
 
 def test_every_operation_was_reached(conf: Conformance) -> None:
