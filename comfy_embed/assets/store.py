@@ -5,12 +5,13 @@ instance of a fleet, like the task log itself):
   once (a temporary file renamed into place: never seen half-written);
 - ``records/<asset id>``: one JSON record per asset (id, hash, size, type,
   file path, owner, when);
+- ``refs/<h>/<asset id>``: one empty file per asset over the blob; deleting
+  the last asset deletes the bytes;
 - ``owners/<owner>/<h>``: an empty file saying that ``owner`` uploaded those
   bytes, so it may mint more assets over them by hash (``from-hash``) and
   no one else can learn that the blob exists.
 
-All methods block on file I/O (call them from a worker thread). Deleting an
-asset removes its record; the blob stays for the other assets over it.
+All methods block on file I/O (call them from a worker thread).
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class AssetStore:
         self.blobs = self.root / "blobs"
         self.records = self.root / "records"
         self.owners = self.root / "owners"
+        #: ``refs/<h>/<asset id>``: the assets over each blob (the last one
+        #: deleted takes the blob with it).
+        self.refs = self.root / "refs"
 
     # ----------------------------------------------------------- blobs
     def blob_path(self, digest: str) -> Path:
@@ -120,6 +124,13 @@ class AssetStore:
         mark = self.owners / _safe(owner)
         mark.mkdir(parents=True, exist_ok=True)
         (mark / digest).touch()
+        # The reference first: a blob with a reference is never deleted.
+        refs = self.refs / digest
+        refs.mkdir(parents=True, exist_ok=True)
+        (refs / record.id).touch()
+        if not self.blob_path(digest).exists():  # its last asset was deleted meanwhile
+            os.unlink(refs / record.id)
+            raise FileNotFoundError(f"blob {digest} is gone")
         self.records.mkdir(parents=True, exist_ok=True)
         tmp = self.records / f".{record.id}.tmp"
         tmp.write_text(json.dumps(asdict(record)))
@@ -137,13 +148,26 @@ class AssetStore:
         return AssetRecord(**d)
 
     def delete(self, asset_id: str) -> bool:
-        if not _ID_RE.fullmatch(asset_id):
+        """Remove the record; the bytes too when no other asset is over them
+        (copies already given to a job's inputs are links of their own)."""
+        record = self.get(asset_id)
+        if record is None:
             return False
         try:
             os.unlink(self.records / asset_id)
-            return True
         except FileNotFoundError:
             return False
+        refs = self.refs / record.digest
+        try:
+            os.unlink(refs / asset_id)
+            os.rmdir(refs)  # fails while another asset refers to the blob
+        except (FileNotFoundError, OSError):
+            return True
+        try:
+            os.unlink(self.blob_path(record.digest))
+        except FileNotFoundError:
+            pass
+        return True
 
 
 def _safe(owner: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import blake3
+import pytest
 
 from comfy_embed.assets.store import AssetStore, Hasher, parse_hash
 
@@ -46,3 +47,18 @@ def test_parse_hash() -> None:
     assert parse_hash(f"blake3:{hexa}") == hexa
     assert parse_hash(f"BLAKE3:{hexa.upper()}") == hexa
     assert parse_hash("blake3:abc") is None and parse_hash(f"sha256:{hexa}") is None
+
+
+def test_the_last_asset_deleted_takes_the_bytes(tmp_path: Path) -> None:
+    store = AssetStore(tmp_path)
+    digest, _ = put(store, b"shared bytes")
+    one = store.mint("alice", digest, 12, "text/plain", None, [])
+    two = store.mint("bob", digest, 12, "text/plain", None, [])
+    assert store.delete(one.id)
+    assert store.blob_path(digest).is_file() and store.may_mint("bob", digest)
+    assert store.delete(two.id)
+    assert not store.blob_path(digest).exists()
+    assert not store.may_mint("alice", digest) and not store.may_mint("bob", digest)
+    with pytest.raises(FileNotFoundError):
+        store.mint("alice", digest, 12, "text/plain", None, [])
+    assert list(store.records.iterdir()) == []  # no record without its bytes

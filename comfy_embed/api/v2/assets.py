@@ -134,8 +134,12 @@ async def upload(request: Request) -> Response:
         await anyio.to_thread.run_sync(store.keep_blob, hasher, digest)
         created = not known
         hasher = None
-        record = await anyio.to_thread.run_sync(store.mint, _owner(request), digest, size,
-                                                content_type, path, tags)
+        try:
+            record = await anyio.to_thread.run_sync(store.mint, _owner(request), digest, size,
+                                                    content_type, path, tags)
+        except FileNotFoundError:  # the last asset over these bytes was deleted meanwhile
+            return envelope(503, "unavailable", "the upload raced a delete of the same "
+                            "bytes; send it again", headers={"Retry-After": "1"})
     finally:
         if hasher is not None:
             await anyio.to_thread.run_sync(hasher.discard)
@@ -156,17 +160,20 @@ async def from_hash(request: Request) -> Response:
     store, owner = _store(request), _owner(request)
     if digest is None or not await anyio.to_thread.run_sync(store.may_mint, owner, digest):
         return envelope(404, "blob_not_found", "no blob with that hash that you may use")
-    size = (await anyio.to_thread.run_sync(os.stat, store.blob_path(digest))).st_size
     path = body.get("file_path") if isinstance(body.get("file_path"), str) else None
     content_type = body.get("content_type") if isinstance(body.get("content_type"), str) else None
     if content_type is not None and not _MEDIA_TYPE.fullmatch(content_type):
-        return envelope(422, "invalid_request", "content_type must be a media type such as "
+        return envelope(400, "invalid_request", "content_type must be a media type such as "
                         "image/png", {"field": "content_type"})
     if content_type is None:
         content_type = mimetypes.guess_type(path or "")[0] or "application/octet-stream"
     tags = [t for t in body.get("tags") or () if isinstance(t, str)][:32]
-    record = await anyio.to_thread.run_sync(store.mint, owner, digest, size, content_type,
-                                            path, tags)
+    try:
+        size = (await anyio.to_thread.run_sync(os.stat, store.blob_path(digest))).st_size
+        record = await anyio.to_thread.run_sync(store.mint, owner, digest, size, content_type,
+                                                path, tags)
+    except FileNotFoundError:  # deleted since may_mint looked
+        return envelope(404, "blob_not_found", "no blob with that hash that you may use")
     return json_response(_asset_json(record, base_url(request), False), 201)
 
 

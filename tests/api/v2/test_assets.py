@@ -139,6 +139,11 @@ def test_get_content_range_and_delete(a: Server, b: Server) -> None:
     for server in (a, b):
         r = httpx.get(f"{server.url}/api/v2/assets/{asset['id']}", headers=AUTH)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    # Its bytes went with it (no other asset was over them).
+    assert httpx.head(f"{a.url}/api/v2/assets/by-hash/{asset['hash']}",
+                      headers=AUTH).status_code == 404
+    again = httpx.delete(f"{a.url}/api/v2/assets/{asset['id']}", headers=AUTH)
+    assert again.status_code == 404
 
 
 def test_refused_uploads_leave_nothing(a: Server, shared: Path) -> None:
