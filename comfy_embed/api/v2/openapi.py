@@ -183,7 +183,9 @@ def _asset_paths() -> dict[str, Any]:
                           **_AUTH,
                           "409": _err("`hash_mismatch`: nothing stored."),
                           "413": _err("`payload_too_large` (COMFY_EMBED_ASSET_MAX_BYTES)."),
-                          "422": _err("No `file` part, or a bad `expected_hash`.")}}},
+                          "422": _err("No `file` part, or a bad `expected_hash`."),
+                          "503": _err("The same bytes were being deleted: send it again.",
+                                      retry=True)}}},
         f"{_P}/assets/from-hash": {"post": {
             "summary": "A new asset over bytes this caller uploaded before",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
