@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol
 
 from comfy_embed.errors import QueueFull
 from comfy_embed.observe.logs import task_context
-from comfy_embed.outcome import Outcome, Sink
+from comfy_embed.outcome import Outcome, PendingWrite, Sink
 from comfy_embed.results import collect_files
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,23 @@ def _with_files(outcome: Outcome, backend: Backend, job: Job) -> Outcome:
                        messages=outcome.messages)
 
 
+def _write_failure(outcome: Outcome, job: Job, writes: list[PendingWrite]) -> Outcome | None:
+    """A failed outcome naming the node whose file could not be written, or None."""
+    for w in writes:
+        e = w.future.exception()
+        if e is None:
+            continue
+        log.error("job %s: writing %s of node %s (%s) failed: %s",
+                  job.prompt_id, w.path.name, w.node_id, w.node_type, e)
+        return Outcome(success=False, interrupted=False, outputs={},
+                       error={"prompt_id": job.prompt_id, "node_id": w.node_id,
+                              "node_type": w.node_type, "exception_type": type(e).__name__,
+                              "exception_message": f"writing output {w.path.name} failed: {e}",
+                              "traceback": [], "executed": []},
+                       messages=outcome.messages)
+    return None
+
+
 class Executor:
     """Owns the executor thread. ``boot`` runs first on that thread and
     returns the backend (ComfyUI must be imported on the thread that uses
@@ -126,6 +143,9 @@ class Executor:
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._current: Job | None = None
+        #: Jobs whose run ended and whose output files are still being
+        #: encoded (Outcome.writes), by prompt id: answered once written.
+        self._writing: dict[str, tuple[Job, list[PendingWrite]]] = {}
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="comfy-executor", daemon=True)
         self.backend: Backend | None = None
@@ -151,12 +171,22 @@ class Executor:
         return self.backend
 
     def close(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Finish what is queued, then stop the thread."""
+        """Finish what is queued, then stop the thread; with ``wait``, also
+        wait for the jobs whose files are still being written to end."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if wait and self._thread.is_alive():
+        if not wait:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._thread.is_alive():
             self._thread.join(timeout)
+        with self._cond:
+            while self._writing:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
 
     @property
     def queue_remaining(self) -> int:
@@ -180,9 +210,14 @@ class Executor:
         return int(self._current is not None)
 
     @property
+    def writing(self) -> int:
+        """Jobs whose files are still being encoded (no lock: a gauge)."""
+        return len(self._writing)
+
+    @property
     def idle(self) -> bool:
         with self._cond:
-            return not self._queue and self._current is None
+            return not self._queue and self._current is None and not self._writing
 
     # ----------------------------------------------------------------- jobs
     def submit(self, job: Job) -> int:
@@ -210,6 +245,14 @@ class Executor:
                     removed = item
                     break
             else:
+                if prompt_id in self._writing:
+                    job, writes = self._writing[prompt_id]
+                    job.cancel_reason = reason
+                    # Those not started are dropped; the job ends when the
+                    # running ones are done (_writes_done), interrupted.
+                    for w in writes:
+                        w.future.cancel()
+                    return True
                 current = self._current
                 if current is None or current.prompt_id != prompt_id:
                     return False
@@ -293,9 +336,25 @@ class Executor:
                                      "exception_message": str(e), "traceback": [],
                                      "executed": []})
         finally:
-            with self._cond:
-                self._current = None
             self.busy_seconds += time.monotonic() - start
+        writes = outcome.writes
+        with self._cond:
+            self._current = None
+            if writes:
+                self._writing[job.prompt_id] = (job, writes)
+        if writes:
+            self._await_writes(job, outcome, writes)
+        else:
+            self._conclude(job, outcome)
+        if self.housekeeper is not None:
+            try:
+                self.housekeeper.after_job(outcome.success, outcome.error)
+            except Exception:
+                log.exception("memory check after job %s failed", job.prompt_id)
+
+    def _conclude(self, job: Job, outcome: Outcome) -> None:
+        """Resolve the files, apply a cancel, answer the job."""
+        assert self.backend is not None
         if outcome.success:
             outcome = _with_files(outcome, self.backend, job)
         if job.cancel_reason and not outcome.success:
@@ -303,11 +362,34 @@ class Executor:
             if outcome.error is not None:
                 outcome.error.setdefault("reason", job.cancel_reason)
         self._finish(job, outcome)
-        if self.housekeeper is not None:
-            try:
-                self.housekeeper.after_job(outcome.success, outcome.error)
-            except Exception:
-                log.exception("memory check after job %s failed", job.prompt_id)
+
+    def _await_writes(self, job: Job, outcome: Outcome, writes: list[PendingWrite]) -> None:
+        """Answer ``job`` once its output files are written (on the thread
+        that writes the last one); the executor thread goes on meanwhile."""
+        left = [len(writes)]
+        lock = threading.Lock()
+
+        def one_done(w: PendingWrite) -> None:
+            if w.future.cancelled():
+                w.path.unlink(missing_ok=True)  # its reserved, empty file
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._writes_done(job, outcome, writes)
+
+        for w in writes:
+            w.future.add_done_callback(lambda _, w=w: one_done(w))  # type: ignore[misc]
+
+    def _writes_done(self, job: Job, outcome: Outcome, writes: list[PendingWrite]) -> None:
+        if job.cancel_reason and outcome.success:
+            outcome = _cancelled_outcome(job)
+        elif outcome.success:
+            outcome = _write_failure(outcome, job, writes) or outcome
+        with self._cond:  # before the answer: whoever it wakes sees the job gone
+            self._writing.pop(job.prompt_id, None)
+            self._cond.notify_all()
+        self._conclude(job, outcome)
 
     def _cancelled(self, job: Job) -> bool:
         """Asked by the backend right after it cleared its interrupt flag.

@@ -4,6 +4,7 @@ only place a fake stands in for ComfyUI)."""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,6 +12,7 @@ import pytest
 
 from comfy_embed.errors import QueueFull
 from comfy_embed.executor import Executor, Job, Outcome, Sink
+from comfy_embed.outcome import PendingWrite
 
 
 class FakeBackend:
@@ -55,7 +57,9 @@ class FakeBackend:
             self.interrupted.clear()
             return Outcome(False, True, {}, {"prompt_id": prompt_id, "node_id": "1"})
         self.nodes_run.append(prompt_id)
-        return Outcome(True, False, {"1": {"images": prompt.get("images", [])}})
+        # ``writes``: files still being encoded off this thread (Outcome.writes).
+        return Outcome(True, False, {"1": {"images": prompt.get("images", [])}},
+                       writes=list(prompt.get("writes", [])))
 
     def interrupt(self) -> None:
         self.interrupted.set()
@@ -190,3 +194,77 @@ def test_outcome_leaves_the_thread_with_its_files_resolved(setup: Any) -> None:
     assert not done["bad"].success and done["bad"].files == []
     assert "could not resolve the output files" in done["bad"].error["exception_message"]
     assert "nowhere" in done["bad"].error["exception_message"]
+
+
+# ------------------------------------------- output files written off the thread
+def pending(path: Path) -> PendingWrite:
+    path.touch()  # reserved, as comfy_embed._comfy.writes does
+    return PendingWrite("9", "SaveImage", path, Future())
+
+
+def test_a_job_is_answered_once_its_files_are_written(setup: Any, tmp_path: Path) -> None:
+    """The thread takes the next job while the files of the last one are
+    being written; that job's answer waits for them (and drain sees it busy)."""
+    ex, backend = setup
+    done: dict[str, Outcome] = {}
+    w = pending(tmp_path / "a.png")
+    slow = make_job("slow", done, [], writes=[w],
+                    images=[{"filename": "a.png", "subfolder": "", "type": "output"}])
+    after = make_job("after", done, [])
+    ex.submit(slow)
+    ex.submit(after)
+    assert after.finished.wait(5) and done["after"].success
+    assert "slow" not in done and not ex.idle and ex.writing == 1
+    w.future.set_result(None)
+    assert slow.finished.wait(5) and done["slow"].success
+    assert [f.filename for f in done["slow"].files] == ["a.png"]
+    assert ex.idle and ex.writing == 0
+
+
+def test_a_failed_write_fails_its_job_naming_the_node(setup: Any, tmp_path: Path) -> None:
+    ex, backend = setup
+    done: dict[str, Outcome] = {}
+    ok, bad = pending(tmp_path / "ok.png"), pending(tmp_path / "bad.png")
+    job = make_job("j", done, [], writes=[ok, bad])
+    ex.submit(job)
+    bad.future.set_exception(OSError("No space left on device"))
+    assert not job.finished.wait(0.05)  # the other file is still being written
+    ok.future.set_result(None)
+    assert job.finished.wait(5)
+    out = done["j"]
+    assert not out.success and not out.interrupted
+    assert out.error["node_id"] == "9" and out.error["node_type"] == "SaveImage"
+    assert "bad.png" in out.error["exception_message"]
+    assert "No space left" in out.error["exception_message"]
+
+
+def test_cancel_while_writing_drops_what_has_not_started(setup: Any, tmp_path: Path) -> None:
+    ex, backend = setup
+    done: dict[str, Outcome] = {}
+    running, waiting = pending(tmp_path / "r.png"), pending(tmp_path / "w.png")
+    assert running.future.set_running_or_notify_cancel()
+    job = make_job("c", done, [], writes=[running, waiting])
+    ex.submit(job)
+    while ex.writing == 0 and not job.finished.is_set():
+        threading.Event().wait(0.01)
+    assert ex.cancel("c", reason="user")
+    assert waiting.future.cancelled() and not (tmp_path / "w.png").exists()
+    assert not job.finished.is_set()  # the started write still runs
+    running.future.set_result(None)
+    assert job.finished.wait(5)
+    assert done["c"].interrupted and not done["c"].success
+    assert done["c"].error["reason"] == "user"
+
+
+def test_close_waits_for_the_files_being_written(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    ex = Executor(lambda: backend)
+    ex.start()
+    ex.wait_ready(5)
+    done: dict[str, Outcome] = {}
+    w = pending(tmp_path / "x.png")
+    job = make_job("x", done, [], writes=[w])
+    ex.submit(job)
+    threading.Timer(0.2, w.future.set_result, (None,)).start()
+    ex.close(timeout=30)
+    assert job.finished.is_set() and done["x"].success

@@ -23,9 +23,10 @@ from comfy_embed._comfy import boot
 from comfy_embed._comfy.file_names import granted_folders, granting
 from comfy_embed._comfy.packs import PackStatus
 from comfy_embed._comfy.progress import ProgressRelay
+from comfy_embed._comfy.writes import OutputWriter
 from comfy_embed.config import Settings
 from comfy_embed.errors import WorkflowInvalid, node_error
-from comfy_embed.outcome import Outcome, Sink
+from comfy_embed.outcome import Outcome, PendingWrite, Sink
 from comfy_embed.prepare.graph import media_inputs
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class Comfy:
         self._specs: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {}
         self._names: dict[str, _Declared] = {}
         self._progress = ProgressRelay(self.server)
+        #: Encodes output images off the executor thread (None: on it, as native).
+        self.writer: OutputWriter | None = None
 
     # ------------------------------------------------------------------ boot
     @classmethod
@@ -107,6 +110,10 @@ class Comfy:
         self._progress.install(execution, s.comfy.progress_interval)
         self.executor = boot.new_executor(execution, self.server)
         self.server.loop = self.loop
+        if s.comfy.encode_workers > 0:
+            self.writer = OutputWriter(s.comfy.encode_workers, s.comfy.encode_backlog,
+                                       lambda: [self.directory_of("output"),
+                                                self.directory_of("temp")])
         self.boot_seconds["total"] = time.perf_counter() - t0
         log.info("ComfyUI booted on %s in %.2fs (%s)", self.device,
                  self.boot_seconds["total"], self.boot_seconds)
@@ -320,6 +327,9 @@ class Comfy:
         srv.last_prompt_id = prompt_id
         srv.sockets_metadata = {client_id: {"feature_flags": {"supports_preview_metadata": True}}}
         sink = self._progress.flushing(sink)
+        writer = self.writer
+        if writer is not None:
+            sink = writer.watch(sink, prompt)
         srv.sink = sink if stop is None else _stop_at_start(sink, stop)
         srv.number += 1
         item = (srv.number, prompt_id, prompt, extra, outputs)
@@ -349,6 +359,10 @@ class Comfy:
                               error=error, messages=list(ex.status_messages))
             return outcome
         finally:
+            if writer is not None and outcome is not None:
+                outcome.writes = writer.finish()
+            elif writer is not None:  # an exception: the files are waited for all the same
+                _wait_quietly(writer.finish())
             srv.prompt_queue.finished(item, outcome.outputs if outcome else {}, {
                 "status_str": "success" if outcome and outcome.success else "error",
                 "completed": bool(outcome and outcome.success),
@@ -403,6 +417,15 @@ def _stop_at_start(sink: Sink, stop: Callable[[], bool]) -> Sink:
             raise _StoppedAtStart()
 
     return forward
+
+
+def _wait_quietly(writes: list[PendingWrite]) -> None:
+    """Wait for the files of a run that raised (its error is what counts)."""
+    for w in writes:
+        try:
+            w.future.result()
+        except BaseException:
+            log.warning("writing %s failed after its run failed", w.path.name)
 
 
 def _describe(node_errors: dict[str, Any]) -> str:

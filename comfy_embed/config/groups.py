@@ -77,6 +77,13 @@ class ComfySettings(_Group):
     #: Seconds between ComfyUI ``progress_state`` messages (each lists every
     #: node); the last one before the end of a run is always sent.
     progress_interval: float = 0.5
+    #: Threads that encode output images (SaveImage's, PreviewImage's PNGs,
+    #: animated WebP/PNG) off the executor thread, which meanwhile takes the
+    #: next job; 0 encodes them on it, as native ComfyUI does.
+    encode_workers: int = 2
+    #: Images at most waiting for or in encoding; when full, the executor
+    #: thread waits for one to finish (bounded memory).
+    encode_backlog: int = 8
 
     @model_validator(mode="after")
     def _comfyui_in_cache(self) -> ComfySettings:

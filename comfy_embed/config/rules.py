@@ -113,6 +113,8 @@ RULES: dict[str, _Rule] = {
     "task_log_flush_seconds": ((lambda v: 0 <= v <= 60), "0 to 60"),
     "task_log_inline_seconds": ((lambda v: 0 <= v <= 0.1), "0 to 0.1"),
     "progress_interval": ((lambda v: 0 <= v <= 60), "0 to 60"),
+    "encode_workers": ((lambda v: 0 <= v <= 64), "0 to 64"),
+    "encode_backlog": ((lambda v: 1 <= v <= 4096), "1 to 4096"),
     "max_task_events": ((lambda v: 10 <= v <= 10_000_000), "10 to 10000000"),
     "max_nodes": ((lambda v: v >= 1), "at least 1"),
     "max_output_bytes": _number(1),
