@@ -110,6 +110,24 @@ def test_cancel_on_b_a_job_running_on_a(a: Server, b: Server,
         assert running.wait(timeout=60).status == "canceled"  # A agrees
 
 
+def test_cancel_on_b_a_job_queued_on_a(a: Server, b: Server,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job still waiting on A, canceled from B, ends canceled without running."""
+    with client_of(a, monkeypatch) as on_a, client_of(b, monkeypatch) as on_b:
+        running = on_a.submit(on_a.workflows.from_json(long_graph(seed=59)))
+        wait_until(lambda: running.refresh().status == "running", "the first job to run")
+        waiting = on_a.submit(on_a.workflows.from_json(image_only(batch=1, color=0x010101)))
+        job = on_b.jobs.get(waiting.id)
+        assert job.status == "queued"
+        assert job.cancel().status in ("canceling", "canceled")
+        assert job.wait(timeout=120).status == "canceled"
+        assert job.outputs == []
+        seen = requests.get(f"{b.url}/api/v2/jobs/{job.id}", headers=AUTH, timeout=60).json()
+        assert seen["started_at"] is None and seen["status"] == "canceled"
+        running.cancel()
+        assert running.wait(timeout=120).status == "canceled"
+
+
 def test_idempotency_key_retried_on_b_replays_a(a: Server, b: Server) -> None:
     conf = Conformance()
     key = {**AUTH, "Idempotency-Key": str(uuid.uuid4())}
