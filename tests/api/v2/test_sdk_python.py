@@ -93,6 +93,20 @@ def test_sync_flow_run_dedup_events_outputs_workflow(base_url: str, tmp_path: Pa
             LOAD: "LoadImage", "2": "ImageInvert", SAVE: "SaveImage"}
 
 
+def test_the_documented_quickstart_with_the_key_from_the_environment(
+        base_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK README's shape: Comfy() reading COMFY_API_KEY, set_input of a
+    plain value, run, get_outputs(node)[0].to_bytes()."""
+    monkeypatch.setenv("COMFY_API_KEY", KEY)
+    with Comfy() as client:
+        wf = client.workflows.from_json(image_only(batch=2))
+        wf.set_input("1", "color", 0x123456)
+        wf.set_input("1", "batch_size", 1)
+        job = client.run(wf)
+        (out,) = job.get_outputs("3")
+        assert is_inverted(out.to_bytes(), (0x12, 0x34, 0x56))
+
+
 def test_list_jobs_filters_by_labels_newest_first_across_pages(base_url: str) -> None:
     tag = uuid.uuid4().hex[:12]
     with Comfy(api_key=KEY) as client:
