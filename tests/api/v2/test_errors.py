@@ -61,6 +61,7 @@ def test_invalid_workflow_names_node_and_input(server: Server) -> None:
     error = error_of(post(server, {"workflow": graph}), 422, "invalid_workflow")
     rows = error["details"]["node_errors"]["2"]
     assert rows[0]["field"] == "image" and rows[0]["class_type"] == "ImageInvert"
+    assert "2" in error["message"] and "image" in error["message"]
     unknown = {"workflow": {"1": {"class_type": "NoSuchNode", "inputs": {}}}}
     error = error_of(post(server, unknown), 422, "invalid_workflow")
     assert "NoSuchNode" in error["message"]
