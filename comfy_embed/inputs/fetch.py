@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import hashlib
 import logging
 import os
@@ -178,9 +177,7 @@ class ImageFetcher:
         relative = f"{SUBFOLDER}/{folder}" if folder else SUBFOLDER
         directory = self.input_dir / relative
         async with self._limiter():
-            await anyio.to_thread.run_sync(functools.partial(directory.mkdir, parents=True,
-                                                             exist_ok=True))
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+            fd, tmp = await anyio.to_thread.run_sync(_temp_file, directory)
             size = 0
             digest = hashlib.sha256()
             pending = bytearray()
@@ -321,6 +318,12 @@ class ImageFetcher:
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageInputError(f"{source}: broken image data ({e})") from None
         return _EXT.get(fmt, fmt.lower())
+
+
+def _temp_file(directory: Path) -> tuple[int, str]:
+    """A new hidden file in ``directory`` (made if missing), open for writing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=directory, prefix=".tmp-")
 
 
 def _opened(data: bytes | Path) -> BytesIO | Path:
