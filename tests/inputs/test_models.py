@@ -162,6 +162,12 @@ def test_a_different_file_of_the_same_name_is_not_overwritten(tmp_path: Path, fi
     ({"url": "https://x/y", "sha256": "0" * 64, "folder": "../etc", "name": "a"}, "folder must be"),
     ({"url": "https://x/y", "sha256": "0" * 64, "folder": "loras", "name": "../../a"}, "name must be"),
     ({"url": "https://x/y", "sha256": "0" * 64, "folder": "loras", "name": "/etc/a"}, "name must be"),
+    ({"url": "https://x/y", "sha256": "0" * 64, "folder": "loras", "name": "a", "size": 0},
+     "size must be"),
+    ({"url": "https://x/y", "sha256": "0" * 64, "folder": "loras", "name": "a", "size": "1 GB"},
+     "size must be"),
+    ({"url": "https://x/y", "sha256": "0" * 64, "folder": "loras", "name": "a", "size": True},
+     "size must be"),
 ])
 def test_bad_manifest_entries_are_named(tmp_path: Path, entry: dict[str, Any], message: str) -> None:
     path = manifest(tmp_path, [entry])
