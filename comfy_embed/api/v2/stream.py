@@ -11,9 +11,11 @@ after the terminal ``status``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -82,6 +84,7 @@ async def _stream(jobs: JobService, view: JobView, base: str, folders: dict[str,
     handle = jobs.tasks.handle(job_id)
     it = handle.events(seen[-1][0] if seen else 0).__aiter__()
     pending: asyncio.Future[tuple[int, dict[str, Any]]] | None = None
+    asked = time.monotonic()
     try:
         while True:
             if pending is None:
@@ -103,6 +106,11 @@ async def _stream(jobs: JobService, view: JobView, base: str, folders: dict[str,
                     yield _frame("log", {"level": "error",
                                          "message": str(data.get("exception_message", ""))[:2000]})
             canceling = canceling or jobs.cancel_pending(job_id)
+            if not canceling and handle.task is None and time.monotonic() - asked > 1.0:
+                # Run elsewhere: a cancel asked on any instance is a file in its log.
+                asked = time.monotonic()
+                canceling = await anyio.to_thread.run_sync(
+                    jobs.tasks.tasklog.cancel_requested, job_id)
             now = job_state(seen, view.record, cancel_requested=canceling)
             if pair is None and not now.terminal:
                 now = (await jobs.get(job_id, None) or view).state  # read the log's last word

@@ -194,9 +194,11 @@ def test_list_newest_first_filters_and_paging(a: Server) -> None:
     assert bad.status_code == 400 and "limit" in bad.json()["error"]["message"]
 
 
-def test_events_then_cancel(a: Server, b: Server) -> None:
+@pytest.mark.parametrize("reader", ["a", "b"])
+def test_events_then_cancel(a: Server, b: Server, reader: str) -> None:
     """SSE from the first frame: the snapshot (status), progress while it
-    runs; a cancel on B moves it through canceling to canceled."""
+    runs; a cancel on B moves it through canceling to canceled. Read on A
+    (which runs it: from memory) or on B (from the shared log)."""
     job = submit(a, text_to_image(steps=40, size=64))
     asked: list[int] = []
 
@@ -206,7 +208,9 @@ def test_events_then_cancel(a: Server, b: Server) -> None:
             r = httpx.post(f"{b.url}/api/v2/jobs/{job['id']}/cancel", headers=AUTH)
             assert r.status_code == 200 and r.json()["status"] in {"canceling", "canceled"}
 
-    frames = sse(a, job["id"], on_frame=cancel_once_running)
+    frames = sse(a if reader == "a" else b, job["id"], on_frame=cancel_once_running)
+    statuses = [d["status"] for n, d in frames if n == "status"]
+    assert statuses[-1] == "canceled" and "succeeded" not in statuses
     assert frames[0][0] == "status"
     progress = [d for n, d in frames if n == "progress"]
     assert progress and all(0 <= p["value"] <= 1 for p in progress)
