@@ -47,8 +47,8 @@ ANONYMOUS = "anonymous"
 _RECORD = "v2job"
 #: The final error type of a task deleted on request (issue 29's tombstone).
 _DELETED = "task_deleted"
-#: Far enough ahead that ``created_ms`` sorts newest first as text.
-_EPOCH_MS = 10 ** 14
+#: Far enough ahead that ``_EPOCH_US - created (microseconds)`` sorts newest first as text.
+_EPOCH_US = 10 ** 17
 _CACHE = 4096
 #: How often an instance clears old idempotency records and list entries.
 _SWEEP_SECONDS = 3600.0
@@ -116,7 +116,7 @@ class JobService:
         # Not fsynced, as the task's own claim is not: only final events are.
         log.put_record(record.job_id, _RECORD, record.to_json(workflow))
         folder = self.index / owner
-        name = f"{_EPOCH_MS - int(record.created_at * 1000):015d}-{record.job_id}"
+        name = f"{_EPOCH_US - int(record.created_at * 1_000_000):017d}-{record.job_id}"
         try:
             fd = os.open(folder / name, os.O_CREAT | os.O_WRONLY, 0o644)
         except FileNotFoundError:
@@ -321,6 +321,6 @@ def _decode_cursor(cursor: str) -> str:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidParameter("cursor is not a cursor this server gave", details=_CURSOR)
     head, _, job_id = name.partition("-")
-    if not (len(head) == 15 and head.isdigit() and valid_task_id(job_id)):
+    if not (len(head) == 17 and head.isdigit() and valid_task_id(job_id)):
         raise InvalidParameter("cursor is not a cursor this server gave", details=_CURSOR)
     return name
