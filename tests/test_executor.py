@@ -205,7 +205,7 @@ def pending(path: Path) -> PendingWrite:
 def test_a_job_is_answered_once_its_files_are_written(setup: Any, tmp_path: Path) -> None:
     """The thread takes the next job while the files of the last one are
     being written; that job's answer waits for them (and drain sees it busy)."""
-    ex, backend = setup
+    ex, _ = setup
     done: dict[str, Outcome] = {}
     w = pending(tmp_path / "a.png")
     slow = make_job("slow", done, [], writes=[w],
@@ -222,7 +222,7 @@ def test_a_job_is_answered_once_its_files_are_written(setup: Any, tmp_path: Path
 
 
 def test_a_failed_write_fails_its_job_naming_the_node(setup: Any, tmp_path: Path) -> None:
-    ex, backend = setup
+    ex, _ = setup
     done: dict[str, Outcome] = {}
     ok, bad = pending(tmp_path / "ok.png"), pending(tmp_path / "bad.png")
     job = make_job("j", done, [], writes=[ok, bad])
@@ -239,7 +239,7 @@ def test_a_failed_write_fails_its_job_naming_the_node(setup: Any, tmp_path: Path
 
 
 def test_cancel_while_writing_drops_what_has_not_started(setup: Any, tmp_path: Path) -> None:
-    ex, backend = setup
+    ex, _ = setup
     done: dict[str, Outcome] = {}
     running, waiting = pending(tmp_path / "r.png"), pending(tmp_path / "w.png")
     assert running.future.set_running_or_notify_cancel()

@@ -424,7 +424,7 @@ def _wait_quietly(writes: list[PendingWrite]) -> None:
     for w in writes:
         try:
             w.future.result()
-        except BaseException:
+        except Exception:
             log.warning("writing %s failed after its run failed", w.path.name)
 
 
