@@ -39,6 +39,7 @@ from comfy_embed.prepare.graph import (
     parse_request,
     randomize_seeds,
 )
+from comfy_embed.prepare.ui_format import convert_ui_workflow, is_ui_workflow
 from comfy_embed.storage.credentials import Credentials
 
 __all__ = ["INLINE_VALIDATION_NODES", "InputBudget", "InputFetcher", "NodeCatalog", "Prepared",
@@ -79,6 +80,11 @@ class NodeCatalog(Protocol):
     def input_names(self, class_type: str) -> Container[str] | None:
         """The input names the class declares, as ComfyUI asks them
         (``name in ...``); None: unknown class."""
+        ...
+
+    def input_options(self, class_type: str) -> dict[str, list[Any]]:
+        """``{input_name: choices}`` of a node class's combo inputs (a saved
+        workflow's missing widget values take the first)."""
         ...
 
     def is_loader(self, class_type: str) -> bool:
@@ -196,13 +202,35 @@ class Preparer:
         """
         body = copy.deepcopy(body) if isinstance(body, dict) else body
         s = self.settings
-        request = parse_request(body, self._on_prompt if handlers else None,
+        request = parse_request(body, self._saved_workflows(handlers),
                                 max_depth=s.safety.max_json_depth)
         check_nodes(request.prompt, max_nodes=s.safety.max_nodes, denylist=s.safety.node_denylist)
         drop_unknown_constants(request.prompt, self.nodes.input_names)
         check_output_bytes(request.prompt, limit=s.safety.max_output_bytes,
                            metadata_bytes=lambda: _metadata_bytes(request, s.comfy.write_metadata))
         return request
+
+    def _saved_workflows(self, handlers: bool
+                         ) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        """The on-prompt step: a saved (editor) workflow, bare or as the
+        envelope's ``prompt``, converted to the API format first (kept as
+        ``extra_pnginfo.workflow``, as the editor sends it, unless the
+        caller set one), then the packs' handlers (when ``handlers``)."""
+        on_prompt = self._on_prompt if handlers else None
+
+        def step(envelope: dict[str, Any]) -> dict[str, Any]:
+            saved = envelope.get("prompt")
+            if isinstance(saved, dict) and is_ui_workflow(saved):
+                envelope["prompt"] = convert_ui_workflow(saved, self.nodes)
+                extra = envelope.get("extra_data")
+                if isinstance(extra, dict) or extra is None:
+                    extra = dict(extra or {})
+                    info = extra.setdefault("extra_pnginfo", {})
+                    if isinstance(info, dict):
+                        info.setdefault("workflow", saved)
+                    envelope["extra_data"] = extra
+            return on_prompt(envelope) if on_prompt is not None else envelope
+        return step
 
     async def prepare(self, body: Any, task_id: str, credentials: Credentials | None = None,
                       gate: WriteGate | None = None, report: TaskReport | None = None,

@@ -95,9 +95,8 @@ function checkWorkflow(text) {
   if (graph === null || typeof graph !== "object" || Array.isArray(graph)) {
     return { graph: null, problems: ["The workflow must be a JSON object of nodes: {\"3\": {\"class_type\": ..., \"inputs\": {...}}}."] };
   }
-  if (Array.isArray(graph.nodes) && Array.isArray(graph.links)) {
-    return { graph: null, problems: ["This is ComfyUI's UI format (Save). Export it with Workflow > Export (API) instead."] };
-  }
+  // A saved (editor) workflow: the server converts it with its own node definitions.
+  if (Array.isArray(graph.nodes)) return { graph, problems: [] };
   if (graph.prompt && typeof graph.prompt === "object" && !graph.prompt.class_type) {
     return { graph: null, problems: ["This looks like a /prompt request body: send only the object under \"prompt\"."] };
   }
