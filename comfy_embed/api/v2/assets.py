@@ -5,12 +5,14 @@ name the job and the output (service/jobview.py), and read through the job."""
 
 from __future__ import annotations
 
+import json
 import logging
 import mimetypes
 import os
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -27,6 +29,7 @@ from comfy_embed.api.v2.jobs import URL_SECONDS, base_url, jobs_of, output_json
 from comfy_embed.assets.store import AssetRecord, AssetStore, Hasher, parse_hash
 from comfy_embed.errors import ComfyEmbedError, PayloadTooLarge, StorageError
 from comfy_embed.events import loads
+from comfy_embed.service.idempotency import IdempotencyStore, body_hash
 from comfy_embed.service.jobs import ANONYMOUS, JobView
 from comfy_embed.service.jobview import OutputRef, file_path, iso, parse_output_asset_id
 
@@ -77,6 +80,22 @@ class _Limited:
         return message
 
 
+@dataclass
+class _Upload:
+    """An upload read and hashed (its bytes in a temporary blob file)."""
+
+    hasher: Hasher
+    digest: str
+    content_type: str
+    path: str | None
+    tags: list[str]
+
+    def fingerprint(self) -> str:
+        """What makes a retry with the same Idempotency-Key the same upload."""
+        return body_hash(json.dumps([self.digest, self.content_type, self.path,
+                                     self.tags]).encode())
+
+
 async def upload(request: Request) -> Response:
     store = _store(request)
     limit = request.app.state.service.settings.v2.asset_max_bytes
@@ -97,54 +116,117 @@ async def upload(request: Request) -> Response:
         return envelope(400, "invalid_request", f"malformed multipart body: {why}")
     hasher: Hasher | None = None
     try:
-        file = form.get("file")
-        if not form:  # python-multipart drops a part cut short (no closing boundary)
-            return envelope(400, "invalid_request", "malformed multipart body: no complete part")
-        if not isinstance(file, UploadFile):
-            return envelope(422, "invalid_request", "the 'file' part is missing",
-                            {"field": "file"})
-        fields = {k: form.get(k) for k in ("content_type", "file_path", "expected_hash")}
-        if any(v is not None and not isinstance(v, str) for v in fields.values()):
-            return envelope(422, "invalid_request", "content_type, file_path and "
-                            "expected_hash must be text fields")
-        expected = fields["expected_hash"]
-        want = parse_hash(expected) if isinstance(expected, str) and expected else None
-        if expected and want is None:
-            return envelope(422, "invalid_request", "expected_hash must be blake3:<64 hex>",
-                            {"field": "expected_hash"})
-        content_type = str(fields["content_type"] or file.content_type or
-                           "application/octet-stream")
-        if not _MEDIA_TYPE.fullmatch(content_type):
-            return envelope(422, "invalid_request", "content_type must be a media type such as "
-                            "image/png", {"field": "content_type"})
-        path = str(fields["file_path"] or file.filename or "")[:1024] or None
-        tags = [t for t in form.getlist("tags") if isinstance(t, str)][:32]
-        hasher = await anyio.to_thread.run_sync(Hasher, store)
-        while chunk := await file.read(1 << 20):
-            await anyio.to_thread.run_sync(hasher.write, chunk)
-        digest = await anyio.to_thread.run_sync(hasher.close)
-        if want is not None and want != digest:
-            return envelope(409, "hash_mismatch", f"the bytes hash to blake3:{digest}, not "
-                            f"{expected}; nothing was stored",
-                            {"expected": expected, "computed": f"blake3:{digest}"})
-        size = hasher.size
-        # created_new says whether the caller had these bytes here before,
-        # never whether someone else had (dedup is per blob, the answer per owner).
-        known = await anyio.to_thread.run_sync(store.may_mint, _owner(request), digest)
-        await anyio.to_thread.run_sync(store.keep_blob, hasher, digest)
-        created = not known
+        read = await _read(form, store)
+        if isinstance(read, Response):
+            return read
+        hasher = read.hasher
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            hasher = None  # _keep owns it now
+            return await _keep(request, store, read)
+        if not 0 < len(key) <= 255:
+            return envelope(400, "invalid_request", "Idempotency-Key must be 1-255 characters")
         hasher = None
-        try:
-            record = await anyio.to_thread.run_sync(store.mint, _owner(request), digest, size,
-                                                    content_type, path, tags)
-        except FileNotFoundError:  # the last asset over these bytes was deleted meanwhile
-            return envelope(503, "unavailable", "the upload raced a delete of the same "
-                            "bytes; send it again", headers={"Retry-After": "1"})
+        return await _keep_once(request, store, read, key)
     finally:
         if hasher is not None:
             await anyio.to_thread.run_sync(hasher.discard)
         await form.close()
-    return json_response(_asset_json(record, base_url(request), created), 201 if created else 200)
+
+
+async def _read(form: Any, store: AssetStore) -> _Upload | Response:
+    """The upload's fields checked and its bytes hashed into a temporary
+    blob file; or the refusal (nothing kept)."""
+    file = form.get("file")
+    if not form:  # python-multipart drops a part cut short (no closing boundary)
+        return envelope(400, "invalid_request", "malformed multipart body: no complete part")
+    if not isinstance(file, UploadFile):
+        return envelope(422, "invalid_request", "the 'file' part is missing", {"field": "file"})
+    fields = {k: form.get(k) for k in ("content_type", "file_path", "expected_hash")}
+    if any(v is not None and not isinstance(v, str) for v in fields.values()):
+        return envelope(422, "invalid_request", "content_type, file_path and "
+                        "expected_hash must be text fields")
+    expected = fields["expected_hash"]
+    want = parse_hash(expected) if isinstance(expected, str) and expected else None
+    if expected and want is None:
+        return envelope(422, "invalid_request", "expected_hash must be blake3:<64 hex>",
+                        {"field": "expected_hash"})
+    content_type = str(fields["content_type"] or file.content_type or "application/octet-stream")
+    if not _MEDIA_TYPE.fullmatch(content_type):
+        return envelope(422, "invalid_request", "content_type must be a media type such as "
+                        "image/png", {"field": "content_type"})
+    path = str(fields["file_path"] or file.filename or "")[:1024] or None
+    tags = [t for t in form.getlist("tags") if isinstance(t, str)][:32]
+    hasher = await anyio.to_thread.run_sync(Hasher, store)
+    try:
+        while chunk := await file.read(1 << 20):
+            await anyio.to_thread.run_sync(hasher.write, chunk)
+        digest = await anyio.to_thread.run_sync(hasher.close)
+    except BaseException:
+        await anyio.to_thread.run_sync(hasher.discard)
+        raise
+    if want is not None and want != digest:
+        await anyio.to_thread.run_sync(hasher.discard)
+        return envelope(409, "hash_mismatch", f"the bytes hash to blake3:{digest}, not "
+                        f"{expected}; nothing was stored",
+                        {"expected": expected, "computed": f"blake3:{digest}"})
+    return _Upload(hasher, digest, content_type, path, tags)
+
+
+async def _keep(request: Request, store: AssetStore, up: _Upload) -> Response:
+    """Keep the bytes (once per content) and mint the caller's asset over them."""
+    owner = _owner(request)
+    # created_new says whether the caller had these bytes here before,
+    # never whether someone else had (dedup is per blob, the answer per owner).
+    try:
+        known = await anyio.to_thread.run_sync(store.may_mint, owner, up.digest)
+        await anyio.to_thread.run_sync(store.keep_blob, up.hasher, up.digest)
+    except BaseException:
+        await anyio.to_thread.run_sync(up.hasher.discard)
+        raise
+    try:
+        record = await anyio.to_thread.run_sync(store.mint, owner, up.digest, up.hasher.size,
+                                                up.content_type, up.path, up.tags)
+    except FileNotFoundError:  # the last asset over these bytes was deleted meanwhile
+        return envelope(503, "unavailable", "the upload raced a delete of the same "
+                        "bytes; send it again", headers={"Retry-After": "1"})
+    return json_response(_asset_json(record, base_url(request), not known),
+                         200 if known else 201)
+
+
+async def _keep_once(request: Request, store: AssetStore, up: _Upload, key: str) -> Response:
+    """:func:`_keep` under an Idempotency-Key (Stripe's rules, as POST /jobs):
+    the same upload again replays its answer, another is 422, one still
+    being stored is 409."""
+    jobs = jobs_of(request)
+    keys: IdempotencyStore = request.app.state.v2_idempotency
+    who, key, fingerprint = _owner(request), f"asset\x00{key}", up.fingerprint()
+    found = await jobs.run_io(keys.begin, who, key, fingerprint)
+    if found.kind != "new":
+        await anyio.to_thread.run_sync(up.hasher.discard)
+    if found.kind == "replay":
+        return Response(found.body, found.status, media_type="application/json",
+                        headers={"Idempotency-Replayed": "true"})
+    if found.kind == "reuse":
+        return envelope(422, "idempotency_key_reuse", "this Idempotency-Key was used with "
+                        "another upload")
+    if found.kind == "in_flight":
+        return envelope(409, "idempotency_conflict", "an upload with this Idempotency-Key is "
+                        "still in flight; retry", headers={"Retry-After": "1"})
+    answer: Response | None = None
+    try:
+        answer = await _keep(request, store, up)
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                if answer is not None and answer.status_code in (200, 201):
+                    await jobs.run_io(keys.finish, who, key, fingerprint, answer.status_code,
+                                      bytes(answer.body), {})
+                else:
+                    await jobs.run_io(keys.abandon, who, key)
+            except OSError as e:
+                log.warning("Idempotency-Key record of an upload not written: %s", e)
+    return answer
 
 
 async def from_hash(request: Request) -> Response:

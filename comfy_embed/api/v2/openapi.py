@@ -171,6 +171,8 @@ def _asset_paths() -> dict[str, Any]:
     return {
         f"{_P}/assets": {"post": {
             "summary": "Upload an asset (multipart; blake3 on the server; dedup by hash)",
+            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 255}}],
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": ["file"], "properties": {
                     "file": {"type": "string", "format": "binary"},
@@ -181,9 +183,11 @@ def _asset_paths() -> dict[str, Any]:
                           "200": _json("V2Asset", "Bytes already here: a new asset over them."),
                           "400": _err("`invalid_request`: not multipart, or malformed."),
                           **_AUTH,
-                          "409": _err("`hash_mismatch`: nothing stored."),
+                          "409": _err("`hash_mismatch`: nothing stored; "
+                                      "`idempotency_conflict`.", retry=True),
                           "413": _err("`payload_too_large` (COMFY_EMBED_ASSET_MAX_BYTES)."),
-                          "422": _err("No `file` part, or a bad `expected_hash`."),
+                          "422": _err("No `file` part, a bad `expected_hash`, "
+                                      "`idempotency_key_reuse`."),
                           "503": _err("The same bytes were being deleted: send it again.",
                                       retry=True)}}},
         f"{_P}/assets/from-hash": {"post": {

@@ -269,3 +269,24 @@ def test_output_in_object_storage_is_a_redirect(s3_server: Server) -> None:
     assert "v2-out" in location and "Signature" in location  # a presigned S3 URL
     body = httpx.get(location).content
     assert body[:8] == b"\x89PNG\r\n\x1a\n" and len(body) == job["outputs"][0]["size_bytes"]
+
+
+def test_upload_idempotency_key(a: Server, b: Server) -> None:
+    """A retried upload with its Idempotency-Key (the SDK sends one per
+    asset) replays the first answer, on any instance; other bytes are 422."""
+    key = f"upload-{time.time_ns()}"
+    data = png((7, 7, 7), size=20)
+    first = httpx.post(f"{a.url}/api/v2/assets", headers={**AUTH, "Idempotency-Key": key},
+                       data={"content_type": "image/png", "file_path": "x.png"},
+                       files={"file": ("x.png", data, "image/png")})
+    assert first.status_code == 201, first.text
+    again = httpx.post(f"{b.url}/api/v2/assets", headers={**AUTH, "Idempotency-Key": key},
+                       data={"content_type": "image/png", "file_path": "x.png"},
+                       files={"file": ("x.png", data, "image/png")})
+    assert again.status_code == 201 and again.headers["idempotency-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    other = httpx.post(f"{b.url}/api/v2/assets", headers={**AUTH, "Idempotency-Key": key},
+                       data={"content_type": "image/png", "file_path": "x.png"},
+                       files={"file": ("x.png", png((8, 8, 8)), "image/png")})
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reuse"
