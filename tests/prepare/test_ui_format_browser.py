@@ -32,15 +32,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
 
 from comfy_embed.prepare.ui_format import FRONTEND_ONLY, convert_ui_workflow
 from comfy_embed.runtime import Engine
-
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
