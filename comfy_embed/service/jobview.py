@@ -253,13 +253,15 @@ def _ms(report: dict[str, Any], *keys: str) -> int | None:
 def _error(error: dict[str, Any]) -> dict[str, Any]:
     """The spec's JobError of a final event's ``data.error``."""
     node_errors = error.get("node_errors") or {}
-    node_id = error.get("node_id")
-    class_type = error.get("node_type") or error.get("class_type")
+    raw = error.get("details")
+    details: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    node_id = error.get("node_id") or details.get("node_id")
+    class_type = error.get("node_type") or error.get("class_type") or details.get("node_type")
     if node_id is None and isinstance(node_errors, dict) and node_errors:
         node_id = next(iter(node_errors))
         entry = node_errors[node_id]
         class_type = class_type or (entry.get("class_type") if isinstance(entry, dict) else None)
-    tb = error.get("traceback")
+    tb = error.get("traceback") or details.get("traceback")
     return {"code": str(error.get("type") or "execution_error"),
             "message": str(error.get("message") or ""),
             "node_id": None if node_id is None else str(node_id),

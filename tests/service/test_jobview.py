@@ -66,6 +66,13 @@ def test_failed_and_canceled() -> None:
     assert st.status == "failed" and st.outputs == []
     assert st.error == {"code": "execution_error", "message": "boom", "node_id": "3",
                         "class_type": "KSampler", "traceback": "a\nb\n"}
+    # As a failed run's error comes (tasks.py): the node and traceback in details.
+    err = {"type": "execution_error", "message": "node 3 (KSampler) failed: boom",
+           "node_errors": {"3": {"errors": [], "class_type": "KSampler"}},
+           "details": {"node_id": "3", "node_type": "KSampler", "traceback": ["x\n"]}}
+    st = job_state(seq(final_event("job_1", None, {}, error=err)), RECORD)
+    assert st.error is not None and st.error["traceback"] == "x\n"
+    assert (st.error["node_id"], st.error["class_type"]) == ("3", "KSampler")
     cancelled = final_event("job_1", None, {}, error={"type": "execution_interrupted",
                                                       "message": "cancelled"})
     st = job_state(seq(cancelled), RECORD, cancel_requested=True)
