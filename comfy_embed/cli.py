@@ -1,4 +1,5 @@
-"""``comfy-embed run workflow.json`` / ``serve`` / ``demo`` / ``install-comfyui`` / ``--version``."""
+"""``comfy-embed run workflow.json`` / ``serve`` / ``demo`` / ``install-comfyui`` / ``lock`` /
+``install`` / ``--version``."""
 
 from __future__ import annotations
 
@@ -168,6 +169,88 @@ def _cmd_install_comfyui(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_lock(args: argparse.Namespace, settings: Settings) -> int:
+    """A lock file from a ComfyUI folder (or a ComfyUI-Manager snapshot)."""
+    from comfy_embed.environment.lockfile import ModelPin, dump_lock
+    from comfy_embed.environment.make import lock_from_folder, lock_from_snapshot
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    try:
+        if args.snapshot:
+            lock = lock_from_snapshot(Path(args.snapshot), args.python, say)
+        else:
+            manifest: list[ModelPin] = []
+            if settings.models.manifest:
+                from comfy_embed.inputs.models import load_manifest
+                manifest = [ModelPin(m.folder, m.name, m.sha256, m.url, m.size)
+                            for m in load_manifest(settings.models.manifest)]
+            comfyui = Path(args.comfyui) if args.comfyui else settings.comfy.comfyui_dir
+            lock = lock_from_folder(comfyui, [Path(w) for w in args.workflow],
+                                    Path(args.models) if args.models else settings.comfy.models_path,
+                                    manifest, list(settings.comfy.custom_nodes_dirs), args.python, say)
+    except (InstallError, ValueError) as e:
+        print(f"comfy-embed lock: {e}", file=sys.stderr)
+        return 1
+    text = dump_lock(lock)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+        say(f"wrote {args.out}: {len(lock.packs)} packs, {len(lock.models)} models")
+    return 0
+
+
+def _cmd_install(args: argparse.Namespace, settings: Settings) -> int:
+    """A lock's packs into custom_nodes, their requirements into this Python."""
+    from comfy_embed.environment.apply import fetch_models, install_lock
+    from comfy_embed.environment.lockfile import read_lock
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    comfyui = Path(args.comfyui) if args.comfyui else settings.comfy.comfyui_dir
+    try:
+        lock = read_lock(Path(args.lock))
+        done = install_lock(lock, Path(args.custom_nodes) if args.custom_nodes
+                            else comfyui / "custom_nodes", args.python, not args.no_requirements, say)
+        models = fetch_models(settings, lock) if args.models else []
+    except InstallError as e:
+        print(f"comfy-embed install: {e}", file=sys.stderr)
+        return 1
+    print(f"installed {args.lock}: {len(done.packs)} packs checked out, "
+          f"{len(done.unchanged)} already at their commit, {len(done.installed)} requirements "
+          f"installed, {len(models)} models in place")
+    from comfy_embed.environment.gitrepo import head
+    have = head(comfyui)
+    if lock.comfyui_commit and have != lock.comfyui_commit:
+        print(f"note: ComfyUI in {comfyui} is at {have}, the lock says {lock.comfyui_commit}: "
+              f"comfy-embed install-comfyui --commit {lock.comfyui_commit}", file=sys.stderr)
+    return 0
+
+
+def _parsers_lock(sub: Any) -> None:
+    p_lock = sub.add_parser("lock", help="write a lock file of a ComfyUI folder or a "
+                                         "ComfyUI-Manager snapshot")
+    p_lock.add_argument("--comfyui", help="the ComfyUI folder (default: COMFY_EMBED_COMFYUI_DIR)")
+    p_lock.add_argument("--snapshot", help="a ComfyUI-Manager snapshot (JSON) instead of a folder")
+    p_lock.add_argument("--workflow", action="append", default=[],
+                        help="an API-format workflow whose models the lock pins (repeatable)")
+    p_lock.add_argument("--models", help="the models folder (default: the settings')")
+    p_lock.add_argument("--python", default=sys.executable,
+                        help="the Python whose installed versions pin the requirements")
+    p_lock.add_argument("-o", "--out", default="comfy-embed.lock", help="where to write it ('-': stdout)")
+    p_ins = sub.add_parser("install", help="install a lock file's packs, requirements (and models)")
+    p_ins.add_argument("lock", nargs="?", default="comfy-embed.lock")
+    p_ins.add_argument("--comfyui", help="the ComfyUI folder (default: COMFY_EMBED_COMFYUI_DIR)")
+    p_ins.add_argument("--custom-nodes", help="where the packs go (default: <comfyui>/custom_nodes)")
+    p_ins.add_argument("--python", default=sys.executable, help="the Python pip installs into")
+    p_ins.add_argument("--no-requirements", action="store_true", help="do not pip-install")
+    p_ins.add_argument("--models", action="store_true",
+                       help="also fetch the lock's models into the models folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="comfy-embed")
     parser.add_argument("--version", action="version", version=f"comfy-embed {__version__}")
@@ -193,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p_inst.add_argument("--dir", help="where to put it (default: <COMFY_EMBED_CACHE_DIR>/ComfyUI)")
     p_inst.add_argument("--no-requirements", action="store_true",
                         help="do not pip-install ComfyUI's missing requirements")
+    _parsers_lock(sub)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -205,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                       logging.INFO if args.cmd == "serve" else logging.WARNING,
                       sys.stdout if args.cmd == "serve" else sys.stderr)
     commands = {"run": _cmd_run, "serve": _cmd_serve, "demo": _cmd_demo,
-                "install-comfyui": _cmd_install_comfyui}
+                "install-comfyui": _cmd_install_comfyui, "lock": _cmd_lock, "install": _cmd_install}
     return commands[args.cmd](args, settings)
 
 

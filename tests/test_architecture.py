@@ -35,6 +35,8 @@ FLOORS: list[tuple[str, ...]] = [
     # leaf concerns that know nothing of a request's path
     ("observe", "storage", "prepare", "tasklog", "assets"),
     ("results", "inputs"),
+    # the lock file: making, installing, drift (comfy-embed lock / install)
+    ("environment",),
     ("outcome",),
     ("_comfy",),
     ("executor",),

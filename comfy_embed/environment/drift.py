@@ -1,0 +1,148 @@
+"""What a running instance is, and how it differs from its lock.
+
+:func:`drift` is checked once at boot (``/ready`` shows it); :class:`Fingerprint`
+gives each task's run record (ComfyUI's commit, comfy-embed's version, each
+pack's commit, the SHA-256 of each model file a task names, torch, device).
+Model hashes are cached by path, size and modification time, so a file is
+hashed once per change, not once per task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from comfy_embed.environment import gitrepo
+from comfy_embed.environment.lockfile import Lock
+from comfy_embed.version import __version__
+
+__all__ = ["Fingerprint", "PackState", "differences", "drift", "pack_states", "sha256_of"]
+
+_hashes: dict[tuple[str, int, int], str] = {}
+_hash_lock = threading.Lock()
+
+
+def sha256_of(path: Path) -> str | None:
+    """The file's SHA-256 (cached while its size and mtime stay); None if absent."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _hash_lock:
+        if key in _hashes:
+            return _hashes[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    with _hash_lock:
+        _hashes[key] = digest.hexdigest()
+    return _hashes[key]
+
+
+@dataclass(frozen=True)
+class PackState:
+    """A pack folder found at boot: its commit and how it loaded."""
+
+    name: str
+    path: Path
+    commit: str | None
+    loaded: bool = True
+    error: str | None = None
+
+
+def pack_states(folders: Iterable[Path], loaded: dict[str, str | None]) -> list[PackState]:
+    """The pack folders under ``folders`` with their git HEAD; ``loaded`` maps a
+    pack's name to its import error (None: it loaded)."""
+    out = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            if (not entry.is_dir() or entry.name.startswith(".") or entry.name == "__pycache__"
+                    or entry.name.endswith(".disabled")):
+                continue
+            error = loaded.get(entry.name)
+            out.append(PackState(entry.name, entry, gitrepo.head(entry),
+                                 entry.name not in loaded or error is None, error))
+    return out
+
+
+def drift(lock: Lock, comfyui_commit: str | None, packs: list[PackState],
+          models_path: Path) -> dict[str, Any]:
+    """``{"comfyui"?: ..., "packs": {name: why}, "models": {folder/name: why}}``:
+    empty maps when the instance is what its lock says."""
+    out: dict[str, Any] = {"packs": {}, "models": {}}
+    if lock.comfyui_commit and comfyui_commit and comfyui_commit != lock.comfyui_commit:
+        out["comfyui"] = f"at {comfyui_commit}, the lock says {lock.comfyui_commit}"
+    found = {p.name: p for p in packs}
+    for pin in lock.packs:
+        state = found.get(pin.name)
+        if state is None:
+            out["packs"][pin.name] = "missing: not in custom_nodes"
+        elif state.commit != pin.commit:
+            out["packs"][pin.name] = f"at {state.commit or 'no git commit'}, the lock says {pin.commit}"
+        elif not state.loaded:
+            out["packs"][pin.name] = f"failed to import: {state.error}"
+    for state in packs:
+        if lock.pack(state.name) is None:
+            out["packs"][state.name] = "not in the lock"
+    for model in lock.models:
+        sha = sha256_of(models_path / model.folder / model.name)
+        if sha is None:
+            out["models"][model.label] = "missing"
+        elif sha != model.sha256:
+            out["models"][model.label] = f"sha256 {sha}, the lock says {model.sha256}"
+    return out
+
+
+def differences(recorded: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """What differs between two run records: ``{key: {"recorded", "now"}}``,
+    packs and models compared entry by entry."""
+    out: dict[str, Any] = {}
+    for key in sorted(set(recorded) | set(now)):
+        a, b = recorded.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = {k: {"recorded": a.get(k), "now": b.get(k)}
+                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+            if inner:
+                out[key] = inner
+        elif a != b:
+            out[key] = {"recorded": a, "now": b}
+    return out
+
+
+@dataclass
+class Fingerprint:
+    """The instance's environment, read once at boot; :meth:`record` adds the
+    models of one task."""
+
+    comfyui: str | None
+    packs: dict[str, str | None]
+    torch: str | None
+    device: str
+    lock: str | None = None
+    models_path: Path | None = None
+    folders: list[str] = field(default_factory=list)
+
+    def record(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        """The run record of a task whose graph is ``prompt``: every string input
+        that names a file under ``<models>/<folder>/`` is a model it used."""
+        models: dict[str, str] = {}
+        if self.models_path is not None:
+            names = {v for node in prompt.values() if isinstance(node, dict)
+                     for v in (node.get("inputs") or {}).values() if isinstance(v, str)}
+            for name in sorted(names):
+                if ".." in Path(name).parts or Path(name).is_absolute():
+                    continue
+                for folder in self.folders:
+                    sha = sha256_of(self.models_path / folder / name)
+                    if sha is not None:
+                        models[f"{folder}/{name}"] = sha
+        return {"comfy_embed": __version__, "comfyui": self.comfyui, "packs": dict(self.packs),
+                "models": models, "torch": self.torch, "device": self.device, "lock": self.lock}
