@@ -156,6 +156,17 @@ def test_refused_uploads_leave_nothing(a: Server, shared: Path) -> None:
                       headers=AUTH).status_code == 404
     huge = upload(a, b"\0" * (LIMIT + 10))
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+        for _ in range(LIMIT // 10_000 + 2):
+            yield b"\0" * 10_000
+        yield b"\r\n--b--\r\n"
+
+    chunked = httpx.post(f"{a.url}/api/v2/assets", content=chunks(), headers={
+        **AUTH, "Content-Type": "multipart/form-data; boundary=b"})
+    assert chunked.status_code == 413, chunked.text
+    assert chunked.request.headers["transfer-encoding"] == "chunked"
     broken = httpx.post(f"{a.url}/api/v2/assets", headers={
         **AUTH, "Content-Type": "multipart/form-data; boundary=xyz"},
         content=b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nabc")
