@@ -19,7 +19,8 @@ def git(*args: str, cwd: Path | None = None, what: str = "") -> str:
     except FileNotFoundError:
         raise InstallError("git is not installed: comfy-embed lock and install need it") from None
     if done.returncode != 0:
-        message = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        lines = done.stderr.strip().splitlines() or ["failed"]
+        message = next((x for x in lines if x.startswith(("fatal:", "error:"))), lines[-1])
         raise InstallError(f"{what + ': ' if what else ''}git {args[0]} failed: {message}")
     return done.stdout.strip()
 
