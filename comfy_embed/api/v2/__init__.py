@@ -37,6 +37,7 @@ def exception_handlers() -> dict[Any, Any]:
 
 
 def routes() -> list[Any]:
+    """Every /api/v2 route (app.py mounts them beside the FC API's)."""
     p = PREFIX
     return [
         Route(f"{p}/jobs", jobs.create_job, methods=["POST"]),

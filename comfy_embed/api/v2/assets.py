@@ -97,6 +97,7 @@ class _Upload:
 
 
 async def upload(request: Request) -> Response:
+    """POST /assets: multipart upload, hashed here, stored once per content."""
     store = _store(request)
     limit = request.app.state.service.settings.v2.asset_max_bytes
     declared = request.headers.get("content-length", "")
@@ -230,6 +231,7 @@ async def _keep_once(request: Request, store: AssetStore, up: _Upload, key: str)
 
 
 async def from_hash(request: Request) -> Response:
+    """POST /assets/from-hash: a new asset over bytes the caller uploaded before."""
     try:
         raw = await read_limited(request, 64 * 1024)
         body = loads(raw)
@@ -260,6 +262,7 @@ async def from_hash(request: Request) -> Response:
 
 
 async def by_hash(request: Request) -> Response:
+    """HEAD /assets/by-hash/{hash}: 200 when the caller may mint from those bytes."""
     digest = parse_hash(request.path_params["hash"])
     if digest is None or not await anyio.to_thread.run_sync(
             _store(request).may_mint, _owner(request), digest):
@@ -290,6 +293,7 @@ async def _output(request: Request, asset_id: str) -> tuple[JobView, OutputRef] 
 
 
 async def get_asset(request: Request) -> Response:
+    """GET /assets/{id}: an uploaded asset, or a job's output."""
     asset_id = request.path_params["id"]
     base = base_url(request)
     found = await _output(request, asset_id)
@@ -311,6 +315,7 @@ async def get_asset(request: Request) -> Response:
 
 
 async def delete_asset(request: Request) -> Response:
+    """DELETE /assets/{id}: 204 (the bytes go with the last asset over them)."""
     asset_id = request.path_params["id"]
     if await _record(request, asset_id) is None:
         return not_found("asset")
@@ -389,6 +394,7 @@ async def _signed(request: Request, ref: OutputRef) -> str | None:
 
 
 async def content(request: Request) -> Response:
+    """GET /assets/{id}/content: the bytes (Range), or a 302 to object storage."""
     asset_id = request.path_params["id"]
     found = await _output(request, asset_id)
     if found is not None:

@@ -50,6 +50,7 @@ class V2Error(Exception):
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer (orjson, as every answer of the server)."""
     return Response(events.dumps_bytes(body), status, headers=headers,
                     media_type="application/json")
 

@@ -1,5 +1,6 @@
-"""Comfy API v2 jobs: POST/GET /api/v2/jobs, GET /api/v2/jobs/{id},
-POST /api/v2/jobs/{id}/cancel, GET /api/v2/jobs/{id}/workflow."""
+"""Comfy API v2 jobs: POST/GET /api/v2/jobs, GET and DELETE
+/api/v2/jobs/{id}, POST /api/v2/jobs/{id}/cancel, GET /api/v2/jobs/{id}/workflow;
+the job and output JSON the other v2 modules answer with too."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ __all__ = [
     "base_url",
     "cancel_job",
     "create_job",
+    "delete_job",
     "get_job",
     "job_json",
     "job_workflow",
@@ -51,6 +53,7 @@ URL_SECONDS = 3600
 
 
 def jobs_of(request: Request) -> JobService:
+    """The app's v2 job service (api/v2/__init__.py attaches it)."""
     return request.app.state.v2_jobs
 
 
@@ -60,6 +63,7 @@ def base_url(request: Request) -> str:
 
 
 def output_json(ref: OutputRef, job_id: str, base: str, folders: dict[str, Any]) -> dict[str, Any]:
+    """The spec's Output of one job output (an asset: its content URL is absolute)."""
     asset_id = ref.asset_id(job_id)
     if ref.text is not None:
         size = len(ref.text)
@@ -77,6 +81,7 @@ def output_json(ref: OutputRef, job_id: str, base: str, folders: dict[str, Any])
 
 
 def job_json(view: JobView, base: str, request: Request) -> dict[str, Any]:
+    """The spec's Job (plus the SDKs' ``metadata``)."""
     st, job_id = view.state, view.job_id
     settings = request.app.state.service.settings
     folders = request.app.state.v2_folders
@@ -155,6 +160,7 @@ def _fingerprint(raw: bytes) -> str:
 
 
 async def create_job(request: Request) -> Response:
+    """POST /jobs: validate and queue (201), under an optional Idempotency-Key."""
     jobs = jobs_of(request)
     settings = jobs.tasks.settings
     owner = key_hash_of(request.scope)
@@ -229,6 +235,7 @@ async def _create(request: Request, jobs: JobService, raw: bytes,
 
 
 async def get_job(request: Request) -> Response:
+    """GET /jobs/{id}: the job as it stands, from memory or the shared log."""
     view = await jobs_of(request).get(request.path_params["id"], key_hash_of(request.scope))
     if view is None:
         return not_found()
@@ -236,6 +243,7 @@ async def get_job(request: Request) -> Response:
 
 
 async def cancel_job(request: Request) -> Response:
+    """POST /jobs/{id}/cancel: idempotent; the job (canceling, or terminal)."""
     view = await jobs_of(request).cancel(request.path_params["id"], key_hash_of(request.scope))
     if view is None:
         return not_found()
@@ -254,6 +262,7 @@ async def delete_job(request: Request) -> Response:
 
 
 async def job_workflow(request: Request) -> Response:
+    """GET /jobs/{id}/workflow: the graph as submitted."""
     graph = await jobs_of(request).workflow(request.path_params["id"],
                                             key_hash_of(request.scope))
     if graph is None:
@@ -280,6 +289,7 @@ def _filters(request: Request) -> tuple[dict[str, str], set[str]]:
 
 
 async def list_jobs(request: Request) -> Response:
+    """GET /jobs: the caller's jobs, newest first, by pages."""
     jobs = jobs_of(request)
     try:
         limit = whole_number("limit", request.query_params.get("limit"), low=1, high=100,

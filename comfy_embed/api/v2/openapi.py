@@ -40,6 +40,7 @@ _NOT_FOUND = {"404": _err("`not_found`: unknown, or another API key's (indisting
 
 
 def schemas() -> dict[str, Any]:
+    """The v2 component schemas (named V2*, beside the FC API's)."""
     status = {"type": "string", "enum": ["queued", "running", "succeeded", "canceling",
                                          "canceled", "failed", "expired"]}
     return {
@@ -224,4 +225,5 @@ def _asset_paths() -> dict[str, Any]:
 
 
 def paths() -> dict[str, Any]:
+    """Every /api/v2 path."""
     return {**_job_paths(), **_asset_paths()}

@@ -50,6 +50,7 @@ def _kept(seen: list[tuple[int, dict[str, Any]]], pair: tuple[int, dict[str, Any
 
 
 async def job_events(request: Request) -> Response:
+    """GET /jobs/{id}/events: the SSE stream (404 before it starts)."""
     jobs = jobs_of(request)
     job_id = request.path_params["id"]
     view = await jobs.get(job_id, key_hash_of(request.scope))
