@@ -11,7 +11,12 @@ cfg 8), measures in one run on the same GPU, one path after another:
            it/s from one extra run through the Engine's event stream;
   http     comfy-embed's server (python server.py):
            POST /api/serverless/run?stream=true&output_base64=true;
-  native   vendor/ComfyUI/main.py: POST /prompt, /ws, /history, /view.
+  native   vendor/ComfyUI/main.py: POST /prompt, /ws, /history, /view;
+  pipeline throughput at ``--clients`` (8) concurrent clients, largest batch:
+           comfy-embed with its encode pool (PNGs encoded off the executor
+           thread, issue 30), comfy-embed without it
+           (COMFY_EMBED_ENCODE_WORKERS=0, encoded on the executor thread as
+           natively) and native: req/s, images/s and executor ms per job.
 
 Prints it/s (sampler steps per second, from progress-event arrival times),
 images/s and ms/image (end to end, p50), and beside them the compute floor:
@@ -21,6 +26,9 @@ pixels), i.e. about 35 ms per image on an H100 at its dense fp16 peak.
     .venv/bin/python benchmarks/gpu.py            # GPU, ~4-6 min on an H100
     .venv/bin/python benchmarks/gpu.py --tiny     # CPU check: tiny checkpoint, 64x64, 2 steps
     .venv/bin/python benchmarks/gpu.py --build-only   # just build + verify the full weights
+
+``--budget`` (seconds, default 420) bounds the run: a path that would start
+after it is skipped (and named so), leaving room in a device lease to rerun.
 """
 
 from __future__ import annotations
@@ -245,7 +253,12 @@ def main() -> None:
     ap.add_argument("--batches", help="comma-separated batch sizes (default 1,4; tiny 1,2)")
     ap.add_argument("--reps", type=int, help="timed runs per batch and path (default 5; tiny 2)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--paths", default="library,http,native")
+    ap.add_argument("--paths", default="library,http,native,pipeline")
+    ap.add_argument("--clients", type=int, default=8, help="concurrent clients of the pipeline path")
+    ap.add_argument("--pipeline-requests", type=int, help="requests per server in the pipeline path "
+                    "(default 24; tiny 16)")
+    ap.add_argument("--budget", type=float, default=420.0,
+                    help="seconds: paths that would start after this are skipped")
     ap.add_argument("--peak-tflops", type=float, help="device peak for the floor (default: by GPU name)")
     ap.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS of children (default: tiny 1, else torch's)")
     ap.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE,
@@ -306,8 +319,20 @@ def main() -> None:
 
     paths = [p for p in args.paths.split(",") if p]
     results: dict[str, dict[str, Any]] = {}
-    for path in paths:
+    skipped: list[str] = []
+    for path in list(paths):
+        if time.perf_counter() - t_start > args.budget:
+            print(f"  {path}: skipped, past the {args.budget:.0f}s budget", flush=True)
+            skipped.append(path)
+            paths.remove(path)
+            continue
         t_path = time.perf_counter()
+        if path == "pipeline":
+            n = args.pipeline_requests or (16 if tiny else 24)
+            results[path] = pipeline(wd, args, device, tiny, yaml, ckpt,
+                                     lambda i: graph(i, max(batches)), n, max(batches))
+            print(f"  {path}: done in {time.perf_counter() - t_path:.1f}s", flush=True)
+            continue
         res: dict[str, Any] = {}
         memory: dict[str, Any] = {}
         sampler = VramPeak().__enter__() if device == "cuda" else None
@@ -369,7 +394,8 @@ def main() -> None:
     floor_ms = flop / (peak * 1e12) * 1000 if peak and flop else None
     figures: dict[str, Any] = {}
     rows = []
-    for path in paths:
+    latency_paths = [p for p in paths if p != "pipeline"]
+    for path in latency_paths:
         for b in batches:
             r = results[path][str(b)]
             p50 = common.percentile(r["latencies"], 50)
@@ -401,16 +427,26 @@ def main() -> None:
                            [[p, figures[p]["memory"].get("allocator", "?"),
                              figures[p]["memory"].get("peak_process_mib", "-"),
                              figures[p]["memory"].get("peak_allocated_mib", "-"),
-                             figures[p]["memory"].get("peak_reserved_mib", "-")] for p in paths]))
+                             figures[p]["memory"].get("peak_reserved_mib", "-")] for p in latency_paths]))
     if "native" in figures:
         print()
-        for path in paths:
+        for path in latency_paths:
             if path == "native":
                 continue
             for b in batches:
                 ratio = figures[path][str(b)]["ms_per_image"] / figures["native"][str(b)]["ms_per_image"]
                 figures[path][str(b)]["vs_native"] = round(ratio, 3)
                 print(f"  {path} batch {b}: ms/image {ratio:.3f}x native")
+    if "pipeline" in results:
+        figures["pipeline"] = results["pipeline"]
+        print()
+        print(f"pipeline: {args.clients} clients, batch {max(batches)}")
+        print(common.table(["server", "requests", "req/s", "images/s", "p50 ms", "exec ms/job", "errors"],
+                           [[k, v["requests"], v["rps"], v["images_s"], v["p50_ms"],
+                             v["executor_ms_per_job"], v["errors"]]
+                            for k, v in results["pipeline"].items()]))
+    if skipped:
+        figures["skipped"] = skipped
     total = time.perf_counter() - t_start
     print(f"total {total:.0f}s")
     common.tidy_workdir(wd, args.keep)
@@ -420,6 +456,50 @@ def main() -> None:
                                  "device": device, "checkpoint": ckpt.name,
                                  "flop_per_image": flop, "peak_tflops": peak},
                       "build": build_info, "figures": figures, "seconds": round(total, 1)})
+
+
+def pipeline(wd: Path, args: argparse.Namespace, device: str, tiny: bool, yaml: Path, ckpt: Path,
+             graph: Callable[[int], dict[str, Any]], n: int, batch: int) -> dict[str, Any]:
+    """Throughput at ``args.clients`` clients: comfy-embed with the encode
+    pool on and off, then native; executor ms per job from comfy-embed's
+    busy seconds (/_bench/stats) and native's /history timestamps."""
+    from throughput import native_busy, run_phase
+
+    out: dict[str, Any] = {}
+    env = {"COMFY_EMBED_DEVICE": device, "COMFY_EMBED_TINY_CHECKPOINT": "1" if tiny else "0",
+           "COMFY_EMBED_EXTRA_MODEL_PATHS": str(yaml), "COMFY_EMBED_MAX_QUEUE": "256"}
+    for name, workers in (("embed-pool", "2"), ("embed-nopool", "0")):
+        with common.start_embed(wd, cache_dir=args.cache_dir, device=device,
+                                env={**env, "COMFY_EMBED_ENCODE_WORKERS": workers},
+                                args=["benchmarks/embed_server.py"]) as srv:
+            srv.wait_http("/ready", timeout=600)
+            stats = common.Http(srv.port)
+
+            def busy() -> float:
+                return float(json.loads(stats.request("GET", "/_bench/stats")[1])["busy_seconds"])
+            run_phase(lambda: common.EmbedClient(srv.port), graph, -1000, 2 * args.clients, args.clients)
+            b0 = busy()
+            r = run_phase(lambda: common.EmbedClient(srv.port), graph, 0, n, args.clients)
+            out[name] = _throughput(r, busy() - b0, batch)
+            stats.close()
+    with common.start_native(wd, models_dir=ckpt.parent, cpu=device == "cpu") as srv:
+        srv.wait_http("/system_stats", timeout=600)
+        run_phase(lambda: common.NativeClient(srv.port), graph, -1000, 2 * args.clients, args.clients)
+        r = run_phase(lambda: common.NativeClient(srv.port), graph, 0, n, args.clients)
+        out["native"] = _throughput(r, native_busy(r["histories"]), batch)
+    for name in ("embed-pool", "embed-nopool"):
+        if out["native"]["rps"]:
+            out[name]["rps_over_native"] = round(out[name]["rps"] / out["native"]["rps"], 3)
+    return out
+
+
+def _throughput(r: dict[str, Any], busy: float, batch: int) -> dict[str, Any]:
+    lat = r["latencies"]
+    rps = len(lat) / r["wall"] if r["wall"] else 0.0
+    return {"requests": len(lat) + len(r["errors"]), "errors": len(r["errors"]),
+            "error_samples": r["errors"][:3], "rps": round(rps, 3), "images_s": round(rps * batch, 3),
+            "p50_ms": round(common.percentile(lat, 50) * 1000, 1) if lat else None,
+            "executor_ms_per_job": round(busy / max(len(lat), 1) * 1000, 1)}
 
 
 def _check(r: dict[str, Any]) -> dict[str, Any]:
