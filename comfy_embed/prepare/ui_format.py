@@ -254,8 +254,10 @@ class _Converter:
                 target = graph.nodes.get(str(link.target_id)) if link else None
                 if link is None or target is None:
                     continue
-                slots = target.get("inputs") or []
-                slot = slots[link.target_slot] if link.target_slot < len(slots) else {}
+                # The saved input that holds this link (its index need not be
+                # target_slot: the editor may save inputs in another order).
+                slot = next((i for i in target.get("inputs") or []
+                             if isinstance(i, dict) and i.get("link") == link_id), {})
                 wname = (slot.get("widget") or {}).get("name")
                 if not wname:
                     continue

@@ -7,11 +7,13 @@ instance's own node definitions (the session's booted ComfyUI).
 
 Corpus: every saved workflow in ``comfyui-workflow-templates`` (the pinned
 version, read from the installed package) whose nodes this instance knows
-(API nodes and missing packs excluded: 101 of 172 in 0.1.95), plus ours in
+(API nodes and missing packs excluded: 101 of 172 in 0.1.95); six of the
+frontend repository's own browser-test assets (``ui_workflows/frontend/``,
+see its SOURCE.md: copied as data because CI reaches no GitHub); and ours in
 ``ui_workflows/`` (bypass, mute, Reroute, PrimitiveNode, core primitives,
 Note/MarkdownNote, a subgraph with promoted widgets, nested subgraphs with a
-bypassed inner node). One native server and one browser for the whole
-corpus.
+bypassed inner node). 111 workflows; one native server and one browser for
+the whole corpus.
 
 Explained differences (the comparison skips them, each named here):
 - ``_meta.title`` is not compared: for an untitled node the frontend writes
@@ -188,10 +190,12 @@ def _differences(ours: dict[str, Any], theirs: dict[str, Any], engine: Engine) -
 
 
 def test_conversion_matches_the_frontend(engine: Engine, frontend: Any) -> None:
-    corpus = [(p, w) for p in [*_templates(), *sorted(OWN.glob("*.json"))]
+    files = [*_templates(), *sorted(OWN.glob("*.json")), *sorted((OWN / "frontend").glob("*.json"))]
+    corpus = [(p, w) for p in files
               if (w := _saved(p)) is not None and _known(w, engine)]
     assert len(corpus) >= 60, f"only {len(corpus)} saved workflows with known nodes"
     assert len([p for p, _ in corpus if p.parent == OWN]) >= 4
+    assert len([p for p, _ in corpus if p.parent.name == "frontend"]) >= 6
     failures: dict[str, list[str]] = {}
     for path, workflow in corpus:
         answer = frontend.execute_async_script(_LOAD_AND_CONVERT, workflow)
