@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import mimetypes
+import os
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -345,8 +346,15 @@ def _finish(st: JobState, data: dict[str, Any], created: float | None,
 
 
 def file_path(ref: OutputRef, folders: dict[str, Path]) -> Path | None:
-    """Where an output file lies on this server (None: a text output)."""
+    """Where an output file lies on this server: None for a text output, and
+    for a name that leads out of the server's folders (a node's UI output
+    names its files; a pack's node could name any path)."""
     if ref.file is None:
         return None
     role, rel = ref.file
-    return folders.get(role, folders["output"]) / rel
+    path = os.path.realpath(folders.get(role, folders["output"]) / rel)
+    for root in folders.values():
+        top = os.path.realpath(root)
+        if path.startswith(top + os.sep):
+            return Path(path)
+    return None

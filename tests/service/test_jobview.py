@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from comfy_embed.events import event, final_event, queue_event
 from comfy_embed.service.jobview import (
     JobRecord,
+    OutputRef,
+    file_path,
     job_state,
     output_asset_id,
     output_kind,
@@ -89,3 +93,15 @@ def test_output_ids_round_trip_and_kinds() -> None:
                                      "application/json", "application/zip")] == \
         ["image", "video", "audio", "text", "text", "file"]
     assert output_kind("application/octet-stream", "x.latent") == "latent"
+
+
+def test_output_files_stay_in_the_server_folders(tmp_path: Path) -> None:
+    folders = {"output": tmp_path / "out", "temp": tmp_path / "temp", "input": tmp_path / "in"}
+    for folder in folders.values():
+        folder.mkdir()
+    ok = OutputRef("9", "0", "a.png", "image/png", file=("output", "../temp/job/a.png"))
+    assert file_path(ok, folders) == (tmp_path / "temp" / "job" / "a.png").resolve()
+    for rel in ("../../etc/passwd", "/etc/passwd", "job/../../x"):
+        bad = OutputRef("9", "0", "x", "image/png", file=("output", rel))
+        assert file_path(bad, folders) is None, rel
+    assert file_path(OutputRef("5", "t0", "text.txt", "text/plain", text=b"x"), folders) is None
