@@ -39,6 +39,8 @@ __all__ = [
 CANCELLED_TYPES = frozenset({"execution_interrupted", "cancelled"})
 _TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
 _OUT_PREFIX = "asset_out."
+#: The folders an output file may be served from.
+_OUTPUT_ROLES = ("output", "temp")
 
 
 def iso(ts: float | None) -> str | None:
@@ -347,14 +349,14 @@ def _finish(st: JobState, data: dict[str, Any], created: float | None,
 
 def file_path(ref: OutputRef, folders: dict[str, Path]) -> Path | None:
     """Where an output file lies on this server: None for a text output, and
-    for a name that leads out of the server's folders (a node's UI output
+    for a name that leads out of the output and temp folders (a node's UI output
     names its files; a pack's node could name any path)."""
     if ref.file is None:
         return None
     role, rel = ref.file
     path = os.path.realpath(folders.get(role, folders["output"]) / rel)
-    for root in folders.values():
-        top = os.path.realpath(root)
+    for name in _OUTPUT_ROLES:  # never the input folder: other callers' files are there
+        top = os.path.realpath(folders[name])
         if path.startswith(top + os.sep):
             return Path(path)
     return None

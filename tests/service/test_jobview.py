@@ -101,6 +101,8 @@ def test_output_files_stay_in_the_server_folders(tmp_path: Path) -> None:
         folder.mkdir()
     ok = OutputRef("9", "0", "a.png", "image/png", file=("output", "../temp/job/a.png"))
     assert file_path(ok, folders) == (tmp_path / "temp" / "job" / "a.png").resolve()
+    inputs = OutputRef("9", "0", "x.png", "image/png", file=("input", "serverless/t/x.png"))
+    assert file_path(inputs, folders) is None  # other callers' inputs live there
     for rel in ("../../etc/passwd", "/etc/passwd", "job/../../x"):
         bad = OutputRef("9", "0", "x", "image/png", file=("output", rel))
         assert file_path(bad, folders) is None, rel
