@@ -39,8 +39,6 @@ __all__ = [
 CANCELLED_TYPES = frozenset({"execution_interrupted", "cancelled"})
 _TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
 _OUT_PREFIX = "asset_out."
-#: The folders an output file may be served from.
-_OUTPUT_ROLES = ("output", "temp")
 
 
 def iso(ts: float | None) -> str | None:
@@ -347,16 +345,18 @@ def _finish(st: JobState, data: dict[str, Any], created: float | None,
         st.created_at, st.completed_at = final_at - e2e, final_at
 
 
-def file_path(ref: OutputRef, folders: dict[str, Path]) -> Path | None:
-    """Where an output file lies on this server: None for a text output, and
-    for a name that leads out of the output and temp folders (a node's UI output
-    names its files; a pack's node could name any path)."""
+def file_path(ref: OutputRef, folders: dict[str, Path], job_id: str) -> Path | None:
+    """Where an output file lies on this server: in the job's own output
+    folder (``<output>/<job_id>/``, where every output of a task goes) or the
+    temp folder (previews). None for a text output and for a name that leads
+    elsewhere: a node's UI output names its files, and a pack's node could
+    name any path (other jobs' outputs, the shared task log, inputs)."""
     if ref.file is None:
         return None
     role, rel = ref.file
     path = os.path.realpath(folders.get(role, folders["output"]) / rel)
-    for name in _OUTPUT_ROLES:  # never the input folder: other callers' files are there
-        top = os.path.realpath(folders[name])
+    for top in (os.path.join(os.path.realpath(folders["output"]), job_id),
+                os.path.realpath(folders["temp"])):
         if path.startswith(top + os.sep):
             return Path(path)
     return None

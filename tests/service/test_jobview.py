@@ -95,15 +95,20 @@ def test_output_ids_round_trip_and_kinds() -> None:
     assert output_kind("application/octet-stream", "x.latent") == "latent"
 
 
-def test_output_files_stay_in_the_server_folders(tmp_path: Path) -> None:
+def test_output_files_stay_in_the_jobs_own_folders(tmp_path: Path) -> None:
     folders = {"output": tmp_path / "out", "temp": tmp_path / "temp", "input": tmp_path / "in"}
     for folder in folders.values():
         folder.mkdir()
-    ok = OutputRef("9", "0", "a.png", "image/png", file=("output", "../temp/job/a.png"))
-    assert file_path(ok, folders) == (tmp_path / "temp" / "job" / "a.png").resolve()
-    inputs = OutputRef("9", "0", "x.png", "image/png", file=("input", "serverless/t/x.png"))
-    assert file_path(inputs, folders) is None  # other callers' inputs live there
-    for rel in ("../../etc/passwd", "/etc/passwd", "job/../../x"):
-        bad = OutputRef("9", "0", "x", "image/png", file=("output", rel))
-        assert file_path(bad, folders) is None, rel
-    assert file_path(OutputRef("5", "t0", "text.txt", "text/plain", text=b"x"), folders) is None
+    mine = OutputRef("9", "0", "a.png", "image/png", file=("output", "./job_1/a.png"))
+    assert file_path(mine, folders, "job_1") == (tmp_path / "out" / "job_1" / "a.png").resolve()
+    preview = OutputRef("9", "1", "p.png", "image/png", file=("output", "../temp/p.png"))
+    assert file_path(preview, folders, "job_1") == (tmp_path / "temp" / "p.png").resolve()
+    for role, rel in [("output", "job_2/a.png"),  # another job's
+                      ("output", "serverless_api/@v2/assets/blobs/ab/ab"),  # the shared log
+                      ("input", "serverless/t/x.png"),  # other callers' inputs
+                      ("output", "../../etc/passwd"), ("output", "/etc/passwd"),
+                      ("output", "job_1/../../x")]:
+        bad = OutputRef("9", "0", "x", "image/png", file=(role, rel))
+        assert file_path(bad, folders, "job_1") is None, rel
+    text = OutputRef("5", "t0", "text.txt", "text/plain", text=b"x")
+    assert file_path(text, folders, "job_1") is None

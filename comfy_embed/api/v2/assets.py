@@ -398,14 +398,14 @@ async def content(request: Request) -> Response:
     asset_id = request.path_params["id"]
     found = await _output(request, asset_id)
     if found is not None:
-        _, ref = found
+        view, ref = found
         if ref.text is not None:
             return _serve(request, None, ref.text, ref.content_type)
         if ref.remote:  # uploaded to object storage: send the client there
             url = await _signed(request, ref)
             if url is not None:
                 return RedirectResponse(url, 302)
-        path = file_path(ref, request.app.state.v2_folders)
+        path = file_path(ref, request.app.state.v2_folders, view.job_id)
         if path is None or not await anyio.to_thread.run_sync(path.is_file):
             return not_found("asset content")
         return _serve(request, str(path), None, ref.content_type)

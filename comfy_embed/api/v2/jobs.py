@@ -69,7 +69,7 @@ def output_json(ref: OutputRef, job_id: str, base: str, folders: dict[str, Any])
         size = len(ref.text)
     else:
         try:
-            path = file_path(ref, folders)
+            path = file_path(ref, folders, job_id)
             size = path.stat().st_size if path is not None else 0
         except OSError:
             size = 0
