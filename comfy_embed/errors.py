@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ComfyEmbedError",
+    "AppNotFound",
     "WorkflowInvalid",
     "ImageInputError",
     "InputPathInvalid",
@@ -215,6 +216,12 @@ class InvalidParameter(WorkflowInvalid):
 
     def __init__(self, message: str, **kw: Any) -> None:
         super().__init__(message, type=self.type, **kw)
+
+
+class AppNotFound(ComfyEmbedError):
+    """No workflow app of that name in the apps folder (issue 26)."""
+
+    type = "app_not_found"
 
 
 class Unauthorized(ComfyEmbedError):

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from comfy_embed.api import metrics, openapi, page, v2
+from comfy_embed.api import apps, metrics, openapi, page, v2
 from comfy_embed.api.auth import ApiKeyAuth
 from comfy_embed.api.hooks import LifecycleGuard
 from comfy_embed.api.middleware import InternalErrors
@@ -54,6 +54,11 @@ async def ready(request: Request) -> Response:
         packs = state.engine.custom_nodes()
         if packs is not None:  # failing packs named, as at start-up
             body["custom_nodes"] = packs
+        fp = state.engine.fingerprint
+        if fp is not None and fp.lock is not None:  # how it differs from its lock
+            body["lock"] = {"hash": fp.lock, "drifted": fp.drifted, "drift": fp.drift}
+            if fp.drifted and state.engine.settings.comfy.lock_drift == "unready":
+                return JSONResponse({**body, "status": "drifted"}, 503)
         return JSONResponse(body)
     if state.engine.executor.boot_error is not None:
         return JSONResponse({"status": "failed", "error": str(state.engine.executor.boot_error)}, 500)
@@ -178,6 +183,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         Route(f"{prefix}/task", runs.delete, methods=["DELETE"]),
         Route(f"{prefix}/webhook", runs.webhook, methods=["GET"]),
         WebSocketRoute(f"{prefix}/ws", ws.serverless_ws),
+        Route("/api/apps", apps.list_apps, methods=["GET"]),
+        Route("/api/apps/{name}", apps.get_app, methods=["GET"]),
+        Route("/api/apps/{name}", runs.run, methods=["POST"]),  # the FC run, with the app's graph
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/initialize", initialize, methods=["POST"]),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from comfy_embed.errors import (
+    AppNotFound,
     ComfyEmbedError,
     ExecutionFailed,
     ImageInputError,
@@ -45,6 +46,7 @@ _BY_CLASS: dict[type[ComfyEmbedError], int] = {
     PayloadTooLarge: 413,
     QueueFull: 429,
     Unauthorized: 401,
+    AppNotFound: 404,
     TaskIdConflict: 409,
     # Deleted on purpose: gone for good, unlike an unknown task (404).
     TaskDeleted: 410,

@@ -62,6 +62,12 @@ class ComfySettings(_Group):
     #: Extra custom_nodes folders (besides <comfyui_dir>/custom_nodes), loaded
     #: when ``custom_nodes`` is on.
     custom_nodes_dirs: tuple[Path, ...] = ()
+    #: The lock file (comfy-embed.lock) the instance compares itself with at
+    #: boot: packs at other commits or failing, models missing or altered.
+    lock: Path | None = None
+    #: "report": drift is shown in /ready and each task's report; "unready":
+    #: an instance that drifted answers /ready 503.
+    lock_drift: str = "report"
     #: Checkpoint names (in models/checkpoints) loaded at start-up.
     preload: tuple[str, ...] = ()
     #: PNG outputs embed the workflow as native ComfyUI does.
@@ -279,6 +285,15 @@ class TaskLogSettings(_Group):
     #: Events kept per task; past it only terminal events (and the last
     #: progress) are kept.
     max_events: int = Field(default=10_000, alias="max_task_events")
+
+
+class AppsSettings(_Group):
+    """Workflow apps: saved workflows called by name with named parameters."""
+
+    #: Folder of apps (``<name>.json`` each; default <base>/apps). Read on
+    #: every call, so adding or changing an app needs no restart; put it on
+    #: the shared volume and every instance serves the same apps.
+    dir: Path | None = Field(default=None, alias="apps_dir")
 
 
 class V2Settings(_Group):

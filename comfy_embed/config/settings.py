@@ -19,6 +19,7 @@ from pydantic_settings import (
 
 from comfy_embed.config.environment import EnvironmentSource
 from comfy_embed.config.groups import (
+    AppsSettings,
     ComfySettings,
     InputSettings,
     JobSettings,
@@ -60,11 +61,17 @@ class Settings(BaseSettings):
     tasklog: TaskLogSettings = Field(default_factory=TaskLogSettings)
     safety: SafetySettings = Field(default_factory=SafetySettings)
     v2: V2Settings = Field(default_factory=V2Settings)
+    apps: AppsSettings = Field(default_factory=AppsSettings)
 
     @property
     def task_log_path(self) -> Path:
         """The task log folder: ``COMFY_EMBED_TASK_LOG_DIR``, else <output>/serverless_api."""
         return (self.tasklog.dir or self.comfy.output_path / "serverless_api").resolve()
+
+    @property
+    def apps_path(self) -> Path:
+        """The apps folder: ``COMFY_EMBED_APPS_DIR``, else <base>/apps."""
+        return (self.apps.dir or self.comfy.base_dir / "apps").resolve()
 
     @classmethod
     def flat_fields(cls) -> Mapping[str, tuple[str, str]]:

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from comfy_embed import events
+from comfy_embed.api.apps import app_graph
 from comfy_embed.api.auth import key_hash_of
 from comfy_embed.api.body import flag, read_limited, task_id_param, whole_number
 from comfy_embed.api.errors import status_for, status_for_event
@@ -142,7 +143,11 @@ async def run(request: Request) -> Response:
         policy = service.retention.policy(q.get("ttl"), q.get("keep"))
         since = since_param(q, request.headers) if stream else 0
         body = await read_limited(request, settings.server.max_body_bytes)
-        parsed, envelope_url = envelope_webhook(body)
+        app = request.path_params.get("name") or q.get("app")  # POST /api/apps/{name}, ?app=
+        if app:
+            parsed, envelope_url = app_graph(request.app.state, app, body), None
+        else:
+            parsed, envelope_url = envelope_webhook(body)
         hook = webhook_request(q, envelope_url, settings)
         handle = await service.start(parsed, options, task_id=task_id, webhook=hook,
                                      owner_key=key_hash_of(request.scope), policy=policy)

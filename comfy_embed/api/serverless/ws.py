@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from comfy_embed.api.apps import app_graph
 from comfy_embed.api.auth import key_hash_of
 from comfy_embed.api.body import task_id_param
 from comfy_embed.api.serverless.runs import dumps, log_refused, run_options, since_param
@@ -61,10 +62,14 @@ def _message_text(message: Message, limit: int) -> str:
 
 async def _start(service: TaskService, message: Message, query: Mapping[str, Any],
                  options: RunOptions, task_id: str, owner_key: str | None,
-                 policy: Policy) -> Handle:
+                 policy: Policy, state: Any = None) -> Handle:
     """The task of one message; its ComfyEmbedError when refused."""
     text = _message_text(message, service.settings.server.max_body_bytes)
-    parsed, envelope_url = envelope_webhook(text)
+    app = query.get("app")  # ?app=NAME: each message is that app's parameters
+    if app:
+        parsed, envelope_url = app_graph(state, app, text), None
+    else:
+        parsed, envelope_url = envelope_webhook(text)
     hook = webhook_request(query, envelope_url, service.settings)
     return await service.start(parsed, options, task_id=task_id, webhook=hook,
                                owner_key=owner_key, policy=policy)
@@ -94,7 +99,8 @@ async def serverless_ws(ws: WebSocket) -> None:
                 return
             task_id = uuid.uuid4().hex
             try:
-                handle = await _start(service, message, q, opts, task_id, owner_key, policy)
+                handle = await _start(service, message, q, opts, task_id, owner_key, policy,
+                                      ws.app.state)
             except ComfyEmbedError as e:  # this message is refused; the connection goes on
                 await _send_error(ws, task_id, e)
                 continue
