@@ -49,6 +49,7 @@ import logging
 import shutil
 import threading
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
@@ -56,6 +57,7 @@ import anyio
 from comfy_embed._comfy.comfy import Comfy
 from comfy_embed.background import Background
 from comfy_embed.config import Settings
+from comfy_embed.environment.drift import Fingerprint, instance_environment
 from comfy_embed.errors import ComfyEmbedError, NotAccepting, WorkflowInvalid
 from comfy_embed.events import queue_event, status_event
 from comfy_embed.executor import Executor, Job
@@ -129,6 +131,8 @@ class Engine:
         self.metrics.bind_executor(lambda: ex.waiting, lambda: ex.running,
                                    lambda: ex.busy_seconds)
         self._comfy: Comfy | None = None
+        #: The instance's environment and its drift from the lock (set at boot).
+        self.fingerprint: Fingerprint | None = None
         #: The one task registry: queued, running and the last few finished.
         self._tasks: collections.OrderedDict[str, Task] = collections.OrderedDict()
         #: Task ids being prepared (parsed, fetched, validated), not yet queued.
@@ -169,6 +173,17 @@ class Engine:
         if queue is not None:  # packs read the queue in native's item shape
             queue.pending = lambda: [(0, j.prompt_id, j.prompt, j.extra_data, j.outputs)
                                      for j in self.executor.pending()]
+        # Compared with the lock before /ready (a lock that cannot be read fails the boot).
+        loaded = ({p.name: p.error for p in comfy.packs} if self.settings.comfy.custom_nodes
+                  else None)
+        self.fingerprint = instance_environment(self.settings, loaded, comfy.device)
+        folders = sorted(comfy.model_files())
+
+        def locate(name: str) -> list[tuple[str, Path]]:
+            found = ((f, comfy.model_path(f, name)) for f in folders)
+            return [(f"{f}/{name}", Path(p)) for f, p in found if p]
+
+        self.fingerprint.locate = locate
         self._comfy = comfy
         return comfy
 
@@ -349,6 +364,8 @@ class Engine:
         try:
             prepared = await self.preparer.prepare(graph, task_id, options.credentials, gate,
                                                    report, asset_owner=options.asset_owner)
+            if self.fingerprint is not None and self.settings.observe.task_report:
+                report.environment = await self.fingerprint.record_async(prepared.checked)
             task = Task(self, task_id, prepared.prompt_id, prepared.seeds, options, report=report)
             task.request = request = prepared.request
             job = Job(prompt_id=prepared.prompt_id, prompt=prepared.checked,

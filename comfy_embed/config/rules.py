@@ -98,6 +98,7 @@ RULES: dict[str, _Rule] = {
     "cache": ((lambda v: v in ("classic", "none") or (v.startswith("lru:") and v[4:].isdigit())),
               "classic, none or lru:<N>"),
     "preview": _one_of("none", "latent2rgb"),
+    "lock_drift": _one_of("report", "unready"),
     "storage": ((lambda v: v in storage_backends()), " or ".join(storage_backends())),
     "log_format": _one_of("text", "json"),
     "max_rss_bytes": ((lambda v: v > 0), "a positive number of bytes"),

@@ -10,17 +10,25 @@ hashed once per change, not once per task.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import logging
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import anyio
+
+from comfy_embed.config import Settings
 from comfy_embed.environment import gitrepo
-from comfy_embed.environment.lockfile import Lock
+from comfy_embed.environment.lockfile import Lock, lock_hash, read_lock
 from comfy_embed.version import __version__
 
-__all__ = ["Fingerprint", "PackState", "differences", "drift", "pack_states", "sha256_of"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Fingerprint", "PackState", "differences", "drift", "instance_environment",
+           "pack_states", "sha256_of"]
 
 _hashes: dict[tuple[str, int, int], str] = {}
 _hash_lock = threading.Lock()
@@ -126,23 +134,91 @@ class Fingerprint:
     packs: dict[str, str | None]
     torch: str | None
     device: str
+    models_path: Path
+    #: ``sha256:<hex>`` of the lock file, when the instance has one.
     lock: str | None = None
-    models_path: Path | None = None
-    folders: list[str] = field(default_factory=list)
+    #: How the instance differs from its lock (see :func:`drift`), when it has one.
+    drift: dict[str, Any] | None = None
+    #: ``name -> [(folder/name, path)]``: where ComfyUI finds a model file of
+    #: that name (every model folder, extra paths included); else only
+    #: ``models_path``'s folders are looked in.
+    locate: Callable[[str], list[tuple[str, Path]]] | None = None
+
+    @property
+    def drifted(self) -> bool:
+        d = self.drift or {}
+        return bool(d.get("packs") or d.get("models") or d.get("comfyui"))
+
+    def _model_files(self, prompt: dict[str, Any]) -> list[tuple[str, Path]]:
+        names = {v for node in prompt.values() if isinstance(node, dict)
+                 for v in (node.get("inputs") or {}).values() if isinstance(v, str)}
+        if self.locate is not None:
+            return [found for name in sorted(names) if name and len(name) < 512
+                    for found in self.locate(name)]
+        try:
+            folders = sorted(p.name for p in self.models_path.iterdir() if p.is_dir())
+        except OSError:
+            return []
+        out = []
+        for name in sorted(names):
+            if not name or ".." in Path(name).parts or Path(name).is_absolute():
+                continue
+            out += [(f"{f}/{name}", self.models_path / f / name) for f in folders
+                    if (self.models_path / f / name).is_file()]
+        return out
 
     def record(self, prompt: dict[str, Any]) -> dict[str, Any]:
         """The run record of a task whose graph is ``prompt``: every string input
         that names a file under ``<models>/<folder>/`` is a model it used."""
-        models: dict[str, str] = {}
-        if self.models_path is not None:
-            names = {v for node in prompt.values() if isinstance(node, dict)
-                     for v in (node.get("inputs") or {}).values() if isinstance(v, str)}
-            for name in sorted(names):
-                if ".." in Path(name).parts or Path(name).is_absolute():
-                    continue
-                for folder in self.folders:
-                    sha = sha256_of(self.models_path / folder / name)
-                    if sha is not None:
-                        models[f"{folder}/{name}"] = sha
-        return {"comfy_embed": __version__, "comfyui": self.comfyui, "packs": dict(self.packs),
-                "models": models, "torch": self.torch, "device": self.device, "lock": self.lock}
+        models = {label: sha for label, path in self._model_files(prompt)
+                  if (sha := sha256_of(path)) is not None}
+        out = {"comfy_embed": __version__, "comfyui": self.comfyui, "packs": dict(self.packs),
+               "models": models, "torch": self.torch, "device": self.device, "lock": self.lock}
+        if self.drift is not None:
+            out["drift"] = self.drift
+        return out
+
+    async def record_async(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`record`, on a worker thread when a model file must be hashed
+        (a file not seen since it last changed), else inline."""
+        files = self._model_files(prompt)
+        with _hash_lock:
+            known = all(_key(path) in _hashes for _, path in files)
+        if known:
+            return self.record(prompt)
+        return await anyio.to_thread.run_sync(self.record, prompt)
+
+
+def _key(path: Path) -> tuple[str, int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return ("", 0, 0)
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def instance_environment(settings: Settings, loaded: dict[str, str | None] | None,
+                         device: str) -> Fingerprint:
+    """The instance as it booted, compared with its lock (``settings.comfy.lock``;
+    a lock that cannot be read fails the boot, naming the entry).
+    ``loaded``: each loaded pack's import error (None: it loaded); None when
+    custom nodes are off."""
+    s = settings.comfy
+    folders = [s.comfyui_dir / "custom_nodes", *s.custom_nodes_dirs]
+    if loaded is None:
+        off = "not loaded: custom nodes are off (COMFY_EMBED_CUSTOM_NODES)"
+        loaded = {p.name: off for p in pack_states(folders, {})}
+    packs = pack_states(folders, loaded)
+    try:
+        torch: str | None = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch = None
+    commit = gitrepo.head(s.comfyui_dir)
+    fp = Fingerprint(commit, {p.name: p.commit for p in packs}, torch, device, s.models_path)
+    if s.lock is not None:
+        lock = read_lock(s.lock)
+        fp.lock = lock_hash(s.lock)
+        fp.drift = drift(lock, commit, packs, s.models_path)
+        if fp.drifted:
+            log.warning("this instance differs from its lock %s: %s", s.lock, fp.drift)
+    return fp

@@ -66,6 +66,9 @@ class TaskReport:
         self._peak_reset = False
         self.peak_rss: int | None = None
         self.peak_vram: int | None = None
+        #: The run record (comfy_embed.environment.drift.Fingerprint.record):
+        #: ComfyUI's commit, packs, model hashes, torch, device, the lock.
+        self.environment: dict[str, Any] | None = None
 
     # ----------------------------------------------------- event loop: submit
     def mark_prepared(self) -> None:
@@ -147,6 +150,8 @@ class TaskReport:
             "peak_rss_bytes": self.peak_rss,
             "peak_vram_bytes": self.peak_vram,
         }
+        if self.environment is not None:
+            report["environment"] = self.environment
         return report
 
     def _models(self) -> dict[str, list[dict[str, Any]]]:
