@@ -14,7 +14,13 @@ import pytest
 import requests
 from comfy_sdk import AsyncComfy, Comfy
 from comfy_sdk.events import OutputReady, Progress, StatusChange
-from comfy_sdk.exceptions import InvalidWorkflow, JobFailed, MissingAsset, NotFound
+from comfy_sdk.exceptions import (
+    InvalidWorkflow,
+    JobFailed,
+    MissingAsset,
+    NotFound,
+    Unauthorized,
+)
 
 from tests.api.v2.sdkflows import (
     LOAD,
@@ -137,10 +143,14 @@ def test_cancel_a_running_job(base_url: str) -> None:
 
 
 def test_another_key_sees_nothing_and_bad_input_raises_typed_errors(base_url: str) -> None:
-    with Comfy(api_key=KEY) as owner, Comfy(api_key=OTHER_KEY) as other:
+    with Comfy(api_key=KEY) as owner, Comfy(api_key=OTHER_KEY) as other, Comfy() as anonymous:
         job = owner.submit(owner.workflows.from_json(image_only(batch=1, color=3)))
         with pytest.raises(NotFound):
             other.jobs.get(job.id)
+        with pytest.raises(Unauthorized):
+            anonymous.jobs.get(job.id)
+        with pytest.raises(Unauthorized):
+            anonymous.submit(anonymous.workflows.from_json(image_only(batch=1)))
         assert job.id not in {s.id for s in other.list_jobs()}
         job.wait(timeout=120)
 
