@@ -133,6 +133,19 @@ _SCHEMAS: dict[str, Any] = {
                 "resident": {"type": "array", "items": {"type": "object"}}}},
             "peak_rss_bytes": {"type": ["integer", "null"]},
             "peak_vram_bytes": {"type": ["integer", "null"]},
+            "environment": {"type": "object", "description":
+                            "The run record: comfy_embed (version), comfyui (commit), packs "
+                            "({name: commit}), models ({folder/name: sha256} of the model "
+                            "files the graph names), torch, device, lock (the lock file's "
+                            "sha256), drift (with a lock: how the instance differs from it).",
+                            "properties": {
+                                "comfy_embed": {"type": "string"},
+                                "comfyui": {"type": ["string", "null"]},
+                                "packs": {"type": "object"}, "models": {"type": "object"},
+                                "torch": {"type": ["string", "null"]},
+                                "device": {"type": "string"},
+                                "lock": {"type": ["string", "null"]},
+                                "drift": {"type": "object"}}},
         },
     },
     "FinalEvent": {
@@ -357,7 +370,10 @@ def _platform_paths() -> dict[str, Any]:
         "/ready": {"get": {
             "summary": "Booted and warm",
             "description": "`queue_depth`: tasks queued plus running (also the `X-Queue-Depth` "
-                           "header of every answer).",
+                           "header of every answer). With COMFY_EMBED_LOCK, `lock`: its "
+                           "`hash`, whether the instance `drifted` from it and the `drift` "
+                           "(packs and models named); COMFY_EMBED_LOCK_DRIFT=unready answers "
+                           "503 `drifted` then.",
             "responses": {"200": health, "500": _json(_ref("Status"), "Boot failed."),
                           "503": _json(_ref("Status"), "Starting, draining, or `unhealthy` "
                                        "(`reason`: the task-log or output folder is not "
