@@ -198,7 +198,7 @@ class ImageFetcher:
                                                  max_bytes=self.settings.inputs.max_image_bytes)
                     await anyio.to_thread.run_sync(f.write, bytes(pending))
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                _discard(Path(tmp), self.input_dir)
                 raise
         if self.on_fetched is not None:
             self.on_fetched("url" if scheme in ("http", "https") else scheme, size)
@@ -270,7 +270,7 @@ class ImageFetcher:
                     f.write(data)
                 os.replace(tmp, final)  # readers never see a half-written file
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                _discard(Path(tmp), self.input_dir)
                 raise
         logger.debug("materialised %s as %s/%s", source, relative, name)
         return f"{relative}/{name}"
@@ -281,10 +281,11 @@ class ImageFetcher:
         try:
             ext = (self._verify(tmp, source) if kind == "image"
                    else media.probe(tmp, kind, source, self.settings))
-            name = f"{digest}.{ext}"
-            os.replace(tmp, tmp.parent / name)  # content-addressed: same name, same bytes
-        finally:
-            tmp.unlink(missing_ok=True)
+        except BaseException:
+            _discard(tmp, self.input_dir)
+            raise
+        name = f"{digest}.{ext}"
+        os.replace(tmp, tmp.parent / name)  # content-addressed: same name, same bytes
         logger.debug("materialised %s as %s/%s", source, relative, name)
         return f"{relative}/{name}"
 
@@ -322,8 +323,26 @@ class ImageFetcher:
 
 def _temp_file(directory: Path) -> tuple[int, str]:
     """A new hidden file in ``directory`` (made if missing), open for writing."""
-    directory.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):  # a failed fetch beside this one may remove the empty folder meanwhile
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            return tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        except FileNotFoundError:
+            continue
     return tempfile.mkstemp(dir=directory, prefix=".tmp-")
+
+
+def _discard(tmp: Path, top: Path) -> None:
+    """Remove a failed fetch's file, and the folders it made that are now
+    empty, up to ``top``: a refused input leaves nothing behind."""
+    tmp.unlink(missing_ok=True)
+    folder = tmp.parent
+    while folder != top and top in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another input of the task, or another task
+            return
+        folder = folder.parent
 
 
 def _opened(data: bytes | Path) -> BytesIO | Path:
