@@ -29,6 +29,7 @@ import anyio
 from comfy_embed.errors import InvalidParameter
 from comfy_embed.events import FINAL, coalesce_snapshots
 from comfy_embed.prepare.options import RunOptions
+from comfy_embed.service.blocking import BlockingCalls
 from comfy_embed.service.idempotency import IdempotencyStore
 from comfy_embed.service.jobview import JobRecord, JobState, job_state
 from comfy_embed.service.lifecycle import TaskService
@@ -81,6 +82,8 @@ class JobService:
         self.index = self.root / "@v2" / "jobs"
         #: job id -> (owner hash or ANONYMOUS, record): both immutable once written.
         self._known: OrderedDict[str, tuple[str, JobRecord]] = OrderedDict()
+        #: Its own timing of the same disk the service's claims go to.
+        self._io = BlockingCalls(tasks.settings.tasklog.inline_seconds)
         #: Jobs running here that a caller asked to cancel (the log has it too).
         self._canceling: set[str] = set()
         #: When this instance last cleared out old idempotency records and
@@ -191,7 +194,7 @@ class JobService:
     async def run_io(self, fn: Callable[..., _T], *args: Any) -> _T:
         """A small blocking file operation where the service runs its claims:
         on the loop while the log's disk answers quickly, else in a thread."""
-        return await self.tasks._io.run(fn, *args)
+        return await self._io.run(fn, *args)
 
     def cancel_pending(self, job_id: str) -> bool:
         """Whether a caller of this instance asked to cancel the job."""
