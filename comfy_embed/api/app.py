@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from comfy_embed.api import apps, metrics, openapi, page, v2
+from comfy_embed.api import apps, metrics, openai, openapi, page, v2
 from comfy_embed.api.auth import ApiKeyAuth
 from comfy_embed.api.hooks import LifecycleGuard
 from comfy_embed.api.middleware import InternalErrors
@@ -186,6 +186,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         Route("/api/apps", apps.list_apps, methods=["GET"]),
         Route("/api/apps/{name}", apps.get_app, methods=["GET"]),
         Route("/api/apps/{name}", runs.run, methods=["POST"]),  # the FC run, with the app's graph
+        Route("/v1/images/generations", openai.generations, methods=["POST"]),
+        Route("/v1/images/edits", openai.edits, methods=["POST"]),
+        Route("/v1/models", openai.models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/initialize", initialize, methods=["POST"]),
