@@ -64,6 +64,11 @@ async def dry_run(engine: "Engine", body: Any,
     report["missing_nodes"] = [
         {"node_id": nid, "class_type": node["class_type"]}
         for nid, node in prompt.items() if not comfy.has_node(node["class_type"])]
+    for missing in report["missing_nodes"]:
+        # The lock knows which pack declares it: named, with why it is missing.
+        pack = engine.fingerprint.pack_for(missing["class_type"]) if engine.fingerprint else None
+        if pack is not None:
+            missing["pack"] = pack
     files = await anyio.to_thread.run_sync(comfy.model_files)
     _models(report, prompt, comfy, files, server_folders(engine.settings))
     await _mark_manifest_models(engine, report)

@@ -14,7 +14,7 @@ import importlib.metadata
 import logging
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +22,8 @@ import anyio
 
 from comfy_embed.config import Settings
 from comfy_embed.environment import gitrepo
-from comfy_embed.environment.lockfile import Lock, lock_hash, read_lock
+from comfy_embed.environment.lockfile import Lock, PackPin, lock_hash, read_lock
+from comfy_embed.environment.nodes import declared_nodes
 from comfy_embed.version import __version__
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,18 @@ class Fingerprint:
     #: that name (every model folder, extra paths included); else only
     #: ``models_path``'s folders are looked in.
     locate: Callable[[str], list[tuple[str, Path]]] | None = None
+    #: ``{node class: (pack pin, where it stands)}`` from the lock's packs.
+    node_packs: dict[str, tuple[PackPin, str]] = field(default_factory=dict)
+
+    def pack_for(self, class_type: str) -> dict[str, Any] | None:
+        """The locked pack that declares ``class_type``: its name, URL,
+        commit and state (``installed``, or why not: its drift); None when
+        the lock knows no such node."""
+        found = self.node_packs.get(class_type)
+        if found is None:
+            return None
+        pin, state = found
+        return {"name": pin.name, "url": pin.url, "commit": pin.commit, "state": state}
 
     @property
     def drifted(self) -> bool:
@@ -219,6 +232,21 @@ def instance_environment(settings: Settings, loaded: dict[str, str | None] | Non
         lock = read_lock(s.lock)
         fp.lock = lock_hash(s.lock)
         fp.drift = drift(lock, commit, packs, s.models_path)
+        fp.node_packs = _node_packs(lock, packs, fp.drift)
         if fp.drifted:
             log.warning("this instance differs from its lock %s: %s", s.lock, fp.drift)
     return fp
+
+
+def _node_packs(lock: Lock, packs: list[PackState],
+                drift: dict[str, Any]) -> dict[str, tuple[PackPin, str]]:
+    """Each node class a locked pack declares (the lock's ``nodes``, else read
+    from the pack's folder), with the pack's state."""
+    folders = {p.name: p.path for p in packs}
+    out: dict[str, tuple[PackPin, str]] = {}
+    for pin in lock.packs:
+        names = pin.nodes or (declared_nodes(folders[pin.name]) if pin.name in folders else ())
+        state = drift["packs"].get(pin.name, "installed")
+        for name in names:
+            out.setdefault(name, (pin, state))
+    return out

@@ -14,6 +14,7 @@ commit = "<40 hex digits>"
 registry_id = "comfyui-videohelpersuite"          # optional (Comfy Registry)
 registry_version = "1.7.0"                        # optional
 requirements = ["imageio-ffmpeg==0.6.0", "opencv-python==4.12.0.88"]
+nodes = ["VHS_LoadVideo", "VHS_VideoCombine"]     # optional: the node classes it declares
 
 [pip]
 packages = ["numpy==1.26.4"]     # extra pip packages, pinned
@@ -75,6 +76,9 @@ class PackPin:
     requirements: tuple[str, ...] = ()
     registry_id: str | None = None
     registry_version: str | None = None
+    #: The node classes the pack declares (environment/nodes.py), so that a
+    #: workflow's missing node can be traced to it.
+    nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,8 @@ def _pack(item: dict[str, Any], where: str) -> PackPin:
     for key, value in (("registry_id", rid), ("registry_version", rver)):
         if value is not None and not isinstance(value, str):
             raise InstallError(f"{where}: {key} must be a string")
-    return PackPin(name, url, commit, reqs, rid, rver)
+    nodes = tuple(_strings(item.get("nodes", []), f"{where}: nodes"))
+    return PackPin(name, url, commit, reqs, rid, rver, nodes)
 
 
 def _model(item: dict[str, Any], where: str) -> ModelPin:
@@ -267,7 +272,10 @@ def dump_lock(lock: Lock) -> str:
                 f"commit = {_q(p.commit)}"]
         out += [f"{k} = {_q(v)}" for k, v in (("registry_id", p.registry_id),
                                                ("registry_version", p.registry_version)) if v]
-        out += [f"requirements = {_array(p.requirements)}", ""]
+        out.append(f"requirements = {_array(p.requirements)}")
+        if p.nodes:
+            out.append(f"nodes = {_array(p.nodes)}")
+        out.append("")
     if lock.pip:
         out += ["[pip]", f"packages = {_array(lock.pip)}", ""]
     for m in sorted(lock.models, key=lambda m: m.label):

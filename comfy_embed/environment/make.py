@@ -6,7 +6,8 @@ HEAD and remote (a pack with changed tracked files, or without a remote, is
 refused by name: nobody could install it again); each pack's
 ``requirements.txt`` pinned to the versions the environment has (a
 requirement the environment lacks is refused by name: install it, then lock);
-the models a set of workflows names (any string input equal to a file's path
+the node classes each pack declares (environment/nodes.py); the models a set
+of workflows names (any string input equal to a file's path
 under ``<models>/<folder>/``), hashed, with their URL when a models manifest
 lists them.
 """
@@ -32,6 +33,7 @@ from packaging.utils import canonicalize_name
 
 from comfy_embed.environment import gitrepo
 from comfy_embed.environment.lockfile import Lock, ModelPin, PackPin
+from comfy_embed.environment.nodes import declared_nodes
 from comfy_embed.errors import InstallError
 
 __all__ = ["installed_versions", "lock_from_folder", "lock_from_snapshot", "pin_requirements"]
@@ -142,7 +144,8 @@ def lock_from_folder(comfyui_dir: Path, workflows: Sequence[Path] = (),
             req = pack / "requirements.txt"
             reqs = pin_requirements(req.read_text(), versions, what, say) if req.is_file() else ()
             rid, rver = _registry(pack, None)
-            packs.append(PackPin(pack.name, url, head, reqs, rid, rver))
+            packs.append(PackPin(pack.name, url, head, reqs, rid, rver,
+                                 tuple(sorted(declared_nodes(pack)))))
     models = _models_used(workflows, models_path or comfyui_dir / "models", manifest)
     return Lock(commit, gitrepo.remote(comfyui_dir) if commit else None, tuple(packs), (),
                 tuple(models))
@@ -222,7 +225,9 @@ def lock_from_snapshot(snapshot: Path, python: str = sys.executable,
             text = gitrepo.show(clone, full, "requirements.txt")
             reqs = pin_requirements(text, versions, f"pack {name}", say) if text else ()
             rid, rver = _registry(None, gitrepo.show(clone, full, "pyproject.toml"))
-            packs.append(PackPin(name, url, full, reqs, rid, rver))
+            gitrepo.checkout(clone, url, full, what)
+            packs.append(PackPin(name, url, full, reqs, rid, rver,
+                                 tuple(sorted(declared_nodes(clone)))))
     for rid, version in sorted((raw.get("cnr_custom_nodes") or {}).items()):
         say(f"registry pack {rid} {version}: the snapshot gives no git URL and commit; "
             "add it to the lock as [[packs]] with url and commit")

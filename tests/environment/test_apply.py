@@ -70,7 +70,8 @@ def test_round_trip_lock_install_into_a_fresh_environment_lock_again(tmp_path: P
     assert made.returncode == 0, made.stderr
     lock = read_lock(lock_file)
     assert lock.comfyui_commit == git("rev-parse", "HEAD", cwd=SUBMODULE)
-    assert lock.packs == (PackPin("embed_pack", str(pack), commits[1], (f"packaging=={have}",)),)
+    assert lock.packs == (PackPin("embed_pack", str(pack), commits[1], (f"packaging=={have}",),
+                                  nodes=("EmbedTestEcho", "EmbedTestFlexible")),)
 
     # A fresh environment (no packaging) and a fresh ComfyUI folder.
     env = tmp_path / "env"
@@ -181,3 +182,6 @@ def test_real_packs_from_local_mirrors(tmp_path: Path) -> None:
     assert vhs_pin.registry_id == "comfyui-videohelpersuite" and vhs_pin.registry_version
     assert vhs_pin.requirements == ("imageio-ffmpeg==0.6.0", "opencv-python==4.12.0.88")
     assert "numba==0.62.1" in ess_pin.requirements and ess_pin.commit == heads["ess"]
+    # The node classes each declares (the README's table counts 40 and 85 loaded).
+    assert len(vhs_pin.nodes) == 40 and "VHS_VideoCombine" in vhs_pin.nodes
+    assert len(ess_pin.nodes) == 85 and "SimpleMath+" in ess_pin.nodes

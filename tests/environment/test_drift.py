@@ -49,7 +49,9 @@ def test_drift_in_ready_and_in_the_report(tmp_path: Path) -> None:
     pack, commits = make_pack(tmp_path / "src" / "lock_pack", "")
     broken, broken_commits = make_pack(tmp_path / "src" / "lock_broken", "")
     (broken / "__init__.py").write_text('raise ImportError("lock_broken needs a thing")\n')
-    git("commit", "--quiet", "-am", "break", cwd=broken)
+    (broken / "nodes.py").write_text('NODE_CLASS_MAPPINGS = {"LockBrokenNode": object}\n')
+    git("add", ".", cwd=broken)
+    git("commit", "--quiet", "-m", "break", cwd=broken)
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     git("clone", "--quiet", str(pack), "lock_pack", cwd=nodes)
@@ -110,6 +112,15 @@ def test_drift_in_ready_and_in_the_report(tmp_path: Path) -> None:
         assert r.json()["status"] == "drifted"
         assert r.json()["lock"]["drift"] == drift and r.json()["lock"]["drifted"] is True
         env2 = report_of(server)["environment"]
+        # /validate names the pack a missing node comes from, and why it is missing.
+        v = requests.post(server.url + "/api/serverless/validate", timeout=60,
+                          json={"1": {"class_type": "LockBrokenNode", "inputs": {}},
+                                "2": {"class_type": "NoPackHasThis", "inputs": {}}}).json()
+        assert v["missing_nodes"] == [
+            {"node_id": "1", "class_type": "LockBrokenNode",
+             "pack": {"name": "lock_broken", "url": str(broken), "commit": broken_head,
+                      "state": drift["packs"]["lock_broken"]}},
+            {"node_id": "2", "class_type": "NoPackHasThis"}]
     finally:
         server.stop()
     assert env2["drift"] == drift
