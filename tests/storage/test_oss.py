@@ -251,3 +251,17 @@ def test_link_lifetime_is_clamped() -> None:
     assert 3500 < store._link_seconds(24 * 3600, soon) <= 3600
     v1 = OssStore(Settings(oss_sign_v4=False), env={})
     assert v1._link_seconds(30 * 24 * 3600, Credentials("a", "b")) == 30 * 24 * 3600
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("v4", [True, False], ids=["v4", "v1"])
+async def test_sign_gives_a_fresh_link_to_an_uploaded_object(oss: FakeOss, image: Path,
+                                                             v4: bool) -> None:
+    """Comfy API v2 redirects an output's content to a link signed then."""
+    store = OssStore(settings(oss, oss_sign_v4=v4), env=ENV)
+    out = await store.upload(image)
+    url = await store.sign(out["bucket"], out["object"])
+    assert url is not None and ("x-oss-signature=" if v4 else "Signature=") in url
+    assert requests.get(url, timeout=10).content == PNG
+    unsigned = OssStore(settings(oss, oss_link_expire=None), env=ENV)
+    assert await unsigned.sign(out["bucket"], out["object"]) is None

@@ -276,3 +276,15 @@ async def test_s3_input_size_cap_and_no_store(input_dir: Path, endpoint: str) ->
 
 def test_s3_is_remote() -> None:
     assert is_remote_or_inline("s3://b/k.png") and is_remote_or_inline("S3://b/k.png")
+
+
+@pytest.mark.anyio
+async def test_sign_gives_a_fresh_link_to_an_uploaded_object(endpoint: str, image: Path) -> None:
+    """Comfy API v2 redirects an output's content to a link presigned then."""
+    store = S3Store(settings(endpoint), env=ENV)
+    out = await store.upload(image)
+    url = await store.sign(out["bucket"], out["object"])
+    assert url is not None and _query(url)["X-Amz-Expires"] == "600"
+    assert requests.get(url, timeout=10).content == PNG
+    unsigned = S3Store(settings(endpoint, s3_link_expire=None), env=ENV)
+    assert await unsigned.sign(out["bucket"], out["object"]) is None
