@@ -453,8 +453,9 @@ def _outcome_error(outcome: Outcome, timeout: float | None,
             return RunTimeout(f"the run exceeded its time limit of {timeout:g}s and was interrupted",
                               details=err)
         if reason == "shutdown":
+            # Marked: a lost run, which a retry runs again (tasklog/attempts.py).
             return TaskCancelled("the instance shut down (SIGTERM) before the task finished; "
-                                 "it was interrupted", details=err)
+                                 "it was interrupted", details={**err, "interrupted_by": "shutdown"})
         where = f" at node {err['node_id']} ({err.get('node_type')})" if err.get("node_id") else ""
         return TaskCancelled(f"the task was cancelled{where}", details=err)
     node_id, node_type = err.get("node_id"), err.get("node_type")

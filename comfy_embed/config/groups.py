@@ -262,6 +262,9 @@ class TaskLogSettings(_Group):
     dir: Path | None = Field(default=None, alias="task_log_dir")
     #: Seconds after which a task whose owner stopped renewing is orphaned.
     lease_seconds: float = 30.0
+    #: Runs of one task id at most: a retry of a task whose last attempt was
+    #: lost (lease expired, drain past grace, recycle) runs it again until this.
+    max_attempts: int = Field(default=3, alias="task_max_attempts")
     #: Hours after which the outputs, inputs and logs of finished tasks (only
     #: what the service recorded), and old temp files, are deleted
     #: (``0`` or ``none``: keep everything).

@@ -39,10 +39,12 @@ from comfy_embed.observe.logs import current_task
 from comfy_embed.prepare.options import DEFAULT_OPTIONS, RunOptions
 from comfy_embed.runtime import Engine, Task, TaskObserver
 from comfy_embed.storage import Credentials
+from comfy_embed.service.attempts import Attempts
 from comfy_embed.service.blocking import BlockingCalls
 from comfy_embed.service.claim import Claim
 from comfy_embed.service.retention import Retention
 from comfy_embed.taskid import check_task_id, valid_task_id
+from comfy_embed.tasklog.attempts import is_lost
 from comfy_embed.tasklog.expiry import Policy
 from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.webhooks.delivery import Webhooks
@@ -140,6 +142,8 @@ class TaskService(TaskObserver):
         self._io = BlockingCalls(settings.tasklog.inline_seconds)
         #: Per-request retention, keep nothing, delete now (issue 29).
         self.retention = Retention(self)
+        #: Runs again a task whose last attempt was lost (issue 24).
+        self.attempts = Attempts(self.tasklog, settings.tasklog.max_attempts)
         engine.add_observer(self)
 
     def close(self) -> None:
@@ -170,6 +174,9 @@ class TaskService(TaskObserver):
         # this task: its log records say so.
         current_task.set(task_id)
         live = await self.engine.lookup(task_id)  # the engine's registry: one for all
+        if live is not None and live.done and is_lost(live.final):
+            self.engine.forget(task_id)  # lost here (a drain past grace): run it again below
+            live = None
         if live is not None:
             await self._check_owner(task_id, owner_key)
             # A finished one whose data was deleted since is answered from the log.
@@ -186,6 +193,7 @@ class TaskService(TaskObserver):
         outcome = await self._submit_while_claiming(body, options, claim)
         if not (isinstance(outcome, Task) and claim.claimed and claim.error is None):
             self.retention.forget(task_id)  # not run here: refused, known, or closed
+            self.attempts.forget(task_id)
         refusal = claim.refusal()
         if refusal is not None:
             raise refusal from claim.error
@@ -279,6 +287,7 @@ class TaskService(TaskObserver):
         log, its lease released, its webhook (if any) on its way."""
         final = final_event(task_id, None, {}, error=error.to_dict())
         self.retention.stamp(task_id, final)
+        self.attempts.stamp(task_id, final)
         try:
             await self._io.run(self.tasklog.append, task_id, final)
             await self._io.run(self.tasklog.release, task_id)
@@ -315,6 +324,7 @@ class TaskService(TaskObserver):
                     try:
                         if ends:
                             self.retention.stamp(task.task_id, batch[-1][1])
+                            self.attempts.stamp(task.task_id, batch[-1][1])
                             released = await self._io.run(self._write_final, task.task_id, batch)
                         else:
                             await self._io.run(self.tasklog.extend, task.task_id, batch)
@@ -389,8 +399,9 @@ class TaskService(TaskObserver):
             # deletes a finished task's output folder).
             raise FileExistsError(f"the output folder already has a folder named {task_id}")
         try:
-            if not self.tasklog.claim(task_id):
+            if not (self.tasklog.claim(task_id) or self.attempts.retry(task_id, owner_key)):
                 return False
+            self.attempts.claimed(task_id)
             if owner_key is not None:
                 self.tasklog.set_key_hash(task_id, owner_key)
         except OSError:

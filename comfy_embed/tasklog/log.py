@@ -23,6 +23,7 @@ from typing import Any
 
 from comfy_embed.events import FINAL, dumps_bytes, final_event
 from comfy_embed.taskid import valid_task_id
+from comfy_embed.tasklog.attempts import adopt, archive, attempt_of, restore, summaries
 from comfy_embed.tasklog.files import (
     CANCEL,
     FINAL_FILE,
@@ -80,6 +81,8 @@ class TaskLog:
         self.open_index = NameIndex(self.root, "open")
         #: The finished tasks by when they finished: what retention looks at.
         self.done_index = DoneIndex(self.root)
+        #: The attempt number of each task this object claimed, until released.
+        self.attempts: dict[str, int] = {}
         #: Tasks this object claimed and has not released: it alone writes
         #: their non-terminal events, its writes to each one at a time.
         self._owned: dict[str, threading.Lock] = {}
@@ -132,7 +135,23 @@ class TaskLog:
             self._owned[task_id] = threading.Lock()
         # The directory is ours alone (mkdir is exclusive).
         self.leases.take(d / OWNER, folder_is_ours=True)
+        self.attempts[task_id] = adopt(self.root, task_id)  # one stat with no earlier attempt
         return True
+
+    def retry(self, task_id: str, max_attempts: int) -> bool:
+        """Claim a task again whose last attempt was lost (attempts.py): True
+        when this call claimed it for attempt n+1 (at most ``max_attempts``);
+        False when it is not to be run again or another retry took it."""
+        return archive(self.root, task_id, max_attempts) and self.claim(task_id)
+
+    def attempt(self, task_id: str) -> int:
+        """The number of the task's latest attempt (1 for a task never retried)."""
+        n = self.attempts.get(task_id)
+        return n if n is not None else attempt_of(self._dir(task_id))
+
+    def earlier_attempts(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's earlier (lost) attempts, oldest first (attempts.summaries)."""
+        return summaries(self._dir(task_id))
 
     def discard(self, task_id: str) -> None:
         """Undo this instance's :meth:`claim` of a task that was never
@@ -141,9 +160,14 @@ class TaskLog:
         names = listdir(d)
         if self.owner(task_id) != self.instance_id or segment_seqs(names) or FINAL_FILE in names:
             return
+        self._writer.forget(task_id)
+        if self.attempts.pop(task_id, 1) > 1:
+            restore(self.root, task_id)  # the lost attempt stays the answer
+            with self._lock:
+                self._owned.pop(task_id, None)
+            return
         shutil.rmtree(d, ignore_errors=True)
         self.open_index.drop(task_id)
-        self._writer.forget(task_id)
         with self._lock:
             self._owned.pop(task_id, None)
 
@@ -296,6 +320,7 @@ class TaskLog:
         (a write saved on every answer's path).
         """
         self._writer.forget(task_id)
+        self.attempts.pop(task_id, None)
         with self._lock:
             self._owned.pop(task_id, None)
         if not final:
@@ -376,6 +401,7 @@ class TaskLog:
                        f"(lease {self.lease_seconds:g}s)")
         event = final_event(task_id, None, {}, error={
             "type": "task_lost", "message": message, "node_errors": {}})
+        event["data"]["attempt"] = attempt_of(self.root / task_id)
         self._writer.forget(task_id)  # the owner may have written since
         _, won = self._write(task_id, [(None, event)])
         self._writer.forget(task_id)
