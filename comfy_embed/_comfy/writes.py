@@ -66,7 +66,8 @@ class OutputWriter:
     (ComfyUI's output and temp folders)."""
 
     def __init__(self, workers: int, backlog: int, folders: Callable[[], list[Path]]) -> None:
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="comfy-encode")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="comfy-encode",
+                                        initializer=_yield_to_executor)
         self._slots = threading.BoundedSemaphore(backlog)
         self._folders = folders
         self._writes: list[PendingWrite] = []
@@ -124,6 +125,20 @@ class OutputWriter:
     # --------------------------------------------------------- any thread
     def close(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait)
+
+
+#: How much nicer than the process an encode thread runs (Linux: per thread).
+NICENESS = 5
+
+
+def _yield_to_executor() -> None:
+    """Lower this pool thread's CPU priority: where cores are short, the
+    executor thread (the GPU's feeder) runs first and encoding takes the rest."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: same priority
+        pass
 
 
 def _write(image: Any, path: Path, format: str | None, params: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +21,7 @@ import requests
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from comfy_embed._comfy.writes import OutputWriter
+from comfy_embed._comfy.writes import NICENESS, OutputWriter
 
 from benchmarks.common import NativeClient, start_native
 from tests.servers import Server
@@ -97,6 +98,15 @@ def test_a_full_backlog_holds_the_executor(writer: OutputWriter, tmp_path: Path)
         w.future.result(30)
     assert [w.path.name for w in writes] == ["a.png", "b.png"]
     assert Image.open(tmp_path / "b.png").tobytes() == picture(2).tobytes()
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no per-thread priority here")
+def test_encode_threads_yield_to_the_executor(writer: OutputWriter) -> None:
+    """Where cores are short the executor thread (the GPU's feeder) goes first."""
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    theirs = writer._pool.submit(
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result(30)
+    assert theirs == min(mine + NICENESS, 19)
 
 
 # ------------------------------------------------------ against native ComfyUI
