@@ -71,7 +71,7 @@ def sse_events(text: str) -> list[dict[str, Any]]:
 
 def test_readme_has_the_marked_blocks() -> None:
     blocks = readme_blocks()
-    for name in ("demo", "serve", "curl", "library", "cli", "tests"):
+    for name in ("demo", "serve", "curl", "library", "cli", "tests", "saved", "apps", "openai"):
         assert name in blocks, f"README.md lost its <!-- readme-test: {name} --> block"
     assert commands(blocks["serve"]) == ["scripts/serve"]
     assert commands(blocks["demo"]) == ["scripts/demo"]
@@ -155,6 +155,48 @@ def test_curl_examples_work_against_scripts_serve(served: tuple[str, int]) -> No
     steps = [e["data"] for e in events if e["type"] == "progress"]
     assert steps and steps[-1]["value"] == steps[-1]["max"]
     assert final["data"]["results"][0]["output"]["comfy"]["filename"].endswith(".png")
+
+
+def _run_curl(line: str, port: int) -> str:
+    assert line.startswith("curl ") and "localhost:9000" in line
+    line = line.replace("localhost:9000", f"127.0.0.1:{port}")
+    out = subprocess.run(line, shell=True, cwd=ROOT, env=clean_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_saved_workflow_posted_as_is(served: tuple[str, int]) -> None:
+    """The editor's saved format (nodes, links, a Reroute, a Note) runs as posted."""
+    _, port = served
+    (line,) = commands(readme_blocks()["saved"])
+    assert "saved_workflow.json" in line
+    answer = json.loads(_run_curl(line, port))
+    assert answer["data"]["status"] == "success", answer
+    images = [base64.b64decode(r["output"]["base64"]["data"]) for r in answer["data"]["results"]]
+    assert len(images) == 2 and all(i.startswith(PNG) for i in images)
+
+
+def test_app_call_with_curl(served: tuple[str, int]) -> None:
+    _, port = served
+    listed, called = commands(readme_blocks()["apps"])
+    apps = {a["name"]: a for a in json.loads(_run_curl(listed, port))["apps"]}
+    assert {"text-to-image", "invert"} <= set(apps)
+    assert apps["text-to-image"]["schema"]["properties"]["prompt"]["type"] == "string"
+    answer = json.loads(_run_curl(called, port))
+    assert answer["data"]["status"] == "success", answer
+    assert answer["data"]["seeds"] == {"3": 5} and len(answer["data"]["results"]) == 2
+
+
+def test_openai_snippet_runs_as_written(served: tuple[str, int], tmp_path: Path) -> None:
+    pytest.importorskip("openai")
+    _, port = served
+    code = readme_blocks()["openai"].replace("localhost:9000", f"127.0.0.1:{port}")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "text-to-image" in out.stdout
+    assert (tmp_path / "lighthouse.png").read_bytes().startswith(PNG)
 
 
 def test_the_page_the_readme_points_at_is_served(served: tuple[str, int]) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
