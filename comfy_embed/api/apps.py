@@ -9,6 +9,7 @@ The apps themselves (files, parameters, schemas) are ``prepare.apps``.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -71,3 +72,50 @@ async def get_app(request: Request) -> Response:
     except ComfyEmbedError as e:
         return _error(e)
     return JSONResponse(describe(app))
+
+
+def openapi_paths(apps: list[App]) -> dict[str, Any]:
+    """The apps' part of the OpenAPI document: the list, the generic call,
+    and one path per app whose request body is that app's own schema (the
+    document is built per request, so it follows the apps folder)."""
+    error = {"description": "An error (`{\"error\": {...}}`).",
+             "content": {"application/json": {"schema": {"type": "object"}}}}
+    final = {"description": "The task's final `serverless_api` message (or its SSE stream), "
+                            "as `/api/serverless/run` answers.",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/"
+                                                                 "FinalEvent"}},
+                         "text/event-stream": {"schema": {"type": "string"}}}}
+    flags = [{"name": n, "in": "query", "required": False, "schema": {"type": "string"},
+              "description": d} for n, d in (
+        ("stream", "Stream progress as server-sent events."),
+        ("output_base64", "Inline every output as base64."),
+        ("webhook", "Deliver the task's end (signed) to this URL."))]
+    call: dict[str, Any] = {
+        "summary": "Run an app with its named parameters (answers as /api/serverless/run)",
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string"}}, *flags],
+        "requestBody": {"required": False, "content": {"application/json": {
+            "schema": {"type": "object"}}}},
+        "responses": {"200": final, "202": {"description": "Async call accepted."},
+                      "400": error, "404": error, "422": error, "429": error, "503": error}}
+    paths: dict[str, Any] = {
+        "/api/apps": {"get": {"summary": "The workflow apps, each with its parameters' "
+                                         "JSON Schema",
+                              "responses": {"200": {"description": "The apps.", "content": {
+                                  "application/json": {"schema": {"type": "object"}}}},
+                                  "503": error}}},
+        "/api/apps/{name}": {
+            "get": {"summary": "One app", "parameters": call["parameters"][:1],
+                    "responses": {"200": {"description": "The app.", "content": {
+                        "application/json": {"schema": {"type": "object"}}}},
+                        "404": error, "503": error}},
+            "post": call},
+    }
+    for app in apps:
+        one = {**call, "summary": app.description or f"Run app {app.name}",
+               "operationId": f"app_{re.sub(r'[^A-Za-z0-9_]', '_', app.name)}",
+               "parameters": flags,
+               "requestBody": {"required": bool(app.schema()["required"]),
+                               "content": {"application/json": {"schema": app.schema()}}}}
+        paths[f"/api/apps/{app.name}"] = {"post": one}
+    return paths

@@ -218,3 +218,41 @@ async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [
         {"id": a.name, "object": "model", "created": 0, "owned_by": "comfy-embed"}
         for a in apps]})
+
+
+def openapi_paths() -> dict[str, Any]:
+    """The OpenAI-compatible part of the OpenAPI document."""
+    error = {"description": "OpenAI's error object.", "content": {"application/json": {
+        "schema": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"]}}}}}}
+    images = {"description": "The images.", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["created", "data"], "properties": {
+            "created": {"type": "integer"},
+            "data": {"type": "array", "items": {"type": "object", "properties": {
+                "b64_json": {"type": "string"}, "url": {"type": "string"}}}}}}}}}
+    fields = {"model": {"type": "string", "description": "An app's name (GET /v1/models)."},
+              "prompt": {"type": "string"}, "n": {"type": "integer", "minimum": 1,
+                                                  "maximum": _MAX_N},
+              "size": {"type": "string", "description": "WIDTHxHEIGHT"},
+              "response_format": {"enum": ["b64_json", "url"]},
+              "seed": {"type": "integer", "description": "Extension: the app's seed."}}
+    answers = {"200": images, "400": error, "401": error, "404": error, "413": error,
+               "422": error, "429": error, "500": error, "503": error}
+    return {
+        "/v1/images/generations": {"post": {
+            "summary": "OpenAI-compatible image generation (model = an app)",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["model"], "properties": fields}}}},
+            "responses": answers}},
+        "/v1/images/edits": {"post": {
+            "summary": "OpenAI-compatible image edit (multipart image, optional mask)",
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["model", "image"], "properties": {
+                    **fields, "image": {"type": "string", "format": "binary"},
+                    "mask": {"type": "string", "format": "binary"}}}}}},
+            "responses": answers}},
+        "/v1/models": {"get": {
+            "summary": "The apps, as OpenAI models",
+            "responses": {"200": {"description": "The models.", "content": {
+                "application/json": {"schema": {"type": "object"}}}}, "503": error}}},
+    }

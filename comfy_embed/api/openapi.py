@@ -15,7 +15,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from comfy_embed.api import apps as apps_api
+from comfy_embed.api import openai as openai_api
 from comfy_embed.api.v2 import openapi as v2_openapi
+from comfy_embed.errors import ComfyEmbedError
+from comfy_embed.prepare.apps import App
 from comfy_embed.version import __version__
 
 __all__ = ["document", "routes"]
@@ -429,8 +433,9 @@ def _page_paths() -> dict[str, Any]:
     }
 
 
-def document(version: str = __version__) -> dict[str, Any]:
-    """The OpenAPI 3.1 document (a new dict each call)."""
+def document(version: str = __version__, apps: list[App] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document (a new dict each call); ``apps``: the
+    workflow apps to describe one by one (their parameters' schemas)."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -440,13 +445,18 @@ def document(version: str = __version__) -> dict[str, Any]:
                            "and view merged into one call. Every answer carries "
                            "`X-Queue-Depth`.",
         },
-        "paths": {**_paths(), **v2_openapi.paths()},  # + Comfy API v2 (api/v2/openapi.py)
+        "paths": {**_paths(), **v2_openapi.paths(),  # + Comfy API v2 (api/v2/openapi.py)
+                  **apps_api.openapi_paths(apps or []), **openai_api.openapi_paths()},
         "components": {"schemas": {**_SCHEMAS, **v2_openapi.schemas()}},
     }
 
 
 async def openapi_json(request: Request) -> Response:
-    return JSONResponse(document())
+    try:  # the apps as the folder holds them now
+        apps = apps_api.registry(request.app.state).all()
+    except ComfyEmbedError:  # not booted yet: the generic app paths only
+        apps = []
+    return JSONResponse(document(apps=apps))
 
 
 async def docs_page(request: Request) -> Response:

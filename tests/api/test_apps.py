@@ -189,3 +189,16 @@ def test_an_app_added_or_changed_needs_no_restart(server: Server, apps_dir: Path
     (apps_dir / "late.json").write_text(json.dumps(app) + " ")
     one = requests.get(f"{server.url}/api/apps/late", timeout=30).json()
     assert one["description"] == "changed" and one["schema"]["properties"]["steps"]["maximum"] == 3
+
+
+def test_openapi_document_carries_each_apps_schema(server: Server) -> None:
+    from openapi_spec_validator import validate
+
+    doc = requests.get(f"{server.url}/openapi.json", timeout=30).json()
+    validate(doc)
+    listed = {a["name"]: a for a in requests.get(f"{server.url}/api/apps", timeout=30)
+              .json()["apps"]}
+    for name in ("t2i", "invert"):
+        body = doc["paths"][f"/api/apps/{name}"]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"] == listed[name]["schema"]
+    assert "/v1/images/generations" in doc["paths"]
