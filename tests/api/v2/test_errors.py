@@ -40,6 +40,18 @@ def error_of(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     return error  # type: ignore[no-any-return]
 
 
+def settle(server: Server) -> None:
+    """Wait until no job of this server is queued or running."""
+    deadline = time.monotonic() + 120
+    while True:
+        jobs = httpx.get(f"{server.url}/api/v2/jobs", params={"limit": 100},
+                         headers=AUTH).json()["jobs"]
+        if all(j["status"] not in {"queued", "running", "canceling"} for j in jobs):
+            return
+        assert time.monotonic() < deadline, [j["status"] for j in jobs]
+        time.sleep(0.1)
+
+
 def assert_serves(server: Server) -> None:
     r = post(server, {"workflow": image_only(batch=1)})
     assert r.status_code == 201, r.text
@@ -103,6 +115,7 @@ def test_not_found_and_bad_parameters(server: Server) -> None:
 
 def test_queue_full_is_429_with_retry_after(server: Server) -> None:
     """max_queue=1: one running, one waiting, the next refused."""
+    settle(server)  # the jobs of the tests before have left the queue
     ids = []
     try:
         for _ in range(2):
