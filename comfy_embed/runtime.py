@@ -173,10 +173,20 @@ class Engine:
         if queue is not None:  # packs read the queue in native's item shape
             queue.pending = lambda: [(0, j.prompt_id, j.prompt, j.extra_data, j.outputs)
                                      for j in self.executor.pending()]
-        # Compared with the lock before /ready (a lock that cannot be read fails the boot).
-        loaded = ({p.name: p.error for p in comfy.packs} if self.settings.comfy.custom_nodes
-                  else None)
-        self.fingerprint = instance_environment(self.settings, loaded, comfy.device)
+        self._fingerprint(comfy)
+        self._comfy = comfy
+        return comfy
+
+    def _fingerprint(self, comfy: Comfy) -> None:
+        """The environment, compared with the lock before /ready (a lock that
+        cannot be read fails the boot). A stand-in backend (the thread and
+        queue unit tests) may lack packs and model folders."""
+        packs = getattr(comfy, "packs", [])
+        loaded = {p.name: p.error for p in packs} if self.settings.comfy.custom_nodes else None
+        self.fingerprint = instance_environment(self.settings, loaded,
+                                                str(getattr(comfy, "device", "cpu")))
+        if not hasattr(comfy, "model_files"):
+            return
         folders = sorted(comfy.model_files())
 
         def locate(name: str) -> list[tuple[str, Path]]:
@@ -184,8 +194,6 @@ class Engine:
             return [(f"{f}/{name}", Path(p)) for f, p in found if p]
 
         self.fingerprint.locate = locate
-        self._comfy = comfy
-        return comfy
 
     @property
     def ready(self) -> bool:
@@ -368,6 +376,7 @@ class Engine:
                 report.environment = await self.fingerprint.record_async(prepared.checked)
             task = Task(self, task_id, prepared.prompt_id, prepared.seeds, options, report=report)
             task.request = request = prepared.request
+            task.resolved_graph = prepared.checked
             job = Job(prompt_id=prepared.prompt_id, prompt=prepared.checked,
                       outputs=prepared.outputs, task_id=task_id, emit=task._from_executor,
                       on_done=task._on_done, on_start=task._on_start,

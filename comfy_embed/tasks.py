@@ -130,6 +130,9 @@ class Task:
         self._started_at: float | None = None
         #: The parsed request: envelope fields (``extra_data``, targets) included.
         self.request: WorkflowRequest | None = None
+        #: The graph as it was queued (seeds resolved, inputs in place), kept in
+        #: the task log beside the run record so ``?replay=`` can run it again.
+        self.resolved_graph: dict[str, Any] | None = None
         #: Timings and memory of this task, frozen into the final's data.report.
         self.report = report or TaskReport()
         #: Set once the final event is durable: written by the observer that

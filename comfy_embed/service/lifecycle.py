@@ -42,6 +42,7 @@ from comfy_embed.storage import Credentials
 from comfy_embed.service.attempts import Attempts
 from comfy_embed.service.blocking import BlockingCalls
 from comfy_embed.service.claim import Claim
+from comfy_embed.service.replay import REPLAY_RECORD, replay_record
 from comfy_embed.service.retention import Retention
 from comfy_embed.taskid import check_task_id, valid_task_id
 from comfy_embed.tasklog.attempts import is_lost
@@ -325,7 +326,9 @@ class TaskService(TaskObserver):
                         if ends:
                             self.retention.stamp(task.task_id, batch[-1][1])
                             self.attempts.stamp(task.task_id, batch[-1][1])
-                            released = await self._io.run(self._write_final, task.task_id, batch)
+                            replay = replay_record(task)
+                            released = await self._io.run(self._write_final, task.task_id, batch,
+                                                          replay)
                         else:
                             await self._io.run(self.tasklog.extend, task.task_id, batch)
                     except OSError as e:
@@ -374,10 +377,14 @@ class TaskService(TaskObserver):
                 except Exception:
                     log.exception("task %s: releasing its lease failed", task.task_id)
 
-    def _write_final(self, task_id: str, batch: list[tuple[int, dict[str, Any]]]) -> bool:
+    def _write_final(self, task_id: str, batch: list[tuple[int, dict[str, Any]]],
+                     replay: bytes | None = None) -> bool:
         """The task's last write and its lease's release in one call (one
         worker-thread hop, where writes go to threads); True once released. A
-        failed release does not make the written final event look unwritten."""
+        failed release does not make the written final event look unwritten.
+        ``replay``: service/replay.py's record, written before the final."""
+        if replay is not None:
+            self.tasklog.put_record(task_id, REPLAY_RECORD, replay)
         self.tasklog.extend(task_id, batch)  # returns once a final event is on disk
         try:
             self._released(task_id, final=True)
@@ -589,3 +596,4 @@ class TaskService(TaskObserver):
 def _error_type(final: dict[str, Any]) -> str | None:
     error = (final.get("data") or {}).get("error")
     return error.get("type") if isinstance(error, dict) else None
+

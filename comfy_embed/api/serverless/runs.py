@@ -7,6 +7,7 @@ import logging
 import uuid
 from typing import Any, AsyncIterator, Mapping
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -27,6 +28,7 @@ from comfy_embed.errors import (
 from comfy_embed.events import final_event
 from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.lifecycle import Handle, TaskService
+from comfy_embed.service.replay import read_replay
 from comfy_embed.storage import credentials_from_headers
 from comfy_embed.webhooks.request import envelope_webhook, webhook_request
 
@@ -144,8 +146,13 @@ async def run(request: Request) -> Response:
         since = since_param(q, request.headers) if stream else 0
         body = await read_limited(request, settings.server.max_body_bytes)
         app = request.path_params.get("name") or q.get("app")  # POST /api/apps/{name}, ?app=
+        replay = None
         if app:
             parsed, envelope_url = app_graph(request.app.state, app, body), None
+        elif q.get("replay") is not None:  # a recorded task's graph, run again
+            replay = await anyio.to_thread.run_sync(read_replay, service.tasklog, service.engine,
+                                                    task_id_param(q.get("replay")))
+            parsed, envelope_url = replay.graph, None
         else:
             parsed, envelope_url = envelope_webhook(body)
         hook = webhook_request(q, envelope_url, settings)
@@ -153,6 +160,8 @@ async def run(request: Request) -> Response:
                                      owner_key=key_hash_of(request.scope), policy=policy)
     except ComfyEmbedError as e:  # refused before queueing: the table says how
         return _error_answer(e, task_id, stream)
+    if replay is not None and handle.task is not None and handle.task.report.environment:
+        handle.task.report.environment["replay"] = replay.describe()  # into the report
     headers = {"X-Task-Id": task_id}
     is_async = request.headers.get("x-fc-invocation-type", "").lower() == "async"
     if is_async and not settings.server.async_inline:
@@ -163,6 +172,8 @@ async def run(request: Request) -> Response:
                                  media_type="text/event-stream",
                                  headers=headers)
     final = await handle.final()
+    if replay is not None and isinstance(final.get("data"), dict):
+        final = {**final, "data": {**final["data"], "replay": replay.describe()}}
     error = (final.get("data") or {}).get("error") or {}
     if error.get("type") == StorageUnavailable.type:
         headers["Retry-After"] = str(StorageUnavailable("").retry_after)
