@@ -49,7 +49,8 @@ def _browser_or_skip() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     _browser_or_skip()
-    srv = Server(tmp_path_factory.mktemp("page"))
+    srv = Server(tmp_path_factory.mktemp("page"),
+                 apps_dir=ROOT / "comfy_embed" / "examples" / "apps")  # the bundled apps
     try:
         yield srv.wait_ready()
     finally:
@@ -298,3 +299,32 @@ def test_with_authentication_the_page_loads_and_asks_for_the_key(driver: Any, ke
     _wait(driver, lambda d: _state(d) == "error", 30, "replay refused without the key")
     assert driver.find_element("id", "task-id").text == task_id
     assert "requires an API key" in driver.find_element("id", "error").text
+
+
+def test_app_form_runs_an_app_with_its_parameters(driver: Any, server: Server) -> None:
+    """An app picked from the list gets a form built from its parameters'
+    schema (number bounds, defaults); Run streams it like any workflow."""
+    from selenium.webdriver.support.ui import Select
+
+    _open(driver, server)
+    _wait(driver, lambda d: d.execute_script(
+        "return document.querySelectorAll('#app option').length") >= 3, 30, "apps")
+    Select(driver.find_element("id", "app")).select_by_value("text-to-image")
+    assert driver.find_element("id", "app-form").is_displayed()
+    assert driver.find_element("id", "workflow").get_attribute("disabled") is not None
+    steps = driver.find_element("id", "app-param-steps")
+    assert steps.get_attribute("max") == "50" and steps.get_attribute("value") == "4"
+    prompt = driver.find_element("id", "app-param-prompt")
+    prompt.clear()
+    prompt.send_keys("a red fox in the snow")
+    seed = driver.find_element("id", "app-param-seed")
+    seed.clear()
+    seed.send_keys("5")
+    driver.find_element("id", "run").click()
+    _wait(driver, lambda d: _state(d) == "success", what="app success")
+    assert "node 3: 5" in driver.find_element("id", "seeds").text
+    img = driver.find_element("css selector", "#results img")
+    _wait(driver, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
+                                             img), 30, "image decoded")
+    Select(driver.find_element("id", "app")).select_by_value("")
+    assert not driver.find_element("id", "app-form").is_displayed()

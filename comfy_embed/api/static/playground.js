@@ -12,6 +12,7 @@ const ui = {
   queue: $("queue"), node: $("node"), elapsed: $("elapsed"), progress: $("progress"),
   progressText: $("progress-text"), error: $("error"), seeds: $("seeds"), results: $("results"),
   events: $("events"), eventCount: $("event-count"),
+  app: $("app"), appForm: $("app-form"), appFields: $("app-fields"),
 };
 
 // The task on screen: its id, the graph it ran (node names), timers, blob URLs.
@@ -481,16 +482,24 @@ function needKey(status) {
 }
 
 async function run() {
-  const { graph, problems } = showValidation();
-  if (problems.length) { ui.editor.focus(); return; }
+  const app = apps.get(ui.app.value);
+  let graph = {}, url = `api/apps/${encodeURIComponent(ui.app.value)}?${runParams()}`, body;
+  if (app) {
+    body = JSON.stringify(appValues());
+  } else {
+    const checked = showValidation();
+    if (checked.problems.length) { ui.editor.focus(); return; }
+    graph = checked.graph;
+    url = `${API}/run?${runParams()}`;
+    body = ui.editor.value;  // the text as written: re-serialising would round seeds past 2^53
+  }
   const id = newTaskId();
   resetTask(id, graph, "submitting");
   ui.lookupId.value = id;
   let resp;
   try {
-    // The text as written: re-serialising would round seeds past 2^53.
-    resp = await fetch(`${API}/run?${runParams()}`, {
-      method: "POST", body: ui.editor.value,
+    resp = await fetch(url, {
+      method: "POST", body,
       headers: { "Content-Type": "application/json", "X-Task-Id": id, ...authHeaders() },
     });
   } catch (e) {
@@ -617,4 +626,84 @@ document.addEventListener("keydown", (e) => {
 ui.key.value = sessionStorage.getItem("comfy-embed-key") || "";
 ui.key.addEventListener("change", () => sessionStorage.setItem("comfy-embed-key", ui.key.value.trim()));
 
+// ------------------------------------------------------------------- apps
+// An app (GET api/apps) is run from a form built from its parameters' JSON
+// Schema; the answer streams like any run.
+const apps = new Map();
+
+async function loadApps() {
+  try {
+    const r = await fetch("api/apps", { headers: authHeaders() });
+    if (!r.ok) return;  // no apps, or a key is needed: the workflow editor still works
+    for (const app of (await r.json()).apps) {
+      apps.set(app.name, app);
+      ui.app.append(el("option", { value: app.name,
+                                   text: app.description ? `${app.name}: ${app.description}` : app.name }));
+    }
+  } catch (e) { /* the editor works without apps */ }
+}
+
+function appField(name, s) {
+  const id = `app-param-${name}`;
+  let input;
+  if (s.enum) {
+    input = el("select", { id });
+    for (const c of s.enum) input.append(el("option", { value: String(c), text: String(c) }));
+    if (s.default !== undefined) input.value = String(s.default);
+  } else if (s.type === "boolean") {
+    input = el("input", { id, type: "checkbox" });
+    input.checked = Boolean(s.default);
+  } else if (s.type === "integer" || s.type === "number") {
+    input = el("input", { id, type: "number", step: s.type === "integer" ? "1" : "any" });
+    if (s.minimum !== undefined) input.min = String(s.minimum);
+    if (s.maximum !== undefined) input.max = String(s.maximum);
+    if (s.default !== undefined && s.default !== null) input.value = String(s.default);
+  } else {
+    input = el(s.contentMediaType ? "input" : "textarea", { id, rows: "2" });
+    if (s.contentMediaType) input.placeholder = "URL, oss://, base64, or pick a file";
+    else if (s.default !== undefined && s.default !== null) input.value = String(s.default);
+  }
+  input.dataset.param = name;
+  input.dataset.kind = s.enum ? "enum" : s.contentMediaType ? "image" : s.type;
+  const label = el("label", { for: id, text: s.description ? `${name}: ${s.description}` : name });
+  const field = el("div", { class: "field" }, label, input);
+  if (s.contentMediaType) {  // a local file goes as base64
+    const file = el("input", { type: "file", accept: "image/*", "aria-label": `${name} file` });
+    file.addEventListener("change", () => {
+      const f = file.files[0];
+      if (!f) return;
+      const reader = new FileReader();
+      reader.onload = () => { input.value = String(reader.result).split(",", 2)[1] || ""; };
+      reader.readAsDataURL(f);
+    });
+    field.append(file);
+  }
+  return field;
+}
+
+function renderAppForm() {
+  const app = apps.get(ui.app.value);
+  ui.appFields.replaceChildren();
+  ui.appForm.hidden = !app;
+  ui.editor.disabled = Boolean(app);
+  if (!app) return;
+  for (const [name, s] of Object.entries(app.schema.properties || {})) ui.appFields.append(appField(name, s));
+}
+
+function appValues() {
+  const out = {};
+  for (const input of ui.appFields.querySelectorAll("[data-param]")) {
+    const name = input.dataset.param, kind = input.dataset.kind;
+    const schema = apps.get(ui.app.value).schema.properties[name];
+    if (kind === "boolean") out[name] = input.checked;
+    else if (input.value === "") continue;  // the app's default
+    else if (kind === "integer" || kind === "number") out[name] = Number(input.value);
+    else if (kind === "enum") out[name] = schema.enum.find((c) => String(c) === input.value);
+    else out[name] = input.value;
+  }
+  return out;
+}
+ui.app.addEventListener("change", renderAppForm);
+
 loadExamples();
+loadApps();
