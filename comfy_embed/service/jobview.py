@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from comfy_embed.events import FINAL
+from comfy_embed.events import FINAL, dumps_bytes, loads
 from comfy_embed.prepare.graph import node_order
 
 __all__ = [
@@ -69,15 +69,16 @@ class JobRecord:
 
     def to_json(self, workflow: dict[str, Any]) -> bytes:
         """The record file: this, and the workflow as submitted."""
-        return zlib.compress(json.dumps({
+        # orjson and a light zlib level: this is on every submit's path.
+        return zlib.compress(dumps_bytes({
             "id": self.job_id, "created_at": self.created_at, "metadata": self.metadata,
             "nodes_total": self.nodes_total, "classes": self.classes,
-            "workflow": workflow}, default=str).encode())
+            "workflow": workflow}), 1)
 
     @classmethod
     def parse(cls, raw: bytes) -> tuple[JobRecord, dict[str, Any]]:
         """The record and the workflow of a record file."""
-        d = json.loads(zlib.decompress(raw))
+        d = loads(zlib.decompress(raw))
         record = cls(str(d["id"]), float(d["created_at"]), dict(d.get("metadata") or {}),
                      int(d.get("nodes_total") or 0), dict(d.get("classes") or {}))
         workflow = d.get("workflow")
