@@ -58,8 +58,19 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "description": "A ComfyUI API-format workflow (`Export (API)`): `{node_id: node}`; a "
                        "link is `[source_node_id, output_index]`. A native `/prompt` envelope "
-                       "(`{\"prompt\": {...}, \"extra_data\": ...}`) is accepted too.",
+                       "(`{\"prompt\": {...}, \"extra_data\": ...}`) is accepted too, and so is "
+                       "a workflow saved from the editor (`SavedWorkflow`), converted on the "
+                       "server.",
         "additionalProperties": _ref("Node"),
+    },
+    "SavedWorkflow": {
+        "type": "object",
+        "description": "A workflow saved from ComfyUI's editor (`Workflow > Save`): `nodes`, "
+                       "`links`, `extra`, `definitions.subgraphs`; the server converts it to "
+                       "the API format with its own node definitions.",
+        "required": ["nodes"],
+        "properties": {"nodes": {"type": "array", "items": {"type": "object"}},
+                       "links": {"type": "array"}},
     },
     "Node": {
         "type": "object",
@@ -406,7 +417,8 @@ def _page_paths() -> dict[str, Any]:
                                          "responses": {"200": _json({
             "type": "object", "required": ["examples"], "properties": {"examples": {
                 "type": "array", "items": {"type": "object", "required": ["name", "workflow"],
-                "properties": {"name": {"type": "string"}, "workflow": _ref("Workflow")}}}}},
+                "properties": {"name": {"type": "string"}, "workflow": {
+                    "anyOf": [_ref("Workflow"), _ref("SavedWorkflow")]}}}}}},
             "`[{name, workflow}]`.")}}},
         "/static/{path}": {"get": {
             "summary": "The playground page's files",
