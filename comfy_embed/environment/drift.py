@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import anyio
 
-from comfy_embed.config import Settings
+from comfy_embed.config import Settings, places
 from comfy_embed.environment import gitrepo
 from comfy_embed.environment.lockfile import Lock, PackPin, lock_hash, read_lock
 from comfy_embed.environment.nodes import declared_nodes
@@ -227,6 +227,8 @@ def instance_environment(settings: Settings, loaded: dict[str, str | None] | Non
     except importlib.metadata.PackageNotFoundError:
         torch = None
     commit = gitrepo.head(s.comfyui_dir)
+    if commit is None and s.comfyui_dir.resolve() == places.default_comfyui_dir().resolve():
+        commit = places.COMFYUI_COMMIT  # the vendored copy, without its git history (an image)
     fp = Fingerprint(commit, {p.name: p.commit for p in packs}, torch, device, s.models_path)
     if s.lock is not None:
         lock = read_lock(s.lock)
