@@ -185,3 +185,16 @@ def test_real_packs_from_local_mirrors(tmp_path: Path) -> None:
     # The node classes each declares (the README's table counts 40 and 85 loaded).
     assert len(vhs_pin.nodes) == 40 and "VHS_VideoCombine" in vhs_pin.nodes
     assert len(ess_pin.nodes) == 85 and "SimpleMath+" in ess_pin.nodes
+
+
+def test_install_models_names_a_missing_model_without_url(tmp_path: Path) -> None:
+    from comfy_embed.config import Settings
+    from comfy_embed.environment.apply import fetch_models
+
+    lock = parse_lock(f'[[models]]\nfolder = "vae"\nname = "absent.bin"\nsha256 = "{"0" * 64}"\n')
+    settings = Settings(base_dir=tmp_path)
+    with pytest.raises(InstallError, match="model vae/absent.bin is not in .* and the lock gives no url"):
+        fetch_models(settings, lock)
+    (tmp_path / "models" / "vae").mkdir(parents=True)
+    (tmp_path / "models" / "vae" / "absent.bin").write_bytes(b"x")
+    assert fetch_models(settings, lock) == []  # there: nothing to fetch (drift checks its hash)
