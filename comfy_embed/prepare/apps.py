@@ -11,7 +11,8 @@ An app is ``<apps dir>/<name>.json``::
      "openai": {"prompt": "prompt", "n": "batch", "size": ["width", "height"],
                 "image": "image", "mask": "mask"}}
 
-A parameter's type, default, bounds and choices come from the node's input
+A bare workflow file (either format) is an app too, its parameters declared
+by titles. A parameter's type, default, bounds and choices come from the node's input
 spec and the workflow's own value; the app may narrow them (``minimum``,
 ``maximum``, ``choices``, ``default``) and mark one ``required``. An
 ``image`` parameter (a combo with an upload flag, such as LoadImage's)
@@ -214,7 +215,9 @@ def load_app(path: Path, defs: NodeDefinitions) -> App:
             from None
     if not isinstance(doc, dict):
         raise WorkflowInvalid(f"{where}: must be a JSON object", type="invalid_prompt")
-    workflow = doc.get("workflow", doc if "nodes" in doc else None)
+    bare = "nodes" in doc or (bool(doc) and all(isinstance(v, dict) and "class_type" in v
+                                                  for v in doc.values()))
+    workflow = doc.get("workflow", doc if bare else None)  # a bare workflow: titles only
     if isinstance(workflow, str):  # a workflow file beside the app
         wf_path = (path.parent / workflow).resolve()
         if path.parent.resolve() not in wf_path.parents:
