@@ -105,6 +105,9 @@ class ApiKeyAuth:
         if str(scope.get("path", "")).startswith("/api/v2/"):  # Comfy API v2's envelope
             body = json.dumps({"error": {"code": error.type, "message": error.message,
                                          "details": None}}).encode()
+        elif str(scope.get("path", "")).startswith("/v1/"):  # OpenAI's error object
+            body = json.dumps({"error": {"message": error.message, "type": "invalid_request_error",
+                                         "param": None, "code": "invalid_api_key"}}).encode()
         else:
             body = json.dumps(final_event("", None, {}, error=error.to_dict())).encode()
         if scope["type"] == "websocket":

@@ -117,8 +117,9 @@ def test_errors_are_openai_errors(client: Any, server: Server) -> None:
         client.images.generate(model="tiny-edit", prompt="x", n=2)
     assert e.value.body["param"] == "n"
     bad = openai.OpenAI(api_key="wrong", base_url=f"{server.url}/v1", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as auth:
         bad.models.list()
+    assert auth.value.body["code"] == "invalid_api_key"  # OpenAI's shape, from the key check
     r = requests.post(f"{server.url}/v1/images/generations", data=b"[1]", timeout=30,
                       headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
