@@ -221,7 +221,8 @@ class Preparer:
         def step(envelope: dict[str, Any]) -> dict[str, Any]:
             saved = envelope.get("prompt")
             if isinstance(saved, dict) and is_ui_workflow(saved):
-                envelope["prompt"] = convert_ui_workflow(saved, self.nodes)
+                envelope["prompt"] = convert_ui_workflow(saved, self.nodes,
+                                                         self.settings.safety.max_nodes)
                 extra = envelope.get("extra_data")
                 if isinstance(extra, dict) or extra is None:
                     extra = dict(extra or {})

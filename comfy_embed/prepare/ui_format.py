@@ -186,8 +186,10 @@ _Resolved = tuple[str, Any] | None
 
 
 class _Converter:
-    def __init__(self, workflow: dict[str, Any], defs: NodeDefinitions) -> None:
+    def __init__(self, workflow: dict[str, Any], defs: NodeDefinitions,
+                 max_nodes: int) -> None:
         self.defs = defs
+        self.max_nodes = max_nodes
         subgraphs = (workflow.get("definitions") or {}).get("subgraphs") or []
         self.subgraphs: dict[str, _Graph] = {}
         for sg in subgraphs:
@@ -197,6 +199,7 @@ class _Converter:
                                                   list(sg.get("inputs") or []))
         self.root = _Graph(self._nodes(workflow.get("nodes")), _links(workflow.get("links")))
         self.dtos: dict[str, _Dto] = {}
+        self._count = 0  # nodes that will be sent (not notes, reroutes, instances)
         self._widgets: dict[str, dict[str, Any]] = {}
         self._flatten(self.root, (), None, depth=0)
 
@@ -216,6 +219,13 @@ class _Converter:
         for nid, node in graph.nodes.items():
             dto = _Dto(":".join((*path, nid)), node, graph, path, instance)
             self.dtos[dto.id] = dto
+            if dto.type not in FRONTEND_ONLY and dto.type not in self.subgraphs:
+                self._count += 1
+            if self._count > self.max_nodes:
+                # Checked while expanding: nested subgraph instances multiply.
+                raise WorkflowInvalid(f"the saved workflow expands to more than "
+                                      f"{self.max_nodes} nodes (COMFY_EMBED_MAX_NODES)",
+                                      type="too_many_nodes")
             inner = self.subgraphs.get(dto.type)
             if inner is not None:
                 self._flatten(inner, (*path, nid), dto, depth + 1)
@@ -414,15 +424,17 @@ class _Converter:
                                node_errors=node_error(dto.id, dto.type, where, message))
 
 
-def convert_ui_workflow(workflow: dict[str, Any], defs: NodeDefinitions) -> dict[str, Any]:
+def convert_ui_workflow(workflow: dict[str, Any], defs: NodeDefinitions,
+                        max_nodes: int = 10_000) -> dict[str, Any]:
     """The API-format graph of a saved workflow (see the module's notes).
 
-    ``defs`` are this instance's node definitions. Raises WorkflowInvalid naming the editor's node
-    id and title.
+    ``defs`` are this instance's node definitions. Raises WorkflowInvalid
+    naming the editor's node id and title; ``too_many_nodes`` as soon as the
+    expansion (nested subgraph instances multiply) passes ``max_nodes``.
     """
     group_nodes = (workflow.get("extra") or {}).get("groupNodes")
     if group_nodes:
         names = ", ".join(sorted(str(k) for k in group_nodes))
         raise WorkflowInvalid(f"saved workflow uses legacy group nodes ({names}): open it in "
                               "the editor and convert them to subgraphs", type="invalid_prompt")
-    return _Converter(workflow, defs).convert()
+    return _Converter(workflow, defs, max_nodes).convert()

@@ -116,3 +116,19 @@ async def test_preparer_converts_and_keeps_the_saved_workflow(engine: Engine) ->
         "workflow": {"mine": True}}}})
     assert envelope.prompt == request.prompt
     assert envelope.extra_data["extra_pnginfo"]["workflow"] == {"mine": True}
+
+
+def test_nested_subgraph_expansion_is_bounded(engine: Engine) -> None:
+    """Ten instances of a subgraph holding ten instances of one holding ten
+    nodes: 1,000 nodes from 30 saved ones, refused while expanding."""
+    def sub(sid: str, inner: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": sid, "nodes": inner, "links": [], "inputs": [], "outputs": []}
+
+    leaf = sub("leaf-0000", [node(i, "PreviewImage") for i in range(10)])
+    mid = sub("mid-0000", [node(i, "leaf-0000") for i in range(10)])
+    wf = saved([node(i, "mid-0000") for i in range(10)],
+               definitions={"subgraphs": [mid, leaf]})
+    with pytest.raises(WorkflowInvalid, match="more than 400 nodes") as e:
+        convert_ui_workflow(wf, engine.comfy, max_nodes=400)
+    assert e.value.type == "too_many_nodes"
+    assert len(convert_ui_workflow(wf, engine.comfy, max_nodes=1000)) == 1000
