@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Fingerprint", "PackState", "differences", "drift", "instance_environment",
            "pack_states", "sha256_of"]
 
+#: What a model file's name ends with (ComfyUI's supported_pt_extensions, and more).
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".sft",
+                  ".gguf", ".onnx")
 _hashes: dict[tuple[str, int, int], str] = {}
 _hash_lock = threading.Lock()
 
@@ -163,8 +166,11 @@ class Fingerprint:
         return bool(d.get("packs") or d.get("models") or d.get("comfyui"))
 
     def _model_files(self, prompt: dict[str, Any]) -> list[tuple[str, Path]]:
+        # Only names with a model file's extension are looked up (a prompt's
+        # text is not): this runs on the event loop for every task.
         names = {v for node in prompt.values() if isinstance(node, dict)
-                 for v in (node.get("inputs") or {}).values() if isinstance(v, str)}
+                 for v in (node.get("inputs") or {}).values()
+                 if isinstance(v, str) and v.lower().endswith(MODEL_SUFFIXES)}
         if self.locate is not None:
             return [found for name in sorted(names) if name and len(name) < 512
                     for found in self.locate(name)]
