@@ -437,4 +437,8 @@ def convert_ui_workflow(workflow: dict[str, Any], defs: NodeDefinitions,
         names = ", ".join(sorted(str(k) for k in group_nodes))
         raise WorkflowInvalid(f"saved workflow uses legacy group nodes ({names}): open it in "
                               "the editor and convert them to subgraphs", type="invalid_prompt")
-    return _Converter(workflow, defs, max_nodes).convert()
+    try:
+        return _Converter(workflow, defs, max_nodes).convert()
+    except RecursionError:  # a chain of thousands of reroutes or bypassed nodes
+        raise WorkflowInvalid("the saved workflow's links chain too deep to resolve",
+                              type="invalid_prompt") from None

@@ -132,3 +132,22 @@ def test_nested_subgraph_expansion_is_bounded(engine: Engine) -> None:
         convert_ui_workflow(wf, engine.comfy, max_nodes=400)
     assert e.value.type == "too_many_nodes"
     assert len(convert_ui_workflow(wf, engine.comfy, max_nodes=1000)) == 1000
+
+
+def test_a_very_long_reroute_chain_is_a_clear_error(engine: Engine) -> None:
+    n = 5000
+    nodes = [node(1, "EmptyImage", outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [1]}],
+                  wv=[8, 8, 1, 0])]
+    links = []
+    for i in range(n):
+        nodes.append(node(i + 2, "Reroute", [{"name": "", "type": "*", "link": i + 1}],
+                          [{"name": "", "type": "IMAGE", "links": [i + 2]}]))
+        links.append([i + 1, i + 1, 0, i + 2, 0, "IMAGE"])
+    nodes.append(node(n + 2, "PreviewImage", [{"name": "images", "type": "IMAGE", "link": n + 1}]))
+    links.append([n + 1, n + 1, 0, n + 2, 0, "IMAGE"])
+    with pytest.raises(WorkflowInvalid, match="chain too deep"):
+        convert_ui_workflow(saved(nodes, links), engine.comfy)
+    short = saved(nodes[:3] + [node(n + 2, "PreviewImage",
+                                    [{"name": "images", "type": "IMAGE", "link": 3}])],
+                  links[:3])
+    assert convert_ui_workflow(short, engine.comfy)[str(n + 2)]["inputs"] == {"images": ["1", 0]}
