@@ -163,6 +163,8 @@ class JobState:
     expires_at: str | None = None
     #: When a task of the FC API (no v2 record) was submitted, from its report.
     created_at: float | None = None
+    #: Every attempt of a task that was run again after a lost one (issue 24).
+    attempts: list[dict[str, Any]] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -325,6 +327,8 @@ def _finish(st: JobState, data: dict[str, Any], created: float | None,
     st.outputs = _final_outputs(data)
     if isinstance(data.get("expires_at"), str):
         st.expires_at = data["expires_at"]
+    if isinstance(data.get("attempts"), list):
+        st.attempts = data["attempts"]
     report = data.get("report") or {}
     if isinstance(report, dict) and report:
         st.metrics = {"queue_ms": _ms(report, "queued"), "execution_ms": _ms(report, "execution"),

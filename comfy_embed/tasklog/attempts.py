@@ -33,6 +33,9 @@ RETRY_RECORD = "retry"
 #: not a task id: ``@`` is not allowed in one).
 STAGING = "@attempts"
 _PREFIX = "attempt-"
+#: Records of the task itself that every attempt keeps: a Comfy API v2 job
+#: (service/jobs.py; named here to keep the log free of the service).
+_TASK_RECORDS = ("v2job",)
 
 #: Final error types that mean the run was lost, not that it failed:
 #: ``task_lost`` (lease expired), ``not_accepting`` (closed by a shutdown
@@ -108,6 +111,11 @@ def adopt(root: Path, task_id: str) -> int:
         if name.isdigit():
             os.rename(staging / name, d / f"{_PREFIX}{name}")
     last = max(_numbers(d), default=0)
+    for name in _TASK_RECORDS:  # what describes the task, not one attempt
+        try:
+            shutil.copyfile(d / f"{_PREFIX}{last}" / name, d / name)
+        except FileNotFoundError:
+            pass
     try:
         staging.rmdir()
     except OSError:

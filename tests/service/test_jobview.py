@@ -112,3 +112,14 @@ def test_output_files_stay_in_the_jobs_own_folders(tmp_path: Path) -> None:
         assert file_path(bad, folders, "job_1") is None, rel
     text = OutputRef("5", "t0", "text.txt", "text/plain", text=b"x")
     assert file_path(text, folders, "job_1") is None
+
+def test_a_job_run_again_lists_its_attempts() -> None:
+    final = final_event("job_1", None, {})
+    final["data"].update(attempt=2, attempts=[
+        {"attempt": 1, "status": "error", "error": {"type": "task_lost", "message": "m"},
+         "finished_at": "2026-01-01T00:00:00Z"},
+        {"attempt": 2, "status": "success", "error": None, "finished_at": "2026-01-01T00:00:09Z"}])
+    st = job_state(seq(final), RECORD)
+    assert st.status == "succeeded"
+    assert st.attempts is not None and [a["attempt"] for a in st.attempts] == [1, 2]
+    assert job_state(seq(final_event("job_1", None, {})), RECORD).attempts is None

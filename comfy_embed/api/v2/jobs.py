@@ -98,6 +98,8 @@ def job_json(view: JobView, base: str, request: Request) -> dict[str, Any]:
         "queue_position": st.queue_position, "progress": st.progress,
         "outputs": [output_json(o, job_id, base, folders) for o in st.outputs],
         "error": st.error, "metrics": st.metrics,
+        # Run again after a lost attempt (issue 24): each attempt, this one last.
+        **({"attempts": st.attempts} if st.attempts else {}),
         "urls": {"self": path, "events": f"{path}/events", "cancel": f"{path}/cancel"},
         "metadata": view.record.metadata,
     }
