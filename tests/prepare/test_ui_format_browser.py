@@ -12,8 +12,12 @@ frontend repository's own browser-test assets (``ui_workflows/frontend/``,
 see its SOURCE.md: copied as data because CI reaches no GitHub); and ours in
 ``ui_workflows/`` (bypass, mute, Reroute, PrimitiveNode, core primitives,
 Note/MarkdownNote, a subgraph with promoted widgets, nested subgraphs with a
-bypassed inner node). 111 workflows; one native server and one browser for
-the whole corpus.
+bypassed inner node), and ``ui_workflows/packs/`` (the test pack's nodes:
+a ``forceInput`` input, an any-name optional section, a bypassed pack node,
+an editor primitive over a pack widget; native loads that pack, and its
+definitions come from native's ``/object_info`` since the session's
+ComfyUI loads no custom nodes). 112 workflows; one native server and one
+browser for the whole corpus.
 
 Explained differences (the comparison skips them, each named here):
 - ``_meta.title`` is not compared: for an untitled node the frontend writes
@@ -47,6 +51,40 @@ from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 OWN = Path(__file__).parent / "ui_workflows"
+PACK = ROOT / "tests" / "custom_nodes" / "embed_test_pack"
+
+
+class _PackNodes:
+    """Node definitions: this instance's, and for the test pack's nodes (the
+    session's ComfyUI loads no custom nodes) the same pack's as native
+    ComfyUI loaded them (``/object_info``), read the way ComfyUI's
+    INPUT_TYPES reads: required then optional, a list type is a combo."""
+
+    def __init__(self, engine: Engine, object_info: dict[str, Any]) -> None:
+        self.engine, self.info = engine, object_info
+
+    def _pack(self, class_type: str) -> dict[str, Any] | None:
+        if self.engine.comfy.has_node(class_type):
+            return None
+        return self.info.get(class_type, {}).get("input", {})
+
+    def input_specs(self, class_type: str) -> dict[str, tuple[Any, dict[str, Any]]]:
+        spec = self._pack(class_type)
+        if spec is None:
+            return self.engine.comfy.input_specs(class_type)
+        out = {}
+        for section in ("required", "optional"):
+            for name, value in (spec.get(section) or {}).items():
+                kind = "COMBO" if isinstance(value[0], list) else value[0]
+                out[name] = (kind, value[1] if len(value) > 1 else {})
+        return out
+
+    def input_options(self, class_type: str) -> dict[str, list[Any]]:
+        spec = self._pack(class_type)
+        if spec is None:
+            return self.engine.comfy.input_options(class_type)
+        return {n: v[0] for section in ("required", "optional")
+                for n, v in (spec.get(section) or {}).items() if isinstance(v[0], list)}
 
 
 def _requirements() -> None:
@@ -78,12 +116,12 @@ def _saved(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get("nodes"), list) else None
 
 
-def _known(workflow: dict[str, Any], engine: Engine) -> bool:
+def _known(workflow: dict[str, Any], engine: Engine, pack: frozenset[str] = frozenset()) -> bool:
     subgraphs = (workflow.get("definitions") or {}).get("subgraphs") or []
     ids = {s["id"] for s in subgraphs}
     nodes = list(workflow["nodes"]) + [n for s in subgraphs for n in s.get("nodes", [])]
-    return all(n["type"] in FRONTEND_ONLY or n["type"] in ids or engine.comfy.has_node(n["type"])
-               for n in nodes)
+    return all(n["type"] in FRONTEND_ONLY or n["type"] in ids or n["type"] in pack
+               or engine.comfy.has_node(n["type"]) for n in nodes)
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +130,13 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     the session's instance (no custom nodes, no API nodes)."""
     _requirements()
     base = tmp_path_factory.mktemp("native")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "embed_test_pack").symlink_to(PACK)  # the test pack, only
     port = free_port()
     log = open(base / "native.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "vendor" / "ComfyUI" / "main.py"), "--listen", "127.0.0.1",
-         "--port", str(port), "--base-directory", str(base), "--disable-all-custom-nodes",
+         "--port", str(port), "--base-directory", str(base),
          "--disable-api-nodes", "--disable-auto-launch", "--cpu",
          "--database-url", "sqlite:///:memory:"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -179,6 +219,8 @@ def _differences(ours: dict[str, Any], theirs: dict[str, Any], engine: Engine) -
             out.append(f"node {nid}: class {b['class_type']} != {a['class_type']}")
             continue
         declared = engine.comfy.input_names(a["class_type"])
+        if not engine.comfy.has_node(a["class_type"]):
+            declared = None  # a pack's node: every input compared
         for name in sorted(set(a["inputs"]) | set(b["inputs"])):
             if declared is not None and name not in declared:
                 continue  # explained above: undeclared inputs (audioUI)
@@ -189,10 +231,17 @@ def _differences(ours: dict[str, Any], theirs: dict[str, Any], engine: Engine) -
     return out
 
 
-def test_conversion_matches_the_frontend(engine: Engine, frontend: Any) -> None:
-    files = [*_templates(), *sorted(OWN.glob("*.json")), *sorted((OWN / "frontend").glob("*.json"))]
+def test_conversion_matches_the_frontend(engine: Engine, frontend: Any, native: str) -> None:
+    info = requests.get(native + "/object_info", timeout=60).json()
+    pack = frozenset(k for k, v in info.items() if v.get("python_module", "").endswith(
+        "embed_test_pack"))
+    assert pack == {"EmbedTestEcho", "EmbedTestFlexible"}, pack
+    defs = _PackNodes(engine, info)
+    files = [*_templates(), *sorted(OWN.glob("*.json")), *sorted((OWN / "frontend").glob("*.json")),
+             *sorted((OWN / "packs").glob("*.json"))]
     corpus = [(p, w) for p in files
-              if (w := _saved(p)) is not None and _known(w, engine)]
+              if (w := _saved(p)) is not None and _known(w, engine, pack)]
+    assert len([p for p, _ in corpus if p.parent.name == "packs"]) >= 1
     assert len(corpus) >= 60, f"only {len(corpus)} saved workflows with known nodes"
     assert len([p for p, _ in corpus if p.parent == OWN]) >= 4
     assert len([p for p, _ in corpus if p.parent.name == "frontend"]) >= 6
@@ -202,7 +251,7 @@ def test_conversion_matches_the_frontend(engine: Engine, frontend: Any) -> None:
         assert "error" not in answer, f"{path.name}: the frontend failed: {answer.get('error')}"
         theirs = answer["output"]
         assert theirs, f"{path.name}: the frontend produced no nodes"
-        ours = convert_ui_workflow(workflow, engine.comfy)
+        ours = convert_ui_workflow(workflow, defs)
         diffs = _differences(ours, theirs, engine)
         if diffs:
             failures[path.name] = diffs[:10]
