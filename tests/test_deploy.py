@@ -199,3 +199,9 @@ def test_k8s_deployment_drains_before_stopping(routes: dict[str, set[str]]) -> N
     # The grace period outlasts a run, so preStop's drain is not cut short.
     assert pod["terminationGracePeriodSeconds"] > float(env["COMFY_EMBED_RUN_TIMEOUT"])
     assert pod["securityContext"]["runAsUser"] == dockerfile_uid()
+
+
+def test_fc_async_retries_fit_the_attempts(fc: dict[str, Any]) -> None:
+    # Issue 24: FC's retries run a lost task again; no more than comfy-embed allows.
+    retries = fc["asyncInvokeConfig"]["maxAsyncRetryAttempts"]
+    assert 1 <= retries + 1 <= Settings().tasklog.max_attempts
