@@ -21,9 +21,8 @@ import requests
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from comfy_embed._comfy.writes import NICENESS, OutputWriter
-
 from benchmarks.common import NativeClient, start_native
+from comfy_embed._comfy.writes import NICENESS, OutputWriter
 from tests.servers import Server
 
 
@@ -206,3 +205,52 @@ def test_names_are_reserved_before_encoding(servers: tuple[Server, Any]) -> None
                 assert plain == (res["node_id"] == "7")
             paths.append(path)
     assert len(set(paths)) == 16
+
+
+def test_a_file_that_cannot_be_encoded_fails_its_task(servers: tuple[Server, Any]) -> None:
+    """WebP holds at most 16383 pixels a side; EmptyImage allows 16384.
+    Natively SaveAnimatedWEBP fails in the node; here its encode fails in the
+    pool: the task fails all the same, naming the node, no file is left under
+    the reserved name, and the server goes on."""
+    embed, _ = servers
+    g = {"1": {"class_type": "EmptyImage",
+               "inputs": {"width": 16384, "height": 8, "batch_size": 2, "color": 0}},
+         "5": {"class_type": "SaveAnimatedWEBP",
+               "inputs": {"images": ["1", 0], "filename_prefix": "wide", "fps": 6.0,
+                          "lossless": False, "quality": 80, "method": "default"}}}
+    r = embed.run(g, headers={"X-Task-Id": "too-wide"})
+    assert r.status_code == 500, r.text
+    error = r.json()["data"]["error"]
+    assert "5" in error["message"] and "SaveAnimatedWEBP" in error["message"]
+    assert "wide_00001_.webp" in error["message"] and "WebPEncodingError" in error["message"]
+    assert not (embed.output_dir / "too-wide" / "wide_00001_.webp").exists()
+    ok = embed.run(graph(3), headers={"X-Task-Id": "after-too-wide"})
+    assert ok.status_code == 200 and ok.json()["data"]["status"] == "success"
+
+
+def test_cancel_while_encoding_ends_the_task_cancelled(servers: tuple[Server, Any]) -> None:
+    """Four textured 2048x2048 PNGs, two encode threads: when the node has
+    run (its ``executed`` event), cancelling drops the encodes not started,
+    removes their reserved files, and the task ends cancelled."""
+    embed, _ = servers
+    task_id = "cancel-encoding"
+    g = graph(5)
+    g["1"]["inputs"].update(width=2048, height=2048, batch_size=4)
+    del g["4"], g["5"], g["6"]
+    r = embed.run(g, headers={"X-Fc-Invocation-Type": "Async", "X-Task-Id": task_id})
+    assert r.status_code == 202, r.text
+    events: list[dict[str, Any]] = []
+    while not any(e["type"] == "executed" for e in events):
+        assert not events or events[-1]["type"] != "serverless_api", events[-1]
+        threading.Event().wait(0.02)
+        events = embed.status(task_id)
+    c = requests.post(f"{embed.url}/api/serverless/cancel", params={"task_id": task_id}, timeout=10)
+    assert c.status_code == 200, c.text
+    final = embed.wait_final(task_id)[-1]["data"]
+    assert final["status"] == "error" and final["error"]["type"] == "execution_interrupted"
+    folder = embed.output_dir / task_id
+    left = sorted(p.name for p in folder.glob("diff_*.png"))
+    assert len(left) < 4  # the encodes not started were dropped, their names freed
+    for name in left:  # the ones that ran are whole
+        with Image.open(folder / name) as im:
+            im.load()
