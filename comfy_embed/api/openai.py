@@ -7,9 +7,10 @@ default: a parameter named ``seed``). Errors answer OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``; API keys come as
 ``Authorization: Bearer`` as everywhere.
 
-``response_format=url`` answers a ``data:`` URL of the image (no output is
-served by URL without object storage); ``b64_json`` (the default) the
-base64 itself.
+``response_format=url`` answers the signed link of each image uploaded to
+the configured object storage (``COMFY_EMBED_STORAGE`` with a link
+lifetime), else a ``data:`` URL of the image; ``b64_json`` (the default)
+the base64 itself.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from comfy_embed.errors import ComfyEmbedError
 from comfy_embed.prepare.apps import App
 from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.lifecycle import TaskService
+from comfy_embed.storage import credentials_from_headers
 
 __all__ = ["edits", "generations", "models"]
 
@@ -123,10 +125,12 @@ async def _run(request: Request, app: App, values: dict[str, Any],
     if response_format not in (None, "b64_json", "url"):
         raise _OpenAIError("response_format must be b64_json or url", param="response_format")
     service: TaskService = request.app.state.service
+    signed = response_format == "url" and _signs_links(service)
+    options = RunOptions(output_base64=not signed, output_oss=signed,
+                         credentials=credentials_from_headers(request.headers))
     try:
         graph = app.build(values)
-        handle = await service.start(graph, RunOptions(output_base64=True),
-                                     owner_key=key_hash_of(request.scope))
+        handle = await service.start(graph, options, owner_key=key_hash_of(request.scope))
         final = await handle.final()
     except ComfyEmbedError as e:
         raise _from(e) from None
@@ -142,13 +146,31 @@ async def _run(request: Request, app: App, values: dict[str, Any],
         output = result.get("output") or {}
         b64 = (output.get("base64") or {}).get("data")
         media_type = str(output.get("media_type") or "")
-        if not b64 or not media_type.startswith("image/"):
+        if not media_type.startswith("image/"):
             continue  # OpenAI's answer holds images only
+        if signed:  # the upload's signed link
+            links = [v["url"] for v in output.values() if isinstance(v, dict) and v.get("url")]
+            if links:
+                images.append({"url": links[0]})
+            continue
+        if not b64:
+            continue
         if response_format == "url":
             images.append({"url": f"data:{media_type};base64,{b64}"})
         else:
             images.append({"b64_json": b64})
     return JSONResponse({"created": int(time.time()), "data": images})
+
+
+def _signs_links(service: TaskService) -> bool:
+    """Whether object storage is configured to upload outputs and sign links
+    for them (then ``response_format=url`` answers those links)."""
+    st = service.settings.store
+    if st.backend == "oss":
+        return bool(st.oss_bucket and st.oss_link_expire)
+    if st.backend == "s3":
+        return bool(st.s3_bucket and st.s3_link_expire)
+    return False
 
 
 async def generations(request: Request) -> Response:

@@ -123,3 +123,34 @@ def test_errors_are_openai_errors(client: Any, server: Server) -> None:
     r = requests.post(f"{server.url}/v1/images/generations", data=b"[1]", timeout=30,
                       headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server that uploads outputs to (fake) OSS and signs links for them."""
+    from tests.fakes import FakeOss
+
+    oss = FakeOss(keys={"oai-key": "oai-secret"})
+    oss.start()
+    apps = tmp_path_factory.mktemp("oai-stored-apps")
+    (apps / "tiny-t2i.json").write_text(json.dumps(t2i_app()))
+    s = Server(tmp_path_factory.mktemp("oai-stored"), apps_dir=apps,
+               raw_env={"OSS_ACCESS_KEY_ID": "oai-key", "OSS_ACCESS_KEY_SECRET": "oai-secret"},
+               oss_bucket="test-bucket", oss_endpoint=oss.endpoint, oss_region="cn-hangzhou",
+               oss_link_expire=600)
+    try:
+        yield s.wait_ready()
+    finally:
+        s.stop()
+        oss.stop()
+
+
+def test_url_answers_signed_links_with_object_storage(stored: Server) -> None:
+    client = openai.OpenAI(api_key="unused", base_url=f"{stored.url}/v1", max_retries=0,
+                           timeout=300)
+    r = client.images.generate(model="tiny-t2i", prompt="x", n=2, response_format="url")
+    assert len(r.data) == 2
+    for item in r.data:
+        assert item.url.startswith("http") and item.b64_json is None
+        got = requests.get(item.url, timeout=30)
+        assert got.status_code == 200 and got.content.startswith(b"\x89PNG")
