@@ -379,7 +379,8 @@ class Task:
                                            server_folders(self.engine.settings)))
         except anyio.get_cancelled_exc_class():
             # The instance is shutting down mid-upload: still one final event.
-            self._close(TaskCancelled("the instance shut down before the result was assembled"))
+            self._close(TaskCancelled("the instance shut down before the result was assembled",
+                                      details={"interrupted_by": "shutdown"}))
             raise
         except Exception as e:
             self._close_failed(e)

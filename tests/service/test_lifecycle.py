@@ -19,6 +19,7 @@ from comfy_embed.config import Settings
 from comfy_embed.errors import NotAccepting, TaskIdConflict, WorkflowInvalid
 from comfy_embed.runtime import Engine, Task
 from comfy_embed.service.lifecycle import TaskService
+from comfy_embed.tasklog.attempts import is_lost
 from comfy_embed.tasklog.log import TaskLog
 
 from tests.fakes.comfy_backend import FakeComfy, fake_graph
@@ -370,6 +371,30 @@ def test_shutdown_past_its_grace_cancels_the_result_and_logs_its_final(
     assert final["data"]["error"]["type"] == "execution_interrupted"
     assert "before the result was assembled" in final["data"]["error"]["message"]
     assert app.engine.background.live == 0
+    # Lost to the drain, not cancelled by its caller: a retry runs it again (issue 24).
+    assert is_lost(final) and final["data"]["attempt"] == 1
+
+
+def test_a_task_lost_to_a_drain_runs_again_on_retry(tmp_path: Path, slow_render: Any) -> None:
+    """Issue 24: the instance that replaces a drained one runs its retry as attempt 2."""
+    for first in open_app(tmp_path):
+        first.submit_async(fake_graph("FakeImage"), "drained")
+        assert slow_render["rendering"].wait(10)
+        portal = first.client.portal
+        assert portal is not None
+        assert portal.call(first.client.app.state.service.shutdown, 0.2) == ["drained"]
+    slow_render["gate"].set()
+    for second in open_app(tmp_path):
+        r = second.run(fake_graph("FakeImage"), headers={"X-Task-Id": "drained"})
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert data["status"] == "success" and data["attempt"] == 2
+        assert [a["error"] and a["error"]["type"] for a in data["attempts"]] == [
+            "execution_interrupted", None]
+        # Finished: a further retry is answered from the log, not run.
+        again = second.run(fake_graph("FakeImage"), headers={"X-Task-Id": "drained"})
+        assert again.json()["data"] == second.status("drained")[-1]["data"]
+        assert again.json()["data"]["attempt"] == 2
 
 
 # ------------------------------------------------ waiting for the end only
