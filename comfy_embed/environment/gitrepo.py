@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 from comfy_embed.errors import InstallError
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 __all__ = ["changes", "checkout", "clone", "git", "has_commit", "head", "remote", "show", "source"]
 
@@ -26,11 +29,26 @@ def git(*args: str, cwd: Path | None = None, what: str = "") -> str:
 
 
 def head(folder: Path) -> str | None:
-    """The commit checked out in ``folder`` (None: not a git checkout of its own)."""
-    if not (folder / ".git").exists():
+    """The commit checked out in ``folder`` (None: not a git checkout of its own).
+
+    Read from ``.git/HEAD`` when it is a detached commit (how ``install``
+    leaves a pack), so that a server needs no git, and a checkout owned by
+    another user (an image's root-owned packs, read by its server's user,
+    which git itself refuses as "dubious ownership") is read all the same."""
+    dot = folder / ".git"
+    if not dot.exists():
         return None
     try:
-        return git("rev-parse", "HEAD", cwd=folder)
+        if dot.is_file():  # a worktree or submodule: "gitdir: <path>"
+            text = dot.read_text().strip()
+            dot = (folder / text.removeprefix("gitdir:").strip()).resolve()
+        ref = (dot / "HEAD").read_text().strip()
+    except OSError:
+        ref = ""
+    if _COMMIT.fullmatch(ref):
+        return ref
+    try:
+        return git("-c", "safe.directory=*", "rev-parse", "HEAD", cwd=folder)
     except InstallError:
         return None
 
