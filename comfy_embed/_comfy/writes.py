@@ -7,7 +7,8 @@ executor thread, its ``PIL.Image.Image.save(path, ...)`` calls into the
 output or temp folder do not encode: the file is created empty at once (so
 ``folder_paths.get_save_image_path`` counts it and the next job picks the
 next name, as natively), and the very same ``save`` call, with the same
-image and arguments, runs in a bounded pool of threads. The bytes are
+image and arguments, runs in a bounded pool of threads (into a hidden file
+beside it, then renamed over it). The bytes are
 Pillow's, as natively; only the thread differs.
 
 The node's UI output (file names, subfolder, type) is what it returns
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -142,10 +144,16 @@ def _yield_to_executor() -> None:
 
 
 def _write(image: Any, path: Path, format: str | None, params: dict[str, Any]) -> None:
+    """Encode beside ``path`` (a hidden name with its extension, which Pillow
+    reads the format from), then replace the reserved empty file: a reader
+    sees it empty or whole, never half written."""
     assert _original_save is not None
+    part = path.with_name(f".encoding-{secrets.token_hex(4)}-{path.name}")
     try:
-        _original_save(image, path, format, **params)
+        _original_save(image, part, format, **params)
+        os.replace(part, path)
     except BaseException:
-        path.unlink(missing_ok=True)  # no empty or half file left under its name
+        part.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # no empty file left under its name
         raise
 

@@ -68,6 +68,7 @@ def test_a_deferred_save_writes_what_pillow_writes(writer: OutputWriter, tmp_pat
     (write,) = writer.finish()
     write.future.result(30)
     assert path.read_bytes() == direct.read_bytes()
+    assert not list(tmp_path.glob(".encoding-*"))  # encoded beside it, then renamed over it
     assert writer.owns(path) and not writer.owns(tmp_path.parent / "elsewhere.png")
 
 
@@ -77,7 +78,7 @@ def test_a_failed_save_leaves_no_file(writer: OutputWriter, tmp_path: Path) -> N
     (write,) = writer.finish()
     with pytest.raises(KeyError):
         write.future.result(30)
-    assert not path.exists()
+    assert not path.exists() and not list(tmp_path.glob(".encoding-*"))
 
 
 def test_a_full_backlog_holds_the_executor(writer: OutputWriter, tmp_path: Path) -> None:
