@@ -184,6 +184,17 @@ _SCHEMAS: dict[str, Any] = {
                     "execution_time": {"type": "number"},
                     "expires_at": {"type": ["string", "null"], "format": "date-time",
                                    "description": "When the task's data is deleted (UTC)."},
+                    "attempt": {"type": "integer", "minimum": 1,
+                                "description": "The run of this task id this event ends: "
+                                               "a retry runs a lost task again."},
+                    "attempts": {"type": "array", "description": "After a retry: every "
+                                 "attempt, oldest first, this one last.",
+                                 "items": {"type": "object", "properties": {
+                                     "attempt": {"type": "integer"},
+                                     "status": {"enum": ["success", "error"]},
+                                     "error": {"type": ["object", "null"]},
+                                     "finished_at": {"type": ["string", "null"],
+                                                     "format": "date-time"}}}},
                     "error": _ref("Error"),
                     "report": _ref("Report"),
                 },

@@ -82,7 +82,10 @@ def schemas() -> dict[str, Any]:
             "metrics": {"type": "object", "additionalProperties": _null({"type": "integer"})},
             "urls": {"type": "object", "required": ["self", "events", "cancel"],
                      "properties": {k: {"type": "string"} for k in ("self", "events", "cancel")}},
-            "metadata": {"type": "object", "additionalProperties": {"type": "string"}}}},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "attempts": {"type": "array", "items": {"type": "object"}, "description":
+                         "Only for a task run again after a lost attempt: every attempt "
+                         "(attempt, status, error, finished_at), this one last."}}},
         "V2JobList": {"type": "object", "required": ["jobs"], "properties": {
             "jobs": {"type": "array", "items": _ref("V2Job")},
             "next_cursor": _null({"type": "string"})}},
