@@ -81,7 +81,8 @@ class TaskLog:
         self.open_index = NameIndex(self.root, "open")
         #: The finished tasks by when they finished: what retention looks at.
         self.done_index = DoneIndex(self.root)
-        #: The attempt number of each task this object claimed, until released.
+        #: The attempt number of each task this object claimed again (after a
+        #: lost attempt), until released; absent: attempt 1.
         self.attempts: dict[str, int] = {}
         #: Tasks this object claimed and has not released: it alone writes
         #: their non-terminal events, its writes to each one at a time.
@@ -135,7 +136,9 @@ class TaskLog:
             self._owned[task_id] = threading.Lock()
         # The directory is ours alone (mkdir is exclusive).
         self.leases.take(d / OWNER, folder_is_ours=True)
-        self.attempts[task_id] = adopt(self.root, task_id)  # one stat with no earlier attempt
+        attempt = adopt(self.root, task_id)  # one stat with no earlier attempt
+        if attempt > 1:
+            self.attempts[task_id] = attempt
         return True
 
     def retry(self, task_id: str, max_attempts: int) -> bool:
