@@ -53,6 +53,31 @@ RUN if [ -n "${EXTRA_PIP}" ]; then \
       /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check ${EXTRA_PIP}; \
     fi
 
+# Custom-node packs from a lock file (README "Lock file"), in layers of their
+# own below ComfyUI and the code: a changed lock re-runs only these, the torch
+# layer above is reused. LOCK is a path in the build context (deploy/locks/ is
+# in it); the default names nothing. Packs go to /app/custom_nodes at their
+# commits, their pinned requirements into the venv, all or nothing (the tool
+# runs from its own package, copied alone, so a code change does not rerun
+# it). APT_PACKAGES: system libraries packs need (libgl1 for opencv-python).
+# Git is installed only when the lock names packs.
+ARG LOCK=deploy/locks/empty.lock
+ARG APT_PACKAGES=""
+COPY comfy_embed/environment /opt/lock-tool/comfy_embed/environment
+COPY comfy_embed/config /opt/lock-tool/comfy_embed/config
+COPY comfy_embed/errors.py comfy_embed/version.py /opt/lock-tool/comfy_embed/
+COPY ${LOCK} /app/comfy-embed.lock
+RUN set -e; mkdir -p /app/custom_nodes; touch /opt/lock-tool/comfy_embed/__init__.py; \
+    if grep -q '^\[\[packs\]\]' /app/comfy-embed.lock || [ -n "${APT_PACKAGES}" ]; then \
+      apt-get update \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends git ca-certificates ${APT_PACKAGES} \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    PIP_NO_CACHE_DIR=1 PYTHONPATH=/opt/lock-tool /opt/venv/bin/python -m comfy_embed.environment \
+      /app/comfy-embed.lock /app/custom_nodes; \
+    rm -rf /opt/lock-tool; \
+    /opt/venv/bin/python -m compileall -q /app/custom_nodes >/dev/null || true
+
 # The vendored ComfyUI (checked-out submodule), then comfy-embed itself; the
 # code runs from /app (not pip-installed), so vendor/ComfyUI sits beside it.
 # (Byte-compiled at build time: /app is read-only for the server's user.)
@@ -67,7 +92,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/comfy \
     FC_SERVER_PORT=9000 \
     COMFY_EMBED_COMFYUI_DIR=/app/vendor/ComfyUI \
-    COMFY_EMBED_BASE_DIR=/data
+    COMFY_EMBED_BASE_DIR=/data \
+    COMFY_EMBED_LOCK=/app/comfy-embed.lock \
+    COMFY_EMBED_CUSTOM_NODES_DIRS=/app/custom_nodes
 
 USER comfy
 VOLUME ["/data"]
