@@ -47,6 +47,7 @@ from comfy_embed.errors import (
     InvalidParameter,
     WorkflowInvalid,
 )
+from comfy_embed.prepare.graph import SEED_INPUTS
 from comfy_embed.prepare.ui_format import (
     NodeDefinitions,
     convert_ui_workflow,
@@ -197,11 +198,15 @@ def _parameter(name: str, node_id: str, input_name: str | None, graph: dict[str,
         hi = decl["maximum"] if hi is None else min(hi, decl["maximum"])
     if "choices" in decl and isinstance(decl["choices"], list):
         choices = [c for c in decl["choices"] if choices is None or c in choices]
+    description = str(decl.get("description") or opts.get("tooltip") or "")
+    if kind == "INT" and input_name in SEED_INPUTS:  # -1: a random seed, as in any workflow
+        lo = -1 if lo is None or lo >= -1 else lo
+        if "description" not in decl:
+            description = (description + " " if description else "") + "(-1: a random seed)"
     numeric = kind in ("INT", "FLOAT")
     return AppParameter(name, node_id, input_name, kind, default,
                         lo if numeric else None, hi if numeric else None,
-                        choices if kind == "COMBO" else None,
-                        str(decl.get("description") or opts.get("tooltip") or ""),
+                        choices if kind == "COMBO" else None, description,
                         bool(decl.get("required", False)))
 
 

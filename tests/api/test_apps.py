@@ -96,7 +96,7 @@ def test_apps_are_listed_with_a_json_schema(server: Server) -> None:
     assert schema["additionalProperties"] is False
     props = schema["properties"]
     assert props["prompt"]["type"] == "string" and props["prompt"]["description"] == "what to draw"
-    assert props["seed"]["type"] == "integer" and props["seed"]["minimum"] == 0
+    assert props["seed"]["type"] == "integer" and props["seed"]["minimum"] == -1
     assert props["steps"]["maximum"] == 4 and props["steps"]["default"] == 2
     assert props["sampler"]["enum"] == ["euler", "ddim"]
     assert apps["invert"]["schema"]["properties"]["image"]["contentMediaType"] == "image/*"
@@ -155,6 +155,8 @@ def test_app_stream_async_fc_query_and_websocket(server: Server) -> None:
     assert final["data"]["status"] == "success" and final["data"]["seeds"] == {"3": 8}
     r = requests.post(f"{server.url}/api/serverless/run?app=t2i", json={"seed": 9}, timeout=300)
     assert r.status_code == 200 and r.json()["data"]["seeds"] == {"3": 9}, r.text
+    r = requests.post(f"{server.url}/api/apps/t2i", json={"seed": -1}, timeout=300)
+    assert r.status_code == 200 and r.json()["data"]["seeds"]["3"] >= 0, r.text  # random
     ws = websocket.create_connection(f"{server.ws_url}?app=t2i", timeout=300)
     try:
         for body, status in (({"seed": 10}, "success"), ({"steps": 99}, "error")):

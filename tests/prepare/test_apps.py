@@ -41,6 +41,8 @@ def test_parameters_take_type_bounds_and_choices_from_the_spec(engine: Engine,
                               "description": "The number of steps used in the denoising process."}
     assert props["sampler"]["enum"] == ["euler"]
     assert app.schema()["required"] == ["seed"] and "default" not in props["seed"]
+    assert props["seed"]["minimum"] == -1  # -1 asks for a random seed, as in any workflow
+    assert "(-1: a random seed)" in props["seed"]["description"]
     built = app.build({"prompt": "a fox", "steps": 3, "cfg_scale": 4, "seed": 9,
                        "sampler": "euler"})
     assert built["6"]["inputs"]["text"] == "a fox" and built["3"]["inputs"]["cfg"] == 4
