@@ -57,6 +57,10 @@ class FakeBackend:
             self.interrupted.clear()
             return Outcome(False, True, {}, {"prompt_id": prompt_id, "node_id": "1"})
         self.nodes_run.append(prompt_id)
+        if prompt.get("fail"):  # a later node failed after a SaveImage deferred its files
+            return Outcome(False, False, {}, {"prompt_id": prompt_id, "node_id": "2",
+                                              "exception_message": "node 2 failed"},
+                           writes=list(prompt.get("writes", [])))
         # ``writes``: files still being encoded off this thread (Outcome.writes).
         return Outcome(True, False, {"1": {"images": prompt.get("images", [])}},
                        writes=list(prompt.get("writes", [])))
@@ -254,6 +258,21 @@ def test_cancel_while_writing_drops_what_has_not_started(setup: Any, tmp_path: P
     assert job.finished.wait(5)
     assert done["c"].interrupted and not done["c"].success
     assert done["c"].error["reason"] == "user"
+
+
+def test_a_failed_run_is_answered_after_its_files_too(setup: Any, tmp_path: Path) -> None:
+    """Files an earlier node saved are written before the error is answered
+    (retention then deletes whole files, and nothing writes after the end)."""
+    ex, _ = setup
+    done: dict[str, Outcome] = {}
+    w = pending(tmp_path / "early.png")
+    job = make_job("f", done, [], writes=[w], fail=True)
+    ex.submit(job)
+    while ex.writing == 0:  # the run ended; its file is still being written
+        assert not job.finished.wait(0.01)
+    w.future.set_result(None)
+    assert job.finished.wait(5)
+    assert not done["f"].success and done["f"].error["exception_message"] == "node 2 failed"
 
 
 def test_close_waits_for_the_files_being_written(tmp_path: Path) -> None:
