@@ -382,14 +382,19 @@ class Executor:
             w.future.add_done_callback(lambda _, w=w: one_done(w))  # type: ignore[misc]
 
     def _writes_done(self, job: Job, outcome: Outcome, writes: list[PendingWrite]) -> None:
-        if job.cancel_reason and outcome.success:
-            outcome = _cancelled_outcome(job)
-        elif outcome.success:
-            outcome = _write_failure(outcome, job, writes) or outcome
-        with self._cond:  # before the answer: whoever it wakes sees the job gone
+        # Under the lock: a cancel either lands before (and is honoured) or
+        # finds the job gone (already done); and whoever the answer wakes
+        # sees the executor without it.
+        with self._cond:
             self._writing.pop(job.prompt_id, None)
+            cancelled = job.cancel_reason is not None
             self._cond.notify_all()
-        self._conclude(job, outcome)
+        with task_context(job.task_id):
+            if cancelled and outcome.success:
+                outcome = _cancelled_outcome(job)
+            elif outcome.success:
+                outcome = _write_failure(outcome, job, writes) or outcome
+            self._conclude(job, outcome)
 
     def _cancelled(self, job: Job) -> bool:
         """Asked by the backend right after it cleared its interrupt flag.
