@@ -45,6 +45,7 @@ The lifecycle, and who owns each step (the engine, from submit to final event):
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import shutil
 import threading
@@ -373,7 +374,8 @@ class Engine:
             prepared = await self.preparer.prepare(graph, task_id, options.credentials, gate,
                                                    report, asset_owner=options.asset_owner)
             if self.fingerprint is not None and self.settings.observe.task_report:
-                report.environment = await self.fingerprint.record_async(prepared.checked)
+                report.environment_source = functools.partial(self.fingerprint.record,
+                                                              prepared.checked)
             task = Task(self, task_id, prepared.prompt_id, prepared.seeds, options, report=report)
             task.request = request = prepared.request
             task.resolved_graph = prepared.checked

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import anyio
-
 from comfy_embed.config import Settings, places
 from comfy_embed.environment import gitrepo
 from comfy_embed.environment.lockfile import Lock, PackPin, lock_hash, read_lock
@@ -49,9 +47,12 @@ def sha256_of(path: Path) -> str | None:
         if key in _hashes:
             return _hashes[key]
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:  # unreadable: no hash, not an error of the run
+        return None
     with _hash_lock:
         _hashes[key] = digest.hexdigest()
     return _hashes[key]
@@ -196,24 +197,6 @@ class Fingerprint:
         if self.drift is not None:
             out["drift"] = self.drift
         return out
-
-    async def record_async(self, prompt: dict[str, Any]) -> dict[str, Any]:
-        """:meth:`record`, on a worker thread when a model file must be hashed
-        (a file not seen since it last changed), else inline."""
-        files = self._model_files(prompt)
-        with _hash_lock:
-            known = all(_key(path) in _hashes for _, path in files)
-        if known:
-            return self.record(prompt)
-        return await anyio.to_thread.run_sync(self.record, prompt)
-
-
-def _key(path: Path) -> tuple[str, int, int]:
-    try:
-        st = path.stat()
-    except OSError:
-        return ("", 0, 0)
-    return (str(path), st.st_size, st.st_mtime_ns)
 
 
 def instance_environment(settings: Settings, loaded: dict[str, str | None] | None,

@@ -16,13 +16,15 @@ Thread use: the executor-thread methods (:meth:`started`, :meth:`on_event`,
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from comfy_embed.observe import memory
 
 __all__ = ["TaskReport", "TimedUploader", "loader_nodes"]
 
+log = logging.getLogger(__name__)
 _clock = time.perf_counter
 
 
@@ -67,8 +69,14 @@ class TaskReport:
         self.peak_rss: int | None = None
         self.peak_vram: int | None = None
         #: The run record (comfy_embed.environment.drift.Fingerprint.record):
-        #: ComfyUI's commit, packs, model hashes, torch, device, the lock.
+        #: ComfyUI's commit, packs, model hashes, torch, device, the lock. Made
+        #: by ``environment_source`` on the executor thread as the run starts
+        #: (hashing a model file seen for the first time is done there, not
+        #: on the event loop nor before the task is queued).
         self.environment: dict[str, Any] | None = None
+        self.environment_source: Callable[[], dict[str, Any]] | None = None
+        #: ``?replay=``: what this run replays and how the environment differs.
+        self.replay: dict[str, Any] | None = None
 
     # ----------------------------------------------------- event loop: submit
     def mark_prepared(self) -> None:
@@ -86,6 +94,11 @@ class TaskReport:
     # -------------------------------------------------------- executor thread
     def started(self) -> None:
         self.started_at = _clock()
+        if self.environment_source is not None:
+            try:
+                self.environment = self.environment_source()
+            except Exception:  # a record is never worth failing a run
+                log.exception("the run record could not be made")
         self._peak_reset = memory.reset_peak_rss()
         memory.reset_peak_vram()
 
@@ -152,6 +165,8 @@ class TaskReport:
         }
         if self.environment is not None:
             report["environment"] = self.environment
+            if self.replay is not None:
+                self.environment["replay"] = self.replay
         return report
 
     def _models(self) -> dict[str, list[dict[str, Any]]]:

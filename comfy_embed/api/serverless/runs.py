@@ -160,8 +160,8 @@ async def run(request: Request) -> Response:
                                      owner_key=key_hash_of(request.scope), policy=policy)
     except ComfyEmbedError as e:  # refused before queueing: the table says how
         return _error_answer(e, task_id, stream)
-    if replay is not None and handle.task is not None and handle.task.report.environment:
-        handle.task.report.environment["replay"] = replay.describe()  # into the report
+    if replay is not None and handle.task is not None:
+        handle.task.report.replay = replay.describe()  # into the report's run record
     headers = {"X-Task-Id": task_id}
     is_async = request.headers.get("x-fc-invocation-type", "").lower() == "async"
     if is_async and not settings.server.async_inline:
