@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ComfyEmbedError",
+    "QueueUnavailable",
     "AppNotFound",
     "WorkflowInvalid",
     "ImageInputError",
@@ -257,6 +258,17 @@ class StorageUnavailable(ComfyEmbedError):
     type = "storage_unavailable"
 
     def __init__(self, message: str, retry_after: int = 10) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueUnavailable(ComfyEmbedError):
+    """The durable task queue (Redis, ``COMFY_EMBED_REDIS_URL``) cannot be
+    reached: nothing was queued. Retry later (or elsewhere)."""
+
+    type = "queue_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 

@@ -21,7 +21,8 @@ COMFYUI = {"comfy", "comfy_execution", "comfy_extras", "comfy_api", "comfy_api_n
            "utils", "torch", "torchvision"}
 #: Third-party packages, and the only files (prefixes) that may import them.
 ROOMS = {"starlette": ("api/",), "oss2": ("storage/",), "boto3": ("storage/",),
-         "botocore": ("storage/",), "prometheus_client": ("observe/metrics.py",)}
+         "botocore": ("storage/",), "prometheus_client": ("observe/metrics.py",),
+         "redis": ("queue/",)}
 
 #: The floors, lowest first; a name covers a module or a package. A module
 #: imports only from its own floor or below, and never in a circle. The
@@ -35,6 +36,8 @@ FLOORS: list[tuple[str, ...]] = [
     # leaf concerns that know nothing of a request's path
     ("observe", "storage", "prepare", "tasklog", "assets"),
     ("results", "inputs"),
+    # the durable queue on Redis Streams (issue 24), optional
+    ("queue",),
     # the lock file: making, installing, drift (comfy-embed lock / install)
     ("environment",),
     ("outcome",),

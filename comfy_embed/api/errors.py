@@ -20,6 +20,7 @@ from comfy_embed.errors import (
     NotAccepting,
     PayloadTooLarge,
     QueueFull,
+    QueueUnavailable,
     RunTimeout,
     StorageError,
     StorageUnavailable,
@@ -52,6 +53,7 @@ _BY_CLASS: dict[type[ComfyEmbedError], int] = {
     TaskDeleted: 410,
     TaskRunning: 409,
     StorageUnavailable: 503,
+    QueueUnavailable: 503,
     NotAccepting: 503,
     StorageError: 502,
     # A model fetched on first use could not be downloaded or verified.
