@@ -22,8 +22,16 @@ from typing import Any
 
 from comfy_embed.tasklog.files import FINAL_FILE, listdir, publish, read_final
 
-__all__ = ["ATTEMPT_RECORD", "RETRY_RECORD", "is_lost", "archive", "adopt",
-           "attempt_of", "restore", "summaries"]
+__all__ = [
+    "ATTEMPT_RECORD",
+    "RETRY_RECORD",
+    "adopt",
+    "archive",
+    "attempt_of",
+    "is_lost",
+    "restore",
+    "summaries",
+]
 
 #: The record (in a task's folder) with its attempt number, when above 1.
 ATTEMPT_RECORD = "attempt"
