@@ -104,8 +104,11 @@ async def pre_freeze(request: Request) -> Response:
 async def _warm_up(engine: Engine, settings: Settings, warm: anyio.Event) -> None:
     try:
         await engine.wait_ready()
-        if settings.jobs.warmup_workflow:
-            graph = json.loads(settings.jobs.warmup_workflow.read_text())
+        # COMFY_EMBED_WARMUP_WORKFLOW, else the lock's [warmup] workflow.
+        warmup = settings.jobs.warmup_workflow or (
+            engine.fingerprint.warmup if engine.fingerprint is not None else None)
+        if warmup:
+            graph = json.loads(warmup.read_text())
             await engine.run(graph, task_id="warmup")
             log.info("warm-up workflow done")
     except Exception:

@@ -148,6 +148,8 @@ class Fingerprint:
     #: that name (every model folder, extra paths included); else only
     #: ``models_path``'s folders are looked in.
     locate: Callable[[str], list[tuple[str, Path]]] | None = None
+    #: The lock's warm-up workflow (a path beside the lock), if it names one.
+    warmup: Path | None = None
     #: ``{node class: (pack pin, where it stands)}`` from the lock's packs.
     node_packs: dict[str, tuple[PackPin, str]] = field(default_factory=dict)
 
@@ -224,6 +226,8 @@ def instance_environment(settings: Settings, loaded: dict[str, str | None] | Non
         fp.lock = lock_hash(s.lock)
         fp.drift = drift(lock, commit, packs, s.models_path)
         fp.node_packs = _node_packs(lock, packs, fp.drift)
+        if lock.warmup:
+            fp.warmup = s.lock.parent / lock.warmup
         if fp.drifted:
             log.warning("this instance differs from its lock %s: %s", s.lock, fp.drift)
     return fp

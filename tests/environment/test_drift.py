@@ -62,9 +62,10 @@ def test_drift_in_ready_and_in_the_report(tmp_path: Path) -> None:
     sha = hashlib.sha256(model.read_bytes()).hexdigest()
     comfyui = git("rev-parse", "HEAD", cwd=ROOT / "vendor" / "ComfyUI")
     lock_file = tmp_path / "comfy-embed.lock"
+    (tmp_path / "warmup.json").write_text(json.dumps(GRAPH))
     lock_file.write_text(dump_lock(Lock(
         comfyui, None, (PackPin("lock_pack", str(pack), commits[1]),),
-        models=(ModelPin("vae", "lock-test.bin", sha),))))
+        models=(ModelPin("vae", "lock-test.bin", sha),), warmup="warmup.json")))
     lock_hash = "sha256:" + hashlib.sha256(lock_file.read_bytes()).hexdigest()
 
     server = Server(base, custom_nodes=1, custom_nodes_dirs=nodes, lock=lock_file)
@@ -74,6 +75,7 @@ def test_drift_in_ready_and_in_the_report(tmp_path: Path) -> None:
         assert body["lock"] == {"hash": lock_hash, "drifted": False,
                                 "drift": {"packs": {}, "models": {}}}
         env = report_of(server)["environment"]
+        assert "warm-up workflow done" in server.log_path.read_text()  # the lock's [warmup]
     finally:
         server.stop()
     tiny = Path.home() / ".cache" / "comfy-embed" / "tiny-sd15.safetensors"  # tests/servers.py
