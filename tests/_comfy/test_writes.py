@@ -255,3 +255,32 @@ def test_cancel_while_encoding_ends_the_task_cancelled(servers: tuple[Server, An
     for name in left:  # the ones that ran are whole
         with Image.open(folder / name) as im:
             im.load()
+
+
+def test_a_drain_waits_for_the_files_being_encoded(tmp_path: Path) -> None:
+    """/pre-stop (as SIGTERM) while a task's PNGs are still being encoded:
+    the drain answers once the task ended with its final event, every file
+    whole, and the server exits cleanly."""
+    s = Server(tmp_path / "drain", encode_workers=1, encode_backlog=4).wait_ready()
+    try:
+        task_id = "drain-encoding"
+        g = graph(9)
+        g["1"]["inputs"].update(width=2048, height=2048, batch_size=3)
+        del g["4"], g["5"], g["6"]
+        r = s.run(g, headers={"X-Fc-Invocation-Type": "Async", "X-Task-Id": task_id})
+        assert r.status_code == 202, r.text
+        events: list[dict[str, Any]] = []
+        while not any(e["type"] == "executed" for e in events):
+            threading.Event().wait(0.02)
+            events = s.status(task_id)
+        assert requests.get(f"{s.url}/pre-stop", timeout=300).status_code == 200
+        final = s.status(task_id)[-1]
+        assert final["type"] == "serverless_api" and final["data"]["status"] == "success"
+        assert len(final["data"]["results"]) == 3
+        for res in final["data"]["results"]:
+            with Image.open(s.file_of(res["output"]["comfy"])) as im:
+                im.load()
+                assert im.size == (2048, 2048)
+        assert s.proc.wait(60) == 0, s.log()
+    finally:
+        s.stop()
