@@ -74,8 +74,19 @@ class _Widget:
     name: str
     #: False for the editor's helper widgets (seed control, upload button).
     sent: bool
-    #: The value the editor gives a widget the saved workflow has no value for.
-    default: Any = None
+    kind: str = ""
+    opts: dict[str, Any] = field(default_factory=dict)
+
+    def default(self, class_type: str, defs: NodeDefinitions) -> Any:
+        """The value the editor gives a widget the saved workflow has no value
+        for (a combo's choices are asked only then: listing them may read a
+        folder, as LoadImage's do)."""
+        if "default" in self.opts:
+            return self.opts["default"]
+        if self.kind == "COMBO":
+            choices = defs.input_options(class_type).get(self.name)
+            return choices[0] if choices else None
+        return {"INT": 0, "FLOAT": 0, "STRING": "", "BOOLEAN": False}.get(self.kind, "")
 
 
 class NodeDefinitions(Protocol):
@@ -91,22 +102,13 @@ class NodeDefinitions(Protocol):
         ...
 
 
-def _default(kind: str, opts: dict[str, Any], choices: list[Any] | None) -> Any:
-    if "default" in opts:
-        return opts["default"]
-    if kind == "COMBO":
-        return choices[0] if choices else None
-    return {"INT": 0, "FLOAT": 0, "STRING": "", "BOOLEAN": False}.get(kind, "")
-
-
 def widget_names(class_type: str, defs: NodeDefinitions) -> list[_Widget]:
     """The widgets the editor builds for a node class, in order."""
     out: list[_Widget] = []
-    choices = defs.input_options(class_type)
     for name, (kind, opts) in defs.input_specs(class_type).items():
         if kind not in _WIDGET_TYPES or opts.get("forceInput"):
             continue
-        out.append(_Widget(name, True, _default(kind, opts, choices.get(name))))
+        out.append(_Widget(name, True, kind, opts))
         if opts.get("control_after_generate") or (
                 kind == "INT" and name in ("seed", "noise_seed")
                 and opts.get("control_after_generate") is not False):
@@ -246,7 +248,7 @@ class _Converter:
         else:  # by position, as the editor assigns them; missing ones take defaults
             pending = list(values) if isinstance(values, list) else []
             for w in widget_names(dto.type, self.defs):
-                value = pending.pop(0) if pending else w.default
+                value = pending.pop(0) if pending else w.default(dto.type, self.defs)
                 if w.sent:
                     out[w.name] = value
         self._widgets[dto.id] = out
