@@ -95,6 +95,12 @@ def boot_comfy(settings: Settings) -> Comfy:
             ensure_models(settings)
         else:
             load_manifest(settings.models.manifest)  # a bad manifest fails the boot
+    if settings.comfy.lock is not None:
+        # The lock's models with a URL, fetched as the manifest's are (a
+        # missing one without a URL is drift, reported after the boot).
+        from comfy_embed.environment.apply import fetch_models
+        from comfy_embed.environment.lockfile import read_lock
+        fetch_models(settings, read_lock(settings.comfy.lock), strict=False)
     memory.keep_freed_heap(settings.observe.heap_keep_bytes)  # 0: glibc's defaults
     comfy = Comfy.boot(settings)
     if settings.comfy.tiny_checkpoint:

@@ -117,13 +117,14 @@ def install_lock(lock: Lock, custom_nodes: Path, python: str = sys.executable,
     return done
 
 
-def fetch_models(settings: Settings, lock: Lock) -> list[Path]:
+def fetch_models(settings: Settings, lock: Lock, strict: bool = True) -> list[Path]:
     """The lock's models fetched into the models folder by the models manifest's
-    machinery (verified, atomic, one download across instances); a model
-    without a URL must already be there."""
+    machinery (verified, atomic, one download across instances). ``strict``:
+    a model without a URL must already be there (else the boot's drift check
+    names it)."""
     models = settings.comfy.models_path
     missing = [m.label for m in lock.models if not m.url and not (models / m.folder / m.name).is_file()]
-    if missing:
+    if missing and strict:
         raise InstallError(f"model {missing[0]} is not in {models} and the lock gives no url")
     entries = [{"url": m.url, "sha256": m.sha256, "folder": m.folder, "name": m.name,
                 **({"size": m.size} if m.size else {})} for m in lock.models if m.url]
@@ -136,6 +137,8 @@ def fetch_models(settings: Settings, lock: Lock) -> list[Path]:
     try:
         return ensure_models(settings.replace(models_manifest=Path(f.name)))
     except ModelDownloadError as e:
+        if not strict:  # at boot: the manifest's error, which /ready shows
+            raise
         raise InstallError(str(e)) from None
     finally:
         os.unlink(f.name)

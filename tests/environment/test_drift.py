@@ -143,3 +143,33 @@ def test_a_lock_that_cannot_be_read_fails_the_boot_naming_the_entry(tmp_path: Pa
         assert "pack p: commit must be 40 hex digits, not 'main'" in r.json()["error"]
     finally:
         server.stop()
+
+
+def test_the_locks_models_are_fetched_at_boot(tmp_path: Path) -> None:
+    """A lock's model with a URL is downloaded (verified) before /ready, as a
+    manifest's; then there is no drift."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "m.bin").write_bytes(b"model bytes" * 1000)
+    sha = hashlib.sha256((served / "m.bin").read_bytes()).hexdigest()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        SimpleHTTPRequestHandler, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    lock_file = tmp_path / "comfy-embed.lock"
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/m.bin"
+    lock_file.write_text(dump_lock(Lock(models=(ModelPin("vae", "m.bin", sha, url),))))
+    base = tmp_path / "base"
+    server = Server(base, lock=lock_file, url_allowlist="127.0.0.1")
+    try:
+        body = ready_answer(server).json()
+        assert body["status"] == "ready", body
+        assert body["lock"]["drift"] == {"packs": {}, "models": {}}
+        assert (base / "models" / "vae" / "m.bin").read_bytes() == (served / "m.bin").read_bytes()
+    finally:
+        server.stop()
+        httpd.shutdown()
+        httpd.server_close()
