@@ -198,3 +198,31 @@ def test_install_models_names_a_missing_model_without_url(tmp_path: Path) -> Non
     (tmp_path / "models" / "vae").mkdir(parents=True)
     (tmp_path / "models" / "vae" / "absent.bin").write_bytes(b"x")
     assert fetch_models(settings, lock) == []  # there: nothing to fetch (drift checks its hash)
+
+
+def test_install_models_refuses_a_hash_mismatch_and_leaves_nothing(tmp_path: Path) -> None:
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from comfy_embed.config import Settings
+    from comfy_embed.environment.apply import fetch_models
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "m.bin").write_bytes(b"not what the lock says")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        SimpleHTTPRequestHandler, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/m.bin"
+        lock = parse_lock(f'[[models]]\nfolder = "vae"\nname = "m.bin"\nsha256 = "{"1" * 64}"\n'
+                          f'url = "{url}"\n')
+        settings = Settings(base_dir=tmp_path / "base", url_allowlist=("127.0.0.1",))
+        with pytest.raises(InstallError, match="vae/m.bin"):
+            fetch_models(settings, lock)
+        folder = tmp_path / "base" / "models" / "vae"
+        assert not folder.exists() or not [p for p in folder.iterdir() if not p.name.endswith(".lock")]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

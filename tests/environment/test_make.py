@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -41,3 +42,27 @@ def test_a_snapshot_commit_the_repository_lacks_is_named(tmp_path: Path) -> None
     snapshot.write_text(json.dumps({"git_custom_nodes": {str(pack): {"hash": "e" * 40}}}))
     with pytest.raises(InstallError, match=f"pack P \\({pack}\\): commit {'e' * 40} is not in"):
         lock_from_snapshot(snapshot, say=lambda _: None)
+
+
+def test_lock_pins_the_models_a_workflow_names(tmp_path: Path) -> None:
+    from comfy_embed.environment.lockfile import ModelPin
+    from comfy_embed.environment.make import lock_from_folder
+    from tests.environment.test_apply import comfyui
+
+    folder = comfyui(tmp_path / "c")
+    models = tmp_path / "models"
+    (models / "checkpoints" / "sub").mkdir(parents=True)
+    (models / "loras").mkdir()
+    (models / "checkpoints" / "sub" / "a.safetensors").write_bytes(b"a" * 10)
+    (models / "loras" / "b.safetensors").write_bytes(b"b" * 20)
+    (models / "loras" / "unused.safetensors").write_bytes(b"u")
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sub/a.safetensors"}},
+        "2": {"class_type": "LoraLoader", "inputs": {"lora_name": "b.safetensors", "x": "../etc"}}}))
+    sha_a, sha_b = (hashlib.sha256(b).hexdigest() for b in (b"a" * 10, b"b" * 20))
+    manifest = [ModelPin("loras", "b.safetensors", sha_b, "https://example.com/b.safetensors")]
+    lock = lock_from_folder(folder, [wf], models, manifest, say=lambda _: None)
+    assert lock.models == (
+        ModelPin("checkpoints", "sub/a.safetensors", sha_a, None, 10),
+        ModelPin("loras", "b.safetensors", sha_b, "https://example.com/b.safetensors", 20))
