@@ -13,10 +13,10 @@ import hashlib
 import importlib.metadata
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from comfy_embed.config import Settings, places
 from comfy_embed.environment import gitrepo

@@ -15,7 +15,11 @@ import pytest
 
 from comfy_embed.environment.apply import install_lock
 from comfy_embed.environment.lockfile import PackPin, dump_lock, parse_lock, read_lock
-from comfy_embed.environment.make import installed_versions, lock_from_folder, pin_requirements
+from comfy_embed.environment.make import (
+    installed_versions,
+    lock_from_folder,
+    pin_requirements,
+)
 from comfy_embed.errors import InstallError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,8 +132,8 @@ def test_refused_with_the_entry_named_and_nothing_half_installed(tmp_path: Path,
     cases = {
         "conflict": (lock_text(("a", str(a), ca[0], ["packaging==24.2"]),
                                ("b", str(b), cb[0], ["Packaging==23.0"])),
-                     r"conflicting pins, nothing installed: packaging: pack a wants "
-                     r"packaging==24.2, pack b wants Packaging==23.0"),
+                     (r"conflicting pins, nothing installed: packaging: pack a wants "
+                      r"packaging==24.2, pack b wants Packaging==23.0")),
         "unknown commit": (lock_text(good_b, ("a", str(a), "1" * 40, [])),
                            f"pack a: commit {'1' * 40} is not in {a}"),
         "bad url": (lock_text(good_b, ("a", str(tmp_path / "nowhere"), ca[0], [])),

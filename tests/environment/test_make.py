@@ -31,8 +31,8 @@ def test_a_snapshot_becomes_a_lock_pinned_by_its_pips(tmp_path: Path) -> None:
     (pin,) = lock.packs
     assert (pin.name, pin.commit) == ("ComfyUI-Thing", commits[0])
     assert pin.requirements == ("comfy-embed-absent==1.5", "packaging==24.2")
-    assert said == ["registry pack comfyui-impact-pack 8.8.1: the snapshot gives no git URL and "
-                    "commit; add it to the lock as [[packs]] with url and commit"]
+    assert said == [("registry pack comfyui-impact-pack 8.8.1: the snapshot gives no git URL and "
+                     "commit; add it to the lock as [[packs]] with url and commit")]
     assert parse_lock(dump_lock(lock)) == lock
 
 
