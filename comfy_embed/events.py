@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 __all__ = ["FINAL", "COMFY_TERMINAL", "PROGRESS_STATE", "event", "status_event", "queue_event",
-           "final_event", "is_final", "dumps", "dumps_bytes", "loads", "coalesce_snapshots"]
+           "final_event", "is_final", "error_type", "dumps", "dumps_bytes", "loads", "coalesce_snapshots"]
 
 #: The type of the one terminal event of every task.
 FINAL = "serverless_api"
@@ -106,6 +106,12 @@ def final_event(task_id: str, prompt_id: str | None, seeds: dict[str, int],
     if error:
         data["error"] = error
     return event(FINAL, data)
+
+
+def error_type(final: dict[str, Any]) -> str | None:
+    """The ``type`` of a final event's error (None for a success)."""
+    error = (final.get("data") or {}).get("error")
+    return error.get("type") if isinstance(error, dict) else None
 
 
 def is_final(ev: dict[str, Any]) -> bool:

@@ -24,6 +24,7 @@ from comfy_embed.api.auth import ApiKeyAuth
 from comfy_embed.api.hooks import LifecycleGuard
 from comfy_embed.api.middleware import InternalErrors
 from comfy_embed.api.serverless import runs, ws
+from comfy_embed.api.serverless.queued import TaskQueue
 from comfy_embed.config import Settings
 from comfy_embed.observe.guard import EXIT_RECYCLE, drain_when_tripped
 from comfy_embed.runtime import Engine
@@ -46,6 +47,8 @@ async def ready(request: Request) -> Response:
     state = request.app.state
     # A full or read-only task-log/output folder: unhealthy until it recovers.
     unusable = await anyio.to_thread.run_sync(state.service.folders.reason)
+    if not unusable and state.queue is not None:  # Redis down: nothing can be queued
+        unusable = await state.queue.reason()
     if unusable:
         return JSONResponse({"status": "unhealthy", "reason": unusable}, 503)
     if state.engine.ready and state.warm.is_set() and state.engine.accepting:
@@ -156,6 +159,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         v2.attach(app, service)  # Comfy API v2, over the same task service
         app.state.control = control
         app.state.warm = anyio.Event()
+        url = settings.tasklog.redis_url
+        app.state.queue = TaskQueue(service, url, settings.tasklog.queue_stream) if url else None
         await service.recover()
         try:
             # The engine's group owns what outlives a request (results being
@@ -163,6 +168,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
             async with engine.background.open(), anyio.create_task_group() as tg:
                 tg.start_soon(_warm_up, engine, settings, app.state.warm)
                 tg.start_soon(service.upkeep)
+                if app.state.queue is not None:  # the durable queue mode (issue 24)
+                    tg.start_soon(app.state.queue.work, app.state.warm)
                 tg.start_soon(_recycle, app, control)
                 yield
                 # SIGTERM/SIGINT: the server waited for open requests; now the

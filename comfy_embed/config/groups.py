@@ -265,6 +265,11 @@ class TaskLogSettings(_Group):
     #: Runs of one task id at most: a retry of a task whose last attempt was
     #: lost (lease expired, drain past grace, recycle) runs it again until this.
     max_attempts: int = Field(default=3, alias="task_max_attempts")
+    #: Redis (``redis://host:port/db``) whose stream queues async runs for
+    #: the whole fleet (issue 24); None: each instance queues its own.
+    redis_url: str | None = None
+    #: The stream's key in Redis.
+    queue_stream: str = "comfy-embed:tasks"
     #: Hours after which the outputs, inputs and logs of finished tasks (only
     #: what the service recorded), and old temp files, are deleted
     #: (``0`` or ``none``: keep everything).

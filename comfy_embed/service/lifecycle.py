@@ -33,7 +33,7 @@ from comfy_embed.errors import (
     StorageUnavailable,
     TaskIdConflict,
 )
-from comfy_embed.events import FINAL, coalesce_snapshots, final_event
+from comfy_embed.events import FINAL, coalesce_snapshots, error_type, final_event
 from comfy_embed.observe.folders import FolderProbe
 from comfy_embed.observe.logs import current_task
 from comfy_embed.prepare.options import DEFAULT_OPTIONS, RunOptions
@@ -143,7 +143,6 @@ class TaskService(TaskObserver):
         self._io = BlockingCalls(settings.tasklog.inline_seconds)
         #: Per-request retention, keep nothing, delete now (issue 29).
         self.retention = Retention(self)
-        #: Runs again a task whose last attempt was lost (issue 24).
         self.attempts = Attempts(self.tasklog, settings.tasklog.max_attempts)
         engine.add_observer(self)
 
@@ -283,6 +282,11 @@ class TaskService(TaskObserver):
         self._writers.spawn(self._persist, task, name=f"task log of {task.task_id}")
         return True
 
+    async def refuse(self, task_id: str, error: ComfyEmbedError, owner_key: str | None) -> None:
+        """A queued run refused when taken: its final error event (unless the id is taken)."""
+        if await self._io.run(self._claim, task_id, owner_key):
+            await self._close_with_error(task_id, error)
+
     async def _close_with_error(self, task_id: str, error: ComfyEmbedError) -> None:
         """A claimed task that will not run: its final error event in the
         log, its lease released, its webhook (if any) on its way."""
@@ -357,7 +361,7 @@ class TaskService(TaskObserver):
                 self._tell_flush()
                 last_flush = anyio.current_time()
                 if ends:
-                    if _error_type(batch[-1][1]) == StorageUnavailable.type:
+                    if error_type(batch[-1][1]) == StorageUnavailable.type:
                         self.folders.suspect()  # a write failed: refuse until it is checked
                     self.webhooks.finished(task.task_id)
                     return
@@ -591,9 +595,4 @@ class TaskService(TaskObserver):
         await self.engine.wait_idle()
         await self._writers.drain()
         await self.webhooks.drain()
-
-
-def _error_type(final: dict[str, Any]) -> str | None:
-    error = (final.get("data") or {}).get("error")
-    return error.get("type") if isinstance(error, dict) else None
 

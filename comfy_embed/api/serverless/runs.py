@@ -156,6 +156,13 @@ async def run(request: Request) -> Response:
         else:
             parsed, envelope_url = envelope_webhook(body)
         hook = webhook_request(q, envelope_url, settings)
+        is_async = request.headers.get("x-fc-invocation-type", "").lower() == "async"
+        queue = request.app.state.queue
+        if queue is not None and is_async and not (settings.server.async_inline or app or replay
+                                                   or stream):
+            # The durable queue mode: any idle instance of the fleet runs it.
+            await queue.put(task_id, str(q), key_hash_of(request.scope), body)
+            return _json({"task_id": task_id}, 202, {"X-Task-Id": task_id})
         handle = await service.start(parsed, options, task_id=task_id, webhook=hook,
                                      owner_key=key_hash_of(request.scope), policy=policy)
     except ComfyEmbedError as e:  # refused before queueing: the table says how
@@ -163,7 +170,6 @@ async def run(request: Request) -> Response:
     if replay is not None and handle.task is not None:
         handle.task.report.replay = replay.describe()  # into the report's run record
     headers = {"X-Task-Id": task_id}
-    is_async = request.headers.get("x-fc-invocation-type", "").lower() == "async"
     if is_async and not settings.server.async_inline:
         return _json({"task_id": task_id}, 202, headers)
     if stream:

@@ -1,0 +1,131 @@
+"""Issue 24's durable queue mode on real servers sharing a task log and a real
+redis-server: any instance runs what any accepted, a killed instance's task
+completes on another without a client retry, Redis down is 503."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+from comfy_embed.tasklog.log import TaskLog
+from tests.conftest import image_only, text_to_image
+from tests.queue.test_streams import RedisServer
+from tests.servers import Server
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
+                                reason="redis-server is not installed (apt-get install redis-server)")
+
+LEASE = 4
+ASYNC = {"X-Fc-Invocation-Type": "Async"}
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("shared-log")
+
+
+def start(base: Path, shared_log: Path, redis_server: RedisServer) -> Server:
+    return Server(base, task_log_dir=shared_log, lease_seconds=LEASE,
+                  redis_url=redis_server.url)
+
+
+@pytest.fixture(scope="module")
+def steady(tmp_path_factory: pytest.TempPathFactory, shared_log: Path,
+           redis_server: RedisServer) -> Iterator[Server]:
+    s = start(tmp_path_factory.mktemp("steady"), shared_log, redis_server)
+    try:
+        yield s.wait_ready()
+    finally:
+        s.stop()
+
+
+def submit(server: Server, graph: dict, task_id: str) -> None:
+    r = server.run(graph, headers={**ASYNC, "X-Task-Id": task_id})
+    assert r.status_code == 202, r.text
+
+
+def test_async_runs_go_through_the_queue(steady: Server) -> None:
+    ids = [f"q-{i}-{uuid.uuid4().hex[:8]}" for i in range(4)]
+    for task_id in ids:
+        submit(steady, image_only(), task_id)
+    for task_id in ids:
+        events = steady.wait_final(task_id, timeout=120)
+        assert events[-1]["data"]["status"] == "success", events[-1]
+        assert events[-1]["data"]["attempt"] == 1
+        assert sum(e["type"] == "serverless_api" for e in events) == 1
+    # A bad graph is refused when taken: its final error event says why.
+    bad = image_only()
+    bad["1"]["inputs"]["width"] = "wide"
+    bad_id = "q-bad-" + uuid.uuid4().hex[:8]
+    submit(steady, bad, bad_id)
+    refused = steady.wait_final(bad_id, timeout=60)[-1]["data"]
+    assert refused["status"] == "error" and "width" in refused["error"]["message"], refused
+
+
+def owner_pid(shared_log: Path, task_id: str) -> int | None:
+    owner = TaskLog(shared_log, "reader").owner(task_id)
+    return int(owner.split("-")[-2]) if owner else None
+
+
+def test_a_killed_instance_task_completes_elsewhere(
+        tmp_path: Path, shared_log: Path, redis_server: RedisServer, steady: Server) -> None:
+    victim = start(tmp_path / "victim", shared_log, redis_server).wait_ready()
+    try:
+        # Work for both: the victim takes some of it while steady is busy.
+        ids = [f"k-{i}-{uuid.uuid4().hex[:8]}" for i in range(4)]
+        for task_id in ids:
+            submit(victim, text_to_image(steps=30, size=192, seed=3), task_id)
+        deadline = time.monotonic() + 120
+        killed = None
+        while killed is None:
+            assert time.monotonic() < deadline, victim.log()
+            for task_id in ids:
+                if owner_pid(shared_log, task_id) == victim.proc.pid and any(
+                        e["type"] == "progress" for e in steady.status(task_id)):
+                    killed = task_id
+                    break
+            time.sleep(0.05)
+    finally:
+        victim.kill()
+        victim.stop()
+    for task_id in ids:
+        events = steady.wait_final(task_id, timeout=300)
+        final = events[-1]["data"]
+        assert final["status"] == "success", (task_id, final.get("error"), steady.log())
+    assert steady.status(killed)[-1]["data"]["attempt"] == 2
+
+
+def test_redis_down_is_503_and_ready_says_why(steady: Server, redis_server: RedisServer) -> None:
+    redis_server.stop()
+    try:
+        r = steady.run(image_only(), headers={**ASYNC, "X-Task-Id": "down-" + uuid.uuid4().hex})
+        assert r.status_code == 503, r.text
+        assert r.json()["data"]["error"]["type"] == "queue_unavailable"
+        ready = requests.get(f"{steady.url}/ready", timeout=10)
+        assert ready.status_code == 503 and "Redis" in ready.json()["reason"]
+        # A sync run does not need the queue.
+        assert steady.run(image_only()).status_code == 200
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 30
+    while requests.get(f"{steady.url}/ready", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    task_id = "back-" + uuid.uuid4().hex
+    submit(steady, image_only(), task_id)
+    assert steady.wait_final(task_id, timeout=60)[-1]["data"]["status"] == "success"
