@@ -292,6 +292,8 @@ def _run_paths(p: str) -> dict[str, Any]:
                        "`nothing`: delete inputs and outputs once the answer is delivered, "
                        "keeping only their hashes and sizes."),
                 _query("webhook_events", {"type": "string"}, "Comma-separated events to deliver."),
+                _query("app", {"type": "string"}, "Run this workflow app: the body is then its "
+                       "parameters (`GET /api/apps`), as `POST /api/apps/{name}` takes them."),
                 _header("X-Fc-Async-Task-Id", "Task id (first present of these four)."),
                 _header("X-Fc-Trace-Id", "Task id."),
                 _header("X-Task-Id", "Task id."),
@@ -305,6 +307,7 @@ def _run_paths(p: str) -> dict[str, Any]:
                 "200": _final("The task's final message (or its SSE stream).", True),
                 "202": _json(_ref("Accepted"), "Async call accepted; poll `/status`."),
                 **_RUN_ERRORS,
+                "404": _final("`?app=` names no app (`app_not_found`)."),
             },
         }},
         f"{p}/validate": {"post": {
