@@ -205,3 +205,57 @@ def test_fc_async_retries_fit_the_attempts(fc: dict[str, Any]) -> None:
     # Issue 24: FC's retries run a lost task again; no more than comfy-embed allows.
     retries = fc["asyncInvokeConfig"]["maxAsyncRetryAttempts"]
     assert 1 <= retries + 1 <= Settings().tasklog.max_attempts
+
+
+# ------------------------------------------------ the durable queue (issue 24)
+QUEUE = K8S / "queue"
+
+
+def queue_docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((QUEUE / name).read_text()) if d]
+
+
+def test_queue_overlay_lists_its_manifests_and_the_base() -> None:
+    (kust,) = queue_docs("kustomization.yaml")
+    assert kust["resources"] == ["../", "redis.yaml", "scaledobject.yaml"]
+    assert [p["path"] for p in kust["patches"]] == ["deployment-queue.yaml"]
+    for name in ("redis.yaml", "scaledobject.yaml", "deployment-queue.yaml"):
+        assert (QUEUE / name).is_file()
+
+
+def test_queue_redis_validates() -> None:
+    docs = queue_docs("redis.yaml")
+    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", "Deployment", "Service"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_queue_settings_keda_and_redis_agree() -> None:
+    from comfy_embed.queue.streams import GROUP
+
+    (patch,) = queue_docs("deployment-queue.yaml")
+    (deployment,) = k8s_docs("deployment.yaml")
+    assert patch["metadata"]["name"] == deployment["metadata"]["name"]
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    settings = Settings.from_env(env)  # real settings: a misspelt name or bad value fails here
+    url = settings.tasklog.redis_url
+    assert url is not None and url.startswith("redis://")
+    _, _, redis_svc = queue_docs("redis.yaml")
+    host_port = f"{redis_svc['metadata']['name']}:{redis_svc['spec']['ports'][0]['port']}"
+    assert url.split("//")[1].split("/")[0] == host_port
+
+    (scaled,) = queue_docs("scaledobject.yaml")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["kind"] == "ScaledObject"
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] >= 1  # to zero when idle
+    measures = set()
+    for trigger in spec["triggers"]:
+        meta = trigger["metadata"]
+        assert trigger["type"] == "redis-streams"
+        assert meta["address"] == host_port and meta["consumerGroup"] == GROUP
+        assert meta["stream"] == settings.tasklog.queue_stream
+        measures |= {"lagCount", "pendingEntriesCount"} & set(meta)
+    # Lag wakes it from zero; pending entries keep replicas while they run.
+    assert measures == {"lagCount", "pendingEntriesCount"}
