@@ -294,6 +294,10 @@ def _run_paths(p: str) -> dict[str, Any]:
                 _query("webhook_events", {"type": "string"}, "Comma-separated events to deliver."),
                 _query("app", {"type": "string"}, "Run this workflow app: the body is then its "
                        "parameters (`GET /api/apps`), as `POST /api/apps/{name}` takes them."),
+                _query("replay", {"type": "string"}, "Run again the graph a finished task ran "
+                       "(seeds included; the body is ignored): the answer's `data.replay` names "
+                       "what differs in the environment (packs, models, ComfyUI, torch, "
+                       "device). 400 when the task left no record."),
                 _header("X-Fc-Async-Task-Id", "Task id (first present of these four)."),
                 _header("X-Fc-Trace-Id", "Task id."),
                 _header("X-Task-Id", "Task id."),
