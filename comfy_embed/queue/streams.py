@@ -102,6 +102,12 @@ class StreamQueue:
             self.ack(entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
         return None
 
+    def touch(self, entry_id: str) -> None:
+        """Keep a taken entry this consumer's while its run goes on (its idle
+        time back to zero), so it is not reclaimed as a dead consumer's."""
+        self._call("touch", self._redis.xclaim, self.stream, GROUP, self.consumer, 0,
+                   [entry_id], justid=True)
+
     def ack(self, entry_id: str) -> None:
         """The entry's task has its final event: done with it."""
         self._call("ack", self._redis.xack, self.stream, GROUP, entry_id)

@@ -115,3 +115,15 @@ def test_redis_down_is_queue_unavailable_and_back_again(tmp_path: Path) -> None:
         assert work is not None and work.task_id == "t3"
     finally:
         server.stop()
+
+
+def test_a_touched_entry_is_not_reclaimed(redis_server: RedisServer) -> None:
+    working = StreamQueue(redis_server.url, "tasks", "working")
+    other = StreamQueue(redis_server.url, "tasks", "other")
+    working.put("t1", b"{}")
+    work = working.take(0.1)
+    assert work is not None
+    time.sleep(0.3)  # idle past the 0.2 s lease below...
+    working.touch(work.entry_id)  # ...but its run goes on: kept
+    assert other.reclaim(idle_seconds=0.2) is None
+    working.ack(work.entry_id)

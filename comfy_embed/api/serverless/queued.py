@@ -73,10 +73,16 @@ class TaskQueue:
                 await anyio.sleep(1.0)
                 continue
             if work is not None:
-                await self._run(work)
+                try:
+                    await self._run(work)
+                except Exception:  # unacknowledged: reclaimed after the lease
+                    log.exception("task %s: running it from the queue failed", work.task_id)
 
     async def _run(self, work: Work) -> None:
-        final = await self._final(work)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep, work)
+            final = await self._final(work)
+            tg.cancel_scope.cancel()
         try:
             if final is None or (is_lost(final) and not self.service.engine.accepting):
                 # Interrupted by this instance's drain: another runs it now.
@@ -85,6 +91,17 @@ class TaskQueue:
                 await anyio.to_thread.run_sync(self.queue.ack, work.entry_id)
         except QueueUnavailable as e:  # reclaimed after the lease instead
             log.warning("task %s: %s", work.task_id, e.message)
+
+    async def _keep(self, work: Work) -> None:
+        """While the entry's task runs here: keep it ours (a run may last
+        longer than the lease after which entries are reclaimed)."""
+        while True:
+            # A clock, not an event: the idle time Redis counts is a clock too.
+            await anyio.sleep(self.service.settings.tasklog.lease_seconds / 3)
+            try:
+                await anyio.to_thread.run_sync(self.queue.touch, work.entry_id)
+            except QueueUnavailable as e:
+                log.warning("task %s: %s", work.task_id, e.message)
 
     async def _final(self, work: Work) -> dict[str, Any] | None:
         """Run the entry's task (again, when its last attempt was lost) and
