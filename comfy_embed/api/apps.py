@@ -96,8 +96,10 @@ def openapi_paths(apps: list[App]) -> dict[str, Any]:
                         "schema": {"type": "string"}}, *flags],
         "requestBody": {"required": False, "content": {"application/json": {
             "schema": {"type": "object"}}}},
+        # Refusals are final messages too (SSE with ?stream=1), as on the FC run.
         "responses": {"200": final, "202": {"description": "Async call accepted."},
-                      "400": error, "404": error, "422": error, "429": error, "503": error}}
+                      **{code: {**final, "description": "Refused (the message says why)."}
+                         for code in ("400", "404", "409", "413", "422", "429", "500", "503")}}}
     paths: dict[str, Any] = {
         "/api/apps": {"get": {"summary": "The workflow apps, each with its parameters' "
                                          "JSON Schema",

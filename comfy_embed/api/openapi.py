@@ -311,7 +311,7 @@ def _run_paths(p: str) -> dict[str, Any]:
                 "200": _final("The task's final message (or its SSE stream).", True),
                 "202": _json(_ref("Accepted"), "Async call accepted; poll `/status`."),
                 **_RUN_ERRORS,
-                "404": _final("`?app=` names no app (`app_not_found`)."),
+                "404": _final("`?app=` names no app (`app_not_found`).", True),
             },
         }},
         f"{p}/validate": {"post": {
