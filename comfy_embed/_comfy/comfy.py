@@ -113,7 +113,8 @@ class Comfy:
         if s.comfy.encode_workers > 0:
             self.writer = OutputWriter(s.comfy.encode_workers, s.comfy.encode_backlog,
                                        lambda: [self.directory_of("output"),
-                                                self.directory_of("temp")])
+                                                self.directory_of("temp")],
+                                       processes=s.comfy.encode_processes)
         self.boot_seconds["total"] = time.perf_counter() - t0
         log.info("ComfyUI booted on %s in %.2fs (%s)", self.device,
                  self.boot_seconds["total"], self.boot_seconds)

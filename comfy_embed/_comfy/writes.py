@@ -7,8 +7,9 @@ executor thread, its ``PIL.Image.Image.save(path, ...)`` calls into the
 output or temp folder do not encode: the file is created empty at once (so
 ``folder_paths.get_save_image_path`` counts it and the next job picks the
 next name, as natively), and the very same ``save`` call, with the same
-image and arguments, runs in a bounded pool of threads (into a hidden file
-beside it, then renamed over it). The bytes are
+image and arguments, runs in a bounded pool of worker processes (threads
+with ``COMFY_EMBED_ENCODE_PROCESSES=0``), into a hidden file beside it, then
+renamed over it. The bytes are
 Pillow's, as natively; only the thread differs.
 
 The node's UI output (file names, subfolder, type) is what it returns
@@ -19,11 +20,19 @@ A full backlog makes the executor thread wait for a slot (bounded memory).
 
 from __future__ import annotations
 
+import collections
 import logging
+import multiprocessing
 import os
 import secrets
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import (
+    BrokenExecutor,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,14 +76,34 @@ class OutputWriter:
     """The pool and its backlog. ``folders`` are where deferred files may go
     (ComfyUI's output and temp folders)."""
 
-    def __init__(self, workers: int, backlog: int, folders: Callable[[], list[Path]]) -> None:
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="comfy-encode",
-                                        initializer=_yield_to_executor)
+    def __init__(self, workers: int, backlog: int, folders: Callable[[], list[Path]],
+                 processes: bool = True) -> None:
+        self._workers, self._processes = workers, processes
+        self._pool = self._new_pool()
         self._slots = threading.BoundedSemaphore(backlog)
+        self._lock = threading.Lock()
+        #: Saves not yet handed to the pool (``_dispatch``), and how many it runs.
+        self._waiting: collections.deque[tuple[Future[None], tuple[Any, ...]]] = collections.deque()
+        self._running = 0
         self._folders = folders
         self._writes: list[PendingWrite] = []
         self._node: tuple[str, str] | None = None
         _patch_pillow()
+
+    def _new_pool(self) -> Executor:
+        """Processes by default: Pillow holds the GIL while it compresses, so
+        an encode thread would slow the executor thread's Python (a GPU's
+        kernel launches) and share one core with it. The processes are
+        spawned (never forked from this threaded process) and started now,
+        off the first request's path."""
+        if not self._processes:
+            return ThreadPoolExecutor(self._workers, thread_name_prefix="comfy-encode",
+                                      initializer=_yield_to_executor)
+        pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_yield_to_executor)
+        for _ in range(self._workers):
+            pool.submit(os.getpid)
+        return pool
 
     # ------------------------------------------------- the executor thread
     def watch(self, sink: Sink, prompt: dict[str, Any]) -> Sink:
@@ -116,13 +145,52 @@ class OutputWriter:
         node_id, node_type = self._node or ("", "")
         path.touch()
         self._slots.acquire()  # back-pressure: the executor waits here
-        try:
-            future = self._pool.submit(_write, image, path, format, params)
-        except BaseException:
-            self._slots.release()
-            raise
+        future: Future[None] = Future()
         future.add_done_callback(lambda f: self._slots.release())
+        with self._lock:
+            self._waiting.append((future, (image, path, format, params)))
+        self._dispatch()
         self._writes.append(PendingWrite(node_id, node_type, path, future))
+
+    # --------------------------------------------------------- any thread
+    def _dispatch(self) -> None:
+        """Hand waiting saves to the pool, at most one per worker: the pool
+        would mark more as running at once, and a cancel could not drop them."""
+        while True:
+            with self._lock:
+                if self._running >= self._workers or not self._waiting:
+                    return
+                future, args = self._waiting.popleft()
+                if not future.set_running_or_notify_cancel():
+                    continue  # cancelled while it waited
+                self._running += 1
+            try:
+                inner = self._submit(args)
+            except BaseException as e:
+                with self._lock:
+                    self._running -= 1
+                future.set_exception(e)
+                continue
+            inner.add_done_callback(lambda f, outer=future: self._done(f, outer))  # type: ignore[misc]
+
+    def _submit(self, args: tuple[Any, ...]) -> Future[None]:
+        try:
+            return self._pool.submit(_write, *args)
+        except BrokenExecutor:  # a worker died (killed for memory?): a new pool
+            log.error("the output encode pool broke; starting a new one")
+            self._pool = self._new_pool()
+            return self._pool.submit(_write, *args)
+
+    def _done(self, inner: Future[None], outer: Future[None]) -> None:
+        with self._lock:
+            self._running -= 1
+        self._dispatch()  # the next one first: the answer below may take a while
+        if inner.cancelled():  # the pool shut down under it
+            outer.set_exception(RuntimeError("the encode pool shut down before this file was written"))
+        elif (e := inner.exception()) is not None:
+            outer.set_exception(e)
+        else:
+            outer.set_result(None)
 
     # --------------------------------------------------------- any thread
     def close(self, wait: bool = True) -> None:
@@ -147,10 +215,11 @@ def _write(image: Any, path: Path, format: str | None, params: dict[str, Any]) -
     """Encode beside ``path`` (a hidden name with its extension, which Pillow
     reads the format from), then replace the reserved empty file: a reader
     sees it empty or whole, never half written."""
-    assert _original_save is not None
+    # A worker process has Pillow unpatched; a thread calls the original.
+    save = _original_save or type(image).save
     part = path.with_name(f".encoding-{secrets.token_hex(4)}-{path.name}")
     try:
-        _original_save(image, part, format, **params)
+        save(image, part, format, **params)
         os.replace(part, path)
     except BaseException:
         part.unlink(missing_ok=True)

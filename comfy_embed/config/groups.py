@@ -90,6 +90,9 @@ class ComfySettings(_Group):
     #: Images at most waiting for or in encoding; when full, the executor
     #: thread waits for one to finish (bounded memory).
     encode_backlog: int = 8
+    #: Encode in worker processes (spawned at boot): Pillow holds the GIL
+    #: while it compresses, so threads would slow the executor's Python.
+    encode_processes: bool = True
 
     @model_validator(mode="after")
     def _comfyui_in_cache(self) -> ComfySettings:

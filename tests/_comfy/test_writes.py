@@ -50,9 +50,17 @@ class HeldInfo(PngInfo):
         self.__dict__["_chunks"] = value
 
 
+@pytest.fixture(params=["processes", "threads"])
+def writer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[OutputWriter]:
+    w = OutputWriter(1, 1, lambda: [tmp_path], processes=request.param == "processes")
+    yield w
+    w.close()
+
+
 @pytest.fixture
-def writer(tmp_path: Path) -> Iterator[OutputWriter]:
-    w = OutputWriter(1, 1, lambda: [tmp_path])
+def threads(tmp_path: Path) -> Iterator[OutputWriter]:
+    """Threads: the test holds an encode midway with an Event."""
+    w = OutputWriter(1, 1, lambda: [tmp_path], processes=False)
     yield w
     w.close()
 
@@ -81,11 +89,11 @@ def test_a_failed_save_leaves_no_file(writer: OutputWriter, tmp_path: Path) -> N
     assert not path.exists() and not list(tmp_path.glob(".encoding-*"))
 
 
-def test_a_full_backlog_holds_the_executor(writer: OutputWriter, tmp_path: Path) -> None:
+def test_a_full_backlog_holds_the_executor(threads: OutputWriter, tmp_path: Path) -> None:
     """Backlog 1: the second image waits for the first to be encoded."""
     gate = threading.Event()
-    writer.defer(picture(1), tmp_path / "a.png", None, {"pnginfo": HeldInfo(gate)})
-    second = threading.Thread(target=writer.defer,
+    threads.defer(picture(1), tmp_path / "a.png", None, {"pnginfo": HeldInfo(gate)})
+    second = threading.Thread(target=threads.defer,
                               args=(picture(2), tmp_path / "b.png", None, {}))
     second.start()
     second.join(0.3)
@@ -93,7 +101,7 @@ def test_a_full_backlog_holds_the_executor(writer: OutputWriter, tmp_path: Path)
     gate.set()
     second.join(30)
     assert not second.is_alive()
-    writes = writer.finish()
+    writes = threads.finish()
     for w in writes:
         w.future.result(30)
     assert [w.path.name for w in writes] == ["a.png", "b.png"]
@@ -104,8 +112,8 @@ def test_a_full_backlog_holds_the_executor(writer: OutputWriter, tmp_path: Path)
 def test_encode_threads_yield_to_the_executor(writer: OutputWriter) -> None:
     """Where cores are short the executor thread (the GPU's feeder) goes first."""
     mine = os.getpriority(os.PRIO_PROCESS, 0)
-    theirs = writer._pool.submit(
-        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result(30)
+    # Linux: PRIO_PROCESS 0 is the calling thread (a worker process's only one).
+    theirs = writer._pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(30)
     assert theirs == min(mine + NICENESS, 19)
 
 
