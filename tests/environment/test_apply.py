@@ -230,3 +230,17 @@ def test_install_models_refuses_a_hash_mismatch_and_leaves_nothing(tmp_path: Pat
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_the_cli_says_what_failed_and_exits_1(tmp_path: Path) -> None:
+    pack, _ = make_pack(tmp_path / "src" / "p", "")
+    folder = comfyui(tmp_path / "c")
+    git("clone", "--quiet", str(pack), "p", cwd=folder / "custom_nodes")
+    (folder / "custom_nodes" / "p" / "__init__.py").write_text("# edited\n")
+    made = cli("lock", "--comfyui", str(folder), "-o", str(tmp_path / "x.lock"))
+    assert made.returncode == 1 and not (tmp_path / "x.lock").exists()
+    assert "comfy-embed lock: pack p has local changes (__init__.py)" in made.stderr
+    (tmp_path / "bad.lock").write_text('[[packs]]\nname = "p"\nurl = "ftp://x"\n')
+    done = cli("install", str(tmp_path / "bad.lock"), "--comfyui", str(folder))
+    assert done.returncode == 1
+    assert "comfy-embed install: lock " in done.stderr and "pack p: url 'ftp://x' is not a git URL" in done.stderr
