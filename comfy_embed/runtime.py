@@ -180,6 +180,11 @@ class Engine:
         if queue is not None:  # packs read the queue in native's item shape
             queue.pending = lambda: [(0, j.prompt_id, j.prompt, j.extra_data, j.outputs)
                                      for j in self.executor.pending()]
+        writer = getattr(comfy, "writer", None)
+        if writer is not None and not self.settings.comfy.encode_when_idle:
+            # Hand encoding off only when a job waits for the executor: idle,
+            # it encodes itself, as natively (no hand-off on a lone request's path).
+            writer.busy = lambda: self.executor.waiting > 0
         self._fingerprint(comfy)
         self._comfy = comfy
         return comfy

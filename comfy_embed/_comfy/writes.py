@@ -58,7 +58,8 @@ def _save(image: Any, fp: Any, format: str | None = None, **params: Any) -> None
     """``Image.save``, handed to the pool when a deferred node saves a file."""
     writer: OutputWriter | None = getattr(_active, "writer", None)
     assert _original_save is not None
-    if writer is None or not isinstance(fp, (str, os.PathLike)) or not writer.owns(fp):
+    if (writer is None or not isinstance(fp, (str, os.PathLike)) or not writer.busy()
+            or not writer.owns(fp)):
         _original_save(image, fp, format, **params)
         return
     writer.defer(image, Path(fp), format, params)
@@ -88,6 +89,9 @@ class OutputWriter:
         self._folders = folders
         self._writes: list[PendingWrite] = []
         self._node: tuple[str, str] | None = None
+        #: Whether to hand a save off now (the runtime: when a job waits for
+        #: the executor); otherwise the executor thread encodes it, as natively.
+        self.busy: Callable[[], bool] = lambda: True
         _patch_pillow()
 
     def _new_pool(self) -> Executor:

@@ -93,6 +93,9 @@ class ComfySettings(_Group):
     #: Encode in worker processes (spawned at boot): Pillow holds the GIL
     #: while it compresses, so threads would slow the executor's Python.
     encode_processes: bool = True
+    #: Hand encoding off even when no job waits for the executor (default:
+    #: an idle executor encodes itself, as native does, with no hand-off).
+    encode_when_idle: bool = False
 
     @model_validator(mode="after")
     def _comfyui_in_cache(self) -> ComfySettings:

@@ -108,6 +108,29 @@ def test_a_full_backlog_holds_the_executor(threads: OutputWriter, tmp_path: Path
     assert Image.open(tmp_path / "b.png").tobytes() == picture(2).tobytes()
 
 
+def test_saves_of_a_deferred_node_are_handed_off_only_when_busy(threads: OutputWriter,
+                                                               tmp_path: Path) -> None:
+    """Only while a SaveImage runs (from its ``executing`` to its
+    ``executed``), and only when the runtime says a job waits: otherwise the
+    executor thread encodes, as natively."""
+    sink = threads.watch(lambda kind, data: None, {"3": {"class_type": "SaveImage"},
+                                                   "4": {"class_type": "ImageInvert"}})
+    for busy in (False, True):
+        threads.busy = lambda busy=busy: busy  # type: ignore[misc]
+        sink("executing", {"node": "3"})
+        picture(3).save(tmp_path / f"saved-{busy}.png")
+        sink("executed", {"node": "3"})
+        sink("executing", {"node": "4"})
+        picture(4).save(tmp_path / f"other-{busy}.png")  # not a deferred node
+        writes = threads.finish()
+        assert [w.path.name for w in writes] == (["saved-True.png"] if busy else [])
+        for w in writes:
+            w.future.result(30)
+    for name in ("saved-False", "saved-True", "other-False", "other-True"):
+        assert Image.open(tmp_path / f"{name}.png").tobytes() == picture(
+            3 if name.startswith("saved") else 4).tobytes()
+
+
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no per-thread priority here")
 def test_encode_threads_yield_to_the_executor(writer: OutputWriter) -> None:
     """Where cores are short the executor thread (the GPU's feeder) goes first."""
@@ -146,7 +169,8 @@ def digests(files: dict[str, list[Path]]) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Any]]:
     work = tmp_path_factory.mktemp("writes")
-    embed = Server(work / "embed", encode_workers=2, encode_backlog=4)
+    # when_idle: these tests send one request at a time, and must see the pool.
+    embed = Server(work / "embed", encode_workers=2, encode_backlog=4, encode_when_idle=1)
     native = start_native(work)
     try:
         native.wait_http("/system_stats", timeout=300)
@@ -269,7 +293,8 @@ def test_a_drain_waits_for_the_files_being_encoded(tmp_path: Path) -> None:
     """/pre-stop (as SIGTERM) while a task's PNGs are still being encoded:
     the drain answers once the task ended with its final event, every file
     whole, and the server exits cleanly."""
-    s = Server(tmp_path / "drain", encode_workers=1, encode_backlog=4).wait_ready()
+    s = Server(tmp_path / "drain", encode_workers=1, encode_backlog=4,
+               encode_when_idle=1).wait_ready()
     try:
         task_id = "drain-encoding"
         g = graph(9)
