@@ -22,7 +22,10 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
 class RedisServer:
     """``redis-server`` on a free loopback port, no persistence."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, persist: bool = False) -> None:
+        #: With ``persist``, an append-only file fsynced on every write (in
+        #: ``folder``): what was accepted survives a kill -9 and a restart.
+        self.persist = persist
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.folder = folder
@@ -31,7 +34,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder)],
+             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
+             "--dir", str(self.folder)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         probe = StreamQueue(self.url, "probe", "probe")
         deadline = time.monotonic() + 20

@@ -23,6 +23,7 @@ from comfy_embed.errors import (
     NotAccepting,
     PayloadTooLarge,
     QueueFull,
+    QueueUnavailable,
     StorageUnavailable,
 )
 from comfy_embed.events import final_event
@@ -55,7 +56,7 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def error_headers(error: ComfyEmbedError, task_id: str) -> dict[str, str]:
     headers = {"X-Task-Id": task_id}
-    if isinstance(error, (QueueFull, NotAccepting, StorageUnavailable)):
+    if isinstance(error, (QueueFull, NotAccepting, StorageUnavailable, QueueUnavailable)):
         headers["Retry-After"] = str(error.retry_after)
     return headers
 

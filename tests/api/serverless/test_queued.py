@@ -129,3 +129,97 @@ def test_redis_down_is_503_and_ready_says_why(steady: Server, redis_server: Redi
     task_id = "back-" + uuid.uuid4().hex
     submit(steady, image_only(), task_id)
     assert steady.wait_final(task_id, timeout=60)[-1]["data"]["status"] == "success"
+
+
+def output_folders(servers: list[Server], task_id: str) -> int:
+    """On how many instances the task's output folder holds a picture."""
+    return sum(any((s.output_dir / task_id).glob("*.png")) for s in servers)
+
+
+def test_thirty_tasks_over_three_instances_one_killed(
+        tmp_path: Path, shared_log: Path, redis_server: RedisServer, steady: Server) -> None:
+    victim = start(tmp_path / "victim", shared_log, redis_server)
+    third = start(tmp_path / "third", shared_log, redis_server)
+    fleet = [steady, victim.wait_ready(), third.wait_ready()]
+    try:
+        ids = [f"f{i:02d}-{uuid.uuid4().hex[:8]}" for i in range(30)]
+        for i, task_id in enumerate(ids):
+            submit(fleet[i % 3], text_to_image(steps=12, size=128, seed=i), task_id)
+        deadline = time.monotonic() + 180
+        killed = None
+        while killed is None:
+            assert time.monotonic() < deadline, victim.log()
+            for task_id in ids:
+                if owner_pid(shared_log, task_id) == victim.proc.pid and any(
+                        e["type"] == "progress" for e in steady.status(task_id)):
+                    killed = task_id
+                    break
+            time.sleep(0.05)
+        victim.kill()
+        killed_at = time.monotonic()
+        steady.wait_final(killed, timeout=600)
+        recovered_after = time.monotonic() - killed_at
+        finals = {task_id: steady.wait_final(task_id, timeout=600)[-1]["data"] for task_id in ids}
+        elapsed = time.monotonic() - killed_at
+        for task_id, final in finals.items():
+            assert final["status"] == "success", (task_id, final.get("error"))
+            successes = [a for a in final.get("attempts", [final]) if a["status"] == "success"]
+            assert len(successes) == 1, final  # none ran to success twice
+            assert output_folders(fleet, task_id) == 1, task_id
+        assert finals[killed]["attempt"] == 2
+        assert finals[killed]["attempts"][0]["error"]["type"] == "task_lost"
+        # The figure the issue asks for (reported, never asserted).
+        print(f"\n30 tasks, 3 instances, one killed -9: killed task {killed} done "
+              f"{recovered_after:.1f}s after the kill (lease {LEASE}s), all 30 "
+              f"{elapsed:.1f}s after it")
+    finally:
+        victim.stop()
+        third.stop()
+
+
+def test_sigterm_hands_queued_work_to_the_others(
+        tmp_path: Path, shared_log: Path, redis_server: RedisServer, steady: Server) -> None:
+    leaving = Server(tmp_path / "leaving", task_log_dir=shared_log, lease_seconds=LEASE,
+                     redis_url=redis_server.url, drain_seconds=1).wait_ready()
+    try:
+        ids = [f"s{i}-{uuid.uuid4().hex[:8]}" for i in range(5)]
+        for task_id in ids:
+            submit(leaving, text_to_image(steps=40, size=128, seed=5), task_id)
+        deadline = time.monotonic() + 120
+        while not any(owner_pid(shared_log, t) == leaving.proc.pid
+                      and any(e["type"] == "progress" for e in steady.status(t)) for t in ids):
+            assert time.monotonic() < deadline, leaving.log()
+            time.sleep(0.05)
+    finally:
+        leaving.stop()  # SIGTERM: a 1 s grace, then its run is interrupted and put back
+    assert "cancelling" in leaving.log()  # it did interrupt a run
+    for task_id in ids:
+        final = steady.wait_final(task_id, timeout=600)[-1]["data"]
+        assert final["status"] == "success", (task_id, final.get("error"), steady.log())
+
+
+def test_redis_killed_mid_load_loses_nothing(tmp_path: Path, shared_log: Path) -> None:
+    redis_server = RedisServer(tmp_path / "redis", persist=True)
+    (tmp_path / "redis").mkdir()
+    redis_server.start()
+    server = start(tmp_path / "loaded", shared_log, redis_server).wait_ready()
+    try:
+        ids = [f"r{i}-{uuid.uuid4().hex[:8]}" for i in range(6)]
+        for task_id in ids:
+            submit(server, text_to_image(steps=12, size=128, seed=8), task_id)
+        deadline = time.monotonic() + 300
+        while not any(e["type"] == "progress" for e in server.status(ids[0])):
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        redis_server.stop()  # kill -9, mid-load: one running, five waiting in Redis
+        r = server.run(image_only(), headers={**ASYNC, "X-Task-Id": "r-down"})
+        assert r.status_code == 503 and r.json()["data"]["error"]["type"] == "queue_unavailable"
+        assert r.headers.get("Retry-After")
+        redis_server.start()  # the same port and append-only file
+        for task_id in ids:  # every accepted task ends, with success
+            final = server.wait_final(task_id, timeout=600)[-1]["data"]
+            assert final["status"] == "success", (task_id, final.get("error"), server.log())
+        submit(server, image_only(), "r-back-" + uuid.uuid4().hex[:8])
+    finally:
+        server.stop()
+        redis_server.stop()
