@@ -182,9 +182,11 @@ class Engine:
                                      for j in self.executor.pending()]
         writer = getattr(comfy, "writer", None)
         if writer is not None and not self.settings.comfy.encode_when_idle:
-            # Hand encoding off only when a job waits for the executor: idle,
-            # it encodes itself, as natively (no hand-off on a lone request's path).
-            writer.busy = lambda: self.executor.waiting > 0
+            # Hand encoding off only when other work is about (a job queued or
+            # being prepared, files of another being written): alone, the
+            # executor encodes itself, as natively (no hand-off on its path).
+            ex = self.executor
+            writer.busy = lambda: bool(ex.waiting or ex.writing or self._preparing)
         self._fingerprint(comfy)
         self._comfy = comfy
         return comfy
