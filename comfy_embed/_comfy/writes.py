@@ -80,7 +80,10 @@ class OutputWriter:
     def __init__(self, workers: int, backlog: int, folders: Callable[[], list[Path]],
                  processes: bool = True) -> None:
         self._workers, self._processes = workers, processes
-        self._pool = self._new_pool()
+        #: Started at the first hand-off (a busy server), not at boot: the
+        #: workers' imports would slow the cold start on a few cores.
+        self._pool: Executor | None = None
+        self._pool_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(backlog)
         self._lock = threading.Lock()
         #: Saves not yet handed to the pool (``_dispatch``), and how many it runs.
@@ -98,16 +101,18 @@ class OutputWriter:
         """Processes by default: Pillow holds the GIL while it compresses, so
         an encode thread would slow the executor thread's Python (a GPU's
         kernel launches) and share one core with it. The processes are
-        spawned (never forked from this threaded process) and started now,
-        off the first request's path."""
+        spawned, never forked from this threaded process."""
         if not self._processes:
             return ThreadPoolExecutor(self._workers, thread_name_prefix="comfy-encode",
                                       initializer=_yield_to_executor)
-        pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"),
+        return ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_yield_to_executor)
-        for _ in range(self._workers):
-            pool.submit(os.getpid)
-        return pool
+
+    def pool(self) -> Executor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = self._new_pool()
+            return self._pool
 
     # ------------------------------------------------- the executor thread
     def watch(self, sink: Sink, prompt: dict[str, Any]) -> Sink:
@@ -179,11 +184,12 @@ class OutputWriter:
 
     def _submit(self, args: tuple[Any, ...]) -> Future[None]:
         try:
-            return self._pool.submit(_write, *args)
+            return self.pool().submit(_write, *args)
         except BrokenExecutor:  # a worker died (killed for memory?): a new pool
             log.error("the output encode pool broke; starting a new one")
-            self._pool = self._new_pool()
-            return self._pool.submit(_write, *args)
+            with self._pool_lock:
+                self._pool = self._new_pool()
+            return self.pool().submit(_write, *args)
 
     def _done(self, inner: Future[None], outer: Future[None]) -> None:
         with self._lock:
@@ -198,7 +204,8 @@ class OutputWriter:
 
     # --------------------------------------------------------- any thread
     def close(self, wait: bool = True) -> None:
-        self._pool.shutdown(wait=wait)
+        if self._pool is not None:
+            self._pool.shutdown(wait=wait)
 
 
 #: How much nicer than the process an encode thread runs (Linux: per thread).

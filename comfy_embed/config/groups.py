@@ -90,7 +90,7 @@ class ComfySettings(_Group):
     #: Images at most waiting for or in encoding; when full, the executor
     #: thread waits for one to finish (bounded memory).
     encode_backlog: int = 8
-    #: Encode in worker processes (spawned at boot): Pillow holds the GIL
+    #: Encode in worker processes (spawned when first needed): Pillow holds the GIL
     #: while it compresses, so threads would slow the executor's Python.
     encode_processes: bool = True
     #: Hand encoding off even when no job waits for the executor (default:

@@ -136,7 +136,7 @@ def test_encode_threads_yield_to_the_executor(writer: OutputWriter) -> None:
     """Where cores are short the executor thread (the GPU's feeder) goes first."""
     mine = os.getpriority(os.PRIO_PROCESS, 0)
     # Linux: PRIO_PROCESS 0 is the calling thread (a worker process's only one).
-    theirs = writer._pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(30)
+    theirs = writer.pool().submit(os.getpriority, os.PRIO_PROCESS, 0).result(30)
     assert theirs == min(mine + NICENESS, 19)
 
 
