@@ -206,12 +206,14 @@ def test_redis_killed_mid_load_loses_nothing(tmp_path: Path, shared_log: Path) -
     try:
         ids = [f"r{i}-{uuid.uuid4().hex[:8]}" for i in range(6)]
         for task_id in ids:
-            submit(server, text_to_image(steps=12, size=128, seed=8), task_id)
+            submit(server, text_to_image(steps=30, size=128, seed=8), task_id)
         deadline = time.monotonic() + 300
         while not any(e["type"] == "progress" for e in server.status(ids[0])):
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.05)
         redis_server.stop()  # kill -9, mid-load: one running, five waiting in Redis
+        waiting = [t for t in ids if not server.status(t)]  # not yet taken: only in Redis
+        assert waiting, "all were taken before Redis went down: not mid-load"
         r = server.run(image_only(), headers={**ASYNC, "X-Task-Id": "r-down"})
         assert r.status_code == 503 and r.json()["data"]["error"]["type"] == "queue_unavailable"
         assert r.headers.get("Retry-After")
