@@ -210,6 +210,12 @@ class Executor:
         return int(self._current is not None)
 
     @property
+    def current_task_id(self) -> str | None:
+        """The task id of the job executing now (no lock: a glance)."""
+        current = self._current
+        return None if current is None else current.task_id
+
+    @property
     def writing(self) -> int:
         """Jobs whose files are still being encoded (no lock: a gauge)."""
         return len(self._writing)

@@ -186,7 +186,8 @@ class Engine:
             # being prepared, files of another being written): alone, the
             # executor encodes itself, as natively (no hand-off on its path).
             ex = self.executor
-            writer.busy = lambda: bool(ex.waiting or ex.writing or self._preparing)
+            writer.busy = lambda: bool(ex.waiting or ex.writing or any(
+                t != ex.current_task_id for t in self._preparing))  # its own is no other
         self._fingerprint(comfy)
         self._comfy = comfy
         return comfy
