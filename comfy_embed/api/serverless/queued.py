@@ -84,8 +84,11 @@ class TaskQueue:
             final = await self._final(work)
             tg.cancel_scope.cancel()
         try:
-            if final is None or (is_lost(final) and not self.service.engine.accepting):
-                # Interrupted by this instance's drain: another runs it now.
+            attempt = ((final or {}).get("data") or {}).get("attempt") or 1
+            if final is None or (is_lost(final)
+                                 and attempt < self.service.settings.tasklog.max_attempts):
+                # Lost (this instance's drain, or its lease lapsed under load):
+                # back on the stream, where the next taker runs its next attempt.
                 await anyio.to_thread.run_sync(self.queue.give_back, work)
             else:
                 await anyio.to_thread.run_sync(self.queue.ack, work.entry_id)

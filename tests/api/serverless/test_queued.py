@@ -13,6 +13,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from comfy_embed.tasklog.attempts import is_lost
 from comfy_embed.tasklog.log import TaskLog
 from tests.conftest import image_only, text_to_image
 from tests.queue.test_streams import RedisServer
@@ -52,6 +53,18 @@ def steady(tmp_path_factory: pytest.TempPathFactory, shared_log: Path,
         yield s.wait_ready()
     finally:
         s.stop()
+
+
+def settled(server: Server, task_id: str, timeout: float = 600) -> dict:
+    """The final event's data once it is not a lost attempt the queue still
+    holds (in queue mode a lost attempt's final is followed by the next)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        final = server.wait_final(task_id, timeout=timeout)[-1]
+        if not is_lost(final) or final["data"].get("attempt", 1) >= 3:
+            return final["data"]
+        assert time.monotonic() < deadline, (task_id, final)
+        time.sleep(0.1)
 
 
 def submit(server: Server, graph: dict, task_id: str) -> None:
@@ -95,8 +108,10 @@ def test_a_killed_instance_task_completes_elsewhere(
         while killed is None:
             assert time.monotonic() < deadline, victim.log()
             for task_id in ids:
-                if owner_pid(shared_log, task_id) == victim.proc.pid and any(
-                        e["type"] == "progress" for e in steady.status(task_id)):
+                events = steady.status(task_id)
+                if owner_pid(shared_log, task_id) == victim.proc.pid and events and any(
+                        e["type"] == "progress" for e in events) and \
+                        events[-1]["type"] != "serverless_api":
                     killed = task_id
                     break
             time.sleep(0.05)
@@ -104,10 +119,9 @@ def test_a_killed_instance_task_completes_elsewhere(
         victim.kill()
         victim.stop()
     for task_id in ids:
-        events = steady.wait_final(task_id, timeout=300)
-        final = events[-1]["data"]
+        final = settled(steady, task_id)
         assert final["status"] == "success", (task_id, final.get("error"), steady.log())
-    assert steady.status(killed)[-1]["data"]["attempt"] == 2
+    assert settled(steady, killed)["attempt"] >= 2
 
 
 def test_redis_down_is_503_and_ready_says_why(steady: Server, redis_server: RedisServer) -> None:
@@ -150,23 +164,25 @@ def test_thirty_tasks_over_three_instances_one_killed(
         while killed is None:
             assert time.monotonic() < deadline, victim.log()
             for task_id in ids:
-                if owner_pid(shared_log, task_id) == victim.proc.pid and any(
-                        e["type"] == "progress" for e in steady.status(task_id)):
+                events = steady.status(task_id)
+                if owner_pid(shared_log, task_id) == victim.proc.pid and events and any(
+                        e["type"] == "progress" for e in events) and \
+                        events[-1]["type"] != "serverless_api":
                     killed = task_id
                     break
             time.sleep(0.05)
         victim.kill()
         killed_at = time.monotonic()
-        steady.wait_final(killed, timeout=600)
+        settled(steady, killed)
         recovered_after = time.monotonic() - killed_at
-        finals = {task_id: steady.wait_final(task_id, timeout=600)[-1]["data"] for task_id in ids}
+        finals = {task_id: settled(steady, task_id) for task_id in ids}
         elapsed = time.monotonic() - killed_at
         for task_id, final in finals.items():
             assert final["status"] == "success", (task_id, final.get("error"))
             successes = [a for a in final.get("attempts", [final]) if a["status"] == "success"]
             assert len(successes) == 1, final  # none ran to success twice
             assert output_folders(fleet, task_id) == 1, task_id
-        assert finals[killed]["attempt"] == 2
+        assert finals[killed]["attempt"] >= 2
         assert finals[killed]["attempts"][0]["error"]["type"] == "task_lost"
         # The figure the issue asks for (reported, never asserted).
         print(f"\n30 tasks, 3 instances, one killed -9: killed task {killed} done "
@@ -194,7 +210,7 @@ def test_sigterm_hands_queued_work_to_the_others(
         leaving.stop()  # SIGTERM: a 1 s grace, then its run is interrupted and put back
     assert "cancelling" in leaving.log()  # it did interrupt a run
     for task_id in ids:
-        final = steady.wait_final(task_id, timeout=600)[-1]["data"]
+        final = settled(steady, task_id)
         assert final["status"] == "success", (task_id, final.get("error"), steady.log())
 
 
@@ -219,7 +235,7 @@ def test_redis_killed_mid_load_loses_nothing(tmp_path: Path, shared_log: Path) -
         assert r.headers.get("Retry-After")
         redis_server.start()  # the same port and append-only file
         for task_id in ids:  # every accepted task ends, with success
-            final = server.wait_final(task_id, timeout=600)[-1]["data"]
+            final = settled(server, task_id)
             assert final["status"] == "success", (task_id, final.get("error"), server.log())
         submit(server, image_only(), "r-back-" + uuid.uuid4().hex[:8])
     finally:
