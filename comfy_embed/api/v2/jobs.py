@@ -105,7 +105,14 @@ def job_json(view: JobView, base: str, request: Request) -> dict[str, Any]:
     }
 
 
-def _check_body(parsed: Any) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, str]]:
+#: The extension header that lets POST /jobs take a saved (editor, UI-format)
+#: workflow, converted on the server as the FC API converts it (issue 26).
+#: Without it the spec's 422 workflow_format_ui stands.
+UI_FORMAT_HEADER = "x-workflow-format"
+
+
+def _check_body(parsed: Any, accept_ui: bool = False,
+                ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, str]]:
     """``(workflow, extra_data, metadata)`` of a POST /jobs body, or V2Error."""
     if not isinstance(parsed, dict):
         raise V2Error(422, "invalid_request", "the body must be a JSON object with 'workflow'")
@@ -117,9 +124,10 @@ def _check_body(parsed: Any) -> tuple[dict[str, Any], dict[str, Any] | None, dic
     if not isinstance(workflow, dict) or not workflow:
         raise V2Error(422, "invalid_workflow", "'workflow' must be a non-empty JSON object "
                       "(an API-format graph)", {"field": "workflow"})
-    if isinstance(workflow.get("nodes"), list) and "links" in workflow:
+    if isinstance(workflow.get("nodes"), list) and "links" in workflow and not accept_ui:
         raise V2Error(422, "workflow_format_ui", "this is a UI-format workflow (nodes/links): "
-                      "export it with 'Export (API)' and send that graph")
+                      "export it with 'Export (API)' and send that graph, or send it as it "
+                      f"is with the header '{UI_FORMAT_HEADER}: ui' (an extension)")
     extra = parsed.get("extra_data")
     if extra is not None and not isinstance(extra, dict):
         raise V2Error(422, "invalid_request", "'extra_data' must be an object",
@@ -218,7 +226,8 @@ async def _create(request: Request, jobs: JobService, raw: bytes,
     except ValueError:
         return envelope(400, "invalid_request", "the body is not JSON")
     try:
-        workflow, extra, labels = _check_body(parsed)
+        accept_ui = request.headers.get(UI_FORMAT_HEADER, "").strip().lower() == "ui"
+        workflow, extra, labels = _check_body(parsed, accept_ui)
         # Webhooks as for FC tasks: extra_data.webhook, else COMFY_EMBED_WEBHOOK_URL.
         hook_url = (extra or {}).get("webhook")
         hook = webhook_request({}, hook_url if isinstance(hook_url, str) else None,

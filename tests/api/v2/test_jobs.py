@@ -277,3 +277,21 @@ def test_webhook_as_for_fc_tasks(a: Server, receiver: Receiver) -> None:
     refused = httpx.post(f"{a.url}/api/v2/jobs", headers=AUTH, json={
         "workflow": image_only(batch=1), "extra_data": {"webhook": "http://169.254.169.254/x"}})
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_request"
+
+
+def test_saved_workflow_with_the_extension_header(a: Server) -> None:
+    """A saved (editor) workflow: the spec's 422 workflow_format_ui, unless the
+    caller sends ``X-Workflow-Format: ui``; then it is converted and runs."""
+    saved = json.loads((Path(__file__).resolve().parents[2] / "prepare" / "ui_workflows"
+                        / "nested_subgraph_bypass.json").read_text())
+    refused = httpx.post(f"{a.url}/api/v2/jobs", json={"workflow": saved}, headers=AUTH,
+                         timeout=60)
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "workflow_format_ui"
+    assert "X-Workflow-Format".lower() in refused.json()["error"]["message"]
+    r = httpx.post(f"{a.url}/api/v2/jobs", json={"workflow": saved},
+                   headers={**AUTH, "X-Workflow-Format": "ui"}, timeout=60)
+    assert r.status_code == 201, r.text
+    job = wait(a, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["outputs"], job
