@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from comfy_embed.config import Settings
 from comfy_embed.errors import (
+    AppNotFound,
     ComfyEmbedError,
     ExecutionFailed,
     ImageInputError,
@@ -24,6 +25,7 @@ from comfy_embed.errors import (
     OutOfMemory,
     PayloadTooLarge,
     QueueFull,
+    QueueUnavailable,
     RunTimeout,
     StorageError,
     StorageUnavailable,
@@ -47,5 +49,5 @@ __all__ = [
     "QueueFull", "NotAccepting", "ExecutionFailed", "OutOfMemory", "TaskLost", "TaskCancelled",
     "RunTimeout", "StorageError", "StorageUnavailable", "PayloadTooLarge", "ModelDownloadError",
     "WebhookRefused", "InvalidParameter", "Unauthorized", "TaskIdConflict", "TaskDeleted",
-    "TaskRunning", "InstallError",
+    "TaskRunning", "InstallError", "QueueUnavailable", "AppNotFound",
 ]

@@ -42,7 +42,7 @@ from comfy_embed.storage import Credentials
 from comfy_embed.service.attempts import Attempts
 from comfy_embed.service.blocking import BlockingCalls
 from comfy_embed.service.claim import Claim
-from comfy_embed.service.replay import REPLAY_RECORD, replay_record
+from comfy_embed.service.replay import write_replay
 from comfy_embed.service.retention import Retention
 from comfy_embed.taskid import check_task_id, valid_task_id
 from comfy_embed.tasklog.attempts import is_lost
@@ -328,11 +328,11 @@ class TaskService(TaskObserver):
                     started = time.perf_counter()
                     try:
                         if ends:
-                            self.retention.stamp(task.task_id, batch[-1][1])
+                            policy = self.retention.stamp(task.task_id, batch[-1][1])
                             self.attempts.stamp(task.task_id, batch[-1][1])
-                            replay = replay_record(task)
-                            released = await self._io.run(self._write_final, task.task_id, batch,
-                                                          replay)
+                            released = await self._io.run(self._write_final, task.task_id, batch)
+                            task.final_durable.set()  # the answer goes; the replay record follows
+                            await anyio.to_thread.run_sync(write_replay, self.tasklog, task, policy)
                         else:
                             await self._io.run(self.tasklog.extend, task.task_id, batch)
                     except OSError as e:
@@ -381,14 +381,10 @@ class TaskService(TaskObserver):
                 except Exception:
                     log.exception("task %s: releasing its lease failed", task.task_id)
 
-    def _write_final(self, task_id: str, batch: list[tuple[int, dict[str, Any]]],
-                     replay: bytes | None = None) -> bool:
+    def _write_final(self, task_id: str, batch: list[tuple[int, dict[str, Any]]]) -> bool:
         """The task's last write and its lease's release in one call (one
         worker-thread hop, where writes go to threads); True once released. A
-        failed release does not make the written final event look unwritten.
-        ``replay``: service/replay.py's record, written before the final."""
-        if replay is not None:
-            self.tasklog.put_record(task_id, REPLAY_RECORD, replay)
+        failed release does not make the written final event look unwritten."""
         self.tasklog.extend(task_id, batch)  # returns once a final event is on disk
         try:
             self._released(task_id, final=True)

@@ -10,6 +10,8 @@ the lock).
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import orjson
@@ -17,9 +19,13 @@ import orjson
 from comfy_embed.environment.drift import differences
 from comfy_embed.errors import InvalidParameter
 from comfy_embed.runtime import Engine, Task
+from comfy_embed.tasklog.expiry import Policy
+from comfy_embed.tasklog.files import FINAL_FILE
 from comfy_embed.tasklog.log import TaskLog
 
-__all__ = ["REPLAY_RECORD", "Replay", "read_replay", "replay_record"]
+log = logging.getLogger(__name__)
+
+__all__ = ["REPLAY_RECORD", "Replay", "read_replay", "replay_record", "write_replay"]
 
 #: The task-log record holding what ``?replay=`` needs.
 REPLAY_RECORD = "replay.json"
@@ -30,6 +36,28 @@ def replay_record(task: Task) -> bytes | None:
     if task.resolved_graph is None:
         return None
     return orjson.dumps({"graph": task.resolved_graph, "environment": task.report.environment})
+
+
+def write_replay(tasklog: TaskLog, task: Task, policy: Policy) -> None:
+    """Store the task's record once its final event is written (blocking):
+    none for a task that keeps nothing (its graph holds the prompt texts)
+    or was deleted meanwhile; a failed write costs only the replay."""
+    try:
+        record = replay_record(task) if policy.keeps_inputs else None
+        if record is not None:
+            tasklog.put_record(task.task_id, REPLAY_RECORD, record)
+    except OSError as e:
+        log.warning("task %s: its replay record was not written (%s)", task.task_id, e)
+    except Exception:  # never in the way of the task's own wrap-up (its webhook)
+        log.exception("task %s: its replay record was not written", task.task_id)
+
+
+def _just_ended(tasklog: TaskLog, task_id: str, within: float = 2.0) -> bool:
+    """Whether the task's final event was written less than ``within`` seconds ago."""
+    try:
+        return time.time() - (tasklog.task_dir(task_id) / FINAL_FILE).stat().st_mtime < within
+    except (OSError, ValueError):
+        return False
 
 
 class Replay:
@@ -56,6 +84,9 @@ def read_replay(tasklog: TaskLog, engine: Engine, task_id: str) -> Replay:
     not hashed since they changed, hashing). InvalidParameter naming
     ``replay`` when the task left no record."""
     raw = tasklog.get_record(task_id, REPLAY_RECORD)
+    while raw is None and _just_ended(tasklog, task_id):
+        time.sleep(0.02)  # the record follows the answer (write_replay): moments later
+        raw = tasklog.get_record(task_id, REPLAY_RECORD)
     if raw is None:
         raise InvalidParameter(f"replay: task {task_id} has no recorded graph to run again "
                                "(unknown, deleted, still running, or refused before it ran)")

@@ -129,13 +129,14 @@ class Retention:
             log.error("task %s: cannot record its retention (%s): it follows the "
                       "operator's retention", task_id, e)
 
-    def stamp(self, task_id: str, final: dict[str, Any]) -> None:
+    def stamp(self, task_id: str, final: dict[str, Any]) -> Policy:
         """Put ``expires_at`` in a final event about to be written (the answer,
-        the stream and the status then carry it)."""
+        the stream and the status then carry it); the task's policy."""
+        policy = self._policies.pop(task_id, Policy())
         data = final.get("data")
         if isinstance(data, dict) and "expires_at" not in data:
-            policy = self._policies.pop(task_id, Policy())
             data["expires_at"] = expires_at(time.time(), policy, self.retention_seconds)
+        return policy
 
     async def expires_at(self, task_id: str) -> str | None:
         """A task's ``expires_at`` read from the log (for a v2 job, or a final

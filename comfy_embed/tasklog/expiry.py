@@ -60,6 +60,11 @@ class Policy:
         """Whether the task follows the operator's retention (no record needed)."""
         return self.ttl is None and self.keep == KEEP_ALL
 
+    @property
+    def keeps_inputs(self) -> bool:
+        """Whether inputs (and the resolved graph) outlive the answer."""
+        return self.keep != KEEP_NOTHING
+
     def seconds(self, retention_seconds: float | None) -> float | None:
         """Seconds from the task's end to its deletion (None: never)."""
         if self.keep == KEEP_NOTHING:

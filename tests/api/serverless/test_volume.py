@@ -106,7 +106,10 @@ def test_small_run_writes_few_files(server: Server) -> None:
     assert r.json()["data"]["results"][0]["output"]["base64"]["data"].startswith("iVBORw0KGgo")
     files = log_files(server, task_id)
     # owner.json and the final file, which holds the events too and refers
-    # to the saved PNG (the log lies in the output folder) instead of a copy.
+    # to the saved PNG (the log lies in the output folder) instead of a copy;
+    # replay.json (issue 27: the resolved graph, for ?replay=) is written
+    # after the answer, so it may still be on its way.
+    files = [p for p in files if p.name != "replay.json"]
     assert sorted(p.name for p in files) == ["final", "owner.json"]
     assert sum(p.stat().st_size for p in files) < 1500
     # Read back from the log: the same answer, base64 included.
