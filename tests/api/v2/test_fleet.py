@@ -7,6 +7,7 @@ answer; a stream dropped on A re-syncs on B from the snapshot."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -194,6 +195,9 @@ def test_stream_dropped_on_a_resyncs_on_b(a: Server, b: Server) -> None:
                 seen = data
                 break
     assert seen["value"] > 0
+    # B reads the shared log, which A writes every task_log_flush_seconds
+    # (0.5 s): what A's live stream showed is there a flush later.
+    time.sleep(1.0)
     with requests.get(f"{b.url}/api/v2/jobs/{job['id']}/events", headers=AUTH, stream=True,
                       timeout=120) as on_b:
         frames = _frames(on_b)
