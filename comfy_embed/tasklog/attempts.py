@@ -91,6 +91,12 @@ def archive(root: Path, task_id: str, max_attempts: int) -> bool:
             return False  # another retry won
     except FileNotFoundError:
         return False
+    again = read_final(d)
+    if again is None or not is_lost(again.event) or attempt_of(d) != n:
+        # Another retry set the lost attempt aside between our read and our
+        # record, and claimed the id afresh: this record is in its new folder.
+        (d / RETRY_RECORD).unlink(missing_ok=True)
+        return False
     staging = root / STAGING / task_id
     staging.mkdir(parents=True, exist_ok=True)
     for k in _numbers(d):  # the earlier ones, side by side with this one
