@@ -109,7 +109,7 @@ def instrument() -> None:
     tk.Task._publish = _publish  # type: ignore[method-assign]
 
     class _MarkedEvent:
-        """Stands in for ``Task.final_durable`` (set by TaskService._persist)."""
+        """Stands in for ``Task.final_durable`` (set by LogWriters._persist)."""
 
         def __init__(self, event: Any, key: str) -> None:
             self._event, self._key = event, key
@@ -124,12 +124,12 @@ def instrument() -> None:
         async def wait(self) -> None:
             await self._event.wait()
 
-    orig_persist = sv.TaskService._persist
+    orig_persist = sv.LogWriters._persist
 
     async def _persist(self: Any, task: Any) -> None:
         task.final_durable = _MarkedEvent(task.final_durable, task.task_id)
         await orig_persist(self, task)
-    sv.TaskService._persist = _persist  # type: ignore[method-assign]
+    sv.LogWriters._persist = _persist  # type: ignore[method-assign]
 
 
 def bench_app(app: Any) -> Any:

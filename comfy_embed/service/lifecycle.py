@@ -33,17 +33,17 @@ from comfy_embed.errors import (
     StorageUnavailable,
     TaskIdConflict,
 )
-from comfy_embed.events import FINAL, coalesce_snapshots, error_type, final_event
+from comfy_embed.events import FINAL, coalesce_snapshots, final_event
 from comfy_embed.observe.folders import FolderProbe
 from comfy_embed.observe.logs import current_task
 from comfy_embed.prepare.options import DEFAULT_OPTIONS, RunOptions
 from comfy_embed.runtime import Engine, Task, TaskObserver
-from comfy_embed.storage import Credentials
 from comfy_embed.service.attempts import Attempts
 from comfy_embed.service.blocking import BlockingCalls
 from comfy_embed.service.claim import Claim
-from comfy_embed.service.replay import write_replay
+from comfy_embed.service.persist import LogWriters
 from comfy_embed.service.retention import Retention
+from comfy_embed.storage import Credentials
 from comfy_embed.taskid import check_task_id, valid_task_id
 from comfy_embed.tasklog.attempts import is_lost
 from comfy_embed.tasklog.expiry import Policy
@@ -122,28 +122,23 @@ class TaskService(TaskObserver):
                                           output_root=settings.comfy.output_path)
         #: Ids this service claimed in the log and is submitting: its tasks to persist.
         self._claimed: set[str] = set()
-        #: Tasks whose log this service writes (and whose lease it holds).
-        self._persisting: dict[str, Task] = {}
-        self._writers = engine.background.part("task log")
-        #: Events of each running task already in the log (for flush()).
-        self._written: dict[str, int] = {}
-        #: Tasks whose writer is retrying because the log refused a write.
-        self._failing: set[str] = set()
-        #: Set (and replaced) whenever a writer wrote, failed or ended: flush() waits on it.
-        self._wrote = anyio.Event()
         self.webhooks = Webhooks(settings, self.tasklog, engine.background.part("webhooks"))
         #: Whether the task-log and output folders take a file (``/ready``,
         #: and every start while the last verdict was bad).
         self.folders = FolderProbe({"task log": settings.task_log_path,
                                     "output": settings.comfy.output_path})
-        #: While positive, persisters write at once instead of gathering.
-        self._hurry = 0
         #: The claim and the writes of each task's log: on the loop while the
         #: log's disk answers quickly (two thread wake-ups fewer per write).
         self._io = BlockingCalls(settings.tasklog.inline_seconds)
         #: Per-request retention, keep nothing, delete now (issue 29).
         self.retention = Retention(self)
         self.attempts = Attempts(self.tasklog, settings.tasklog.max_attempts)
+        #: Each running task's writer of its log (service/persist.py).
+        self.writers = LogWriters(
+            tasklog=self.tasklog, io=self._io, group=engine.background.part("task log"),
+            flush_seconds=settings.tasklog.flush_seconds, metrics=engine.metrics,
+            retention=self.retention, attempts=self.attempts, webhooks=self.webhooks,
+            folders=self.folders)
         engine.add_observer(self)
 
     def close(self) -> None:
@@ -277,9 +272,8 @@ class TaskService(TaskObserver):
         if task.task_id not in self._claimed:
             return False  # not started through this service (a warm-up run)
         self._claimed.discard(task.task_id)
-        self._persisting[task.task_id] = task
         self.webhooks.follow(task)
-        self._writers.spawn(self._persist, task, name=f"task log of {task.task_id}")
+        self.writers.start(task)
         return True
 
     async def refuse(self, task_id: str, error: ComfyEmbedError, owner_key: str | None) -> None:
@@ -299,105 +293,6 @@ class TaskService(TaskObserver):
         except OSError as e:
             log.error("task %s has no final event (the task log is unwritable: %s)", task_id, e)
         self.webhooks.finished(task_id)
-
-    async def _persist(self, task: Task) -> None:
-        """Write the task's events to the log: one file per flush, at most
-        every ``task_log_flush_seconds`` while it runs, and the final event
-        (with what precedes it) as soon as it exists. Only the final event
-        is fsynced; the answer waits for it (``task.final_durable``)."""
-        interval = self.settings.tasklog.flush_seconds
-        written = 0
-        last_flush = anyio.current_time()
-        #: Seconds until the next try while the log refuses writes (a full disk).
-        backoff = 0.0
-        released = False
-        try:
-            while True:
-                if not backoff:
-                    while task.last_seq == written and task.final is None:
-                        await task.changed()
-                    if task.final is None:
-                        # Gather what comes in the rest of the interval into one file.
-                        with anyio.move_on_after(last_flush + interval - anyio.current_time()):
-                            while task.final is None and not self._hurry:
-                                await task.end_or_wake()
-                batch = task.events_since(written)
-                upto = task.last_seq
-                ends = bool(batch) and batch[-1][1]["type"] == FINAL
-                if batch:
-                    started = time.perf_counter()
-                    try:
-                        if ends:
-                            policy = self.retention.stamp(task.task_id, batch[-1][1])
-                            self.attempts.stamp(task.task_id, batch[-1][1])
-                            released = await self._io.run(self._write_final, task.task_id, batch)
-                            task.final_durable.set()  # the answer goes; the replay record follows
-                            await anyio.to_thread.run_sync(write_replay, self.tasklog, task, policy)
-                        else:
-                            await self._io.run(self.tasklog.extend, task.task_id, batch)
-                    except OSError as e:
-                        # Keep the events and try again (the lease is still
-                        # renewed meanwhile, so nobody closes the task as lost).
-                        self._failing.add(task.task_id)
-                        self._tell_flush()
-                        if not backoff:
-                            log.warning("task %s: cannot write its task log (%s); retrying "
-                                        "until it can", task.task_id, e)
-                        if ends:
-                            # The caller gets its answer now; the log catches up.
-                            task.final_durable.set()
-                        backoff = min(5.0, max(0.2, backoff * 2))
-                        # A back-off, not a wait for an event: nothing says
-                        # when a full or read-only disk takes writes again.
-                        await anyio.sleep(backoff)
-                        continue
-                    if backoff:
-                        log.info("task %s: task log writable again", task.task_id)
-                        self._failing.discard(task.task_id)
-                        backoff = 0.0
-                    self.engine.metrics.task_log_write.observe(time.perf_counter() - started)
-                written = upto
-                self._written[task.task_id] = written
-                self._tell_flush()
-                last_flush = anyio.current_time()
-                if ends:
-                    if error_type(batch[-1][1]) == StorageUnavailable.type:
-                        self.folders.suspect()  # a write failed: refuse until it is checked
-                    self.webhooks.finished(task.task_id)
-                    return
-        except Exception:
-            log.exception("task %s: writing its log failed", task.task_id)
-        finally:
-            self._persisting.pop(task.task_id, None)
-            self._written.pop(task.task_id, None)
-            self._failing.discard(task.task_id)
-            self._tell_flush()
-            task.final_durable.set()
-            if not released:
-                try:
-                    # Shielded: a writer cancelled at shutdown still hands its lease back.
-                    with anyio.move_on_after(5, shield=True):
-                        await self._io.run(self._released, task.task_id)
-                except Exception:
-                    log.exception("task %s: releasing its lease failed", task.task_id)
-
-    def _write_final(self, task_id: str, batch: list[tuple[int, dict[str, Any]]]) -> bool:
-        """The task's last write and its lease's release in one call (one
-        worker-thread hop, where writes go to threads); True once released. A
-        failed release does not make the written final event look unwritten."""
-        self.tasklog.extend(task_id, batch)  # returns once a final event is on disk
-        try:
-            self._released(task_id, final=True)
-            return True
-        except Exception:
-            log.exception("task %s: releasing its lease failed", task_id)
-            return False
-
-    def _released(self, task_id: str, final: bool = False) -> None:
-        self.tasklog.release(task_id, final=final)
-        if log.isEnabledFor(logging.DEBUG):  # a listing and a stat per file: not per task by default
-            usage = self.tasklog.usage(task_id)
-            log.debug("task %s: task log %d files, %d bytes", task_id, usage.files, usage.bytes)
 
     def _claim(self, task_id: str, owner_key: str | None) -> bool:
         known = self.tasklog.exists(task_id)
@@ -434,7 +329,7 @@ class TaskService(TaskObserver):
     def handle(self, task_id: str) -> Handle:
         """Follow an existing task: live while this service writes its log
         (memory is fresher), else through the log (a finished one's truth)."""
-        return Handle(self, task_id, task=self._persisting.get(task_id))
+        return Handle(self, task_id, task=self.writers.persisting.get(task_id))
 
     async def read(self, task_id: str, since: int = 0) -> list[tuple[int, dict[str, Any]]]:
         """The task's events after ``since``, with only the latest
@@ -446,7 +341,7 @@ class TaskService(TaskObserver):
         """
         if not valid_task_id(task_id):
             return []
-        live = self._persisting.get(task_id)
+        live = self.writers.persisting.get(task_id)
         if live is not None:
             events = live.events_since(since)
             if events and events[-1][1]["type"] == FINAL and not live.final_durable.is_set():
@@ -482,7 +377,7 @@ class TaskService(TaskObserver):
         from other instances (within a second), and close orphaned tasks."""
         last_recover = last_prune = 0.0
         while True:
-            running = list(self._persisting)
+            running = list(self.writers.persisting)
             if running:
                 for task_id in await anyio.to_thread.run_sync(self._renew, running):
                     self.engine.cancel(task_id)
@@ -528,29 +423,8 @@ class TaskService(TaskObserver):
         return ids
 
     async def flush(self) -> None:
-        """Wait until every event published so far is in the log; running
-        tasks go on (Function Compute's pre-freeze: nothing may be lost
-        while the instance is frozen)."""
-        due = {task_id: task.last_seq for task_id, task in self._persisting.items()}
-        self._hurry += 1
-        try:
-            for task in list(self._persisting.values()):
-                task.wake()  # a persister gathering a batch writes it now
-            # Not for a log that refuses writes (a full disk): its writer
-            # retries on its own, and FC's hook must get an answer.
-            while True:
-                wrote = self._wrote  # taken before the check: no write slips between
-                if not any(task_id in self._persisting and task_id not in self._failing
-                           and self._written.get(task_id, 0) < n for task_id, n in due.items()):
-                    return
-                await wrote.wait()
-        finally:
-            self._hurry -= 1
-
-    def _tell_flush(self) -> None:
-        """A writer wrote, failed or ended: wake :meth:`flush` to look again."""
-        self._wrote.set()
-        self._wrote = anyio.Event()
+        """Wait until every event published so far is in the log (LogWriters.flush)."""
+        await self.writers.flush()
 
     async def shutdown(self, grace: float) -> list[str]:
         """SIGTERM/SIGINT: accept nothing, give running work ``grace`` seconds,
@@ -561,7 +435,7 @@ class TaskService(TaskObserver):
         self.engine.accepting = False
         with anyio.move_on_after(grace):
             await self.drain()
-        left = list(self._persisting)
+        left = list(self.writers.persisting)
         if not left:
             return []
         log.warning("shutdown: %d task(s) still running after %.0fs: cancelling %s",
@@ -573,7 +447,7 @@ class TaskService(TaskObserver):
             # Results still being assembled had their grace: they end with a
             # final event now, which their writers persist.
             self.engine.abandon_results()
-            await self._writers.drain()
+            await self.writers.drain()
         for task_id in left:  # a node that ignores interrupts, or a failed write
             try:
                 final = await anyio.to_thread.run_sync(self.tasklog.is_final, task_id)
@@ -589,6 +463,6 @@ class TaskService(TaskObserver):
         """Stop accepting, then wait for running work and log writes."""
         self.engine.accepting = False
         await self.engine.wait_idle()
-        await self._writers.drain()
+        await self.writers.drain()
         await self.webhooks.drain()
 

@@ -292,10 +292,10 @@ async def test_flush_waits_for_the_writer_and_answers_while_the_log_refuses_writ
         eng.cancel("flush-ok")
         await task.wait()
         await service.flush()
-        assert "flush-ok" in service._failing
+        assert "flush-ok" in service.writers.failing
         monkeypatch.undo()  # the disk has room again: the writer catches up
         await task.final_durable.wait()
-        while "flush-ok" in service._persisting:
+        while "flush-ok" in service.writers.persisting:
             await anyio.sleep(0.01)
     assert service.tasklog.read("flush-ok", 0)[-1][1]["type"] == "serverless_api"
     service.close()
