@@ -235,7 +235,8 @@ def test_conversion_matches_the_frontend(engine: Engine, frontend: Any, native: 
     info = requests.get(native + "/object_info", timeout=60).json()
     pack = frozenset(k for k, v in info.items() if v.get("python_module", "").endswith(
         "embed_test_pack"))
-    assert pack == {"EmbedTestEcho", "EmbedTestFlexible"}, pack
+    assert pack == {"EmbedTestEcho", "EmbedTestFlexible", "EmbedTestSilentWait",
+                    "EmbedTestDeafWait"}, pack
     defs = _PackNodes(engine, info)
     files = [*_templates(), *sorted(OWN.glob("*.json")), *sorted((OWN / "frontend").glob("*.json")),
              *sorted((OWN / "packs").glob("*.json"))]

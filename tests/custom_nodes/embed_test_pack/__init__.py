@@ -11,6 +11,8 @@ binary TEXT message, ``send_progress_text``, ``client_id``, ``number``,
 
 import os
 import struct
+import threading
+import time
 
 import folder_paths
 import server
@@ -117,6 +119,57 @@ class EmbedTestFlexible:
         return {"ui": {"text": [f"{k}={kwargs[k]}" for k in sorted(kwargs)]}}
 
 
-NODE_CLASS_MAPPINGS = {"EmbedTestEcho": EmbedTestEcho, "EmbedTestFlexible": EmbedTestFlexible}
+class EmbedTestSilentWait:
+    """Waits ``seconds`` in small steps, checking ComfyUI's interrupt flag at
+    each; with ``progress`` it reports each step (a progress bar), without it
+    it sends nothing (the stall watchdog's test: silent, but interruptible)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 600.0}),
+                             "progress": ("BOOLEAN", {"default": False})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "embed_test"
+
+    def run(self, seconds, progress):
+        import comfy.model_management
+        import comfy.utils
+
+        steps = max(1, int(seconds / 0.05))
+        bar = comfy.utils.ProgressBar(steps) if progress else None
+        for _ in range(steps):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            time.sleep(seconds / steps)
+            if bar is not None:
+                bar.update(1)
+        return {"ui": {"text": [f"waited {seconds}"]}}
+
+
+class EmbedTestDeafWait:
+    """Blocks ``seconds`` without ever checking the interrupt flag (a node
+    that hangs): a bounded wait, so that a test's process always ends."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 600.0})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "embed_test"
+
+    def run(self, seconds):
+        threading.Event().wait(seconds)
+        return {"ui": {"text": [f"blocked {seconds}"]}}
+
+
+NODE_CLASS_MAPPINGS = {"EmbedTestEcho": EmbedTestEcho, "EmbedTestFlexible": EmbedTestFlexible,
+                       "EmbedTestSilentWait": EmbedTestSilentWait,
+                       "EmbedTestDeafWait": EmbedTestDeafWait}
 NODE_DISPLAY_NAME_MAPPINGS = {"EmbedTestEcho": "Embed test echo",
-                              "EmbedTestFlexible": "Embed test flexible"}
+                              "EmbedTestFlexible": "Embed test flexible",
+                              "EmbedTestSilentWait": "Embed test silent wait",
+                              "EmbedTestDeafWait": "Embed test deaf wait"}
