@@ -80,6 +80,10 @@ class Job:
     state: str = "queued"  # queued -> running -> done
     cancel_reason: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
+    #: Runs the job instead of one ``backend.execute`` (N variants: several
+    #: executions in a row, see comfy_embed.variants), given the backend, the
+    #: sink and ``stop``.
+    run: Callable[[Backend, Sink, Callable[[], bool]], Outcome] | None = None
 
 
 def _announce(positions: list[tuple[Job, int]]) -> None:
@@ -331,9 +335,12 @@ class Executor:
         assert self.backend is not None
         try:
             job.on_start()
-            outcome = self.backend.execute(job.prompt, job.prompt_id, job.outputs, job.emit,
-                                           stop=lambda: self._cancelled(job),
-                                           extra_data=job.extra_data)
+            if job.run is not None:
+                outcome = job.run(self.backend, job.emit, lambda: self._cancelled(job))
+            else:
+                outcome = self.backend.execute(job.prompt, job.prompt_id, job.outputs, job.emit,
+                                               stop=lambda: self._cancelled(job),
+                                               extra_data=job.extra_data)
         except BaseException as e:  # the job fails, the thread goes on
             log.exception("job %s (task %s) crashed the executor call", job.prompt_id, job.task_id)
             outcome = Outcome(success=False, interrupted=False, outputs={},

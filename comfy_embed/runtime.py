@@ -72,6 +72,7 @@ from comfy_embed.results import FORMATS
 from comfy_embed.storage import Store, open_store
 from comfy_embed.taskid import check_task_id, valid_task_id
 from comfy_embed.tasks import Task, TaskObserver
+from comfy_embed.variants import attach_variants, check_variants
 
 if TYPE_CHECKING:
     from comfy_embed.inputs.models import FirstUse
@@ -397,6 +398,9 @@ class Engine:
                       outputs=prepared.outputs, task_id=task_id, emit=task._from_executor,
                       on_done=task._on_done, on_start=task._on_start,
                       on_position=task._on_position, extra_data=request.extra_data)
+            task.variants = attach_variants(job, options.variants, self.preparer.nodes.input_specs,
+                                            self.settings.jobs.max_variants)  # ?variants=N
+            task.seeds = task.variants.variants[0].seeds if task.variants else task.seeds
             await gate.open()
             ahead = self.executor.submit(job)  # QueueFull propagates: nothing queued
         except BaseException:
@@ -420,6 +424,8 @@ class Engine:
         quality = options.quality
         if quality is not None and not 1 <= quality <= 100:
             raise WorkflowInvalid(f"quality must be 1-100; got {quality}", type="invalid_output_format")
+        if options.variants is not None:
+            check_variants(options.variants, self.settings.jobs.max_variants)
         if options.output_oss:
             self.store().check()  # a missing setting fails now, before the run
 

@@ -46,6 +46,7 @@ from comfy_embed.prepare.graph import WorkflowRequest
 from comfy_embed.prepare.options import RunOptions
 from comfy_embed.results import collect_values, render_inline, render_results
 from comfy_embed.storage import Store
+from comfy_embed.variants import VariantRun
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class Task:
         # Executor-thread messages wait here; one loop wake-up takes a burst.
         self._inbox: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque()
         self._wake_pending = False
+        #: The variants this task runs (``?variants=``), whose answer they group.
+        self.variants: VariantRun | None = None
 
     # ---------------------------------------------------------- consumers
     @property
@@ -277,11 +280,16 @@ class Task:
         """Publish the one final event: success with ``results``, or ``error``."""
         if self.final is not None:
             return
+        if error is not None and self.variants is not None:
+            self.variants.name_error(error)
         self.error = error
         self.state = "success" if error is None else "error"
-        self._publish(final_event(self.task_id, self.prompt_id, self.seeds, results,
-                                  error=None if error is None else error.to_dict(),
-                                  execution_time=self._execution_time(), outputs=outputs))
+        ev = final_event(self.task_id, self.prompt_id, self.seeds, results,
+                         error=None if error is None else error.to_dict(),
+                         execution_time=self._execution_time(), outputs=outputs)
+        if error is None and self.variants is not None:
+            ev["data"]["variants"] = self.variants.group(ev["data"]["results"])
+        self._publish(ev)
 
     def _execution_time(self) -> float:
         """Seconds from the start of execution until now (0 if it never ran)."""
@@ -488,5 +496,3 @@ def _coalesce(events: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[
             latest[(ev["type"], ev["data"].get("node"))] = seq
     return [(seq, ev) for seq, ev in events
             if ev["type"] not in _COALESCE or latest[(ev["type"], ev["data"].get("node"))] == seq]
-
-

@@ -43,6 +43,8 @@ FLOORS: list[tuple[str, ...]] = [
     ("outcome",),
     ("_comfy",),
     ("executor",),
+    # N variants of one request: the job's run hook and the answer's groups
+    ("variants",),
     ("tasks",),
     ("runtime",),
     ("dryrun", "webhooks"),

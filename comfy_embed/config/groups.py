@@ -129,6 +129,8 @@ class JobSettings(_Group):
 
     max_queue: int = 64
     run_timeout: float | None = None
+    #: Most variants one request may ask for (``?variants=N``, ``extra_data.variants``).
+    max_variants: int = 16
     #: A workflow run before /ready.
     warmup_workflow: Path | None = None
 
@@ -344,4 +346,3 @@ class SafetySettings(_Group):
     api_keys: tuple[str, ...] = ()
     #: Operator key for the lifecycle hooks, as ``X-Admin-Key`` (api/hooks.py).
     admin_key: str | None = None
-

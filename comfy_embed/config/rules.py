@@ -87,7 +87,7 @@ def _webhook_secret(value: str) -> bool:
 RULES: dict[str, _Rule] = {
     "max_queue": _number(1), "run_timeout": _number(0, closed=False), "port": _number(1, 65535),
     "max_body_bytes": _number(1), "lease_seconds": _number(0, closed=False),
-    "task_max_attempts": _number(1),
+    "task_max_attempts": _number(1), "max_variants": _number(1),
     # Zero would write keep-alive comments in a tight loop.
     "sse_keepalive": _number(0, closed=False),
     "max_image_bytes": _number(1), "max_image_pixels": _number(1),

@@ -11,6 +11,7 @@ task log), and the engine never reads it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from comfy_embed.storage.credentials import Credentials
 
@@ -39,6 +40,11 @@ class RunOptions:
     #: Whose Comfy API v2 assets ``core/ASSET`` references may name (the
     #: API key's hash, or "anonymous"); None: a run that takes none (FC API).
     asset_owner: str | None = None
+    #: Run the graph this many times with fresh seeds, or once per entry of
+    #: a tuple of seeds (an int for every seed input, or ``{node_id: seed}``);
+    #: None: one plain run. ``extra_data.variants`` asks the same (this wins).
+    #: See :mod:`comfy_embed.variants`.
+    variants: int | tuple[Any, ...] | None = None
 
     @property
     def renders_inline(self) -> bool:
