@@ -16,12 +16,16 @@ __all__ = [
     "ImageInputError",
     "InputPathInvalid",
     "QueueFull",
+    "KeyQueueFull",
+    "DeadlineUnmeetable",
     "NotAccepting",
     "ExecutionFailed",
     "OutOfMemory",
     "TaskLost",
+    "Stalled",
     "TaskCancelled",
     "RunTimeout",
+    "DeadlineExceeded",
     "StorageError",
     "PayloadTooLarge",
     "ModelDownloadError",
@@ -138,6 +142,30 @@ class QueueFull(ComfyEmbedError):
         self.retry_after = retry_after
 
 
+class KeyQueueFull(QueueFull):
+    """This API key has its quota of jobs waiting (fair share, issue 28);
+    ``details`` names the limit (``{"limit": "key_queue", "value": N}``)."""
+
+    type = "key_queue_full"
+
+    def __init__(self, message: str, *, limit: str, value: int, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.details = {"limit": limit, "value": value}
+
+
+class DeadlineUnmeetable(QueueFull):
+    """The job could not start and finish by its deadline (``X-Deadline``,
+    ``?deadline=``), given the measured ETA of the work ahead of it: refused
+    at once, 429 with ``Retry-After`` (issue 28); ``details`` holds the
+    forecast (``eta_start``, ``eta_finish``, ``estimate``, ``deadline_in``)."""
+
+    type = "deadline_unmeetable"
+
+    def __init__(self, message: str, *, retry_after: int = 5, details: Any = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.details = details
+
+
 class NotAccepting(ComfyEmbedError):
     """The instance is draining (pre-stop) or not ready yet."""
 
@@ -169,6 +197,15 @@ class TaskLost(ExecutionFailed):
     type = "task_lost"
 
 
+class Stalled(ExecutionFailed):
+    """The running node sent no progress for ``COMFY_EMBED_STALL_SECONDS`` and
+    was interrupted (comfy_embed/watchdog.py); ``details`` names it (``node_id``,
+    ``node_type``), and says ``interrupt_ignored`` when it did not stop either
+    (the instance then drains and exits to be replaced)."""
+
+    type = "stalled"
+
+
 class TaskCancelled(ComfyEmbedError):
     """The task was cancelled (queued or mid-run)."""
 
@@ -179,6 +216,13 @@ class RunTimeout(ComfyEmbedError):
     """The task ran past its time limit and was interrupted."""
 
     type = "run_timeout"
+
+
+class DeadlineExceeded(RunTimeout):
+    """A queued task was dropped, never run: its deadline passed while it
+    waited, or it could not have finished by it (issue 28)."""
+
+    type = "deadline_exceeded"
 
 
 class StorageError(ComfyEmbedError):

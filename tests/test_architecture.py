@@ -41,8 +41,12 @@ FLOORS: list[tuple[str, ...]] = [
     # the lock file: making, installing, drift (comfy-embed lock / install)
     ("environment",),
     ("outcome",),
+    # fair share between API keys: per-key FIFOs served round-robin (issue 28)
+    ("scheduling",),
     ("_comfy",),
     ("executor",),
+    # the measured ETA and deadline admission (issue 28)
+    ("eta",),
     # N variants of one request: the job's run hook and the answer's groups
     ("variants",),
     ("tasks",),
