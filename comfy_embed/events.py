@@ -77,12 +77,14 @@ def status_event(queue_remaining: int) -> dict[str, Any]:
     return event("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}})
 
 
-def queue_event(prompt_id: str, position: int) -> dict[str, Any]:
+def queue_event(prompt_id: str, position: int,
+                eta: dict[str, Any] | None = None) -> dict[str, Any]:
     """comfy-embed's own message while a task waits: ``position`` tasks are
     ahead of it (the running one included). Sent when queued behind others
     and each time the queue ahead shrinks; never with 0 (``execution_start``
-    comes instead)."""
-    return event("queue", {"position": position, "prompt_id": prompt_id})
+    comes instead). ``eta``: ``eta_start``/``eta_finish``, seconds from the
+    message until the task should start and finish (comfy_embed.eta)."""
+    return event("queue", {"position": position, "prompt_id": prompt_id, **(eta or {})})
 
 
 def final_event(task_id: str, prompt_id: str | None, seeds: dict[str, int],

@@ -1,4 +1,8 @@
-"""The one thread that owns ComfyUI: a FIFO queue of jobs, run one at a time.
+"""The one thread that owns ComfyUI: a queue of jobs, run one at a time.
+
+The queue is one FIFO per API key, served round-robin (fair share, see
+:mod:`comfy_embed.scheduling`); without keys, one FIFO. A queued job whose
+deadline passes, or that could no longer finish by it, is dropped unrun.
 
 ComfyUI's state is process-global (model management, the progress hook, the
 interrupt flag, folder paths), so exactly one thread touches it. Jobs report
@@ -12,7 +16,6 @@ so nothing above it asks the backend where its folders are.
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -20,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from comfy_embed.errors import QueueFull
+from comfy_embed.errors import KeyQueueFull, QueueFull
 from comfy_embed.observe.logs import task_context
 from comfy_embed.outcome import Outcome, PendingWrite, Sink
 from comfy_embed.results import collect_files
+from comfy_embed.scheduling import FairQueue, Quotas, late_reason, latest_start
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,17 @@ class Job:
     state: str = "queued"  # queued -> running -> done
     cancel_reason: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
+    #: Its fair-share key: the hash of the API key it was sent with ("": none).
+    key: str = ""
+    #: The workflow's shape (comfy_embed.prepare.shape): what the ETA learns by.
+    shape: str = ""
+    #: Seconds this job is expected to execute (comfy_embed.eta; None: unknown).
+    estimate: float | None = None
+    #: time.monotonic() by which it must have finished (None: no deadline);
+    #: a queued job that cannot is dropped unrun (``deadline_exceeded``).
+    deadline: float | None = None
+    #: time.monotonic() when it started executing (None: not yet).
+    started_at: float | None = None
     #: Runs the job instead of one ``backend.execute`` (N variants: several
     #: executions in a row, see comfy_embed.variants), given the backend, the
     #: sink and ``stop``.
@@ -141,10 +156,18 @@ class Executor:
     returns the backend (ComfyUI must be imported on the thread that uses
     its event loop)."""
 
-    def __init__(self, boot: Callable[[], Backend], max_queue: int = 64) -> None:
+    def __init__(self, boot: Callable[[], Backend], max_queue: int = 64,
+                 quotas: Quotas | None = None, fair: bool = True) -> None:
         self._boot = boot
         self.max_queue = max_queue
-        self._queue: collections.deque[Job] = collections.deque()
+        #: Per-key FIFOs served round-robin (one FIFO without keys).
+        self._queue: FairQueue[Job] = FairQueue(lambda j: j.key, quotas, fair)
+        #: The place last told to each waiting job (ahead of it, running included).
+        self._told: dict[Job, int] = {}
+        #: Wakes the thread that drops queued jobs past their deadline.
+        self._reaper_wake = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self._runs = 0
         self._cond = threading.Condition()
         self._current: Job | None = None
         #: Jobs whose run ended and whose output files are still being
@@ -159,6 +182,10 @@ class Executor:
         self.housekeeper: Housekeeper | None = None
         #: Seconds spent executing jobs (for the busy fraction in benchmarks).
         self.busy_seconds = 0.0
+        #: Wraps each job's sink as it starts (the stall watchdog, comfy_embed/watchdog.py).
+        self.watch: Callable[[Job], Sink] | None = None
+        #: Told of each job's execution seconds and outcome (the ETA learns from it).
+        self.on_executed: Callable[[Job, float, Outcome], None] | None = None
         self.started_at = time.monotonic()
 
     # -------------------------------------------------------------- control
@@ -180,6 +207,7 @@ class Executor:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        self._reaper_wake.set()
         if not wait:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -199,9 +227,9 @@ class Executor:
             return len(self._queue) + (self._current is not None)
 
     def pending(self) -> list[Job]:
-        """The queued jobs, in order (not the running one)."""
+        """The queued jobs in the order they will run (not the running one)."""
         with self._cond:
-            return list(self._queue)
+            return self._queue.order()
 
     @property
     def waiting(self) -> int:
@@ -212,6 +240,11 @@ class Executor:
     def running(self) -> int:
         """1 while a job executes, else 0 (no lock: a gauge)."""
         return int(self._current is not None)
+
+    @property
+    def current(self) -> Job | None:
+        """The job executing now (no lock: a glance)."""
+        return self._current
 
     @property
     def current_task_id(self) -> str | None:
@@ -238,22 +271,33 @@ class Executor:
             waiting = len(self._queue)
             if waiting >= self.max_queue:
                 raise QueueFull(f"queue is full ({waiting} jobs waiting)")
-            self._queue.append(job)
-            self._cond.notify()
-            return waiting + (self._current is not None)
+            try:
+                self._queue.push(job)
+            except KeyQueueFull as e:
+                e.retry_after = self._key_retry_after()
+                raise
+            self._cond.notify_all()
+            moved = self._moved()
+            ahead = self._told[job]
+            if job.deadline is not None and self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="comfy-deadlines",
+                                                daemon=True)
+                self._reaper.start()
+        if job.deadline is not None:
+            self._reaper_wake.set()
+        _announce([(j, n) for j, n in moved if j is not job])  # pushed back behind it
+        return ahead
 
     def cancel(self, prompt_id: str, reason: str = "cancelled") -> bool:
         """Cancel a queued job (removed at once) or the running one
         (interrupted at its next check). False when the job is unknown or done."""
         with self._cond:
-            for item in self._queue:
-                if item.prompt_id == prompt_id:
-                    behind = self._behind(item)
-                    self._queue.remove(item)
-                    item.cancel_reason = reason
-                    item.state = "done"
-                    removed = item
-                    break
+            removed = next((j for j in self._queue.items() if j.prompt_id == prompt_id), None)
+            if removed is not None:
+                self._queue.remove(removed)
+                removed.cancel_reason = reason
+                removed.state = "done"
+                behind = self._moved()
             else:
                 if prompt_id in self._writing:
                     job, writes = self._writing[prompt_id]
@@ -275,13 +319,74 @@ class Executor:
         _announce(behind)
         return True
 
-    def _behind(self, job: Job | None) -> list[tuple[Job, int]]:
-        """The queued jobs behind ``job`` (all if None) with how many will be
-        ahead of each once ``job`` is gone. Under the lock."""
-        queue = list(self._queue)
-        start = 0 if job is None else queue.index(job) + 1
+    def abandon(self, job: Job, outcome: Outcome) -> bool:
+        """Answer the running ``job`` with ``outcome`` while its run is still
+        blocked in a node that ignores interrupts (the stall watchdog), and
+        close: the thread is given up on; if that run ever returns, its outcome
+        is dropped. False when ``job`` is not the running one."""
+        with self._cond:
+            if self._current is not job:
+                return False
+            self._current, self._closing = None, True
+            self._cond.notify_all()
+        self._finish(job, outcome)
+        return True
+
+    def _moved(self) -> list[tuple[Job, int]]:
+        """The waiting jobs whose place (jobs ahead, the running one included,
+        in the order they will run) differs from the one last told, with
+        their new place; remembered as told. Under the lock."""
         running = int(self._current is not None)
-        return [(j, running + i) for i, j in enumerate(queue[start:], start=start - (job is not None))]
+        now = {j: running + i for i, j in enumerate(self._queue.order())}
+        moved = [(j, n) for j, n in now.items() if self._told.get(j) != n]
+        self._told = now
+        return moved
+
+    def _key_retry_after(self) -> int:
+        """Seconds until a key over its queue quota likely has room: one
+        round of the keys waiting, at the mean run time so far."""
+        mean = self.busy_seconds / self._runs if self._runs else 1.0
+        return max(1, round(mean * max(1, self._queue.keys_waiting())))
+
+    def _late(self) -> list[Job]:
+        """Take out the waiting jobs that can no longer end by their deadline
+        (marked done; :meth:`_drop` answers them). Under the lock."""
+        now = time.monotonic()
+
+        def late(j: Job) -> bool:
+            start_by = latest_start(j.deadline, j.estimate)
+            return start_by is not None and now > start_by
+
+        gone = self._queue.remove_where(late)
+        for job in gone:
+            job.state = "done"
+            assert job.deadline is not None
+            job.cancel_reason = "deadline: " + late_reason(job.deadline, job.estimate, now)
+        return gone
+
+    def _drop(self, late: list[Job]) -> None:
+        for job in late:
+            log.info("job %s (task %s) dropped unrun: %s", job.prompt_id, job.task_id,
+                     job.cancel_reason)
+            self._finish(job, _cancelled_outcome(job))
+
+    def _reap(self) -> None:
+        """The thread that drops late queued jobs (started by the first job
+        with a deadline): also while a job executes, so a dropped one's
+        final event comes when its deadline passes, not when the queue moves."""
+        while True:
+            self._reaper_wake.clear()
+            with self._cond:
+                if self._closing and not self._queue:
+                    return
+                late = self._late()
+                moved = self._moved() if late else []
+                starts = [latest_start(j.deadline, j.estimate) for j in self._queue.items()]
+                due = min((s for s in starts if s is not None), default=None)
+            self._drop(late)
+            _announce(moved)
+            wait = None if due is None else max(0.0, due - time.monotonic()) + 0.001
+            self._reaper_wake.wait(min(wait or 1.0, 1.0) if self._closing else wait)
 
     # --------------------------------------------------------------- thread
     def _run(self) -> None:
@@ -304,15 +409,22 @@ class Executor:
                     if due is not None and due <= 0:
                         break  # idle: do the upkeep now, as native's worker does
                     self._cond.wait(due)
-                if not self._queue:
-                    if self._closing:
-                        return
-                    continue
-                job = self._queue.popleft()
-                job.state = "running"
-                self._current = job
-                behind = self._behind(None)
+                late = self._late()
+                job = self._queue.pop()
+                if job is not None:
+                    job.state = "running"
+                    self._current = job
+                behind = self._moved()
+            self._drop(late)
             _announce(behind)
+            if job is None:
+                if self._closing and not self._queue:
+                    return
+                if not late:  # held back by its key's running bound: wait for a release
+                    with self._cond:
+                        if not self._queue.ready():
+                            self._cond.wait(self._upkeep_due_in())
+                continue
             with task_context(job.task_id):
                 self._execute(job)
 
@@ -331,9 +443,11 @@ class Executor:
             log.exception("upkeep between jobs failed")
 
     def _execute(self, job: Job) -> None:
-        start = time.monotonic()
+        start = job.started_at = time.monotonic()
         assert self.backend is not None
         try:
+            if self.watch is not None:  # the stall watchdog sees its messages
+                job.emit = self.watch(job)
             job.on_start()
             if job.run is not None:
                 outcome = job.run(self.backend, job.emit, lambda: self._cancelled(job))
@@ -350,8 +464,16 @@ class Executor:
                                      "executed": []})
         finally:
             self.busy_seconds += time.monotonic() - start
+            self._runs += 1
+        if self.on_executed is not None:
+            try:
+                self.on_executed(job, time.monotonic() - start, outcome)
+            except Exception:
+                log.exception("on_executed of job %s failed", job.prompt_id)
         writes = outcome.writes
         with self._cond:
+            if self._current is not job:  # abandoned: answered already
+                return
             self._current = None
             if writes:
                 self._writing[job.prompt_id] = (job, writes)
@@ -420,6 +542,10 @@ class Executor:
             return job.cancel_reason is not None
 
     def _finish(self, job: Job, outcome: Outcome) -> None:
+        if job.state == "running":  # it left the queue: its key's running slot is free
+            with self._cond:
+                self._queue.release(job)
+                self._cond.notify_all()
         job.state = "done"
         try:
             job.on_done(outcome)
@@ -428,7 +554,7 @@ class Executor:
 
     def _fail_queued(self, error: BaseException) -> None:
         with self._cond:
-            items, self._queue = list(self._queue), collections.deque()
+            items = self._queue.clear()
         for job in items:
             out = _cancelled_outcome(job)
             out.error = {"reason": f"ComfyUI failed to boot: {error}"}

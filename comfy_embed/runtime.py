@@ -60,6 +60,7 @@ from comfy_embed.background import Background
 from comfy_embed.config import Settings
 from comfy_embed.environment.drift import Fingerprint, instance_environment
 from comfy_embed.errors import ComfyEmbedError, NotAccepting, WorkflowInvalid
+from comfy_embed.eta import Estimator, Eta
 from comfy_embed.events import queue_event, status_event
 from comfy_embed.executor import Executor, Job
 from comfy_embed.observe import memory
@@ -69,10 +70,12 @@ from comfy_embed.observe.report import TaskReport
 from comfy_embed.prepare.options import DEFAULT_OPTIONS, RunOptions
 from comfy_embed.prepare.pipeline import Preparer, WriteGate
 from comfy_embed.results import FORMATS
+from comfy_embed.scheduling import Quota, Quotas
 from comfy_embed.storage import Store, open_store
 from comfy_embed.taskid import check_task_id, valid_task_id
 from comfy_embed.tasks import Task, TaskObserver
 from comfy_embed.variants import attach_variants, check_variants
+from comfy_embed.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from comfy_embed.inputs.models import FirstUse
@@ -109,6 +112,7 @@ def boot_comfy(settings: Settings) -> Comfy:
         ensure_tiny_checkpoint(comfy, settings)
     for name in settings.comfy.preload:
         comfy.preload(name)
+    comfy.keep_warm()  # COMFY_EMBED_KEEP_LOADED: loaded now, kept from now
     return comfy
 
 
@@ -133,12 +137,17 @@ class Engine:
         #: Builds the backend on the executor thread (a fake stands in only
         #: in tests of the thread, queue and API mechanics).
         self._boot_backend = boot or boot_comfy
-        self.executor = Executor(self._boot, self.settings.jobs.max_queue)
+        jobs = self.settings.jobs
+        quotas = Quotas.parse(Quota(jobs.key_queue, jobs.key_running), jobs.key_quotas)
+        self.executor = Executor(self._boot, jobs.max_queue, quotas, fair=jobs.fair_share)
         self.metrics = Metrics()
         ex = self.executor
         self.metrics.bind_executor(lambda: ex.waiting, lambda: ex.running,
                                    lambda: ex.busy_seconds)
         self._comfy: Comfy | None = None
+        self.metrics.bind_models(lambda: self.loaded_models, self.settings.comfy.keep_loaded,
+                                 lambda: getattr(getattr(self._comfy, "kept", None),
+                                                 "evictions", 0))
         #: The instance's environment and its drift from the lock (set at boot).
         self.fingerprint: Fingerprint | None = None
         #: The one task registry: queued, running and the last few finished.
@@ -164,8 +173,15 @@ class Engine:
         self._started = False
         self._lock = threading.Lock()
         #: Watermarks, the OOM policy and gc between jobs (on the executor thread).
-        self.guard = MemoryGuard(self.settings, self._free_cache, self._recycle)
+        self.guard = MemoryGuard(self.settings, self._free_cache, self._recycle,
+                                 self._release_kept)
         self.executor.housekeeper = self.guard
+        stall = self.settings.jobs.stall_seconds  # interrupts a silent job (watchdog.py)
+        self.watchdog = Watchdog(self.executor, stall, self.guard.trip) if stall else None
+        #: The measured ETA and deadline admission (learns from every run).
+        self.eta = Eta(self.executor, Estimator(self.settings.jobs.eta_window,
+                                                self.settings.jobs.eta_fallback))
+        self.executor.on_executed = self.eta.learn
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -245,6 +261,24 @@ class Engine:
         if free is not None:
             free()
 
+    def _release_kept(self, reason: str) -> list[str]:
+        release = getattr(self._comfy, "release_kept", None)  # a test fake has none
+        return release(reason) if release is not None else []
+
+    @property
+    def loaded_models(self) -> tuple[str, ...]:
+        """The models loaded on this instance (as of the last run's end):
+        ``/ready``, ``X-Loaded-Models``, ``/metrics``. Cheap, any thread."""
+        return getattr(self._comfy, "loaded_models", ())
+
+    def _job_starts(self, task: Task) -> None:
+        """A job leaves the queue (executor thread): its report names the
+        kept models released under pressure since the last job."""
+        kept = getattr(self._comfy, "kept", None)
+        if kept is not None:
+            task.report.kept, task.report.evicted = kept.names, kept.take_evicted()
+        task._on_start()
+
     def _recycle(self, reason: str) -> None:
         """The memory guard tripped: accept nothing more (``/ready`` says
         draining); the server drains and exits (see ``guard.EXIT_RECYCLE``)."""
@@ -253,6 +287,8 @@ class Engine:
     def close(self) -> None:
         """Stop accepting work, finish what is queued, stop the thread."""
         self.accepting = False
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.executor.close()
 
     def store(self, name: str | None = None) -> Store:
@@ -396,11 +432,14 @@ class Engine:
             task.resolved_graph = prepared.checked
             job = Job(prompt_id=prepared.prompt_id, prompt=prepared.checked,
                       outputs=prepared.outputs, task_id=task_id, emit=task._from_executor,
-                      on_done=task._on_done, on_start=task._on_start,
-                      on_position=task._on_position, extra_data=request.extra_data)
+                      on_done=task._on_done, on_start=functools.partial(self._job_starts, task),
+                      on_position=task._on_position, extra_data=request.extra_data,
+                      key=options.key)
             task.variants = attach_variants(job, options.variants, self.preparer.nodes.input_specs,
                                             self.settings.jobs.max_variants)  # ?variants=N
             task.seeds = task.variants.variants[0].seeds if task.variants else task.seeds
+            job.shape = prepared.shape
+            task.forecast = self.eta.admit(job, options, report)  # DeadlineUnmeetable
             await gate.open()
             ahead = self.executor.submit(job)  # QueueFull propagates: nothing queued
         except BaseException:
@@ -412,7 +451,7 @@ class Engine:
             raise
         task._publish(status_event(ahead + 1))
         if ahead:
-            task._publish(queue_event(prepared.prompt_id, ahead))
+            task._publish(queue_event(prepared.prompt_id, ahead, task.eta_fields()))
         log.info("task %s queued as prompt %s (%d ahead)", task_id, prepared.prompt_id, ahead)
         return task
 

@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import anyio
 
@@ -24,9 +24,12 @@ from comfy_embed.background import Background
 from comfy_embed.config import Settings
 from comfy_embed.errors import (
     ComfyEmbedError,
+    DeadlineExceeded,
     ExecutionFailed,
+    NotAccepting,
     OutOfMemory,
     RunTimeout,
+    Stalled,
     StorageUnavailable,
     TaskCancelled,
 )
@@ -142,6 +145,8 @@ class Task:
         # Executor-thread messages wait here; one loop wake-up takes a burst.
         self._inbox: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque()
         self._wake_pending = False
+        #: Its live forecast (comfy_embed.eta.Forecast), set by the engine as it is queued.
+        self.forecast: Callable[[], Any] | None = None
         #: The variants this task runs (``?variants=``), whose answer they group.
         self.variants: VariantRun | None = None
 
@@ -221,6 +226,12 @@ class Task:
 
     def cancel(self, reason: str = "cancelled") -> bool:
         return self.engine.cancel(self.task_id, reason)
+
+    def eta_fields(self) -> dict[str, Any]:
+        """``{"eta_start", "eta_finish"}``: seconds from now until it starts and
+        until it finishes (None: not known; 0 once started, resp. done)."""
+        forecast = self.forecast() if self.forecast is not None else None
+        return {"eta_start": None, "eta_finish": None} if forecast is None else forecast.fields()
 
     # ---------------------------------------------------- loop-side updates
     def _publish(self, ev: dict[str, Any]) -> None:
@@ -314,7 +325,7 @@ class Task:
         """A ``queue`` event while waiting: ``position`` is how many tasks
         are ahead (the running one included). One that raced the start is dropped."""
         if self.state == "queued":
-            self._publish(queue_event(self.prompt_id, ahead))
+            self._publish(queue_event(self.prompt_id, ahead, self.eta_fields()))
 
     def _on_done(self, outcome: Outcome) -> None:
         self.report.executed()
@@ -383,8 +394,10 @@ class Task:
                 self.report.mark_render(end=True)
                 self._close(results=results, outputs=collect_values(outcome.outputs))
             else:
-                self._close(_outcome_error(outcome, self.engine.settings.jobs.run_timeout,
-                                           server_folders(self.engine.settings)))
+                jobs = self.engine.settings.jobs
+                self._close(_outcome_error(outcome, jobs.run_timeout,
+                                           server_folders(self.engine.settings),
+                                           stall=jobs.stall_seconds))
         except anyio.get_cancelled_exc_class():
             # The instance is shutting down mid-upload: still one final event.
             self._close(TaskCancelled("the instance shut down before the result was assembled",
@@ -449,8 +462,23 @@ def _storage_error(err: dict[str, Any], folders: dict[str, Path]) -> StorageUnav
     return None
 
 
+def _stalled(err: dict[str, Any], seconds: float | None) -> Stalled:
+    """The error of a run the stall watchdog interrupted (comfy_embed/watchdog.py)."""
+    node_id, node_type = err.get("node_id"), err.get("node_type")
+    where = f"node {node_id} ({node_type})" if node_id else "the run"
+    quiet = f" for {seconds:g}s" if seconds else ""
+    end = (" and ignored the interrupt: the instance is being replaced"
+           if err.get("interrupt_ignored") else " and was interrupted")
+    msg = f"{where} sent no progress{quiet}{end}"
+    node_errors = {node_id: {"errors": [{"type": Stalled.type, "message": msg, "details": "",
+                                         "extra_info": {}}],
+                             "dependent_outputs": [], "class_type": node_type}} if node_id else {}
+    return Stalled(msg, node_errors=node_errors, details={**err, "stall_seconds": seconds})
+
+
 def _outcome_error(outcome: Outcome, timeout: float | None,
-                   folders: dict[str, Path] | None = None) -> ComfyEmbedError:
+                   folders: dict[str, Path] | None = None, *,
+                   stall: float | None = None) -> ComfyEmbedError:
     err = dict(outcome.error or {})
     if folders:
         storage = _storage_error(err, folders)
@@ -460,10 +488,18 @@ def _outcome_error(outcome: Outcome, timeout: float | None,
             return storage
         err = scrub_paths(err, folders)
     reason = err.pop("reason", None)
+    if outcome.interrupted and str(reason).startswith("deadline: "):  # dropped unrun
+        return DeadlineExceeded(f"the task was dropped from the queue: {reason[10:]}",
+                                details=err)
     if outcome.interrupted:
         if reason == "timeout":
             return RunTimeout(f"the run exceeded its time limit of {timeout:g}s and was interrupted",
                               details=err)
+        if reason == "stalled":  # silent too long: comfy_embed/watchdog.py
+            return _stalled(err, stall)
+        if reason == "replaced":  # queued behind a node that ignored it: lost, run elsewhere
+            return NotAccepting("this instance is being replaced (a node ignored the stall "
+                                "interrupt) before the task could run; retry it")
         if reason == "shutdown":
             # Marked: a lost run, which a retry runs again (tasklog/attempts.py).
             return TaskCancelled("the instance shut down (SIGTERM) before the task finished; "
@@ -496,3 +532,5 @@ def _coalesce(events: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[
             latest[(ev["type"], ev["data"].get("node"))] = seq
     return [(seq, ev) for seq, ev in events
             if ev["type"] not in _COALESCE or latest[(ev["type"], ev["data"].get("node"))] == seq]
+
+

@@ -49,6 +49,8 @@ FLOORS: list[tuple[str, ...]] = [
     ("eta",),
     # N variants of one request: the job's run hook and the answer's groups
     ("variants",),
+    # the stall watchdog: interrupts a silent job, recycles a wedged instance (issue 28)
+    ("watchdog",),
     ("tasks",),
     ("runtime",),
     ("dryrun", "webhooks"),

@@ -70,6 +70,10 @@ class ComfySettings(_Group):
     lock_drift: str = "report"
     #: Checkpoint names (in models/checkpoints) loaded at start-up.
     preload: tuple[str, ...] = ()
+    #: Model file names (as loaders name them, relative to their folder) that
+    #: stay loaded between jobs whatever runs between; loaded at start-up
+    #: where a loader loads them alone; let go only under memory pressure.
+    keep_loaded: tuple[str, ...] = ()
     #: PNG outputs embed the workflow as native ComfyUI does.
     write_metadata: bool = True
     #: "none" or "latent2rgb": per-step preview images in progress events.
@@ -129,10 +133,33 @@ class JobSettings(_Group):
 
     max_queue: int = 64
     run_timeout: float | None = None
+    #: Seconds a running job may go without a progress event (any ComfyUI
+    #: message) before it is interrupted and fails as ``stalled``; ignored for
+    #: as long again, the instance drains and exits (comfy_embed/watchdog.py).
+    #: None: no watchdog.
+    stall_seconds: float | None = None
     #: Most variants one request may ask for (``?variants=N``, ``extra_data.variants``).
     max_variants: int = 16
     #: A workflow run before /ready.
     warmup_workflow: Path | None = None
+    #: The ETA (comfy_embed/eta.py): runs per workflow shape its median is
+    #: taken over; recent reports of the task log read at boot as the prior
+    #: (0: none); a shape never seen takes "median" (of the last runs of any
+    #: shape) or "none" (no ETA).
+    eta_window: int = 20
+    eta_history: int = 200
+    eta_fallback: str = "median"
+    #: Fair share between API keys (issue 28; only with ``api_keys``): one
+    #: FIFO per key, served round-robin. False: one FIFO for all, as without keys.
+    fair_share: bool = True
+    #: Most jobs one API key may have waiting (429 ``key_queue_full`` beyond).
+    key_queue: int = 16
+    #: Most jobs one API key may have running: executing, or its output files
+    #: still being encoded (its next job waits while other keys' run).
+    key_running: int = 2
+    #: Per-key quotas, ``<key id>=<queue>/<running>`` (comma-separated); the
+    #: key id is the first 8+ hex digits of the key's hash (README).
+    key_quotas: tuple[str, ...] = ()
 
 
 class ServerSettings(_Group):
@@ -346,3 +373,4 @@ class SafetySettings(_Group):
     api_keys: tuple[str, ...] = ()
     #: Operator key for the lifecycle hooks, as ``X-Admin-Key`` (api/hooks.py).
     admin_key: str | None = None
+

@@ -7,6 +7,7 @@ import base64
 import binascii
 import math
 import pkgutil
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -53,6 +54,8 @@ def webhook_secret_key(secret: str) -> bytes:
 
 
 _Rule = tuple[Callable[[Any], bool], str]
+#: One ``COMFY_EMBED_KEY_QUOTAS`` entry (comfy_embed/scheduling.py reads them).
+_KEY_QUOTA = re.compile(r"[0-9a-fA-F]{8,64}\s*=\s*0*[1-9][0-9]*\s*/\s*0*[1-9][0-9]*")
 
 
 def _number(low: float, high: float = math.inf, closed: bool = True) -> _Rule:
@@ -85,7 +88,14 @@ def _webhook_secret(value: str) -> bool:
 #: what is allowed). None, where a field allows it, always passes: it means
 #: "not set". Values that are false (an empty URL) skip the URL and secret checks.
 RULES: dict[str, _Rule] = {
-    "max_queue": _number(1), "run_timeout": _number(0, closed=False), "port": _number(1, 65535),
+    "max_queue": _number(1), "run_timeout": _number(0, closed=False),
+    "eta_window": _number(1, 10_000), "eta_history": _number(0, 100_000),
+    "eta_fallback": _one_of("median", "none"),
+    "stall_seconds": _number(0, closed=False), "port": _number(1, 65535),
+    "key_queue": _number(1), "key_running": _number(1),
+    "key_quotas": ((lambda v: all(_KEY_QUOTA.fullmatch(e.strip()) for e in v if e.strip())),
+                   ("<key id>=<queue>/<running> entries: 8-64 hex digits of the key's hash, "
+                    "bounds >= 1")),
     "max_body_bytes": _number(1), "lease_seconds": _number(0, closed=False),
     "task_max_attempts": _number(1), "max_variants": _number(1),
     # Zero would write keep-alive comments in a tight loop.

@@ -77,6 +77,14 @@ class TaskReport:
         self.environment_source: Callable[[], dict[str, Any]] | None = None
         #: ``?replay=``: what this run replays and how the environment differs.
         self.replay: dict[str, Any] | None = None
+        #: The workflow's shape and the execution seconds the ETA expected of
+        #: it (comfy_embed.eta): a later boot learns from the shape's ``execution``.
+        self.shape: str | None = None
+        self.estimate: float | None = None
+        #: COMFY_EMBED_KEEP_LOADED's names; the kept models released under
+        #: memory pressure since the job before this one (set as it starts).
+        self.kept: frozenset[str] = frozenset()
+        self.evicted: list[str] = []
 
     # ----------------------------------------------------- event loop: submit
     def mark_prepared(self) -> None:
@@ -163,22 +171,30 @@ class TaskReport:
             "peak_rss_bytes": self.peak_rss,
             "peak_vram_bytes": self.peak_vram,
         }
+        if self.shape is not None:
+            report["shape"] = self.shape
+            report["estimate"] = None if self.estimate is None else round(self.estimate, 6)
         if self.environment is not None:
             report["environment"] = self.environment
             if self.replay is not None:
                 self.environment["replay"] = self.replay
         return report
 
-    def _models(self) -> dict[str, list[dict[str, Any]]]:
+    def _models(self) -> dict[str, list[Any]]:
+        """Each loader node: ``loaded`` (it ran: read from disk) or
+        ``resident`` (answered from ComfyUI's cache), ``kept`` true where
+        COMFY_EMBED_KEEP_LOADED names its model; ``evicted``: the kept models
+        released under memory pressure since the job before this one."""
         times = dict(self.nodes)
         loaded, resident = [], []
         for node_id, (class_type, name) in self.loaders.items():
-            entry: dict[str, Any] = {"node": node_id, "class_type": class_type, "name": name}
+            entry: dict[str, Any] = {"node": node_id, "class_type": class_type, "name": name,
+                                     "kept": name in self.kept}
             if node_id in times:
                 loaded.append({**entry, "seconds": round(times[node_id], 6)})
             elif node_id in self.cached:
                 resident.append(entry)
-        return {"loaded": loaded, "resident": resident}
+        return {"loaded": loaded, "resident": resident, "evicted": list(self.evicted)}
 
 
 def _span(start: float | None, end: float | None) -> float:

@@ -40,6 +40,13 @@ class RunOptions:
     #: Whose Comfy API v2 assets ``core/ASSET`` references may name (the
     #: API key's hash, or "anonymous"); None: a run that takes none (FC API).
     asset_owner: str | None = None
+    #: Its fair-share key (comfy_embed.scheduling): the hash of the API key it
+    #: was sent with, set by the task service; "": none (one FIFO).
+    key: str = ""
+    #: ``time.monotonic()`` by which the run must have finished (``X-Deadline``,
+    #: ``?deadline=``): refused at once when the ETA says it cannot
+    #: (DeadlineUnmeetable), dropped if still queued when it passes. None: none.
+    deadline: float | None = None
     #: Run the graph this many times with fresh seeds, or once per entry of
     #: a tuple of seeds (an int for every seed input, or ``{node_id: seed}``);
     #: None: one plain run. ``extra_data.variants`` asks the same (this wins).

@@ -39,6 +39,7 @@ from comfy_embed.prepare.graph import (
     parse_request,
     randomize_seeds,
 )
+from comfy_embed.prepare.shape import workflow_shape
 from comfy_embed.prepare.ui_format import convert_ui_workflow, is_ui_workflow
 from comfy_embed.storage.credentials import Credentials
 
@@ -166,6 +167,8 @@ class Prepared:
     checked: dict[str, Any]
     #: The output nodes to execute.
     outputs: list[str]
+    #: The graph's shape (prepare/shape.py), taken as it was parsed: what the ETA learns by.
+    shape: str = ""
 
 
 class Preparer:
@@ -246,6 +249,7 @@ class Preparer:
         request = self.parse(body)
         prompt = request.prompt
         specs = self.nodes.input_specs
+        shape = workflow_shape(prompt, specs)
         seeds = randomize_seeds(prompt, specs)
         isolate_outputs(prompt, task_id)
         refs = list(media_inputs(prompt, specs))
@@ -271,7 +275,7 @@ class Preparer:
         checked, outputs = await self.validate(prompt, prompt_id, request.targets)
         if report is not None:
             report.mark_validated(checked, loader_nodes(checked, self.nodes.is_loader))
-        return Prepared(request, prompt_id, seeds, checked, outputs)
+        return Prepared(request, prompt_id, seeds, checked, outputs, shape)
 
     async def materialise(self, prompt: dict[str, Any], credentials: Credentials | None,
                           folder: str, refs: Iterable[MediaRef] | None = None) -> None:
