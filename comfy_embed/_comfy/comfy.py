@@ -23,6 +23,7 @@ from comfy_embed._comfy import boot
 from comfy_embed._comfy.file_names import granted_folders, granting
 from comfy_embed._comfy.packs import PackStatus
 from comfy_embed._comfy.progress import ProgressRelay
+from comfy_embed._comfy.warm import KeptModels
 from comfy_embed._comfy.writes import OutputWriter
 from comfy_embed.config import Settings
 from comfy_embed.errors import WorkflowInvalid, node_error
@@ -74,6 +75,8 @@ class Comfy:
         self._progress = ProgressRelay(self.server)
         #: Encodes output images off the executor thread (None: on it, as native).
         self.writer: OutputWriter | None = None
+        #: COMFY_EMBED_KEEP_LOADED's pins, and the models loaded after each run.
+        self.kept = KeptModels(settings.comfy.keep_loaded)
 
     # ------------------------------------------------------------------ boot
     @classmethod
@@ -342,6 +345,7 @@ class Comfy:
                 with granting(self._grants(prompt)):
                     self.loop.run_until_complete(
                         ex.execute_async(prompt, prompt_id, extra, outputs))
+                self._after_run(prompt)
             except _StoppedAtStart:
                 data: dict[str, Any] = {"prompt_id": prompt_id, "node_id": None,
                                         "node_type": None, "executed": [],
@@ -374,6 +378,23 @@ class Comfy:
             srv.sink = None
             self._progress.handler = None
 
+    def _after_run(self, prompt: dict[str, Any]) -> None:
+        """Pin the kept models this run loaded; note what is loaded now."""
+        try:
+            self.kept.after_run(self.executor.caches.outputs, prompt, self.is_loader)
+        except Exception:  # a hint is never worth failing a run
+            log.exception("noting the loaded models failed")
+
+    @property
+    def loaded_models(self) -> tuple[str, ...]:
+        """The models whose loader outputs are cached now (as of the last
+        run's end), sorted; any thread."""
+        return self.kept.loaded
+
+    def release_kept(self, reason: str) -> list[str]:
+        """Let the kept models go (real memory pressure; executor thread)."""
+        return self.kept.release(reason)
+
     def free_memory(self) -> None:
         """Give cached accelerator memory back, as native does between prompts
         (executor thread)."""
@@ -383,13 +404,42 @@ class Comfy:
         """Ask the running prompt to stop at its next check (any thread)."""
         self._nodes.interrupt_processing(True)
 
-    def preload(self, checkpoint: str) -> None:
-        """Load a checkpoint into the node cache, as a first prompt would."""
+    def preload(self, checkpoint: str, loader: str = "CheckpointLoaderSimple",
+                inputs: dict[str, Any] | None = None) -> None:
+        """Load a model into the node cache, as a first prompt would."""
         node = "preload"
-        prompt = {node: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}}
+        prompt = {node: {"class_type": loader, "inputs": inputs or {"ckpt_name": checkpoint}}}
         outcome = self.execute(prompt, "preload-" + uuid.uuid4().hex, [node], lambda e, d: None)
         if not outcome.success:
             raise RuntimeError(f"preloading {checkpoint} failed: {outcome.error}")
+
+    def keep_warm(self) -> list[str]:
+        """Load the COMFY_EMBED_KEEP_LOADED models a loader can load alone
+        (checkpoints, VAEs, diffusion models), so they are kept from the
+        start; the others (LoRAs, text encoders: their loaders need more
+        than a name) are kept from their first use. The names loaded."""
+        files = self.model_files()
+        done = []
+        for name in sorted(self.kept.names):
+            for folder, loader, key, extra in _WARM_LOADERS:
+                if name in files.get(folder, ()) and self.has_node(loader):
+                    self.preload(name, loader, {key: name, **extra})
+                    done.append(name)
+                    break
+            else:
+                known = any(name in names for names in files.values())
+                log.log(logging.INFO if known else logging.WARNING,
+                        "kept model %s is kept from its first use (%s)", name,
+                        "no loader loads it alone" if known else "in no model folder now")
+        return done
+
+
+#: (folder, loader, its name input, its other inputs) that load a model alone.
+_WARM_LOADERS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    ("checkpoints", "CheckpointLoaderSimple", "ckpt_name", {}),
+    ("vae", "VAELoader", "vae_name", {}),
+    ("diffusion_models", "UNETLoader", "unet_name", {"weight_dtype": "default"}),
+)
 
 
 class _Declared:

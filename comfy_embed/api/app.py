@@ -53,7 +53,9 @@ async def ready(request: Request) -> Response:
         return JSONResponse({"status": "unhealthy", "reason": unusable}, 503)
     if state.engine.ready and state.warm.is_set() and state.engine.accepting:
         body: dict[str, Any] = {"status": "ready", "device": state.engine.comfy.device,
-                                "queue_depth": metrics.queue_depth(request.app)}
+                                "queue_depth": metrics.queue_depth(request.app),
+                                "loaded_models": list(state.engine.loaded_models),
+                                "kept_models": sorted(state.engine.settings.comfy.keep_loaded)}
         packs = state.engine.custom_nodes()
         if packs is not None:  # failing packs named, as at start-up
             body["custom_nodes"] = packs

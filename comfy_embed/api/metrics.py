@@ -1,10 +1,14 @@
-"""GET /metrics (Prometheus text format) and the ``X-Queue-Depth`` header.
+"""GET /metrics (Prometheus text format), the ``X-Queue-Depth`` and
+``X-Loaded-Models`` headers.
 
-The header is on every HTTP answer, so a router can steer away from a busy
-instance using any response it already gets (``/ready`` included).
+The headers are on every HTTP answer, so a router can steer away from a busy
+instance, or towards one with the model loaded, using any response it
+already gets (``/ready`` included).
 """
 
 from __future__ import annotations
+
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,7 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 from comfy_embed.api.middleware import HttpMiddleware
 from comfy_embed.observe.metrics import CONTENT_TYPE
 
-__all__ = ["metrics", "QueueDepthHeader", "queue_depth"]
+__all__ = ["metrics", "QueueDepthHeader", "loaded_models_header", "queue_depth"]
 
 
 async def metrics(request: Request) -> Response:
@@ -29,8 +33,25 @@ def queue_depth(app: object) -> int | None:
     return None if engine is None else engine.executor.queue_remaining
 
 
+_encoded: tuple[tuple[str, ...], bytes] = ((), b"")
+
+
+def loaded_models_header(loaded: tuple[str, ...]) -> bytes:
+    """``X-Loaded-Models``: the names comma-separated, each percent-encoded
+    as a URL path is (``/`` kept), so a name with a comma or non-ASCII
+    letters stays one item. Encoded once per change of the tuple (the
+    executor replaces it after a run that changed it), not per answer."""
+    global _encoded
+    last, value = _encoded
+    if loaded is not last:
+        value = ",".join(quote(name, safe="/") for name in loaded).encode("ascii")
+        _encoded = (loaded, value)
+    return value
+
+
 class QueueDepthHeader(HttpMiddleware):
-    """Pure ASGI middleware: adds ``X-Queue-Depth`` to every HTTP response."""
+    """Pure ASGI middleware: adds ``X-Queue-Depth`` and ``X-Loaded-Models``
+    (once ComfyUI is booted) to every HTTP response."""
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_depth(message: Message) -> None:
@@ -39,6 +60,10 @@ class QueueDepthHeader(HttpMiddleware):
                 if depth is not None:
                     headers = list(message.get("headers", []))
                     headers.append((b"x-queue-depth", str(depth).encode()))
+                    engine = scope["app"].state.engine
+                    if engine.ready:
+                        headers.append((b"x-loaded-models",
+                                        loaded_models_header(engine.loaded_models)))
                     message = {**message, "headers": headers}
             await send(message)
 

@@ -143,9 +143,14 @@ _SCHEMAS: dict[str, Any] = {
                 "node": {"type": "string"}, "class_type": {"type": ["string", "null"]},
                 "seconds": {"type": "number"}}}},
             "cached_nodes": {"type": "array", "items": {"type": "string"}},
-            "models": {"type": "object", "properties": {
+            "models": {"type": "object", "description":
+                       "Loader nodes: `loaded` (run: read from disk) or `resident` (from the "
+                       "cache), each with `kept` (named in COMFY_EMBED_KEEP_LOADED); "
+                       "`evicted`: kept models released under memory pressure since the "
+                       "previous job.", "properties": {
                 "loaded": {"type": "array", "items": {"type": "object"}},
-                "resident": {"type": "array", "items": {"type": "object"}}}},
+                "resident": {"type": "array", "items": {"type": "object"}},
+                "evicted": {"type": "array", "items": {"type": "string"}}}},
             "peak_rss_bytes": {"type": ["integer", "null"]},
             "peak_vram_bytes": {"type": ["integer", "null"]},
             "environment": {"type": "object", "description":
@@ -403,7 +408,9 @@ def _platform_paths() -> dict[str, Any]:
         "/ready": {"get": {
             "summary": "Booted and warm",
             "description": "`queue_depth`: tasks queued plus running (also the `X-Queue-Depth` "
-                           "header of every answer). With COMFY_EMBED_LOCK, `lock`: its "
+                           "header of every answer). `loaded_models`: the models loaded "
+                           "here (also `X-Loaded-Models`), `kept_models`: "
+                           "COMFY_EMBED_KEEP_LOADED's names. With COMFY_EMBED_LOCK, `lock`: its "
                            "`hash`, whether the instance `drifted` from it and the `drift` "
                            "(packs and models named); COMFY_EMBED_LOCK_DRIFT=unready answers "
                            "503 `drifted` then.",

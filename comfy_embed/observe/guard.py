@@ -49,16 +49,22 @@ class MemoryGuard:
     ``free_cache`` releases cached accelerator memory (ComfyUI's
     ``soft_empty_cache``); ``on_trip`` is called once, with the reason, when
     the instance must be recycled (from the executor thread).
+    ``release_kept`` lets the models kept loaded (COMFY_EMBED_KEEP_LOADED)
+    go, with the reason, and names them: the guard's last step under real
+    pressure (an out-of-memory error; a watermark still crossed after gc and
+    freeing caches), never part of its upkeep.
     """
 
     def __init__(self, settings: Settings, free_cache: Callable[[], None],
-                 on_trip: Callable[[str], None]) -> None:
+                 on_trip: Callable[[str], None],
+                 release_kept: Callable[[str], list[str]] | None = None) -> None:
         self.max_rss = settings.observe.max_rss_bytes
         self.max_vram = settings.observe.max_vram_bytes
         self.oom_limit = settings.observe.oom_recycle_after
         self.gc_interval = settings.observe.gc_interval
         self._free_cache = free_cache
         self._on_trip = on_trip
+        self._release_kept = release_kept
         self.tripped = threading.Event()
         self.reason: str | None = None
         #: Wake-ups of :meth:`wait_tripped` callers (each in its event loop).
@@ -75,6 +81,7 @@ class MemoryGuard:
             self.ooms_in_a_row += 1
             log.error("CUDA out of memory (%d in a row); freeing cached memory",
                       self.ooms_in_a_row)
+            self._release("out of memory")
             self.run()  # ComfyUI unloaded its models; give the memory back now
             if self.oom_limit and self.ooms_in_a_row >= self.oom_limit:
                 self._trip(f"{self.ooms_in_a_row} out-of-memory errors in a row")
@@ -86,8 +93,22 @@ class MemoryGuard:
             self.run()  # what gc and the allocators give back does not count
             memory.trim_heap()
             over = self._over()
+        if over and self._release(over):  # then the kept models, before recycling
+            self.run()
+            memory.trim_heap()
+            over = self._over()
         if over:
             self._trip(over)
+
+    def _release(self, reason: str) -> list[str]:
+        """Let the kept models go (real memory pressure); the names released."""
+        if self._release_kept is None:
+            return []
+        try:
+            return self._release_kept(reason)
+        except Exception:
+            log.exception("releasing the kept models failed")
+            return []
 
     def _over(self) -> str | None:
         if self.max_rss:

@@ -9,7 +9,7 @@ user input), an input's source, a loader node's class name.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -68,6 +68,28 @@ class _Live(Collector):
                                     "CUDA memory reserved by the caching allocator.", value=vram[1])
 
 
+class _Models(Collector):
+    """The models loaded now (one series per model, read at scrape time from
+    a tuple the executor thread replaces after each run) and the kept models
+    released under memory pressure."""
+
+    def __init__(self, loaded: Callable[[], tuple[str, ...]], kept: Collection[str],
+                 evictions: Callable[[], int]) -> None:
+        self._loaded, self._kept, self._evictions = loaded, kept, evictions
+
+    def collect(self) -> Iterator[Any]:
+        gauge = GaugeMetricFamily("comfy_embed_model_loaded",
+                                  "Models loaded on this instance (1 each, as of the last run's "
+                                  "end); kept: named in COMFY_EMBED_KEEP_LOADED.",
+                                  labels=["model", "kept"])
+        for name in self._loaded():
+            gauge.add_metric([name[:256], "true" if name in self._kept else "false"], 1)
+        yield gauge
+        yield CounterMetricFamily("comfy_embed_kept_model_evictions",
+                                  "Kept models released under memory pressure.",
+                                  value=self._evictions())
+
+
 class Metrics:
     """The metrics of one engine; :meth:`render_text` gives the exposition text.
 
@@ -121,6 +143,12 @@ class Metrics:
                       busy_seconds: Callable[[], float]) -> None:
         """Read these at each scrape (they must be cheap and thread-safe)."""
         self.registry.register(_Live(queued, running, busy_seconds))
+
+    def bind_models(self, loaded: Callable[[], tuple[str, ...]], kept: Collection[str],
+                    evictions: Callable[[], int]) -> None:
+        """The loaded models' gauge (model label: file names on this instance's
+        disk, a bounded set) and the kept models' evictions, read at each scrape."""
+        self.registry.register(_Models(loaded, kept, evictions))
 
     # ------------------------------------------------------------ updates
     def task_ended(self, error_type: str | None) -> None:

@@ -147,8 +147,9 @@ def test_report_adds_up_and_is_in_the_status_log(server: Server) -> None:
     check_report(again)
     assert [n["node"] for n in again["nodes"]] == ["9"]
     assert set(again["cached_nodes"]) == set(graph) - {"9"}
-    assert again["models"] == {"loaded": [], "resident": [
-        {"node": "4", "class_type": "CheckpointLoaderSimple", "name": entries[0]["name"]}]}
+    assert again["models"] == {"loaded": [], "evicted": [], "resident": [
+        {"node": "4", "class_type": "CheckpointLoaderSimple", "name": entries[0]["name"],
+         "kept": False}]}
 
 
 def test_failed_task_has_a_report(server: Server) -> None:
