@@ -14,11 +14,13 @@ from comfy_embed.config import Settings
 from comfy_embed.errors import (
     AppNotFound,
     ComfyEmbedError,
+    DeadlineExceeded,
     ExecutionFailed,
     ImageInputError,
     InputPathInvalid,
     InstallError,
     InvalidParameter,
+    KeyQueueFull,
     MissingAsset,
     ModelDownloadError,
     NotAccepting,
@@ -27,6 +29,7 @@ from comfy_embed.errors import (
     QueueFull,
     QueueUnavailable,
     RunTimeout,
+    Stalled,
     StorageError,
     StorageUnavailable,
     TaskCancelled,
@@ -50,4 +53,6 @@ __all__ = [
     "RunTimeout", "StorageError", "StorageUnavailable", "PayloadTooLarge", "ModelDownloadError",
     "WebhookRefused", "InvalidParameter", "Unauthorized", "TaskIdConflict", "TaskDeleted",
     "TaskRunning", "InstallError", "QueueUnavailable", "AppNotFound",
+    "KeyQueueFull", "DeadlineExceeded",
+    "Stalled",
 ]

@@ -4,12 +4,19 @@ checked over many random interleavings of pushes, pops, releases and removals.""
 from __future__ import annotations
 
 import random
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from comfy_embed.errors import KeyQueueFull, QueueFull
+from comfy_embed.executor import Executor, Job, Outcome
+from comfy_embed.outcome import PendingWrite
 from comfy_embed.scheduling import FairQueue, Quota, Quotas, late_reason, latest_start
+from tests.test_executor import FakeBackend, make_job
 
 _ids = iter(range(10**9))
 
@@ -173,3 +180,164 @@ def test_deadline_arithmetic() -> None:
     assert latest_start(100.0, 30.0) == 70.0
     assert "passed 2.0s ago" in late_reason(100.0, None, 102.0)
     assert "takes about 30.0s and 20.0s were left" in late_reason(100.0, 30.0, 80.0)
+
+
+# ------------------------------------------- the executor on this queue
+# (a fake backend: thread and queue mechanics only, as tests/test_executor.py)
+def _executor(**kw: Any) -> tuple[Executor, FakeBackend]:
+    backend = FakeBackend()
+    ex = Executor(lambda: backend, max_queue=500, **kw)
+    ex.start()
+    ex.wait_ready(5)
+    return ex, backend
+
+
+def _job(pid: str, key: str, done: dict[str, Outcome], told: dict[str, list[int]] | None = None,
+         **prompt: Any) -> Job:
+    job = make_job(pid, done, [], **prompt)
+    job.key = key
+    if told is not None:
+        job.on_position = lambda n: told.setdefault(pid, []).append(n)
+    return job
+
+
+def test_executor_runs_a_flood_and_a_trickle_round_robin() -> None:
+    ex, backend = _executor(quotas=Quotas(Quota(200, 2)))
+    try:
+        done: dict[str, Outcome] = {}
+        told: dict[str, list[int]] = {}
+        first = _job("a0", "a", done, block=True)
+        ex.submit(first)
+        assert backend.started.wait(5)
+        flood = [_job(f"a{i}", "a", done, told) for i in range(1, 21)]
+        assert [ex.submit(j) for j in flood] == list(range(1, 21))
+        b = _job("b0", "b", done, told)
+        assert ex.submit(b) == 1  # next, behind the running job only
+        # a1 was pushed back by one: it is told so.
+        assert told["a1"] == [2] and told.get("b0") is None
+        assert [j.prompt_id for j in ex.pending()] == ["b0"] + [f"a{i}" for i in range(1, 21)]
+        projected = [j.prompt_id for j in ex.pending()]
+        backend.gate.set()
+        assert all(j.finished.wait(5) for j in [*flood, b])
+        assert backend.order == ["a0", *projected]
+        # Each of a's waiting jobs was told it was pushed back by one, then
+        # every place it moved up to; b0 (next from the start) nothing more.
+        assert "b0" not in told
+        for i in range(1, 21):
+            assert told[f"a{i}"] == list(range(i + 1, 0, -1))
+    finally:
+        backend.gate.set()
+        ex.close(timeout=5)
+
+
+def test_executor_without_keys_is_the_fifo() -> None:
+    for kw in ({}, {"quotas": Quotas(Quota(1, 1)), "fair": False}):
+        ex, backend = _executor(**kw)
+        try:
+            done: dict[str, Outcome] = {}
+            ex.submit(_job("x", "", done, block=True))
+            assert backend.started.wait(5)
+            jobs = [_job(f"j{i}", "k1" if kw else "", done) for i in range(30)]
+            for i, j in enumerate(jobs):
+                assert ex.submit(j) == i + 1
+            assert ex.pending() == jobs
+            backend.gate.set()
+            assert all(j.finished.wait(5) for j in jobs)
+            assert backend.order == ["x"] + [f"j{i}" for i in range(30)]
+        finally:
+            backend.gate.set()
+            ex.close(timeout=5)
+
+
+def test_executor_key_quota_is_a_429_with_retry_after() -> None:
+    ex, backend = _executor(quotas=Quotas(Quota(2, 1)))
+    try:
+        done: dict[str, Outcome] = {}
+        ex.submit(_job("a0", "a", done, block=True))
+        assert backend.started.wait(5)
+        ex.submit(_job("a1", "a", done))
+        ex.submit(_job("a2", "a", done))
+        with pytest.raises(KeyQueueFull) as e:
+            ex.submit(_job("a3", "a", done))
+        assert e.value.retry_after >= 1 and e.value.details["limit"] == "key_queue"
+        ex.submit(_job("b1", "b", done))  # another key is not held back
+        assert len(ex.pending()) == 3
+    finally:
+        backend.gate.set()
+        ex.close(timeout=5)
+
+
+def test_a_job_encoding_its_files_holds_its_keys_running_slot(tmp_path: Path) -> None:
+    ex, backend = _executor(quotas=Quotas(Quota(10, 1)))
+    try:
+        done: dict[str, Outcome] = {}
+        w = PendingWrite("9", "SaveImage", tmp_path / "a.png", Future())
+        (tmp_path / "a.png").touch()
+        a1 = _job("a1", "a", done, writes=[w],
+                  images=[{"filename": "a.png", "subfolder": "", "type": "output"}])
+        a2, b1 = _job("a2", "a", done), _job("b1", "b", done)
+        ex.submit(a1)
+        ex.submit(a2)
+        ex.submit(b1)
+        assert b1.finished.wait(5)  # a2 waits for a1's files; b1 runs meanwhile
+        assert backend.order == ["a1", "b1"] and not a2.finished.is_set()
+        assert [j.prompt_id for j in ex.pending()] == ["a2"]
+        w.future.set_result(None)
+        assert a1.finished.wait(5) and a2.finished.wait(5)
+        assert backend.order == ["a1", "b1", "a2"]
+    finally:
+        backend.gate.set()
+        ex.close(timeout=5)
+
+
+def test_cancel_a_queued_job_under_fair_share() -> None:
+    ex, backend = _executor(quotas=Quotas(Quota(10, 2)))
+    try:
+        done: dict[str, Outcome] = {}
+        told: dict[str, list[int]] = {}
+        ex.submit(_job("a0", "a", done, block=True))
+        assert backend.started.wait(5)
+        a1, a2, b1 = (_job(p, p[0], done, told) for p in ("a1", "a2", "b1"))
+        for j in (a1, a2, b1):
+            ex.submit(j)
+        assert [j.prompt_id for j in ex.pending()] == ["b1", "a1", "a2"]
+        assert ex.cancel("b1") and b1.finished.wait(5) and done["b1"].interrupted
+        # Pushed back by b1, then moved up again as it left.
+        assert told["a1"] == [2, 1] and told["a2"] == [3, 2] and "b1" not in told
+        assert [j.prompt_id for j in ex.pending()] == ["a1", "a2"]
+        backend.gate.set()
+        assert a2.finished.wait(5) and backend.order == ["a0", "a1", "a2"]
+    finally:
+        backend.gate.set()
+        ex.close(timeout=5)
+
+
+def test_a_queued_job_past_its_deadline_is_dropped_while_another_runs() -> None:
+    ex, backend = _executor()
+    try:
+        done: dict[str, Outcome] = {}
+        told: dict[str, list[int]] = {}
+        ex.submit(_job("long", "", done, block=True))
+        assert backend.started.wait(5)
+        late = _job("late", "", done)
+        late.deadline = time.monotonic() + 0.3
+        cannot = _job("cannot", "", done)  # would take 60 s, 30 s are left: dropped at once
+        cannot.deadline, cannot.estimate = time.monotonic() + 30, 60.0
+        fine = _job("fine", "", done, told)
+        fine.deadline = time.monotonic() + 300
+        for j in (late, cannot, fine):
+            ex.submit(j)
+        # Both dropped while "long" still runs: the reaper, not the queue's turn.
+        assert cannot.finished.wait(5) and late.finished.wait(5)
+        assert not backend.gate.is_set() and ex.running == 1
+        for pid, why in (("late", "deadline passed"), ("cannot", "takes about 60.0s")):
+            out = done[pid]
+            assert out.interrupted and not out.success
+            assert out.error["reason"].startswith("deadline: ") and why in out.error["reason"]
+        assert told["fine"][-1] == 1  # moved up as the others went
+        backend.gate.set()
+        assert fine.finished.wait(5) and done["fine"].success
+        assert backend.order == ["long", "fine"]
+    finally:
+        backend.gate.set()
+        ex.close(timeout=5)

@@ -12,6 +12,7 @@ that mirrors the events to disk and sets ``Task.final_durable``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import logging
@@ -33,6 +34,7 @@ from comfy_embed.errors import (
     StorageUnavailable,
     TaskIdConflict,
 )
+from comfy_embed.eta import load_prior
 from comfy_embed.events import FINAL, coalesce_snapshots, final_event
 from comfy_embed.observe.folders import FolderProbe
 from comfy_embed.observe.logs import current_task
@@ -140,6 +142,8 @@ class TaskService(TaskObserver):
             retention=self.retention, attempts=self.attempts, webhooks=self.webhooks,
             folders=self.folders)
         engine.add_observer(self)
+        # The ETA's prior: the recent reports of the shared log (a thread, off the loop).
+        load_prior(engine.eta.estimator, self.tasklog.root, settings.jobs.eta_history)
 
     def close(self) -> None:
         """Stop observing the engine (the server's lifespan ends)."""
@@ -165,6 +169,8 @@ class TaskService(TaskObserver):
         """
         task_id = task_id or uuid.uuid4().hex
         check_task_id(task_id)
+        if owner_key and not options.key:  # fair share: one queue per API key
+            options = dataclasses.replace(options, key=owner_key)
         # The rest of this request (and the log writer it starts) works for
         # this task: its log records say so.
         current_task.set(task_id)

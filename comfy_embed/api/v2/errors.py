@@ -15,6 +15,7 @@ from comfy_embed.errors import (
     ComfyEmbedError,
     ImageInputError,
     InvalidParameter,
+    KeyQueueFull,
     MissingAsset,
     ModelDownloadError,
     NotAccepting,
@@ -93,6 +94,7 @@ _TABLE: list[tuple[type[ComfyEmbedError], int, str]] = [
     (WebhookRefused, 422, "invalid_request"),
     (WorkflowInvalid, 422, "invalid_workflow"),
     (ImageInputError, 422, "invalid_workflow"),
+    (KeyQueueFull, 429, "key_queue_full"),
     (QueueFull, 429, "queue_full"),
     (NotAccepting, 503, "unavailable"),
     (StorageUnavailable, 503, "storage_unavailable"),
@@ -119,6 +121,8 @@ def from_error(error: ComfyEmbedError) -> Response:
         details = node_details(error.node_errors)
     if details is not None or error.type != code:
         details = {**(details or {}), "type": error.type}
+    if isinstance(error, KeyQueueFull):  # names the limit
+        details = {**(details or {}), **error.details}
     headers = None
     retry = getattr(error, "retry_after", None)
     if isinstance(retry, int):
