@@ -40,7 +40,8 @@ from comfy_embed.prepare.options import RunOptions
 from comfy_embed.tasklog.files import read_final
 from comfy_embed.tasklog.index import INDEX_FOLDER
 
-__all__ = ["Estimator", "Eta", "Forecast", "parse_deadline", "recent_reports"]
+__all__ = ["Estimator", "Eta", "Forecast", "load_prior", "parse_deadline", "queue_fields",
+           "recent_reports"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,13 @@ class Forecast:
     def fields(self) -> dict[str, Any]:
         """``{"eta_start", "eta_finish"}``: the keys every answer carries."""
         return {"eta_start": _round(self.start), "eta_finish": _round(self.finish)}
+
+
+def queue_fields(forecast: Forecast | None) -> dict[str, Any]:
+    """``{"position", "eta_start", "eta_finish"}`` of an answer (None each: unknown)."""
+    if forecast is None:
+        return {"position": None, "eta_start": None, "eta_finish": None}
+    return {"position": forecast.position, **forecast.fields()}
 
 
 def _round(value: float | None) -> float | None:

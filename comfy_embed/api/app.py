@@ -26,7 +26,7 @@ from comfy_embed.api.middleware import InternalErrors
 from comfy_embed.api.serverless import runs, ws
 from comfy_embed.api.serverless.queued import TaskQueue
 from comfy_embed.config import Settings
-from comfy_embed.observe.guard import EXIT_RECYCLE, drain_when_tripped
+from comfy_embed.observe.guard import drain_when_tripped
 from comfy_embed.runtime import Engine
 from comfy_embed.service.lifecycle import TaskService
 
@@ -56,6 +56,9 @@ async def ready(request: Request) -> Response:
                                 "queue_depth": metrics.queue_depth(request.app),
                                 "loaded_models": list(state.engine.loaded_models),
                                 "kept_models": sorted(state.engine.settings.comfy.keep_loaded)}
+        # Seconds of work held here (running + queued), by the measured ETA; None: unknown.
+        backlog = state.engine.eta.backlog()
+        body["backlog_seconds"] = None if backlog is None else round(backlog, 3)
         packs = state.engine.custom_nodes()
         if packs is not None:  # failing packs named, as at start-up
             body["custom_nodes"] = packs
@@ -131,7 +134,8 @@ class ServerControl:
     stop_requested_at: float | None = None
     #: How the app stops its server itself (the memory guard, after draining).
     stop_server: Callable[[], None] | None = None
-    #: The process's exit status: EXIT_RECYCLE when the memory guard recycled it.
+    #: The process's exit status: EXIT_RECYCLE when the memory guard recycled
+    #: it, watchdog.EXIT_STALLED when a node ignored the stall interrupt.
     exit_code: int = 0
 
 
@@ -139,7 +143,7 @@ async def _recycle(app: Starlette, control: ServerControl) -> None:
     """The memory guard tripped: drain, then stop the server; ``comfy-embed
     serve`` exits with ``control.exit_code`` (guard.EXIT_RECYCLE)."""
     await drain_when_tripped(app.state.engine.guard, app.state.service.drain)
-    control.exit_code = EXIT_RECYCLE
+    control.exit_code = app.state.engine.guard.exit_code  # EXIT_RECYCLE, or watchdog.EXIT_STALLED
     if control.stop_server is not None:
         control.stop_server()
     else:  # hosted by something else: ask it to stop as a platform would

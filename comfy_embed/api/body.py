@@ -1,14 +1,17 @@
 """Reading a request body under a size limit, and the query parameters:
-boolean flags, bounded whole numbers, task ids."""
+boolean flags, bounded whole numbers, task ids, deadlines."""
 
 from __future__ import annotations
+
+from typing import Mapping
 
 from starlette.requests import Request
 
 from comfy_embed.errors import InvalidParameter, PayloadTooLarge
+from comfy_embed.eta import parse_deadline
 from comfy_embed.taskid import TASK_ID_RULE, valid_task_id
 
-__all__ = ["read_limited", "flag", "whole_number", "task_id_param"]
+__all__ = ["read_limited", "flag", "whole_number", "task_id_param", "deadline_param"]
 
 #: More digits than any count or sequence number needs; checked before int().
 _MAX_DIGITS = 12
@@ -53,6 +56,22 @@ def whole_number(name: str, raw: str | None, *, low: int = 0, high: int = 10 ** 
     if not low <= value <= high:
         raise InvalidParameter(f"{name} must be between {low} and {high}; got {value}")
     return value
+
+
+def deadline_param(query: Mapping[str, str], headers: Mapping[str, str]) -> float | None:
+    """The run's deadline as a ``time.monotonic()`` value: the ``X-Deadline``
+    header, else ``?deadline=`` (seconds from now, or an RFC 3339 time);
+    None when neither is given. A malformed one is InvalidParameter (400)
+    naming the header or the parameter."""
+    for name, raw in (("X-Deadline", headers.get("x-deadline")),
+                      ("deadline", query.get("deadline"))):
+        if raw is None:
+            continue
+        try:
+            return parse_deadline(raw)
+        except ValueError as e:
+            raise InvalidParameter(f"{name} {e}") from None
+    return None
 
 
 def task_id_param(raw: str | None, *, required: bool = True) -> str:

@@ -206,8 +206,14 @@ _SCHEMAS: dict[str, Any] = {
             },
         },
     },
-    "Accepted": {"type": "object", "required": ["task_id"],
-                 "properties": {"task_id": {"type": "string"}}},
+    "Accepted": {"type": "object", "required": ["task_id"], "properties": {
+        "task_id": {"type": "string"},
+        "position": {"type": ["integer", "null"],
+                     "description": "Jobs ahead of it (the running one included)."},
+        "eta_start": {"type": ["number", "null"], "description":
+                      "Seconds until it should start, by the measured ETA (null: unknown)."},
+        "eta_finish": {"type": ["number", "null"],
+                       "description": "Seconds until it should finish (null: unknown)."}}},
     "DeleteAnswer": {"type": "object", "required": ["task_id", "status"], "properties": {
         "task_id": {"type": "string"}, "status": {"enum": ["deleted", "unknown"]},
         "files": {"type": "integer"}, "bytes": {"type": "integer"},
@@ -235,7 +241,8 @@ _RUN_ERRORS = {
                   True),
     "413": _final("Body over the size limit.", True),
     "422": _final("Unusable image input.", True),
-    "429": _final("Queue full; see `Retry-After`.", True),
+    "429": _final("Queue full, or the job cannot finish by its deadline "
+                  "(`deadline_unmeetable`, its ETA in `details`); see `Retry-After`.", True),
     "500": _final("Execution failed (`execution_error`, `out_of_memory`, `task_lost`).", True),
     "502": _final("Object storage failed.", True),
     "503": _final("Draining, not ready, or the task log is not writable "
@@ -303,6 +310,10 @@ def _run_paths(p: str) -> dict[str, Any]:
                        "(seeds included; the body is ignored): the answer's `data.replay` names "
                        "what differs in the environment (packs, models, ComfyUI, torch, "
                        "device). 400 when the task left no record."),
+                _query("deadline", {"type": "string"}, "Finish by then: seconds from now, or "
+                       "an RFC 3339 time; 429 `deadline_unmeetable` at once when the ETA says "
+                       "it cannot (`X-Deadline` wins)."),
+                _header("X-Deadline", "As `?deadline=`."),
                 _header("X-Fc-Async-Task-Id", "Task id (first present of these four)."),
                 _header("X-Fc-Trace-Id", "Task id."),
                 _header("X-Task-Id", "Task id."),

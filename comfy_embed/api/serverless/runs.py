@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from comfy_embed import events
 from comfy_embed.api.apps import app_graph
 from comfy_embed.api.auth import key_hash_of
-from comfy_embed.api.body import flag, read_limited, task_id_param, whole_number
+from comfy_embed.api.body import deadline_param, flag, read_limited, task_id_param, whole_number
 from comfy_embed.api.errors import status_for, status_for_event
 from comfy_embed.dryrun import dry_run
 from comfy_embed.errors import (
@@ -26,6 +26,7 @@ from comfy_embed.errors import (
     QueueUnavailable,
     StorageUnavailable,
 )
+from comfy_embed.eta import Forecast, queue_fields
 from comfy_embed.events import final_event
 from comfy_embed.prepare.options import RunOptions
 from comfy_embed.service.lifecycle import Handle, TaskService
@@ -115,7 +116,9 @@ def run_options(query: Mapping[str, str], headers: Mapping[str, str]) -> RunOpti
                       output_oss=flag(query.get("output_oss")),
                       output_format=output_format,
                       quality=whole_number("quality", query.get("quality"), low=1, high=100),
-                      credentials=credentials_from_headers(headers))
+                      credentials=credentials_from_headers(headers),
+                      variants=whole_number("variants", query.get("variants"), low=1),
+                      deadline=deadline_param(query, headers))
 
 
 def task_id_from(headers: Mapping[str, str]) -> str:
@@ -172,7 +175,8 @@ async def run(request: Request) -> Response:
         handle.task.report.replay = replay.describe()  # into the report's run record
     headers = {"X-Task-Id": task_id}
     if is_async and not settings.server.async_inline:
-        return _json({"task_id": task_id}, 202, headers)
+        # Where it stands: position and ETA (issue 28; None each when not known).
+        return _json({"task_id": task_id, **queue_fields(_forecast(handle))}, 202, headers)
     if stream:
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return StreamingResponse(_sse(handle, since, settings.server.sse_keepalive),
@@ -185,6 +189,11 @@ async def run(request: Request) -> Response:
     if error.get("type") == StorageUnavailable.type:
         headers["Retry-After"] = str(StorageUnavailable("").retry_after)
     return _json(final, status_for_event(final), headers)
+
+
+def _forecast(handle: Handle) -> Forecast | None:
+    task = handle.task
+    return task.forecast() if task is not None and task.forecast is not None else None
 
 
 async def validate(request: Request) -> Response:

@@ -13,6 +13,7 @@ from starlette.responses import PlainTextResponse, Response
 from comfy_embed import events
 from comfy_embed.errors import (
     ComfyEmbedError,
+    DeadlineUnmeetable,
     ImageInputError,
     InvalidParameter,
     KeyQueueFull,
@@ -95,6 +96,7 @@ _TABLE: list[tuple[type[ComfyEmbedError], int, str]] = [
     (WorkflowInvalid, 422, "invalid_workflow"),
     (ImageInputError, 422, "invalid_workflow"),
     (KeyQueueFull, 429, "key_queue_full"),
+    (DeadlineUnmeetable, 429, "deadline_unmeetable"),
     (QueueFull, 429, "queue_full"),
     (NotAccepting, 503, "unavailable"),
     (StorageUnavailable, 503, "storage_unavailable"),
@@ -121,7 +123,7 @@ def from_error(error: ComfyEmbedError) -> Response:
         details = node_details(error.node_errors)
     if details is not None or error.type != code:
         details = {**(details or {}), "type": error.type}
-    if isinstance(error, KeyQueueFull):  # names the limit
+    if isinstance(error, (KeyQueueFull, DeadlineUnmeetable)):  # the limit; the ETA
         details = {**(details or {}), **error.details}
     headers = None
     retry = getattr(error, "retry_after", None)

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from comfy_embed import events
 from comfy_embed.api.auth import key_hash_of
-from comfy_embed.api.body import read_limited, whole_number
+from comfy_embed.api.body import deadline_param, read_limited, whole_number
 from comfy_embed.api.v2.errors import (
     V2Error,
     envelope,
@@ -100,9 +100,19 @@ def job_json(view: JobView, base: str, request: Request) -> dict[str, Any]:
         "error": st.error, "metrics": st.metrics,
         # Run again after a lost attempt (issue 24): each attempt, this one last.
         **({"attempts": st.attempts} if st.attempts else {}),
+        # Position and ETA while it waits or runs here (issue 28; an extension).
+        **_eta(request, job_id, st.terminal),
         "urls": {"self": path, "events": f"{path}/events", "cancel": f"{path}/cancel"},
         "metadata": view.record.metadata,
     }
+
+
+def _eta(request: Request, job_id: str, terminal: bool) -> dict[str, Any]:
+    """``eta_start``/``eta_finish``: seconds from now, while the job is live on
+    this instance and not ended (None each: unknown, or run elsewhere)."""
+    task = None if terminal else request.app.state.engine.get(job_id)
+    forecast = task.forecast() if task is not None and task.forecast is not None else None
+    return {"eta_start": None, "eta_finish": None} if forecast is None else forecast.fields()
 
 
 #: The extension header that lets POST /jobs take a saved (editor, UI-format)
@@ -236,7 +246,9 @@ async def _create(request: Request, jobs: JobService, raw: bytes,
                                  webhook=hook,
                                  options=RunOptions(
                                      output_oss=jobs.tasks.settings.v2.v2_outputs_to_storage,
-                                     asset_owner=owner or ANONYMOUS))
+                                     asset_owner=owner or ANONYMOUS,
+                                     deadline=deadline_param(request.query_params,
+                                                             request.headers)))
     except V2Error as e:
         return e.response()
     except ComfyEmbedError as e:

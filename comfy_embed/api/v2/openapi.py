@@ -55,7 +55,11 @@ def schemas() -> dict[str, Any]:
                            "current_node": _null({"type": "string"}),
                            "current_node_class": _null({"type": "string"}),
                            "step": _null({"type": "integer"}), "steps": _null({"type": "integer"}),
-                           "message": _null({"type": "string"})}},
+                           "message": _null({"type": "string"}),
+                           "variant": {"type": "integer", "description": "N variants "
+                                       "(extra_data.variants): the one running; value is "
+                                       "the whole job's"},
+                           "variants": {"type": "integer"}}},
         "V2Output": {"type": "object", "required": [
             "node_id", "name", "type", "content_type", "size_bytes", "id", "hash", "url",
             "url_expires_at"], "properties": {
@@ -85,7 +89,12 @@ def schemas() -> dict[str, Any]:
             "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
             "attempts": {"type": "array", "items": {"type": "object"}, "description":
                          "Only for a task run again after a lost attempt: every attempt "
-                         "(attempt, status, error, finished_at), this one last."}}},
+                         "(attempt, status, error, finished_at), this one last."},
+            "eta_start": _null({"type": "number", "description":
+                                "Seconds from now until it should start (measured ETA; null: "
+                                "unknown, ended, or run by another instance)."}),
+            "eta_finish": _null({"type": "number", "description":
+                                 "Seconds from now until it should finish (as eta_start)."})}},
         "V2JobList": {"type": "object", "required": ["jobs"], "properties": {
             "jobs": {"type": "array", "items": _ref("V2Job")},
             "next_cursor": _null({"type": "string"})}},
@@ -102,6 +111,16 @@ def schemas() -> dict[str, Any]:
     }
 
 
+def _deadline() -> list[dict[str, Any]]:
+    """``X-Deadline`` and ``?deadline=`` (an extension, issue 28)."""
+    text = ("Finish by then: seconds from now, or an RFC 3339 time (the header wins); "
+            "429 `deadline_unmeetable` at once when the measured ETA says it cannot.")
+    return [{"name": "X-Deadline", "in": "header", "required": False,
+             "schema": {"type": "string"}, "description": text},
+            {"name": "deadline", "in": "query", "required": False,
+             "schema": {"type": "string"}, "description": text}]
+
+
 def _job_paths() -> dict[str, Any]:
     idem = {"name": "Idempotency-Key", "in": "header", "required": False,
             "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
@@ -109,7 +128,7 @@ def _job_paths() -> dict[str, Any]:
     return {
         f"{_P}/jobs": {
             "post": {"summary": "Submit an API-format workflow (Comfy API v2)",
-                     "parameters": [idem],
+                     "parameters": [idem, *_deadline()],
                      "requestBody": {"required": True, "content": {"application/json": {
                          "schema": {"type": "object", "required": ["workflow"], "properties": {
                              "workflow": {"type": "object"},
@@ -127,7 +146,8 @@ def _job_paths() -> dict[str, Any]:
                          "422": _err("`invalid_workflow` (details.node_errors by node and "
                                      "input), `workflow_format_ui`, `missing_asset`, "
                                      "`metadata_invalid`, `idempotency_key_reuse`."),
-                         "429": _err("`queue_full`.", retry=True),
+                         "429": _err("`queue_full`, or `deadline_unmeetable` (the job cannot "
+                                     "finish by its deadline; its ETA in details).", retry=True),
                          "502": _err("A model or input could not be fetched."),
                          "503": _err("Draining, or a folder is unusable.", retry=True)}},
             "get": {"summary": "List jobs, newest first",
