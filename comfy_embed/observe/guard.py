@@ -67,6 +67,8 @@ class MemoryGuard:
         self._release_kept = release_kept
         self.tripped = threading.Event()
         self.reason: str | None = None
+        #: The status the process exits with once drained (:meth:`trip`'s).
+        self.exit_code = EXIT_RECYCLE
         #: Wake-ups of :meth:`wait_tripped` callers (each in its event loop).
         self._waiters: list[Callable[[], None]] = []
         self._waiters_lock = threading.Lock()
@@ -84,7 +86,7 @@ class MemoryGuard:
             self._release("out of memory")
             self.run()  # ComfyUI unloaded its models; give the memory back now
             if self.oom_limit and self.ooms_in_a_row >= self.oom_limit:
-                self._trip(f"{self.ooms_in_a_row} out-of-memory errors in a row")
+                self.trip(f"{self.ooms_in_a_row} out-of-memory errors in a row")
                 return
         elif success:
             self.ooms_in_a_row = 0
@@ -98,7 +100,7 @@ class MemoryGuard:
             memory.trim_heap()
             over = self._over()
         if over:
-            self._trip(over)
+            self.trip(over)
 
     def _release(self, reason: str) -> list[str]:
         """Let the kept models go (real memory pressure); the names released."""
@@ -121,17 +123,20 @@ class MemoryGuard:
                 return f"CUDA memory reserved {vram[1]} bytes is over the watermark of {self.max_vram}"
         return None
 
-    def _trip(self, reason: str) -> None:
+    def trip(self, reason: str, exit_code: int = EXIT_RECYCLE) -> None:
+        """Recycle the instance (once; any thread): accept nothing more, drain,
+        exit with ``exit_code``. The memory guard's own trips, and the stall
+        watchdog's (comfy_embed/watchdog.py, its own exit status)."""
         if self.tripped.is_set():
             return
-        self.reason = reason
+        self.reason, self.exit_code = reason, exit_code
         with self._waiters_lock:
             self.tripped.set()
             waiters, self._waiters = self._waiters, []
         for wake in waiters:
             wake()
-        log.error("memory guard: %s; draining and exiting with status %d to be replaced",
-                  reason, EXIT_RECYCLE)
+        log.error("recycling: %s; draining and exiting with status %d to be replaced",
+                  reason, exit_code)
         self._on_trip(reason)
 
     async def wait_tripped(self) -> None:
@@ -181,8 +186,8 @@ class MemoryGuard:
 async def drain_when_tripped(guard: MemoryGuard, drain: Callable[[], Awaitable[None]]) -> str:
     """Wait until the guard trips, then ``drain`` (finish queued and running
     work, flush the task log); return the reason. The caller then exits with
-    :data:`EXIT_RECYCLE`."""
+    ``guard.exit_code`` (:data:`EXIT_RECYCLE`, or the watchdog's)."""
     await guard.wait_tripped()
     await drain()
-    log.error("memory guard: drained; exiting with status %d (%s)", EXIT_RECYCLE, guard.reason)
+    log.error("recycling: drained; exiting with status %d (%s)", guard.exit_code, guard.reason)
     return guard.reason or "memory guard tripped"
