@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from comfy_embed.errors import KeyQueueFull, QueueFull
+from comfy_embed.errors import KeyQueueFull, NotAccepting, QueueFull
 from comfy_embed.observe.logs import task_context
 from comfy_embed.outcome import Outcome, PendingWrite, Sink
 from comfy_embed.results import collect_files
@@ -267,7 +267,7 @@ class Executor:
         """Queue a job; return how many jobs are ahead of it (running included)."""
         with self._cond:
             if self._closing or self.boot_error is not None:
-                raise QueueFull("executor is shutting down or failed to boot")
+                raise NotAccepting("the executor is shutting down or failed to boot")
             waiting = len(self._queue)
             if waiting >= self.max_queue:
                 raise QueueFull(f"queue is full ({waiting} jobs waiting)")

@@ -160,7 +160,7 @@ class Watchdog:
         """The node ignores interrupts: recycle, answer every job the thread
         holds, and stop watching."""
         reason = self.wedged or ""
-        log.error("task %s: %s; the instance is replaced", job.task_id, reason)
+        log.error("stall watchdog: %s; the instance is replaced", reason)
         self._recycle(reason, EXIT_STALLED)  # first: nothing new is accepted
         ex = self.executor
         ex.close(wait=False)  # nothing is queued from now on

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
-from comfy_embed.errors import QueueFull
+from comfy_embed.errors import NotAccepting, QueueFull
 from comfy_embed.executor import Executor, Job, Outcome, Sink
 from comfy_embed.outcome import PendingWrite
 
@@ -153,7 +153,7 @@ def test_boot_failure_is_reported() -> None:
     with pytest.raises(RuntimeError, match="no GPU today"):
         ex.wait_ready(5)
     # Nothing can be queued on a dead executor: it would wait forever.
-    with pytest.raises(QueueFull, match="failed to boot"):
+    with pytest.raises(NotAccepting, match="failed to boot"):  # 503, not a full queue
         ex.submit(make_job("late", {}, []))
 
 

@@ -11,13 +11,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+import requests
 
-from comfy_embed.errors import NotAccepting, QueueFull, Stalled
+from comfy_embed.errors import NotAccepting, Stalled
 from comfy_embed.executor import Executor, Job, Outcome, Sink
 from comfy_embed.outcome import PendingWrite
-from comfy_embed.tasks import _outcome_error
 from comfy_embed.tasklog.attempts import is_lost
+from comfy_embed.tasklog.log import TaskLog
+from comfy_embed.tasks import _outcome_error
 from comfy_embed.watchdog import EXIT_STALLED, Watchdog
+from tests.fakes.file_server import serve_files
+from tests.fakes.web_server import make_png
+from tests.servers import ROOT, Server
 
 #: Never reached by the timer thread: each test moves the clock itself.
 FAR = 1000.0
@@ -194,7 +199,7 @@ def test_a_node_ignoring_the_interrupt_recycles_and_every_job_is_answered(rig: A
         assert isinstance(lost, NotAccepting) and lost.type == "not_accepting"
         assert is_lost({"data": {"error": lost.to_dict()}})
     assert ex.idle and dog.wedged is not None
-    with pytest.raises(QueueFull):
+    with pytest.raises(NotAccepting):  # 503: another instance takes it
         ex.submit(job("late", "quick")[0])
     # The node returns at last: its outcome is dropped, nothing runs after it.
     backend.release.set()
@@ -212,3 +217,107 @@ def test_an_idle_executor_and_a_finished_job_are_not_watched(rig: Any) -> None:
     assert answer.done.wait(5) and answer.outcomes[0].success
     dog.check(time.monotonic() + 10 * FAR)  # it ended: nothing to interrupt
     assert dog.stalled == 0 and not recycled
+
+
+# ------------------------------------------------------------- real servers
+PACKS = ROOT / "tests" / "custom_nodes"
+
+
+def silent(seconds: float, progress: bool = False) -> dict[str, Any]:
+    return {"1": {"class_type": "EmbedTestSilentWait",
+                  "inputs": {"seconds": seconds, "progress": progress}}}
+
+
+def echo(text: str) -> dict[str, Any]:
+    return {"1": {"class_type": "EmbedTestEcho", "inputs": {"text": text}}}
+
+
+def test_real_server_fails_a_stalled_job_naming_its_node_and_keeps_serving(tmp_path: Path) -> None:
+    server = Server(tmp_path, custom_nodes=1, custom_nodes_dirs=PACKS, stall_seconds=1.5)
+    try:
+        server.wait_ready()
+        r = server.run(silent(120))  # would wait two minutes, silently
+        assert r.status_code == 500, r.text
+        error = r.json()["data"]["error"]
+        assert error["type"] == "stalled", error
+        assert error["message"] == ("node 1 (EmbedTestSilentWait) sent no progress for 1.5s "
+                                    "and was interrupted")
+        assert error["details"]["node_id"] == "1"
+        assert error["details"]["node_type"] == "EmbedTestSilentWait"
+        assert error["node_errors"]["1"]["class_type"] == "EmbedTestSilentWait"
+        # Longer than the limit, but reporting progress all along: not stalled.
+        r = server.run(silent(4, progress=True))
+        assert r.status_code == 200, r.text
+        assert r.json()["data"]["status"] == "success"
+        # The instance goes on serving.
+        assert requests.get(server.url + "/ready", timeout=5).status_code == 200
+        r = server.run(echo("after"))
+        assert r.status_code == 200 and r.json()["data"]["status"] == "success", r.text
+    finally:
+        server.stop()
+    assert server.proc.returncode != EXIT_STALLED
+    assert "sent no progress for 1.5s: interrupting it" in server.log_path.read_text()
+
+
+def test_real_server_exits_when_a_node_ignores_the_interrupt(tmp_path: Path) -> None:
+    """The deaf node holds the executor thread; two tasks wait behind it and a
+    third is still being prepared (its image input is held by the file
+    server). The instance says why on /ready while it drains, every accepted
+    task ends with a final event, and the process exits 70."""
+    log_dir = tmp_path / "tasklog"
+    async_call = {"X-Fc-Invocation-Type": "Async"}
+    with serve_files() as files:
+        files.files["/held.png"] = make_png()
+        hold = files.holds["/held.png"] = threading.Event()
+        server = Server(tmp_path / "base", custom_nodes=1, custom_nodes_dirs=PACKS,
+                        stall_seconds=2, task_log_dir=log_dir, url_allowlist="127.0.0.1",
+                        fetch_timeout=60)
+        try:
+            server.wait_ready()
+            deaf = {"1": {"class_type": "EmbedTestDeafWait", "inputs": {"seconds": 90}}}
+            r = server.run(deaf, headers={**async_call, "X-Task-Id": "d-1"})
+            assert r.status_code == 202, r.text
+            for task_id in ("d-2", "d-3"):
+                r = server.run(echo(task_id), headers={**async_call, "X-Task-Id": task_id})
+                assert r.status_code == 202, r.text
+            preparing: list[requests.Response] = []
+            load = {"1": {"class_type": "LoadImage", "inputs": {"image": files.base + "/held.png"}},
+                    "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+            sender = threading.Thread(target=lambda: preparing.append(server.run(
+                load, headers={**async_call, "X-Task-Id": "d-4"})))
+            sender.start()
+            ready = None
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and server.proc.poll() is None:
+                answer = requests.get(server.url + "/ready", timeout=5)
+                if answer.status_code == 503:
+                    ready = answer.json()
+                    break
+                time.sleep(0.1)  # polling the instance until it stops accepting
+            assert files.count("/held.png") == 1  # d-4 was being prepared meanwhile
+            assert ready is not None and ready["status"] == "recycling", ready
+            assert "node 1 (EmbedTestDeafWait) of task d-1" in ready["reason"]
+            assert "ignored the interrupt" in ready["reason"]
+            refused = server.run(echo("late"))
+            assert refused.status_code == 503, refused.text
+            hold.set()
+            sender.join(60)
+            code = server.proc.wait(120)
+        finally:
+            hold.set()
+            server.stop()
+    assert code == EXIT_STALLED, server.log()
+    assert preparing and preparing[0].status_code == 503, preparing and preparing[0].text
+    tasklog = TaskLog(log_dir, "reader")
+    finals = {}
+    for task_id in ("d-1", "d-2", "d-3"):
+        events = tasklog.read(task_id)
+        assert events and events[-1][1]["type"] == "serverless_api", (task_id, events)
+        finals[task_id] = events[-1][1]["data"]
+    stuck = finals["d-1"]["error"]
+    assert stuck["type"] == "stalled" and stuck["details"]["interrupt_ignored"] is True, stuck
+    assert stuck["details"]["node_id"] == "1"
+    assert stuck["details"]["node_type"] == "EmbedTestDeafWait"
+    for task_id in ("d-2", "d-3"):  # lost: a retry or the durable queue runs them elsewhere
+        assert finals[task_id]["error"]["type"] == "not_accepting", finals[task_id]
+        assert is_lost({"data": finals[task_id]})
