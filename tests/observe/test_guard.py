@@ -112,3 +112,35 @@ def test_low_watermark_drains_queued_work_and_exits_with_recycle_status(tmp_path
         assert events and events[-1][1]["type"] == "serverless_api", task_id
         assert events[-1][1]["data"]["status"] == "success", events[-1]
     assert "over the watermark" in server.log()
+
+
+def test_kept_models_go_only_under_real_pressure(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """COMFY_EMBED_KEEP_LOADED's models: never released by the upkeep or a job
+    under the watermark; released after an OOM, and when the watermark is
+    still crossed after gc and trim, before recycling (which then waits for a
+    second look)."""
+    released: list[str] = []
+    trips: list[str] = []
+    kept = ["model.safetensors"]
+    guard = MemoryGuard(Settings(base_dir=tmp_path, max_rss_bytes=1000, oom_recycle_after=3),
+                        lambda: None, trips.append,
+                        lambda reason: (released.append(reason), list(kept))[1])
+    rss = iter([500, 500])
+    monkeypatch.setattr("comfy_embed.observe.memory.rss_bytes", lambda: next(rss))
+    guard.after_job(True, None)
+    guard.run()
+    assert released == [] and trips == []
+
+    guard.after_job(False, OOM)  # the OOM policy: they go
+    assert released == ["out of memory"] and trips == []
+
+    rss = iter([2000, 2000, 500])  # over, over after gc and trim, under once released
+    guard.after_job(True, None)
+    assert released[1:] == ["resident memory 2000 bytes is over the watermark of 1000"]
+    assert trips == [] and not guard.tripped.is_set()
+
+    kept.clear()  # nothing left to release: recycled at once
+    rss = iter([2000, 2000])
+    guard.after_job(True, None)
+    assert len(released) == 3 and guard.tripped.is_set() and len(trips) == 1
