@@ -105,7 +105,7 @@ _SCHEMAS: dict[str, Any] = {
             "type": {"type": "string", "description": "Machine-readable: `invalid_prompt`, "
                      "`prompt_outputs_failed_validation`, `image_input_error`, `queue_full`, "
                      "`execution_error`, `out_of_memory`, `execution_interrupted`, "
-                     "`run_timeout`, `storage_error`, `task_lost`, ..."},
+                     "`run_timeout`, `storage_error`, `task_lost`, `stalled`, ..."},
             "message": {"type": "string"},
             "node_errors": {"type": "object", "description": "ComfyUI's validation shape: "
                             "`{node_id: {errors: [...], class_type, dependent_outputs}}`."},
@@ -243,7 +243,8 @@ _RUN_ERRORS = {
     "422": _final("Unusable image input.", True),
     "429": _final("Queue full, or the job cannot finish by its deadline "
                   "(`deadline_unmeetable`, its ETA in `details`); see `Retry-After`.", True),
-    "500": _final("Execution failed (`execution_error`, `out_of_memory`, `task_lost`).", True),
+    "500": _final("Execution failed (`execution_error`, `out_of_memory`, `task_lost`, "
+                  "`stalled`: no progress for COMFY_EMBED_STALL_SECONDS).", True),
     "502": _final("Object storage failed.", True),
     "503": _final("Draining, not ready, or the task log is not writable "
                   "(`storage_unavailable`); see `Retry-After`.", True),
