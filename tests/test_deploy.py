@@ -259,3 +259,73 @@ def test_queue_settings_keda_and_redis_agree() -> None:
         measures |= {"lagCount", "pendingEntriesCount"} & set(meta)
     # Lag wakes it from zero; pending entries keep replicas while they run.
     assert measures == {"lagCount", "pendingEntriesCount"}
+
+# ------------------------------------------------ routing by model (issue 28)
+ROUTING = K8S / "routing"
+#: The request header deploy/README.md "Routing by model" has clients set.
+MODEL_HEADER = "Comfy-Model"
+
+
+def model_token(name: str) -> str:
+    """The header's value for a model, as deploy/README.md says to make it."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64]
+
+
+def test_routing_overlay_hashes_on_the_model_header() -> None:
+    (kust,) = [d for d in yaml.safe_load_all((ROUTING / "kustomization.yaml").read_text()) if d]
+    assert kust["resources"] == ["../base", "ingress.yaml"]
+    (ingress,) = [d for d in yaml.safe_load_all((ROUTING / "ingress.yaml").read_text()) if d]
+    kubernetes_validate.validate(ingress, K8S_VERSION, strict=True)
+    notes = ingress["metadata"]["annotations"]
+    variable = "$http_" + MODEL_HEADER.lower().replace("-", "_")  # nginx's name for it
+    assert notes["nginx.ingress.kubernetes.io/upstream-hash-by"] == variable
+    assert f"`{MODEL_HEADER}`" in (ROOT / "deploy" / "README.md").read_text()
+    (path,) = ingress["spec"]["rules"][0]["http"]["paths"]
+    (service,) = k8s_docs("service.yaml")
+    assert path["backend"]["service"]["name"] == service["metadata"]["name"]
+    assert path["backend"]["service"]["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    # A sync run answers when it ends: nginx waits longer than a run may take.
+    (deployment,) = k8s_docs("deployment.yaml")
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    settings = image_settings(env)
+    assert settings.jobs.run_timeout is not None
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > settings.jobs.run_timeout
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-body-size"].rstrip("m")) * 2**20 >= \
+        settings.server.max_body_bytes
+
+
+def fc_session_affinity() -> dict[str, Any]:
+    """The commented ``sessionAffinity`` block of fc/s.yaml, uncommented."""
+    lines = (ROOT / "deploy" / "fc" / "s.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "# sessionAffinity: HEADER_FIELD")
+    prefix = lines[start][:lines[start].index("#") + 2]
+    block = []
+    for line in lines[start:]:
+        if not line.startswith(prefix):
+            break
+        block.append(line[len(prefix):])
+    return dict(yaml.safe_load("\n".join(block)))
+
+
+def test_fc_session_affinity_by_model_header(fc: dict[str, Any]) -> None:
+    """Off in s.yaml (FC would make a session of every call without the
+    header); uncommented, it is FC's HeaderFieldSessionAffinityConfig on the
+    documented header, and the documented values are valid session ids."""
+    assert "sessionAffinity" not in fc
+    block = fc_session_affinity()
+    assert block["sessionAffinity"] == "HEADER_FIELD"
+    config = block["sessionAffinityConfig"]
+    assert set(config) <= {"affinityHeaderFieldName", "sessionConcurrencyPerInstance",
+                           "sessionTTLInSeconds", "sessionIdleTimeoutInSeconds",
+                           "disableSessionIdReuse"}
+    name = config["affinityHeaderFieldName"]
+    # FC's rule for the name: a letter first, then letters, digits, - or _, 5-40 long, no x-fc-.
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{4,39}", name) and not name.lower().startswith("x-fc-")
+    assert name.lower() == MODEL_HEADER.lower()
+    assert 1 <= config["sessionConcurrencyPerInstance"] <= 200
+    assert 1 <= config["sessionTTLInSeconds"] <= 21600
+    assert 0 <= config["sessionIdleTimeoutInSeconds"] <= config["sessionTTLInSeconds"]
+    # FC's rule for a session id: a letter, digit or _ first, then those or -, 1-64 long.
+    for model in ("sd15/v1-5.safetensors", "tiny-sd15.safetensors", "été/ü x.ckpt", "a" * 200):
+        assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}", model_token(model)), model
+    assert model_token("sd15/v1-5.safetensors") == "sd15_v1-5_safetensors"
