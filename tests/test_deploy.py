@@ -3,7 +3,9 @@ probe paths (the app's own routes), environment (real Settings fields that
 validate), mount paths (where Settings puts models and the task log); the
 Kubernetes manifests validate offline against the API schemas.
 
-The image itself is proven in real containers by scripts/image-check.
+The image itself is proven in real containers by scripts/image-check, and
+the queue overlay in real pods by scripts/kube-check (whose renderer is
+checked here against ``kubectl kustomize`` where kubectl is installed).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from comfy_embed.runtime import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
+BASE = K8S / "base"
 K8S_VERSION = "1.30.0"
 SETTING_NAMES = {name.upper() for name in Settings.flat_fields()}
 
@@ -120,12 +123,17 @@ def test_fc_environment_and_nas_agree_with_settings(fc: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------ Kubernetes
 def k8s_docs(name: str) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    """The documents of a manifest in deploy/k8s/base (else deploy/k8s)."""
+    path = BASE / name if (BASE / name).exists() else K8S / name
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 def test_kustomization_lists_the_manifests() -> None:
     (kust,) = k8s_docs("kustomization.yaml")
     assert sorted(kust["resources"]) == ["deployment.yaml", "pvc.yaml", "service.yaml"]
+    # deploy/k8s applies the base; the queue overlay builds on it beside it.
+    (top,) = [d for d in yaml.safe_load_all((K8S / "kustomization.yaml").read_text()) if d]
+    assert top["resources"] == ["base"]
 
 
 @pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "pvc.yaml"])
@@ -217,7 +225,7 @@ def queue_docs(name: str) -> list[dict[str, Any]]:
 
 def test_queue_overlay_lists_its_manifests_and_the_base() -> None:
     (kust,) = queue_docs("kustomization.yaml")
-    assert kust["resources"] == ["../", "redis.yaml", "scaledobject.yaml"]
+    assert kust["resources"] == ["../base", "redis.yaml", "scaledobject.yaml"]
     assert [p["path"] for p in kust["patches"]] == ["deployment-queue.yaml"]
     for name in ("redis.yaml", "scaledobject.yaml", "deployment-queue.yaml"):
         assert (QUEUE / name).is_file()
@@ -259,6 +267,91 @@ def test_queue_settings_keda_and_redis_agree() -> None:
         measures |= {"lagCount", "pendingEntriesCount"} & set(meta)
     # Lag wakes it from zero; pending entries keep replicas while they run.
     assert measures == {"lagCount", "pendingEntriesCount"}
+
+
+# ------------------------------------- scripts/kube-check (issue 24: real pods)
+def kube_check() -> Any:
+    """scripts/kube-check as a module (its renderer and pod adaptation)."""
+    import importlib.machinery
+    import importlib.util
+
+    path = ROOT / "scripts" / "kube-check"
+    loader = importlib.machinery.SourceFileLoader("kube_check", str(path))
+    spec = importlib.util.spec_from_loader("kube_check", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("folder", [K8S, QUEUE], ids=["k8s", "queue"])
+def test_kube_check_renders_what_kustomize_does(folder: Path) -> None:
+    """What scripts/kube-check plays is what ``kubectl apply -k`` applies
+    (kustomize itself, bundled with kubectl, where installed)."""
+    import shutil
+    import subprocess
+
+    docs = kube_check().render(folder)
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    kinds = sorted(key(d) for d in docs)
+    expected = [("Deployment", "comfy-embed"), ("PersistentVolumeClaim", "comfy-embed-data"),
+                ("Service", "comfy-embed")]
+    if folder == QUEUE:
+        expected += [("Deployment", "comfy-embed-redis"),
+                     ("PersistentVolumeClaim", "comfy-embed-redis"),
+                     ("ScaledObject", "comfy-embed"), ("Service", "comfy-embed-redis")]
+    assert kinds == sorted(expected)
+    (app,) = [d for d in docs if key(d) == ("Deployment", "comfy-embed")]
+    env = {e["name"] for e in app["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert ("COMFY_EMBED_REDIS_URL" in env) == (folder == QUEUE)  # the overlay's patch applied
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (kustomize) is not installed: compared with the expected kinds only")
+    out = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    theirs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert sorted(docs, key=key) == sorted(theirs, key=key)
+
+
+def test_kube_check_refuses_an_overlay_inside_its_base(tmp_path: Path) -> None:
+    """kustomize refuses an overlay inside the folder it builds on (the
+    queue overlay once was); so does the renderer, so this test catches it."""
+    kc = kube_check()
+    (tmp_path / "kustomization.yaml").write_text("resources: [pvc.yaml]\n")
+    (tmp_path / "pvc.yaml").write_text((BASE / "pvc.yaml").read_text())
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "inner" / "kustomization.yaml").write_text("resources: ['../']\n")
+    assert len(kc.render(tmp_path)) == 1
+    with pytest.raises(kc.CheckFailed, match="cycle"):
+        kc.render(tmp_path / "inner")
+
+
+def test_kube_check_plays_the_manifest_adapted_only_for_this_host() -> None:
+    """The pod kube-check plays is the shipped Deployment with only the image,
+    replicas, CPU for the GPU, the given settings, host ports and the
+    Service's address changed; the result still validates."""
+    kc = kube_check()
+    (app,) = [d for d in kc.render(QUEUE) if d["kind"] == "Deployment"
+              and d["metadata"]["name"] == "comfy-embed"]
+    played = kc.for_podman(app, name="comfy-embed-a-x", image="localhost/comfy-embed:check",
+                           suffix="x", env={"COMFY_EMBED_DEVICE": "cpu"},
+                           host_aliases={"comfy-embed-redis": "10.89.0.2"})
+    kubernetes_validate.validate(played, K8S_VERSION, strict=True)
+    pod, shipped = played["spec"]["template"]["spec"], app["spec"]["template"]["spec"]
+    (c,), (c0,) = pod["containers"], shipped["containers"]
+    assert c["image"] == "localhost/comfy-embed:check" and played["spec"]["replicas"] == 1
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    env, env0 = ({e["name"]: e["value"] for e in x["env"]} for x in (c, c0))
+    assert env == {**env0, "COMFY_EMBED_DEVICE": "cpu"}
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "comfy-embed-data-x"
+    assert pod["hostAliases"] == [{"ip": "10.89.0.2", "hostnames": ["comfy-embed-redis"]}]
+    for field in ("securityContext", "terminationGracePeriodSeconds"):
+        assert pod[field] == shipped[field]
+    for field in ("lifecycle", "readinessProbe", "livenessProbe", "startupProbe",
+                  "volumeMounts"):
+        assert c[field] == c0[field]
+    assert [p["containerPort"] for p in c["ports"]] == [p["containerPort"] for p in c0["ports"]]
+
 
 # ------------------------------------------------ routing by model (issue 28)
 ROUTING = K8S / "routing"

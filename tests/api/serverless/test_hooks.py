@@ -55,7 +55,7 @@ def test_hooks_refuse_clients_and_a_drained_instance_exits(tmp_path: Path) -> No
 
 
 def test_the_kubernetes_pre_stop_hook_drains_over_loopback(tmp_path: Path) -> None:
-    """deploy/k8s/deployment.yaml's preStop command, run as the kubelet runs
+    """deploy/k8s/base/deployment.yaml's preStop command, run as the kubelet runs
     it (inside the container: here, beside the server), drains and ends it."""
     import os
     import subprocess
@@ -63,8 +63,8 @@ def test_the_kubernetes_pre_stop_hook_drains_over_loopback(tmp_path: Path) -> No
 
     import yaml
 
-    from tests.test_deploy import K8S
-    deployment = next(d for d in yaml.safe_load_all((K8S / "deployment.yaml").read_text())
+    from tests.test_deploy import BASE
+    deployment = next(d for d in yaml.safe_load_all((BASE / "deployment.yaml").read_text())
                       if d and d["kind"] == "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     command = container["lifecycle"]["preStop"]["exec"]["command"]
