@@ -236,7 +236,7 @@ def test_real_server_fails_a_stalled_job_naming_its_node_and_keeps_serving(tmp_p
     server = Server(tmp_path, custom_nodes=1, custom_nodes_dirs=PACKS, stall_seconds=1.5)
     try:
         server.wait_ready()
-        r = server.run(silent(120))  # would wait two minutes, silently
+        r = server.run(silent(120), headers={"X-Task-Id": "s-1"})  # two minutes, silently
         assert r.status_code == 500, r.text
         error = r.json()["data"]["error"]
         assert error["type"] == "stalled", error
@@ -245,6 +245,10 @@ def test_real_server_fails_a_stalled_job_naming_its_node_and_keeps_serving(tmp_p
         assert error["details"]["node_id"] == "1"
         assert error["details"]["node_type"] == "EmbedTestSilentWait"
         assert error["node_errors"]["1"]["class_type"] == "EmbedTestSilentWait"
+        job = requests.get(server.url + "/api/v2/jobs/s-1", timeout=10).json()  # Comfy API v2
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "stalled" and job["error"]["node_id"] == "1", job
+        assert job["error"]["class_type"] == "EmbedTestSilentWait", job
         # Longer than the limit, but reporting progress all along: not stalled.
         r = server.run(silent(4, progress=True))
         assert r.status_code == 200, r.text
