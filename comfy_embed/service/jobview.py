@@ -171,9 +171,9 @@ class JobState:
         return self.status in _TERMINAL
 
 
-def _file_outputs(node_id: str, ui: dict[str, Any]) -> Iterable[OutputRef]:
-    """The files of one node's ``executed`` UI output, indexed as results are."""
-    index = 0
+def _file_outputs(node_id: str, ui: dict[str, Any], index: int = 0) -> Iterable[OutputRef]:
+    """The files of one node's ``executed`` UI output, indexed as results are
+    (from ``index``: the node's files of earlier variants come first)."""
     for value in ui.values():
         if not isinstance(value, list):
             continue
@@ -244,6 +244,15 @@ def _progress(state: dict[str, Any] | None, step: dict[str, Any] | None, total: 
             "message": None if success else message}
 
 
+def _across(progress: dict[str, Any], variant: int, variants: int) -> dict[str, Any]:
+    """N variants: the progress of the whole job (variant ``variant`` of
+    ``variants`` at ``progress``), its variant named."""
+    value = min(1.0, (variant - 1 + progress.get("value", 0.0)) / variants)
+    message = progress.get("message")
+    return {**progress, "value": round(value, 4), "variant": variant, "variants": variants,
+            "message": f"variant {variant}/{variants}: {message}" if message else message}
+
+
 def _ms(report: dict[str, Any], *keys: str) -> int | None:
     total = 0.0
     for key in keys:
@@ -285,21 +294,29 @@ def job_state(events: list[tuple[int, dict[str, Any]]], record: JobRecord | None
     state: dict[str, Any] | None = None
     step: dict[str, Any] | None = None
     live: list[OutputRef] = []
+    variant = (1, 1)  # N variants: (the one running, how many); its events name it
     for seq, ev in events:
         st.last_seq = seq
         kind, data = ev.get("type"), ev.get("data") or {}
+        if isinstance(data.get("variants"), int) and isinstance(data.get("variant"), int):
+            if data["variant"] != variant[0]:
+                state = step = None  # a new variant: the last one's progress is done
+            variant = (data["variant"], data["variants"])
         if kind == "queue":
             st.queue_position = int(data.get("position") or 0)
         elif kind == "execution_start":
             st.status, st.queue_position = "running", None
             ts = data.get("timestamp")
-            st.started_at = ts / 1000 if isinstance(ts, (int, float)) else st.started_at
+            if st.started_at is None:  # N variants: each starts; the job started with the first
+                st.started_at = ts / 1000 if isinstance(ts, (int, float)) else None
         elif kind == "progress_state":
             state = data
         elif kind == "progress":
             step = data
         elif kind == "executed" and isinstance(data.get("output"), dict):
-            live.extend(_file_outputs(str(data.get("node")), data["output"]))
+            node = str(data.get("node"))
+            live.extend(_file_outputs(node, data["output"],
+                                      sum(1 for o in live if o.node_id == node)))
         elif kind == FINAL:
             _finish(st, data, created, final_at, bool(record and record.nodes_total))
     if not st.terminal:
@@ -308,6 +325,9 @@ def job_state(events: list[tuple[int, dict[str, Any]]], record: JobRecord | None
             st.status = "canceling"
     st.progress = _progress(state, step, total, classes or (record.classes if record else {}),
                             st.status == "succeeded")
+    if variant[1] > 1 and st.status in ("running", "canceling"):
+        st.progress = _across(st.progress or _progress({}, None, total, {}, False) or {},
+                              *variant)
     if st.status != "queued":
         st.queue_position = None
     return st

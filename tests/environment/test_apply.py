@@ -76,7 +76,8 @@ def test_round_trip_lock_install_into_a_fresh_environment_lock_again(tmp_path: P
     assert lock.comfyui_commit == git("rev-parse", "HEAD", cwd=SUBMODULE)
     assert lock.packs == (PackPin("embed_pack", str(pack), commits[1], (f"packaging=={have}",),
                                   nodes=("EmbedTestDeafWait", "EmbedTestEcho",
-                                         "EmbedTestFlexible", "EmbedTestSilentWait")),)
+                                         "EmbedTestFailOnSeed", "EmbedTestFlexible",
+                                         "EmbedTestSilentWait")),)
 
     # A fresh environment (no packaging) and a fresh ComfyUI folder.
     env = tmp_path / "env"

@@ -236,7 +236,7 @@ def test_conversion_matches_the_frontend(engine: Engine, frontend: Any, native: 
     pack = frozenset(k for k, v in info.items() if v.get("python_module", "").endswith(
         "embed_test_pack"))
     assert pack == {"EmbedTestEcho", "EmbedTestFlexible", "EmbedTestSilentWait",
-                    "EmbedTestDeafWait"}, pack
+                    "EmbedTestDeafWait", "EmbedTestFailOnSeed"}, pack
     defs = _PackNodes(engine, info)
     files = [*_templates(), *sorted(OWN.glob("*.json")), *sorted((OWN / "frontend").glob("*.json")),
              *sorted((OWN / "packs").glob("*.json"))]

@@ -166,10 +166,32 @@ class EmbedTestDeafWait:
         return {"ui": {"text": [f"blocked {seconds}"]}}
 
 
+class EmbedTestFailOnSeed:
+    """Fails when ``seed`` equals ``fail_on``, else shows the seed (N
+    variants: the one variant given that seed fails, naming this node)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+                             "fail_on": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "embed_test"
+
+    def run(self, seed, fail_on):
+        if seed == fail_on:
+            raise ValueError(f"seed {seed} is the failing one")
+        return {"ui": {"text": [f"seed {seed}"]}}
+
+
 NODE_CLASS_MAPPINGS = {"EmbedTestEcho": EmbedTestEcho, "EmbedTestFlexible": EmbedTestFlexible,
                        "EmbedTestSilentWait": EmbedTestSilentWait,
-                       "EmbedTestDeafWait": EmbedTestDeafWait}
+                       "EmbedTestDeafWait": EmbedTestDeafWait,
+                       "EmbedTestFailOnSeed": EmbedTestFailOnSeed}
 NODE_DISPLAY_NAME_MAPPINGS = {"EmbedTestEcho": "Embed test echo",
                               "EmbedTestFlexible": "Embed test flexible",
                               "EmbedTestSilentWait": "Embed test silent wait",
-                              "EmbedTestDeafWait": "Embed test deaf wait"}
+                              "EmbedTestDeafWait": "Embed test deaf wait",
+                              "EmbedTestFailOnSeed": "Embed test fail on seed"}
