@@ -319,17 +319,32 @@ class Executor:
         _announce(behind)
         return True
 
-    def abandon(self, job: Job, outcome: Outcome) -> bool:
+    def interrupt(self, job: Job, reason: str) -> bool:
+        """Interrupt ``job`` if it is still executing: unlike :meth:`cancel`,
+        never once its files are being written (the stall watchdog)."""
+        with self._cond:
+            if self._current is not job or self.backend is None:
+                return False
+            job.cancel_reason = reason
+            self.backend.interrupt()
+            return True
+
+    def abandon(self, job: Job, outcome: Outcome, queued_reason: str) -> bool:
         """Answer the running ``job`` with ``outcome`` while its run is still
         blocked in a node that ignores interrupts (the stall watchdog), and
-        close: the thread is given up on; if that run ever returns, its outcome
-        is dropped. False when ``job`` is not the running one."""
+        the queued jobs as cancelled for ``queued_reason``; close: the thread
+        is given up on (if that run ever returns, its outcome is dropped and
+        nothing runs after it). False when ``job`` is not the running one."""
         with self._cond:
             if self._current is not job:
                 return False
             self._current, self._closing = None, True
+            queued = self._queue.clear()
             self._cond.notify_all()
         self._finish(job, outcome)
+        for item in queued:
+            item.cancel_reason = queued_reason
+            self._finish(item, _cancelled_outcome(item))
         return True
 
     def _moved(self) -> list[tuple[Job, int]]:

@@ -8,10 +8,10 @@ Progress is any ComfyUI message of the running job (``executing``,
 job's sink to :meth:`Watchdog.watch` as the job starts, and the sink stamps
 the time (two attribute writes, no lock, on the executor thread). A timer
 thread of its own looks every ``tick`` seconds; it never waits for the
-executor thread:
+executor thread (only for the executor's lock, which is held for moments):
 
 1. Silent for ``seconds``: the job is interrupted as a cancel is
-   (``Executor.cancel(prompt_id, "stalled")``); its final event is a
+   (``Executor.interrupt(job, "stalled")``); its final event is a
    ``stalled`` error naming the node ComfyUI was executing.
 2. Still running ``seconds`` after that interrupt: the node does not check
    ComfyUI's interrupt flag and the executor thread is lost. The instance
@@ -134,7 +134,6 @@ class Watchdog:
                 if now - self._beat < self.seconds:
                     return
                 self._interrupted_at = now
-                self.stalled += 1
                 wedged = False
             else:
                 if now - self._interrupted_at < self.seconds:
@@ -143,10 +142,10 @@ class Watchdog:
                 wedged = True
         if wedged:
             self._give_up(job)
-        else:
+        elif self.executor.interrupt(job, STALLED):  # still executing: not yet encoding
+            self.stalled += 1
             log.warning("task %s: %s sent no progress for %gs: interrupting it",
                         job.task_id, self._where(job), self.seconds)
-            self.executor.cancel(job.prompt_id, STALLED)
 
     def _where(self, job: Job) -> str:
         node = self._node
@@ -157,17 +156,16 @@ class Watchdog:
                 f"{self.seconds:g}s and ignored the interrupt for {self.seconds:g}s more")
 
     def _give_up(self, job: Job) -> None:
-        """The node ignores interrupts: recycle, answer every job the thread
-        holds, and stop watching."""
-        reason = self.wedged or ""
-        log.error("stall watchdog: %s; the instance is replaced", reason)
-        self._recycle(reason, EXIT_STALLED)  # first: nothing new is accepted
-        ex = self.executor
-        ex.close(wait=False)  # nothing is queued from now on
-        for queued in ex.pending():
-            ex.cancel(queued.prompt_id, REPLACED)
+        """The node ignores interrupts: answer every job the thread holds,
+        recycle the instance, and stop watching."""
         error: dict[str, Any] = {"prompt_id": job.prompt_id, "node_id": self._node,
                                  "node_type": node_type(job, self._node), "executed": [],
                                  "reason": STALLED, "interrupt_ignored": True}
-        ex.abandon(job, Outcome(success=False, interrupted=True, outputs={}, error=error))
+        stuck = Outcome(success=False, interrupted=True, outputs={}, error=error)
+        if not self.executor.abandon(job, stuck, REPLACED):
+            self.wedged = None  # it returned after all: nothing is lost
+            return
+        reason = self.wedged or ""
+        log.error("stall watchdog: %s; the instance is replaced", reason)
+        self._recycle(reason, EXIT_STALLED)
         self._stop.set()
