@@ -148,7 +148,8 @@ class KeyQueueFull(QueueFull):
 
     type = "key_queue_full"
 
-    def __init__(self, message: str, *, limit: str, value: int, retry_after: int = 5) -> None:
+    def __init__(self, message: str, *, limit: str = "key_queue", value: int = 0,
+                 retry_after: int = 5) -> None:
         super().__init__(message, retry_after=retry_after)
         self.details = {"limit": limit, "value": value}
 

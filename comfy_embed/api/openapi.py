@@ -241,14 +241,16 @@ _RUN_ERRORS = {
                   True),
     "413": _final("Body over the size limit.", True),
     "422": _final("Unusable image input.", True),
-    "429": _final("Queue full, or the job cannot finish by its deadline "
+    "429": _final("Queue full, this API key's queue full (`key_queue_full`, the limit in "
+                  "`details`), or the job cannot finish by its deadline "
                   "(`deadline_unmeetable`, its ETA in `details`); see `Retry-After`.", True),
     "500": _final("Execution failed (`execution_error`, `out_of_memory`, `task_lost`, "
                   "`stalled`: no progress for COMFY_EMBED_STALL_SECONDS).", True),
     "502": _final("Object storage failed.", True),
     "503": _final("Draining, not ready, or the task log is not writable "
                   "(`storage_unavailable`); see `Retry-After`.", True),
-    "504": _final("Run timeout.", True),
+    "504": _final("Run timeout, or dropped unrun from the queue at its deadline "
+                  "(`deadline_exceeded`).", True),
 }
 
 #: A malformed query parameter (issue 9): never a 500.
