@@ -209,6 +209,24 @@ def test_a_node_ignoring_the_interrupt_recycles_and_every_job_is_answered(rig: A
     assert ex.idle
 
 
+def test_a_job_that_returns_as_it_is_given_up_recycles_nothing(rig: Any) -> None:
+    """The node returned between the decision and the give-up: nothing is
+    abandoned, the instance goes on."""
+    ex, backend, dog, recycled = rig
+    deaf, stuck = job("p1", "deaf")
+    ex.submit(deaf)
+    assert backend.started.wait(5)
+    dog.check(dog._beat + FAR + 0.1)  # interrupted, ignored
+    backend.release.set()
+    assert stuck.done.wait(5) and len(stuck.outcomes) == 1  # its own answer
+    dog.wedged = "decided a moment too late"
+    dog._give_up(deaf)
+    assert not recycled and dog.wedged is None and len(stuck.outcomes) == 1
+    after, answer = job("p2", "quick")
+    ex.submit(after)
+    assert answer.done.wait(5) and answer.outcomes[0].success
+
+
 def test_an_idle_executor_and_a_finished_job_are_not_watched(rig: Any) -> None:
     ex, backend, dog, recycled = rig
     dog.check(time.monotonic() + 10 * FAR)  # no job yet
