@@ -148,7 +148,7 @@ def test_progress_restarts_the_clock(rig: Any) -> None:
     beat = dog._beat
     assert beat > began
     dog.check(beat + FAR - 0.1)  # silent too long since the start, not since the progress
-    assert not backend.interrupted.is_set() and dog.stalled == 0
+    assert not backend.interrupted.is_set() and dog.stalled == 0 and not recycled
     backend.step.set()
     assert answer.done.wait(5) and answer.outcomes[0].success
 
@@ -165,7 +165,7 @@ def test_encoding_after_the_run_is_not_a_stall(rig: Any) -> None:
         time.sleep(0.01)  # the run returns at once; its file is still being written
     assert ex.current is None and ex.writing == 1
     dog.check(time.monotonic() + 10 * FAR)
-    assert dog.stalled == 0 and not answer.done.is_set()
+    assert dog.stalled == 0 and not answer.done.is_set() and not recycled
     pending.set_result(None)
     assert answer.done.wait(5) and answer.outcomes[0].success
 
@@ -228,7 +228,7 @@ def test_a_job_that_returns_as_it_is_given_up_recycles_nothing(rig: Any) -> None
 
 
 def test_an_idle_executor_and_a_finished_job_are_not_watched(rig: Any) -> None:
-    ex, backend, dog, recycled = rig
+    ex, _, dog, recycled = rig
     dog.check(time.monotonic() + 10 * FAR)  # no job yet
     quick, answer = job("p1", "quick")
     ex.submit(quick)
