@@ -82,7 +82,9 @@ class KeptModels:
         if cache is self._cache:
             return
         self._cache, self._pins = cache, {}
-        if not isinstance(getattr(cache, "cache", None), dict):
+        # The "none" cache (DependencyAwareCache) drops a node during the run,
+        # once the nodes that use it have run: nothing stays to pin.
+        if not isinstance(getattr(cache, "cache", None), dict) or hasattr(cache, "executed_nodes"):
             log.warning("ComfyUI's %s cache cannot keep models loaded (COMFY_EMBED_CACHE=none?): "
                         "COMFY_EMBED_KEEP_LOADED has no effect", type(cache).__name__)
             return
