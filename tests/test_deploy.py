@@ -422,3 +422,13 @@ def test_fc_session_affinity_by_model_header(fc: dict[str, Any]) -> None:
     for model in ("sd15/v1-5.safetensors", "tiny-sd15.safetensors", "été/ü x.ckpt", "a" * 200):
         assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}", model_token(model)), model
     assert model_token("sd15/v1-5.safetensors") == "sd15_v1-5_safetensors"
+
+
+def test_ci_runs_kube_check_on_the_image_check_image() -> None:
+    """CI plays the pods after scripts/image-check, with the image it built."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    runs = [line.strip() for line in ci.splitlines() if line.startswith("scripts/")]
+    assert "scripts/kube-check" in runs
+    assert runs.index("scripts/kube-check") == runs.index("scripts/image-check") + 1
+    kc = kube_check()
+    assert kc.ic.TAG == "localhost/comfy-embed:check" and kc.OVERLAY == QUEUE
