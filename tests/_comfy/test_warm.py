@@ -143,3 +143,25 @@ def test_release_under_pressure_lets_the_kept_model_go(engine: Engine) -> None:
     finally:
         comfy.kept.release("test over")
         comfy.kept = old
+
+
+def test_kept_under_the_lru_cache(tmp_path: Path) -> None:
+    """COMFY_EMBED_CACHE=lru:N evicts by age: a pinned entry comes back
+    marked as used now, so it outlives the workflows that ran since."""
+    checkpoints = tmp_path / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / OTHER).symlink_to(CACHE / TINY_CHECKPOINT)
+    server = Server(tmp_path, keep_loaded=TINY_CHECKPOINT, cache="lru:1").wait_ready()
+    try:
+        for seed in (21, 22):  # two runs of the other model: beyond lru:1's age
+            r = server.run(with_checkpoint(OTHER, seed))
+            assert r.status_code == 200, r.text
+        r = server.run(with_checkpoint(TINY_CHECKPOINT, 23))
+        assert r.status_code == 200, r.text
+        assert models(r.json()["data"]["report"])["resident"] == [(TINY_CHECKPOINT, True)]
+        r = server.run(image_only(batch=1))
+        r = server.run(with_checkpoint(OTHER, 24))  # not kept: aged out, read again
+        assert models(r.json()["data"]["report"])["loaded"] == [(OTHER, False)]
+        assert loaded_header(r) == [OTHER, TINY_CHECKPOINT]
+    finally:
+        server.stop()
