@@ -118,6 +118,8 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "node_id": {"type": "string"},
             "index": {"type": "integer", "minimum": 0},
+            "variant": {"type": "integer", "minimum": 1, "description": "With `variants`: "
+                        "the variant (1-based) that wrote this file."},
             "output": {"type": "object", "properties": {
                 "comfy": {"type": "object", "properties": {
                     "filename": {"type": "string"}, "type": {"type": "string"},
@@ -186,6 +188,13 @@ _SCHEMAS: dict[str, Any] = {
                     "seeds": {"type": "object", "additionalProperties": {"type": "integer"}},
                     "results": {"type": "array", "items": _ref("Result")},
                     "outputs": {"type": "object"},
+                    "variants": {"type": "array", "description": "With `variants`: each "
+                                 "variant's seeds, non-file outputs and entries of `results`.",
+                                 "items": {"type": "object", "properties": {
+                                     "variant": {"type": "integer"},
+                                     "seeds": {"type": "object"}, "outputs": {"type": "object"},
+                                     "result_indexes": {"type": "array",
+                                                        "items": {"type": "integer"}}}}},
                     "execution_time": {"type": "number"},
                     "expires_at": {"type": ["string", "null"], "format": "date-time",
                                    "description": "When the task's data is deleted (UTC)."},
@@ -298,6 +307,10 @@ def _run_paths(p: str) -> dict[str, Any]:
                        "Re-encode still images."),
                 _query("quality", {"type": "integer", "minimum": 1, "maximum": 100},
                        "JPEG/WebP quality."),
+                _query("variants", {"type": "integer", "minimum": 1},
+                       "Run the graph this many times (fresh seeds) in one task; at most "
+                       "COMFY_EMBED_MAX_VARIANTS (else 400). `extra_data.variants` may list "
+                       "seeds instead."),
                 _query("webhook", {"type": "string", "format": "uri"},
                        "Deliver the task's end (signed) to this URL."),
                 _query("ttl", {"type": "integer", "minimum": 0},
