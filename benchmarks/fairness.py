@@ -35,7 +35,7 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 FLOOD_KEY, TRICKLE_KEY = "bench-flood-key-0001", "bench-trickle-key-0002"
 
@@ -85,7 +85,8 @@ def trickle(url: str, n: int) -> list[int]:
     s.headers["X-Api-Key"] = TRICKLE_KEY
     numbers = []
     for k in range(n):
-        graph = {"1": {"class_type": "EmbedTestEcho", "inputs": {"text": f"b-{k}-{time.time_ns()}"}}}
+        text = f"b-{k}-{time.time_ns()}"
+        graph = {"1": {"class_type": "EmbedTestEcho", "inputs": {"text": text}}}
         r = s.post(f"{url}/api/serverless/run", json=graph, timeout=3600)
         r.raise_for_status()
         numbers.append(int(r.json()["data"]["outputs"]["1"]["info"][0]["number"]))

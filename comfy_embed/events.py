@@ -81,7 +81,8 @@ def queue_event(prompt_id: str, position: int,
                 eta: dict[str, Any] | None = None) -> dict[str, Any]:
     """comfy-embed's own message while a task waits: ``position`` tasks are
     ahead of it (the running one included). Sent when queued behind others
-    and each time the queue ahead shrinks; never with 0 (``execution_start``
+    and each time the queue ahead changes (it shrinks; under fair share it
+    also grows when another key's job is placed ahead); never with 0 (``execution_start``
     comes instead). ``eta``: ``eta_start``/``eta_finish``, seconds from the
     message until the task should start and finish (comfy_embed.eta)."""
     return event("queue", {"position": position, "prompt_id": prompt_id, **(eta or {})})

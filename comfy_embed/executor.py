@@ -76,7 +76,9 @@ class Job:
     #: Called on the executor thread when the job leaves the queue to run.
     on_start: Callable[[], None] = lambda: None
     #: Called with the number of jobs now ahead of this one (the running one
-    #: included) each time that number shrinks while it waits; any thread.
+    #: included, in the order they will run) each time that number changes
+    #: while it waits (it grows when another key's job is placed ahead under
+    #: fair share); never with 0; any thread.
     on_position: Callable[[int], None] | None = None
     task_id: str = ""
     #: Native's extra_data (client_id, extra_pnginfo...), seen by nodes.
@@ -102,9 +104,11 @@ class Job:
 
 
 def _announce(positions: list[tuple[Job, int]]) -> None:
-    """Tell each waiting job its new place (outside the lock: callbacks)."""
+    """Tell each waiting job its new place (outside the lock: callbacks).
+    Not 0 (the head while the executor is between jobs or holds its key
+    back): what comes next for it is its start."""
     for job, ahead in positions:
-        if job.on_position is not None:
+        if job.on_position is not None and ahead > 0:
             try:
                 job.on_position(ahead)
             except Exception:

@@ -24,7 +24,7 @@ from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 from comfy_embed.errors import KeyQueueFull
 
-__all__ = ["FairQueue", "Quota", "Quotas", "ANONYMOUS"]
+__all__ = ["ANONYMOUS", "FairQueue", "Quota", "Quotas", "late_reason", "latest_start"]
 
 T = TypeVar("T")
 
@@ -53,7 +53,7 @@ class Quotas:
         self.per_key = dict(per_key or {})
 
     @classmethod
-    def parse(cls, default: Quota, entries: Iterable[str]) -> "Quotas":
+    def parse(cls, default: Quota, entries: Iterable[str]) -> Quotas:
         """``<key id>=<queue>/<running>`` entries (``COMFY_EMBED_KEY_QUOTAS``);
         ValueError naming the entry that is malformed."""
         per_key: dict[str, Quota] = {}
@@ -70,8 +70,9 @@ class Quotas:
                 quota = Quota(0, 0)
             if (len(ident) < MIN_ID or any(c not in "0123456789abcdef" for c in ident)
                     or quota.queue < 1 or quota.running < 1):
-                raise ValueError(f"{entry!r}: expected <key id>=<queue>/<running>, the key id "
-                                 f"at least {MIN_ID} hex digits of the key's hash, both bounds >= 1")
+                raise ValueError(f"{entry!r}: expected <key id>=<queue>/<running>, the key "
+                                 f"id at least {MIN_ID} hex digits of the key's hash, both "
+                                 "bounds >= 1")
             per_key[ident] = quota
         return cls(default, per_key)
 

@@ -107,7 +107,8 @@ def test_a_flood_delays_another_keys_job_by_at_most_one(server: Server) -> None:
     assert r.json()["position"] == 1  # next: only the running job is ahead
     trickle = r.json()["task_id"]
     # The flood's first job was told it moved back by one.
-    places = [e["data"]["position"] for e in status(server, FLOOD, flood[0]) if e["type"] == "queue"]
+    places = [e["data"]["position"] for e in status(server, FLOOD, flood[0])
+              if e["type"] == "queue"]
     assert places == [1, 2], places
     release(server, FLOOD, held)
     assert final(server, FLOOD, held)["data"]["error"]["type"] == "execution_interrupted"
