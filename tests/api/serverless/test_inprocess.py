@@ -375,6 +375,9 @@ def test_pre_stop_drains_running_work(app: App) -> None:
 def test_health_and_ready(app: App) -> None:
     assert app.client.get("/health").json() == {"status": "alive"}
     ready = app.client.get("/ready")
-    assert ready.status_code == 200 and ready.json() == {"status": "ready", "device": "fake",
-                                                         "queue_depth": 0}
-    assert ready.headers["X-Queue-Depth"] == "0"
+    body = ready.json()
+    assert ready.status_code == 200 and body["status"] == "ready" and body["device"] == "fake"
+    assert body["queue_depth"] == 0
+    # The fake runs no loader node: no model loaded, none kept (the header empty).
+    assert body["loaded_models"] == [] and body["kept_models"] == []
+    assert ready.headers["X-Queue-Depth"] == "0" and ready.headers["X-Loaded-Models"] == ""
