@@ -230,10 +230,12 @@ class Executor:
         with self._cond:
             return len(self._queue) + (self._current is not None)
 
-    def pending(self) -> list[Job]:
-        """The queued jobs in the order they will run (not the running one)."""
+    def pending(self, joining: Job | None = None) -> list[Job]:
+        """The queued jobs in the order they will run (not the running one);
+        with ``joining`` (not queued), the order were it queued now, it
+        included: under fair share a new job need not go last."""
         with self._cond:
-            return self._queue.order()
+            return self._queue.order(joining)
 
     @property
     def waiting(self) -> int:

@@ -140,17 +140,20 @@ class FairQueue(Generic[T]):
         quota = self.quota(key)
         return quota is None or self._running[key] < quota.running
 
-    def order(self) -> list[T]:
+    def order(self, joining: T | None = None) -> list[T]:
         """Every waiting item in the order it will be served, if no key's
-        running bound holds one back meanwhile."""
-        if len(self._fifos) == 1:  # one key (or fair share off): its FIFO
-            return [item for fifo in self._fifos.values() for _, item in fifo]
+        running bound holds one back meanwhile; with ``joining``, the order
+        were it pushed now (it included, nothing changed)."""
         heads = {k: list(f) for k, f in self._fifos.items() if f}
+        if joining is not None:
+            heads.setdefault(self.key(joining), []).append((self._arrivals, joining))
+        if len(heads) == 1:  # one key (or fair share off): its FIFO
+            return [item for fifo in heads.values() for _, item in fifo]
         served = dict(self._served)
         out: list[T] = []
         at = {k: 0 for k in heads}
         tick = self._serves
-        while len(out) < self._len:
+        while len(out) < self._len + (joining is not None):
             k = min((k for k in heads if at[k] < len(heads[k])),
                     key=lambda k: (served.get(k, -1), heads[k][at[k]][0]))
             out.append(heads[k][at[k]][1])

@@ -59,6 +59,20 @@ def test_a_flood_delays_another_key_by_at_most_one_job() -> None:
     assert [q.pop(), q.pop()] == [flood[1], b2]
 
 
+def test_the_order_a_job_would_join_is_the_order_it_joins() -> None:
+    q = fq()
+    for k in "aaab":
+        q.push(Item(k))
+    q.pop()
+    for k in ("a", "b", "c", ""):
+        new = Item(k)
+        foreseen = q.order(new)
+        assert len(q) == 3 and new not in q.order()  # nothing changed
+        q.push(new)
+        assert q.order() == foreseen
+        q.remove(new)
+
+
 def test_round_robin_alternates_between_backlogged_keys() -> None:
     q = fq()
     for k in "aaaaabbbcc":
@@ -87,7 +101,9 @@ def test_random_interleavings_keep_every_promise(seed: int) -> None:
         if op < 0.45:
             item = Item(rnd.choice(keys))
             ahead_at_push[item] = q.waiting(item.key)
+            foreseen = q.order(item)
             q.push(item)
+            assert q.order() == foreseen
             pushed[item.key].append(item)
             since[item] = {k: 0 for k in keys}
             waiting.add(item)
