@@ -418,6 +418,8 @@ class Comfy:
         (checkpoints, VAEs, diffusion models), so they are kept from the
         start; the others (LoRAs, text encoders: their loaders need more
         than a name) are kept from their first use. The names loaded."""
+        if not self.kept.names:
+            return []  # no folder listing on the cold start's path
         files = self.model_files()
         done = []
         for name in sorted(self.kept.names):
