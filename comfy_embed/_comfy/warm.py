@@ -59,6 +59,8 @@ class KeptModels:
         #: Cache key -> model name of each pinned loader output.
         self._pins: dict[Any, str] = {}
         self._cache: Any = None
+        #: Whether ``_cache`` can keep an entry between runs (not the "none" cache).
+        self._usable = False
         #: The models loaded after the last run, sorted (one immutable tuple).
         self.loaded: tuple[str, ...] = ()
         self._on_change = on_change
@@ -81,13 +83,14 @@ class KeptModels:
         (once per cache object: ``PromptExecutor.reset`` makes new ones)."""
         if cache is self._cache:
             return
-        self._cache, self._pins = cache, {}
+        self._cache, self._pins, self._usable = cache, {}, False
         # The "none" cache (DependencyAwareCache) drops a node during the run,
         # once the nodes that use it have run: nothing stays to pin.
         if not isinstance(getattr(cache, "cache", None), dict) or hasattr(cache, "executed_nodes"):
             log.warning("ComfyUI's %s cache cannot keep models loaded (COMFY_EMBED_CACHE=none?): "
                         "COMFY_EMBED_KEEP_LOADED has no effect", type(cache).__name__)
             return
+        self._usable = True
         clean = cache.clean_unused
         pins = self
 
@@ -120,7 +123,7 @@ class KeptModels:
             if name is None or cache.get(node_id) is None:
                 continue  # failed, or never ran: nothing of it is held
             loaded.add(name)
-            if self.kept(name) and self._cache is cache and keys is not None:
+            if self.kept(name) and self._usable and self._cache is cache and keys is not None:
                 key = keys.get_data_key(node_id)
                 if key is not None and key not in self._pins:
                     self._pins[key] = name
