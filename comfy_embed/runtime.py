@@ -436,7 +436,7 @@ class Engine:
                       on_position=task._on_position, extra_data=request.extra_data,
                       key=options.key)
             task.variants = attach_variants(job, options.variants, self.preparer.nodes.input_specs,
-                                            self.settings.jobs.max_variants)  # ?variants=N
+                                            self.settings)  # ?variants=N: N runs in this job
             task.seeds = task.variants.variants[0].seeds if task.variants else task.seeds
             job.shape = prepared.shape
             task.forecast = self.eta.admit(job, options, report)  # DeadlineUnmeetable

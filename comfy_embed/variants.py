@@ -29,9 +29,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from comfy_embed.errors import InvalidParameter
+from comfy_embed.config import Settings
+from comfy_embed.errors import InvalidParameter, WorkflowInvalid
 from comfy_embed.executor import Backend, Job, Outcome, Sink
-from comfy_embed.prepare.graph import SEED_INPUTS
+from comfy_embed.prepare.graph import SEED_INPUTS, check_output_bytes
 from comfy_embed.results import collect_values
 
 __all__ = ["VARIANT_EVENT", "Variant", "VariantRun", "asked", "attach_variants", "check_variants",
@@ -290,15 +291,30 @@ def check_variants(value: Any, limit: int) -> None:
     _entries(value, limit)
 
 
-def attach_variants(job: Job, option: Any, specs: SpecLookup, limit: int) -> VariantRun | None:
+def attach_variants(job: Job, option: Any, specs: SpecLookup, settings: Settings
+                    ) -> VariantRun | None:
     """Make ``job`` (validated, not yet queued) run the variants its caller
     asked (the ``option``, else ``extra_data.variants``): the run hook, which
     the task reads to group its answer. None when none were asked."""
     value = asked(option, job.extra_data)
     if value is None:
         return None
-    planned = plan_variants(value, job.prompt, specs, job.task_id, limit)
+    planned = plan_variants(value, job.prompt, specs, job.task_id, settings.jobs.max_variants)
+    _check_output_bytes(job.prompt, len(planned), settings.safety.max_output_bytes)
     run = VariantRun(planned, job.prompt_id, job.outputs, job.extra_data)
     job.prompt = planned[0].prompt
     job.run = run
     return run
+
+
+def _check_output_bytes(prompt: dict[str, Any], n: int, limit: int) -> None:
+    """COMFY_EMBED_MAX_OUTPUT_BYTES holds for the N variants together (the
+    graph alone was checked as it was parsed)."""
+    if n < 2:
+        return
+    try:
+        check_output_bytes(prompt, metadata_bytes=lambda: 0, limit=limit // n)
+    except WorkflowInvalid as e:
+        raise WorkflowInvalid(f"variants: {n} variants would write over the output limit of "
+                              f"{limit} bytes in all (at most {limit // n} each): {e.message}",
+                              type="output_too_large", node_errors=e.node_errors) from None

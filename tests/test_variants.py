@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 import pytest
 
-from comfy_embed.errors import InvalidParameter
-from comfy_embed.executor import Outcome, Sink
-from comfy_embed.variants import VARIANT_EVENT, VariantRun, plan_variants
+from comfy_embed.config import Settings
+from comfy_embed.errors import InvalidParameter, WorkflowInvalid
+from comfy_embed.executor import Job, Outcome, Sink
+from comfy_embed.variants import VARIANT_EVENT, VariantRun, attach_variants, plan_variants
 
 
 def specs(class_type: str) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -57,6 +58,23 @@ def test_refusals_name_variants(value: Any, words: str) -> None:
     with pytest.raises(InvalidParameter) as e:
         plan_variants(value, graph(), specs, "t1", limit=4)
     assert words in e.value.message
+
+
+def test_the_output_limit_counts_every_variant() -> None:
+    g = graph()
+    g["5"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64,
+                                                            "batch_size": 1}}
+    job = Job(prompt_id="p1", prompt=g, outputs=["9"], emit=lambda k, d: None,
+              on_done=lambda o: None, task_id="t1", extra_data={"variants": 3})
+    settings = Settings(max_variants=4, max_output_bytes=40_000)
+    hook = attach_variants(job, None, specs, settings)  # 3 x 12,288 bytes fit
+    assert hook is not None and job.run is hook and job.prompt is hook.variants[0].prompt
+    job.extra_data["variants"] = 4
+    with pytest.raises(WorkflowInvalid) as e:
+        attach_variants(job, None, specs, settings)
+    assert e.value.type == "output_too_large"
+    assert e.value.message.startswith("variants: 4 variants would write over the output limit")
+    assert attach_variants(job, 2, specs, settings) is not None  # the option wins
 
 
 def test_no_seed_input_is_refused() -> None:

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 import requests
+import websocket
 from PIL import Image
 
 from tests.conftest import text_to_image
@@ -25,8 +26,9 @@ AUTH = {"Authorization": "Bearer variants-key"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # 64x64 pictures: about 12 KB each by the output estimate; 3 variants fit, 4 do not.
     s = Server(tmp_path_factory.mktemp("variants"), custom_nodes=1, custom_nodes_dirs=PACKS,
-               max_variants=4)
+               max_variants=4, max_output_bytes=40_000)
     try:
         yield s.wait_ready()
     finally:
@@ -110,6 +112,22 @@ def test_given_seeds_are_used_and_the_stream_shows_each_variant(server: Server) 
     assert pictures[0] == pictures[1]
 
 
+def test_the_websocket_shows_each_variant(server: Server) -> None:
+    ws = websocket.create_connection(f"{server.ws_url}?variants=2", timeout=120)
+    try:
+        ws.send(json.dumps(t2i("websocket variants")))
+        events = []
+        while not events or events[-1]["type"] != "serverless_api":
+            events.append(json.loads(ws.recv()))
+    finally:
+        ws.close()
+    final = events[-1]["data"]
+    assert final["status"] == "success" and len(final["variants"]) == 2, final
+    assert [e["data"]["variant"] for e in events if e["type"] == "variant"] == [1, 2]
+    successes = [e["data"] for e in events if e["type"] == "execution_success"]
+    assert [(d["variant"], d["variants"]) for d in successes] == [(1, 2), (2, 2)]
+
+
 def test_the_same_seed_twice_still_writes_two_files(server: Server) -> None:
     data = final_of(server.run({"prompt": t2i("same seed"), "extra_data": {"variants": [5, 5]}}))
     files = [server.file_of(r["output"]["comfy"]) for r in data["results"]]
@@ -135,6 +153,16 @@ def test_variants_over_the_bound_or_malformed_is_400(server: Server, params: str
     message = r.json()["data"]["error"]["message"]
     assert words in message, message
     assert final_of(server.run(t2i("still serving")))["status"] == "success"
+
+
+def test_the_output_limit_holds_for_all_variants_together(server: Server) -> None:
+    r = server.run(t2i("too much output"), "?variants=4")
+    assert r.status_code == 400, r.text
+    error = r.json()["data"]["error"]
+    assert error["type"] == "output_too_large"
+    assert error["message"].startswith("variants: 4 variants would write over the output limit "
+                                       "of 40000 bytes in all"), error
+    assert "COMFY_EMBED_MAX_OUTPUT_BYTES" in error["message"] and "5" in error["node_errors"]
 
 
 def test_variants_without_a_seed_input_is_400(server: Server) -> None:
