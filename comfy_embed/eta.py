@@ -170,11 +170,12 @@ class Eta:
         started = job.started_at if job.started_at is not None else now
         return max(0.0, expected - (now - started))
 
-    def _ahead(self, job: Job | None) -> tuple[int, float | None]:
-        """How many jobs are ahead of ``job`` (a queued one; None: one about
-        to be queued, behind all) and the seconds until it starts."""
+    def _ahead(self, job: Job | None, joining: bool = False) -> tuple[int, float | None]:
+        """How many jobs are ahead of ``job`` (queued, or ``joining``: about to
+        be, where the queue would put it; None: behind all) and the seconds
+        until it starts."""
         now = self._clock()
-        queued = self.executor.pending()
+        queued = self.executor.pending(job if joining else None)
         running = self.executor.current
         if job is not None and job in queued:
             queued = queued[:queued.index(job)]
@@ -228,7 +229,7 @@ class Eta:
         return functools.partial(self.forecast, job)
 
     def _check(self, job: Job, deadline: float) -> None:
-        position, start = self._ahead(None)
+        position, start = self._ahead(job, joining=True)
         if start is None or job.estimate is None:
             return
         finish = start + job.estimate
