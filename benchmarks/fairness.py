@@ -20,7 +20,9 @@ between B's submit and its start, plus the one (if any) that started while
 B's client was between two requests. Counts, not wall time: the figure
 means the same on a busy machine. Issue 28's promise: at most one.
 
-    .venv/bin/python benchmarks/fairness.py [--flood 100] [--trickle 10] [--job-seconds 0.1]
+    .venv/bin/python benchmarks/fairness.py [--flood 100] [--trickle 10] [--job-seconds 0.2]
+
+The FIFO mode takes about (trickle + 1) x flood x job-seconds (220 s by default).
 """
 
 from __future__ import annotations
@@ -131,7 +133,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--flood", type=int, default=100, help="jobs key A keeps waiting")
     ap.add_argument("--trickle", type=int, default=10, help="B jobs measured (one more is sent)")
-    ap.add_argument("--job-seconds", type=float, default=0.1, help="seconds each A job runs")
+    # Long against B's client turning round (a keep-alive request): else, on a
+    # loaded machine, a second A job may start before B's next one is sent.
+    ap.add_argument("--job-seconds", type=float, default=0.2, help="seconds each A job runs")
     ap.add_argument("--modes", default="fair,fifo")
     common.add_common_args(ap)
     args = ap.parse_args()
