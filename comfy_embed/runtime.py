@@ -449,7 +449,8 @@ class Engine:
             if gate.passed:
                 self.drop_inputs(task_id)
             raise
-        task._publish(status_event(ahead + 1))
+        # ComfyUI's count of all work left (under fair share a new job need not be last).
+        task._publish(status_event(self.executor.queue_remaining))
         if ahead:
             task._publish(queue_event(prepared.prompt_id, ahead, task.eta_fields()))
         log.info("task %s queued as prompt %s (%d ahead)", task_id, prepared.prompt_id, ahead)
