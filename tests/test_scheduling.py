@@ -357,3 +357,16 @@ def test_a_queued_job_past_its_deadline_is_dropped_while_another_runs() -> None:
     finally:
         backend.gate.set()
         ex.close(timeout=5)
+
+
+def test_quota_settings_are_checked_at_start_up() -> None:
+    from comfy_embed.config import Settings
+    from comfy_embed.config.rules import SettingsError
+
+    s = Settings(key_quotas=("deadbeef01=3/1", "cafebabe=9/2"), key_queue=5, key_running=1)
+    quotas = Quotas.parse(Quota(s.jobs.key_queue, s.jobs.key_running), s.jobs.key_quotas)
+    assert quotas.of("deadbeef01ff") == Quota(3, 1) and quotas.of("00000000") == Quota(5, 1)
+    for bad in ({"key_quotas": ("dead=3/1",)}, {"key_quotas": ("deadbeef01=0/1",)},
+                {"key_queue": 0}, {"key_running": 0}):
+        with pytest.raises(SettingsError, match="COMFY_EMBED_KEY_"):
+            Settings(**bad)
