@@ -15,6 +15,7 @@ from comfy_embed.errors import (
     AppNotFound,
     ComfyEmbedError,
     DeadlineExceeded,
+    DeadlineUnmeetable,
     ExecutionFailed,
     ImageInputError,
     InputPathInvalid,
@@ -53,6 +54,6 @@ __all__ = [
     "RunTimeout", "StorageError", "StorageUnavailable", "PayloadTooLarge", "ModelDownloadError",
     "WebhookRefused", "InvalidParameter", "Unauthorized", "TaskIdConflict", "TaskDeleted",
     "TaskRunning", "InstallError", "QueueUnavailable", "AppNotFound",
-    "KeyQueueFull", "DeadlineExceeded",
+    "KeyQueueFull", "DeadlineExceeded", "DeadlineUnmeetable",
     "Stalled",
 ]
