@@ -123,3 +123,35 @@ def test_a_job_run_again_lists_its_attempts() -> None:
     assert st.status == "succeeded"
     assert st.attempts is not None and [a["attempt"] for a in st.attempts] == [1, 2]
     assert job_state(seq(final_event("job_1", None, {})), RECORD).attempts is None
+
+
+def test_variants_progress_covers_the_whole_job() -> None:
+    def tagged(kind: str, data: dict, variant: int) -> dict:
+        return event(kind, {**data, "variant": variant, "variants": 2})
+    running = {"nodes": {"3": {"state": "running", "value": 5, "max": 20},
+                         "1": {"state": "finished", "value": 1, "max": 1}}}
+    first = [event("variant", {"variant": 1, "variants": 2, "seeds": {"3": 1}}),
+             tagged("execution_start", {"timestamp": 1500_000}, 1),
+             tagged("progress_state", running, 1),
+             tagged("executed", {"node": "9", "output": {"images": [
+                 {"filename": "a.png", "subfolder": "job_1/v1", "type": "output"}]}}, 1)]
+    st = job_state(seq(*first), RECORD)
+    p = st.progress
+    assert p is not None and (p["variant"], p["variants"]) == (1, 2)
+    assert p["value"] == round((1 + 5 / 20) / 2 / 2, 4)
+    assert p["message"] == "variant 1/2: KSampler 5/20"
+    second = [event("variant", {"variant": 2, "variants": 2, "seeds": {"3": 2}}),
+              tagged("execution_start", {"timestamp": 1600_000}, 2)]
+    st = job_state(seq(*first, *second), RECORD)
+    p = st.progress
+    # Variant 1's progress is done; variant 2 has not reported yet.
+    assert p is not None and p["variant"] == 2 and p["value"] == 0.5
+    assert st.started_at == 1500.0  # the job started with its first variant
+    later = [tagged("progress_state", running, 2),
+             tagged("executed", {"node": "9", "output": {"images": [
+                 {"filename": "b.png", "subfolder": "job_1/v2", "type": "output"}]}}, 2)]
+    st = job_state(seq(*first, *second, *later), RECORD)
+    assert st.progress is not None and st.progress["value"] == round(0.5 + (1 + 5 / 20) / 2 / 2, 4)
+    # Live outputs: one index sequence per node across variants (distinct asset ids).
+    assert [(o.index, o.file) for o in st.outputs] == [
+        ("0", ("output", "job_1/v1/a.png")), ("1", ("output", "job_1/v2/b.png"))]
