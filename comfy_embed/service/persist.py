@@ -22,7 +22,12 @@ from comfy_embed.observe.folders import FolderProbe
 from comfy_embed.observe.metrics import Metrics
 from comfy_embed.service.attempts import Attempts
 from comfy_embed.service.blocking import BlockingCalls
-from comfy_embed.service.replay import write_replay
+from comfy_embed.service.replay import (
+    EMBED_LIMIT,
+    REPLAY_RECORD,
+    replay_record,
+    write_replay,
+)
 from comfy_embed.service.retention import Retention
 from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasks import Task
@@ -96,11 +101,7 @@ class LogWriters:
                     started = time.perf_counter()
                     try:
                         if ends:
-                            policy = self.retention.stamp(task.task_id, batch[-1][1])
-                            self.attempts.stamp(task.task_id, batch[-1][1])
-                            released = await self._io.run(self._write_final, task.task_id, batch)
-                            task.final_durable.set()  # the answer goes; the replay record follows
-                            await anyio.to_thread.run_sync(write_replay, self.tasklog, task, policy)
+                            released = await self._last_write(task, batch)
                         else:
                             await self._io.run(self.tasklog.extend, task.task_id, batch)
                     except OSError as e:
@@ -149,11 +150,30 @@ class LogWriters:
                 except Exception:
                     log.exception("task %s: releasing its lease failed", task.task_id)
 
-    def _write_final(self, task_id: str, batch: list[tuple[int, dict[str, Any]]]) -> bool:
-        """The task's last write and its lease's release in one call (one
-        worker-thread hop, where writes go to threads); True once released. A
-        failed release does not make the written final event look unwritten."""
-        self.tasklog.extend(task_id, batch)  # returns once a final event is on disk
+    async def _last_write(self, task: Task, batch: list[tuple[int, dict[str, Any]]]) -> bool:
+        """The batch ending with the final event, stamped, written (fsynced)
+        with the replay record; then the answer goes. True once the lease
+        is released."""
+        policy = self.retention.stamp(task.task_id, batch[-1][1])
+        self.attempts.stamp(task.task_id, batch[-1][1])
+        # The replay record rides in the final file (no file, no thread hop
+        # of its own) unless it is large.
+        record = replay_record(task, policy)
+        embed = record is not None and len(record) <= EMBED_LIMIT
+        released = await self._io.run(self._write_final, task.task_id, batch,
+                                      {REPLAY_RECORD: record} if embed and record else None)
+        task.final_durable.set()  # the answer goes
+        if record is not None and not embed:
+            await anyio.to_thread.run_sync(write_replay, self.tasklog, task.task_id, record)
+        return released
+
+    def _write_final(self, task_id: str, batch: list[tuple[int, dict[str, Any]]],
+                     records: dict[str, bytes] | None = None) -> bool:
+        """The task's last write (with ``records`` in its final file) and its
+        lease's release in one call (one worker-thread hop, where writes go
+        to threads); True once released. A failed release does not make the
+        written final event look unwritten."""
+        self.tasklog.extend(task_id, batch, records)  # returns once a final event is on disk
         try:
             self._released(task_id, final=True)
             return True

@@ -1,8 +1,10 @@
 """``POST /api/serverless/run?replay=<task_id>``: a finished task run again.
 
-Every queued task leaves, beside its final event in the task log, the graph
+Every queued task leaves, with its final event in the task log, the graph
 as it was queued (seeds resolved, so the same pixels come out) and its run
-record (``data.report.environment``). A replay submits that graph as a new
+record (``data.report.environment``): inside the fsynced ``final`` file
+when it is small (:data:`EMBED_LIMIT`; no file of its own, on disk when
+the answer goes), else as ``replay.json`` just after the answer. A replay submits that graph as a new
 task and says how the environment differs now from the recorded one
 (environment/drift.py: ComfyUI's commit, packs, model hashes, torch, device,
 the lock).
@@ -25,31 +27,40 @@ from comfy_embed.tasklog.log import TaskLog
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REPLAY_RECORD", "Replay", "read_replay", "replay_record", "write_replay"]
+__all__ = ["EMBED_LIMIT", "REPLAY_RECORD", "Replay", "read_replay", "replay_record",
+           "write_replay"]
 
 #: The task-log record holding what ``?replay=`` needs.
 REPLAY_RECORD = "replay.json"
+#: A record up to this size (JSON bytes) goes into the final file; a larger
+#: one (a huge graph) gets its own file after the answer, so the fsynced
+#: file, which every status read decodes, stays small.
+EMBED_LIMIT = 32 * 1024
 
 
-def replay_record(task: Task) -> bytes | None:
-    """``{"graph", "environment"}`` of a task that was queued (None: it was not)."""
-    if task.resolved_graph is None:
+def replay_record(task: Task, policy: Policy) -> bytes | None:
+    """``{"graph", "environment"}`` of a task that was queued, as JSON; None
+    when it was not, or keeps nothing (its graph holds the prompt texts). A
+    record that cannot be made costs only the replay (logged)."""
+    if task.resolved_graph is None or not policy.keeps_inputs:
         return None
-    return orjson.dumps({"graph": task.resolved_graph, "environment": task.report.environment})
-
-
-def write_replay(tasklog: TaskLog, task: Task, policy: Policy) -> None:
-    """Store the task's record once its final event is written (blocking):
-    none for a task that keeps nothing (its graph holds the prompt texts)
-    or was deleted meanwhile; a failed write costs only the replay."""
     try:
-        record = replay_record(task) if policy.keeps_inputs else None
-        if record is not None:
-            tasklog.put_record(task.task_id, REPLAY_RECORD, record)
+        return orjson.dumps({"graph": task.resolved_graph, "environment": task.report.environment})
+    except Exception:  # never in the way of the task's own wrap-up (its final event)
+        log.exception("task %s: its replay record was not made", task.task_id)
+        return None
+
+
+def write_replay(tasklog: TaskLog, task_id: str, record: bytes) -> None:
+    """Store a record too large for the final file, once that is written
+    (blocking); a failed write (the task deleted meanwhile, a full disk)
+    costs only the replay."""
+    try:
+        tasklog.put_record(task_id, REPLAY_RECORD, record)
     except OSError as e:
-        log.warning("task %s: its replay record was not written (%s)", task.task_id, e)
+        log.warning("task %s: its replay record was not written (%s)", task_id, e)
     except Exception:  # never in the way of the task's own wrap-up (its webhook)
-        log.exception("task %s: its replay record was not written", task.task_id)
+        log.exception("task %s: its replay record was not written", task_id)
 
 
 def _just_ended(tasklog: TaskLog, task_id: str, within: float = 2.0) -> bool:
@@ -83,14 +94,16 @@ def read_replay(tasklog: TaskLog, engine: Engine, task_id: str) -> Replay:
     """The replay of ``task_id`` (blocking: a task-log read and, for model files
     not hashed since they changed, hashing). InvalidParameter naming
     ``replay`` when the task left no record."""
-    raw = tasklog.get_record(task_id, REPLAY_RECORD)
-    while raw is None and _just_ended(tasklog, task_id):
-        time.sleep(0.02)  # the record follows the answer (write_replay): moments later
+    saved = tasklog.final_record(task_id, REPLAY_RECORD)
+    if saved is None:
         raw = tasklog.get_record(task_id, REPLAY_RECORD)
-    if raw is None:
+        while raw is None and _just_ended(tasklog, task_id):
+            time.sleep(0.02)  # a large record follows the answer (write_replay): moments later
+            raw = tasklog.get_record(task_id, REPLAY_RECORD)
+        saved = None if raw is None else orjson.loads(raw)
+    if not isinstance(saved, dict) or not isinstance(saved.get("graph"), dict):
         raise InvalidParameter(f"replay: task {task_id} has no recorded graph to run again "
                                "(unknown, deleted, still running, or refused before it ran)")
-    saved = orjson.loads(raw)
     graph = saved["graph"]
     now = engine.fingerprint.record(graph) if engine.fingerprint is not None else None
     return Replay(task_id, graph, saved.get("environment"), now)

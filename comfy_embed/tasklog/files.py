@@ -14,7 +14,9 @@
   64 KiB compressed): ``events`` are the ``[seq, event]`` pairs from seq
   ``from`` up to the terminal one, ``seq``, so a short task writes no
   segment at all. It holds no base64 image data (blobs.py): those bytes are
-  in the saved output file or in the sidecar ``final.<token>.blob``;
+  in the saved output file or in the sidecar ``final.<token>.blob``. Small
+  records of other features written with the final event (``records``, e.g.
+  the replay record) ride in it too: no file of their own;
 - ``cancel``: a cancel request from any instance;
 - ``owner_key``: the hash of the API key that created the task;
 - other names (letters first, see :meth:`~.log.TaskLog.put_record`): records
@@ -89,6 +91,8 @@ class FinalMarker:
     #: event); None when a placeholder in a segment reserved it.
     first: int | None = None
     events: tuple[tuple[int, dict[str, Any]], ...] = ()
+    #: Records written with the final event (name -> decoded JSON), or None.
+    records: dict[str, Any] | None = None
 
 
 def segment_name(seq: int) -> str:
@@ -248,9 +252,11 @@ def read_final(d: Path) -> FinalMarker | None:
     try:
         value = decode(raw)
         first = value.get("from")
+        records = value.get("records")
         return FinalMarker(int(value["seq"]), value["event"], value.get("blob"),
                            None if first is None else int(first),
-                           tuple(event_pairs(value.get("events") or [], 0)))
+                           tuple(event_pairs(value.get("events") or [], 0)),
+                           records if isinstance(records, dict) else None)
     except (ValueError, KeyError, TypeError, AttributeError):
         log.warning("tasklog: undecodable final marker in %s", d)
         return None

@@ -39,7 +39,7 @@ from comfy_embed.tasklog.files import (
 from comfy_embed.tasklog.index import DoneIndex, NameIndex
 from comfy_embed.tasklog.leases import RELEASED, Leases
 from comfy_embed.tasklog.reader import read_events
-from comfy_embed.tasklog.writer import Pair, Writer
+from comfy_embed.tasklog.writer import Pair, Records, Writer
 
 __all__ = ["TaskLog", "LogUsage"]
 
@@ -184,7 +184,7 @@ class TaskLog:
         """
         return self._write(task_id, [(None, event)])[0]
 
-    def extend(self, task_id: str, events: Sequence[Pair]) -> int:
+    def extend(self, task_id: str, events: Sequence[Pair], records: Records | None = None) -> int:
         """Persist a batch of ``(seq, event)`` in one file (one flush).
 
         The seqs are the caller's (the in-memory task numbers its events, and
@@ -192,9 +192,12 @@ class TaskLog:
         increase and may skip numbers. Pairs whose seq another writer took
         meanwhile are dropped. A terminal event may only come last: it is
         fsynced as :meth:`append` does. Returns the seq of the last event
-        that counts, or of the final event already there.
+        that counts, or of the final event already there. ``records``
+        (name -> JSON bytes, small) are written into the final file with
+        a terminal event (:meth:`final_record` reads them), and dropped
+        when the batch has none or its final did not count.
         """
-        return self._write(task_id, list(events))[0]
+        return self._write(task_id, list(events), records)[0]
 
     @contextmanager
     def _writing(self, task_id: str) -> Iterator[bool]:
@@ -207,7 +210,8 @@ class TaskLog:
         with lock:
             yield True
 
-    def _write(self, task_id: str, pairs: list[Pair]) -> tuple[int, bool]:
+    def _write(self, task_id: str, pairs: list[Pair],
+               records: Records | None = None) -> tuple[int, bool]:
         """Write pairs (seq None: the next one); the flag is False when the
         terminal event among them did not count (or nothing was written)."""
         d = self._dir(task_id)
@@ -218,12 +222,12 @@ class TaskLog:
         is_final = pairs[-1][1].get("type") == FINAL
         with self._writing(task_id) as owned:
             if owned and is_final:
-                return self._writer.owner_final(d, task_id, pairs)
+                return self._writer.owner_final(d, task_id, pairs, records)
             final = read_final(d)
             if final is not None:
                 return final.seq, False
             d.mkdir(parents=True, exist_ok=True)
-            return self._writer.chain(d, task_id, pairs, is_final)
+            return self._writer.chain(d, task_id, pairs, is_final, records if is_final else None)
 
     def _closed(self, task_id: str) -> None:
         """The task has its final event: from the open index to the done index."""
@@ -283,6 +287,12 @@ class TaskLog:
         record never brings back a task that was deleted).
         """
         return publish(self._dir(task_id), self._record_name(name), payload, durable=durable)
+
+    def final_record(self, task_id: str, name: str) -> Any:
+        """A record written into the final file with the terminal event
+        (:meth:`extend`), decoded; None if there is none."""
+        final = read_final(self._dir(task_id))
+        return None if final is None or final.records is None else final.records.get(name)
 
     def get_record(self, task_id: str, name: str) -> bytes | None:
         """A record's bytes, or None."""

@@ -22,9 +22,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from comfy_embed.events import FINAL
 from comfy_embed.tasklog.blobs import split_blobs
@@ -44,12 +46,14 @@ from comfy_embed.tasklog.files import (
     segment_seqs,
 )
 
-__all__ = ["Pair", "Writer"]
+__all__ = ["Pair", "Records", "Writer"]
 
 log = logging.getLogger(__name__)
 
 #: A ``(seq, event)`` to write; seq None: the next one.
 Pair = tuple[int | None, dict[str, Any]]
+#: Records written into ``final`` with the terminal event: name -> JSON bytes.
+Records = Mapping[str, bytes]
 #: How long a writer waits for a no-hard-link reservation to name its range.
 _RESERVATION_WAIT = 2.0
 #: The owner's last flush goes into ``final`` up to this size (compressed);
@@ -92,26 +96,27 @@ class Writer:
         return self._resolved_root
 
     # ------------------------------------------------------------- writing
-    def owner_final(self, d: Path, task_id: str, pairs: list[Pair]) -> tuple[int, bool]:
+    def owner_final(self, d: Path, task_id: str, pairs: list[Pair],
+                    records: Records | None = None) -> tuple[int, bool]:
         """The owner's last flush, ending with the terminal event, all in the
         final file (no placeholder: the owner is the only writer of other
         events, see the module doc). No look for a final first: publishing
         one is exclusive, and a final already there (a recovery that took
         this instance for dead) makes it lose as a look would (see
-        :meth:`_finish`)."""
+        :meth:`_finish`). ``records`` go into the final file with it."""
         first = self._next_seq(d, task_id)
         items = self._number(task_id, first, pairs[:-1])
         seq = pairs[-1][0]
         nxt = items[-1][0] + 1 if items else first
         seq = nxt if seq is None or seq < nxt else seq
         try:
-            return self._finish(d, task_id, seq, pairs[-1][1], first, items)
+            return self._finish(d, task_id, seq, pairs[-1][1], first, items, records)
         except FileNotFoundError:
             if d.is_dir():
                 raise
             # Its folder was deleted under it: the final event still lands.
             d.mkdir(parents=True, exist_ok=True)
-            return self._finish(d, task_id, seq, pairs[-1][1], first, items)
+            return self._finish(d, task_id, seq, pairs[-1][1], first, items, records)
 
     def _number(self, task_id: str, first: int, pairs: Sequence[Pair]
                 ) -> list[tuple[int, dict[str, Any]]]:
@@ -133,7 +138,7 @@ class Writer:
         return items
 
     def chain(self, d: Path, task_id: str, pairs: Sequence[Pair],
-              is_final: bool) -> tuple[int, bool]:
+              is_final: bool, records: Records | None = None) -> tuple[int, bool]:
         """Publish pairs as the next segment of the chain (a terminal event as
         its placeholder, then ``final`` naming it). Returns the last seq that
         counts (or the final's) and whether they counted."""
@@ -157,13 +162,14 @@ class Writer:
                                                           and first >= final.first)):
                 return final.seq, False
             return end, True
-        return self._finish(d, task_id, end, pairs[-1][1])
+        return self._finish(d, task_id, end, pairs[-1][1], records=records)
 
     def _finish(self, d: Path, task_id: str, seq: int, event: dict[str, Any],
-                first: int | None = None, events: Sequence[tuple[int, dict[str, Any]]] = ()
-                ) -> tuple[int, bool]:
+                first: int | None = None, events: Sequence[tuple[int, dict[str, Any]]] = (),
+                records: Records | None = None) -> tuple[int, bool]:
         """Publish ``final``: ``event`` at ``seq``, with ``events`` from
-        ``first`` on (the owner), or named by a placeholder (``first`` None)."""
+        ``first`` on (the owner), or named by a placeholder (``first`` None),
+        and ``records`` (JSON bytes, embedded as they are)."""
         stripped, blob = split_blobs(event, self._root(), self._output_root)
         blob_name = None
         if blob:
@@ -172,6 +178,8 @@ class Writer:
         marker: dict[str, Any] = {"seq": seq, "event": stripped, "blob": blob_name}
         if first is not None:
             marker.update({"from": first, "events": list(events)})
+        if records:
+            marker["records"] = {name: orjson.Fragment(raw) for name, raw in records.items()}
         payload = encode(marker)
         if events and len(payload) > _EMBED_LIMIT:
             # Too much to fsync cheaply: the events get a segment of their own.

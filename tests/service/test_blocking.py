@@ -72,10 +72,10 @@ class WhereLog(TaskLog):
         self.threads.append(("claim", threading.get_ident()))
         return super().claim(task_id)
 
-    def extend(self, task_id: str, events: Any) -> int:
+    def extend(self, task_id: str, events: Any, records: Any = None) -> int:
         self.threads.append(("write", threading.get_ident()))
         time.sleep(self.delay)
-        return super().extend(task_id, events)
+        return super().extend(task_id, events, records)
 
 
 def _service(eng: Engine, tmp_path: Path, limit: float) -> tuple[TaskService, WhereLog]:

@@ -45,6 +45,11 @@ def test_replay_same_pixels_then_the_swapped_model_named(tmp_path: Path) -> None
         first = server.run(graph(), headers={"X-Fc-Request-Id": "replay-source"})
         assert first.status_code == 200, first.text
         seed = first.json()["data"]["seeds"]["3"]
+        # The record rides in the fsynced final file: no file of its own,
+        # on disk with the answer.
+        folder = base / "output" / "serverless_api" / "replay-source"
+        names = {p.name for p in folder.iterdir()}
+        assert "final" in names and "replay.json" not in names, names
 
         again = server.run(None, "?replay=replay-source")
         assert again.status_code == 200, again.text
@@ -65,6 +70,17 @@ def test_replay_same_pixels_then_the_swapped_model_named(tmp_path: Path) -> None
             "checkpoints/replayed.safetensors": {
                 "recorded": recorded["checkpoints/replayed.safetensors"],
                 "now": hashlib.sha256(bytes(data)).hexdigest()}}}
+
+        # A graph too large for the final file (a 40 KB node title): its
+        # record is a file of its own, written just after the answer.
+        big = graph()
+        big["6"]["_meta"]["title"] = "a lighthouse " * 3_000
+        large = server.run(big, headers={"X-Fc-Request-Id": "replay-large"})
+        assert large.status_code == 200, large.text
+        replayed = server.run(None, "?replay=replay-large")
+        assert replayed.status_code == 200, replayed.text
+        assert replayed.json()["data"]["seeds"] == large.json()["data"]["seeds"]
+        assert (base / "output" / "serverless_api" / "replay-large" / "replay.json").is_file()
 
         # A task that left no record: 400 naming the parameter; the server goes on.
         missing = server.run(None, "?replay=no-such-task")

@@ -236,6 +236,33 @@ def test_records_and_usage(tmp_path: Path) -> None:
         p.stat().st_size for p in (tmp_path / "t").iterdir())
 
 
+def test_records_ride_in_the_final_file(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    tl.claim("t")
+    record = b'{"graph":{"1":{"class_type":"EmptyImage"}},"environment":{"torch":"2"}}'
+    # Not with a batch that has no final event.
+    tl.extend("t", [(1, ev(1))], {"replay.json": record})
+    assert tl.final_record("t", "replay.json") is None
+    tl.extend("t", [(2, ev(2)), (3, final())], {"replay.json": record})
+    assert tl.final_record("t", "replay.json") == {
+        "graph": {"1": {"class_type": "EmptyImage"}}, "environment": {"torch": "2"}}
+    assert tl.final_record("t", "other") is None
+    # No file of its own; the events read as before.
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
+        "00000001.json", "final", "owner.json"]
+    assert tl.read("t") == [(1, ev(1)), (2, ev(2)), (3, final())]
+    # A final that does not count (one is there) brings no records.
+    tl.extend("t", [(4, final("error"))], {"late.json": b"{}"})
+    assert tl.final_record("t", "late.json") is None
+    # A final written without a claim (a rescuer's) keeps them too; none: None.
+    tl.extend("u", [(None, final())], {"replay.json": b"[1]"})
+    assert tl.final_record("u", "replay.json") == [1]
+    tl.claim("v")
+    tl.append("v", final())
+    assert tl.final_record("v", "replay.json") is None
+    assert tl.final_record("never", "replay.json") is None
+
+
 def test_a_record_never_brings_back_a_deleted_task(tmp_path: Path) -> None:
     tl = TaskLog(tmp_path, "i1")
     with pytest.raises(FileNotFoundError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from comfy_embed.events import final_event
 from comfy_embed.tasklog.delivery import DeliveryLog
 from comfy_embed.tasklog.expiry import Policy, write_policy
+from comfy_embed.tasklog.files import decode
 from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasklog.tombstone import DELETED, OUTPUT_DELETED, Folders, bury, strip
 
@@ -77,6 +79,22 @@ def test_bury_leaves_only_a_tombstone(tmp_path: Path) -> None:
     assert again.files == 0 and again.objects == []
     # Kept for the retention period from the deletion.
     assert [ids for _, ids in tl.done_index.older_than(1_020.0)] == [["t1"]]
+
+
+def test_records_in_the_final_go_with_bury_and_strip(tmp_path: Path) -> None:
+    out = tmp_path / "output"
+    folders = Folders(out.resolve(), (tmp_path / "temp").resolve())
+    tl = TaskLog(out / "serverless_api", "me", output_root=out)
+    for task_id in ("buried", "stripped"):
+        tl.claim(task_id)
+        tl.extend(task_id, [(None, final_event(task_id, "p", {}, []))],
+                  {"replay.json": b'{"graph":{"1":{"inputs":{"text":"a secret prompt"}}}}'})
+        assert "secret" in json.dumps(decode((tl.task_dir(task_id) / "final").read_bytes()))
+    bury(tl, "buried", folders)
+    strip(tl, "stripped", folders)
+    for task_id in ("buried", "stripped"):
+        assert tl.final_record(task_id, "replay.json") is None
+        assert "secret" not in json.dumps(decode((tl.task_dir(task_id) / "final").read_bytes()))
 
 
 def test_bury_refuses_a_running_or_unknown_task(tmp_path: Path) -> None:
