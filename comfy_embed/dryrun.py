@@ -22,6 +22,7 @@ import anyio
 from comfy_embed.errors import ComfyEmbedError, WorkflowInvalid
 from comfy_embed.storage.credentials import Credentials
 from comfy_embed.tasks import scrub_paths, server_folders
+from comfy_embed.variants import asked, checked_plan
 
 if TYPE_CHECKING:
     from comfy_embed.runtime import Engine
@@ -44,10 +45,11 @@ _NONE = {"none", "None", ""}
 
 
 async def dry_run(engine: "Engine", body: Any,
-                  credentials: Credentials | None = None) -> dict[str, Any]:
+                  credentials: Credentials | None = None, variants: Any = None) -> dict[str, Any]:
     """The report: ``valid``, ``error`` (as a run would answer it),
     ``node_errors``, ``missing_nodes``, ``missing_models``, ``models``,
-    ``outputs``."""
+    ``outputs``. ``variants``: the ``?variants=`` asked (else the body's
+    ``extra_data.variants``), checked as a run would."""
     report: dict[str, Any] = {"valid": False, "error": None, "node_errors": {},
                               "missing_nodes": [], "missing_models": [], "models": [],
                               "outputs": []}
@@ -85,6 +87,13 @@ async def dry_run(engine: "Engine", body: Any,
         await _check(comfy, prompt, request.targets, report, errors)
     finally:
         engine.drop_inputs(folder)
+    wanted = asked(variants, request.extra_data)
+    if wanted is not None:
+        try:
+            checked_plan(wanted, prompt, comfy.input_specs, folder, engine.settings)
+        except ComfyEmbedError as e:
+            errors.append(e)
+            report["node_errors"].update(e.node_errors)
     if errors:
         first = errors[0]
         report["error"] = {**first.to_dict(), "node_errors": report["node_errors"]}

@@ -36,7 +36,7 @@ from comfy_embed.prepare.graph import SEED_INPUTS, check_output_bytes
 from comfy_embed.results import collect_values
 
 __all__ = ["VARIANT_EVENT", "Variant", "VariantRun", "asked", "attach_variants", "check_variants",
-           "plan_variants"]
+           "checked_plan", "plan_variants"]
 
 #: The event sent as each variant starts: ``{prompt_id, variant, variants, seeds}``.
 VARIANT_EVENT = "variant"
@@ -299,12 +299,21 @@ def attach_variants(job: Job, option: Any, specs: SpecLookup, settings: Settings
     value = asked(option, job.extra_data)
     if value is None:
         return None
-    planned = plan_variants(value, job.prompt, specs, job.task_id, settings.jobs.max_variants)
-    _check_output_bytes(job.prompt, len(planned), settings.safety.max_output_bytes)
+    planned = checked_plan(value, job.prompt, specs, job.task_id, settings)
     run = VariantRun(planned, job.prompt_id, job.outputs, job.extra_data)
     job.prompt = planned[0].prompt
     job.run = run
     return run
+
+
+def checked_plan(value: Any, prompt: dict[str, Any], specs: SpecLookup, task_id: str,
+                 settings: Settings) -> list[Variant]:
+    """:func:`plan_variants` within the settings' bounds (COMFY_EMBED_MAX_VARIANTS,
+    and COMFY_EMBED_MAX_OUTPUT_BYTES for all variants together): what a run
+    and the dry run check."""
+    planned = plan_variants(value, prompt, specs, task_id, settings.jobs.max_variants)
+    _check_output_bytes(prompt, len(planned), settings.safety.max_output_bytes)
+    return planned
 
 
 def _check_output_bytes(prompt: dict[str, Any], n: int, limit: int) -> None:

@@ -205,7 +205,12 @@ async def validate(request: Request) -> Response:
     except PayloadTooLarge as e:
         return _json({"valid": False, "error": e.to_dict()}, status_for(e))
     try:
-        report = await dry_run(service.engine, body, credentials_from_headers(request.headers))
+        variants = whole_number("variants", request.query_params.get("variants"), low=1)
+    except InvalidParameter as e:
+        return _json({"valid": False, "error": e.to_dict()}, status_for(e))
+    try:
+        report = await dry_run(service.engine, body, credentials_from_headers(request.headers),
+                               variants)
     except NotAccepting as e:
         return _json({"valid": False, "error": e.to_dict()}, status_for(e),
                      {"Retry-After": str(e.retry_after)})

@@ -165,6 +165,26 @@ def test_the_output_limit_holds_for_all_variants_together(server: Server) -> Non
     assert "COMFY_EMBED_MAX_OUTPUT_BYTES" in error["message"] and "5" in error["node_errors"]
 
 
+def test_the_dry_run_checks_variants_as_a_run_would(server: Server) -> None:
+    def validate(params: str, body: Any) -> requests.Response:
+        return requests.post(f"{server.url}/api/serverless/validate{params}", json=body,
+                             timeout=60)
+    # A fixed seed: the dry run does not draw -1 seeds (ComfyUI's check refuses -1).
+    ok = validate("?variants=3", t2i("dry run", seed=5))
+    assert ok.status_code == 200 and ok.json()["valid"] is True, ok.text
+    for params, body, words in (
+            ("?variants=5", t2i("dry run", seed=5), "variants must be between 1 and 4"),
+            ("", {"prompt": t2i("dry run", seed=5), "extra_data": {"variants": [1, -3]}},
+             "variants[1]: seed -3 is out of range for node 3 (KSampler) input 'seed'"),
+            ("?variants=4", t2i("dry run", seed=5), "variants: 4 variants would write over")):
+        r = validate(params, body)
+        assert r.status_code == 200, r.text
+        report = r.json()
+        assert report["valid"] is False and words in report["error"]["message"], report
+    bad = validate("?variants=many", t2i("dry run", seed=5))
+    assert bad.status_code == 400 and "variants must be a whole number" in bad.text
+
+
 def test_variants_without_a_seed_input_is_400(server: Server) -> None:
     graph = {"1": {"class_type": "EmbedTestFlexible", "inputs": {"x": 1}}}
     r = server.run(graph, "?variants=2")
