@@ -8,6 +8,7 @@ event and the connection goes on."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any, Mapping
 
@@ -16,7 +17,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from comfy_embed.api.apps import app_graph
 from comfy_embed.api.auth import key_hash_of
-from comfy_embed.api.body import task_id_param
+from comfy_embed.api.body import deadline_param, task_id_param
 from comfy_embed.api.serverless.runs import dumps, log_refused, run_options, since_param
 from comfy_embed.errors import (
     ComfyEmbedError,
@@ -98,6 +99,8 @@ async def serverless_ws(ws: WebSocket) -> None:
             if message["type"] == "websocket.disconnect":
                 return
             task_id = uuid.uuid4().hex
+            if opts.deadline is not None:  # "seconds from now": from each message
+                opts = dataclasses.replace(opts, deadline=deadline_param(q, ws.headers))
             try:
                 handle = await _start(service, message, q, opts, task_id, owner_key, policy,
                                       ws.app.state)

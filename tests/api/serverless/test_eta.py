@@ -6,6 +6,7 @@ one, and the prior another instance reads from the shared log."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 import requests
+import websocket
 
 from tests.conftest import text_to_image
 from tests.servers import ROOT, Server
@@ -135,6 +137,32 @@ def test_an_unmeetable_deadline_is_refused_at_once(server: Server) -> None:
     assert ok.status_code == 200 and ok.json()["data"]["status"] == "success"
     server.wait_final(blocker["task_id"], timeout=60)
     assert server.run(text_to_image(steps=2)).status_code == 200  # still serving
+
+
+def ws_final(ws: websocket.WebSocket, graph: dict[str, Any]) -> dict[str, Any]:
+    """Send one workflow on the connection; its final event."""
+    ws.send(json.dumps(graph))
+    while True:
+        ev = json.loads(ws.recv())
+        if ev["type"] == "serverless_api":
+            return ev
+
+
+def test_a_websocket_deadline_counts_from_each_message(server: Server) -> None:
+    learn(server, 1.0)
+    tight = websocket.create_connection(f"{server.ws_url}?deadline=0.2", timeout=60)
+    roomy = websocket.create_connection(f"{server.ws_url}?deadline=4", timeout=60)
+    try:
+        for _ in range(2):  # refused each time; the connection stays open
+            final = ws_final(tight, wait_node(1.0))
+            assert final["data"]["error"]["type"] == "deadline_unmeetable", final
+        first = ws_final(roomy, wait_node(1.0))
+        time.sleep(4.5)  # a deadline fixed at connect would have passed by now
+        second = ws_final(roomy, wait_node(1.0))
+        assert first["data"]["status"] == second["data"]["status"] == "success", second
+    finally:
+        tight.close()
+        roomy.close()
 
 
 @pytest.mark.parametrize(("where", "value", "named"), [
