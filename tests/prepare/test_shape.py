@@ -97,3 +97,23 @@ def test_the_graph_is_not_changed() -> None:
     before = copy.deepcopy(g)
     shape(g)
     assert g == before
+
+
+def test_combos_as_the_booted_comfyui_declares_them() -> None:
+    """comfy_embed._comfy.comfy.Comfy.input_specs gives a combo's type as
+    ``"COMBO"`` (its choices change): chosen values still count, uploads not."""
+    def combo_specs(class_type: str) -> dict[str, tuple[Any, dict[str, Any]]]:
+        return {name: ("COMBO" if isinstance(kind, list) else kind, opts)
+                for name, (kind, opts) in SPECS.get(class_type, {}).items()}
+
+    def combo_shape(graph: dict[str, Any]) -> str:
+        return workflow_shape(graph, combo_specs)
+
+    base = text_to_image(steps=5)
+    model = text_to_image(steps=5)
+    model["4"]["inputs"]["ckpt_name"] = "other.safetensors"
+    assert combo_shape(model) != combo_shape(base)
+    assert combo_shape(base) == shape(base)  # the same hash either way
+    load = {"1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}}}
+    other = {"1": {"class_type": "LoadImage", "inputs": {"image": "b.png"}}}
+    assert combo_shape(load) == combo_shape(other)
