@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from comfy_embed.background import Background
 from comfy_embed.errors import StorageUnavailable
@@ -163,6 +164,13 @@ class LogWriters:
         released = await self._io.run(self._write_final, task.task_id, batch,
                                       {REPLAY_RECORD: record} if embed and record else None)
         task.final_durable.set()  # the answer goes
+        # The index entry moves once the answer is written: one rename off
+        # its path. Two turns of the loop: the handler, woken with this
+        # writer by the final event, then passes final_durable's wait (a
+        # checkpoint in anyio even when set) and writes the answer.
+        for _ in range(2):
+            await anyio.lowlevel.checkpoint()
+        await self._io.run(self.tasklog.index_final, task.task_id)
         if record is not None and not embed:
             await anyio.to_thread.run_sync(write_replay, self.tasklog, task.task_id, record)
         return released
@@ -173,7 +181,8 @@ class LogWriters:
         lease's release in one call (one worker-thread hop, where writes go
         to threads); True once released. A failed release does not make the
         written final event look unwritten."""
-        self.tasklog.extend(task_id, batch, records)  # returns once a final event is on disk
+        # Returns once a final event is on disk; its index entry moves after the answer.
+        self.tasklog.extend(task_id, batch, records, index_later=True)
         try:
             self._released(task_id, final=True)
             return True

@@ -88,6 +88,10 @@ class TaskLog:
         #: their non-terminal events, its writes to each one at a time.
         self._owned: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        #: Tasks being written with ``index_later`` (:meth:`extend`), and
+        #: those whose final counted: their entry waits for :meth:`index_final`.
+        self._index_later: set[str] = set()
+        self._unindexed: set[str] = set()
 
     @property
     def instance_id(self) -> str:
@@ -184,7 +188,8 @@ class TaskLog:
         """
         return self._write(task_id, [(None, event)])[0]
 
-    def extend(self, task_id: str, events: Sequence[Pair], records: Records | None = None) -> int:
+    def extend(self, task_id: str, events: Sequence[Pair], records: Records | None = None,
+               *, index_later: bool = False) -> int:
         """Persist a batch of ``(seq, event)`` in one file (one flush).
 
         The seqs are the caller's (the in-memory task numbers its events, and
@@ -196,8 +201,28 @@ class TaskLog:
         (name -> JSON bytes, small) are written into the final file with
         a terminal event (:meth:`final_record` reads them), and dropped
         when the batch has none or its final did not count.
+        ``index_later``: the task's index entry (open, then done) moves at
+        :meth:`index_final`, not before this returns (one rename fewer before
+        an answer; a crash in between leaves it to the recovery scan).
         """
-        return self._write(task_id, list(events), records)[0]
+        if not index_later:
+            return self._write(task_id, list(events), records)[0]
+        with self._lock:
+            self._index_later.add(task_id)
+        try:
+            return self._write(task_id, list(events), records)[0]
+        finally:
+            with self._lock:
+                self._index_later.discard(task_id)
+
+    def index_final(self, task_id: str) -> None:
+        """Move the index entry of a task whose final :meth:`extend` wrote
+        with ``index_later`` (nothing for any other task)."""
+        with self._lock:
+            if task_id not in self._unindexed:
+                return
+            self._unindexed.discard(task_id)
+        self._closed(task_id)
 
     @contextmanager
     def _writing(self, task_id: str) -> Iterator[bool]:
@@ -231,6 +256,10 @@ class TaskLog:
 
     def _closed(self, task_id: str) -> None:
         """The task has its final event: from the open index to the done index."""
+        with self._lock:
+            if task_id in self._index_later:
+                self._unindexed.add(task_id)  # moved at index_final()
+                return
         try:
             self.done_index.add(task_id, self.leases.clock(), moving_from=self.open_index)
         except OSError as e:  # the next recovery scan moves it
