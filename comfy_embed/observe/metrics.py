@@ -110,6 +110,9 @@ class Metrics:
         self.execution = Histogram("comfy_embed_execution_seconds",
                                    "Seconds ComfyUI spent executing a task's graph.",
                                    buckets=_SECONDS, registry=r)
+        self.eta_error = Histogram("comfy_embed_eta_error_seconds",
+                                   "|estimated - actual| execution seconds of a task the ETA "
+                                   "had an estimate for.", buckets=_SECONDS, registry=r)
         self.end_to_end = Histogram("comfy_embed_task_end_to_end_seconds",
                                     "Seconds from submission to the final event.",
                                     buckets=_SECONDS, registry=r)
@@ -177,6 +180,8 @@ class Metrics:
         self.queue_wait.observe(report["queued"])
         if report["execution"]:
             self.execution.observe(report["execution"])
+            if report.get("estimate") is not None:  # comfy_embed.eta's, as admitted
+                self.eta_error.observe(abs(report["estimate"] - report["execution"]))
         if report["render"]:
             self.render.observe(report["render"])
         if report["upload"]:

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 import websocket
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import text_to_image
 from tests.servers import ROOT, Server
@@ -92,6 +93,11 @@ def test_202_queue_events_and_ready_backlog(server: Server) -> None:
     for a in answers[:2]:
         server.wait_final(a["task_id"], timeout=60)
     assert ready(server)["backlog_seconds"] == 0.0
+    # The ETA's error of every task that had an estimate, for operators.
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    counts = [smp.value for fam in text_string_to_metric_families(text)
+              for smp in fam.samples if smp.name == "comfy_embed_eta_error_seconds_count"]
+    assert counts and counts[0] >= 3
 
 
 def test_the_v2_job_carries_its_eta(server: Server) -> None:
