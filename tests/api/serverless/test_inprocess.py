@@ -38,7 +38,7 @@ class App:
     def submit_async(self, graph: Any, task_id: str) -> None:
         r = self.run(graph, headers={"X-Fc-Invocation-Type": "Async", "X-Task-Id": task_id})
         assert r.status_code == 202, r.text
-        assert r.json() == {"task_id": task_id}
+        assert r.json()["task_id"] == task_id
 
     def status(self, task_id: str, since: int = 0) -> list[dict[str, Any]]:
         r = self.client.get("/api/serverless/status", params={"task_id": task_id, "since": since})
