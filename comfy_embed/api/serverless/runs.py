@@ -14,7 +14,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from comfy_embed import events
 from comfy_embed.api.apps import app_graph
 from comfy_embed.api.auth import key_hash_of
-from comfy_embed.api.body import deadline_param, flag, read_limited, task_id_param, whole_number
+from comfy_embed.api.body import (
+    deadline_param,
+    flag,
+    read_limited,
+    task_id_param,
+    whole_number,
+)
 from comfy_embed.api.errors import status_for, status_for_event
 from comfy_embed.dryrun import dry_run
 from comfy_embed.errors import (
