@@ -217,7 +217,9 @@ class Eta:
         DeadlineUnmeetable when the forecast says it cannot finish by
         ``options.deadline``. A job whose forecast is unknown is admitted:
         nothing says it will be late. Returns the job's live forecast."""
-        runs = _runs(getattr(options, "variants", None))
+        # The job's variant hook knows N whichever way it was asked
+        # (?variants= or extra_data.variants, v2's only way).
+        runs = len(getattr(job.run, "variants", ())) or _runs(getattr(options, "variants", None))
         if runs > 1:  # N variants execute N times in one job: a shape of their own
             job.shape = f"{job.shape}x{runs}"
         job.estimate = self.estimator.estimate(job.shape)

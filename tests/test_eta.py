@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from comfy_embed.config import Settings
 from comfy_embed.errors import DeadlineUnmeetable, QueueFull
 from comfy_embed.eta import Estimator, Eta, parse_deadline, recent_reports
 from comfy_embed.events import final_event
@@ -21,6 +22,7 @@ from comfy_embed.executor import Executor, Job, Outcome
 from comfy_embed.observe.report import TaskReport
 from comfy_embed.prepare.options import RunOptions
 from comfy_embed.tasklog.log import TaskLog
+from comfy_embed.variants import attach_variants
 
 
 # ------------------------------------------------------------------ estimator
@@ -215,6 +217,18 @@ def test_variants_are_a_shape_of_their_own(queue: tuple[Executor, _Held]) -> Non
     eta.admit(seeds, RunOptions(variants=(1, 2)))
     eta.admit(one, RunOptions(variants=1))
     assert (job.shape, seeds.shape, one.shape) == ("sx3", "sx2", "s")
+
+
+def test_variants_asked_in_extra_data_count_too(queue: tuple[Executor, _Held]) -> None:
+    """v2's only way to ask is extra_data.variants: the job's variant hook says N."""
+    ex, _ = queue
+    job = _job("s")
+    job.prompt = {"1": {"class_type": "KSampler", "inputs": {"seed": 5}}}
+    job.extra_data = {"variants": 4}
+    specs = lambda class_type: {"seed": ("INT", {"min": 0, "max": 2**64 - 1})}  # noqa: E731
+    assert attach_variants(job, None, specs, Settings()) is not None
+    Eta(ex, Estimator()).admit(job, RunOptions())
+    assert job.shape == "sx4"
 
 
 # ------------------------------------------------------------------ deadlines
