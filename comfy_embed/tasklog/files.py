@@ -54,7 +54,7 @@ from typing import Any
 
 from comfy_embed.events import FINAL, dumps_bytes, loads
 
-__all__ = ["OWNER", "FINAL_FILE", "CANCEL", "KEY", "LOCK_RE", "PLACEHOLDER", "FinalMarker",
+__all__ = ["OWNER", "FINAL_FILE", "CANCEL", "KEY", "LOCK_RE", "NO_LINK", "PLACEHOLDER", "FinalMarker",
            "segment_name", "lock_name", "segment_seqs", "is_log_file", "fsync_dir", "listdir",
            "publish", "read", "encode", "decode", "parse", "load", "event_pairs", "read_final"]
 
@@ -72,7 +72,7 @@ _SEQ_RE = re.compile(r"(\d{8,})\.json")
 #: A no-hard-link reservation of a segment's name (see :func:`publish`).
 LOCK_RE = re.compile(r"\.(\d{8,})\.json\.lock")
 # errnos by which a filesystem says "no hard links here" (FUSE mounts, SMB...).
-_NO_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
+NO_LINK = _NO_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
 #: zlib level: the default, about as fast as 1 on these small JSON files.
 _ZLEVEL = 6
 #: A seq slot with no event: the task's terminal event, which lives in ``final``.

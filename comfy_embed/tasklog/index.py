@@ -4,9 +4,12 @@ Every instance looks for orphaned tasks and for webhooks to resume every
 15 seconds. Listing every task folder kept for the retention period costs a
 stat or a read per folder, under the GIL the executor thread needs: about
 80-200 ms per scan at 10,000 tasks on a 2-core VM, growing with the log.
-An index names only the tasks a scan is about, one empty file per task:
+An index names only the tasks a scan is about, one file per task (its
+content is never read):
 
-- ``<root>/@index/open/<task_id>``: claimed, no final event yet;
+- ``<root>/@index/open/<task_id>``: claimed, no final event yet; the file is
+  the task's lease too (``owner.json`` is a hard link of it, log.py: one
+  file created per claim), so it holds the lease's record;
 - ``<root>/@index/webhooks/<task_id>``: a webhook not yet done;
 - ``<root>/@index/done/<bucket>/<task_id>``: finished, by when (buckets of
   :data:`BUCKET_SECONDS`), so that retention looks only at tasks old
@@ -38,16 +41,22 @@ _COMPLETE = ".complete"
 BUCKET_SECONDS = 10
 
 
-def _create(folder: Path, name: str) -> None:
-    """An empty file ``folder/name`` (kept if it exists); the folder is made
-    on first use."""
+def _create(folder: Path, name: str, payload: bytes = b"", exclusive: bool = False) -> None:
+    """A file ``folder/name`` (kept if it exists; FileExistsError instead
+    when ``exclusive``), holding ``payload`` when new; the folder is made on
+    first use."""
     path = os.path.join(folder, name)
+    flags = os.O_CREAT | os.O_WRONLY | (os.O_EXCL if exclusive else 0)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+        fd = os.open(path, flags, 0o644)
     except FileNotFoundError:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
-    os.close(fd)
+        fd = os.open(path, flags, 0o644)
+    try:
+        if payload:
+            os.write(fd, payload)
+    finally:
+        os.close(fd)
 
 
 class _Index:
@@ -66,10 +75,20 @@ class _Index:
 
 
 class NameIndex(_Index):
-    """One index: a folder of empty files named by task id."""
+    """One index: a folder of files named by task id."""
 
     def add(self, task_id: str) -> None:
         _create(self.folder, task_id)
+
+    def add_new(self, task_id: str, payload: bytes) -> str | None:
+        """A new entry holding ``payload`` (an entry's content is never read:
+        the caller may link the file elsewhere); its path, or None when an
+        entry was there already (kept as it is)."""
+        try:
+            _create(self.folder, task_id, payload, exclusive=True)
+        except FileExistsError:
+            return None
+        return os.path.join(self.folder, task_id)
 
     def drop(self, task_id: str) -> None:
         try:

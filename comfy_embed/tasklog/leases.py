@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from comfy_embed.events import dumps_bytes, loads
-from comfy_embed.tasklog.files import publish, read
+from comfy_embed.tasklog.files import NO_LINK, publish, read
 
 __all__ = ["Leases", "RELEASED"]
 
@@ -41,10 +41,35 @@ class Leases:
         self.instance_id = instance_id
         self.seconds = seconds
         self.clock = clock
+        #: Whether the filesystem took a hard link (:meth:`take_as_link`) so far.
+        self._links = True
 
     def _touch(self, path: Path, when: float | None = None) -> None:
         t = self.clock() if when is None else when
         os.utime(path, (t, t))
+
+    def record(self) -> bytes:
+        """What a lease this instance takes holds, as of now."""
+        return dumps_bytes({"instance_id": self.instance_id, "claimed_at": self.clock()})
+
+    def take_as_link(self, path: Path, source: str) -> bool:
+        """Take the lease ``path`` in a folder this caller just made (an
+        exclusive mkdir) as a hard link of ``source``, a file it just created
+        holding :meth:`record`: one file created instead of two (about
+        0.1 ms of kernel time each on a busy VM). False where the filesystem
+        has no hard links: then :meth:`take`."""
+        if not self._links:
+            return False
+        try:
+            os.link(source, path)
+        except OSError as e:
+            if e.errno not in NO_LINK:
+                raise
+            self._links = False
+            return False
+        if self.clock is not time.time:
+            self._touch(path)  # as take() does for a test's clock
+        return True
 
     def take(self, path: Path, *, folder_is_ours: bool = False) -> bool:
         """Create the lease file ``path`` held by this instance, renewed now;
@@ -55,7 +80,7 @@ class Leases:
         than publishing (this is on every request's path); a reader that
         catches the file empty sees no holder yet.
         """
-        info = dumps_bytes({"instance_id": self.instance_id, "claimed_at": self.clock()})
+        info = self.record()
         if folder_is_ours:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

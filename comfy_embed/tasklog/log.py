@@ -134,12 +134,16 @@ class TaskLog:
                 return False
         except FileExistsError:
             return False
-        self.open_index.add(task_id)  # before anyone can rely on it (owner.json)
+        # The index entry first, before anyone can rely on the lease (owner.json).
+        entry = self.open_index.add_new(task_id, self.leases.record())
         self._writer.started(task_id)
         with self._lock:
             self._owned[task_id] = threading.Lock()
-        # The directory is ours alone (mkdir is exclusive).
-        self.leases.take(d / OWNER, folder_is_ours=True)
+        # The directory is ours alone (mkdir is exclusive). The lease is the
+        # index entry's file, linked (it holds the lease's record): one file
+        # created per claim, not two; a new file where links are refused.
+        if entry is None or not self.leases.take_as_link(d / OWNER, entry):
+            self.leases.take(d / OWNER, folder_is_ours=True)
         attempt = adopt(self.root, task_id)  # one stat with no earlier attempt
         if attempt > 1:
             self.attempts[task_id] = attempt

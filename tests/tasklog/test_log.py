@@ -289,6 +289,39 @@ def test_a_final_written_with_index_later_moves_its_entry_at_index_final(tmp_pat
     assert tl.recover_orphans() == [] and tl.open_index.names() == []
 
 
+def test_the_lease_is_the_open_index_entry_linked(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    clock = FakeClock()
+    tl = TaskLog(tmp_path, "i1", clock=clock)
+    assert tl.claim("t")
+    lease, entry = tmp_path / "t" / "owner.json", tmp_path / "@index" / "open" / "t"
+    assert os.path.samefile(lease, entry)  # one file created for both
+    assert tl.owner("t") == "i1" and lease.stat().st_mtime == clock.t
+    tl.append("t", final())  # the entry moves to the done index: the lease stays
+    assert not entry.exists() and tl.owner("t") == "i1"
+    # A stale entry of the same name is kept; the lease is a file of its own.
+    os.close(os.open(tmp_path / "@index" / "open" / "stale", os.O_CREAT | os.O_WRONLY))
+    assert tl.claim("stale") and tl.owner("stale") == "i1"
+    assert not os.path.samefile(tmp_path / "stale" / "owner.json",
+                                tmp_path / "@index" / "open" / "stale")
+    # A filesystem without hard links: a file of its own, and no link tried again.
+    tries = []
+
+    def no_link(*args: Any, **kw: Any) -> None:
+        tries.append(args)
+        raise OSError(errno.EPERM, "no hard links here")
+    monkeypatch.setattr(os, "link", no_link)
+    for task_id in ("u", "v"):
+        assert tl.claim(task_id) and tl.owner(task_id) == "i1"
+        assert (tmp_path / "@index" / "open" / task_id).exists()
+    assert len(tries) == 1
+    tl.renew(["u"])
+    assert tl.recover_orphans(now=clock.t + 10) == []
+
+
 def test_a_record_never_brings_back_a_deleted_task(tmp_path: Path) -> None:
     tl = TaskLog(tmp_path, "i1")
     with pytest.raises(FileNotFoundError):
