@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from comfy_embed.errors import ComfyEmbedError, WorkflowInvalid
+from comfy_embed.prepare.graph import randomize_seeds
 from comfy_embed.storage.credentials import Credentials
 from comfy_embed.tasks import scrub_paths, server_folders
 from comfy_embed.variants import asked, checked_plan
@@ -63,6 +64,9 @@ async def dry_run(engine: "Engine", body: Any,
         report.update(error=e.to_dict(), node_errors=e.node_errors)
         return report
     prompt = request.prompt
+    # Seeds of -1 are drawn as a run draws them (ComfyUI refuses -1 itself):
+    # the bundled example sends -1.
+    randomize_seeds(prompt, comfy.input_specs)
     report["missing_nodes"] = [
         {"node_id": nid, "class_type": node["class_type"]}
         for nid, node in prompt.items() if not comfy.has_node(node["class_type"])]

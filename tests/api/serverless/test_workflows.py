@@ -225,6 +225,14 @@ def test_validate_a_runnable_workflow_runs_nothing(server: Server) -> None:
     assert server.log_path.read_text().count("queued as prompt") == queued
 
 
+def test_validate_draws_random_seeds_as_a_run_does(server: Server) -> None:
+    """The bundled example's seed is -1 (a run draws one): valid, not ComfyUI's 'below min'."""
+    graph = text_to_image(steps=2)
+    graph["3"]["inputs"]["seed"] = -1
+    report = validate(server, graph)
+    assert report["valid"] is True and report["error"] is None, report
+
+
 def test_validate_reports_bad_json_and_bad_inputs(server: Server) -> None:
     r = requests.post(f"{server.url}/api/serverless/validate", data=b"{not json", timeout=30)
     assert r.status_code == 200 and r.json()["valid"] is False
