@@ -63,7 +63,6 @@ from comfy_embed.errors import ComfyEmbedError, NotAccepting, WorkflowInvalid
 from comfy_embed.eta import Estimator, Eta
 from comfy_embed.events import queue_event, status_event
 from comfy_embed.executor import Executor, Job
-from comfy_embed.observe import memory
 from comfy_embed.observe.guard import MemoryGuard
 from comfy_embed.observe.metrics import Metrics
 from comfy_embed.observe.report import TaskReport
@@ -71,6 +70,7 @@ from comfy_embed.prepare.options import DEFAULT_OPTIONS, RunOptions
 from comfy_embed.prepare.pipeline import Preparer, WriteGate
 from comfy_embed.results import FORMATS
 from comfy_embed.scheduling import Quota, Quotas
+from comfy_embed.startup import boot_comfy
 from comfy_embed.storage import Store, open_store
 from comfy_embed.taskid import check_task_id, valid_task_id
 from comfy_embed.tasks import Task, TaskObserver
@@ -87,33 +87,6 @@ __all__ = ["Engine", "RunOptions", "Task", "TaskObserver", "run_workflow"]
 #: Finished tasks kept in memory for late readers (the task log keeps all;
 #: a final event can hold megabytes of base64, so keep few).
 _KEEP_FINISHED = 4
-
-
-def boot_comfy(settings: Settings) -> Comfy:
-    """ComfyUI booted headless, with the tiny checkpoint built when asked
-    for and the preload checkpoints loaded (on the executor thread)."""
-    if settings.models.manifest:
-        from comfy_embed.inputs.models import ensure_models, load_manifest
-        if settings.models.fetch == "startup":
-            # Before ComfyUI lists its model folders; /ready waits for this.
-            ensure_models(settings)
-        else:
-            load_manifest(settings.models.manifest)  # a bad manifest fails the boot
-    if settings.comfy.lock is not None:
-        # The lock's models with a URL, fetched as the manifest's are (a
-        # missing one without a URL is drift, reported after the boot).
-        from comfy_embed.environment.apply import fetch_models
-        from comfy_embed.environment.lockfile import read_lock
-        fetch_models(settings, read_lock(settings.comfy.lock), strict=False)
-    memory.keep_freed_heap(settings.observe.heap_keep_bytes)  # 0: glibc's defaults
-    comfy = Comfy.boot(settings)
-    if settings.comfy.tiny_checkpoint:
-        from comfy_embed._comfy.checkpoint import ensure_tiny_checkpoint
-        ensure_tiny_checkpoint(comfy, settings)
-    for name in settings.comfy.preload:
-        comfy.preload(name)
-    comfy.keep_warm()  # COMFY_EMBED_KEEP_LOADED: loaded now, kept from now
-    return comfy
 
 
 class Engine:

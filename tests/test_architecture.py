@@ -44,6 +44,8 @@ FLOORS: list[tuple[str, ...]] = [
     # fair share between API keys: per-key FIFOs served round-robin (issue 28)
     ("scheduling",),
     ("_comfy",),
+    # the engine's boot on its executor thread: models, ComfyUI, kept models
+    ("startup",),
     ("executor",),
     # the measured ETA and deadline admission (issue 28)
     ("eta",),
