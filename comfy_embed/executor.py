@@ -31,7 +31,11 @@ from comfy_embed.scheduling import FairQueue, Quotas, late_reason, latest_start
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Backend", "Executor", "Job", "Outcome", "Sink"]
+#: The cancel reason of a queued job dropped for its deadline starts so
+#: (what follows is why: the final error's message, tasks.py).
+DEADLINE_REASON = "deadline: "
+
+__all__ = ["DEADLINE_REASON", "Backend", "Executor", "Job", "Outcome", "Sink"]
 
 
 class Housekeeper(Protocol):
@@ -382,7 +386,7 @@ class Executor:
         for job in gone:
             job.state = "done"
             assert job.deadline is not None
-            job.cancel_reason = "deadline: " + late_reason(job.deadline, job.estimate, now)
+            job.cancel_reason = DEADLINE_REASON + late_reason(job.deadline, job.estimate, now)
         return gone
 
     def _drop(self, late: list[Job]) -> None:

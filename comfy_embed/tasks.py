@@ -41,7 +41,7 @@ from comfy_embed.events import (
     final_event,
     queue_event,
 )
-from comfy_embed.executor import Outcome
+from comfy_embed.executor import DEADLINE_REASON, Outcome
 from comfy_embed.observe.guard import is_out_of_memory
 from comfy_embed.observe.metrics import Metrics
 from comfy_embed.observe.report import TaskReport, TimedUploader
@@ -488,9 +488,9 @@ def _outcome_error(outcome: Outcome, timeout: float | None,
             return storage
         err = scrub_paths(err, folders)
     reason = err.pop("reason", None)
-    if outcome.interrupted and str(reason).startswith("deadline: "):  # dropped unrun
-        return DeadlineExceeded(f"the task was dropped from the queue: {reason[10:]}",
-                                details=err)
+    if outcome.interrupted and str(reason).startswith(DEADLINE_REASON):  # dropped unrun
+        why = str(reason).removeprefix(DEADLINE_REASON)
+        return DeadlineExceeded(f"the task was dropped from the queue: {why}", details=err)
     if outcome.interrupted:
         if reason == "timeout":
             return RunTimeout(f"the run exceeded its time limit of {timeout:g}s and was interrupted",
