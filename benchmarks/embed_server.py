@@ -109,7 +109,7 @@ def instrument() -> None:
     tk.Task._publish = _publish  # type: ignore[method-assign]
 
     class _MarkedEvent:
-        """Stands in for ``Task.final_durable`` (set by LogWriters._persist)."""
+        """Stands in for ``Task.final_written`` (set by LogWriters._persist)."""
 
         def __init__(self, event: Any, key: str) -> None:
             self._event, self._key = event, key
@@ -124,10 +124,17 @@ def instrument() -> None:
         async def wait(self) -> None:
             await self._event.wait()
 
+    orig_last_write = sv.LogWriters._last_write
+
+    async def _last_write(self: Any, task: Any, batch: Any) -> Any:
+        mark("last_write", task.task_id)
+        return await orig_last_write(self, task, batch)
+    sv.LogWriters._last_write = _last_write  # type: ignore[method-assign]
+
     orig_persist = sv.LogWriters._persist
 
     async def _persist(self: Any, task: Any) -> None:
-        task.final_durable = _MarkedEvent(task.final_durable, task.task_id)
+        task.final_written = _MarkedEvent(task.final_written, task.task_id)
         await orig_persist(self, task)
     sv.LogWriters._persist = _persist  # type: ignore[method-assign]
 

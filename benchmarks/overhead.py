@@ -151,6 +151,15 @@ STAGES = [  # (label, from mark, to mark)
 ]
 
 
+#: The persistence wait in parts (the last extend's marks: append0/1 of its final write).
+PERSIST_STAGES = [
+    ("  final -> its writer runs", "final", "last_write"),
+    ("  stamps, to the write", "last_write", "final_append0"),
+    ("  the final write", "final_append0", "final_append1"),
+    ("  lease release, back to the loop", "final_append1", "persisted"),
+]
+
+
 def _breakdown(args: argparse.Namespace, wd: Path) -> dict[str, Any]:
     """Per-stage p50 of (c), one request at a time, on the instrumented server."""
     out: dict[str, Any] = {}
@@ -164,7 +173,11 @@ def _breakdown(args: argparse.Namespace, wd: Path) -> dict[str, Any]:
                 for w in range(args.warmup):
                     client.run(_graph(g, -1 - w, args))
                 stats.request("GET", "/_bench/stats")
-                per_stage: dict[str, list[float]] = {s[0]: [] for s in STAGES}
+                per_stage: dict[str, list[float]] = {}
+                for label, _, _ in STAGES:
+                    per_stage[label] = []
+                    if label == "task log persistence wait":
+                        per_stage.update({p[0]: [] for p in PERSIST_STAGES})
                 per_stage["claim task log (loop or worker thread)"] = []
                 per_stage["task log writes (sum, loop or threads)"] = []
                 per_stage["total (client)"] = []
@@ -181,11 +194,16 @@ def _breakdown(args: argparse.Namespace, wd: Path) -> dict[str, Any]:
                             continue
                         if name == "append0":
                             appends["open"] = t
+                            marks["final_append0"] = t  # the last one wins: the final's
                         elif name == "append1":
+                            marks["final_append1"] = t
                             appends["sum"] = appends.get("sum", 0.0) + t - appends.pop("open", t)
                         else:
                             marks.setdefault(name, t)
                     for label, a, b in STAGES:
+                        if a in marks and b in marks:
+                            per_stage[label].append(marks[b] - marks[a])
+                    for label, a, b in PERSIST_STAGES:
                         if a in marks and b in marks:
                             per_stage[label].append(marks[b] - marks[a])
                     if "claim0" in marks and "claim1" in marks:

@@ -28,8 +28,9 @@ The lifecycle, and who owns each step (the engine, from submit to final event):
    prepares and validates the graph and queues a :class:`~.executor.Job`.
 2. Once queued, the task is registered and every :class:`TaskObserver` is
    told (``task_accepted``). An observer that persists the task (the
-   service's task-log writer) answers True and sets ``Task.final_durable``
-   once the final event is on disk; with none, the engine sets it at once.
+   service's task-log writer) answers True and sets ``Task.final_written``
+   once the final event is in the task log; with none, the engine sets it
+   at once.
 3. The executor thread runs the job; its messages are appended to the
    task's log in the loop. Its :class:`~.executor.Outcome` comes back with
    the output files resolved.
@@ -453,7 +454,7 @@ class Engine:
             except Exception:
                 log.exception("task %s: observer %r failed", task.task_id, observer)
         if not persisted:
-            task.final_durable.set()  # nothing writes it anywhere: as durable as it gets
+            task.final_written.set()  # nothing writes it anywhere: as written as it gets
 
     @property
     def preparer(self) -> Preparer:

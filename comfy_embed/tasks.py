@@ -86,9 +86,9 @@ class TaskObserver(Protocol):
     def task_accepted(self, task: Task) -> bool:
         """``task`` was just queued (called on the loop, before ``submit``
         returns and before any executor message reaches it; only its
-        ``status``/``queue`` events are there). True: this observer makes the
-        task's final event durable and sets ``task.final_durable`` once it
-        is (whatever happens); False: not a task of this observer."""
+        ``status``/``queue`` events are there). True: this observer writes
+        the task's final event where it lasts and sets ``task.final_written``
+        once it is (whatever happens); False: not a task of this observer."""
         ...
 
 
@@ -139,9 +139,10 @@ class Task:
         self.resolved_graph: dict[str, Any] | None = None
         #: Timings and memory of this task, frozen into the final's data.report.
         self.report = report or TaskReport()
-        #: Set once the final event is durable: written by the observer that
-        #: persists the task, or at once when none does (library use).
-        self.final_durable = anyio.Event()
+        #: Set once the final event is written by the observer that persists
+        #: the task (the answer waits for it), or at once when none does
+        #: (library use).
+        self.final_written = anyio.Event()
         # Executor-thread messages wait here; one loop wake-up takes a burst.
         self._inbox: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque()
         self._wake_pending = False

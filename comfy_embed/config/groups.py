@@ -322,6 +322,10 @@ class TaskLogSettings(_Group):
     #: Seconds between writes of a running task's events to the task log (one
     #: file per write); the final event is written at once.
     flush_seconds: float = Field(default=0.5, alias="task_log_flush_seconds")
+    #: Seconds within which a final event written before its answer is
+    #: fsynced: the finals of that span share one fsync (one journal commit),
+    #: after their answers. 0: each at once, still after its answer.
+    sync_seconds: float = Field(default=0.2, alias="task_log_sync_seconds")
     #: A task's claim and log writes run on the event loop while each takes
     #: less than this (seconds), else in a worker thread; 0: always a thread.
     inline_seconds: float = Field(default=0.003, alias="task_log_inline_seconds")

@@ -123,6 +123,7 @@ RULES: dict[str, _Rule] = {
     "model_max_bytes": _number(1), "model_retry_seconds": _number(0),
     "models_fetch": _one_of("startup", "first_use"),
     "task_log_flush_seconds": ((lambda v: 0 <= v <= 60), "0 to 60"),
+    "task_log_sync_seconds": ((lambda v: 0 <= v <= 5), "0 to 5"),
     "task_log_inline_seconds": ((lambda v: 0 <= v <= 0.1), "0 to 0.1"),
     "progress_interval": ((lambda v: 0 <= v <= 60), "0 to 60"),
     "encode_workers": ((lambda v: 0 <= v <= 64), "0 to 64"),

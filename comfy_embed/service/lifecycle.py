@@ -7,7 +7,7 @@ the errors raised here (the ComfyEmbedError hierarchy) into statuses.
 The engine owns each task from submit to final event (see
 :mod:`comfy_embed.runtime`); the service is one of its observers: for each
 task it claimed in the log it starts a writer (in the engine's task group)
-that mirrors the events to disk and sets ``Task.final_durable``.
+that mirrors the events to disk and sets ``Task.final_written``.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Handle:
         if self.task is not None:
             async for seq, ev in self.task.stream(since):
                 if ev["type"] == FINAL:
-                    await self.task.final_durable.wait()
+                    await self.task.final_written.wait()
                 yield seq, ev
             return
         tasklog = self.service.tasklog
@@ -99,7 +99,7 @@ class Handle:
         """The final event (waiting for it), on disk when it is returned."""
         if self.task is not None:  # live here: no need to wake for every event
             final = await self.task.wait()
-            await self.task.final_durable.wait()
+            await self.task.final_written.wait()
             return final
         last: dict[str, Any] = {}
         async for _, ev in self.events():
@@ -138,7 +138,8 @@ class TaskService(TaskObserver):
         #: Each running task's writer of its log (service/persist.py).
         self.writers = LogWriters(
             tasklog=self.tasklog, io=self._io, group=engine.background.part("task log"),
-            flush_seconds=settings.tasklog.flush_seconds, metrics=engine.metrics,
+            flush_seconds=settings.tasklog.flush_seconds,
+            sync_seconds=settings.tasklog.sync_seconds, metrics=engine.metrics,
             retention=self.retention, attempts=self.attempts, webhooks=self.webhooks,
             folders=self.folders)
         engine.add_observer(self)
@@ -350,7 +351,7 @@ class TaskService(TaskObserver):
         live = self.writers.persisting.get(task_id)
         if live is not None:
             events = live.events_since(since)
-            if events and events[-1][1]["type"] == FINAL and not live.final_durable.is_set():
+            if events and events[-1][1]["type"] == FINAL and not live.final_written.is_set():
                 events.pop()
             return coalesce_snapshots(events)
         events = await anyio.to_thread.run_sync(self.tasklog.read, task_id, since)

@@ -1,6 +1,7 @@
 """Each task's writer: its events mirrored into the shared task log while it
-runs (gathered into one file per flush interval), its final event fsynced
-before the answer goes, its lease released after.
+runs (gathered into one file per flush interval), its final event written
+before the answer goes (fsynced after it, with the other finals of a short
+span: settle.py), its lease released.
 
 Split from :mod:`comfy_embed.service.lifecycle` (the task service starts one
 writer per claimed task and reads :attr:`LogWriters.persisting`); FC's
@@ -14,7 +15,6 @@ import time
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 
 from comfy_embed.background import Background
 from comfy_embed.errors import StorageUnavailable
@@ -30,6 +30,7 @@ from comfy_embed.service.replay import (
     write_replay,
 )
 from comfy_embed.service.retention import Retention
+from comfy_embed.service.settle import Settler
 from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasks import Task
 from comfy_embed.webhooks.delivery import Webhooks
@@ -45,7 +46,8 @@ class LogWriters:
 
     def __init__(self, *, tasklog: TaskLog, io: BlockingCalls, group: Background,
                  flush_seconds: float, metrics: Metrics, retention: Retention,
-                 attempts: Attempts, webhooks: Webhooks, folders: FolderProbe) -> None:
+                 attempts: Attempts, webhooks: Webhooks, folders: FolderProbe,
+                 sync_seconds: float = 0.0) -> None:
         self.tasklog = tasklog
         self._io = io
         self.group = group
@@ -65,6 +67,8 @@ class LogWriters:
         self._wrote = anyio.Event()
         #: While positive, writers write at once instead of gathering.
         self.hurry = 0
+        #: Fsyncs the finals written before their answers, after them.
+        self.settler = Settler(tasklog, group, sync_seconds)
 
     def start(self, task: Task) -> None:
         """Start ``task``'s writer."""
@@ -78,7 +82,8 @@ class LogWriters:
         """Write the task's events to the log: one file per flush, at most
         every ``task_log_flush_seconds`` while it runs, and the final event
         (with what precedes it) as soon as it exists. Only the final event
-        is fsynced; the answer waits for it (``task.final_durable``)."""
+        is fsynced; the answer waits for it to be written
+        (``task.final_written``), not for the fsync."""
         interval = self.flush_seconds
         written = 0
         last_flush = anyio.current_time()
@@ -115,7 +120,7 @@ class LogWriters:
                                         "until it can", task.task_id, e)
                         if ends:
                             # The caller gets its answer now; the log catches up.
-                            task.final_durable.set()
+                            task.final_written.set()
                         backoff = min(5.0, max(0.2, backoff * 2))
                         # A back-off, not a wait for an event: nothing says
                         # when a full or read-only disk takes writes again.
@@ -142,7 +147,7 @@ class LogWriters:
             self.written.pop(task.task_id, None)
             self.failing.discard(task.task_id)
             self._tell_flush()
-            task.final_durable.set()
+            task.final_written.set()
             if not released:
                 try:
                     # Shielded: a writer cancelled at shutdown still hands its lease back.
@@ -152,9 +157,9 @@ class LogWriters:
                     log.exception("task %s: releasing its lease failed", task.task_id)
 
     async def _last_write(self, task: Task, batch: list[tuple[int, dict[str, Any]]]) -> bool:
-        """The batch ending with the final event, stamped, written (fsynced)
-        with the replay record; then the answer goes. True once the lease
-        is released."""
+        """The batch ending with the final event, stamped, written with the
+        replay record; then the answer goes, then the final is fsynced. True
+        once the lease is released."""
         policy = self.retention.stamp(task.task_id, batch[-1][1])
         self.attempts.stamp(task.task_id, batch[-1][1])
         # The replay record rides in the final file (no file, no thread hop
@@ -163,14 +168,9 @@ class LogWriters:
         embed = record is not None and len(record) <= EMBED_LIMIT
         released = await self._io.run(self._write_final, task.task_id, batch,
                                       {REPLAY_RECORD: record} if embed and record else None)
-        task.final_durable.set()  # the answer goes
-        # The index entry moves once the answer is written: one rename off
-        # its path. Two turns of the loop: the handler, woken with this
-        # writer by the final event, then passes final_durable's wait (a
-        # checkpoint in anyio even when set) and writes the answer.
-        for _ in range(2):
-            await anyio.lowlevel.checkpoint()
-        await self._io.run(self.tasklog.index_final, task.task_id)
+        task.final_written.set()  # the answer goes
+        # Its fsync and index entry follow, with other finals' (settle.py).
+        self.settler.add(task.task_id)
         if record is not None and not embed:
             await anyio.to_thread.run_sync(write_replay, self.tasklog, task.task_id, record)
         return released
@@ -181,8 +181,8 @@ class LogWriters:
         lease's release in one call (one worker-thread hop, where writes go
         to threads); True once released. A failed release does not make the
         written final event look unwritten."""
-        # Returns once a final event is on disk; its index entry moves after the answer.
-        self.tasklog.extend(task_id, batch, records, index_later=True)
+        # Returns once a final event is written; its fsync and index entry follow the answer.
+        self.tasklog.extend(task_id, batch, records, settle_later=True)
         try:
             self._released(task_id, final=True)
             return True

@@ -55,7 +55,7 @@ from typing import Any
 from comfy_embed.events import FINAL, dumps_bytes, loads
 
 __all__ = ["OWNER", "FINAL_FILE", "CANCEL", "KEY", "LOCK_RE", "NO_LINK", "PLACEHOLDER", "FinalMarker",
-           "segment_name", "lock_name", "segment_seqs", "is_log_file", "fsync_dir", "listdir",
+           "segment_name", "lock_name", "segment_seqs", "is_log_file", "fsync_dir", "sync_file", "listdir",
            "publish", "read", "encode", "decode", "parse", "load", "event_pairs", "read_final"]
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,22 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass  # several network and FUSE filesystems refuse fsync on a directory
+
+
+def sync_file(path: Path) -> None:
+    """fsync a file :func:`publish` wrote without ``durable``, and its
+    directory (for the rename fallback; on journaling filesystems the
+    file's fsync already committed its name, so that one costs nothing).
+    A file deleted meanwhile needs nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def listdir(path: Path) -> set[str]:

@@ -35,6 +35,7 @@ from comfy_embed.tasklog.files import (
     read,
     read_final,
     segment_seqs,
+    sync_file,
 )
 from comfy_embed.tasklog.index import DoneIndex, NameIndex
 from comfy_embed.tasklog.leases import RELEASED, Leases
@@ -88,10 +89,11 @@ class TaskLog:
         #: their non-terminal events, its writes to each one at a time.
         self._owned: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
-        #: Tasks being written with ``index_later`` (:meth:`extend`), and
-        #: those whose final counted: their entry waits for :meth:`index_final`.
-        self._index_later: set[str] = set()
-        self._unindexed: set[str] = set()
+        #: Tasks being written with ``settle_later`` (:meth:`extend`), and
+        #: those whose final counted: its fsync and their index entry wait
+        #: for :meth:`settle_final`.
+        self._settle_later: set[str] = set()
+        self._unsettled: set[str] = set()
 
     @property
     def instance_id(self) -> str:
@@ -193,7 +195,7 @@ class TaskLog:
         return self._write(task_id, [(None, event)])[0]
 
     def extend(self, task_id: str, events: Sequence[Pair], records: Records | None = None,
-               *, index_later: bool = False) -> int:
+               *, settle_later: bool = False) -> int:
         """Persist a batch of ``(seq, event)`` in one file (one flush).
 
         The seqs are the caller's (the in-memory task numbers its events, and
@@ -205,27 +207,34 @@ class TaskLog:
         (name -> JSON bytes, small) are written into the final file with
         a terminal event (:meth:`final_record` reads them), and dropped
         when the batch has none or its final did not count.
-        ``index_later``: the task's index entry (open, then done) moves at
-        :meth:`index_final`, not before this returns (one rename fewer before
-        an answer; a crash in between leaves it to the recovery scan).
+        ``settle_later`` (the owner's last write, which an answer waits for):
+        the final file is written, not yet fsynced, when this returns, and
+        its fsync and the index entry's move (open, then done) wait for
+        :meth:`settle_final`, after the answer. Written means every process
+        and every instance sharing the folder reads it, and a killed process
+        loses nothing; only a crash of the machine between the two loses the
+        final event (as it loses the output files, which nobody fsyncs), and
+        the recovery scan then closes the task as lost.
         """
-        if not index_later:
+        if not settle_later:
             return self._write(task_id, list(events), records)[0]
         with self._lock:
-            self._index_later.add(task_id)
+            self._settle_later.add(task_id)
         try:
-            return self._write(task_id, list(events), records)[0]
+            return self._write(task_id, list(events), records, durable=False)[0]
         finally:
             with self._lock:
-                self._index_later.discard(task_id)
+                self._settle_later.discard(task_id)
 
-    def index_final(self, task_id: str) -> None:
-        """Move the index entry of a task whose final :meth:`extend` wrote
-        with ``index_later`` (nothing for any other task)."""
+    def settle_final(self, task_id: str) -> None:
+        """fsync the final file that :meth:`extend` wrote with
+        ``settle_later``, then move its index entry (nothing for any other
+        task). Raises OSError when the fsync fails."""
         with self._lock:
-            if task_id not in self._unindexed:
+            if task_id not in self._unsettled:
                 return
-            self._unindexed.discard(task_id)
+            self._unsettled.discard(task_id)
+        sync_file(self._dir(task_id) / FINAL_FILE)
         self._closed(task_id)
 
     @contextmanager
@@ -239,10 +248,11 @@ class TaskLog:
         with lock:
             yield True
 
-    def _write(self, task_id: str, pairs: list[Pair],
-               records: Records | None = None) -> tuple[int, bool]:
+    def _write(self, task_id: str, pairs: list[Pair], records: Records | None = None,
+               durable: bool = True) -> tuple[int, bool]:
         """Write pairs (seq None: the next one); the flag is False when the
-        terminal event among them did not count (or nothing was written)."""
+        terminal event among them did not count (or nothing was written).
+        ``durable``: the owner's final file is fsynced before this returns."""
         d = self._dir(task_id)
         if not pairs:
             return (final.seq if (final := read_final(d)) else 0), False
@@ -251,7 +261,7 @@ class TaskLog:
         is_final = pairs[-1][1].get("type") == FINAL
         with self._writing(task_id) as owned:
             if owned and is_final:
-                return self._writer.owner_final(d, task_id, pairs, records)
+                return self._writer.owner_final(d, task_id, pairs, records, durable=durable)
             final = read_final(d)
             if final is not None:
                 return final.seq, False
@@ -261,8 +271,8 @@ class TaskLog:
     def _closed(self, task_id: str) -> None:
         """The task has its final event: from the open index to the done index."""
         with self._lock:
-            if task_id in self._index_later:
-                self._unindexed.add(task_id)  # moved at index_final()
+            if task_id in self._settle_later:
+                self._unsettled.add(task_id)  # moved at settle_final()
                 return
         try:
             self.done_index.add(task_id, self.leases.clock(), moving_from=self.open_index)

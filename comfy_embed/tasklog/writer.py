@@ -9,10 +9,13 @@ in the chain, so that no segment of the owner's at that seq can be read
 before that final appears with a lower seq. The owner's ``final`` comes
 after its own chain, so readers take its ``events`` in place of any segment
 from ``from`` on (only placeholders of finishers that lost the race can be
-there). Durability: the answer to a caller waits for ``final`` (fsynced
-with its directory); segments and the blob are written without fsync, so a
-crash of the process (kill -9) loses nothing, and a crash of the machine can
-lose only progress and inlined images, never the final event.
+there). Durability: the answer to a caller waits for ``final`` to be
+written, and its fsync follows the answer (``TaskLog.settle_final``; other
+writers' finals are fsynced at once); segments and the blob are written
+without fsync. So a crash of the process (kill -9) loses nothing, and a
+crash of the machine can lose progress, inlined images and a final event
+written in the last moment before it (whose task the recovery scan then
+closes as lost), like the output files, which nobody fsyncs.
 """
 
 from __future__ import annotations
@@ -97,26 +100,27 @@ class Writer:
 
     # ------------------------------------------------------------- writing
     def owner_final(self, d: Path, task_id: str, pairs: list[Pair],
-                    records: Records | None = None) -> tuple[int, bool]:
+                    records: Records | None = None, *, durable: bool = True) -> tuple[int, bool]:
         """The owner's last flush, ending with the terminal event, all in the
         final file (no placeholder: the owner is the only writer of other
         events, see the module doc). No look for a final first: publishing
         one is exclusive, and a final already there (a recovery that took
         this instance for dead) makes it lose as a look would (see
-        :meth:`_finish`). ``records`` go into the final file with it."""
+        :meth:`_finish`). ``records`` go into the final file with it;
+        ``durable``: fsynced before this returns (else the caller syncs it)."""
         first = self._next_seq(d, task_id)
         items = self._number(task_id, first, pairs[:-1])
         seq = pairs[-1][0]
         nxt = items[-1][0] + 1 if items else first
         seq = nxt if seq is None or seq < nxt else seq
         try:
-            return self._finish(d, task_id, seq, pairs[-1][1], first, items, records)
+            return self._finish(d, task_id, seq, pairs[-1][1], first, items, records, durable)
         except FileNotFoundError:
             if d.is_dir():
                 raise
             # Its folder was deleted under it: the final event still lands.
             d.mkdir(parents=True, exist_ok=True)
-            return self._finish(d, task_id, seq, pairs[-1][1], first, items, records)
+            return self._finish(d, task_id, seq, pairs[-1][1], first, items, records, durable)
 
     def _number(self, task_id: str, first: int, pairs: Sequence[Pair]
                 ) -> list[tuple[int, dict[str, Any]]]:
@@ -166,10 +170,11 @@ class Writer:
 
     def _finish(self, d: Path, task_id: str, seq: int, event: dict[str, Any],
                 first: int | None = None, events: Sequence[tuple[int, dict[str, Any]]] = (),
-                records: Records | None = None) -> tuple[int, bool]:
+                records: Records | None = None, durable: bool = True) -> tuple[int, bool]:
         """Publish ``final``: ``event`` at ``seq``, with ``events`` from
         ``first`` on (the owner), or named by a placeholder (``first`` None),
-        and ``records`` (JSON bytes, embedded as they are)."""
+        and ``records`` (JSON bytes, embedded as they are); fsynced when
+        ``durable``."""
         stripped, blob = split_blobs(event, self._root(), self._output_root)
         blob_name = None
         if blob:
@@ -191,7 +196,7 @@ class Writer:
             seq = max(seq, end + 1)
             marker.update({"seq": seq, "from": end + 1, "events": []})
             payload = encode(marker)
-        if publish(d, FINAL_FILE, payload, durable=True):
+        if publish(d, FINAL_FILE, payload, durable=durable):
             with self._lock:
                 self._end[task_id] = seq
             self._closed(task_id)

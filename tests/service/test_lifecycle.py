@@ -1,6 +1,6 @@
 """One owner of a task from submit to final event (issue 13, Lifecycle):
 the engine's registry is the one idempotency registry, persistence is an
-observer that sets ``Task.final_durable``, and what follows a run lives in a
+observer that sets ``Task.final_written``, and what follows a run lives in a
 task group that shutdown drains. With the fake ComfyUI of
 tests/fakes/comfy_backend.py: these are thread, queue and lifecycle
 mechanics, the same whatever a graph does."""
@@ -200,7 +200,7 @@ async def test_drain_waits_for_the_last_job_on_events_not_a_timer(
 
 # ------------------------------------------------ persistence as observer
 @pytest.mark.anyio
-async def test_the_service_observes_the_engine_and_sets_final_durable(
+async def test_the_service_observes_the_engine_and_sets_final_written(
         fake_engine: tuple[Engine, SlowValidation], tmp_path: Path) -> None:
     eng, comfy = fake_engine
     service = service_of(eng, tmp_path)
@@ -210,10 +210,10 @@ async def test_the_service_observes_the_engine_and_sets_final_durable(
         handle = await service.start(fake_graph("FakeWait"), task_id="durable-1")
         task = handle.task
         assert task is not None and not hasattr(task, "persisted")  # nothing grafted on
-        assert not task.final_durable.is_set()
+        assert not task.final_written.is_set()
         comfy.gate.set()
         await task.wait()
-        await task.final_durable.wait()
+        await task.final_written.wait()
     # Set by the writer once the final event is on disk, not before.
     logged = await anyio.to_thread.run_sync(service.tasklog.read, "durable-1", 0)
     assert task.final is not None and logged[-1][1]["type"] == "serverless_api"
@@ -225,7 +225,7 @@ async def test_the_service_observes_the_engine_and_sets_final_durable(
     final = await eng.run(fake_graph("FakeImage"), task_id="library-1")
     library = eng.get("library-1")
     assert final["data"]["status"] == "success" and library is not None
-    assert library.final_durable.is_set()
+    assert library.final_written.is_set()
     assert not await anyio.to_thread.run_sync(service.tasklog.exists, "library-1")
 
 
@@ -240,7 +240,7 @@ async def test_the_last_write_releases_the_lease_and_a_failed_release_writes_not
     with anyio.fail_after(10):
         task = (await service.start(fake_graph("FakeImage"), task_id="lease-1")).task
         assert task is not None
-        await task.final_durable.wait()
+        await task.final_written.wait()
         while service.tasklog.owns("lease-1"):  # the writer's last step, just after the event
             await anyio.sleep(0.01)
     assert service.tasklog.read("lease-1", 0)[-1][1]["data"]["status"] == "success"
@@ -255,7 +255,7 @@ async def test_the_last_write_releases_the_lease_and_a_failed_release_writes_not
     with anyio.fail_after(10):
         task = (await service.start(fake_graph("FakeImage"), task_id="lease-2")).task
         assert task is not None
-        await task.final_durable.wait()
+        await task.final_written.wait()
         while len(tries) < 2:  # in the last write's hop, then once more on its own
             await anyio.sleep(0.01)
     logged = service.tasklog.read("lease-2", 0)
@@ -294,7 +294,7 @@ async def test_flush_waits_for_the_writer_and_answers_while_the_log_refuses_writ
         await service.flush()
         assert "flush-ok" in service.writers.failing
         monkeypatch.undo()  # the disk has room again: the writer catches up
-        await task.final_durable.wait()
+        await task.final_written.wait()
         while "flush-ok" in service.writers.persisting:
             await anyio.sleep(0.01)
     assert service.tasklog.read("flush-ok", 0)[-1][1]["type"] == "serverless_api"
@@ -365,7 +365,7 @@ def test_shutdown_past_its_grace_cancels_the_result_and_logs_its_final(
     # The result's assembly was cancelled in the engine's task group: the
     # task ended with its own final event, which its writer persisted.
     task = app.engine.get("stuck")
-    assert task is not None and task.final is not None and task.final_durable.is_set()
+    assert task is not None and task.final is not None and task.final_written.is_set()
     final = app.status("stuck")[-1]
     assert final["type"] == "serverless_api" and final["data"]["error"] == task.final["data"]["error"]
     assert final["data"]["error"]["type"] == "execution_interrupted"

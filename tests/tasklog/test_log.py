@@ -263,27 +263,37 @@ def test_records_ride_in_the_final_file(tmp_path: Path) -> None:
     assert tl.final_record("never", "replay.json") is None
 
 
-def test_a_final_written_with_index_later_moves_its_entry_at_index_final(tmp_path: Path) -> None:
+def test_a_final_written_with_settle_later_is_fsynced_and_indexed_at_settle_final(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
     tl = TaskLog(tmp_path, "i1")
     for task_id in ("now", "later", "lost"):
         tl.claim(task_id)
     tl.extend("now", [(1, final())])
-    tl.extend("later", [(1, ev(1)), (2, final())], index_later=True)
+    assert len(synced) == 1  # fsynced before extend returned
+    tl.extend("later", [(1, ev(1)), (2, final())], settle_later=True)
+    assert len(synced) == 1  # written, not yet fsynced
+    assert TaskLog(tmp_path, "reader").read("later")[-1] == (2, final())  # readable at once
     assert tl.open_index.names() == ["later", "lost"]  # not moved yet
-    tl.index_final("later")
+    tl.settle_final("later")
+    assert len(synced) >= 2  # the final file (and its folder)
     assert tl.open_index.names() == ["lost"]
     assert sorted(n for _, names in tl.done_index.older_than(float("inf")) for n in names) == [
         "later", "now"]
-    tl.index_final("later")  # twice, or for a task written without it: nothing
-    tl.index_final("now")
+    tl.settle_final("later")  # twice, or for a task written without it: nothing
+    tl.settle_final("now")
     # A final that did not count leaves nothing to move.
     tl.append("lost", final("error"))
-    tl.extend("lost", [(5, final())], index_later=True)
-    tl.index_final("lost")
+    tl.extend("lost", [(5, final())], settle_later=True)
+    tl.settle_final("lost")
     assert tl.open_index.names() == []
-    # A recovery scan in between moves it as well (a crash before index_final).
+    # A recovery scan in between moves it as well (a crash before settle_final).
     tl.claim("crashed")
-    tl.extend("crashed", [(1, final())], index_later=True)
+    tl.extend("crashed", [(1, final())], settle_later=True)
     assert tl.open_index.names() == ["crashed"]
     tl.recover_orphans()  # the first scan of a new log looks at every folder, indexes
     assert tl.recover_orphans() == [] and tl.open_index.names() == []
