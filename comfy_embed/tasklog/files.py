@@ -55,8 +55,8 @@ from typing import Any
 from comfy_embed.events import FINAL, dumps_bytes, loads
 
 __all__ = ["OWNER", "FINAL_FILE", "CANCEL", "KEY", "LOCK_RE", "NO_LINK", "PLACEHOLDER", "FinalMarker",
-           "segment_name", "lock_name", "segment_seqs", "is_log_file", "fsync_dir", "sync_file", "listdir",
-           "publish", "read", "encode", "decode", "parse", "load", "event_pairs", "read_final"]
+           "segment_name", "lock_name", "segment_seqs", "is_log_file", "fsync_dir", "sync_file",
+           "listdir", "SpareFile", "publish", "read", "encode", "decode", "parse", "load", "event_pairs", "read_final"]
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,34 @@ def listdir(path: Path) -> set[str]:
         return set()
 
 
+class SpareFile:
+    """An empty temp file made ahead of a :func:`publish` into its folder:
+    creating a file is the costly part of a publish on a busy disk
+    (inode and directory entry: 0.05-0.3 ms on the benchmark VM, against
+    microseconds for the write and the link), so the final event's file is
+    made while its task runs, off the answer's path. A crash leaves it as a
+    publish's own temp file would be left (readers skip dot files)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / f".tmp-{uuid.uuid4().hex}"
+        self._fd: int | None = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+
+    def take(self) -> int:
+        """Its open descriptor, which the caller now owns (once)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise ValueError("spare file taken already")
+        return fd
+
+    def discard(self) -> None:
+        """Closed and deleted, unless taken (the publish that took it deletes it)."""
+        if self._fd is not None:
+            os.close(self.take())
+            self.path.unlink(missing_ok=True)
+
+
 def publish(directory: Path, name: str, payload: bytes, durable: bool = False,
-            reservation: bytes = b"") -> bool:
+            reservation: bytes = b"", spare: SpareFile | None = None) -> bool:
     """Create ``directory/name`` holding ``payload`` atomically, only if absent.
 
     ``durable``: on disk when this returns. One fsync does it: the file is
@@ -162,12 +188,17 @@ def publish(directory: Path, name: str, payload: bytes, durable: bool = False,
     durable on the server before answering. Only the rename fallback also
     syncs the directory. ``reservation`` is written into the no-hard-link
     lock, so that a writer that loses the name can learn which range the
-    winner took.
+    winner took. ``spare``: a :class:`SpareFile` made in ``directory``
+    beforehand, written instead of a new temp file (and deleted either way).
     """
-    tmp = directory / f".tmp-{uuid.uuid4().hex}"
+    if spare is not None:
+        tmp, f = spare.path, open(spare.take(), "wb")
+    else:
+        tmp = directory / f".tmp-{uuid.uuid4().hex}"
+        f = open(tmp, "wb")
     final = directory / name
     try:
-        with open(tmp, "wb") as f:
+        with f:
             f.write(payload)
             f.flush()
             try:

@@ -29,6 +29,7 @@ from comfy_embed.tasklog.files import (
     FINAL_FILE,
     KEY,
     OWNER,
+    SpareFile,
     is_log_file,
     listdir,
     publish,
@@ -94,6 +95,8 @@ class TaskLog:
         #: for :meth:`settle_final`.
         self._settle_later: set[str] = set()
         self._unsettled: set[str] = set()
+        #: The final file made ahead for a task this object owns (:meth:`prepare_final`).
+        self._spares: dict[str, SpareFile] = {}
 
     @property
     def instance_id(self) -> str:
@@ -175,14 +178,20 @@ class TaskLog:
             return
         self._writer.forget(task_id)
         if self.attempts.pop(task_id, 1) > 1:
+            self._disown(task_id)
             restore(self.root, task_id)  # the lost attempt stays the answer
-            with self._lock:
-                self._owned.pop(task_id, None)
             return
+        self._disown(task_id)
         shutil.rmtree(d, ignore_errors=True)
         self.open_index.drop(task_id)
+
+    def _disown(self, task_id: str) -> None:
+        """This object no longer writes the task: its lock and spare go."""
         with self._lock:
             self._owned.pop(task_id, None)
+            spare = self._spares.pop(task_id, None)
+        if spare is not None:
+            spare.discard()
 
     # -------------------------------------------------------------- writing
     def append(self, task_id: str, event: dict[str, Any]) -> int:
@@ -226,6 +235,20 @@ class TaskLog:
             with self._lock:
                 self._settle_later.discard(task_id)
 
+    def prepare_final(self, task_id: str) -> None:
+        """Make the file that the owner's final event will be written into,
+        now, while the task runs (:class:`~.files.SpareFile`: a file's
+        creation is most of a write's cost), for a task this object owns."""
+        with self._lock:
+            if task_id not in self._owned or task_id in self._spares:
+                return
+        spare = SpareFile(self._dir(task_id))
+        with self._lock:
+            if task_id in self._owned and task_id not in self._spares:
+                self._spares[task_id] = spare
+                return
+        spare.discard()  # released (or prepared by another call) meanwhile
+
     def settle_final(self, task_id: str) -> None:
         """fsync the final file that :meth:`extend` wrote with
         ``settle_later``, then move its index entry (nothing for any other
@@ -261,7 +284,14 @@ class TaskLog:
         is_final = pairs[-1][1].get("type") == FINAL
         with self._writing(task_id) as owned:
             if owned and is_final:
-                return self._writer.owner_final(d, task_id, pairs, records, durable=durable)
+                with self._lock:
+                    spare = self._spares.pop(task_id, None)
+                try:
+                    return self._writer.owner_final(d, task_id, pairs, records,
+                                                    durable=durable, spare=spare)
+                finally:
+                    if spare is not None:
+                        spare.discard()  # when the final did not take it
             final = read_final(d)
             if final is not None:
                 return final.seq, False
@@ -377,8 +407,7 @@ class TaskLog:
         """
         self._writer.forget(task_id)
         self.attempts.pop(task_id, None)
-        with self._lock:
-            self._owned.pop(task_id, None)
+        self._disown(task_id)
         if not final:
             self.leases.release(self._dir(task_id) / OWNER)
 

@@ -37,6 +37,7 @@ from comfy_embed.tasklog.files import (
     FINAL_FILE,
     LOCK_RE,
     PLACEHOLDER,
+    SpareFile,
     encode,
     event_pairs,
     listdir,
@@ -100,21 +101,23 @@ class Writer:
 
     # ------------------------------------------------------------- writing
     def owner_final(self, d: Path, task_id: str, pairs: list[Pair],
-                    records: Records | None = None, *, durable: bool = True) -> tuple[int, bool]:
+                    records: Records | None = None, *, durable: bool = True,
+                    spare: SpareFile | None = None) -> tuple[int, bool]:
         """The owner's last flush, ending with the terminal event, all in the
         final file (no placeholder: the owner is the only writer of other
         events, see the module doc). No look for a final first: publishing
         one is exclusive, and a final already there (a recovery that took
         this instance for dead) makes it lose as a look would (see
         :meth:`_finish`). ``records`` go into the final file with it;
-        ``durable``: fsynced before this returns (else the caller syncs it)."""
+        ``durable``: fsynced before this returns (else the caller syncs it);
+        ``spare``: the final file made beforehand in ``d``."""
         first = self._next_seq(d, task_id)
         items = self._number(task_id, first, pairs[:-1])
         seq = pairs[-1][0]
         nxt = items[-1][0] + 1 if items else first
         seq = nxt if seq is None or seq < nxt else seq
         try:
-            return self._finish(d, task_id, seq, pairs[-1][1], first, items, records, durable)
+            return self._finish(d, task_id, seq, pairs[-1][1], first, items, records, durable, spare)
         except FileNotFoundError:
             if d.is_dir():
                 raise
@@ -170,7 +173,8 @@ class Writer:
 
     def _finish(self, d: Path, task_id: str, seq: int, event: dict[str, Any],
                 first: int | None = None, events: Sequence[tuple[int, dict[str, Any]]] = (),
-                records: Records | None = None, durable: bool = True) -> tuple[int, bool]:
+                records: Records | None = None, durable: bool = True,
+                spare: SpareFile | None = None) -> tuple[int, bool]:
         """Publish ``final``: ``event`` at ``seq``, with ``events`` from
         ``first`` on (the owner), or named by a placeholder (``first`` None),
         and ``records`` (JSON bytes, embedded as they are); fsynced when
@@ -196,7 +200,7 @@ class Writer:
             seq = max(seq, end + 1)
             marker.update({"seq": seq, "from": end + 1, "events": []})
             payload = encode(marker)
-        if publish(d, FINAL_FILE, payload, durable=durable):
+        if publish(d, FINAL_FILE, payload, durable=durable, spare=spare):
             with self._lock:
                 self._end[task_id] = seq
             self._closed(task_id)

@@ -7,6 +7,7 @@ mechanics, the same whatever a graph does."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -211,9 +212,16 @@ async def test_the_service_observes_the_engine_and_sets_final_written(
         task = handle.task
         assert task is not None and not hasattr(task, "persisted")  # nothing grafted on
         assert not task.final_written.is_set()
+        folder = service.tasklog.root / "durable-1"
+
+        def spares() -> list[str]:
+            return [n for n in os.listdir(folder) if n.startswith(".tmp-")]
+        while not spares():  # the final's file is made while the task runs
+            await anyio.sleep(0.01)
         comfy.gate.set()
         await task.wait()
         await task.final_written.wait()
+    assert spares() == []  # written into, and named final
     # Set by the writer once the final event is on disk, not before.
     logged = await anyio.to_thread.run_sync(service.tasklog.read, "durable-1", 0)
     assert task.final is not None and logged[-1][1]["type"] == "serverless_api"
