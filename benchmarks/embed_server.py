@@ -76,6 +76,14 @@ def instrument() -> None:
         setattr(cls, name, wrapped)
 
     sync_span(tl.TaskLog, "claim", "claim", 0)
+    import comfy_embed.service.blocking as bl
+    orig_io_run = bl.BlockingCalls.run
+
+    async def io_run(self: Any, fn: Any, *a: Any) -> Any:
+        if not self.inline:
+            mark("io_in_thread")  # this call (claim or write) goes to a worker thread
+        return await orig_io_run(self, fn, *a)
+    bl.BlockingCalls.run = io_run  # type: ignore[method-assign]
     sync_span(tl.TaskLog, "extend", "append", 0)  # one call per flush
     sync_span(cc.Comfy, "validate", "validate")  # graphs over INLINE_VALIDATION_NODES
     orig_validate_here = cc.Comfy.validate_here

@@ -181,6 +181,7 @@ def _breakdown(args: argparse.Namespace, wd: Path) -> dict[str, Any]:
                 per_stage["claim task log (loop or worker thread)"] = []
                 per_stage["task log writes (sum, loop or threads)"] = []
                 per_stage["total (client)"] = []
+                threaded: list[int] = []
                 for i in range(args.n):
                     tid = f"bd-{g}-{i}-{uuid.uuid4().hex[:6]}"
                     t0 = time.perf_counter()
@@ -211,7 +212,12 @@ def _breakdown(args: argparse.Namespace, wd: Path) -> dict[str, Any]:
                             marks["claim1"] - marks["claim0"])
                     per_stage["task log writes (sum, loop or threads)"].append(appends.get("sum", 0.0))
                     per_stage["total (client)"].append(t1 - t0)
+                    threaded.append(sum(1 for name, _, key in json.loads(raw)["marks"]
+                                        if name == "io_in_thread" and key in (tid, None)))
                 out[g] = {k: round(common.percentile(v, 50) * 1000, 3) for k, v in per_stage.items() if v}
+                # Not ms: the share of requests whose task-log calls went to worker threads.
+                out[g]["requests with task-log calls in threads (share)"] = round(
+                    sum(1 for n in threaded if n) / max(1, len(threaded)), 3)
         finally:
             client.close()
             stats.close()

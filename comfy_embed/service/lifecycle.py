@@ -147,8 +147,9 @@ class TaskService(TaskObserver):
         load_prior(engine.eta.estimator, self.tasklog.root, settings.jobs.eta_history)
 
     def close(self) -> None:
-        """Stop observing the engine (the server's lifespan ends)."""
+        """Stop observing the engine and claiming (the server's lifespan ends)."""
         self.engine.remove_observer(self)
+        self.tasklog.close()  # its spare folders (a few small removals, at exit)
 
     # ------------------------------------------------------------- running
     async def start(self, body: Any, options: RunOptions = DEFAULT_OPTIONS, *,

@@ -78,12 +78,18 @@ class LogWriters:
             self._prepare_final, task.task_id, name=f"final file of {task.task_id}"))
 
     async def _prepare_final(self, task_id: str) -> None:
-        """The final's file, made while the task runs (TaskLog.prepare_final):
-        one file creation less on the answer's path."""
+        """The final's file and the next claims' folders, made while the
+        task runs (TaskLog.prepare_final, prepare_claims): file creations
+        off the requests' paths."""
         try:
-            await anyio.to_thread.run_sync(self.tasklog.prepare_final, task_id)
-        except OSError as e:  # the final then makes its own file
-            log.debug("task %s: cannot make its final file ahead: %s", task_id, e)
+            await anyio.to_thread.run_sync(self._prepare, task_id)
+        except OSError as e:  # the final (or the next claim) then makes its own
+            log.debug("task %s: cannot make files ahead: %s", task_id, e)
+
+    def _prepare(self, task_id: str) -> None:
+        """In one worker-thread hop: this task's final file, the next claims' folders."""
+        self.tasklog.prepare_final(task_id)
+        self.tasklog.prepare_claims()
 
     async def drain(self) -> None:
         await self.group.drain()

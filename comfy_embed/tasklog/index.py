@@ -90,6 +90,22 @@ class NameIndex(_Index):
             return None
         return os.path.join(self.folder, task_id)
 
+    def add_link(self, task_id: str, source: Path) -> bool:
+        """A new entry that is a hard link of ``source`` (the task's lease);
+        False when an entry was there already (kept as it is)."""
+        path = os.path.join(self.folder, task_id)
+        try:
+            os.link(source, path)
+        except FileNotFoundError:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, path)
+            except FileExistsError:
+                return False
+        except FileExistsError:
+            return False
+        return True
+
     def drop(self, task_id: str) -> None:
         try:
             os.unlink(os.path.join(self.folder, task_id))

@@ -44,6 +44,11 @@ class Leases:
         #: Whether the filesystem took a hard link (:meth:`take_as_link`) so far.
         self._links = True
 
+    @property
+    def links(self) -> bool:
+        """Whether the filesystem took hard links so far (:meth:`take_as_link`)."""
+        return self._links
+
     def _touch(self, path: Path, when: float | None = None) -> None:
         t = self.clock() if when is None else when
         os.utime(path, (t, t))

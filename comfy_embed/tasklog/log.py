@@ -41,6 +41,7 @@ from comfy_embed.tasklog.files import (
 from comfy_embed.tasklog.index import DoneIndex, NameIndex
 from comfy_embed.tasklog.leases import RELEASED, Leases
 from comfy_embed.tasklog.reader import read_events
+from comfy_embed.tasklog.spares import SpareFolders
 from comfy_embed.tasklog.writer import Pair, Records, Writer
 
 __all__ = ["TaskLog", "LogUsage"]
@@ -96,7 +97,9 @@ class TaskLog:
         self._settle_later: set[str] = set()
         self._unsettled: set[str] = set()
         #: The final file made ahead for a task this object owns (:meth:`prepare_final`).
-        self._spares: dict[str, SpareFile] = {}
+        self._spare_files: dict[str, SpareFile] = {}
+        #: The folders of the next claims, made ahead (:meth:`prepare_claims`).
+        self._spares = SpareFolders(self.root, instance_id)
 
     @property
     def instance_id(self) -> str:
@@ -130,6 +133,11 @@ class TaskLog:
         """Create the task with this instance as owner; False if it already exists."""
         d = self._dir(task_id)
         try:
+            if self.leases.links and self._spares.take(d, before=self._renew_spare):
+                return self._claimed_spare(task_id, d)
+        except FileExistsError:
+            return False
+        try:
             d.mkdir()
         except FileNotFoundError:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -153,6 +161,41 @@ class TaskLog:
         if attempt > 1:
             self.attempts[task_id] = attempt
         return True
+
+    def _claimed_spare(self, task_id: str, d: Path) -> bool:
+        """The rest of a claim whose folder was a spare (spares.py), renamed
+        into place with its lease in it: the index entry, a link of the lease."""
+        # An entry from before is kept: the recovery scan reads the lease either way.
+        self.open_index.add_link(task_id, d / OWNER)
+        self._writer.started(task_id)
+        with self._lock:
+            self._owned[task_id] = threading.Lock()
+        attempt = adopt(self.root, task_id)
+        if attempt > 1:
+            self.attempts[task_id] = attempt
+        return True
+
+    def _renew_spare(self, spare: Path) -> None:
+        # Renewed before the rename: nobody sees the lease with an old mtime.
+        self.leases.renew(spare / OWNER)
+
+    def _fill_spare(self, spare: Path) -> None:
+        fd = os.open(spare / OWNER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, self.leases.record())
+        finally:
+            os.close(fd)
+
+    def prepare_claims(self) -> None:
+        """Make the folders of the next claims ahead (spares.py), off the
+        request's path; nothing where the filesystem has no hard links or
+        no exclusive rename."""
+        if self.leases.links:
+            self._spares.refill(self._fill_spare)
+
+    def close(self) -> None:
+        """Delete this object's spare folders (the instance stops claiming)."""
+        self._spares.drop()
 
     def retry(self, task_id: str, max_attempts: int) -> bool:
         """Claim a task again whose last attempt was lost (attempts.py): True
@@ -189,7 +232,7 @@ class TaskLog:
         """This object no longer writes the task: its lock and spare go."""
         with self._lock:
             self._owned.pop(task_id, None)
-            spare = self._spares.pop(task_id, None)
+            spare = self._spare_files.pop(task_id, None)
         if spare is not None:
             spare.discard()
 
@@ -240,12 +283,12 @@ class TaskLog:
         now, while the task runs (:class:`~.files.SpareFile`: a file's
         creation is most of a write's cost), for a task this object owns."""
         with self._lock:
-            if task_id not in self._owned or task_id in self._spares:
+            if task_id not in self._owned or task_id in self._spare_files:
                 return
         spare = SpareFile(self._dir(task_id))
         with self._lock:
-            if task_id in self._owned and task_id not in self._spares:
-                self._spares[task_id] = spare
+            if task_id in self._owned and task_id not in self._spare_files:
+                self._spare_files[task_id] = spare
                 return
         spare.discard()  # released (or prepared by another call) meanwhile
 
@@ -285,7 +328,7 @@ class TaskLog:
         with self._writing(task_id) as owned:
             if owned and is_final:
                 with self._lock:
-                    spare = self._spares.pop(task_id, None)
+                    spare = self._spare_files.pop(task_id, None)
                 try:
                     return self._writer.owner_final(d, task_id, pairs, records,
                                                     durable=durable, spare=spare)
@@ -444,6 +487,7 @@ class TaskLog:
         instance whose event counted lists it.
         """
         now = self.leases.clock() if now is None else now
+        self._spares.sweep()  # spare folders of instances that died
         lost: list[str] = []
         index = self.open_index
         full = not index.complete()
