@@ -143,8 +143,6 @@ class Task:
         #: the task (the answer waits for it), or at once when none does
         #: (library use).
         self.final_written = anyio.Event()
-        #: Called on the loop as the executor starts running it (observers' hooks).
-        self.when_running: list[Callable[[], object]] = []
         # Executor-thread messages wait here; one loop wake-up takes a burst.
         self._inbox: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque()
         self._wake_pending = False
@@ -354,11 +352,6 @@ class Task:
 
     def _started(self) -> None:
         self.state = "running"
-        for hook in self.when_running:
-            try:
-                hook()
-            except Exception:
-                log.exception("task %s: a hook at its start failed", self.task_id)
         limit = self.engine.settings.jobs.run_timeout
         if limit:
             self._timeout_handle = self._loop.call_later(

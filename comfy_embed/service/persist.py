@@ -74,22 +74,6 @@ class LogWriters:
         """Start ``task``'s writer."""
         self.persisting[task.task_id] = task
         self.group.spawn(self._persist, task, name=f"task log of {task.task_id}")
-        task.when_running.append(lambda: self.group.spawn(
-            self._prepare_final, task.task_id, name=f"final file of {task.task_id}"))
-
-    async def _prepare_final(self, task_id: str) -> None:
-        """The final's file and the next claims' folders, made while the
-        task runs (TaskLog.prepare_final, prepare_claims): file creations
-        off the requests' paths."""
-        try:
-            await anyio.to_thread.run_sync(self._prepare, task_id)
-        except OSError as e:  # the final (or the next claim) then makes its own
-            log.debug("task %s: cannot make files ahead: %s", task_id, e)
-
-    def _prepare(self, task_id: str) -> None:
-        """In one worker-thread hop: this task's final file, the next claims' folders."""
-        self.tasklog.prepare_final(task_id)
-        self.tasklog.prepare_claims()
 
     async def drain(self) -> None:
         await self.group.drain()
@@ -187,6 +171,13 @@ class LogWriters:
         task.final_written.set()  # the answer goes
         # Its fsync and index entry follow, with other finals' (settle.py).
         self.settler.add(task.task_id)
+        # And the folders of the next claims are made (spares.py): once the
+        # answer is on its way, so that their file creations neither delay
+        # it nor, on the same journal, the run of the next job.
+        try:
+            await anyio.to_thread.run_sync(self.tasklog.prepare_claims)
+        except OSError as e:  # the next claims then make their own
+            log.debug("cannot make the next claims' folders: %s", e)
         if record is not None and not embed:
             await anyio.to_thread.run_sync(write_replay, self.tasklog, task.task_id, record)
         return released

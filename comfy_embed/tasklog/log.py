@@ -96,7 +96,7 @@ class TaskLog:
         #: for :meth:`settle_final`.
         self._settle_later: set[str] = set()
         self._unsettled: set[str] = set()
-        #: The final file made ahead for a task this object owns (:meth:`prepare_final`).
+        #: The final's file of a task this object claimed with a spare folder.
         self._spare_files: dict[str, SpareFile] = {}
         #: The folders of the next claims, made ahead (:meth:`prepare_claims`).
         self._spares = SpareFolders(self.root, instance_id)
@@ -170,6 +170,7 @@ class TaskLog:
         self._writer.started(task_id)
         with self._lock:
             self._owned[task_id] = threading.Lock()
+            self._spare_files[task_id] = SpareFile(d / SpareFile.NAME)
         attempt = adopt(self.root, task_id)
         if attempt > 1:
             self.attempts[task_id] = attempt
@@ -185,11 +186,12 @@ class TaskLog:
             os.write(fd, self.leases.record())
         finally:
             os.close(fd)
+        SpareFile.make(spare)  # the final's file
 
     def prepare_claims(self) -> None:
-        """Make the folders of the next claims ahead (spares.py), off the
-        request's path; nothing where the filesystem has no hard links or
-        no exclusive rename."""
+        """Make the folders of the next claims ahead (spares.py: each with
+        its lease and its final's file), off the requests' paths; nothing
+        where the filesystem has no hard links or no exclusive rename."""
         if self.leases.links:
             self._spares.refill(self._fill_spare)
 
@@ -277,20 +279,6 @@ class TaskLog:
         finally:
             with self._lock:
                 self._settle_later.discard(task_id)
-
-    def prepare_final(self, task_id: str) -> None:
-        """Make the file that the owner's final event will be written into,
-        now, while the task runs (:class:`~.files.SpareFile`: a file's
-        creation is most of a write's cost), for a task this object owns."""
-        with self._lock:
-            if task_id not in self._owned or task_id in self._spare_files:
-                return
-        spare = SpareFile(self._dir(task_id))
-        with self._lock:
-            if task_id in self._owned and task_id not in self._spare_files:
-                self._spare_files[task_id] = spare
-                return
-        spare.discard()  # released (or prepared by another call) meanwhile
 
     def settle_final(self, task_id: str) -> None:
         """fsync the final file that :meth:`extend` wrote with

@@ -346,36 +346,3 @@ def test_task_ids_lists_only_task_folders(tmp_path: Path) -> None:
         tl.claim(task)
     tl.append("c", final())  # written without a claim (a rescuer's final)
     assert tl.task_ids() == ["a", "b", "c"]  # not the index folder
-
-
-def test_the_final_is_written_into_the_file_made_ahead_while_the_task_ran(tmp_path: Path) -> None:
-    import os
-
-    tl = TaskLog(tmp_path, "i1")
-    tl.prepare_final("never-claimed")  # not this object's task: nothing made
-    assert not (tmp_path / "never-claimed").exists()
-    tl.claim("t")
-    tl.prepare_final("t")
-    tl.prepare_final("t")  # once per task
-    spares = [n for n in os.listdir(tmp_path / "t") if n.startswith(".tmp-")]
-    assert len(spares) == 1
-    inode = os.stat(tmp_path / "t" / spares[0]).st_ino
-    tl.extend("t", [(1, ev(1)), (2, final())], settle_later=True)
-    assert os.stat(tmp_path / "t" / "final").st_ino == inode  # that file, now named
-    assert not [n for n in os.listdir(tmp_path / "t") if n.startswith(".tmp-")]
-    assert TaskLog(tmp_path, "reader").read("t") == [(1, ev(1)), (2, final())]
-    # A task released without its final (or refused) leaves no spare behind.
-    for task_id in ("released", "discarded"):
-        tl.claim(task_id)
-        tl.prepare_final(task_id)
-    tl.release("released")
-    tl.discard("discarded")
-    assert not [n for n in os.listdir(tmp_path / "released") if n.startswith(".tmp-")]
-    assert not (tmp_path / "discarded").exists()
-    # A final that lost to another writer's leaves the spare unused, and deleted.
-    tl.claim("raced")
-    tl.prepare_final("raced")
-    TaskLog(tmp_path, "recovery").append("raced", final("error"))
-    tl.extend("raced", [(3, final())], settle_later=True)
-    assert TaskLog(tmp_path, "reader").read("raced")[-1][1]["data"]["status"] == "error"
-    assert not [n for n in os.listdir(tmp_path / "raced") if n.startswith(".tmp-")]

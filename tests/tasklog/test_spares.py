@@ -15,6 +15,7 @@ import pytest
 from comfy_embed.tasklog import spares as spares_module
 from comfy_embed.tasklog.log import TaskLog
 from comfy_embed.tasklog.spares import SPARE_FOLDER
+from tests.tasklog.test_log import ev, final
 
 pytestmark = pytest.mark.skipif(spares_module._renameat2 is None, reason="no renameat2 here")
 
@@ -95,3 +96,28 @@ def test_spares_of_dead_instances_are_swept(tmp_path: Path) -> None:
     assert len(_spares(tmp_path)) == 2
     # An instance whose spares were swept (idle for an hour) makes folders again.
     assert dead.claim("t") and dead.owner("t") == "dead"
+
+
+def test_the_final_is_written_into_the_file_its_spare_folder_holds(tmp_path: Path) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    tl.prepare_claims()
+    assert tl.claim("t")
+    inode = os.stat(tmp_path / "t" / ".tmp-final").st_ino
+    tl.extend("t", [(1, ev(1)), (2, final())], settle_later=True)
+    assert os.stat(tmp_path / "t" / "final").st_ino == inode  # that file, now named
+    assert sorted(os.listdir(tmp_path / "t")) == ["final", "owner.json"]
+    assert TaskLog(tmp_path, "reader").read("t") == [(1, ev(1)), (2, final())]
+    # A task released without its final, or refused, leaves no spare file behind.
+    tl.prepare_claims()
+    assert tl.claim("released") and tl.claim("discarded")
+    tl.release("released")
+    tl.discard("discarded")
+    assert os.listdir(tmp_path / "released") == ["owner.json"]
+    assert not (tmp_path / "discarded").exists()
+    # A final that lost to another writer's leaves its file unused, and deleted.
+    tl.prepare_claims()
+    assert tl.claim("raced")
+    TaskLog(tmp_path, "recovery").append("raced", final("error"))
+    tl.extend("raced", [(3, final())], settle_later=True)
+    assert TaskLog(tmp_path, "reader").read("raced")[-1][1]["data"]["status"] == "error"
+    assert ".tmp-final" not in os.listdir(tmp_path / "raced")
