@@ -166,6 +166,8 @@ class SpareFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        #: Taken by a publish (which deletes it, whatever happens).
+        self.used = False
 
     @classmethod
     def make(cls, directory: Path) -> "SpareFile":
@@ -175,8 +177,9 @@ class SpareFile:
         return spare
 
     def discard(self) -> None:
-        """Unused after all: deleted."""
-        self.path.unlink(missing_ok=True)
+        """Deleted, unless a publish took it."""
+        if not self.used:
+            self.path.unlink(missing_ok=True)
 
 
 def publish(directory: Path, name: str, payload: bytes, durable: bool = False,
@@ -193,8 +196,16 @@ def publish(directory: Path, name: str, payload: bytes, durable: bool = False,
     beforehand, written instead of a new temp file (and deleted either way).
     """
     if spare is not None:
-        # Opened, not created (a missing one is created: the same as without).
-        tmp, f = spare.path, open(spare.path, "wb")
+        # Opened, not created, and not truncated (it is empty): on ext4 a
+        # close after a truncation starts the file's writeback at once
+        # (auto_da_alloc), 0.1 ms on the answer's path. A missing one is
+        # created, as without a spare.
+        spare.used = True
+        try:
+            fd = os.open(spare.path, os.O_WRONLY)
+        except FileNotFoundError:
+            fd = os.open(spare.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        tmp, f = spare.path, open(fd, "wb")
     else:
         tmp = directory / f".tmp-{uuid.uuid4().hex}"
         f = open(tmp, "wb")
