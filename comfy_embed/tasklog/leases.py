@@ -49,6 +49,10 @@ class Leases:
         """Whether the filesystem took hard links so far (:meth:`take_as_link`)."""
         return self._links
 
+    def refuse_links(self) -> None:
+        """The filesystem refused a hard link elsewhere: take no lease as one."""
+        self._links = False
+
     def _touch(self, path: Path, when: float | None = None) -> None:
         t = self.clock() if when is None else when
         os.utime(path, (t, t))

@@ -28,6 +28,7 @@ from comfy_embed.tasklog.files import (
     CANCEL,
     FINAL_FILE,
     KEY,
+    NO_LINK,
     OWNER,
     SpareFile,
     is_log_file,
@@ -166,7 +167,13 @@ class TaskLog:
         """The rest of a claim whose folder was a spare (spares.py), renamed
         into place with its lease in it: the index entry, a link of the lease."""
         # An entry from before is kept: the recovery scan reads the lease either way.
-        self.open_index.add_link(task_id, d / OWNER)
+        try:
+            self.open_index.add_link(task_id, d / OWNER)
+        except OSError as e:
+            if e.errno not in NO_LINK:
+                raise
+            self.leases.refuse_links()  # from now on claims make folders and files
+            self.open_index.add_new(task_id, self.leases.record())
         self._writer.started(task_id)
         with self._lock:
             self._owned[task_id] = threading.Lock()

@@ -121,3 +121,21 @@ def test_the_final_is_written_into_the_file_its_spare_folder_holds(tmp_path: Pat
     tl.extend("raced", [(3, final())], settle_later=True)
     assert TaskLog(tmp_path, "reader").read("raced")[-1][1]["data"]["status"] == "error"
     assert ".tmp-final" not in os.listdir(tmp_path / "raced")
+
+
+def test_where_hard_links_are_refused_the_claim_still_indexes_and_stops_using_spares(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tl = TaskLog(tmp_path, "i1")
+    tl.prepare_claims()
+    real = os.link
+
+    def link(src: object, dst: object, *a: object, **kw: object) -> None:
+        if "@index" in str(dst):
+            raise OSError(errno.EPERM, "Operation not permitted", str(dst))
+        real(src, dst, *a, **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(os, "link", link)
+    assert tl.claim("t") and tl.owner("t") == "i1"
+    assert tl.open_index.names() == ["t"]  # an entry of its own
+    assert tl.claim("u") and len(_spares(tmp_path)) == 1  # a folder made: the spare waits
+    tl.prepare_claims()
+    assert len(_spares(tmp_path)) == 1  # and no more are made
