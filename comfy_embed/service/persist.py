@@ -174,10 +174,11 @@ class LogWriters:
         # And the folders of the next claims are made (spares.py): once the
         # answer is on its way, so that their file creations neither delay
         # it nor, on the same journal, the run of the next job.
-        try:
-            await anyio.to_thread.run_sync(self.tasklog.prepare_claims)
-        except OSError as e:  # the next claims then make their own
-            log.debug("cannot make the next claims' folders: %s", e)
+        if self.tasklog.wants_spares:  # no thread hop where none are made (NFS)
+            try:
+                await anyio.to_thread.run_sync(self.tasklog.prepare_claims)
+            except OSError as e:  # the next claims then make their own
+                log.debug("cannot make the next claims' folders: %s", e)
         if record is not None and not embed:
             await anyio.to_thread.run_sync(write_replay, self.tasklog, task.task_id, record)
         return released

@@ -2,9 +2,9 @@
 
 Every queued task leaves, with its final event in the task log, the graph
 as it was queued (seeds resolved, so the same pixels come out) and its run
-record (``data.report.environment``): inside the fsynced ``final`` file
-when it is small (:data:`EMBED_LIMIT`; no file of its own, on disk when
-the answer goes), else as ``replay.json`` just after the answer. A replay submits that graph as a new
+record (``data.report.environment``): inside the ``final`` file when it
+is small (:data:`EMBED_LIMIT`; no file of its own, written when the answer
+goes), else as ``replay.json`` just after the answer. A replay submits that graph as a new
 task and says how the environment differs now from the recorded one
 (environment/drift.py: ComfyUI's commit, packs, model hashes, torch, device,
 the lock).
@@ -33,7 +33,7 @@ __all__ = ["EMBED_LIMIT", "REPLAY_RECORD", "Replay", "read_replay", "replay_reco
 #: The task-log record holding what ``?replay=`` needs.
 REPLAY_RECORD = "replay.json"
 #: A record up to this size (JSON bytes) goes into the final file; a larger
-#: one (a huge graph) gets its own file after the answer, so the fsynced
+#: one (a huge graph) gets its own file after the answer, so the final
 #: file, which every status read decodes, stays small.
 EMBED_LIMIT = 32 * 1024
 

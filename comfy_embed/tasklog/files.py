@@ -54,9 +54,10 @@ from typing import Any
 
 from comfy_embed.events import FINAL, dumps_bytes, loads
 
-__all__ = ["OWNER", "FINAL_FILE", "CANCEL", "KEY", "LOCK_RE", "NO_LINK", "PLACEHOLDER", "FinalMarker",
-           "segment_name", "lock_name", "segment_seqs", "is_log_file", "fsync_dir", "sync_file",
-           "listdir", "SpareFile", "publish", "read", "encode", "decode", "parse", "load", "event_pairs", "read_final"]
+__all__ = ["OWNER", "FINAL_FILE", "CANCEL", "KEY", "LOCK_RE", "NO_LINK", "PLACEHOLDER",
+           "FinalMarker", "segment_name", "lock_name", "segment_seqs", "is_log_file", "fsync_dir",
+           "sync_file", "listdir", "SpareFile", "publish", "read", "encode", "decode", "parse",
+           "load", "event_pairs", "read_final"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ _SEQ_RE = re.compile(r"(\d{8,})\.json")
 #: A no-hard-link reservation of a segment's name (see :func:`publish`).
 LOCK_RE = re.compile(r"\.(\d{8,})\.json\.lock")
 # errnos by which a filesystem says "no hard links here" (FUSE mounts, SMB...).
-NO_LINK = _NO_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
+NO_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
 #: zlib level: the default, about as fast as 1 on these small JSON files.
 _ZLEVEL = 6
 #: A seq slot with no event: the task's terminal event, which lives in ``final``.
@@ -219,7 +220,7 @@ def publish(directory: Path, name: str, payload: bytes, durable: bool = False,
             except FileExistsError:
                 return False
             except OSError as exc:
-                if exc.errno not in _NO_LINK:
+                if exc.errno not in NO_LINK:
                     raise
                 try:
                     fd = os.open(directory / f".{name}.lock",

@@ -95,13 +95,11 @@ class NameIndex(_Index):
         False when an entry was there already (kept as it is)."""
         path = os.path.join(self.folder, task_id)
         try:
-            os.link(source, path)
-        except FileNotFoundError:
-            self.folder.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(source, path)
-            except FileExistsError:
-                return False
+            except FileNotFoundError:  # the folder, on first use
+                self.folder.mkdir(parents=True, exist_ok=True)
+                os.link(source, path)
         except FileExistsError:
             return False
         return True

@@ -150,18 +150,12 @@ class TaskLog:
             return False
         # The index entry first, before anyone can rely on the lease (owner.json).
         entry = self.open_index.add_new(task_id, self.leases.record())
-        self._writer.started(task_id)
-        with self._lock:
-            self._owned[task_id] = threading.Lock()
         # The directory is ours alone (mkdir is exclusive). The lease is the
         # index entry's file, linked (it holds the lease's record): one file
         # created per claim, not two; a new file where links are refused.
         if entry is None or not self.leases.take_as_link(d / OWNER, entry):
             self.leases.take(d / OWNER, folder_is_ours=True)
-        attempt = adopt(self.root, task_id)  # one stat with no earlier attempt
-        if attempt > 1:
-            self.attempts[task_id] = attempt
-        return True
+        return self._own(task_id)
 
     def _claimed_spare(self, task_id: str, d: Path) -> bool:
         """The rest of a claim whose folder was a spare (spares.py), renamed
@@ -174,11 +168,17 @@ class TaskLog:
                 raise
             self.leases.refuse_links()  # from now on claims make folders and files
             self.open_index.add_new(task_id, self.leases.record())
+        return self._own(task_id, SpareFile(d / SpareFile.NAME))
+
+    def _own(self, task_id: str, final_file: SpareFile | None = None) -> bool:
+        """A claimed task is this object's to write (``final_file``: the
+        file its final event goes into); its attempt is looked up. True."""
         self._writer.started(task_id)
         with self._lock:
             self._owned[task_id] = threading.Lock()
-            self._spare_files[task_id] = SpareFile(d / SpareFile.NAME)
-        attempt = adopt(self.root, task_id)
+            if final_file is not None:
+                self._spare_files[task_id] = final_file
+        attempt = adopt(self.root, task_id)  # one stat with no earlier attempt
         if attempt > 1:
             self.attempts[task_id] = attempt
         return True
@@ -188,12 +188,13 @@ class TaskLog:
         self.leases.renew(spare / OWNER)
 
     def _fill_spare(self, spare: Path) -> None:
-        fd = os.open(spare / OWNER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        try:
-            os.write(fd, self.leases.record())
-        finally:
-            os.close(fd)
+        self.leases.take(spare / OWNER, folder_is_ours=True)
         SpareFile.make(spare)  # the final's file
+
+    @property
+    def wants_spares(self) -> bool:
+        """Whether :meth:`prepare_claims` would make any (a look, no I/O)."""
+        return self.leases.links and self._spares.wanted
 
     def prepare_claims(self) -> None:
         """Make the folders of the next claims ahead (spares.py: each with

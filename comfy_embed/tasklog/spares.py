@@ -4,11 +4,13 @@ a folder and its lease file on the request's path.
 Creating a file or folder is the costly part of a claim on a busy disk
 (an inode and a directory entry: 0.05-0.4 ms each on the benchmark VM,
 against microseconds for a rename or a link), and a claim made two. A spare
-is a folder in ``<root>/@spare`` holding the lease file; :meth:`take`
-renames it to the task's name with ``RENAME_NOREPLACE``, which, like
-``mkdir``, fails when the name exists: the claim stays exclusive across
-instances. Spares are made off the request's path (:meth:`refill`, from the
-worker thread that prepares a running task's final file). Where the
+is a folder in ``<root>/@spare`` holding the lease file and the empty file
+the final event will be written into; :meth:`take` renames it to the task's
+name with ``RENAME_NOREPLACE``, which, like ``mkdir``, fails when the name
+exists: the claim stays exclusive across instances. Spares are made off the
+request's path (:meth:`refill`, in a worker thread once an answer has gone;
+made during a run, their creations slowed the run's own image write on the
+same ext4 journal). Where the
 filesystem has no such rename (NFS, some FUSE mounts: EINVAL) or no
 ``renameat2`` exists, claims make their folder as before.
 
@@ -82,6 +84,11 @@ class SpareFolders:
         #: False once the filesystem refused the rename: claims make folders.
         self.usable = _renameat2 is not None
 
+    @property
+    def wanted(self) -> bool:
+        """Whether :meth:`refill` would make any."""
+        return self.usable and len(self._ready) < self.keep
+
     def take(self, dest: Path, before: Callable[[Path], None] | None = None) -> bool:
         """Rename a ready spare to ``dest``: True when done; FileExistsError
         when ``dest`` exists (exclusive, as mkdir); False when no spare is
@@ -118,7 +125,7 @@ class SpareFolders:
 
     def refill(self, fill: Callable[[Path], None]) -> None:
         """Make spares until ``keep`` are ready; ``fill(folder)`` writes what
-        each must hold (the lease file)."""
+        each must hold (the lease and the final's file)."""
         while self.usable:
             with self._lock:
                 if len(self._ready) >= self.keep:

@@ -27,7 +27,9 @@ def _spares(root: Path) -> list[str]:
 
 def test_a_claim_renames_a_spare_with_its_lease_into_place(tmp_path: Path) -> None:
     tl = TaskLog(tmp_path, "i1")
+    assert tl.wants_spares
     tl.prepare_claims()
+    assert not tl.wants_spares  # enough ready: no thread hop after the next answer
     made = _spares(tmp_path)
     assert len(made) == 2  # kept ready: two claims in a row find one
     inodes = {os.stat(tmp_path / SPARE_FOLDER / n).st_ino: n for n in made}
@@ -35,6 +37,7 @@ def test_a_claim_renames_a_spare_with_its_lease_into_place(tmp_path: Path) -> No
     for name in made:  # made long ago: the claim renews the lease
         os.utime(tmp_path / SPARE_FOLDER / name / "owner.json", (old, old))
     assert tl.claim("t")
+    assert tl.wants_spares  # one taken: the next answer makes one
     folder = tmp_path / "t"
     assert os.stat(folder).st_ino in inodes  # a spare, renamed
     assert len(_spares(tmp_path)) == 1
@@ -77,6 +80,7 @@ def test_where_the_rename_is_refused_claims_make_folders(
     tl.prepare_claims()
     assert tl.claim("t") and tl.owner("t") == "i1"
     assert len(_spares(tmp_path)) == 1  # the refused one is gone
+    assert not tl.wants_spares
     tl.prepare_claims()  # and no more are made
     assert len(_spares(tmp_path)) == 1
     assert tl.claim("u") and not tl.claim("u")
