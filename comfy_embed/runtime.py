@@ -454,7 +454,7 @@ class Engine:
             except Exception:
                 log.exception("task %s: observer %r failed", task.task_id, observer)
         if not persisted:
-            task.final_written.set()  # nothing writes it anywhere: as written as it gets
+            task.final_written.set()  # no task log writes it: the answer need not wait
 
     @property
     def preparer(self) -> Preparer:

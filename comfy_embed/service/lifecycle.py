@@ -73,7 +73,7 @@ class Handle:
 
     async def events(self, since: int = 0) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         """``(seq, event)`` after ``since``, ending with the final event, which
-        is on disk before it is yielded."""
+        is in the task log before it is yielded."""
         if self.task is not None:
             async for seq, ev in self.task.stream(since):
                 if ev["type"] == FINAL:
@@ -96,7 +96,7 @@ class Handle:
             await anyio.sleep(_POLL_SECONDS)
 
     async def final(self) -> dict[str, Any]:
-        """The final event (waiting for it), on disk when it is returned."""
+        """The final event (waiting for it), in the task log when it is returned."""
         if self.task is not None:  # live here: no need to wake for every event
             final = await self.task.wait()
             await self.task.final_written.wait()
